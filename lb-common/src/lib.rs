@@ -1,0 +1,158 @@
+//! Map keys and values shared by the connect4 program and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides hash and
+//! compare identical bytes. Addresses and ports are stored in **network byte
+//! order** exactly as the kernel hands them to a `sock_addr` program, so the
+//! program never swaps bytes on the hot path.
+#![no_std]
+
+/// Map names, shared so the agent finds the pins the program declares.
+pub mod maps {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const SERVICE_META: &str = "LB_SVC_META";
+    pub const STATS: &str = "LB_STATS";
+    pub const CONFIG: &str = "LB_CONFIG";
+}
+
+/// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default map sizes; the agent can override them at load time.
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+
+/// Key of the service map. `slot == 0` is the master entry of a frontend;
+/// slots `1..=count` point at backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// 0 = master, 1..=count = backend slots.
+    pub slot: u16,
+    /// IP protocol (`PROTO_TCP` / `PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            slot,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the service map. The master entry uses `count` and `svc_id`;
+/// slot entries use `backend_id` (and carry `svc_id` for consistency checks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Slot entries: the backend id (never 0). Master: 0.
+    pub backend_id: u32,
+    /// Master: number of active slots. 0 means "refuse connects".
+    pub count: u32,
+    /// Service (frontend) id, stable across agent restarts.
+    pub svc_id: u32,
+    pub flags: u32,
+}
+
+/// A backend address. Key of the backend map is the backend id (u32, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
+pub const META_NAME_LEN: usize = 64;
+/// Longest service port name (IANA_SVC_NAME is ≤ 15).
+pub const META_PORT_NAME_LEN: usize = 16;
+
+/// Service type codes stored in [`ServiceMeta::svc_type`].
+pub const SVC_TYPE_CLUSTER_IP: u8 = 0;
+pub const SVC_TYPE_NODE_PORT: u8 = 1;
+pub const SVC_TYPE_LOAD_BALANCER: u8 = 2;
+
+/// Human-facing description of a frontend, keyed by `svc_id`. Only userspace
+/// reads it: it lets `lb-agent list` and a restarted agent name what the
+/// maps hold without the sources that wrote them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// NUL-padded UTF-8.
+    pub namespace: [u8; META_NAME_LEN],
+    /// NUL-padded UTF-8.
+    pub name: [u8; META_NAME_LEN],
+    /// NUL-padded UTF-8; empty for an unnamed port.
+    pub port_name: [u8; META_PORT_NAME_LEN],
+    /// Frontend, same encoding as [`ServiceKey`].
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub svc_type: u8,
+}
+
+/// Indexes into the per-CPU `LB_STATS` array.
+pub mod stats {
+    /// connect()s rewritten to a backend.
+    pub const TRANSLATED: u32 = 0;
+    /// connect()s refused because the service had no usable backend.
+    pub const NO_BACKEND: u32 = 1;
+    /// A slot or backend was missing (concurrent update) and another slot was used.
+    pub const SLOT_FALLBACK: u32 = 2;
+    /// Map writes the agent could not make because a map was full.
+    pub const MAP_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Indexes into the `LB_CONFIG` array.
+pub mod config {
+    /// Non-zero: the program emits aya-log debug records.
+    pub const DEBUG_LOG: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `repr(C)` structs of integers with explicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, slot), 6);
+        assert_eq!(offset_of!(ServiceKey, proto), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(
+            size_of::<ServiceMeta>(),
+            2 * META_NAME_LEN + META_PORT_NAME_LEN + 8
+        );
+    }
+}

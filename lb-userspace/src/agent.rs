@@ -1,0 +1,1 @@
+//! The agent: sources → model → reconciler → datapath (to be written).

@@ -1,0 +1,399 @@
+//! The real datapath: pinned BPF maps, and the pinned cgroup link that keeps
+//! the connect4 program attached while no agent runs.
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+    sys::SyscallError,
+};
+use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, config, maps, stats};
+
+use super::{Datapath, DatapathError, Result, Snapshot};
+
+/// The connect4 object built by `build.rs`.
+static CONNECT4_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-connect4"));
+
+/// Pin of the connect4 cgroup link, inside the bpffs directory.
+pub const LINK_PIN: &str = "link_connect4";
+const PROGRAM: &str = "lb_connect4";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "lb-agent was built without its eBPF object (LB_EBPF_STUB); rebuild without it to run the datapath"
+    )]
+    Stub,
+    #[error("{path}: {message}")]
+    Path { path: PathBuf, message: String },
+    #[error("loading eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("eBPF program {op}: {source}")]
+    Program {
+        op: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning cgroup link at {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// Sizes of the maps created on first install (pinned maps keep theirs).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+/// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no cgroup2 mount in /proc/mounts"))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix_statfs_magic(path).is_some_and(|m| m == BPF_FS_MAGIC)
+}
+
+fn nix_statfs_magic(path: &Path) -> Option<i64> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a properly sized out buffer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut buf) };
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs by libc target")]
+    (rc == 0).then_some(buf.f_type as i64)
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting one at /sys/fs/bpf if the
+/// directory belongs there and nothing is mounted yet.
+pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
+    let err = |message: String| LoadError::Path {
+        path: dir.to_owned(),
+        message,
+    };
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        fs::create_dir_all(sys_bpf).map_err(|e| err(e.to_string()))?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(sys_bpf)
+            .status()
+            .map_err(|e| err(format!("running mount: {e}")))?;
+        if !status.success() {
+            return Err(err(format!("mount -t bpf bpf /sys/fs/bpf failed: {status}")));
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let parent = dir.parent().unwrap_or(dir);
+    if !is_bpffs(dir) && !is_bpffs(parent) {
+        return Err(err("not on a bpffs (mount -t bpf bpf <dir>)".into()));
+    }
+    fs::create_dir_all(dir).map_err(|e| err(e.to_string()))
+}
+
+/// A loaded, attached and pinned connect4 program.
+pub struct Installation {
+    pub ebpf: Ebpf,
+    pub link_pin: PathBuf,
+}
+
+/// Loads connect4 with its maps pinned under `dir` (re-using maps already
+/// pinned there), attaches it to `cgroup`, and pins the link over any link
+/// a previous agent left: both programs are attached in between, so connects
+/// are never unbalanced during an upgrade or restart.
+pub fn install(
+    dir: &Path,
+    cgroup: &Path,
+    sizes: MapSizes,
+    bpf_log: bool,
+) -> Result<Installation, LoadError> {
+    if CONNECT4_OBJ.is_empty() {
+        return Err(LoadError::Stub);
+    }
+    ensure_bpffs_dir(dir)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .map_max_entries(maps::SERVICES, sizes.max_services)
+        .map_max_entries(maps::SERVICE_META, sizes.max_services)
+        .map_max_entries(maps::BACKENDS, sizes.max_backends)
+        .load(CONNECT4_OBJ)?;
+    if bpf_log {
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_bpf_logger(logger),
+            Err(e) => tracing::warn!(error = %e, "eBPF logging unavailable"),
+        }
+    }
+    set_config(dir, config::DEBUG_LOG, u32::from(bpf_log))?;
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| LoadError::Path {
+            path: dir.to_owned(),
+            message: format!("program {PROGRAM} missing from object"),
+        })?
+        .try_into()
+        .map_err(|source| LoadError::Program {
+            op: "type",
+            source,
+        })?;
+    program
+        .load()
+        .map_err(|source| LoadError::Program { op: "load", source })?;
+    let cgroup_file = fs::File::open(cgroup).map_err(|e| LoadError::Path {
+        path: cgroup.to_owned(),
+        message: format!("opening cgroup: {e}"),
+    })?;
+    let link_id = program
+        .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+        .map_err(|source| LoadError::Program {
+            op: "attach",
+            source,
+        })?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| LoadError::Program {
+            op: "take link",
+            source,
+        })?;
+    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+        LoadError::Pin {
+            path: dir.join(LINK_PIN),
+            message: e.to_string(),
+        }
+    })?;
+    let link_pin = dir.join(LINK_PIN);
+    let staging = dir.join(format!("{LINK_PIN}.new"));
+    let _ = fs::remove_file(&staging);
+    let pinned = fd_link.pin(&staging).map_err(|e| LoadError::Pin {
+        path: staging.clone(),
+        message: e.to_string(),
+    })?;
+    // rename(2) replaces the old pin atomically; the old link detaches when
+    // its last reference (the old pin) goes.
+    fs::rename(&staging, &link_pin).map_err(|e| LoadError::Pin {
+        path: link_pin.clone(),
+        message: e.to_string(),
+    })?;
+    drop(pinned);
+    Ok(Installation { ebpf, link_pin })
+}
+
+fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring-buffer fd for as long as the AsyncFd
+    // owns the logger, and always reports that same fd.
+    let Ok(fd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }) else {
+        tracing::warn!("eBPF log ring not pollable");
+        return;
+    };
+    tokio::spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+fn set_config(dir: &Path, index: u32, value: u32) -> Result<(), LoadError> {
+    let data = open_pin(dir, maps::CONFIG)?;
+    let mut array: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|source| map_err("open", maps::CONFIG, source))?;
+    array
+        .set(index, value, 0)
+        .map_err(|source| map_err("set", maps::CONFIG, source).into())
+}
+
+/// Detaches (by removing the link pin) and removes every pin in `dir`.
+pub fn uninstall(dir: &Path) -> std::io::Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            // The link first, so nothing runs against maps being removed.
+            let _ = fs::remove_file(dir.join(LINK_PIN));
+            for entry in entries {
+                let entry = entry?;
+                fs::remove_file(entry.path())?;
+            }
+            fs::remove_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The program id behind the pinned link, if the link is still attached.
+pub fn attached_program(dir: &Path) -> Option<u32> {
+    let link = PinnedLink::from_pin(dir.join(LINK_PIN)).ok()?;
+    let fd: FdLink = link.into();
+    fd.info().ok().map(|i| i.program_id())
+}
+
+fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|source| map_err("open pin", name, source))
+}
+
+fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathError {
+    if let MapError::SyscallError(SyscallError { io_error, .. }) = &source {
+        if io_error.raw_os_error() == Some(libc::E2BIG) {
+            return DatapathError::MapFull {
+                map,
+                flag: if map == maps::BACKENDS {
+                    "max-backends"
+                } else {
+                    "max-services"
+                },
+            };
+        }
+    }
+    DatapathError::Map { op, map, source }
+}
+
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(SyscallError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
+/// The pinned maps of one installation, opened by path so `run` and `list`
+/// (with or without a running agent) share one code path.
+pub struct BpfDatapath {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    meta: HashMap<MapData, u32, ServiceMeta>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl BpfDatapath {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let hash = |name| -> Result<aya::maps::Map> {
+            Ok(aya::maps::Map::HashMap(open_pin(dir, name)?))
+        };
+        Ok(Self {
+            services: HashMap::try_from(hash(maps::SERVICES)?)
+                .map_err(|e| map_err("open", maps::SERVICES, e))?,
+            backends: HashMap::try_from(hash(maps::BACKENDS)?)
+                .map_err(|e| map_err("open", maps::BACKENDS, e))?,
+            meta: HashMap::try_from(hash(maps::SERVICE_META)?)
+                .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
+                .map_err(|e| map_err("open", maps::STATS, e))?,
+        })
+    }
+
+    /// Per-counter sums over CPUs, indexed by `lb_common::stats`.
+    pub fn stats(&self) -> Result<Vec<u64>> {
+        (0..stats::COUNT)
+            .map(|i| {
+                let v = self
+                    .stats
+                    .get(&i, 0)
+                    .map_err(|e| map_err("read", maps::STATS, e))?;
+                Ok(v.iter().sum())
+            })
+            .collect()
+    }
+
+    /// Counts a full-map failure where `list` and metrics can see it.
+    pub fn count_map_full(&mut self, n: u64) -> Result<()> {
+        let current = self
+            .stats
+            .get(&stats::MAP_FULL, 0)
+            .map_err(|e| map_err("read", maps::STATS, e))?;
+        let mut values: Vec<u64> = current.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += n;
+        }
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| DatapathError::Other(format!("stats: {e}")))?;
+        self.stats
+            .set(stats::MAP_FULL, values, 0)
+            .map_err(|e| map_err("write", maps::STATS, e))
+    }
+}
+
+impl Datapath for BpfDatapath {
+    fn snapshot(&self) -> Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(|e| map_err("iterate", maps::SERVICES, e))?;
+            snap.services.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.map_err(|e| map_err("iterate", maps::BACKENDS, e))?;
+            snap.backends.insert(k, v);
+        }
+        for item in self.meta.iter() {
+            let (k, v) = item.map_err(|e| map_err("iterate", maps::SERVICE_META, e))?;
+            snap.meta.insert(k, v);
+        }
+        Ok(snap)
+    }
+
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|e| map_err("insert", maps::BACKENDS, e))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        match self.backends.remove(&id) {
+            Err(e) if !not_found(&e) => Err(map_err("delete", maps::BACKENDS, e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| map_err("insert", maps::SERVICES, e))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICES, e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_meta(&mut self, svc_id: u32, meta: &ServiceMeta) -> Result<()> {
+        self.meta
+            .insert(svc_id, meta, 0)
+            .map_err(|e| map_err("insert", maps::SERVICE_META, e))
+    }
+
+    fn delete_meta(&mut self, svc_id: u32) -> Result<()> {
+        match self.meta.remove(&svc_id) {
+            Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICE_META, e)),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Conversions between model types and map bytes (network byte order).
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{
+    Backend, META_NAME_LEN, META_PORT_NAME_LEN, SVC_TYPE_CLUSTER_IP, SVC_TYPE_LOAD_BALANCER,
+    SVC_TYPE_NODE_PORT, ServiceKey, ServiceMeta,
+};
+
+use crate::model::{Frontend, Proto, ServiceRef, ServiceType};
+
+fn ip_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn ip_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+fn port_be(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+fn port_from_be(raw: u16) -> u16 {
+    u16::from_be_bytes(raw.to_ne_bytes())
+}
+
+pub fn frontend_key(fe: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(
+        ip_be(*fe.addr.ip()),
+        port_be(fe.addr.port()),
+        fe.proto.number(),
+        slot,
+    )
+}
+
+/// `None` for a protocol this agent never writes.
+pub fn key_frontend(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        addr: SocketAddrV4::new(ip_from_be(key.addr), port_from_be(key.port)),
+        proto: Proto::from_number(key.proto)?,
+    })
+}
+
+pub fn encode_backend(addr: SocketAddrV4, proto: Proto) -> Backend {
+    Backend {
+        addr: ip_be(*addr.ip()),
+        port: port_be(addr.port()),
+        proto: proto.number(),
+        _pad: 0,
+    }
+}
+
+pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(ip_from_be(b.addr), port_from_be(b.port))
+}
+
+fn put_str<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    // Kubernetes names are ASCII DNS labels; truncate on a char boundary anyway.
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+fn get_str(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+pub fn encode_meta(fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
+    ServiceMeta {
+        namespace: put_str::<META_NAME_LEN>(&svc.namespace),
+        name: put_str::<META_NAME_LEN>(&svc.name),
+        port_name: put_str::<META_PORT_NAME_LEN>(&svc.port_name),
+        addr: ip_be(*fe.addr.ip()),
+        port: port_be(fe.addr.port()),
+        proto: fe.proto.number(),
+        svc_type: match svc.svc_type {
+            ServiceType::ClusterIP => SVC_TYPE_CLUSTER_IP,
+            ServiceType::NodePort => SVC_TYPE_NODE_PORT,
+            ServiceType::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
+        },
+    }
+}
+
+pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
+    ServiceRef {
+        namespace: get_str(&meta.namespace),
+        name: get_str(&meta.name),
+        port_name: get_str(&meta.port_name),
+        svc_type: match meta.svc_type {
+            SVC_TYPE_NODE_PORT => ServiceType::NodePort,
+            SVC_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,
+            _ => ServiceType::ClusterIP,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::frontend;
+
+    #[test]
+    fn key_is_network_order_and_round_trips() {
+        let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp);
+        let key = frontend_key(&fe, 0);
+        assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(key.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(key_frontend(&key), Some(fe));
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 53, Proto::Udp);
+        let svc = ServiceRef {
+            namespace: "kube-system".into(),
+            name: "kube-dns".into(),
+            port_name: "dns".into(),
+            svc_type: ServiceType::NodePort,
+        };
+        assert_eq!(decode_meta(&encode_meta(&fe, &svc)), svc);
+    }
+}

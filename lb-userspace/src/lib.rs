@@ -1,0 +1,9 @@
+//! The lb-agent: Kubernetes objects in, BPF map writes out.
+//!
+//! Data flows `sources` → `model` → `reconciler` → `datapath`.
+pub mod agent;
+pub mod datapath;
+pub mod list;
+pub mod model;
+pub mod reconciler;
+pub mod sources;

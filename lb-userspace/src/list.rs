@@ -1,0 +1,214 @@
+//! `lb-agent list`: what the pinned maps hold, grouped the way `kubectl get
+//! services` and `kubectl get endpoints` would show it. Built only from the
+//! maps, so it works whether or not an agent is running.
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddrV4};
+
+use serde::Serialize;
+
+use crate::{
+    datapath::{Snapshot, backend_addr, decode_meta, frontend_key, key_frontend},
+    model::Proto,
+};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub svc_type: &'static str,
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<PortRow>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRow {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Proto,
+    pub cluster_ip: String,
+    pub svc_id: u32,
+    /// Active backends in slot order; empty means connects are refused.
+    pub endpoints: Vec<String>,
+}
+
+/// Rows sorted by namespace and name.
+pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
+    let mut by_service: BTreeMap<(String, String), ServiceRow> = BTreeMap::new();
+    for (key, master) in snap.services.iter().filter(|(k, _)| k.slot == 0) {
+        let Some(fe) = key_frontend(key) else {
+            continue;
+        };
+        let svc = snap.meta.get(&master.svc_id).map(decode_meta);
+        let (namespace, name, port_name, svc_type) = match &svc {
+            Some(s) => (
+                s.namespace.clone(),
+                s.name.clone(),
+                s.port_name.clone(),
+                s.svc_type.as_str(),
+            ),
+            None => (
+                "<unknown>".into(),
+                format!("svc-{}", master.svc_id),
+                String::new(),
+                "ClusterIP",
+            ),
+        };
+        let endpoints: Vec<String> = (1..=master.count)
+            .filter_map(|slot| {
+                let v = snap
+                    .services
+                    .get(&frontend_key(&fe, u16::try_from(slot).ok()?))?;
+                snap.backends
+                    .get(&v.backend_id)
+                    .map(|b| backend_addr(b).to_string())
+            })
+            .collect();
+        let row = by_service
+            .entry((namespace.clone(), name.clone()))
+            .or_insert_with(|| ServiceRow {
+                namespace,
+                name,
+                svc_type,
+                cluster_ips: Vec::new(),
+                ports: Vec::new(),
+            });
+        let ip = fe.addr.ip().to_string();
+        if !row.cluster_ips.contains(&ip) {
+            row.cluster_ips.push(ip.clone());
+        }
+        row.ports.push(PortRow {
+            name: port_name,
+            port: fe.addr.port(),
+            protocol: fe.proto,
+            cluster_ip: ip,
+            svc_id: master.svc_id,
+            endpoints,
+        });
+    }
+    by_service.into_values().collect()
+}
+
+/// A kubectl-style table: NAMESPACE NAME TYPE CLUSTER-IP PORT(S) ENDPOINTS.
+pub fn table(rows: &[ServiceRow]) -> String {
+    let header = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)", "ENDPOINTS"];
+    let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
+    for r in rows {
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut eps: Vec<&str> = Vec::new();
+        for p in &r.ports {
+            for e in &p.endpoints {
+                if !eps.contains(&e.as_str()) {
+                    eps.push(e);
+                }
+            }
+        }
+        let endpoints = match eps.len() {
+            0 => "<none>".to_owned(),
+            n if n <= 3 => eps.join(","),
+            n => format!("{} + {} more...", eps[..3].join(","), n - 3),
+        };
+        lines.push([
+            r.namespace.clone(),
+            r.name.clone(),
+            r.svc_type.to_owned(),
+            r.cluster_ips.join(","),
+            ports,
+            endpoints,
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for l in &lines {
+        for (w, cell) in widths.iter_mut().zip(l) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let mut line = String::new();
+        for (i, cell) in l.iter().enumerate() {
+            if i + 1 == l.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}   ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Unique backends of a row, for callers that want addresses, not strings.
+pub fn backends(row: &ServiceRow) -> Vec<SocketAddrV4> {
+    let mut out: Vec<SocketAddrV4> = row
+        .ports
+        .iter()
+        .flat_map(|p| p.endpoints.iter().filter_map(|e| e.parse().ok()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        datapath::MemoryDatapath,
+        model::{DesiredService, DesiredState, ServiceRef, ServiceType, frontend},
+        reconciler::{Prune, Reconciler},
+    };
+
+    #[test]
+    fn table_groups_ports_of_one_service() {
+        let mut desired = DesiredState::new();
+        let ip = Ipv4Addr::new(10, 96, 0, 10);
+        for (port, proto, name) in [(53, Proto::Udp, "dns"), (53, Proto::Tcp, "dns-tcp")] {
+            desired.insert(
+                frontend(ip, port, proto),
+                DesiredService {
+                    service: ServiceRef {
+                        namespace: "kube-system".into(),
+                        name: "kube-dns".into(),
+                        port_name: name.into(),
+                        svc_type: ServiceType::ClusterIP,
+                    },
+                    backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 53)],
+                },
+            );
+        }
+        desired.insert(
+            frontend(Ipv4Addr::new(10, 96, 0, 20), 80, Proto::Tcp),
+            DesiredService {
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: "empty".into(),
+                    port_name: String::new(),
+                    svc_type: ServiceType::NodePort,
+                },
+                backends: vec![],
+            },
+        );
+        let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+        r.apply(&desired, Prune::Yes);
+        let rows = rows(&r.datapath().state);
+        assert_eq!(rows.len(), 2);
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAMESPACE"));
+        assert!(lines[1].contains("default") && lines[1].contains("<none>"));
+        assert!(lines[1].contains("NodePort"));
+        assert!(lines[2].contains("kube-dns"));
+        assert!(lines[2].contains("53/TCP,53/UDP"), "{t}");
+        assert!(lines[2].ends_with("10.244.0.5:53"), "{t}");
+    }
+}

@@ -1,0 +1,147 @@
+//! The desired datapath state, computed by pure code from Kubernetes objects.
+//!
+//! Sources (manifest directory, API server) only collect objects; everything
+//! that decides *what* the maps should hold lives here, without I/O, so it is
+//! tested exhaustively with hand-built objects.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+mod translate;
+
+pub use translate::translate;
+
+/// L4 protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::PROTO_TCP,
+            Proto::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Proto::Tcp),
+            lb_common::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One service frontend: what a client connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: SocketAddrV4,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.proto)
+    }
+}
+
+/// Kubernetes service type, as far as it is visible to in-cluster clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Which Kubernetes service port a frontend came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// Service port name; empty for the unnamed port.
+    pub port_name: String,
+    pub svc_type: ServiceType,
+}
+
+/// What one frontend should balance over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub service: ServiceRef,
+    /// Sorted and deduplicated, so slot order is deterministic and stable.
+    /// Empty means the service exists but connects are refused.
+    pub backends: Vec<SocketAddrV4>,
+}
+
+/// Everything the maps should hold, keyed by frontend.
+pub type DesiredState = BTreeMap<Frontend, DesiredService>;
+
+/// Convenience for tests and sources: an IPv4 frontend.
+pub fn frontend(ip: Ipv4Addr, port: u16, proto: Proto) -> Frontend {
+    Frontend {
+        addr: SocketAddrV4::new(ip, port),
+        proto,
+    }
+}
+
+/// A problem with one input object: reported with where it came from, the
+/// object and the field, and skipped. Everything else keeps working.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Diagnostic {
+    /// Where the object came from: `dir/file.yaml#2` (document index) or `api`.
+    pub source: String,
+    /// `Kind namespace/name`, e.g. `Service default/web`.
+    pub object: String,
+    /// Path of the offending field, e.g. `spec.ports[1].targetPort`; empty for the whole object.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.source.is_empty() {
+            write!(f, "{}: ", self.source)?;
+        }
+        write!(f, "{}", self.object)?;
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Node-specific inputs of the translation (traffic policy and topology).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TranslateOptions {
+    /// This node's name: `internalTrafficPolicy: Local` keeps only endpoints with this `nodeName`.
+    pub node_name: Option<String>,
+    /// This node's zone, for topology hints (`hints.forZones`).
+    pub zone: Option<String>,
+}

@@ -1,0 +1,397 @@
+//! Diffs the desired state against what the maps hold and writes the
+//! difference in make-before-break order, so a concurrent connect() always
+//! finds a master whose slots and backends exist:
+//!
+//! 1. new backends; 2. changed slots 1..=n; 3. meta, then the master with the
+//!    new count; 4. trailing slots past the new count;
+//! 5. removed frontends: master first, then slots and meta;
+//! 6. backends no slot references any more (always last).
+//!
+//! IDs are re-adopted from the maps at start, and a backend id is never
+//! repointed at another address while anything may still read it.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddrV4,
+};
+
+use lb_common::ServiceValue;
+
+use crate::{
+    datapath::{
+        Datapath, DatapathError, backend_addr, decode_meta, encode_backend, encode_meta,
+        frontend_key, key_frontend,
+    },
+    model::{DesiredService, DesiredState, Frontend, Proto, ServiceRef},
+};
+
+/// Whether frontends and backends absent from the desired state may be removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prune {
+    /// Sources have fully synced: the desired state is complete.
+    Yes,
+    /// Sources are still syncing: add and grow, never remove or shrink.
+    No,
+}
+
+/// A frontend as installed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installed {
+    pub svc_id: u32,
+    pub service: ServiceRef,
+    /// Backend id per slot; `slots[0]` is slot 1. May be longer than `count`
+    /// after an adoption of a half-shrunk service.
+    pub slots: Vec<u32>,
+    pub count: u32,
+    /// Meta and master have been written at least once.
+    pub complete: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("service {namespace}/{name} ({frontend}): {source}")]
+pub struct ReconcileError {
+    pub namespace: String,
+    pub name: String,
+    pub frontend: Frontend,
+    #[source]
+    pub source: DatapathError,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub writes: usize,
+    pub deletes: usize,
+    /// Per-frontend failures; that frontend keeps its previous state.
+    pub errors: Vec<ReconcileError>,
+    /// Global failure (e.g. deleting an orphan) that is not tied to one frontend.
+    pub other_errors: Vec<DatapathError>,
+}
+
+impl ApplyReport {
+    pub fn map_full(&self) -> usize {
+        self.errors
+            .iter()
+            .filter(|e| matches!(e.source, DatapathError::MapFull { .. }))
+            .count()
+    }
+}
+
+pub struct Reconciler<D> {
+    dp: D,
+    installed: BTreeMap<Frontend, Installed>,
+    backend_ids: HashMap<(SocketAddrV4, Proto), u32>,
+    backends: HashMap<u32, (SocketAddrV4, Proto)>,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+impl<D: Datapath> Reconciler<D> {
+    /// Re-adopts whatever the maps already hold (a previous agent's state),
+    /// without changing anything.
+    pub fn adopt(dp: D) -> Result<Self, DatapathError> {
+        let snap = dp.snapshot()?;
+        let mut backend_ids = HashMap::new();
+        let mut backends = HashMap::new();
+        for (&id, b) in &snap.backends {
+            let Some(proto) = Proto::from_number(b.proto) else {
+                continue;
+            };
+            let addr = backend_addr(b);
+            backend_ids.insert((addr, proto), id);
+            backends.insert(id, (addr, proto));
+        }
+        let mut installed = BTreeMap::new();
+        for (key, value) in snap.services.iter().filter(|(k, _)| k.slot == 0) {
+            let Some(fe) = key_frontend(key) else {
+                continue;
+            };
+            let mut slots = Vec::new();
+            for slot in 1..=u16::MAX {
+                let mut k = *key;
+                k.slot = slot;
+                match snap.services.get(&k) {
+                    Some(v) => slots.push(v.backend_id),
+                    None => break,
+                }
+            }
+            let service = snap.meta.get(&value.svc_id).map_or_else(
+                || ServiceRef {
+                    namespace: String::new(),
+                    name: String::new(),
+                    port_name: String::new(),
+                    svc_type: crate::model::ServiceType::ClusterIP,
+                },
+                decode_meta,
+            );
+            installed.insert(
+                fe,
+                Installed {
+                    svc_id: value.svc_id,
+                    service,
+                    slots,
+                    count: value.count,
+                    complete: true,
+                },
+            );
+        }
+        let next_svc_id = installed.values().map(|i| i.svc_id).max().unwrap_or(0) + 1;
+        let next_backend_id = snap.backends.keys().max().copied().unwrap_or(0) + 1;
+        Ok(Self {
+            dp,
+            installed,
+            backend_ids,
+            backends,
+            next_svc_id: next_svc_id.max(1),
+            next_backend_id: next_backend_id.max(1),
+        })
+    }
+
+    pub fn installed(&self) -> &BTreeMap<Frontend, Installed> {
+        &self.installed
+    }
+
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    /// Brings the maps to `desired`, in make-before-break order.
+    pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for (fe, want) in desired {
+            if let Err(source) = self.apply_frontend(fe, want, prune, &mut report) {
+                report.errors.push(ReconcileError {
+                    namespace: want.service.namespace.clone(),
+                    name: want.service.name.clone(),
+                    frontend: *fe,
+                    source,
+                });
+            }
+        }
+        if prune == Prune::Yes {
+            let gone: Vec<Frontend> = self
+                .installed
+                .keys()
+                .filter(|fe| !desired.contains_key(fe))
+                .copied()
+                .collect();
+            for fe in gone {
+                if let Err(source) = self.remove_frontend(&fe, &mut report) {
+                    let svc = &self.installed[&fe].service;
+                    report.errors.push(ReconcileError {
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
+                        frontend: fe,
+                        source,
+                    });
+                }
+            }
+            self.delete_orphans(&mut report);
+        }
+        report
+    }
+
+    fn apply_frontend(
+        &mut self,
+        fe: &Frontend,
+        want: &DesiredService,
+        prune: Prune,
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
+        // 1. Backends first: ids for every desired address, writing new ones.
+        let mut wanted_ids = Vec::with_capacity(want.backends.len());
+        for &addr in &want.backends {
+            wanted_ids.push(self.backend_id(addr, fe.proto, report)?);
+        }
+        let old = self.installed.get(fe).cloned();
+        let old_active: &[u32] = old
+            .as_ref()
+            .map_or(&[], |o| &o.slots[..(o.count as usize).min(o.slots.len())]);
+        if prune == Prune::No {
+            // Never shrink before the sources are complete: keep what is there.
+            for id in old_active {
+                if !wanted_ids.contains(id) {
+                    wanted_ids.push(*id);
+                }
+            }
+        }
+        let layout = slot_layout(old_active, &wanted_ids);
+        let svc_id = match &old {
+            Some(o) => o.svc_id,
+            None => {
+                let id = self.next_svc_id;
+                self.next_svc_id += 1;
+                id
+            }
+        };
+        let mut inst = old.clone().unwrap_or(Installed {
+            svc_id,
+            service: want.service.clone(),
+            slots: Vec::new(),
+            count: 0,
+            complete: false,
+        });
+        let result = self.write_slots_and_master(fe, want, &layout, &mut inst, report);
+        // Record what was written even on failure: the count in the map still
+        // covers only valid slots, and the next apply resumes from here.
+        self.installed.insert(*fe, inst);
+        result?;
+        // 4. Trailing slots, now unreachable.
+        self.trim_slots(fe, layout.len(), report)
+    }
+
+    /// Steps 2 and 3 for one frontend, keeping `inst` equal to the maps.
+    fn write_slots_and_master(
+        &mut self,
+        fe: &Frontend,
+        want: &DesiredService,
+        layout: &[u32],
+        inst: &mut Installed,
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
+        let svc_id = inst.svc_id;
+        // 2. Slots 1..=n, only where they differ. Past the old count they are
+        // invisible until the master grows.
+        for (i, &id) in layout.iter().enumerate() {
+            if inst.slots.get(i) == Some(&id) {
+                continue;
+            }
+            let slot = u16::try_from(i + 1)
+                .map_err(|_| DatapathError::Other(format!("more than {} backends", u16::MAX)))?;
+            let value = ServiceValue {
+                backend_id: id,
+                count: 0,
+                svc_id,
+                flags: 0,
+            };
+            self.dp.put_service(&frontend_key(fe, slot), &value)?;
+            report.writes += 1;
+            if i < inst.slots.len() {
+                inst.slots[i] = id;
+            } else {
+                inst.slots.push(id);
+            }
+        }
+        // 3. Meta, then the master: the count switches readers to the new slots.
+        if !inst.complete || inst.service != want.service {
+            self.dp.put_meta(svc_id, &encode_meta(fe, &want.service))?;
+            inst.service = want.service.clone();
+            report.writes += 1;
+        }
+        let count = u32::try_from(layout.len()).unwrap_or(u32::MAX);
+        if !inst.complete || inst.count != count {
+            let master = ServiceValue {
+                backend_id: 0,
+                count,
+                svc_id,
+                flags: 0,
+            };
+            self.dp.put_service(&frontend_key(fe, 0), &master)?;
+            inst.count = count;
+            inst.complete = true;
+            report.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn trim_slots(
+        &mut self,
+        fe: &Frontend,
+        keep: usize,
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
+        let Some(inst) = self.installed.get_mut(fe) else {
+            return Ok(());
+        };
+        while inst.slots.len() > keep {
+            let slot = u16::try_from(inst.slots.len()).unwrap_or(u16::MAX);
+            self.dp.delete_service(&frontend_key(fe, slot))?;
+            inst.slots.pop();
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        fe: &Frontend,
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
+        // Master first: new connects stop matching before anything they read goes.
+        self.dp.delete_service(&frontend_key(fe, 0))?;
+        report.deletes += 1;
+        if let Some(inst) = self.installed.get_mut(fe) {
+            inst.count = 0;
+        }
+        self.trim_slots(fe, 0, report)?;
+        if let Some(inst) = self.installed.remove(fe) {
+            self.dp.delete_meta(inst.svc_id)?;
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn backend_id(
+        &mut self,
+        addr: SocketAddrV4,
+        proto: Proto,
+        report: &mut ApplyReport,
+    ) -> Result<u32, DatapathError> {
+        if let Some(&id) = self.backend_ids.get(&(addr, proto)) {
+            return Ok(id);
+        }
+        let id = self.next_backend_id;
+        self.dp.put_backend(id, &encode_backend(addr, proto))?;
+        self.next_backend_id += 1;
+        self.backend_ids.insert((addr, proto), id);
+        self.backends.insert(id, (addr, proto));
+        report.writes += 1;
+        Ok(id)
+    }
+
+    fn delete_orphans(&mut self, report: &mut ApplyReport) {
+        let used: BTreeSet<u32> = self
+            .installed
+            .values()
+            .flat_map(|i| i.slots.iter().copied())
+            .collect();
+        let orphans: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            match self.dp.delete_backend(id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    if let Some(key) = self.backends.remove(&id) {
+                        self.backend_ids.remove(&key);
+                    }
+                }
+                Err(e) => report.other_errors.push(e),
+            }
+        }
+    }
+}
+
+/// New slot contents: backends that stay keep their slot, so a change
+/// rewrites only the slots that really change.
+fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let mut layout: Vec<Option<u32>> = old
+        .iter()
+        .take(wanted.len())
+        .map(|id| wanted_set.contains(id).then_some(*id))
+        .collect();
+    let placed: BTreeSet<u32> = layout.iter().flatten().copied().collect();
+    let mut pending = wanted.iter().filter(|id| !placed.contains(id)).copied();
+    for hole in layout.iter_mut().filter(|s| s.is_none()) {
+        *hole = pending.next();
+    }
+    let mut out: Vec<u32> = layout.into_iter().flatten().collect();
+    out.extend(pending);
+    out
+}
+
+#[cfg(test)]
+mod tests;

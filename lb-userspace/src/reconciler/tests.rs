@@ -1,0 +1,339 @@
+use std::net::Ipv4Addr;
+
+use lb_common::{ServiceKey, ServiceValue};
+
+use super::*;
+use crate::{
+    datapath::{
+        MemoryDatapath, Snapshot,
+        memory::Op,
+    },
+    model::{ServiceType, frontend},
+};
+
+fn svc(name: &str) -> ServiceRef {
+    ServiceRef {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: String::new(),
+        svc_type: ServiceType::ClusterIP,
+    }
+}
+
+fn be(last: u8, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, last), port)
+}
+
+fn fe(last: u8) -> Frontend {
+    frontend(Ipv4Addr::new(10, 96, 0, last), 80, Proto::Tcp)
+}
+
+fn desired(entries: &[(Frontend, &str, Vec<SocketAddrV4>)]) -> DesiredState {
+    entries
+        .iter()
+        .map(|(f, name, backends)| {
+            let mut backends = backends.clone();
+            backends.sort();
+            backends.dedup();
+            (
+                *f,
+                DesiredService {
+                    service: svc(name),
+                    backends,
+                },
+            )
+        })
+        .collect()
+}
+
+/// What a connect() could observe: every master's active slots and their
+/// backends must exist, at every point of the write sequence.
+fn assert_readable(state: &Snapshot) {
+    for (key, master) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+        for slot in 1..=master.count {
+            let k = ServiceKey {
+                slot: slot as u16,
+                ..*key
+            };
+            let Some(v) = state.services.get(&k) else {
+                panic!("master {key:?} count {} but slot {slot} missing", master.count);
+            };
+            assert!(
+                state.backends.contains_key(&v.backend_id),
+                "slot {k:?} points at missing backend {}",
+                v.backend_id
+            );
+        }
+    }
+}
+
+/// Replays the write log from `start`, checking readability after every op.
+fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
+    let mut state = start.clone();
+    for op in log {
+        match op {
+            Op::PutBackend(id) => {
+                state.backends.insert(*id, backends_of.backends[id]);
+            }
+            Op::DeleteBackend(id) => {
+                state.backends.remove(id);
+            }
+            Op::PutService(k, v) => {
+                state.services.insert(*k, *v);
+            }
+            Op::DeleteService(k) => {
+                state.services.remove(k);
+            }
+            Op::PutMeta(_) | Op::DeleteMeta(_) => {}
+        }
+        assert_readable(&state);
+    }
+}
+
+fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
+    state.services.get(&frontend_key(f, 0)).copied()
+}
+
+fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddrV4> {
+    let m = master(state, f).expect("master");
+    let mut out: Vec<_> = (1..=m.count)
+        .map(|s| {
+            let v = state.services[&frontend_key(f, s as u16)];
+            backend_addr(&state.backends[&v.backend_id])
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn new_service_writes_backends_then_slots_then_master() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let d = desired(&[(fe(1), "web", vec![be(1, 80), be(2, 80)])]);
+    let report = r.apply(&d, Prune::Yes);
+    assert!(report.errors.is_empty());
+    let log = &r.datapath().log;
+    let kinds: Vec<&str> = log
+        .iter()
+        .map(|op| match op {
+            Op::PutBackend(_) => "backend",
+            Op::PutService(k, _) if k.slot == 0 => "master",
+            Op::PutService(..) => "slot",
+            Op::PutMeta(_) => "meta",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["backend", "backend", "slot", "slot", "meta", "master"]
+    );
+    let state = &r.datapath().state;
+    assert_eq!(master(state, &fe(1)).unwrap().count, 2);
+    assert_eq!(backends_of(state, &fe(1)), vec![be(1, 80), be(2, 80)]);
+}
+
+#[test]
+fn shrink_lowers_count_before_deleting_slots_and_orphans_last() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    r.apply(
+        &desired(&[(fe(1), "web", vec![be(1, 80), be(2, 80), be(3, 80)])]),
+        Prune::Yes,
+    );
+    let before = r.datapath().state.clone();
+    let start = r.datapath().log.len();
+    let report = r.apply(&desired(&[(fe(1), "web", vec![be(1, 80)])]), Prune::Yes);
+    assert!(report.errors.is_empty());
+    let log = r.datapath().log[start..].to_vec();
+    let master_pos = log
+        .iter()
+        .position(|op| matches!(op, Op::PutService(k, _) if k.slot == 0))
+        .expect("master rewritten");
+    let first_slot_delete = log
+        .iter()
+        .position(|op| matches!(op, Op::DeleteService(_)))
+        .expect("slots deleted");
+    let first_backend_delete = log
+        .iter()
+        .position(|op| matches!(op, Op::DeleteBackend(_)))
+        .expect("orphans deleted");
+    assert!(master_pos < first_slot_delete);
+    assert!(first_slot_delete < first_backend_delete);
+    assert!(
+        log[first_backend_delete..]
+            .iter()
+            .all(|op| matches!(op, Op::DeleteBackend(_)))
+    );
+    replay_checked(&before, &log, &before);
+    let state = &r.datapath().state;
+    assert_eq!(backends_of(state, &fe(1)), vec![be(1, 80)]);
+    assert_eq!(state.backends.len(), 1);
+}
+
+#[test]
+fn removing_one_backend_rewrites_only_its_slot() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let all: Vec<_> = (1..=10).map(|i| be(i, 80)).collect();
+    r.apply(&desired(&[(fe(1), "web", all.clone())]), Prune::Yes);
+    let start = r.datapath().log.len();
+    let fewer: Vec<_> = all.iter().copied().filter(|b| *b != be(3, 80)).collect();
+    r.apply(&desired(&[(fe(1), "web", fewer.clone())]), Prune::Yes);
+    let log = &r.datapath().log[start..];
+    // slot 3 takes the last backend, master shrinks, slot 10 and the backend go.
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!(backends_of(&r.datapath().state, &fe(1)), fewer);
+}
+
+#[test]
+fn every_intermediate_state_is_readable_under_churn() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _round in 0..200 {
+        let mut entries = Vec::new();
+        for s in 1..=5u8 {
+            if next() % 5 == 0 {
+                continue; // service absent this round
+            }
+            let n = (next() % 6) as u8;
+            let backends = (0..n).map(|_| be((next() % 12) as u8 + 1, 80)).collect();
+            entries.push((fe(s), "svc", backends));
+        }
+        let d = desired(&entries);
+        let before = r.datapath().state.clone();
+        let start = r.datapath().log.len();
+        let report = r.apply(&d, Prune::Yes);
+        assert!(report.errors.is_empty());
+        let after = r.datapath().state.clone();
+        // Backend values for replay: anything ever written stays addressable by id.
+        let mut all = before.clone();
+        all.backends.extend(after.backends.clone());
+        replay_checked(&before, &r.datapath().log[start..], &all);
+        for (f, want) in &d {
+            assert_eq!(backends_of(&after, f), want.backends);
+        }
+        assert_eq!(
+            after.services.keys().filter(|k| k.slot == 0).count(),
+            d.len()
+        );
+        assert_eq!(after.meta.len(), d.len());
+    }
+}
+
+#[test]
+fn adoption_keeps_ids_and_writes_nothing_for_the_same_state() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let d = desired(&[
+        (fe(1), "web", vec![be(1, 80), be(2, 80)]),
+        (fe(2), "api", vec![be(2, 80)]),
+        (fe(3), "empty", vec![]),
+    ]);
+    r.apply(&d, Prune::Yes);
+    let mut dp = r.datapath().clone();
+    dp.log.clear();
+    let mut r2 = Reconciler::adopt(dp).unwrap();
+    assert_eq!(r2.installed(), r.installed());
+    let report = r2.apply(&d, Prune::Yes);
+    assert_eq!((report.writes, report.deletes), (0, 0));
+    assert!(r2.datapath().log.is_empty());
+    // A new service gets a fresh id, not a recycled one.
+    let mut d2 = d.clone();
+    d2.extend(desired(&[(fe(4), "new", vec![be(9, 80)])]));
+    r2.apply(&d2, Prune::Yes);
+    let ids: BTreeSet<u32> = r2.installed().values().map(|i| i.svc_id).collect();
+    assert_eq!(ids.len(), 4);
+}
+
+#[test]
+fn no_prune_neither_removes_nor_shrinks() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    r.apply(
+        &desired(&[
+            (fe(1), "web", vec![be(1, 80), be(2, 80)]),
+            (fe(2), "api", vec![be(3, 80)]),
+        ]),
+        Prune::Yes,
+    );
+    let partial = desired(&[(fe(1), "web", vec![be(1, 80), be(4, 80)])]);
+    let report = r.apply(&partial, Prune::No);
+    assert_eq!(report.deletes, 0);
+    let state = &r.datapath().state;
+    assert_eq!(
+        backends_of(state, &fe(1)),
+        vec![be(1, 80), be(2, 80), be(4, 80)]
+    );
+    assert_eq!(backends_of(state, &fe(2)), vec![be(3, 80)]);
+    // Once synced, the same input prunes.
+    r.apply(&partial, Prune::Yes);
+    let state = &r.datapath().state;
+    assert_eq!(backends_of(state, &fe(1)), vec![be(1, 80), be(4, 80)]);
+    assert!(master(state, &fe(2)).is_none());
+    assert_eq!(state.backends.len(), 2);
+}
+
+#[test]
+fn zero_backends_is_a_master_with_count_zero() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    r.apply(&desired(&[(fe(1), "web", vec![be(1, 80)])]), Prune::Yes);
+    r.apply(&desired(&[(fe(1), "web", vec![])]), Prune::Yes);
+    let state = &r.datapath().state;
+    assert_eq!(master(state, &fe(1)).unwrap().count, 0);
+    assert_eq!(state.services.len(), 1);
+    assert!(state.backends.is_empty());
+}
+
+#[test]
+fn full_map_fails_one_service_and_keeps_the_others() {
+    // Room for one master + two slots only.
+    let mut r = Reconciler::adopt(MemoryDatapath::with_limits(3, 100)).unwrap();
+    let d = desired(&[
+        (fe(1), "a", vec![be(1, 80), be(2, 80)]),
+        (fe(2), "b", vec![be(3, 80)]),
+    ]);
+    let report = r.apply(&d, Prune::Yes);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.map_full(), 1);
+    assert_eq!(report.errors[0].name, "b");
+    assert!(report.errors[0].to_string().contains("full"));
+    let state = &r.datapath().state;
+    assert_eq!(backends_of(state, &fe(1)), vec![be(1, 80), be(2, 80)]);
+    assert!(master(state, &fe(2)).is_none());
+    assert_readable(state);
+    // The failed service's backend is an orphan and is cleaned up.
+    assert_eq!(state.backends.len(), 2);
+    // Once room appears (a gets smaller), b is installed on the next apply.
+    let d2 = desired(&[(fe(1), "a", vec![]), (fe(2), "b", vec![be(3, 80)])]);
+    let report = r.apply(&d2, Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(backends_of(&r.datapath().state, &fe(2)), vec![be(3, 80)]);
+}
+
+#[test]
+fn shared_backend_survives_removal_of_one_user() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    r.apply(
+        &desired(&[
+            (fe(1), "a", vec![be(1, 80)]),
+            (fe(2), "b", vec![be(1, 80)]),
+        ]),
+        Prune::Yes,
+    );
+    assert_eq!(r.datapath().state.backends.len(), 1);
+    r.apply(&desired(&[(fe(2), "b", vec![be(1, 80)])]), Prune::Yes);
+    let state = &r.datapath().state;
+    assert_eq!(state.backends.len(), 1);
+    assert_eq!(backends_of(state, &fe(2)), vec![be(1, 80)]);
+}
+
+#[test]
+fn slot_layout_keeps_positions() {
+    assert_eq!(slot_layout(&[1, 2, 3], &[1, 2, 3]), vec![1, 2, 3]);
+    assert_eq!(slot_layout(&[1, 2, 3], &[1, 3]), vec![1, 3]);
+    assert_eq!(slot_layout(&[1, 2, 3], &[3, 4, 1]), vec![1, 4, 3]);
+    assert_eq!(slot_layout(&[], &[5, 6]), vec![5, 6]);
+    assert_eq!(slot_layout(&[1, 2], &[]), Vec::<u32>::new());
+}

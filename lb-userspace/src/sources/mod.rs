@@ -1,0 +1,4 @@
+//! Where Kubernetes objects come from. Sources only collect objects; the
+//! decisions live in [`crate::model`].
+pub mod dir_watch;
+pub mod manifest;
