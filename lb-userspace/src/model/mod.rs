@@ -144,4 +144,12 @@ pub struct TranslateOptions {
     pub node_name: Option<String>,
     /// This node's zone, for topology hints (`hints.forZones`).
     pub zone: Option<String>,
+    /// `--service-proxy-name`: serve only services whose
+    /// `service.kubernetes.io/service-proxy-name` label equals it. `None`:
+    /// serve only services without that label (kube-proxy's default).
+    pub service_proxy_name: Option<String>,
 }
+
+/// Annotation the manifest source sets on every object it emits (`file.yaml#2`),
+/// so diagnostics raised later, in the pure translation, can still name the file.
+pub const SOURCE_ANNOTATION: &str = "lb-agent.io/source";

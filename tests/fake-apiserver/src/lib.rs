@@ -1,0 +1,1 @@
+//! A fake Kubernetes API server speaking the real list/watch protocol (to be written).
