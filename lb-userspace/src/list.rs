@@ -92,7 +92,14 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
 
 /// A kubectl-style table: NAMESPACE NAME TYPE CLUSTER-IP PORT(S) ENDPOINTS.
 pub fn table(rows: &[ServiceRow]) -> String {
-    let header = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)", "ENDPOINTS"];
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "PORT(S)",
+        "ENDPOINTS",
+    ];
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
     for r in rows {
         let ports = r

@@ -1,1 +1,213 @@
-fn main() {}
+//! `lb-agent`: the node agent's command line. Errors become `anyhow` only here.
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    agent::{self, ManifestAgentConfig},
+    datapath::{
+        Datapath as _,
+        bpf::{self, BpfDatapath, MapSizes},
+    },
+    list,
+    model::TranslateOptions,
+    sources::manifest::ServiceCidr,
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF socket-level load balancer for Kubernetes services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the datapath and keep its maps in sync with the services.
+    Run(RunArgs),
+    /// Show the services the pinned maps hold (works with or without a running agent).
+    List {
+        #[command(flatten)]
+        pins: Pins,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Detach the datapath and remove its pins.
+    Uninstall {
+        #[command(flatten)]
+        pins: Pins,
+    },
+}
+
+/// Where an installation lives; the same on every subcommand so several
+/// independent instances (tests) can coexist.
+#[derive(Args, Clone)]
+struct Pins {
+    /// bpffs directory holding the pinned maps and link (bpffs is mounted at /sys/fs/bpf if absent).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// cgroup v2 directory to attach to [default: the cgroup2 mount from /proc/mounts].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    pins: Pins,
+    /// Read Services, Pods, Endpoints and EndpointSlices from YAML files in DIR (watched, live).
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Range for ClusterIPs of manifest Services that have none.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: ServiceCidr,
+    /// Service map entries: one per frontend plus one per backend slot (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Backend map entries: one per distinct backend address, port and protocol (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Log every translated connect from the eBPF program (debug level).
+    #[arg(long)]
+    bpf_log: bool,
+    /// This node, for internalTrafficPolicy: Local [default: $NODE_NAME, else the hostname].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's zone, for topology hints.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // `init` also bridges `log` records (aya, aya-log) into tracing.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::List { pins, output } => list_cmd(&pins, output),
+        Command::Uninstall { pins } => uninstall(&pins),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        pins,
+        manifests,
+        service_cidr,
+        max_services,
+        max_backends,
+        bpf_log,
+        node_name,
+        zone,
+        service_proxy_name,
+    } = args;
+    let Some(manifests) = manifests else {
+        bail!("the Kubernetes API source is not available yet: pass --manifests DIR");
+    };
+    let node_name = node_name.or_else(hostname);
+    let cfg = ManifestAgentConfig {
+        bpffs: pins.bpffs,
+        cgroup: pins.cgroup,
+        manifests,
+        service_cidr,
+        sizes: MapSizes {
+            max_services,
+            max_backends,
+        },
+        bpf_log,
+        translate: TranslateOptions {
+            node_name,
+            zone,
+            service_proxy_name,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
+    if !pins.bpffs.exists() {
+        bail!(
+            "no lb-agent installation at {} (is the agent running with this --bpffs?)",
+            pins.bpffs.display()
+        );
+    }
+    let dp = BpfDatapath::open(&pins.bpffs)
+        .with_context(|| format!("opening the maps pinned in {}", pins.bpffs.display()))?;
+    let snapshot = dp.snapshot()?;
+    let rows = list::rows(&snapshot);
+    match output {
+        Output::Table => print!("{}", list::table(&rows)),
+        Output::Json => {
+            let counters = dp.stats()?;
+            let doc = serde_json::json!({
+                "items": rows,
+                "attached": bpf::attached_program(&pins.bpffs).is_some(),
+                "counters": {
+                    "translated": counters[lb_common::stats::TRANSLATED as usize],
+                    "noBackend": counters[lb_common::stats::NO_BACKEND as usize],
+                    "slotFallback": counters[lb_common::stats::SLOT_FALLBACK as usize],
+                    "mapFull": counters[lb_common::stats::MAP_FULL as usize],
+                },
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+    }
+    Ok(())
+}
+
+fn uninstall(pins: &Pins) -> anyhow::Result<()> {
+    if bpf::uninstall(&pins.bpffs)
+        .with_context(|| format!("removing pins in {}", pins.bpffs.display()))?
+    {
+        println!("detached and removed {}", pins.bpffs.display());
+    } else {
+        println!("nothing installed at {}", pins.bpffs.display());
+    }
+    Ok(())
+}

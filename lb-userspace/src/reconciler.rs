@@ -154,6 +154,10 @@ impl<D: Datapath> Reconciler<D> {
         &self.dp
     }
 
+    pub fn datapath_mut(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
     /// Brings the maps to `desired`, in make-before-break order.
     pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
         let mut report = ApplyReport::default();

@@ -1,1 +1,643 @@
+//! Fixtures for the privileged end-to-end suites and `cargo xtask demo`.
+//!
+//! Everything here creates its own network namespaces and child cgroup, never
+//! touches the host namespace's routes or the root cgroup, and tears down in
+//! `Drop`, so a failing test leaves nothing behind.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+pub mod sys;
+
+/// Prefix of every namespace, cgroup and pin the fixtures create, so a
+/// crashed run's leftovers can be found and removed (`cleanup_leftovers`).
+pub const PREFIX: &str = "lbt";
+
+/// What `lb-testclient` prints.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientReport {
+    pub attempts: u64,
+    /// Backend name → connects it answered.
+    pub backends: BTreeMap<String, u64>,
+    /// Errno name (`ECONNREFUSED`) → count.
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed_ms: u64,
+}
+
+impl ClientReport {
+    pub fn ok(&self) -> u64 {
+        self.backends.values().sum()
+    }
+    pub fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// Paths of the programs the fixtures run.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub agent: PathBuf,
+    pub server: PathBuf,
+    pub client: PathBuf,
+}
+
+impl Bins {
+    /// Binaries next to `dir` (a cargo target profile directory).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            agent: dir.join("lb-agent"),
+            server: dir.join("lb-testserver"),
+            client: dir.join("lb-testclient"),
+        }
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        for p in [&self.agent, &self.server, &self.client] {
+            if !p.exists() {
+                bail!(
+                    "{} not found: build it first (cargo xtask test does)",
+                    p.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A short name unique to this process and call: `lbt<pid><n>`.
+pub fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{PREFIX}{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `cmd`, failing with its stderr if it does not succeed.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// The pod subnet of every topology: nothing else is routed anywhere.
+pub const POD_PREFIX: [u8; 3] = [10, 244, 1];
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
+
+/// A backend pod of a topology.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// A node namespace with a bridge, one namespace per pod and one client
+/// namespace, all on 10.244.1.0/24. No namespace has a default route, so a
+/// connect to a ClusterIP that was not rewritten fails with ENETUNREACH
+/// instead of going anywhere.
+pub struct Topology {
+    pub node: String,
+    pub client: String,
+    pub pods: Vec<Pod>,
+    servers: Vec<Child>,
+    created: Vec<String>,
+}
+
+impl Topology {
+    /// `pods`: (pod name, last octet of its IP in 10.244.1.0/24).
+    pub fn new(prefix: &str, pods: &[(&str, u8)]) -> anyhow::Result<Self> {
+        let mut t = Self {
+            node: format!("{prefix}-node"),
+            client: format!("{prefix}-client"),
+            pods: Vec::new(),
+            servers: Vec::new(),
+            created: Vec::new(),
+        };
+        t.add_netns(&t.node.clone())?;
+        let node = t.node.clone();
+        ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        t.add_netns(&t.client.clone())?;
+        t.plug(&t.client.clone(), "vc", CLIENT_IP)?;
+        for (i, (name, octet)) in pods.iter().enumerate() {
+            let netns = format!("{prefix}-p{i}");
+            t.add_netns(&netns)?;
+            let addr = Ipv4Addr::new(POD_PREFIX[0], POD_PREFIX[1], POD_PREFIX[2], *octet);
+            t.plug(&netns, &format!("vp{i}"), addr)?;
+            t.pods.push(Pod {
+                name: (*name).to_owned(),
+                netns,
+                ip: addr,
+            });
+        }
+        Ok(t)
+    }
+
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        self.created.push(name.to_owned());
+        Ok(())
+    }
+
+    /// A veth from the node's bridge into `netns`, created inside the node
+    /// namespace so nothing ever appears in the host's.
+    fn plug(&self, netns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        let node = &self.node;
+        ip(&[
+            "-n", node, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ])?;
+        ip(&["-n", node, "link", "set", port, "master", "br0", "up"])?;
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// Starts an HTTP server named after its pod on every pod's `ip:port`.
+    pub fn start_servers(&mut self, server: &Path, port: u16) -> anyhow::Result<()> {
+        for pod in self.pods.clone() {
+            self.start_server(server, &pod, port)?;
+        }
+        Ok(())
+    }
+
+    pub fn start_server(&mut self, server: &Path, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(server)
+            .args(["--netns", &pod.netns, "--name", &pod.name, "--listen"])
+            .arg(format!("{}:{port}", pod.ip))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", server.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        self.servers.push(child);
+        if !line.starts_with("listening") {
+            bail!("server for {} did not start: {line:?}", pod.name);
+        }
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        // Deleting a namespace deletes its veth ends and the bridge with it.
+        for ns in self.created.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A child cgroup of the cgroup v2 mount, removed on drop (after killing
+/// anything still in it).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let root = sys::cgroup2_root()?;
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        sys::remove_cgroup(&self.path);
+    }
+}
+
+/// The real `lb-agent` binary, run on a manifest directory, with its own
+/// bpffs directory and attached to a test cgroup.
+pub struct Agent {
+    pub bin: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup: PathBuf,
+    pub manifests: PathBuf,
+    pub log: PathBuf,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// bpffs mount point the fixtures pin under (mounted by the agent if absent).
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+impl Agent {
+    pub fn new(bin: &Path, name: &str, cgroup: &Path, manifests: &Path, log: &Path) -> Self {
+        Self {
+            bin: bin.to_owned(),
+            bpffs: Path::new(BPFFS).join(name),
+            cgroup: cgroup.to_owned(),
+            manifests: manifests.to_owned(),
+            log: log.to_owned(),
+            extra_args: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("agent already running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the way an operator or kubelet stops it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        sys::terminate(&mut child, Duration::from_secs(10))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `lb-agent list` with this agent's pins; `extra` e.g. `["-o", "json"]`.
+    pub fn list(&self, extra: &[&str]) -> anyhow::Result<String> {
+        run(Command::new(&self.bin)
+            .arg("list")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(extra)
+            .env("NO_COLOR", "1"))
+    }
+
+    pub fn list_json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.list(&["-o", "json"])?)?)
+    }
+
+    /// Polls `list -o json` until `pred` holds; returns the matching document.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.child.is_some() && !self.is_running() {
+                bail!(
+                    "the agent exited while waiting for {what}; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            let last = match self.list_json() {
+                Ok(doc) if pred(&doc) => return Ok(doc),
+                Ok(doc) => doc.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; last list: {last}\nagent log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn uninstall(&self) -> anyhow::Result<String> {
+        run(Command::new(&self.bin)
+            .arg("uninstall")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--cgroup")
+            .arg(&self.cgroup))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.uninstall();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// A ClusterIP service as `lb-agent list -o json` shows it.
+pub fn service_ip(doc: &serde_json::Value, namespace: &str, name: &str) -> Option<Ipv4Addr> {
+    find_service(doc, namespace, name)?["clusterIps"][0]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+pub fn find_service<'a>(
+    doc: &'a serde_json::Value,
+    namespace: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    doc["items"]
+        .as_array()?
+        .iter()
+        .find(|s| s["namespace"] == namespace && s["name"] == name)
+}
+
+/// Endpoints of one service port in `list -o json`, sorted.
+pub fn endpoints(doc: &serde_json::Value, namespace: &str, name: &str, port: u16) -> Vec<String> {
+    let mut eps: Vec<String> = find_service(doc, namespace, name)
+        .and_then(|s| s["ports"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|p| p["port"] == port)
+        .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.as_str().map(str::to_owned))
+        .collect();
+    eps.sort();
+    eps
+}
+
+/// Runs `lb-testclient` from the client namespace inside `cgroup`.
+pub fn client(
+    bin: &Path,
+    netns: &str,
+    cgroup: &Path,
+    target: &str,
+    args: &[&str],
+) -> anyhow::Result<ClientReport> {
+    let out = run(Command::new(bin)
+        .arg("--netns")
+        .arg(netns)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--target")
+        .arg(target)
+        .args(args))?;
+    serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+}
+
+/// The textbook `back-end` Service and its Pods, with status.podIP added
+/// (the only change a cluster-less run needs). `ready`: per pod.
+pub fn back_end_manifest(pods: &[(&str, Ipv4Addr, bool)]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: back-end
+spec:
+  selector:
+    app: myapp
+    type: back-end
+  ports:
+    - port: 80
+      targetPort: 80
+",
+    );
+    for (name, ip, ready) in pods {
+        let status = if *ready { "True" } else { "False" };
+        y.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels:
+    app: myapp
+    type: back-end
+spec:
+  containers:
+    - name: nginx-container
+      image: nginx
+      ports:
+        - containerPort: 80
+status:
+  phase: Running
+  podIP: {ip}
+  conditions:
+    - type: Ready
+      status: \"{status}\"
+"
+        ));
+    }
+    y
+}
+
+/// Removes namespaces, cgroups and pins left by a run that was killed
+/// before its `Drop`s ran.
+pub fn cleanup_leftovers() {
+    if let Ok(out) = run(Command::new("ip").args(["netns", "list"])) {
+        for line in out.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(PREFIX) {
+                let _ = run(Command::new("ip").args(["netns", "del", name]));
+            }
+        }
+    }
+    if let Ok(root) = sys::cgroup2_root() {
+        for dir in sys::children_with_prefix(&root, PREFIX) {
+            sys::remove_cgroup(&dir);
+        }
+    }
+    for dir in sys::children_with_prefix(Path::new(BPFFS), PREFIX) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One complete isolated environment: backend pods serving HTTP, a client
+/// namespace, a child cgroup, a manifest directory and an agent (not yet
+/// started). Fields drop in order: the agent (unpinned) before its cgroup,
+/// the cgroup before the namespaces.
+pub struct Lab {
+    pub agent: Agent,
+    pub cgroup: TestCgroup,
+    pub topo: Topology,
+    pub bins: Bins,
+    pub name: String,
+    pub manifests: PathBuf,
+    pub work: tempfile::TempDir,
+}
+
+impl Lab {
+    /// `pods`: (pod name, last octet in 10.244.1.0/24); each serves HTTP on `port`.
+    pub fn new(bins: &Bins, pods: &[(&str, u8)], port: u16) -> anyhow::Result<Self> {
+        bins.check()?;
+        let name = unique_name();
+        let work = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()?;
+        let manifests = work.path().join("manifests");
+        std::fs::create_dir(&manifests)?;
+        let mut topo = Topology::new(&name, pods)?;
+        topo.start_servers(&bins.server, port)?;
+        let cgroup = TestCgroup::new(&name)?;
+        let agent = Agent::new(
+            &bins.agent,
+            &name,
+            &cgroup.path,
+            &manifests,
+            &work.path().join("agent.log"),
+        );
+        Ok(Self {
+            agent,
+            cgroup,
+            topo,
+            bins: bins.clone(),
+            name,
+            manifests,
+            work,
+        })
+    }
+
+    /// Writes `file` in the manifest directory atomically (rename), as a
+    /// careful operator or a ConfigMap update would.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.work.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> anyhow::Result<()> {
+        Ok(std::fs::remove_file(self.manifests.join(file))?)
+    }
+
+    /// Connects from the client namespace inside the attached cgroup.
+    pub fn client(&self, target: &str, args: &[&str]) -> anyhow::Result<ClientReport> {
+        client(
+            &self.bins.client,
+            &self.topo.client,
+            &self.cgroup.path,
+            target,
+            args,
+        )
+    }
+
+    /// The same, but from outside the attached cgroup: the program must not apply.
+    pub fn client_outside_cgroup(
+        &self,
+        target: &str,
+        args: &[&str],
+    ) -> anyhow::Result<ClientReport> {
+        let out = run(Command::new(&self.bins.client)
+            .arg("--netns")
+            .arg(&self.topo.client)
+            .arg("--target")
+            .arg(target)
+            .args(args))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+    }
+
+    /// Starts a client run in the background (for connects during a restart).
+    pub fn spawn_client(&self, target: &str, args: &[&str]) -> anyhow::Result<Child> {
+        Command::new(&self.bins.client)
+            .arg("--netns")
+            .arg(&self.topo.client)
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--target")
+            .arg(target)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting lb-testclient")
+    }
+}
+
+/// Collects a background client's report.
+pub fn wait_client(child: Child) -> anyhow::Result<ClientReport> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("lb-testclient failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("client output {text:?}"))
+}

@@ -43,8 +43,12 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("pinning cgroup link at {path}: {message}")]
-    Pin { path: PathBuf, message: String },
+    #[error("pinning cgroup link at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -80,7 +84,10 @@ fn nix_statfs_magic(path: &Path) -> Option<i64> {
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a properly sized out buffer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut buf) };
-    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs by libc target")]
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs by libc target"
+    )]
     (rc == 0).then_some(buf.f_type as i64)
 }
 
@@ -100,7 +107,9 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
             .status()
             .map_err(|e| err(format!("running mount: {e}")))?;
         if !status.success() {
-            return Err(err(format!("mount -t bpf bpf /sys/fs/bpf failed: {status}")));
+            return Err(err(format!(
+                "mount -t bpf bpf /sys/fs/bpf failed: {status}"
+            )));
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
@@ -151,10 +160,7 @@ pub fn install(
             message: format!("program {PROGRAM} missing from object"),
         })?
         .try_into()
-        .map_err(|source| LoadError::Program {
-            op: "type",
-            source,
-        })?;
+        .map_err(|source| LoadError::Program { op: "type", source })?;
     program
         .load()
         .map_err(|source| LoadError::Program { op: "load", source })?;
@@ -162,8 +168,10 @@ pub fn install(
         path: cgroup.to_owned(),
         message: format!("opening cgroup: {e}"),
     })?;
+    // A cgroup bpf_link always coexists with other links (multi semantics);
+    // the kernel rejects any explicit attach flag on link_create.
     let link_id = program
-        .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+        .attach(&cgroup_file, CgroupAttachMode::Single)
         .map_err(|source| LoadError::Program {
             op: "attach",
             source,
@@ -174,24 +182,25 @@ pub fn install(
             op: "take link",
             source,
         })?;
-    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-        LoadError::Pin {
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| LoadError::Pin {
             path: dir.join(LINK_PIN),
-            message: e.to_string(),
-        }
-    })?;
+            source: e.into(),
+        })?;
     let link_pin = dir.join(LINK_PIN);
-    let staging = dir.join(format!("{LINK_PIN}.new"));
+    // bpffs rejects '.' in names, hence the underscore.
+    let staging = dir.join(format!("{LINK_PIN}_new"));
     let _ = fs::remove_file(&staging);
     let pinned = fd_link.pin(&staging).map_err(|e| LoadError::Pin {
         path: staging.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     // rename(2) replaces the old pin atomically; the old link detaches when
     // its last reference (the old pin) goes.
     fs::rename(&staging, &link_pin).map_err(|e| LoadError::Pin {
         path: link_pin.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     drop(pinned);
     Ok(Installation { ebpf, link_pin })
@@ -258,17 +267,17 @@ fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
 }
 
 fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathError {
-    if let MapError::SyscallError(SyscallError { io_error, .. }) = &source {
-        if io_error.raw_os_error() == Some(libc::E2BIG) {
-            return DatapathError::MapFull {
-                map,
-                flag: if map == maps::BACKENDS {
-                    "max-backends"
-                } else {
-                    "max-services"
-                },
-            };
-        }
+    if let MapError::SyscallError(SyscallError { io_error, .. }) = &source
+        && io_error.raw_os_error() == Some(libc::E2BIG)
+    {
+        return DatapathError::MapFull {
+            map,
+            flag: if map == maps::BACKENDS {
+                "max-backends"
+            } else {
+                "max-services"
+            },
+        };
     }
     DatapathError::Map { op, map, source }
 }
@@ -294,9 +303,8 @@ pub struct BpfDatapath {
 
 impl BpfDatapath {
     pub fn open(dir: &Path) -> Result<Self> {
-        let hash = |name| -> Result<aya::maps::Map> {
-            Ok(aya::maps::Map::HashMap(open_pin(dir, name)?))
-        };
+        let hash =
+            |name| -> Result<aya::maps::Map> { Ok(aya::maps::Map::HashMap(open_pin(dir, name)?)) };
         Ok(Self {
             services: HashMap::try_from(hash(maps::SERVICES)?)
                 .map_err(|e| map_err("open", maps::SERVICES, e))?,
@@ -320,23 +328,6 @@ impl BpfDatapath {
                 Ok(v.iter().sum())
             })
             .collect()
-    }
-
-    /// Counts a full-map failure where `list` and metrics can see it.
-    pub fn count_map_full(&mut self, n: u64) -> Result<()> {
-        let current = self
-            .stats
-            .get(&stats::MAP_FULL, 0)
-            .map_err(|e| map_err("read", maps::STATS, e))?;
-        let mut values: Vec<u64> = current.iter().copied().collect();
-        if let Some(first) = values.first_mut() {
-            *first += n;
-        }
-        let values = PerCpuValues::try_from(values)
-            .map_err(|e| DatapathError::Other(format!("stats: {e}")))?;
-        self.stats
-            .set(stats::MAP_FULL, values, 0)
-            .map_err(|e| map_err("write", maps::STATS, e))
     }
 }
 
@@ -395,5 +386,21 @@ impl Datapath for BpfDatapath {
             Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICE_META, e)),
             _ => Ok(()),
         }
+    }
+
+    fn count_map_full(&mut self, n: u64) -> Result<()> {
+        let current = self
+            .stats
+            .get(&stats::MAP_FULL, 0)
+            .map_err(|e| map_err("read", maps::STATS, e))?;
+        let mut values: Vec<u64> = current.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += n;
+        }
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| DatapathError::Other(format!("stats: {e}")))?;
+        self.stats
+            .set(stats::MAP_FULL, values, 0)
+            .map_err(|e| map_err("write", maps::STATS, e))
     }
 }

@@ -21,6 +21,7 @@ pub struct MemoryDatapath {
     pub log: Vec<Op>,
     pub max_services: usize,
     pub max_backends: usize,
+    pub map_full: u64,
 }
 
 impl Default for MemoryDatapath {
@@ -30,6 +31,7 @@ impl Default for MemoryDatapath {
             log: Vec::new(),
             max_services: usize::MAX,
             max_backends: usize::MAX,
+            map_full: 0,
         }
     }
 }
@@ -96,6 +98,11 @@ impl Datapath for MemoryDatapath {
     fn delete_meta(&mut self, svc_id: u32) -> Result<()> {
         self.state.meta.remove(&svc_id);
         self.log.push(Op::DeleteMeta(svc_id));
+        Ok(())
+    }
+
+    fn count_map_full(&mut self, n: u64) -> Result<()> {
+        self.map_full += n;
         Ok(())
     }
 }

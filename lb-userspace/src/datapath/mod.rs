@@ -48,8 +48,12 @@ pub trait Datapath {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
     fn put_meta(&mut self, svc_id: u32, meta: &ServiceMeta) -> Result<()>;
     fn delete_meta(&mut self, svc_id: u32) -> Result<()>;
+    /// Records writes refused because a map was full, where `list` shows them.
+    fn count_map_full(&mut self, n: u64) -> Result<()>;
 }
 
 mod encode;
 
-pub use encode::{backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, key_frontend};
+pub use encode::{
+    backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, key_frontend,
+};

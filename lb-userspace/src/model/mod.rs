@@ -11,7 +11,7 @@ use std::{
 
 mod translate;
 
-pub use translate::translate;
+pub use translate::{translate, translate_service};
 
 /// L4 protocol of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -129,11 +129,12 @@ impl fmt::Display for Diagnostic {
         if !self.source.is_empty() {
             write!(f, "{}: ", self.source)?;
         }
-        write!(f, "{}", self.object)?;
-        if !self.field.is_empty() {
-            write!(f, ": {}", self.field)?;
+        for part in [&self.object, &self.field] {
+            if !part.is_empty() {
+                write!(f, "{part}: ")?;
+            }
         }
-        write!(f, ": {}", self.message)
+        f.write_str(&self.message)
     }
 }
 

@@ -4,10 +4,7 @@ use lb_common::{ServiceKey, ServiceValue};
 
 use super::*;
 use crate::{
-    datapath::{
-        MemoryDatapath, Snapshot,
-        memory::Op,
-    },
+    datapath::{MemoryDatapath, Snapshot, memory::Op},
     model::{ServiceType, frontend},
 };
 
@@ -56,7 +53,10 @@ fn assert_readable(state: &Snapshot) {
                 ..*key
             };
             let Some(v) = state.services.get(&k) else {
-                panic!("master {key:?} count {} but slot {slot} missing", master.count);
+                panic!(
+                    "master {key:?} count {} but slot {slot} missing",
+                    master.count
+                );
             };
             assert!(
                 state.backends.contains_key(&v.backend_id),
@@ -316,10 +316,7 @@ fn full_map_fails_one_service_and_keeps_the_others() {
 fn shared_backend_survives_removal_of_one_user() {
     let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
     r.apply(
-        &desired(&[
-            (fe(1), "a", vec![be(1, 80)]),
-            (fe(2), "b", vec![be(1, 80)]),
-        ]),
+        &desired(&[(fe(1), "a", vec![be(1, 80)]), (fe(2), "b", vec![be(1, 80)])]),
         Prune::Yes,
     );
     assert_eq!(r.datapath().state.backends.len(), 1);

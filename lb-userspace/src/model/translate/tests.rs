@@ -1,0 +1,1772 @@
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::{Value, json};
+
+use super::{translate, translate_service};
+use crate::model::{
+    DesiredService, DesiredState, Diagnostic, Frontend, Proto, SOURCE_ANNOTATION, ServiceRef,
+    ServiceType, TranslateOptions, frontend,
+};
+
+// ---------- builders ----------
+
+/// Deep-merges `patch` into `base` (objects merge, everything else replaces).
+fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+fn svc_json(ns: &str, name: &str, ip: &str, ports: Value) -> Value {
+    json!({
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"clusterIP": ip, "ports": ports},
+    })
+}
+
+fn svc(ns: &str, name: &str, ip: &str, ports: Value) -> Service {
+    to_svc(svc_json(ns, name, ip, ports))
+}
+
+fn svc_with(ns: &str, name: &str, ip: &str, ports: Value, patch: Value) -> Service {
+    let mut v = svc_json(ns, name, ip, ports);
+    merge(&mut v, patch);
+    to_svc(v)
+}
+
+fn to_svc(v: Value) -> Service {
+    serde_json::from_value(v).expect("test Service JSON")
+}
+
+/// An IPv4 slice for `service`, named `name`.
+fn slice(ns: &str, name: &str, service: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+    to_slice(json!({
+        "metadata": {
+            "namespace": ns,
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    }))
+}
+
+fn slice_with(
+    ns: &str,
+    name: &str,
+    service: &str,
+    ports: Value,
+    endpoints: Value,
+    patch: Value,
+) -> EndpointSlice {
+    let mut v = serde_json::to_value(slice(ns, name, service, ports, endpoints)).expect("to json");
+    merge(&mut v, patch);
+    to_slice(v)
+}
+
+fn to_slice(v: Value) -> EndpointSlice {
+    serde_json::from_value(v).expect("test EndpointSlice JSON")
+}
+
+/// A plain endpoint (all conditions unset).
+fn ep(ip: &str) -> Value {
+    json!({"addresses": [ip]})
+}
+
+fn ep_cond(
+    ip: &str,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+) -> Value {
+    let mut c = serde_json::Map::new();
+    if let Some(r) = ready {
+        c.insert("ready".into(), json!(r));
+    }
+    if let Some(s) = serving {
+        c.insert("serving".into(), json!(s));
+    }
+    if let Some(t) = terminating {
+        c.insert("terminating".into(), json!(t));
+    }
+    json!({"addresses": [ip], "conditions": c})
+}
+
+fn ep_node(ip: &str, node: &str) -> Value {
+    json!({"addresses": [ip], "nodeName": node})
+}
+
+fn ep_zones(ip: &str, zones: &[&str]) -> Value {
+    let z: Vec<Value> = zones.iter().map(|z| json!({"name": z})).collect();
+    json!({"addresses": [ip], "hints": {"forZones": z}})
+}
+
+fn ep_nodes(ip: &str, nodes: &[&str], zones: &[&str]) -> Value {
+    let n: Vec<Value> = nodes.iter().map(|n| json!({"name": n})).collect();
+    let z: Vec<Value> = zones.iter().map(|z| json!({"name": z})).collect();
+    json!({"addresses": [ip], "hints": {"forNodes": n, "forZones": z}})
+}
+
+fn tcp(port: i32) -> Value {
+    json!([{"port": port}])
+}
+
+fn sport(port: i32) -> Value {
+    json!([{"name": "", "port": port, "protocol": "TCP"}])
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("test IP")
+}
+
+fn fe(a: &str, port: u16, proto: Proto) -> Frontend {
+    frontend(ip(a), port, proto)
+}
+
+fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
+    list.iter().map(|s| s.parse().expect("test addr")).collect()
+}
+
+fn desired(
+    ns: &str,
+    name: &str,
+    port_name: &str,
+    ty: ServiceType,
+    backends: &[&str],
+) -> DesiredService {
+    DesiredService {
+        service: ServiceRef {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: port_name.into(),
+            svc_type: ty,
+        },
+        backends: addrs(backends),
+    }
+}
+
+fn cip(ns: &str, name: &str, port_name: &str, backends: &[&str]) -> DesiredService {
+    desired(ns, name, port_name, ServiceType::ClusterIP, backends)
+}
+
+fn state(entries: Vec<(Frontend, DesiredService)>) -> DesiredState {
+    entries.into_iter().collect()
+}
+
+fn d(object: &str, field: &str, message: &str) -> Diagnostic {
+    Diagnostic {
+        source: String::new(),
+        object: object.into(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Diagnostic>) {
+    translate(services, slices, &TranslateOptions::default())
+}
+
+fn opts(node: Option<&str>, zone: Option<&str>) -> TranslateOptions {
+    TranslateOptions {
+        node_name: node.map(Into::into),
+        zone: zone.map(Into::into),
+        service_proxy_name: None,
+    }
+}
+
+/// Backends of the single frontend 10.0.0.1:80/TCP of `default/web`.
+fn web_backends(endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddrV4> {
+    web_backends_patched(json!({}), endpoints, o)
+}
+
+fn web_backends_patched(patch: Value, endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddrV4> {
+    let s = svc_with("default", "web", "10.0.0.1", tcp(80), patch);
+    let sl = slice("default", "web-a", "web", sport(8080), endpoints);
+    let (st, diags) = translate(&[s], &[sl], o);
+    assert_eq!(diags, vec![]);
+    assert_eq!(st.len(), 1);
+    st.get(&fe("10.0.0.1", 80, Proto::Tcp))
+        .expect("frontend present")
+        .backends
+        .clone()
+}
+
+// ---------- basics ----------
+
+#[test]
+fn empty_input_gives_empty_state() {
+    assert_eq!(run(&[], &[]), (DesiredState::new(), vec![]));
+}
+
+#[test]
+fn basic_service() {
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    let sl = slice(
+        "default",
+        "web-abc",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.3"), ep("10.1.0.2"), ep("10.1.0.2")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &["10.1.0.2:8080", "10.1.0.3:8080"]),
+        )])
+    );
+}
+
+#[test]
+fn multi_port() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "http", "port": 80}, {"name": "https", "port": 443}]),
+    );
+    let sl = slice(
+        "default",
+        "web-abc",
+        "web",
+        json!([{"name": "https", "port": 8443}, {"name": "http", "port": 8080}]),
+        json!([ep("10.1.0.1"), ep("10.1.0.2")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip(
+                    "default",
+                    "web",
+                    "http",
+                    &["10.1.0.1:8080", "10.1.0.2:8080"]
+                ),
+            ),
+            (
+                fe("10.0.0.1", 443, Proto::Tcp),
+                cip(
+                    "default",
+                    "web",
+                    "https",
+                    &["10.1.0.1:8443", "10.1.0.2:8443"]
+                ),
+            ),
+        ])
+    );
+}
+
+#[test]
+fn named_target_port_resolves_per_slice() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "http", "port": 80, "targetPort": "web"}]),
+        json!({}),
+    );
+    let a = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let b = slice(
+        "default",
+        "web-b",
+        "web",
+        json!([{"name": "http", "port": 9090}]),
+        json!([ep("10.1.0.2")]),
+    );
+    let (st, diags) = run(&[s], &[a, b]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip(
+                "default",
+                "web",
+                "http",
+                &["10.1.0.1:8080", "10.1.0.2:9090"]
+            ),
+        )])
+    );
+}
+
+#[test]
+fn service_target_port_is_never_used() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "targetPort": 1234}]),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, _) = run(&[s], &[sl]);
+    assert_eq!(
+        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+        addrs(&["10.1.0.1:8080"])
+    );
+}
+
+#[test]
+fn same_port_tcp_and_udp_are_two_frontends() {
+    let s = svc(
+        "kube-system",
+        "dns",
+        "10.0.0.10",
+        json!([
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]),
+    );
+    let sl = slice(
+        "kube-system",
+        "dns-1",
+        "dns",
+        json!([
+            {"name": "dns", "port": 5353, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 5354, "protocol": "TCP"},
+        ]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.10", 53, Proto::Tcp),
+                cip("kube-system", "dns", "dns-tcp", &["10.1.0.1:5354"]),
+            ),
+            (
+                fe("10.0.0.10", 53, Proto::Udp),
+                cip("kube-system", "dns", "dns", &["10.1.0.1:5353"]),
+            ),
+        ])
+    );
+}
+
+#[test]
+fn join_requires_matching_protocol() {
+    // The slice only has a UDP port named "": the TCP service port gets nothing.
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"port": 8080, "protocol": "UDP"}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn missing_names_and_protocols_default_to_unnamed_tcp() {
+    // Service port without name/protocol joins a slice port without name/protocol.
+    let s = svc("default", "web", "10.0.0.1", json!([{"port": 80}]));
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"port": 8080}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &["10.1.0.1:8080"]),
+        )])
+    );
+}
+
+#[test]
+fn slice_ports_without_usable_number_are_ignored() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "a", "port": 80}, {"name": "b", "port": 81}, {"name": "c", "port": 82}, {"name": "d", "port": 83}]),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([
+            {"name": "a"},
+            {"name": "b", "port": 0},
+            {"name": "c", "port": 70000},
+            {"name": "d", "port": 8083},
+        ]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "web", "a", &[])
+            ),
+            (
+                fe("10.0.0.1", 81, Proto::Tcp),
+                cip("default", "web", "b", &[])
+            ),
+            (
+                fe("10.0.0.1", 82, Proto::Tcp),
+                cip("default", "web", "c", &[])
+            ),
+            (
+                fe("10.0.0.1", 83, Proto::Tcp),
+                cip("default", "web", "d", &["10.1.0.1:8083"])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn slice_without_ports_contributes_nothing() {
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    let sl = to_slice(json!({
+        "metadata": {"namespace": "default", "name": "web-a",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [ep("10.1.0.1")],
+    }));
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn selectorless_service_with_hand_made_slice() {
+    let s = svc(
+        "ext",
+        "db",
+        "10.0.0.5",
+        json!([{"name": "pg", "port": 5432}]),
+    );
+    let sl = slice(
+        "ext",
+        "db-manual",
+        "db",
+        json!([{"name": "pg", "port": 5432}]),
+        json!([ep("192.168.1.10"), ep("192.168.1.11")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.5", 5432, Proto::Tcp),
+            cip(
+                "ext",
+                "db",
+                "pg",
+                &["192.168.1.10:5432", "192.168.1.11:5432"]
+            ),
+        )])
+    );
+}
+
+#[test]
+fn slices_match_by_namespace_and_label() {
+    let a = svc("a", "web", "10.0.0.1", tcp(80));
+    let b = svc("b", "web", "10.0.0.2", tcp(80));
+    let sa = slice("a", "web-1", "web", sport(8080), json!([ep("10.1.0.1")]));
+    let sb = slice("b", "web-1", "web", sport(8080), json!([ep("10.2.0.1")]));
+    let other = slice("a", "api-1", "api", sport(8080), json!([ep("10.3.0.1")]));
+    let (st, diags) = run(&[a, b], &[sb, other, sa]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("a", "web", "", &["10.1.0.1:8080"])
+            ),
+            (
+                fe("10.0.0.2", 80, Proto::Tcp),
+                cip("b", "web", "", &["10.2.0.1:8080"])
+            ),
+        ])
+    );
+}
+
+// ---------- endpoint conditions ----------
+
+#[test]
+fn ready_nil_counts_as_ready() {
+    let o = TranslateOptions::default();
+    assert_eq!(
+        web_backends(
+            json!([ep("10.1.0.1"), {"addresses": ["10.1.0.2"], "conditions": {}}]),
+            &o
+        ),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn not_ready_excluded() {
+    let o = TranslateOptions::default();
+    assert_eq!(
+        web_backends(
+            json!([
+                ep_cond("10.1.0.1", Some(false), None, None),
+                ep_cond("10.1.0.2", Some(true), None, None)
+            ]),
+            &o
+        ),
+        addrs(&["10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn serving_terminating_fallback_only_when_no_ready() {
+    let o = TranslateOptions::default();
+    let term = ep_cond("10.1.0.9", Some(false), Some(true), Some(true));
+    // A ready endpoint exists: terminating ones are not used.
+    assert_eq!(
+        web_backends(json!([ep("10.1.0.1"), term.clone()]), &o),
+        addrs(&["10.1.0.1:8080"])
+    );
+    // No ready endpoint: fall back to serving+terminating ones.
+    assert_eq!(
+        web_backends(
+            json!([
+                term,
+                ep_cond("10.1.0.2", Some(false), None, None),
+                ep_cond("10.1.0.3", Some(false), None, Some(true))
+            ]),
+            &o
+        ),
+        // serving nil counts as serving, so .3 (terminating, serving unset) also qualifies;
+        // .2 is not ready and not terminating.
+        addrs(&["10.1.0.3:8080", "10.1.0.9:8080"])
+    );
+}
+
+#[test]
+fn terminating_but_not_serving_excluded() {
+    let o = TranslateOptions::default();
+    assert_eq!(
+        web_backends(
+            json!([ep_cond("10.1.0.1", Some(false), Some(false), Some(true))]),
+            &o
+        ),
+        addrs(&[])
+    );
+}
+
+#[test]
+fn serving_but_not_terminating_not_ready_excluded() {
+    let o = TranslateOptions::default();
+    assert_eq!(
+        web_backends(
+            json!([ep_cond("10.1.0.1", Some(false), Some(true), Some(false))]),
+            &o
+        ),
+        addrs(&[])
+    );
+}
+
+#[test]
+fn only_first_address_is_used() {
+    let o = TranslateOptions::default();
+    assert_eq!(
+        web_backends(json!([{"addresses": ["10.1.0.1", "10.1.0.2"]}]), &o),
+        addrs(&["10.1.0.1:8080"])
+    );
+}
+
+#[test]
+fn dedupe_across_slices_prefers_non_terminating() {
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    // "web-a" sorts first and holds a terminating, not-serving copy; "web-b"
+    // holds a ready one. The ready copy must win even though it comes second.
+    let a = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep_cond("10.1.0.1", Some(false), Some(false), Some(true))]),
+    );
+    let b = slice(
+        "default",
+        "web-b",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    for input in [vec![a.clone(), b.clone()], vec![b, a]] {
+        let (st, diags) = run(std::slice::from_ref(&s), &input);
+        assert_eq!(diags, vec![]);
+        assert_eq!(
+            st,
+            state(vec![(
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "web", "", &["10.1.0.1:8080"]),
+            )])
+        );
+    }
+}
+
+#[test]
+fn dedupe_otherwise_keeps_first_slice_by_name() {
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    // Both copies non-terminating; "web-a" (not ready) sorts first and wins
+    // whatever the input order, so the address is not used.
+    let a = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep_cond("10.1.0.1", Some(false), None, None)]),
+    );
+    let b = slice(
+        "default",
+        "web-b",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.1"), ep("10.1.0.2")]),
+    );
+    for input in [vec![a.clone(), b.clone()], vec![b, a]] {
+        let (st, _) = run(std::slice::from_ref(&s), &input);
+        assert_eq!(
+            st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+            addrs(&["10.1.0.2:8080"])
+        );
+    }
+}
+
+#[test]
+fn same_ip_different_port_numbers_are_distinct_backends() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "http", "port": 80}]),
+    );
+    let a = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let b = slice(
+        "default",
+        "web-b",
+        "web",
+        json!([{"name": "http", "port": 9090}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, _) = run(&[s], &[a, b]);
+    assert_eq!(
+        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+        addrs(&["10.1.0.1:8080", "10.1.0.1:9090"])
+    );
+}
+
+#[test]
+fn zero_endpoints_still_present_with_empty_backends() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "a", "port": 80}, {"name": "b", "port": 81, "protocol": "UDP"}]),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "web", "a", &[])
+            ),
+            (
+                fe("10.0.0.1", 81, Proto::Udp),
+                cip("default", "web", "b", &[])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn no_ports_gives_no_frontends() {
+    let s = to_svc(
+        json!({"metadata": {"namespace": "default", "name": "web"}, "spec": {"clusterIP": "10.0.0.1"}}),
+    );
+    assert_eq!(run(&[s], &[]), (DesiredState::new(), vec![]));
+}
+
+// ---------- filtering ----------
+
+#[test]
+fn headless_services_skipped() {
+    let cases = [
+        svc("default", "h1", "None", tcp(80)),
+        svc("default", "h2", "", tcp(80)),
+        svc_with(
+            "default",
+            "h3",
+            "None",
+            tcp(80),
+            json!({"spec": {"clusterIPs": ["None"]}}),
+        ),
+        to_svc(
+            json!({"metadata": {"namespace": "default", "name": "h4"}, "spec": {"ports": tcp(80)}}),
+        ),
+        to_svc(json!({"metadata": {"namespace": "default", "name": "h5"}})),
+    ];
+    let sl = slice(
+        "default",
+        "h1-a",
+        "h1",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    assert_eq!(run(&cases, &[sl]), (DesiredState::new(), vec![]));
+}
+
+#[test]
+fn external_name_skipped() {
+    let s = svc_with(
+        "default",
+        "ext",
+        "10.0.0.1",
+        tcp(80),
+        json!({"spec": {"type": "ExternalName", "externalName": "example.com"}}),
+    );
+    assert_eq!(run(&[s], &[]), (DesiredState::new(), vec![]));
+}
+
+#[test]
+fn headless_label_skipped_whatever_its_value() {
+    let a = svc_with(
+        "default",
+        "a",
+        "10.0.0.1",
+        tcp(80),
+        json!({"metadata": {"labels": {"service.kubernetes.io/headless": ""}}}),
+    );
+    let b = svc_with(
+        "default",
+        "b",
+        "10.0.0.2",
+        tcp(80),
+        json!({"metadata": {"labels": {"service.kubernetes.io/headless": "true"}}}),
+    );
+    assert_eq!(run(&[a, b], &[]), (DesiredState::new(), vec![]));
+}
+
+fn proxy_named(name: &str, ip: &str, proxy: Option<&str>) -> Service {
+    match proxy {
+        Some(p) => svc_with(
+            "default",
+            name,
+            ip,
+            tcp(80),
+            json!({"metadata": {"labels": {"service.kubernetes.io/service-proxy-name": p}}}),
+        ),
+        None => svc("default", name, ip, tcp(80)),
+    }
+}
+
+#[test]
+fn proxy_name_label_default_mode_serves_only_unlabelled() {
+    let services = [
+        proxy_named("plain", "10.0.0.1", None),
+        proxy_named("ours", "10.0.0.2", Some("lb")),
+        proxy_named("empty", "10.0.0.3", Some("")),
+    ];
+    let (st, diags) = run(&services, &[]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "plain", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn proxy_name_label_named_mode_serves_only_matching() {
+    let services = [
+        proxy_named("plain", "10.0.0.1", None),
+        proxy_named("ours", "10.0.0.2", Some("lb")),
+        proxy_named("theirs", "10.0.0.3", Some("other")),
+    ];
+    let o = TranslateOptions {
+        service_proxy_name: Some("lb".into()),
+        ..TranslateOptions::default()
+    };
+    let (st, diags) = translate(&services, &[], &o);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.2", 80, Proto::Tcp),
+            cip("default", "ours", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn service_types() {
+    let services = [
+        svc("default", "none", "10.0.0.1", tcp(80)),
+        svc_with(
+            "default",
+            "cip",
+            "10.0.0.2",
+            tcp(80),
+            json!({"spec": {"type": "ClusterIP"}}),
+        ),
+        svc_with(
+            "default",
+            "np",
+            "10.0.0.3",
+            json!([{"port": 80, "nodePort": 30080}]),
+            json!({"spec": {"type": "NodePort"}}),
+        ),
+        svc_with(
+            "default",
+            "lb",
+            "10.0.0.4",
+            tcp(80),
+            json!({"spec": {"type": "LoadBalancer", "externalIPs": ["1.2.3.4"]}, "status": {"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}]}}}),
+        ),
+    ];
+    let (st, diags) = run(&services, &[]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "none", "", &[])
+            ),
+            (
+                fe("10.0.0.2", 80, Proto::Tcp),
+                cip("default", "cip", "", &[])
+            ),
+            (
+                fe("10.0.0.3", 80, Proto::Tcp),
+                desired("default", "np", "", ServiceType::NodePort, &[])
+            ),
+            (
+                fe("10.0.0.4", 80, Proto::Tcp),
+                desired("default", "lb", "", ServiceType::LoadBalancer, &[])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn unknown_type_is_reported_and_treated_as_cluster_ip() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        tcp(80),
+        json!({"spec": {"type": "Weird"}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "spec.type",
+            "unknown type \"Weird\"; treated as ClusterIP"
+        )]
+    );
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn slice_without_service_name_label_is_reported_and_ignored() {
+    let s = svc("default", "web", "10.0.0.1", tcp(80));
+    let sl = to_slice(json!({
+        "metadata": {"namespace": "default", "name": "orphan",
+                     "annotations": {SOURCE_ANNOTATION: "dir/eps.yaml#1"}},
+        "addressType": "IPv4",
+        "ports": sport(8080),
+        "endpoints": [ep("10.1.0.1")],
+    }));
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(
+        diags,
+        vec![Diagnostic {
+            source: "dir/eps.yaml#1".into(),
+            object: "EndpointSlice default/orphan".into(),
+            field: "metadata.labels".into(),
+            message: "missing label kubernetes.io/service-name; the slice is ignored".into(),
+        }]
+    );
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn slice_for_unknown_service_is_silently_ignored() {
+    let sl = slice(
+        "default",
+        "gone-a",
+        "gone",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    assert_eq!(run(&[], &[sl]), (DesiredState::new(), vec![]));
+}
+
+// ---------- address families ----------
+
+#[test]
+fn ipv6_cluster_ip_is_reported_once() {
+    let s = svc_with(
+        "default",
+        "v6",
+        "fd00::1",
+        tcp(80),
+        json!({"spec": {"clusterIPs": ["fd00::1", "fd00::2"]}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(st, DesiredState::new());
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/v6",
+            "spec.clusterIPs[0]",
+            "IPv6 ClusterIP fd00::1 skipped: the IPv6 datapath is not implemented yet"
+        )]
+    );
+}
+
+#[test]
+fn ipv6_cluster_ip_from_cluster_ip_field() {
+    let s = svc("default", "v6", "fd00::1", tcp(80));
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(st, DesiredState::new());
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/v6",
+            "spec.clusterIP",
+            "IPv6 ClusterIP fd00::1 skipped: the IPv6 datapath is not implemented yet"
+        )]
+    );
+}
+
+#[test]
+fn dual_stack_serves_the_ipv4_cluster_ip_and_ipv4_slices() {
+    let s = svc_with(
+        "default",
+        "ds",
+        "fd00::10",
+        tcp(80),
+        json!({"spec": {"clusterIPs": ["fd00::10", "10.0.0.10"], "ipFamilies": ["IPv6", "IPv4"]}}),
+    );
+    let v4 = slice(
+        "default",
+        "ds-v4",
+        "ds",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    let v6 = slice_with(
+        "default",
+        "ds-v6",
+        "ds",
+        sport(8080),
+        json!([ep("fd01::1")]),
+        json!({"addressType": "IPv6"}),
+    );
+    let fqdn = slice_with(
+        "default",
+        "ds-fqdn",
+        "ds",
+        sport(8080),
+        json!([ep("example.com")]),
+        json!({"addressType": "FQDN"}),
+    );
+    let (st, diags) = run(&[s], &[v6, fqdn, v4]);
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/ds",
+            "spec.clusterIPs[0]",
+            "IPv6 ClusterIP fd00::10 skipped: the IPv6 datapath is not implemented yet"
+        )]
+    );
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.10", 80, Proto::Tcp),
+            cip("default", "ds", "", &["10.1.0.1:8080"]),
+        )])
+    );
+}
+
+#[test]
+fn cluster_ips_take_precedence_over_cluster_ip() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.99",
+        tcp(80),
+        json!({"spec": {"clusterIPs": ["10.0.0.1"]}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn cluster_ips_without_cluster_ip_are_served() {
+    let s = to_svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"clusterIPs": ["10.0.0.1"], "ports": tcp(80)},
+    }));
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(st.len(), 1);
+}
+
+// ---------- internalTrafficPolicy ----------
+
+fn local_eps() -> Value {
+    json!([
+        ep_node("10.1.0.1", "node-a"),
+        ep_node("10.1.0.2", "node-b"),
+        ep_cond("10.1.0.3", Some(false), Some(true), Some(true)),
+    ])
+}
+
+#[test]
+fn itp_local_keeps_only_ready_local_endpoints() {
+    let local = json!({"spec": {"internalTrafficPolicy": "Local"}});
+    assert_eq!(
+        web_backends_patched(local.clone(), local_eps(), &opts(Some("node-a"), None)),
+        addrs(&["10.1.0.1:8080"])
+    );
+    // No endpoint on this node: empty.
+    assert_eq!(
+        web_backends_patched(local.clone(), local_eps(), &opts(Some("node-c"), None)),
+        addrs(&[])
+    );
+    // Node unknown: nothing is local.
+    assert_eq!(
+        web_backends_patched(local, local_eps(), &opts(None, None)),
+        addrs(&[])
+    );
+}
+
+#[test]
+fn itp_cluster_explicit_uses_all_ready() {
+    assert_eq!(
+        web_backends_patched(
+            json!({"spec": {"internalTrafficPolicy": "Cluster"}}),
+            local_eps(),
+            &opts(Some("node-a"), None)
+        ),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn itp_local_falls_back_to_local_serving_terminating() {
+    let local = json!({"spec": {"internalTrafficPolicy": "Local"}});
+    let eps = json!([
+        // Ready but remote.
+        ep_node("10.1.0.1", "node-b"),
+        // Local, serving and terminating.
+        {"addresses": ["10.1.0.2"], "nodeName": "node-a",
+         "conditions": {"ready": false, "serving": true, "terminating": true}},
+        // Local, terminating but not serving.
+        {"addresses": ["10.1.0.3"], "nodeName": "node-a",
+         "conditions": {"ready": false, "serving": false, "terminating": true}},
+        // Remote serving+terminating: not local, never used.
+        {"addresses": ["10.1.0.4"], "nodeName": "node-b",
+         "conditions": {"ready": false, "serving": true, "terminating": true}},
+    ]);
+    assert_eq!(
+        web_backends_patched(local, eps, &opts(Some("node-a"), None)),
+        addrs(&["10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn itp_local_ignores_topology_hints() {
+    let local = json!({"spec": {"internalTrafficPolicy": "Local"}});
+    let eps = json!([
+        {"addresses": ["10.1.0.1"], "nodeName": "node-a", "hints": {"forZones": [{"name": "z2"}]}},
+        {"addresses": ["10.1.0.2"], "nodeName": "node-a", "hints": {"forZones": [{"name": "z1"}]}},
+    ]);
+    assert_eq!(
+        web_backends_patched(local, eps, &opts(Some("node-a"), Some("z1"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn unknown_itp_is_reported_and_treated_as_cluster() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        tcp(80),
+        json!({"spec": {"internalTrafficPolicy": "local"}}),
+    );
+    let sl = slice("default", "web-a", "web", sport(8080), local_eps());
+    let (st, diags) = translate(&[s], &[sl], &opts(Some("node-a"), None));
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "spec.internalTrafficPolicy",
+            "unknown policy \"local\"; using Cluster"
+        )]
+    );
+    assert_eq!(
+        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+}
+
+// ---------- topology ----------
+
+#[test]
+fn zone_hints_filter_when_all_ready_have_hints() {
+    let eps = json!([
+        ep_zones("10.1.0.1", &["z1"]),
+        ep_zones("10.1.0.2", &["z2"]),
+        ep_zones("10.1.0.3", &["z2", "z1"]),
+        // Not ready: does not count for all-or-nothing, and is never used.
+        ep_cond("10.1.0.4", Some(false), None, None),
+    ]);
+    assert_eq!(
+        web_backends(eps.clone(), &opts(None, Some("z1"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.3:8080"])
+    );
+    // No zone configured: no filtering.
+    assert_eq!(
+        web_backends(eps.clone(), &opts(Some("n"), None)),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"])
+    );
+    // Hints name no endpoint for our zone: no filtering.
+    assert_eq!(
+        web_backends(eps, &opts(None, Some("z9"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"])
+    );
+}
+
+#[test]
+fn zone_hints_are_all_or_nothing() {
+    let eps = json!([
+        ep_zones("10.1.0.1", &["z1"]),
+        ep_zones("10.1.0.2", &["z2"]),
+        ep("10.1.0.3"),
+    ]);
+    assert_eq!(
+        web_backends(eps, &opts(None, Some("z1"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"])
+    );
+    // An empty forZones list counts as no hints.
+    let eps = json!([
+        ep_zones("10.1.0.1", &["z1"]),
+        {"addresses": ["10.1.0.2"], "hints": {"forZones": []}},
+    ]);
+    assert_eq!(
+        web_backends(eps, &opts(None, Some("z1"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+}
+
+#[test]
+fn zone_filter_empty_of_ready_falls_back_to_terminating() {
+    // Only terminating endpoints: topology does not apply (no ready ones).
+    let eps = json!([
+        {"addresses": ["10.1.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true},
+         "hints": {"forZones": [{"name": "z2"}]}},
+    ]);
+    assert_eq!(
+        web_backends(eps, &opts(None, Some("z1"))),
+        addrs(&["10.1.0.1:8080"])
+    );
+}
+
+#[test]
+fn node_hints_filter_when_all_ready_have_them() {
+    let eps = json!([
+        ep_nodes("10.1.0.1", &["node-a"], &["z1"]),
+        ep_nodes("10.1.0.2", &["node-b"], &["z1"]),
+        ep_nodes("10.1.0.3", &["node-c"], &["z2"]),
+    ]);
+    // Node hints win over zone hints.
+    assert_eq!(
+        web_backends(eps.clone(), &opts(Some("node-a"), Some("z1"))),
+        addrs(&["10.1.0.1:8080"])
+    );
+    // No endpoint for our node: fall through to zone hints.
+    assert_eq!(
+        web_backends(eps.clone(), &opts(Some("node-x"), Some("z1"))),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+    // ...and with no zone either, no filtering.
+    assert_eq!(
+        web_backends(eps, &opts(Some("node-x"), None)),
+        addrs(&["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"])
+    );
+}
+
+#[test]
+fn node_hints_are_all_or_nothing() {
+    let eps = json!([
+        ep_nodes("10.1.0.1", &["node-a"], &["z1"]),
+        ep_zones("10.1.0.2", &["z2"]),
+    ]);
+    // One ready endpoint lacks node hints: zone hints decide instead.
+    assert_eq!(
+        web_backends(eps, &opts(Some("node-a"), Some("z2"))),
+        addrs(&["10.1.0.2:8080"])
+    );
+}
+
+// ---------- conflicts and diagnostics ----------
+
+#[test]
+fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
+    let a = svc(
+        "default",
+        "alpha",
+        "10.0.0.1",
+        json!([{"port": 80}, {"port": 81}]),
+    );
+    let b = svc_with(
+        "default",
+        "beta",
+        "10.0.0.1",
+        json!([{"port": 80}, {"port": 82}]),
+        json!({"metadata": {"annotations": {SOURCE_ANNOTATION: "b.yaml#0"}}}),
+    );
+    let expected_state = state(vec![
+        (
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "alpha", "", &[]),
+        ),
+        (
+            fe("10.0.0.1", 81, Proto::Tcp),
+            cip("default", "alpha", "", &[]),
+        ),
+        (
+            fe("10.0.0.1", 82, Proto::Tcp),
+            cip("default", "beta", "", &[]),
+        ),
+    ]);
+    let expected_diags = vec![Diagnostic {
+        source: "b.yaml#0".into(),
+        object: "Service default/beta".into(),
+        field: "spec.ports[0]".into(),
+        message: "frontend 10.0.0.1:80/TCP is already served by Service default/alpha; skipped"
+            .into(),
+    }];
+    assert_eq!(
+        run(&[b.clone(), a.clone()], &[]),
+        (expected_state.clone(), expected_diags.clone())
+    );
+    assert_eq!(run(&[a, b], &[]), (expected_state, expected_diags));
+}
+
+#[test]
+fn duplicate_service_object_uses_the_first() {
+    let a = svc("default", "web", "10.0.0.1", tcp(80));
+    let b = svc("default", "web", "10.0.0.2", tcp(80));
+    let (st, diags) = run(&[a, b], &[]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "",
+            "duplicate object with the same namespace and name; only the first is used"
+        )]
+    );
+}
+
+#[test]
+fn bad_ports_and_protocols_are_reported_and_others_kept() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([
+            {"name": "ok", "port": 80},
+            {"name": "sctp", "port": 81, "protocol": "SCTP"},
+            {"name": "zero", "port": 0},
+            {"name": "big", "port": 70000},
+            {"name": "dup", "port": 80, "protocol": "TCP"},
+            {"name": "lower", "port": 83, "protocol": "tcp"},
+            {"name": "both", "port": -1, "protocol": "ICMP"},
+            {"name": "udp", "port": 80, "protocol": "UDP"},
+        ]),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"name": "ok", "port": 8080}, {"name": "udp", "port": 8081, "protocol": "UDP"}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    let o = "Service default/web";
+    assert_eq!(
+        diags,
+        vec![
+            d(
+                o,
+                "spec.ports[1].protocol",
+                "protocol SCTP is not supported (only TCP and UDP); port skipped"
+            ),
+            d(
+                o,
+                "spec.ports[2].port",
+                "port 0 is outside 1-65535; skipped"
+            ),
+            d(
+                o,
+                "spec.ports[3].port",
+                "port 70000 is outside 1-65535; skipped"
+            ),
+            d(
+                o,
+                "spec.ports[4]",
+                "80/TCP is already defined by spec.ports[0]; skipped"
+            ),
+            d(
+                o,
+                "spec.ports[5].protocol",
+                "protocol tcp is not supported (only TCP and UDP); port skipped"
+            ),
+            d(
+                o,
+                "spec.ports[6].protocol",
+                "protocol ICMP is not supported (only TCP and UDP); port skipped"
+            ),
+            d(
+                o,
+                "spec.ports[6].port",
+                "port -1 is outside 1-65535; skipped"
+            ),
+        ]
+    );
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "web", "ok", &["10.1.0.1:8080"])
+            ),
+            (
+                fe("10.0.0.1", 80, Proto::Udp),
+                cip("default", "web", "udp", &["10.1.0.1:8081"])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn bad_cluster_ips_are_reported_and_others_kept() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        tcp(80),
+        json!({"spec": {"clusterIPs": ["10.0.0.1", "bogus", "10.0.0.1", "010.0.0.2"]}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    let o = "Service default/web";
+    assert_eq!(
+        diags,
+        vec![
+            d(
+                o,
+                "spec.clusterIPs[1]",
+                "\"bogus\" is not an IP address; skipped"
+            ),
+            d(
+                o,
+                "spec.clusterIPs[2]",
+                "duplicate ClusterIP 10.0.0.1; skipped"
+            ),
+            d(
+                o,
+                "spec.clusterIPs[3]",
+                "\"010.0.0.2\" is not an IP address; skipped"
+            ),
+        ]
+    );
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &[])
+        )])
+    );
+}
+
+#[test]
+fn unparsable_cluster_ip_field_gives_no_frontend() {
+    let s = svc("default", "web", "10.0.0.300", tcp(80));
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(st, DesiredState::new());
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "spec.clusterIP",
+            "\"10.0.0.300\" is not an IP address; skipped"
+        )]
+    );
+}
+
+#[test]
+fn bad_endpoint_addresses_are_reported_and_others_kept() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "a", "port": 80}, {"name": "b", "port": 81}]),
+    );
+    let sl = slice_with(
+        "default",
+        "web-a",
+        "web",
+        json!([{"name": "a", "port": 8080}, {"name": "b", "port": 8081}]),
+        json!([ep("nope"), ep("fd00::1"), {"addresses": []}, ep("10.1.0.1")]),
+        json!({"metadata": {"annotations": {SOURCE_ANNOTATION: "eps.yaml#3"}}}),
+    );
+    let (st, diags) = run(&[s], &[sl]);
+    let diag = |field: &str, message: &str| Diagnostic {
+        source: "eps.yaml#3".into(),
+        object: "EndpointSlice default/web-a".into(),
+        field: field.into(),
+        message: message.into(),
+    };
+    // Reported once per slice, not once per service port.
+    assert_eq!(
+        diags,
+        vec![
+            diag(
+                "endpoints[0].addresses[0]",
+                "\"nope\" is not an IPv4 address; endpoint skipped"
+            ),
+            diag(
+                "endpoints[1].addresses[0]",
+                "\"fd00::1\" is not an IPv4 address; endpoint skipped"
+            ),
+            diag("endpoints[2].addresses", "no address; endpoint skipped"),
+        ]
+    );
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cip("default", "web", "a", &["10.1.0.1:8080"])
+            ),
+            (
+                fe("10.0.0.1", 81, Proto::Tcp),
+                cip("default", "web", "b", &["10.1.0.1:8081"])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn diagnostic_source_comes_from_annotation() {
+    let s = svc_with(
+        "prod",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "protocol": "SCTP"}]),
+        json!({"metadata": {"annotations": {SOURCE_ANNOTATION: "manifests/web.yaml#2"}}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(st, DesiredState::new());
+    assert_eq!(
+        diags,
+        vec![Diagnostic {
+            source: "manifests/web.yaml#2".into(),
+            object: "Service prod/web".into(),
+            field: "spec.ports[0].protocol".into(),
+            message: "protocol SCTP is not supported (only TCP and UDP); port skipped".into(),
+        }]
+    );
+    assert_eq!(
+        diags[0].to_string(),
+        "manifests/web.yaml#2: Service prod/web: spec.ports[0].protocol: protocol SCTP is not supported (only TCP and UDP); port skipped"
+    );
+}
+
+#[test]
+fn diagnostics_for_skipped_services_slices_are_not_reported() {
+    // A headless service's slice may hold anything; it is never parsed.
+    let s = svc("default", "h", "None", tcp(80));
+    let sl = slice("default", "h-a", "h", sport(8080), json!([ep("not-an-ip")]));
+    assert_eq!(run(&[s], &[sl]), (DesiredState::new(), vec![]));
+}
+
+#[test]
+fn missing_namespace_means_default() {
+    let s = to_svc(
+        json!({"metadata": {"name": "web"}, "spec": {"clusterIP": "10.0.0.1", "ports": tcp(80)}}),
+    );
+    let sl = to_slice(json!({
+        "metadata": {"name": "web-a", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": sport(8080), "endpoints": [ep("10.1.0.1")],
+    }));
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "", &["10.1.0.1:8080"])
+        )])
+    );
+}
+
+#[test]
+fn service_without_name_is_reported() {
+    let s = to_svc(
+        json!({"metadata": {"namespace": "default"}, "spec": {"clusterIP": "10.0.0.1", "ports": tcp(80)}}),
+    );
+    let (st, diags) = run(&[s], &[]);
+    assert_eq!(st, DesiredState::new());
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/",
+            "metadata.name",
+            "missing name; the service is ignored"
+        )]
+    );
+}
+
+#[test]
+fn degenerate_objects_do_not_panic() {
+    let services = [
+        Service::default(),
+        to_svc(json!({"metadata": {"name": "x"}, "spec": {}})),
+        to_svc(json!({"metadata": {"name": "y"}, "spec": {"clusterIPs": [], "ports": []}})),
+        to_svc(
+            json!({"metadata": {"name": "z"}, "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": i32::MAX}, {"port": i32::MIN}]}}),
+        ),
+    ];
+    let slices = [
+        EndpointSlice::default(),
+        to_slice(
+            json!({"metadata": {"labels": {"kubernetes.io/service-name": "z"}}, "addressType": "IPv4",
+                        "ports": [{"port": -5}, {"port": i32::MAX}], "endpoints": [{"addresses": []}]}),
+        ),
+    ];
+    let (st, diags) = run(&services, &slices);
+    assert_eq!(st, DesiredState::new());
+    assert!(!diags.is_empty());
+}
+
+// ---------- determinism, incremental core, scale ----------
+
+#[test]
+fn result_does_not_depend_on_input_order() {
+    let services = vec![
+        svc("b", "web", "10.0.0.2", tcp(80)),
+        svc(
+            "a",
+            "web",
+            "10.0.0.1",
+            json!([{"name": "x", "port": 80}, {"name": "y", "port": 81}]),
+        ),
+        svc("a", "clash", "10.0.0.1", json!([{"name": "x", "port": 80}])),
+    ];
+    let slices = vec![
+        slice(
+            "a",
+            "web-2",
+            "web",
+            json!([{"name": "x", "port": 1}, {"name": "y", "port": 2}]),
+            json!([ep("10.1.0.2"), ep("bad")]),
+        ),
+        slice(
+            "a",
+            "web-1",
+            "web",
+            json!([{"name": "x", "port": 1}]),
+            json!([ep("10.1.0.1")]),
+        ),
+        slice("b", "web-1", "web", sport(8080), json!([ep("10.2.0.1")])),
+        to_slice(
+            json!({"metadata": {"namespace": "a", "name": "nolabel-1"}, "addressType": "IPv4", "endpoints": []}),
+        ),
+        to_slice(
+            json!({"metadata": {"namespace": "a", "name": "nolabel-0"}, "addressType": "IPv4", "endpoints": []}),
+        ),
+    ];
+    let forward = run(&services, &slices);
+    let mut rs = services.clone();
+    rs.reverse();
+    let mut rsl = slices.clone();
+    rsl.reverse();
+    assert_eq!(run(&rs, &rsl), forward);
+    // "a/clash" sorts before "a/web" and so wins 10.0.0.1:80.
+    assert_eq!(
+        forward.0[&fe("10.0.0.1", 80, Proto::Tcp)],
+        cip("a", "clash", "x", &[])
+    );
+    assert_eq!(forward.1.len(), 4);
+}
+
+#[test]
+fn translate_service_matches_translate_and_ignores_foreign_slices() {
+    let s = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"name": "http", "port": 80}]),
+    );
+    let own = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.1.0.1")]),
+    );
+    let foreign_ns = slice(
+        "other",
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.9.0.1")]),
+    );
+    let foreign_svc = slice(
+        "default",
+        "api-a",
+        "api",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.9.0.2")]),
+    );
+    let mut diags = Vec::new();
+    let got = translate_service(
+        &s,
+        &[&foreign_ns, &own, &foreign_svc],
+        &TranslateOptions::default(),
+        &mut diags,
+    );
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        got,
+        vec![(
+            fe("10.0.0.1", 80, Proto::Tcp),
+            cip("default", "web", "http", &["10.1.0.1:8080"]),
+        )]
+    );
+    let (st, _) = run(&[s], &[own, foreign_ns, foreign_svc]);
+    assert_eq!(st, got.into_iter().collect::<DesiredState>());
+}
+
+#[test]
+fn thousand_services_with_ten_endpoints_each() {
+    const N: u32 = 1000;
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..N {
+        let name = format!("svc-{i}");
+        let cluster_ip = Ipv4Addr::from(0x0a60_0000 + i).to_string();
+        services.push(svc(
+            "default",
+            &name,
+            &cluster_ip,
+            json!([{"name": "http", "port": 80}]),
+        ));
+        let eps: Vec<Value> = (0..10u32)
+            .map(|j| ep(&Ipv4Addr::from(0x0a01_0000 + i * 16 + j).to_string()))
+            .collect();
+        slices.push(slice(
+            "default",
+            &format!("{name}-abcde"),
+            &name,
+            json!([{"name": "http", "port": 8080}]),
+            Value::Array(eps),
+        ));
+    }
+    let (st, diags) = run(&services, &slices);
+    assert_eq!(diags, vec![]);
+    assert_eq!(st.len(), N as usize);
+    assert!(st.values().all(|d| d.backends.len() == 10));
+}

@@ -1,0 +1,484 @@
+//! What a cluster's controllers would write: EndpointSlices for selector
+//! Services (from Pods) and mirrored ones for selectorless Services (from
+//! Endpoints). Modelled on kube-controller-manager's `endpointslice` and
+//! `endpointslicemirroring` controllers.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Container, EndpointAddress, Endpoints, ObjectReference, Pod, Service, ServicePort,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use super::{Sourced, diag, fnv1a, name_of, namespace_of, set_source};
+use crate::model::Diagnostic;
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+const MANAGED_BY: &str = "lb-agent";
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+
+/// Slices for `services` from `pods` and `endpoints`. `given` reserves the
+/// names of hand-written slices so derived ones never shadow them.
+pub(super) fn derive_slices(
+    services: &[Sourced<Service>],
+    pods: &[Sourced<Pod>],
+    endpoints: &[Sourced<Endpoints>],
+    given: &[EndpointSlice],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<EndpointSlice> {
+    let mut names = SliceNames(
+        given
+            .iter()
+            .map(|s| {
+                (
+                    namespace_of(&s.metadata).to_owned(),
+                    name_of(&s.metadata).to_owned(),
+                )
+            })
+            .collect(),
+    );
+    let index = PodIndex::new(pods, diags);
+    let mut out = Vec::new();
+    for svc in services {
+        if let Some(selector) = selector_of(&svc.obj) {
+            from_pods(svc, selector, &index, &mut names, &mut out);
+        }
+    }
+
+    let by_key: HashMap<(&str, &str), &Service> = services
+        .iter()
+        .map(|s| {
+            (
+                (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)),
+                &s.obj,
+            )
+        })
+        .collect();
+    for ep in endpoints {
+        let (ns, name) = (namespace_of(&ep.obj.metadata), name_of(&ep.obj.metadata));
+        let Some(svc) = by_key.get(&(ns, name)) else {
+            diags.push(diag(
+                ep.source.clone(),
+                format!("Endpoints {ns}/{name}"),
+                "",
+                format!("no Service {ns}/{name}; Endpoints are only used for a selectorless Service of the same name; ignored"),
+            ));
+            continue;
+        };
+        // The Service's own controller owns these Endpoints; a cluster does not mirror them.
+        let skip = ep
+            .obj
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SKIP_MIRROR_LABEL))
+            .is_some_and(|v| v == "true");
+        if selector_of(svc).is_none() && !skip {
+            mirror(ep, svc, &mut names, diags, &mut out);
+        }
+    }
+    out
+}
+
+/// A non-empty selector on a Service the endpoint controller serves. An empty
+/// map is no selector: the API server stores it as absent.
+fn selector_of(svc: &Service) -> Option<&BTreeMap<String, String>> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    spec.selector.as_ref().filter(|s| !s.is_empty())
+}
+
+/// A Pod that can be an endpoint, with what the controller derives from it.
+struct PodInfo<'a> {
+    pod: &'a Pod,
+    ip: Ipv4Addr,
+    ready: bool,
+    terminating: bool,
+}
+
+/// Pods per namespace and per label pair, so matching a selector costs the
+/// smallest matching label set rather than every Pod.
+struct PodIndex<'a> {
+    namespaces: HashMap<&'a str, NamespacePods<'a>>,
+}
+
+#[derive(Default)]
+struct NamespacePods<'a> {
+    /// Sorted by name, so endpoints come out in a stable order.
+    pods: Vec<PodInfo<'a>>,
+    /// (key, value) → indices into `pods`, ascending.
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> PodIndex<'a> {
+    fn new(pods: &'a [Sourced<Pod>], diags: &mut Vec<Diagnostic>) -> Self {
+        let mut usable: Vec<(&'a str, &'a str, PodInfo<'a>)> = pods
+            .iter()
+            .filter_map(|p| pod_info(p, diags))
+            .map(|info| {
+                let m = &info.pod.metadata;
+                (namespace_of(m), name_of(m), info)
+            })
+            .collect();
+        usable.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut namespaces: HashMap<&'a str, NamespacePods<'a>> = HashMap::new();
+        for (ns, _, info) in usable {
+            let entry = namespaces.entry(ns).or_default();
+            let idx = entry.pods.len();
+            for (k, v) in info.pod.metadata.labels.iter().flatten() {
+                entry
+                    .by_label
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(idx);
+            }
+            entry.pods.push(info);
+        }
+        Self { namespaces }
+    }
+
+    fn select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&PodInfo<'a>> {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        let mut smallest: Option<&Vec<usize>> = None;
+        for (k, v) in selector {
+            let Some(list) = ns.by_label.get(&(k.as_str(), v.as_str())) else {
+                return Vec::new();
+            };
+            if smallest.is_none_or(|s| list.len() < s.len()) {
+                smallest = Some(list);
+            }
+        }
+        let Some(candidates) = smallest else {
+            return Vec::new();
+        };
+        candidates
+            .iter()
+            .filter_map(|&i| ns.pods.get(i))
+            .filter(|p| {
+                let labels = p.pod.metadata.labels.as_ref();
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+            .collect()
+    }
+}
+
+/// `None` for Pods that are never endpoints: finished, or without an IPv4 address.
+fn pod_info<'a>(p: &'a Sourced<Pod>, diags: &mut Vec<Diagnostic>) -> Option<PodInfo<'a>> {
+    let pod = &p.obj;
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let candidates = status
+        .pod_ip
+        .iter()
+        .map(|ip| ("status.podIP".to_owned(), ip))
+        .chain(
+            status
+                .pod_ips
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip)),
+        );
+    let mut ip = None;
+    for (field, text) in candidates {
+        if text.is_empty() {
+            continue;
+        }
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => {
+                ip = ip.or(Some(v4));
+            }
+            // Another family's slice; this agent serves IPv4 only.
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => {
+                diags.push(diag(
+                    p.source.clone(),
+                    format!(
+                        "Pod {}/{}",
+                        namespace_of(&pod.metadata),
+                        name_of(&pod.metadata)
+                    ),
+                    field,
+                    format!("{text:?} is not an IP address; the pod is not an endpoint"),
+                ));
+                return None;
+            }
+        }
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Some(PodInfo {
+        pod,
+        ip: ip?,
+        ready,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+    })
+}
+
+/// A resolved endpoint port; ordered so groups come out deterministically.
+type PortKey = (String, i32, String, Option<String>);
+
+/// The endpointslice controller: one slice per distinct resolved port list.
+fn from_pods(
+    svc: &Sourced<Service>,
+    selector: &BTreeMap<String, String>,
+    index: &PodIndex<'_>,
+    names: &mut SliceNames,
+    out: &mut Vec<EndpointSlice>,
+) {
+    let meta = &svc.obj.metadata;
+    let (ns, name) = (namespace_of(meta), name_of(meta));
+    let Some(spec) = svc.obj.spec.as_ref() else {
+        return;
+    };
+    let publish = spec.publish_not_ready_addresses.unwrap_or(false);
+    let svc_ports = spec.ports.as_deref().unwrap_or_default();
+    let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
+    for info in index.select(ns, selector) {
+        let pod = info.pod;
+        let ports: Vec<PortKey> = svc_ports
+            .iter()
+            .filter_map(|sp| {
+                let port = find_port(pod, sp)?;
+                Some((
+                    sp.name.clone().unwrap_or_default(),
+                    port,
+                    protocol(sp.protocol.as_deref()),
+                    sp.app_protocol.clone(),
+                ))
+            })
+            .collect();
+        let pod_spec = pod.spec.as_ref();
+        let hostname = pod_spec
+            .and_then(|s| s.hostname.as_ref())
+            .filter(|h| !h.is_empty())
+            .filter(|_| pod_spec.and_then(|s| s.subdomain.as_deref()) == Some(name));
+        // kube-controller-manager's podToEndpoint.
+        let ready = publish || (info.ready && !info.terminating);
+        groups.entry(ports).or_default().push(Endpoint {
+            addresses: vec![info.ip.to_string()],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(info.ready),
+                terminating: Some(info.terminating),
+            }),
+            node_name: pod_spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            hostname: hostname.cloned(),
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".to_owned()),
+                namespace: Some(ns.to_owned()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    for (ports, endpoints) in groups {
+        let slice_name = names.unique(ns, name, &ports);
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(slice_name),
+                namespace: Some(ns.to_owned()),
+                labels: Some(slice_labels(&svc.obj, meta.labels.as_ref())),
+                ..Default::default()
+            },
+            address_type: "IPv4".to_owned(),
+            endpoints,
+            ports: Some(ports.into_iter().map(endpoint_port).collect()),
+        };
+        set_source(&mut slice.metadata, svc.source.clone());
+        out.push(slice);
+    }
+}
+
+/// podutil.FindPort: a number is used as is; a name is looked up among the
+/// Pod's containers (and sidecars) with the same protocol. `None`: the Pod
+/// does not serve this port.
+fn find_port(pod: &Pod, sp: &ServicePort) -> Option<i32> {
+    match &sp.target_port {
+        // API server defaulting: no (or a zero) targetPort means `port`.
+        None => Some(sp.port),
+        Some(IntOrString::Int(0)) => Some(sp.port),
+        Some(IntOrString::String(s)) if s.is_empty() => Some(sp.port),
+        Some(IntOrString::Int(n)) => Some(*n),
+        Some(IntOrString::String(wanted)) => {
+            let proto = protocol(sp.protocol.as_deref());
+            let spec = pod.spec.as_ref()?;
+            let sidecars = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+            spec.containers
+                .iter()
+                .chain(sidecars)
+                .flat_map(|c: &Container| c.ports.iter().flatten())
+                .find(|p| {
+                    p.name.as_deref() == Some(wanted.as_str())
+                        && protocol(p.protocol.as_deref()) == proto
+                })
+                .map(|p| p.container_port)
+        }
+    }
+}
+
+fn protocol(p: Option<&str>) -> String {
+    p.filter(|p| !p.is_empty()).unwrap_or("TCP").to_owned()
+}
+
+fn endpoint_port((name, port, protocol, app_protocol): PortKey) -> EndpointPort {
+    EndpointPort {
+        name: Some(name),
+        port: Some(port),
+        protocol: Some(protocol),
+        app_protocol,
+    }
+}
+
+/// The controllers' labels: the owner's labels (minus reserved ones), the
+/// service name, the manager, and the headless marker for headless services.
+fn slice_labels(
+    svc: &Service,
+    owner_labels: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = owner_labels
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != SERVICE_NAME_LABEL && k.as_str() != MANAGED_BY_LABEL)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let headless = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    if headless {
+        labels.insert(HEADLESS_LABEL.to_owned(), String::new());
+    } else {
+        labels.remove(HEADLESS_LABEL);
+    }
+    labels.insert(
+        SERVICE_NAME_LABEL.to_owned(),
+        name_of(&svc.metadata).to_owned(),
+    );
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    labels
+}
+
+/// The mirroring controller: one slice per subset. Addresses are ready,
+/// notReadyAddresses are not; serving and terminating stay unset, as there.
+fn mirror(
+    ep: &Sourced<Endpoints>,
+    svc: &Service,
+    names: &mut SliceNames,
+    diags: &mut Vec<Diagnostic>,
+    out: &mut Vec<EndpointSlice>,
+) {
+    let meta = &ep.obj.metadata;
+    let (ns, name) = (namespace_of(meta), name_of(meta));
+    for (i, subset) in ep.obj.subsets.iter().flatten().enumerate() {
+        let mut endpoints = Vec::new();
+        let lists = [
+            ("addresses", subset.addresses.as_deref(), true),
+            (
+                "notReadyAddresses",
+                subset.not_ready_addresses.as_deref(),
+                false,
+            ),
+        ];
+        for (list, addrs, ready) in lists {
+            for (j, addr) in addrs.unwrap_or_default().iter().enumerate() {
+                match addr.ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(ip)) => endpoints.push(mirrored_endpoint(addr, ip, ready)),
+                    Ok(IpAddr::V6(_)) => {}
+                    Err(_) => diags.push(diag(
+                        ep.source.clone(),
+                        format!("Endpoints {ns}/{name}"),
+                        format!("subsets[{i}].{list}[{j}].ip"),
+                        format!("{:?} is not an IP address; the address is ignored", addr.ip),
+                    )),
+                }
+            }
+        }
+        if endpoints.is_empty() {
+            continue;
+        }
+        let ports: Vec<PortKey> = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p.name.clone().unwrap_or_default(),
+                    p.port,
+                    protocol(p.protocol.as_deref()),
+                    p.app_protocol.clone(),
+                )
+            })
+            .collect();
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(names.unique(ns, name, &ports)),
+                namespace: Some(ns.to_owned()),
+                labels: Some(slice_labels(svc, meta.labels.as_ref())),
+                ..Default::default()
+            },
+            address_type: "IPv4".to_owned(),
+            endpoints,
+            ports: Some(ports.into_iter().map(endpoint_port).collect()),
+        };
+        set_source(&mut slice.metadata, ep.source.clone());
+        out.push(slice);
+    }
+}
+
+fn mirrored_endpoint(addr: &EndpointAddress, ip: Ipv4Addr, ready: bool) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            ..Default::default()
+        }),
+        hostname: addr.hostname.clone(),
+        node_name: addr.node_name.clone(),
+        target_ref: addr.target_ref.clone(),
+        ..Default::default()
+    }
+}
+
+/// Slice names in use per namespace. Derived names hash the port list, so a
+/// slice keeps its name across reloads while its ports stay the same.
+struct SliceNames(HashSet<(String, String)>);
+
+impl SliceNames {
+    fn unique(&mut self, ns: &str, service: &str, ports: &[PortKey]) -> String {
+        let hash = fnv1a(format!("{ports:?}").as_bytes()) & 0xff_ffff_ffff;
+        let base = format!("{service}-{hash:010x}");
+        let mut candidate = base.clone();
+        let mut n = 2;
+        while !self.0.insert((ns.to_owned(), candidate.clone())) {
+            candidate = format!("{base}-{n}");
+            n += 1;
+        }
+        candidate
+    }
+}

@@ -1,0 +1,310 @@
+//! End-to-end: the real lb-agent binary loads the real connect4 program into
+//! a child cgroup; a client in that cgroup connects from its own network
+//! namespace to HTTP servers in pod namespaces. Privileged: run by
+//! `cargo xtask test` with `--test-threads=1`.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Bins, Lab, back_end_manifest, endpoints, service_ip, wait_client};
+
+const SYNC: Duration = Duration::from_secs(10);
+const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
+
+fn bins() -> Bins {
+    // The agent is built by xtask into the same profile directory as this
+    // test's binary (target/<profile>/deps/..).
+    let profile_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
+        .expect("test executable path");
+    Bins {
+        agent: std::env::var_os("LB_AGENT_BIN")
+            .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
+        server: env!("CARGO_BIN_EXE_lb-testserver").into(),
+        client: env!("CARGO_BIN_EXE_lb-testclient").into(),
+    }
+}
+
+fn pod_ip(octet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, octet)
+}
+
+/// All three textbook pods, each ready or not.
+fn back_end(ready: [bool; 3]) -> String {
+    let pods: Vec<(&str, Ipv4Addr, bool)> = PODS
+        .iter()
+        .zip(ready)
+        .map(|((name, octet), r)| (*name, pod_ip(*octet), r))
+        .collect();
+    back_end_manifest(&pods)
+}
+
+/// A lab running the agent on the textbook example; returns it and the
+/// allocated ClusterIP once all `ready` pods are programmed.
+fn lab_with_back_end(ready: [bool; 3]) -> (Lab, Ipv4Addr) {
+    let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
+    lab.write_manifest("back-end.yaml", &back_end(ready))
+        .expect("manifest");
+    lab.agent.start().expect("agent start");
+    let want = ready.iter().filter(|r| **r).count();
+    let doc = lab
+        .agent
+        .wait_for("back-end programmed", SYNC, |d| {
+            service_ip(d, "default", "back-end").is_some()
+                && endpoints(d, "default", "back-end", 80).len() == want
+        })
+        .expect("sync");
+    let ip = service_ip(&doc, "default", "back-end").expect("cluster ip");
+    (lab, ip)
+}
+
+/// Pearson's chi-square statistic of `counts` against a uniform spread.
+fn chi_square(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    let expected = total as f64 / counts.len() as f64;
+    counts
+        .iter()
+        .map(|&c| (c as f64 - expected).powi(2) / expected)
+        .sum()
+}
+
+#[test]
+fn connects_to_cluster_ip_spread_uniformly_over_backends() {
+    let (lab, ip) = lab_with_back_end([true; 3]);
+    assert!(
+        ip.octets()[0] == 10 && (96..112).contains(&ip.octets()[1]),
+        "allocated from 10.96.0.0/12: {ip}"
+    );
+    let report = lab
+        .client(&format!("{ip}:80"), &["--count", "1500"])
+        .unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.ok(), 1500);
+    let counts: Vec<u64> = PODS
+        .iter()
+        .map(|(n, _)| report.backends.get(*n).copied().unwrap_or(0))
+        .collect();
+    // df = 2: 13.8 is p = 0.001; 20 keeps a real bias (say 40/30/30: chi² ≈ 30) visible.
+    let chi = chi_square(&counts);
+    assert!(chi < 20.0, "not uniform: {counts:?} (chi² = {chi:.1})");
+    let doc = lab.agent.list_json().unwrap();
+    assert!(doc["attached"].as_bool().unwrap());
+    assert!(doc["counters"]["translated"].as_u64().unwrap() >= 1500);
+}
+
+#[test]
+fn destinations_that_are_not_services_are_untouched() {
+    let (lab, ip) = lab_with_back_end([true; 3]);
+    // A pod IP straight from the attached cgroup: reaches exactly that pod.
+    let direct = lab
+        .client(&format!("{}:80", pod_ip(12)), &["--count", "50"])
+        .unwrap();
+    assert_eq!(direct.backends.get("back-end-2"), Some(&50), "{direct:?}");
+    // The ClusterIP on a port that is not a service port is not rewritten,
+    // and the client namespace has no route to it.
+    let other_port = lab.client(&format!("{ip}:81"), &["--count", "5"]).unwrap();
+    assert_eq!(
+        other_port.errors.get("ENETUNREACH"),
+        Some(&5),
+        "{other_port:?}"
+    );
+    // Outside the attached cgroup the program does not run at all.
+    let outside = lab
+        .client_outside_cgroup(&format!("{ip}:80"), &["--count", "5"])
+        .unwrap();
+    assert_eq!(outside.errors.get("ENETUNREACH"), Some(&5), "{outside:?}");
+}
+
+#[test]
+fn service_without_endpoints_refuses_connects_at_once() {
+    let (lab, ip) = lab_with_back_end([false; 3]);
+    let report = lab.client(&format!("{ip}:80"), &["--count", "20"]).unwrap();
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&20), "{report:?}");
+    assert_eq!(report.ok(), 0);
+    // Refused by the program, not by a timeout: 20 attempts take far less
+    // than one SYN retransmission (1 s).
+    assert!(report.elapsed_ms < 1000, "{report:?}");
+    let doc = lab.agent.list_json().unwrap();
+    assert!(doc["counters"]["noBackend"].as_u64().unwrap() >= 20);
+}
+
+#[test]
+fn endpoint_changes_apply_to_new_connects() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    let target = format!("{ip}:80");
+    lab.write_manifest("back-end.yaml", &back_end([true, false, true]))
+        .unwrap();
+    let edited = Instant::now();
+    lab.agent
+        .wait_for("back-end-2 withdrawn", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80)
+                == [format!("{}:80", pod_ip(11)), format!("{}:80", pod_ip(13))]
+        })
+        .unwrap();
+    eprintln!("edit visible in the maps after {:?}", edited.elapsed());
+    let report = lab.client(&target, &["--count", "600"]).unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.backends.get("back-end-2"), None, "{report:?}");
+    assert_eq!(report.backends.len(), 2, "{report:?}");
+
+    // Ready again, and then every pod gone: the service refuses.
+    lab.write_manifest("back-end.yaml", &back_end([true; 3]))
+        .unwrap();
+    lab.agent
+        .wait_for("back-end-2 back", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+        })
+        .unwrap();
+    let report = lab.client(&target, &["--count", "300"]).unwrap();
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+    lab.write_manifest("back-end.yaml", &back_end_manifest(&[]))
+        .unwrap();
+    lab.agent
+        .wait_for("no endpoints", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).is_empty()
+        })
+        .unwrap();
+    let report = lab.client(&target, &["--count", "5"]).unwrap();
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&5), "{report:?}");
+
+    // The service itself removed: its frontend leaves the maps.
+    lab.remove_manifest("back-end.yaml").unwrap();
+    lab.agent
+        .wait_for("service removed", SYNC, |d| {
+            service_ip(d, "default", "back-end").is_none()
+        })
+        .unwrap();
+    let report = lab.client(&target, &["--count", "5"]).unwrap();
+    assert_eq!(report.errors.get("ENETUNREACH"), Some(&5), "{report:?}");
+}
+
+#[test]
+fn agent_restart_under_load_fails_no_connect() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    let before = lab.agent.list_json().unwrap();
+    let client = lab
+        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    lab.agent.stop().expect("clean stop");
+    // No agent: the pinned link keeps the program attached.
+    std::thread::sleep(Duration::from_millis(700));
+    lab.agent.start().unwrap();
+    lab.agent
+        .wait_for("restarted agent synced", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+        })
+        .unwrap();
+    let report = wait_client(client).unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert!(report.ok() > 100, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+    // Same ClusterIP and service id: state was re-adopted, not rebuilt.
+    let after = lab.agent.list_json().unwrap();
+    assert_eq!(after["items"], before["items"]);
+    let log = lab.agent.log_text();
+    assert!(log.contains("re-adopted pinned state"), "{log}");
+}
+
+#[test]
+fn bad_manifests_are_reported_and_good_ones_keep_working() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    lab.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n",
+    )
+    .unwrap();
+    lab.write_manifest(
+        "mixed.yaml",
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: typo
+spec:
+  clusterIP: 10.96.50.1
+  ports:
+    - port: eighty
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: fine
+spec:
+  clusterIP: 10.96.50.2
+  selector:
+    app: myapp
+  ports:
+    - port: 8080
+      targetPort: 80
+",
+    )
+    .unwrap();
+    lab.agent
+        .wait_for("service fine", SYNC, |d| {
+            endpoints(d, "default", "fine", 8080).len() == 3
+        })
+        .unwrap();
+    let log = lab.agent.log_text();
+    assert!(log.contains("broken.yaml"), "{log}");
+    assert!(
+        log.contains("mixed.yaml") && log.contains("typo") && log.contains("spec.ports[0].port"),
+        "{log}"
+    );
+    for target in [format!("{ip}:80"), "10.96.50.2:8080".to_owned()] {
+        let report = lab.client(&target, &["--count", "30"]).unwrap();
+        assert_eq!(report.ok(), 30, "{target}: {report:?}");
+    }
+    let doc = lab.agent.list_json().unwrap();
+    assert!(service_ip(&doc, "default", "typo").is_none());
+}
+
+#[test]
+fn list_prints_a_kubectl_like_table_with_or_without_the_agent() {
+    let (mut lab, ip) = lab_with_back_end([true, true, false]);
+    let check = |table: &str| {
+        let lines: Vec<&str> = table.lines().collect();
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "NAMESPACE",
+                "NAME",
+                "TYPE",
+                "CLUSTER-IP",
+                "PORT(S)",
+                "ENDPOINTS"
+            ]
+        );
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "default",
+                "back-end",
+                "ClusterIP",
+                &ip.to_string(),
+                "80/TCP",
+                "10.244.1.11:80,10.244.1.12:80"
+            ],
+            "{table}"
+        );
+    };
+    check(&lab.agent.list(&[]).unwrap());
+    lab.agent.stop().unwrap();
+    check(&lab.agent.list(&[]).unwrap());
+}
+
+#[test]
+fn uninstall_detaches_and_removes_pins() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    lab.agent.stop().unwrap();
+    let ok = lab.client(&format!("{ip}:80"), &["--count", "5"]).unwrap();
+    assert_eq!(ok.ok(), 5, "still attached while no agent runs: {ok:?}");
+    lab.agent.uninstall().unwrap();
+    assert!(!lab.agent.bpffs.exists());
+    let report = lab.client(&format!("{ip}:80"), &["--count", "5"]).unwrap();
+    assert_eq!(report.errors.get("ENETUNREACH"), Some(&5), "{report:?}");
+}

@@ -1,0 +1,169 @@
+//! `cargo xtask demo`: the textbook `back-end` Service and three Pods, in
+//! isolated namespaces (a node with a bridge, three pods serving HTTP, a
+//! client; no route off the machine), balanced by the real agent.
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lb_tests::{Bins, ClientReport, Lab, endpoints, service_ip};
+
+use crate::{cmd, exec};
+
+const EXAMPLE: &str = include_str!("../../examples/back-end/back-end.yaml");
+const CONNECTS: &str = "3000";
+
+pub fn run() -> anyhow::Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // Ctrl-C also reaches the agent and clients (same process group);
+        // xtask itself survives it to tear everything down.
+        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    exec(cmd("cargo").args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]))?;
+    lb_tests::cleanup_leftovers();
+    let bins = Bins::in_dir(Path::new("target/debug"));
+    let result = demo(&bins, &interrupted);
+    lb_tests::cleanup_leftovers();
+    if interrupted.load(Ordering::SeqCst) {
+        bail!("interrupted; everything the demo created was removed");
+    }
+    result
+}
+
+fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
+    let check = || {
+        if interrupted.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        Ok(())
+    };
+    step(
+        "Topology: node namespace with a bridge, 3 backend pods serving HTTP on 10.244.1.11-13:80, a client at 10.244.1.100; nothing routes off the machine",
+    );
+    let pods = [("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
+    let mut lab = Lab::new(bins, &pods, 80)?;
+    println!(
+        "  namespaces {}-*, cgroup {}",
+        lab.name,
+        lab.cgroup.path.display()
+    );
+
+    step("Manifests: the textbook back-end Service and its Pods (examples/back-end/back-end.yaml)");
+    lab.write_manifest("back-end.yaml", EXAMPLE)?;
+    println!("  {}", lab.manifests.join("back-end.yaml").display());
+
+    step("Agent: lb-agent run --manifests DIR --bpffs DIR --cgroup CGROUP");
+    lab.agent.start()?;
+    let doc = lab
+        .agent
+        .wait_for("back-end programmed", Duration::from_secs(15), |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+        })?;
+    let ip = service_ip(&doc, "default", "back-end").context("no ClusterIP")?;
+    println!("  back-end got ClusterIP {ip} from --service-cidr 10.96.0.0/12");
+    check()?;
+
+    step(&format!(
+        "{CONNECTS} connects from the client to {ip}:80 (each an HTTP GET; the pod answers with its name)"
+    ));
+    let report = lab.client(&format!("{ip}:80"), &["--count", CONNECTS])?;
+    print_distribution(&report, &pods);
+    check()?;
+
+    step("lb-agent list");
+    print!("{}", indent(&lab.agent.list(&[])?));
+
+    step("Edit: back-end-2 turns not ready (status.conditions Ready=False)");
+    lab.write_manifest("back-end.yaml", &with_pod_not_ready(EXAMPLE, "back-end-2")?)?;
+    let edited = Instant::now();
+    lab.agent
+        .wait_for("back-end-2 withdrawn", Duration::from_secs(15), |d| {
+            endpoints(d, "default", "back-end", 80).len() == 2
+        })?;
+    println!(
+        "  the maps dropped back-end-2 {:.0?} after the edit",
+        edited.elapsed()
+    );
+    check()?;
+
+    step(&format!("{CONNECTS} more connects to {ip}:80"));
+    let after = lab.client(&format!("{ip}:80"), &["--count", CONNECTS])?;
+    print_distribution(&after, &pods);
+    let leaked = after.backends.get("back-end-2").copied().unwrap_or(0);
+    if leaked > 0 || after.failed() > 0 {
+        bail!(
+            "{leaked} new connects reached the not-ready pod, {} failed",
+            after.failed()
+        );
+    }
+    println!("  no new connection reached back-end-2");
+    print!("{}", indent(&lab.agent.list(&[])?));
+
+    step("Cleaning up: agent stopped, pins, cgroup and namespaces removed");
+    lab.agent.stop()?;
+    drop(lab);
+    println!("\ndemo: ok");
+    Ok(())
+}
+
+fn step(title: &str) {
+    println!("\n==> {title}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn print_distribution(report: &ClientReport, pods: &[(&str, u8)]) {
+    let total = report.attempts.max(1);
+    for (name, _) in pods {
+        let n = report.backends.get(*name).copied().unwrap_or(0);
+        let share = n as f64 * 100.0 / total as f64;
+        let bar = "#".repeat((share / 2.0).round() as usize);
+        println!("  {name:<12} {n:>5}  {share:>5.1}%  {bar}");
+    }
+    if report.failed() > 0 {
+        println!("  failed: {:?}", report.errors);
+    }
+    println!(
+        "  {} connects in {} ms, {} failed",
+        report.attempts,
+        report.elapsed_ms,
+        report.failed()
+    );
+}
+
+/// The example with one Pod's Ready condition set to False.
+fn with_pod_not_ready(yaml: &str, pod: &str) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let mut v: serde_yaml::Value = serde::Deserialize::deserialize(doc)?;
+        if v["kind"] == "Pod" && v["metadata"]["name"] == pod {
+            let conditions = v["status"]["conditions"]
+                .as_sequence_mut()
+                .context("example pod has no status.conditions")?;
+            for c in conditions {
+                if c["type"] == "Ready" {
+                    c["status"] = "False".into();
+                }
+            }
+        }
+        out.push(serde_yaml::to_string(&v)?);
+    }
+    Ok(out.join("---\n"))
+}
