@@ -94,12 +94,15 @@ enum Output {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if matches!(&cli.command, Command::Run(args) if args.bpf_log) {
+        // The program's records arrive through aya-log with this target.
+        filter = filter.add_directive("lb_ebpf=debug".parse()?);
+    }
     // `init` also bridges `log` records (aya, aya-log) into tracing.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
     match cli.command {
         Command::Run(args) => run(args),

@@ -277,6 +277,8 @@ pub struct Agent {
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
+    /// Length of the log when the current process started.
+    log_offset: usize,
 }
 
 /// bpffs mount point the fixtures pin under (mounted by the agent if absent).
@@ -292,6 +294,7 @@ impl Agent {
             log: log.to_owned(),
             extra_args: Vec::new(),
             child: None,
+            log_offset: 0,
         }
     }
 
@@ -299,6 +302,7 @@ impl Agent {
         if self.child.is_some() {
             bail!("agent already running");
         }
+        self.log_offset = self.log_text().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -384,6 +388,28 @@ impl Agent {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the running process has attached and done its first
+    /// sync. The pinned maps cannot tell: they outlive the process.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_running() {
+                bail!("the agent is not running; its log:\n{}", self.log_text());
+            }
+            let log = self.log_text();
+            if log
+                .get(self.log_offset..)
+                .is_some_and(|l| l.contains("synced manifests"))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after {timeout:?}; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -193,11 +193,7 @@ fn agent_restart_under_load_fails_no_connect() {
     // No agent: the pinned link keeps the program attached.
     std::thread::sleep(Duration::from_millis(700));
     lab.agent.start().unwrap();
-    lab.agent
-        .wait_for("restarted agent synced", SYNC, |d| {
-            endpoints(d, "default", "back-end", 80).len() == 3
-        })
-        .unwrap();
+    lab.agent.wait_ready(SYNC).unwrap();
     let report = wait_client(client).unwrap();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert!(report.ok() > 100, "{report:?}");
@@ -307,4 +303,162 @@ fn uninstall_detaches_and_removes_pins() {
     assert!(!lab.agent.bpffs.exists());
     let report = lab.client(&format!("{ip}:80"), &["--count", "5"]).unwrap();
     assert_eq!(report.errors.get("ENETUNREACH"), Some(&5), "{report:?}");
+}
+
+/// `web` selects its own Pods (same pod IPs) whose container port is named
+/// `web`; port 8080 is served on TCP through the named targetPort and on UDP.
+const WEB: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: 10.96.7.7
+  selector:
+    app: web
+  ports:
+    - name: http
+      port: 8080
+      protocol: TCP
+      targetPort: web
+    - name: echo
+      port: 8080
+      protocol: UDP
+      targetPort: 80
+";
+
+fn web_pods() -> String {
+    PODS.iter()
+        .map(|(name, octet)| {
+            format!(
+                "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-{name}
+  labels:
+    app: web
+spec:
+  containers:
+    - name: server
+      ports:
+        - name: web
+          containerPort: 80
+        - containerPort: 80
+          protocol: UDP
+status:
+  phase: Running
+  podIP: {}
+  conditions:
+    - type: Ready
+      status: \"True\"
+",
+                pod_ip(*octet)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn multi_port_service_with_named_target_port_and_connected_udp() {
+    let (mut lab, _) = lab_with_back_end([true; 3]);
+    lab.write_manifest("web.yaml", &format!("{WEB}{}", web_pods()))
+        .unwrap();
+    let doc = lab
+        .agent
+        .wait_for("web programmed", SYNC, |d| {
+            endpoints(d, "default", "web", 8080).len() == 6
+        })
+        .unwrap();
+    let ports: Vec<&str> = lb_tests::find_service(&doc, "default", "web").unwrap()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["protocol"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["TCP", "UDP"]);
+    let tcp = lab.client("10.96.7.7:8080", &["--count", "300"]).unwrap();
+    assert_eq!(tcp.failed(), 0, "{tcp:?}");
+    assert_eq!(tcp.backends.len(), 3, "{tcp:?}");
+    let udp = lab
+        .client("10.96.7.7:8080", &["--count", "300", "--udp"])
+        .unwrap();
+    assert_eq!(udp.failed(), 0, "{udp:?}");
+    assert_eq!(udp.backends.len(), 3, "{udp:?}");
+}
+
+#[test]
+fn a_full_map_is_an_error_and_a_counter_and_other_services_keep_working() {
+    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
+    // back-end needs 4 service entries (master + 3 slots); `big` needs 11.
+    lab.agent.extra_args = vec!["--max-services".into(), "8".into()];
+    let addresses: String = (21..31)
+        .map(|i| format!("  - addresses: [\"10.244.1.{i}\"]\n"))
+        .collect();
+    lab.write_manifest("back-end.yaml", &back_end([true; 3]))
+        .unwrap();
+    lab.write_manifest(
+        "big.yaml",
+        &format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: big
+spec:
+  clusterIP: 10.250.0.1
+  ports:
+    - port: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: big-1
+  labels:
+    kubernetes.io/service-name: big
+addressType: IPv4
+ports:
+  - port: 80
+endpoints:
+{addresses}"
+        ),
+    )
+    .unwrap();
+    lab.agent.start().unwrap();
+    let doc = lab
+        .agent
+        .wait_for("map-full counted", SYNC, |d| {
+            d["counters"]["mapFull"].as_u64() > Some(0)
+        })
+        .unwrap();
+    assert_eq!(endpoints(&doc, "default", "back-end", 80).len(), 3);
+    // Never half-visible: big has no master entry, so the program does not
+    // know it (and a client gets ENETUNREACH, not a partial service).
+    assert!(service_ip(&doc, "default", "big").is_none(), "{doc}");
+    let log = lab.agent.log_text();
+    assert!(
+        log.contains("default/big") && log.contains("--max-services"),
+        "{log}"
+    );
+    let ip = service_ip(&doc, "default", "back-end").unwrap();
+    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
+    assert_eq!(report.ok(), 30, "{report:?}");
+}
+
+#[test]
+fn bpf_log_reports_each_translation_only_when_asked() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    let record = format!("connect4 {ip}:80 -> 10.244.1.");
+    lab.client(&format!("{ip}:80"), &["--count", "3"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!lab.agent.log_text().contains(&record), "off by default");
+    lab.agent.stop().unwrap();
+    lab.agent.extra_args = vec!["--bpf-log".into()];
+    lab.agent.start().unwrap();
+    lab.agent.wait_ready(SYNC).unwrap();
+    lab.client(&format!("{ip}:80"), &["--count", "3"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.agent.log_text().contains(&record) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent.log_text();
+    assert!(log.contains(&record), "{log}");
 }

@@ -83,6 +83,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Verdict {
     if debug_enabled() {
         debug!(
             ctx,
+            target: "lb_ebpf",
             "connect4 {:i}:{} -> {:i}:{} (svc {})",
             u32::from_be(addr),
             u16::from_be(port),

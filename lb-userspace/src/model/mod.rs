@@ -15,6 +15,7 @@ pub use translate::{translate, translate_service};
 
 /// L4 protocol of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Proto {
     Tcp,
     Udp,

@@ -6,7 +6,7 @@
 //! would remount /sys and hide the cgroup2 mount.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     let mut target: Option<SocketAddr> = None;
     let mut count: Option<u64> = None;
     let mut duration = None;
+    let mut udp = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -31,6 +32,7 @@ fn main() -> anyhow::Result<()> {
                     args.next().context("--duration-ms MS")?.parse()?,
                 ));
             }
+            "--udp" => udp = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -57,7 +59,12 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         report.attempts += 1;
-        match request(target) {
+        let answer = if udp {
+            request_udp(target)
+        } else {
+            request(target)
+        };
+        match answer {
             Ok(name) => *report.backends.entry(name).or_default() += 1,
             Err(e) => {
                 let errno = e
@@ -84,4 +91,20 @@ fn request(target: SocketAddr) -> std::io::Result<String> {
         return Err(std::io::Error::other("empty response"));
     }
     Ok(body.to_owned())
+}
+
+/// One connected UDP socket: connect (where connect4 rewrites), one datagram
+/// out, the backend's name back.
+fn request_udp(target: SocketAddr) -> std::io::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(target)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf)?;
+    let name = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+    if name.is_empty() {
+        return Err(std::io::Error::other("empty reply"));
+    }
+    Ok(name)
 }

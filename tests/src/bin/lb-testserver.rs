@@ -1,8 +1,9 @@
-//! A backend "pod": answers every HTTP request on its address with its name,
-//! so a client can tell which backend a connect reached.
+//! A backend "pod": answers every HTTP request (TCP) and every datagram
+//! (UDP) on its address with its name, so a client can tell which backend
+//! a connect reached.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -26,9 +27,17 @@ fn main() -> anyhow::Result<()> {
     }
     let listen = listen.context("--listen ADDR is required")?;
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    let udp = UdpSocket::bind(listen).with_context(|| format!("bind udp {listen}"))?;
     println!("listening on {listen}");
     std::io::stdout().flush()?;
     let body = format!("{name}\n");
+    let reply = body.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(reply.as_bytes(), peer);
+        }
+    });
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let body = body.clone();
