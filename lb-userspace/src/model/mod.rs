@@ -152,6 +152,16 @@ pub struct TranslateOptions {
     pub service_proxy_name: Option<String>,
 }
 
+/// Well-known labels, as kube-proxy and the endpoint controllers use them.
+pub mod labels {
+    /// Ties an EndpointSlice to its Service.
+    pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+    /// kube-proxy's informers exclude services carrying it (any value).
+    pub const HEADLESS: &str = "service.kubernetes.io/headless";
+    /// Services owned by another proxy (`--service-proxy-name`).
+    pub const SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+}
+
 /// Annotation the manifest source sets on every object it emits (`file.yaml#2`),
 /// so diagnostics raised later, in the pure translation, can still name the file.
 pub const SOURCE_ANNOTATION: &str = "lb-agent.io/source";

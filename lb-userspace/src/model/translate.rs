@@ -22,12 +22,10 @@ use super::{
 #[cfg(test)]
 mod tests;
 
-/// Label tying an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// kube-proxy's informers exclude services carrying this label (any value).
-const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
-/// Services owned by another proxy (`--service-proxy-name`).
-const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+use super::labels::{
+    HEADLESS as HEADLESS_LABEL, SERVICE_NAME as SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME as PROXY_NAME_LABEL,
+};
 
 /// Pure: the same objects always give the same state, whatever their order.
 ///

@@ -18,12 +18,13 @@ use k8s_openapi::{
 };
 
 use super::{Sourced, diag, fnv1a, name_of, namespace_of, set_source};
-use crate::model::Diagnostic;
+use crate::model::{
+    Diagnostic,
+    labels::{HEADLESS as HEADLESS_LABEL, SERVICE_NAME as SERVICE_NAME_LABEL},
+};
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "lb-agent";
-const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
 /// Slices for `services` from `pods` and `endpoints`. `given` reserves the
