@@ -10,7 +10,8 @@ use aya_build::{Package, Toolchain};
 
 const STUB_ENV: &str = "LB_EBPF_STUB";
 const TOOLCHAIN_ENV: &str = "LB_EBPF_TOOLCHAIN";
-const PROGRAMS: &[&str] = &["lb-connect4"];
+/// Objects (bins of lb-ebpf) the agent embeds.
+const PROGRAMS: &[&str] = &["lb-sock"];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={STUB_ENV}");

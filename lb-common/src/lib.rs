@@ -1,4 +1,4 @@
-//! Map keys and values shared by the connect4 program and the agent.
+//! Map keys and values shared by the socket-LB programs and the agent.
 //!
 //! Every type is `#[repr(C)]` with explicit padding so both sides hash and
 //! compare identical bytes. Addresses and ports are stored in **network byte
@@ -13,15 +13,27 @@ pub mod maps {
     pub const SERVICE_META: &str = "LB_SVC_META";
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
+    /// LRU reverse map of IPv4 sockets: [`ReverseKey4`] → [`ReverseValue4`].
+    /// An IPv6 twin will be `LB_REVERSE6` with 16-byte addresses.
+    pub const REVERSE4: &str = "LB_REVERSE4";
 }
 
 /// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// Socket types, as found in `bpf_sock_addr.type`.
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+
 /// Default map sizes; the agent can override them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Entries of the reverse map: one per (socket, backend) the programs
+/// translated, so roughly the node's live translated sockets. LRU maps are
+/// preallocated: 256 Ki entries cost 24 MiB of kernel memory (Cilium's
+/// default for its `lb4_reverse_sk` is the same).
+pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 
 /// Key of the service map. `slot == 0` is the master entry of a frontend;
 /// slots `1..=count` point at backends.
@@ -77,6 +89,48 @@ pub struct Backend {
     pub _pad: u8,
 }
 
+/// Key of the IPv4 reverse map: a socket the programs translated and the
+/// backend they sent it to. Written by connect4 (TCP and connected UDP) and
+/// sendmsg4 (unconnected UDP); read by recvmsg4 and getpeername4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReverseKey4 {
+    /// `bpf_get_socket_cookie`: unique per socket for the kernel's uptime.
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ReverseKey4 {
+    pub const fn new(cookie: u64, addr: u32, port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the IPv4 reverse map: the frontend the socket asked for. The
+/// entry is honoured only while the frontend's master entry exists with the
+/// same `svc_id` and a non-zero count, so a service deleted and recreated
+/// under the same address never revives a stale translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseValue4 {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Service (frontend) id of the master entry at translation time.
+    pub svc_id: u32,
+}
+
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
 pub const META_NAME_LEN: usize = 64;
 /// Longest service port name (IANA_SVC_NAME is ≤ 15).
@@ -110,13 +164,23 @@ pub struct ServiceMeta {
 pub mod stats {
     /// connect()s rewritten to a backend.
     pub const TRANSLATED: u32 = 0;
-    /// connect()s refused because the service had no usable backend.
+    /// connect()s and unconnected datagrams refused because the service had no usable backend.
     pub const NO_BACKEND: u32 = 1;
     /// A slot or backend was missing (concurrent update) and another slot was used.
     pub const SLOT_FALLBACK: u32 = 2;
     /// Map writes the agent could not make because a map was full.
     pub const MAP_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Unconnected UDP datagrams (sendmsg4) rewritten to a backend.
+    pub const SENDMSG_TRANSLATED: u32 = 4;
+    /// recvmsg4/getpeername4 addresses rewritten back to the frontend.
+    pub const REVERSE_TRANSLATED: u32 = 5;
+    /// Reverse entries dropped on read because their service was gone,
+    /// had changed id or had no backend left.
+    pub const REVERSE_STALE: u32 = 6;
+    /// Reverse-map writes that failed; the forward translation still happened,
+    /// but that socket's replies and getpeername show the backend.
+    pub const REVERSE_WRITE_FAILED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Indexes into the `LB_CONFIG` array.
@@ -134,6 +198,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for ReverseKey4 {}
+    unsafe impl aya::Pod for ReverseValue4 {}
 }
 
 #[cfg(test)]
@@ -150,6 +216,11 @@ mod tests {
         assert_eq!(offset_of!(ServiceKey, proto), 8);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<ReverseKey4>(), 16);
+        assert_eq!(offset_of!(ReverseKey4, addr), 8);
+        assert_eq!(offset_of!(ReverseKey4, port), 12);
+        assert_eq!(size_of::<ReverseValue4>(), 12);
+        assert_eq!(offset_of!(ReverseValue4, svc_id), 8);
         assert_eq!(
             size_of::<ServiceMeta>(),
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 8

@@ -57,7 +57,13 @@ pub fn setup() -> anyhow::Result<Env> {
     if !Path::new(&llvm_prefix).join("lib/libLLVM.so").exists() {
         packages.push(format!("llvm-{llvm}-dev"));
     }
-    for (bin, package) in [("ip", "iproute2"), ("mount", "mount")] {
+    // dnsmasq-base, not dnsmasq: the latter starts a host-wide DNS service.
+    for (bin, package) in [
+        ("ip", "iproute2"),
+        ("mount", "mount"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("dig", "bind9-dnsutils"),
+    ] {
         if which(bin).is_none() {
             packages.push(package.to_owned());
         }

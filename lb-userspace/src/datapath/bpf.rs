@@ -1,5 +1,6 @@
-//! The real datapath: pinned BPF maps, and the pinned cgroup link that keeps
-//! the connect4 program attached while no agent runs.
+//! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
+//! the socket-LB programs (connect4, sendmsg4, recvmsg4, getpeername4)
+//! attached while no agent runs.
 use std::{
     fs,
     io::ErrorKind,
@@ -15,16 +16,28 @@ use aya::{
     },
     sys::SyscallError,
 };
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, config, maps, stats};
+use lb_common::{
+    Backend, DEFAULT_MAX_REVERSE, ReverseKey4, ReverseValue4, ServiceKey, ServiceMeta,
+    ServiceValue, config, maps, stats,
+};
 
 use super::{Datapath, DatapathError, Result, Snapshot};
 
-/// The connect4 object built by `build.rs`.
-static CONNECT4_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-connect4"));
+/// The object with every socket-LB program, built by `build.rs`.
+static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sock"));
 
 /// Pin of the connect4 cgroup link, inside the bpffs directory.
 pub const LINK_PIN: &str = "link_connect4";
-const PROGRAM: &str = "lb_connect4";
+
+/// Every program of the object and the pin of its cgroup link. Attached in
+/// this order: the reverse hooks first, so replies of a socket are already
+/// translated back when the forward hooks start translating it.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("lb_recvmsg4", "link_recvmsg4"),
+    ("lb_getpeername4", "link_getpeername4"),
+    ("lb_sendmsg4", "link_sendmsg4"),
+    ("lb_connect4", LINK_PIN),
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +71,14 @@ pub enum LoadError {
 pub struct MapSizes {
     pub max_services: u32,
     pub max_backends: u32,
+}
+
+impl MapSizes {
+    /// Entries of the LRU reverse map (`LB_REVERSE4`). Fixed at
+    /// [`DEFAULT_MAX_REVERSE`] until the CLI grows a `--max-reverse` flag.
+    pub const fn max_reverse(&self) -> u32 {
+        DEFAULT_MAX_REVERSE
+    }
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -120,23 +141,28 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
     fs::create_dir_all(dir).map_err(|e| err(e.to_string()))
 }
 
-/// A loaded, attached and pinned connect4 program.
+/// The loaded, attached and pinned programs.
 pub struct Installation {
     pub ebpf: Ebpf,
+    /// The connect4 link's pin.
     pub link_pin: PathBuf,
+    /// Every link pin, in [`PROGRAMS`] order.
+    pub link_pins: Vec<PathBuf>,
 }
 
-/// Loads connect4 with its maps pinned under `dir` (re-using maps already
-/// pinned there), attaches it to `cgroup`, and pins the link over any link
-/// a previous agent left: both programs are attached in between, so connects
-/// are never unbalanced during an upgrade or restart.
+/// Loads the programs with their maps pinned under `dir` (re-using maps
+/// already pinned there), attaches each to `cgroup`, and pins each link over
+/// the link a previous agent left: old and new programs are attached side by
+/// side until the pins are swapped (a second connect4 or recvmsg4 finds no
+/// frontend or reverse entry in an address the first already translated),
+/// so no connect or datagram goes untranslated during an upgrade or restart.
 pub fn install(
     dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
     bpf_log: bool,
 ) -> Result<Installation, LoadError> {
-    if CONNECT4_OBJ.is_empty() {
+    if SOCK_OBJ.is_empty() {
         return Err(LoadError::Stub);
     }
     ensure_bpffs_dir(dir)?;
@@ -145,7 +171,8 @@ pub fn install(
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_services)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
-        .load(CONNECT4_OBJ)?;
+        .map_max_entries(maps::REVERSE4, sizes.max_reverse())
+        .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_bpf_logger(logger),
@@ -153,25 +180,66 @@ pub fn install(
         }
     }
     set_config(dir, config::DEBUG_LOG, u32::from(bpf_log))?;
+    let cgroup_file = fs::File::open(cgroup).map_err(|e| LoadError::Path {
+        path: cgroup.to_owned(),
+        message: format!("opening cgroup: {e}"),
+    })?;
+    // Attach everything under staging pins first; only when all programs
+    // are attached are the pins swapped. On an error the staging pins go,
+    // and with them the new links: the old ones were never touched.
+    let mut staged = Vec::new();
+    for (program, pin) in PROGRAMS {
+        match attach_staged(&mut ebpf, program, dir, pin, &cgroup_file) {
+            Ok(paths) => staged.push(paths),
+            Err(e) => {
+                for (staging, _) in &staged {
+                    let _ = fs::remove_file(staging);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut link_pins = Vec::new();
+    for (staging, link_pin) in staged {
+        // rename(2) replaces the old pin atomically; the old link detaches
+        // when its last reference (the old pin) goes.
+        fs::rename(&staging, &link_pin).map_err(|e| LoadError::Pin {
+            path: link_pin.clone(),
+            source: e.into(),
+        })?;
+        link_pins.push(link_pin);
+    }
+    Ok(Installation {
+        ebpf,
+        link_pin: dir.join(LINK_PIN),
+        link_pins,
+    })
+}
+
+/// Loads `program`, attaches it to the cgroup and pins its link at
+/// `<pin>_new`; returns (staging pin, final pin).
+fn attach_staged(
+    ebpf: &mut Ebpf,
+    name: &str,
+    dir: &Path,
+    pin: &str,
+    cgroup: &fs::File,
+) -> Result<(PathBuf, PathBuf), LoadError> {
     let program: &mut CgroupSockAddr = ebpf
-        .program_mut(PROGRAM)
+        .program_mut(name)
         .ok_or_else(|| LoadError::Path {
             path: dir.to_owned(),
-            message: format!("program {PROGRAM} missing from object"),
+            message: format!("program {name} missing from object"),
         })?
         .try_into()
         .map_err(|source| LoadError::Program { op: "type", source })?;
     program
         .load()
         .map_err(|source| LoadError::Program { op: "load", source })?;
-    let cgroup_file = fs::File::open(cgroup).map_err(|e| LoadError::Path {
-        path: cgroup.to_owned(),
-        message: format!("opening cgroup: {e}"),
-    })?;
     // A cgroup bpf_link always coexists with other links (multi semantics);
     // the kernel rejects any explicit attach flag on link_create.
     let link_id = program
-        .attach(&cgroup_file, CgroupAttachMode::Single)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(|source| LoadError::Program {
             op: "attach",
             source,
@@ -182,28 +250,22 @@ pub fn install(
             op: "take link",
             source,
         })?;
+    let link_pin = dir.join(pin);
     let fd_link: FdLink = link
         .try_into()
         .map_err(|e: aya::programs::links::LinkError| LoadError::Pin {
-            path: dir.join(LINK_PIN),
+            path: link_pin.clone(),
             source: e.into(),
         })?;
-    let link_pin = dir.join(LINK_PIN);
     // bpffs rejects '.' in names, hence the underscore.
-    let staging = dir.join(format!("{LINK_PIN}_new"));
+    let staging = dir.join(format!("{pin}_new"));
     let _ = fs::remove_file(&staging);
     let pinned = fd_link.pin(&staging).map_err(|e| LoadError::Pin {
         path: staging.clone(),
         source: e.into(),
     })?;
-    // rename(2) replaces the old pin atomically; the old link detaches when
-    // its last reference (the old pin) goes.
-    fs::rename(&staging, &link_pin).map_err(|e| LoadError::Pin {
-        path: link_pin.clone(),
-        source: e.into(),
-    })?;
     drop(pinned);
-    Ok(Installation { ebpf, link_pin })
+    Ok((staging, link_pin))
 }
 
 fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
@@ -236,15 +298,22 @@ fn set_config(dir: &Path, index: u32, value: u32) -> Result<(), LoadError> {
         .map_err(|source| map_err("set", maps::CONFIG, source).into())
 }
 
-/// Detaches (by removing the link pin) and removes every pin in `dir`.
+/// Detaches (by removing the link pins) and removes every pin in `dir`.
 pub fn uninstall(dir: &Path) -> std::io::Result<bool> {
     match fs::read_dir(dir) {
         Ok(entries) => {
-            // The link first, so nothing runs against maps being removed.
-            let _ = fs::remove_file(dir.join(LINK_PIN));
+            // The links first, forward hooks before reverse ones, so nothing
+            // runs against maps being removed and no socket is translated
+            // without its replies being translated back.
+            for (_, pin) in PROGRAMS.iter().rev() {
+                let _ = fs::remove_file(dir.join(pin));
+            }
             for entry in entries {
                 let entry = entry?;
-                fs::remove_file(entry.path())?;
+                match fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
             fs::remove_dir(dir)?;
             Ok(true)
@@ -299,6 +368,15 @@ pub struct BpfDatapath {
     backends: HashMap<MapData, u32, Backend>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     stats: PerCpuArray<MapData, u64>,
+    /// Absent in pins made before the reverse map existed.
+    reverse4: Option<(HashMap<MapData, ReverseKey4, ReverseValue4>, u32)>,
+}
+
+/// How full the LRU reverse map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseOccupancy {
+    pub entries: u64,
+    pub max_entries: u32,
 }
 
 impl BpfDatapath {
@@ -314,18 +392,46 @@ impl BpfDatapath {
                 .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
+            reverse4: match MapData::from_pin(dir.join(maps::REVERSE4)) {
+                Ok(data) => {
+                    let max_entries = data
+                        .info()
+                        .map_err(|e| map_err("info", maps::REVERSE4, e))?
+                        .max_entries();
+                    let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                        .map_err(|e| map_err("open", maps::REVERSE4, e))?;
+                    Some((map, max_entries))
+                }
+                Err(_) => None,
+            },
         })
     }
 
-    /// Per-counter sums over CPUs, indexed by `lb_common::stats`.
+    /// Entries in the reverse map (a key walk: at most `max_entries`
+    /// syscalls, about 0.3 s for a full 256 Ki map), or `None` if the
+    /// installation has none.
+    pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
+        let Some((map, max_entries)) = &self.reverse4 else {
+            return Ok(None);
+        };
+        let max_entries = *max_entries;
+        // A key deleted during the walk ends it early; the count is a
+        // snapshot either way.
+        let entries = map.keys().take_while(Result::is_ok).count() as u64;
+        Ok(Some(ReverseOccupancy {
+            entries,
+            max_entries,
+        }))
+    }
+
+    /// Per-counter sums over CPUs, indexed by `lb_common::stats`. A counter
+    /// beyond a stats map pinned by an older version reads 0.
     pub fn stats(&self) -> Result<Vec<u64>> {
         (0..stats::COUNT)
-            .map(|i| {
-                let v = self
-                    .stats
-                    .get(&i, 0)
-                    .map_err(|e| map_err("read", maps::STATS, e))?;
-                Ok(v.iter().sum())
+            .map(|i| match self.stats.get(&i, 0) {
+                Ok(v) => Ok(v.iter().sum()),
+                Err(MapError::OutOfBounds { .. }) => Ok(0),
+                Err(e) => Err(map_err("read", maps::STATS, e)),
             })
             .collect()
     }

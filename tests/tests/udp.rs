@@ -1,0 +1,657 @@
+//! End-to-end for the UDP and peer-address hooks: sendmsg4 (unconnected UDP,
+//! sticky per socket), recvmsg4 (replies carry the frontend), getpeername4,
+//! the reverse map's staleness check, and a real DNS server (dnsmasq) behind
+//! a ClusterIP, resolved with dig and glibc. Privileged: run with
+//! `--test-threads=1`.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Bins, Lab, back_end_manifest, endpoints, find_service, run, service_ip};
+use serde_json::Value;
+
+const SYNC: Duration = Duration::from_secs(10);
+const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
+/// The UDP echo service in front of the lb-testservers (which answer every
+/// datagram on port 80 with their name).
+const ECHO_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 1);
+const ECHO_PORT: u16 = 5300;
+const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 2);
+/// `lb_common::maps::REVERSE4` and `DEFAULT_MAX_REVERSE`, as an operator
+/// sees them (this crate does not link lb-common).
+const REVERSE_PIN: &str = "LB_REVERSE4";
+const REVERSE_MAX: u64 = 262_144;
+
+fn bins() -> Bins {
+    let profile_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
+        .expect("test executable path");
+    Bins {
+        agent: std::env::var_os("LB_AGENT_BIN")
+            .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
+        server: env!("CARGO_BIN_EXE_lb-testserver").into(),
+        client: env!("CARGO_BIN_EXE_lb-testclient").into(),
+    }
+}
+
+fn pod_ip(octet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, octet)
+}
+
+/// `back-end` (TCP 80, the textbook pods), `echo` (UDP 5300 → 80 on the
+/// same pods) and `empty` (UDP, selects nothing).
+fn services_manifest() -> String {
+    let pods: Vec<(&str, Ipv4Addr, bool)> =
+        PODS.iter().map(|(n, o)| (*n, pod_ip(*o), true)).collect();
+    format!(
+        "{}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  clusterIP: {ECHO_IP}
+  selector:
+    app: myapp
+  ports:
+    - port: {ECHO_PORT}
+      protocol: UDP
+      targetPort: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: empty
+spec:
+  clusterIP: {EMPTY_IP}
+  selector:
+    app: nothing
+  ports:
+    - port: {ECHO_PORT}
+      protocol: UDP
+",
+        back_end_manifest(&pods)
+    )
+}
+
+fn lab_with_services() -> (Lab, Ipv4Addr) {
+    let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
+    lab.write_manifest("services.yaml", &services_manifest())
+        .expect("manifest");
+    lab.agent.start().expect("agent start");
+    let doc = lab
+        .agent
+        .wait_for("services programmed", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+                && endpoints(d, "default", "echo", ECHO_PORT).len() == 3
+                && service_ip(d, "default", "empty").is_some()
+        })
+        .expect("sync");
+    let ip = service_ip(&doc, "default", "back-end").expect("cluster ip");
+    (lab, ip)
+}
+
+/// lb-testclient in the lab's client namespace and cgroup; its full JSON
+/// (ClientReport plus `peers`, `sources`, `perSocket`).
+fn client(lab: &Lab, target: &str, args: &[&str]) -> Value {
+    let out = run(Command::new(&lab.bins.client)
+        .arg("--netns")
+        .arg(&lab.topo.client)
+        .arg("--cgroup")
+        .arg(&lab.cgroup.path)
+        .arg("--target")
+        .arg(target)
+        .args(args))
+    .expect("lb-testclient");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+fn map_of(v: &Value) -> Vec<(String, u64)> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `bpftool map dump` of the pinned reverse map: its entries.
+fn reverse_entries(lab: &Lab) -> Vec<Value> {
+    let pin = lab.agent.bpffs.join(REVERSE_PIN);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin))
+    .expect("bpftool map dump");
+    serde_json::from_str::<Vec<Value>>(&out).expect("bpftool json")
+}
+
+#[test]
+fn unconnected_udp_sticks_to_one_backend_and_replies_carry_the_frontend() {
+    let (lab, _) = lab_with_services();
+    let frontend = format!("{ECHO_IP}:{ECHO_PORT}");
+    let one = client(
+        &lab,
+        &frontend,
+        &["--udp-unconnected", "--sockets", "1", "--count", "100"],
+    );
+    assert_eq!(one["errors"], serde_json::json!({}), "{one}");
+    let backends = map_of(&one["backends"]);
+    assert_eq!(backends.len(), 1, "one socket, one backend: {one}");
+    assert_eq!(backends[0].1, 100, "{one}");
+    // recvfrom() reports the address the datagrams were sent to.
+    assert_eq!(map_of(&one["sources"]), [(frontend.clone(), 100)], "{one}");
+
+    let many = client(
+        &lab,
+        &frontend,
+        &["--udp-unconnected", "--sockets", "30", "--count", "5"],
+    );
+    assert_eq!(many["errors"], serde_json::json!({}), "{many}");
+    for socket in many["perSocket"].as_array().unwrap() {
+        let reached = map_of(socket);
+        assert_eq!(reached.len(), 1, "each socket sticks: {many}");
+        assert_eq!(reached[0].1, 5, "{many}");
+    }
+    assert_eq!(map_of(&many["backends"]).len(), 3, "sockets spread: {many}");
+    assert_eq!(map_of(&many["sources"]), [(frontend, 150)], "{many}");
+
+    // The reverse map is pinned where an operator finds it, and holds one
+    // entry per (socket, backend).
+    let entries = reverse_entries(&lab);
+    assert!(entries.len() >= 31, "{} entries", entries.len());
+    let show = run(Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(lab.agent.bpffs.join(REVERSE_PIN)))
+    .unwrap();
+    let show: Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(show["type"], "lru_hash", "{show}");
+    assert_eq!(show["max_entries"].as_u64(), Some(REVERSE_MAX), "{show}");
+}
+
+#[test]
+fn datagrams_to_a_service_without_endpoints_are_refused_at_once() {
+    let (lab, _) = lab_with_services();
+    let report = client(
+        &lab,
+        &format!("{EMPTY_IP}:{ECHO_PORT}"),
+        &["--udp-unconnected", "--count", "10"],
+    );
+    assert_eq!(
+        map_of(&report["errors"]),
+        [("ECONNREFUSED".into(), 10)],
+        "{report}"
+    );
+    assert!(report["elapsed_ms"].as_u64().unwrap() < 1000, "{report}");
+}
+
+#[test]
+fn getpeername_returns_the_cluster_ip_for_tcp_and_connected_udp() {
+    let (lab, ip) = lab_with_services();
+    let tcp = client(&lab, &format!("{ip}:80"), &["--count", "20"]);
+    assert_eq!(map_of(&tcp["backends"]).len(), 3, "{tcp}");
+    assert_eq!(map_of(&tcp["peers"]), [(format!("{ip}:80"), 20)], "{tcp}");
+    let frontend = format!("{ECHO_IP}:{ECHO_PORT}");
+    let udp = client(&lab, &frontend, &["--udp", "--count", "20"]);
+    assert_eq!(map_of(&udp["backends"]).len(), 3, "{udp}");
+    assert_eq!(map_of(&udp["peers"]), [(frontend, 20)], "{udp}");
+    // A pod reached directly keeps its own address.
+    let direct = client(&lab, &format!("{}:80", pod_ip(12)), &["--count", "3"]);
+    assert_eq!(
+        map_of(&direct["peers"]),
+        [(format!("{}:80", pod_ip(12)), 3)],
+        "{direct}"
+    );
+}
+
+/// One UDP socket for the whole test, driven line by line.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    fn start(lab: &Lab) -> Self {
+        let mut child = Command::new(&lab.bins.client)
+            .arg("--netns")
+            .arg(&lab.topo.client)
+            .arg("--cgroup")
+            .arg(&lab.cgroup.path)
+            .arg("--session")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("lb-testclient --session");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one datagram to `target`; the reply's sender and body.
+    fn send(&mut self, target: &str) -> Value {
+        writeln!(self.stdin, "{target}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `echo` as a selectorless service with one hand-written endpoint.
+fn echo_one_endpoint() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: echo1
+spec:
+  clusterIP: {ECHO_IP}
+  ports:
+    - port: {ECHO_PORT}
+      protocol: UDP
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo1-1
+  labels:
+    kubernetes.io/service-name: echo1
+addressType: IPv4
+ports:
+  - port: 80
+    protocol: UDP
+endpoints:
+  - addresses: [\"{}\"]
+",
+        pod_ip(11)
+    )
+}
+
+fn echo1_svc_id(doc: &Value) -> Option<u64> {
+    find_service(doc, "default", "echo1")?["ports"][0]["svcId"].as_u64()
+}
+
+#[test]
+fn a_recreated_service_does_not_revive_a_stale_reverse_entry() {
+    let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
+    lab.write_manifest("echo1.yaml", &echo_one_endpoint())
+        .unwrap();
+    lab.agent.start().unwrap();
+    let doc = lab
+        .agent
+        .wait_for("echo1", SYNC, |d| {
+            endpoints(d, "default", "echo1", ECHO_PORT).len() == 1
+        })
+        .unwrap();
+    let old_id = echo1_svc_id(&doc).unwrap();
+    let frontend = format!("{ECHO_IP}:{ECHO_PORT}");
+    let pod = format!("{}:80", pod_ip(11));
+    let mut session = Session::start(&lab);
+    let first = session.send(&frontend);
+    assert_eq!(first["from"], frontend.as_str(), "{first}");
+    assert_eq!(first["name"], "back-end-1", "{first}");
+
+    // Delete the service and recreate it at the same address: a new id.
+    lab.remove_manifest("echo1.yaml").unwrap();
+    lab.agent
+        .wait_for("echo1 gone", SYNC, |d| {
+            find_service(d, "default", "echo1").is_none()
+        })
+        .unwrap();
+    lab.write_manifest("echo1.yaml", &echo_one_endpoint())
+        .unwrap();
+    let doc = lab
+        .agent
+        .wait_for("echo1 again", SYNC, |d| {
+            endpoints(d, "default", "echo1", ECHO_PORT).len() == 1
+        })
+        .unwrap();
+    let new_id = echo1_svc_id(&doc).unwrap();
+    assert_ne!(old_id, new_id, "recreated with a new id");
+
+    // The socket now talks to the pod directly. Its (socket, pod) reverse
+    // entry still names the old service: the frontend exists again with a
+    // backend, so only the id check keeps the pod's reply from being
+    // reported as coming from the ClusterIP.
+    let direct = session.send(&pod);
+    assert_eq!(direct["from"], pod.as_str(), "{direct}");
+    // Through the new service, translation works again.
+    let again = session.send(&frontend);
+    assert_eq!(again["from"], frontend.as_str(), "{again}");
+}
+
+// ---------------------------------------------------------------- DNS ----
+
+const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DNS_PODS: &[(&str, u8)] = &[("dns-1", 21), ("dns-2", 22)];
+
+fn dns_manifest(ready: [bool; 2]) -> String {
+    let mut y = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: dns
+spec:
+  clusterIP: {DNS_IP}
+  selector:
+    app: dns
+  ports:
+    - name: dns
+      port: 53
+      protocol: UDP
+    - name: dns-tcp
+      port: 53
+      protocol: TCP
+"
+    );
+    for ((name, octet), ready) in DNS_PODS.iter().zip(ready) {
+        let status = if ready { "True" } else { "False" };
+        y.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels:
+    app: dns
+spec:
+  containers:
+    - name: dnsmasq
+      image: dnsmasq
+status:
+  phase: Running
+  podIP: {}
+  conditions:
+    - type: Ready
+      status: \"{status}\"
+",
+            pod_ip(*octet)
+        ));
+    }
+    y
+}
+
+/// dnsmasq processes, killed on drop.
+struct Dnsmasq(Vec<(String, Child)>);
+
+/// A caching-off dnsmasq forwarder in the client pod (and the attached
+/// cgroup) on 127.0.0.1:53 that forwards to the DNS ClusterIP, like a
+/// node-local DNS cache. It sends every query from an unconnected UDP socket
+/// with sendto() and accepts a reply only if recvfrom() reports the server
+/// it asked: unlike glibc and dig, which connect() their sockets and so
+/// accept a reply from whatever peer the kernel lets through, it needs
+/// recvmsg4's reverse translation.
+fn start_forwarder(lab: &Lab) -> Child {
+    let mut child = Command::new(&lab.bins.client)
+        .arg("--netns")
+        .arg(&lab.topo.client)
+        .arg("--cgroup")
+        .arg(&lab.cgroup.path)
+        .arg("--exec")
+        .args([
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--port=53",
+            "--cache-size=0",
+            "--log-facility=-",
+        ])
+        .arg(format!("--server={DNS_IP}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq forwarder");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dig(lab, &["@127.0.0.1", "example.test"]).is_ok_and(|o| o.trim() == "10.1.2.3") {
+        if Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the forwarder in the client pod never resolved example.test");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Dnsmasq {
+    fn start(lab: &Lab) -> Self {
+        let mut all = Self(Vec::new());
+        for pod in &lab.topo.pods {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &pod.netns, "dnsmasq"])
+                .args([
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--port=53",
+                    "--log-facility=-",
+                    "--address=/example.test/10.1.2.3",
+                ])
+                .arg(format!("--listen-address={}", pod.ip))
+                .arg(format!("--txt-record=whoami.example.test,{}", pod.name))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("dnsmasq (apt-get install dnsmasq-base; cargo xtask test does)");
+            all.0.push((pod.name.clone(), child));
+        }
+        // Ready when each answers directly (pod IPs are not services, so
+        // the attached programs pass these queries through untouched).
+        for pod in &lab.topo.pods {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = dig(lab, &[&format!("@{}", pod.ip), "example.test"]);
+                if out.as_deref().is_ok_and(|o| o.trim() == "10.1.2.3") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "dnsmasq in {} not answering: {out:?}",
+                    pod.name
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        all
+    }
+
+    fn kill(&mut self, name: &str) {
+        for (n, child) in &mut self.0 {
+            if n == name {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `cmd` in the client namespace and the attached cgroup, optionally
+/// with its own /etc/resolv.conf.
+fn in_client(lab: &Lab, resolv: Option<&Path>, cmd: &[&str]) -> anyhow::Result<String> {
+    let mut c = Command::new(&lab.bins.client);
+    c.arg("--netns")
+        .arg(&lab.topo.client)
+        .arg("--cgroup")
+        .arg(&lab.cgroup.path);
+    if let Some(r) = resolv {
+        c.arg("--resolv").arg(r);
+    }
+    run(c.arg("--exec").args(cmd))
+}
+
+/// `dig +short` from the client pod: one try, two seconds.
+fn dig(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = vec!["dig", "+short", "+tries=1", "+time=2"];
+    cmd.extend_from_slice(args);
+    in_client(lab, None, &cmd)
+}
+
+#[test]
+fn dns_through_a_cluster_ip_with_dnsmasq_dig_and_glibc() {
+    let mut lab = Lab::new(&bins(), DNS_PODS, 80).expect("lab");
+    let mut dnsmasq = Dnsmasq::start(&lab);
+    lab.write_manifest("dns.yaml", &dns_manifest([true, true]))
+        .unwrap();
+    lab.agent.start().unwrap();
+    lab.agent
+        .wait_for("dns programmed", SYNC, |d| {
+            // Two pods on each of UDP 53 and TCP 53.
+            endpoints(d, "default", "dns", 53).len() == 4
+        })
+        .unwrap();
+    let server = format!("@{DNS_IP}");
+    let resolv = lab.work.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {DNS_IP}\noptions timeout:1 attempts:2\n"),
+    )
+    .unwrap();
+
+    // dig over UDP and TCP, each run a new socket: every reply accepted,
+    // both pods answer.
+    let mut answered = BTreeSet::new();
+    for i in 0..16 {
+        let a = dig(&lab, &[&server, "example.test"]).unwrap();
+        assert_eq!(a.trim(), "10.1.2.3", "dig #{i}");
+        let who = dig(&lab, &[&server, "TXT", "whoami.example.test"]).unwrap();
+        answered.insert(who.trim().trim_matches('"').to_owned());
+    }
+    assert_eq!(
+        answered,
+        BTreeSet::from(["dns-1".to_owned(), "dns-2".to_owned()])
+    );
+    for _ in 0..3 {
+        let a = dig(&lab, &["+tcp", &server, "example.test"]).unwrap();
+        assert_eq!(a.trim(), "10.1.2.3", "dig +tcp");
+    }
+    // glibc's stub resolver through resolv.conf. It connect()s its UDP
+    // socket, so this shows connect4 and TCP/UDP fallbacks work for it;
+    // it would accept the replies even without reverse translation.
+    for _ in 0..5 {
+        let out = in_client(&lab, Some(&resolv), &["getent", "hosts", "example.test"]).unwrap();
+        assert!(out.starts_with("10.1.2.3"), "getent: {out:?}");
+    }
+    // A resolver on unconnected sockets that checks the reply's source:
+    // this one fails without recvmsg4.
+    let _forwarder = Killed(start_forwarder(&lab));
+    for _ in 0..8 {
+        let a = dig(&lab, &["@127.0.0.1", "example.test"]).unwrap();
+        assert_eq!(a.trim(), "10.1.2.3", "through the forwarder");
+    }
+
+    // One DNS pod dies and turns not ready: new lookups go to the other.
+    dnsmasq.kill("dns-1");
+    lab.write_manifest("dns.yaml", &dns_manifest([false, true]))
+        .unwrap();
+    lab.agent
+        .wait_for("dns-1 removed", SYNC, |d| {
+            endpoints(d, "default", "dns", 53).len() == 2
+        })
+        .unwrap();
+    for _ in 0..8 {
+        let who = dig(&lab, &[&server, "TXT", "whoami.example.test"]).unwrap();
+        assert_eq!(who.trim(), "\"dns-2\"");
+        let who = dig(&lab, &["@127.0.0.1", "TXT", "whoami.example.test"]).unwrap();
+        assert_eq!(who.trim(), "\"dns-2\"", "through the forwarder");
+        let out = in_client(&lab, Some(&resolv), &["getent", "hosts", "example.test"]).unwrap();
+        assert!(out.starts_with("10.1.2.3"), "getent: {out:?}");
+    }
+}
+
+/// Not a check: prints connect4's average run time from the kernel's BPF
+/// stats (`kernel.bpf_stats_enabled`). Run against any agent build with
+/// `LB_AGENT_BIN=... cargo test -p lb-tests --test udp -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn measure_connect4_cost() {
+    let (lab, ip) = lab_with_services();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+    let report = client(&lab, &format!("{ip}:80"), &["--count", "3000"]);
+    let udp = client(
+        &lab,
+        &format!("{ECHO_IP}:{ECHO_PORT}"),
+        &["--udp", "--count", "2000"],
+    );
+    let unconnected = client(
+        &lab,
+        &format!("{ECHO_IP}:{ECHO_PORT}"),
+        &["--udp-unconnected", "--sockets", "20", "--count", "100"],
+    );
+    if let Ok(map) = run(Command::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(lab.agent.bpffs.join(REVERSE_PIN)))
+    {
+        println!("{}", map.trim());
+    }
+    let show = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&lab.cgroup.path))
+    .unwrap();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").unwrap();
+    let attached: Vec<Value> = serde_json::from_str(&show).unwrap();
+    for prog in attached {
+        let id = prog["id"].as_u64().unwrap();
+        let info: Value = serde_json::from_str(
+            &run(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]))
+                .unwrap(),
+        )
+        .unwrap();
+        let (ns, cnt) = (
+            info["run_time_ns"].as_u64().unwrap_or(0),
+            info["run_cnt"].as_u64().unwrap_or(0),
+        );
+        println!(
+            "{} {}: run_cnt {cnt} run_time_ns {ns} avg {:.0} ns",
+            prog["attach_type"],
+            info["name"],
+            ns as f64 / cnt.max(1) as f64
+        );
+    }
+    assert_eq!(map_of(&report["backends"]).len(), 3, "{report}");
+    assert_eq!(map_of(&udp["backends"]).len(), 3, "{udp}");
+    assert_eq!(map_of(&unconnected["backends"]).len(), 3, "{unconnected}");
+}
