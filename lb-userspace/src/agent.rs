@@ -1,11 +1,13 @@
 //! The agent: objects from a source → pure translation → reconciler → maps.
 //!
-//! Every source (the manifest directory here, the API server later) ends in
+//! Every source (the manifest directory, the API server) ends in
 //! [`Syncer::sync`], so there is one code path from objects to map writes.
 use std::{
     collections::BTreeSet,
     future::Future,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,10 +19,12 @@ use crate::{
         Datapath, DatapathError,
         bpf::{self, BpfDatapath, LoadError, MapSizes},
     },
-    model::{Diagnostic, TranslateOptions, translate},
+    health::{self, Health},
+    model::{DesiredState, Diagnostic, TranslateOptions, translate},
     reconciler::{Prune, Reconciler},
     sources::{
         dir_watch::{self, POLL_INTERVAL},
+        kube::{self as kube_source, ClientConfig, ClientError, Coalesce, Driver, Kind},
         manifest::{self, ClusterIpAllocator, ServiceCidr},
     },
 };
@@ -33,6 +37,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("cgroup v2: {0}")]
     Cgroup(std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] ClientError),
 }
 
 /// Everything `lb-agent run --manifests` needs.
@@ -46,6 +52,23 @@ pub struct ManifestAgentConfig {
     pub sizes: MapSizes,
     pub bpf_log: bool,
     pub translate: TranslateOptions,
+    /// `/healthz` and `/readyz`; `None`: not served.
+    pub health_addr: Option<SocketAddr>,
+}
+
+/// Everything `lb-agent run` against the Kubernetes API needs.
+#[derive(Clone, Debug)]
+pub struct KubeAgentConfig {
+    pub bpffs: PathBuf,
+    /// `None`: the host's cgroup v2 root from `/proc/mounts`.
+    pub cgroup: Option<PathBuf>,
+    pub sizes: MapSizes,
+    pub bpf_log: bool,
+    /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label.
+    pub translate: TranslateOptions,
+    pub client: ClientConfig,
+    /// `/healthz` and `/readyz`; `None`: not served.
+    pub health_addr: Option<SocketAddr>,
 }
 
 /// What one sync did, for logs and tests.
@@ -78,6 +101,15 @@ impl<D: Datapath> Syncer<D> {
         &self.reconciler
     }
 
+    pub fn options(&self) -> &TranslateOptions {
+        &self.opts
+    }
+
+    /// New node inputs (a zone learned late); used from the next sync on.
+    pub fn set_options(&mut self, opts: TranslateOptions) {
+        self.opts = opts;
+    }
+
     /// Brings the maps to what `services` and `slices` describe. `source_diags`
     /// are problems the source found before translation (parse errors).
     pub fn sync(
@@ -88,7 +120,30 @@ impl<D: Datapath> Syncer<D> {
         prune: Prune,
     ) -> SyncStats {
         let (desired, diags) = translate(services, slices, &self.opts);
-        self.report(source_diags.into_iter().chain(diags).collect());
+        self.apply_desired(
+            desired,
+            source_diags.into_iter().chain(diags).collect(),
+            prune,
+        )
+    }
+
+    /// The second half of [`Syncer::sync`], for a source that keeps the
+    /// translation up to date incrementally (per service, with the model's
+    /// own [`crate::model::translate_service`]).
+    pub fn apply_desired(
+        &mut self,
+        mut desired: DesiredState,
+        diags: BTreeSet<Diagnostic>,
+        prune: Prune,
+    ) -> SyncStats {
+        self.report(diags);
+        if prune == Prune::No {
+            // Sources still syncing: an empty backend list may only mean the
+            // slices have not arrived yet. Do not install a new frontend that
+            // would refuse connects; installed ones keep their backends anyway.
+            let installed = self.reconciler.installed();
+            desired.retain(|fe, want| !want.backends.is_empty() || installed.contains_key(fe));
+        }
         let report = self.reconciler.apply(&desired, prune);
         for e in &report.errors {
             error!("{e}");
@@ -128,22 +183,8 @@ pub async fn run_manifests(
     cfg: ManifestAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let cgroup = match &cfg.cgroup {
-        Some(c) => c.clone(),
-        None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
-    };
-    let install = bpf::install(&cfg.bpffs, &cgroup, cfg.sizes, cfg.bpf_log)?;
-    info!(
-        bpffs = %cfg.bpffs.display(),
-        cgroup = %cgroup.display(),
-        link = %install.link_pin.display(),
-        "connect4 attached"
-    );
-    let reconciler = Reconciler::adopt(BpfDatapath::open(&cfg.bpffs)?)?;
-    let adopted = reconciler.installed().len();
-    if adopted > 0 {
-        info!(frontends = adopted, "re-adopted pinned state");
-    }
+    let health = start_health(cfg.health_addr);
+    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
     // Addresses a previous agent allocated stay with their services.
     let previous = reconciler
         .installed()
@@ -188,7 +229,103 @@ pub async fn run_manifests(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced manifests"
         );
+        // The directory is the whole truth: the first sync is complete.
+        health.set_ready();
     }
+    info!("stopping; the datapath stays attached through its pinned link");
+    Ok(())
+}
+
+/// Serves the probes in the background (if asked); not ready yet.
+fn start_health(addr: Option<SocketAddr>) -> Arc<Health> {
+    let health = Health::new();
+    if let Some(addr) = addr {
+        tokio::spawn(health::serve(addr, health.clone()));
+    }
+    health
+}
+
+/// Loads and attaches the programs, then re-adopts the pinned maps as they
+/// are: nothing is flushed, whatever the sources will say later.
+fn attach(
+    bpffs: &Path,
+    cgroup: Option<&Path>,
+    sizes: MapSizes,
+    bpf_log: bool,
+) -> Result<Reconciler<BpfDatapath>, AgentError> {
+    let cgroup = match cgroup {
+        Some(c) => c.to_owned(),
+        None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
+    };
+    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log)?;
+    info!(
+        bpffs = %bpffs.display(),
+        cgroup = %cgroup.display(),
+        link = %install.link_pin.display(),
+        "connect4 attached"
+    );
+    let reconciler = Reconciler::adopt(BpfDatapath::open(bpffs)?)?;
+    let adopted = reconciler.installed().len();
+    if adopted > 0 {
+        info!(frontends = adopted, "re-adopted pinned state");
+    }
+    Ok(reconciler)
+}
+
+/// `lb-agent run` against the API server: attaches, re-adopts the pinned
+/// maps, then keeps them equal to the Services and EndpointSlices the two
+/// watches see until `shutdown`. While the API server is unreachable the maps
+/// stay as they are; nothing is removed or shrunk before both watches have
+/// listed once.
+pub async fn run_kube(
+    cfg: KubeAgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let health = start_health(cfg.health_addr);
+    let client = kube_source::client(&cfg.client).await?;
+    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
+    let mut opts = cfg.translate.clone();
+    let (mut driver, feeds) =
+        Driver::new(Syncer::new(reconciler, opts.clone()), Coalesce::default());
+    if opts.zone.is_none()
+        && let Some(node) = opts.node_name.clone()
+    {
+        opts.zone = kube_source::resolve_zone(client.clone(), node, feeds.signals.clone()).await;
+        driver.set_options(opts.clone());
+    }
+    let selector = kube_source::label_selector(opts.service_proxy_name.as_deref());
+    info!(
+        selector,
+        node = opts.node_name.as_deref().unwrap_or(""),
+        zone = opts.zone.as_deref().unwrap_or(""),
+        "watching services and endpointslices"
+    );
+    let services = tokio::spawn(kube_source::pump(
+        kube_source::watch(kube::Api::all(client.clone()), &selector),
+        feeds.services,
+        feeds.signals.clone(),
+        Kind::Services,
+    ));
+    let slices = tokio::spawn(kube_source::pump(
+        kube_source::watch(kube::Api::all(client), &selector),
+        feeds.slices,
+        feeds.signals.clone(),
+        Kind::EndpointSlices,
+    ));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            step = driver.step() => {
+                if step.first_complete {
+                    health.set_ready();
+                }
+            }
+        }
+    }
+    services.abort();
+    slices.abort();
+    driver.log_latency();
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Data flows `sources` → `model` → `reconciler` → `datapath`.
 pub mod agent;
 pub mod datapath;
+pub mod health;
 pub mod list;
 pub mod model;
 pub mod reconciler;

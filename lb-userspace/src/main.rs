@@ -1,17 +1,17 @@
 //! `lb-agent`: the node agent's command line. Errors become `anyhow` only here.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent::{self, ManifestAgentConfig},
+    agent::{self, KubeAgentConfig, ManifestAgentConfig},
     datapath::{
         Datapath as _,
         bpf::{self, BpfDatapath, MapSizes},
     },
-    list,
+    health, list,
     model::TranslateOptions,
-    sources::manifest::ServiceCidr,
+    sources::{kube::ClientConfig, manifest::ServiceCidr},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -60,9 +60,20 @@ struct Pins {
 struct RunArgs {
     #[command(flatten)]
     pins: Pins,
-    /// Read Services, Pods, Endpoints and EndpointSlices from YAML files in DIR (watched, live).
-    #[arg(long, value_name = "DIR")]
+    /// Read Services, Pods, Endpoints and EndpointSlices from YAML files in DIR (watched, live)
+    /// instead of watching the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "api_server"])]
     manifests: Option<PathBuf>,
+    /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else the in-cluster service account].
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// API server URL, replacing the configured one (use an address that is not the
+    /// default/kubernetes ClusterIP: the agent programs that service itself).
+    #[arg(long, value_name = "URL")]
+    api_server: Option<String>,
+    /// Address for /healthz and /readyz ("none" to disable).
+    #[arg(long, value_name = "ADDR", default_value = health::DEFAULT_ADDR, value_parser = parse_health_addr)]
+    health_addr: HealthAddr,
     /// Range for ClusterIPs of manifest Services that have none.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: ServiceCidr,
@@ -78,12 +89,25 @@ struct RunArgs {
     /// This node, for internalTrafficPolicy: Local [default: $NODE_NAME, else the hostname].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// This node's zone, for topology hints.
+    /// This node's zone, for topology hints [default: the node's topology.kubernetes.io/zone label].
     #[arg(long)]
     zone: Option<String>,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
+}
+
+/// `--health-addr`: an address, or `None` for "none".
+#[derive(Clone, Copy, Debug)]
+struct HealthAddr(Option<SocketAddr>);
+
+fn parse_health_addr(s: &str) -> Result<HealthAddr, String> {
+    if s == "none" || s.is_empty() {
+        return Ok(HealthAddr(None));
+    }
+    s.parse()
+        .map(|a| HealthAddr(Some(a)))
+        .map_err(|e| format!("{e} (expected IP:PORT or none)"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +139,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
         pins,
         manifests,
+        kubeconfig,
+        api_server,
+        health_addr,
         service_cidr,
         max_services,
         max_backends,
@@ -123,32 +150,51 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         zone,
         service_proxy_name,
     } = args;
-    let Some(manifests) = manifests else {
-        bail!("the Kubernetes API source is not available yet: pass --manifests DIR");
-    };
     let node_name = node_name.or_else(hostname);
-    let cfg = ManifestAgentConfig {
-        bpffs: pins.bpffs,
-        cgroup: pins.cgroup,
-        manifests,
-        service_cidr,
-        sizes: MapSizes {
-            max_services,
-            max_backends,
-        },
-        bpf_log,
-        translate: TranslateOptions {
-            node_name,
-            zone,
-            service_proxy_name,
-        },
+    let sizes = MapSizes {
+        max_services,
+        max_backends,
+    };
+    let translate = TranslateOptions {
+        node_name,
+        zone,
+        service_proxy_name,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
+    match manifests {
+        Some(manifests) => {
+            let cfg = ManifestAgentConfig {
+                bpffs: pins.bpffs,
+                cgroup: pins.cgroup,
+                manifests,
+                service_cidr,
+                sizes,
+                bpf_log,
+                translate,
+                health_addr: health_addr.0,
+            };
+            runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
+        }
+        None => {
+            let cfg = KubeAgentConfig {
+                bpffs: pins.bpffs,
+                cgroup: pins.cgroup,
+                sizes,
+                bpf_log,
+                translate,
+                client: ClientConfig {
+                    kubeconfig,
+                    api_server,
+                },
+                health_addr: health_addr.0,
+            };
+            runtime.block_on(agent::run_kube(cfg, shutdown_signal()))?;
+        }
+    }
     Ok(())
 }
 

@@ -267,13 +267,16 @@ impl Drop for TestCgroup {
     }
 }
 
-/// The real `lb-agent` binary, run on a manifest directory, with its own
-/// bpffs directory and attached to a test cgroup.
+/// The real `lb-agent` binary, run on a manifest directory (or, with
+/// `kubeconfig` set, against an API server), with its own bpffs directory and
+/// attached to a test cgroup.
 pub struct Agent {
     pub bin: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
     pub manifests: PathBuf,
+    /// `Some`: run against the API server in this kubeconfig instead of `manifests`.
+    pub kubeconfig: Option<PathBuf>,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
@@ -291,6 +294,7 @@ impl Agent {
             bpffs: Path::new(BPFFS).join(name),
             cgroup: cgroup.to_owned(),
             manifests: manifests.to_owned(),
+            kubeconfig: None,
             log: log.to_owned(),
             extra_args: Vec::new(),
             child: None,
@@ -308,10 +312,22 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let child = Command::new(&self.bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run");
+        match &self.kubeconfig {
+            Some(kc) => cmd.arg("--kubeconfig").arg(kc),
+            None => cmd.arg("--manifests").arg(&self.manifests),
+        };
+        // An ephemeral port unless the test picks one: several agents (and
+        // other users' test runs) may share the host's network namespace.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--health-addr"))
+        {
+            cmd.args(["--health-addr", "127.0.0.1:0"]);
+        }
+        let child = cmd
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--cgroup")
@@ -400,9 +416,14 @@ impl Agent {
                 bail!("the agent is not running; its log:\n{}", self.log_text());
             }
             let log = self.log_text();
+            let marker = if self.kubeconfig.is_some() {
+                "initial sync complete"
+            } else {
+                "synced manifests"
+            };
             if log
                 .get(self.log_offset..)
-                .is_some_and(|l| l.contains("synced manifests"))
+                .is_some_and(|l| l.contains(marker))
             {
                 return Ok(());
             }
@@ -415,6 +436,42 @@ impl Agent {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log of the current (or last) process only.
+    pub fn current_log(&self) -> String {
+        let log = self.log_text();
+        log.get(self.log_offset..).unwrap_or_default().to_owned()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where the current process serves `/healthz` and `/readyz`, from its log.
+    pub fn wait_health_addr(&mut self, timeout: Duration) -> anyhow::Result<std::net::SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.current_log();
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("health endpoints listening"))
+                .find_map(|l| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+            {
+                return Ok(addr);
+            }
+            if !self.is_running() || Instant::now() > deadline {
+                bail!("no health endpoint in the agent's log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn uninstall(&self) -> anyhow::Result<String> {
@@ -436,6 +493,23 @@ impl Drop for Agent {
         let _ = self.uninstall();
         let _ = std::fs::remove_dir_all(&self.bpffs);
     }
+}
+
+/// The HTTP status of `GET path` on `addr` (the agent's health endpoints).
+pub fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP response {out:?}"))
 }
 
 /// A ClusterIP service as `lb-agent list -o json` shows it.

@@ -1,0 +1,506 @@
+//! The API source without HTTP: synthetic watcher events go into the real
+//! reflector stores and signals; the driver syncs a `MemoryDatapath`.
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use kube::runtime::watcher::Event;
+use serde_json::json;
+
+use super::*;
+use crate::{
+    datapath::MemoryDatapath,
+    model::{Frontend, Proto, TranslateOptions, frontend},
+    reconciler::Reconciler,
+};
+
+fn svc(name: &str, ip: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80, "protocol": "TCP"}]},
+    }))
+    .unwrap()
+}
+
+/// A slice of `service` with one ready endpoint per address, on port 8080.
+fn slice(name: &str, service: &str, addrs: &[&str]) -> EndpointSlice {
+    let eps: Vec<_> = addrs
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": "1",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": eps,
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }))
+    .unwrap()
+}
+
+fn fe(ip: &str) -> Frontend {
+    frontend(ip.parse().unwrap(), 80, Proto::Tcp)
+}
+
+fn driver_with(dp: MemoryDatapath) -> (Driver<MemoryDatapath>, Feeds) {
+    let syncer = Syncer::new(Reconciler::adopt(dp).unwrap(), TranslateOptions::default());
+    Driver::new(syncer, Coalesce::default())
+}
+
+/// What `pump` does for one event, without a stream.
+fn feed<K>(writer: &mut Writer<K>, signals: &Signals, kind: Kind, event: Event<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    writer.apply_watcher_event(&event);
+    signals.record(kind, &Ok(event));
+}
+
+fn list<K>(writer: &mut Writer<K>, signals: &Signals, kind: Kind, objs: Vec<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    feed(writer, signals, kind, Event::Init);
+    for o in objs {
+        feed(writer, signals, kind, Event::InitApply(o));
+    }
+    feed(writer, signals, kind, Event::InitDone);
+}
+
+async fn step(d: &mut Driver<MemoryDatapath>) -> Step {
+    tokio::time::timeout(Duration::from_secs(5), d.step())
+        .await
+        .expect("a sync")
+}
+
+/// Backends of `fe` as the maps hold them (active slots only).
+fn backends(d: &Driver<MemoryDatapath>, fe: &Frontend) -> Vec<Ipv4Addr> {
+    let r = d.syncer().reconciler();
+    let snap = r.datapath().snapshot().unwrap();
+    let Some(inst) = r.installed().get(fe) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Ipv4Addr> = inst.slots[..inst.count as usize]
+        .iter()
+        .map(|id| {
+            crate::datapath::backend_addr(&snap.backends[id])
+                .ip()
+                .to_owned()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Maps as a previous agent left them: a with 2 backends, b with 1.
+fn previous_agent_maps() -> MemoryDatapath {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+    );
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![
+            slice("a-1", "a", &["10.244.1.1", "10.244.1.2"]),
+            slice("b-1", "b", &["10.244.1.3"]),
+        ],
+    );
+    assert_eq!(d.sync_now().prune, Prune::Yes);
+    d.syncer().reconciler().datapath().clone()
+}
+
+#[tokio::test]
+async fn nothing_shrinks_or_goes_before_both_initial_lists() {
+    let (mut d, mut f) = driver_with(previous_agent_maps());
+    // Services listed (b is gone, a new service c has no slices yet); slices not.
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1"), svc("c", "10.96.0.3")],
+    );
+    let s = step(&mut d).await;
+    assert_eq!(s.prune, Prune::No);
+    assert!(!s.first_complete);
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2, "a not shrunk");
+    assert_eq!(backends(&d, &fe("10.96.0.2")).len(), 1, "b not deleted");
+    assert!(
+        !d.syncer()
+            .reconciler()
+            .installed()
+            .contains_key(&fe("10.96.0.3")),
+        "c not installed without backends before the slices are known"
+    );
+    // A slice update before the slice list completes: grow only.
+    feed(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        Event::Apply(slice("a-1", "a", &["10.244.1.1"])),
+    );
+    assert_eq!(step(&mut d).await.prune, Prune::No);
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2);
+
+    // The slice list completes: now the maps follow the stores exactly.
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![slice("a-1", "a", &["10.244.1.1"])],
+    );
+    let s = step(&mut d).await;
+    assert_eq!(s.prune, Prune::Yes);
+    assert!(s.first_complete);
+    assert_eq!(
+        backends(&d, &fe("10.96.0.1")),
+        ["10.244.1.1".parse::<Ipv4Addr>().unwrap()]
+    );
+    assert!(
+        !d.syncer()
+            .reconciler()
+            .installed()
+            .contains_key(&fe("10.96.0.2"))
+    );
+    // c exists with no endpoints: installed, refusing connects.
+    assert!(
+        d.syncer()
+            .reconciler()
+            .installed()
+            .contains_key(&fe("10.96.0.3"))
+    );
+    assert!(backends(&d, &fe("10.96.0.3")).is_empty());
+    assert!(!step_pending(&d));
+}
+
+fn step_pending(d: &Driver<MemoryDatapath>) -> bool {
+    d.signals().is_dirty()
+}
+
+#[tokio::test]
+async fn a_relist_removes_exactly_what_vanished_meanwhile() {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+    );
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![
+            slice("a-1", "a", &["10.244.1.1", "10.244.1.2"]),
+            slice("b-1", "b", &["10.244.1.3"]),
+        ],
+    );
+    step(&mut d).await;
+    let writes_before = d.syncer().reconciler().datapath().log.len();
+    // The watch broke (410); b and its slice were deleted meanwhile. The
+    // relist is buffered by the store until InitDone: nothing changes before.
+    feed(&mut f.services, &f.signals, Kind::Services, Event::Init);
+    feed(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        Event::InitApply(svc("a", "10.96.0.1")),
+    );
+    assert!(!step_pending(&d), "a relist in progress is not a change");
+    feed(&mut f.services, &f.signals, Kind::Services, Event::InitDone);
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![slice("a-1", "a", &["10.244.1.1", "10.244.1.2"])],
+    );
+    let s = step(&mut d).await;
+    assert_eq!(s.prune, Prune::Yes);
+    assert!(!s.first_complete);
+    assert!(
+        !d.syncer()
+            .reconciler()
+            .installed()
+            .contains_key(&fe("10.96.0.2"))
+    );
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2);
+    // Only deletes for b: its master, slot, meta and orphaned backend.
+    let log = &d.syncer().reconciler().datapath().log[writes_before..];
+    use crate::datapath::memory::Op;
+    assert!(
+        log.iter().all(|op| matches!(
+            op,
+            Op::DeleteService(_) | Op::DeleteMeta(_) | Op::DeleteBackend(_)
+        )),
+        "{log:?}"
+    );
+    assert_eq!(log.len(), 4, "{log:?}");
+}
+
+#[tokio::test]
+async fn deletes_and_updates_after_sync_apply() {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1")],
+    );
+    list(&mut f.slices, &f.signals, Kind::EndpointSlices, vec![]);
+    step(&mut d).await;
+    assert!(backends(&d, &fe("10.96.0.1")).is_empty());
+    feed(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        Event::Apply(slice(
+            "a-1",
+            "a",
+            &["10.244.1.1", "10.244.1.2", "10.244.1.3"],
+        )),
+    );
+    step(&mut d).await;
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 3);
+    feed(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        Event::Delete(slice("a-1", "a", &[])),
+    );
+    step(&mut d).await;
+    assert!(backends(&d, &fe("10.96.0.1")).is_empty());
+    feed(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        Event::Delete(svc("a", "10.96.0.1")),
+    );
+    step(&mut d).await;
+    assert!(d.syncer().reconciler().installed().is_empty());
+    assert!(d.syncer().reconciler().datapath().state.backends.is_empty());
+    // Two EndpointSlice events were measured.
+    assert_eq!(d.latency().summary().map(|s| s.0), Some(2));
+}
+
+#[tokio::test]
+async fn a_burst_of_events_is_coalesced_into_few_syncs() {
+    let (mut d, f) = driver_with(MemoryDatapath::default());
+    let Feeds {
+        services,
+        slices,
+        signals,
+    } = f;
+    let svcs: Vec<Service> = (0..100)
+        .map(|i| svc(&format!("s{i}"), &format!("10.96.1.{i}")))
+        .collect();
+    tokio::spawn(pump(
+        futures::stream::iter(
+            [Event::Init]
+                .into_iter()
+                .chain(svcs.into_iter().map(Event::InitApply))
+                .chain([Event::InitDone])
+                .map(Ok),
+        ),
+        services,
+        signals.clone(),
+        Kind::Services,
+    ));
+    // 1,000 slice updates arriving over ~50 ms, as a watch would deliver them.
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(pump(rx, slices, signals.clone(), Kind::EndpointSlices));
+    tx.unbounded_send(Ok(Event::Init)).unwrap();
+    tx.unbounded_send(Ok(Event::InitDone)).unwrap();
+    let producer = tokio::spawn(async move {
+        for i in 0..1000u32 {
+            let n = i % 100;
+            let ep = format!("10.244.{}.{}", 1 + i / 250, i % 250 + 1);
+            let s = slice(&format!("s{n}-1"), &format!("s{n}"), &[&ep]);
+            tx.unbounded_send(Ok(Event::Apply(s))).unwrap();
+            if i % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        step(&mut d).await;
+        let done = producer.is_finished() && d.latency().summary().map(|s| s.0) == Some(1000);
+        if done || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert_eq!(
+        d.latency().summary().map(|s| s.0),
+        Some(1000),
+        "every event measured"
+    );
+    assert!(d.syncs() < 100, "1,000 events took {} syncs", d.syncs());
+    // Each of the 100 services ends with the last endpoint written for it.
+    for n in 0..100u32 {
+        let last = 900 + n;
+        let ep: Ipv4Addr = format!("10.244.{}.{}", 1 + last / 250, last % 250 + 1)
+            .parse()
+            .unwrap();
+        assert_eq!(backends(&d, &fe(&format!("10.96.1.{n}"))), [ep]);
+    }
+}
+
+#[tokio::test]
+async fn a_single_change_syncs_within_milliseconds() {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1")],
+    );
+    list(&mut f.slices, &f.signals, Kind::EndpointSlices, vec![]);
+    step(&mut d).await;
+    let t = Instant::now();
+    feed(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        Event::Apply(slice("a-1", "a", &["10.244.1.1"])),
+    );
+    step(&mut d).await;
+    let took = t.elapsed();
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 1);
+    assert!(took < Duration::from_millis(50), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_late_zone_applies_topology_hints_on_the_next_sync() {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    let hinted: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "a-1", "namespace": "default", "resourceVersion": "1",
+                     "labels": {"kubernetes.io/service-name": "a"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.244.1.1"], "zone": "z1", "hints": {"forZones": [{"name": "z1"}]}},
+            {"addresses": ["10.244.1.2"], "zone": "z2", "hints": {"forZones": [{"name": "z2"}]}},
+        ],
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1")],
+    );
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![hinted],
+    );
+    step(&mut d).await;
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2);
+    f.signals.set_zone(Some("z2".into()));
+    step(&mut d).await;
+    assert_eq!(
+        backends(&d, &fe("10.96.0.1")),
+        ["10.244.1.2".parse::<Ipv4Addr>().unwrap()]
+    );
+}
+
+#[test]
+fn selectors_are_kube_proxys() {
+    assert_eq!(
+        label_selector(None),
+        "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+    );
+    assert_eq!(
+        label_selector(Some("lb")),
+        "service.kubernetes.io/service-proxy-name=lb,!service.kubernetes.io/headless"
+    );
+}
+
+/// The incremental index gives exactly what a full translation of the
+/// stores gives, through slices moving between services, services coming and
+/// going, and relists.
+#[tokio::test]
+async fn incremental_translation_equals_a_full_one() {
+    let (mut d, mut f) = driver_with(MemoryDatapath::default());
+    list(&mut f.services, &f.signals, Kind::Services, vec![]);
+    list(&mut f.slices, &f.signals, Kind::EndpointSlices, vec![]);
+    d.sync_now();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for round in 0..400 {
+        let n = next(8);
+        let event_svc = |n: u64| svc(&format!("s{n}"), &format!("10.96.0.{}", n % 6 + 1));
+        match next(6) {
+            0 => feed(
+                &mut f.services,
+                &f.signals,
+                Kind::Services,
+                Event::Apply(event_svc(n)),
+            ),
+            1 => feed(
+                &mut f.services,
+                &f.signals,
+                Kind::Services,
+                Event::Delete(event_svc(n)),
+            ),
+            2 => feed(
+                &mut f.slices,
+                &f.signals,
+                Kind::EndpointSlices,
+                Event::Delete(slice(&format!("x{}", next(10)), "s0", &[])),
+            ),
+            5 if round % 50 == 49 => {
+                // A relist with whatever the stores hold plus one new service.
+                let mut all: Vec<Service> =
+                    d.services.state().iter().map(|s| (**s).clone()).collect();
+                all.push(event_svc(n));
+                list(&mut f.services, &f.signals, Kind::Services, all);
+            }
+            _ => {
+                let ep = format!("10.244.{}.{}", next(3), next(3) + 1);
+                let owner = format!("s{}", next(8));
+                feed(
+                    &mut f.slices,
+                    &f.signals,
+                    Kind::EndpointSlices,
+                    Event::Apply(slice(&format!("x{}", next(10)), &owner, &[&ep])),
+                );
+            }
+        }
+        if next(3) == 0 {
+            d.sync_now();
+            let services: Vec<Service> = d.services.state().iter().map(|s| (**s).clone()).collect();
+            let slices: Vec<EndpointSlice> =
+                d.slices.state().iter().map(|s| (**s).clone()).collect();
+            let (want, _) =
+                crate::model::translate(&services, &slices, &TranslateOptions::default());
+            let got: BTreeMap<Frontend, (String, Vec<Ipv4Addr>)> = d
+                .syncer()
+                .reconciler()
+                .installed()
+                .iter()
+                .map(|(fe, i)| (*fe, (i.service.name.clone(), backends(&d, fe))))
+                .collect();
+            let want: BTreeMap<Frontend, (String, Vec<Ipv4Addr>)> = want
+                .into_iter()
+                .map(|(fe, w)| {
+                    (
+                        fe,
+                        (w.service.name, w.backends.iter().map(|b| *b.ip()).collect()),
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "round {round}");
+        }
+    }
+}
