@@ -234,15 +234,25 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
         Output::Table => print!("{}", list::table(&rows)),
         Output::Json => {
             let counters = dp.stats()?;
+            let counter = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+            use lb_common::stats;
             let doc = serde_json::json!({
                 "items": rows,
                 "attached": bpf::attached_program(&pins.bpffs).is_some(),
                 "counters": {
-                    "translated": counters[lb_common::stats::TRANSLATED as usize],
-                    "noBackend": counters[lb_common::stats::NO_BACKEND as usize],
-                    "slotFallback": counters[lb_common::stats::SLOT_FALLBACK as usize],
-                    "mapFull": counters[lb_common::stats::MAP_FULL as usize],
+                    "translated": counter(stats::TRANSLATED),
+                    "sendmsgTranslated": counter(stats::SENDMSG_TRANSLATED),
+                    "noBackend": counter(stats::NO_BACKEND),
+                    "slotFallback": counter(stats::SLOT_FALLBACK),
+                    "reverseTranslated": counter(stats::REVERSE_TRANSLATED),
+                    "reverseStale": counter(stats::REVERSE_STALE),
+                    "reverseWriteFailed": counter(stats::REVERSE_WRITE_FAILED),
+                    "mapFull": counter(stats::MAP_FULL),
                 },
+                "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
+                    "entries": o.entries,
+                    "maxEntries": o.max_entries,
+                })),
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }

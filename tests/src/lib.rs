@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+pub mod dns;
 pub mod sys;
 
 /// Prefix of every namespace, cgroup and pin the fixtures create, so a
@@ -59,6 +60,22 @@ impl Bins {
         }
     }
 
+    /// For this crate's integration tests: the test programs cargo built for
+    /// them, and the agent xtask built into the same profile directory
+    /// (`target/<profile>/deps/..`), or `$LB_AGENT_BIN`. Use [`test_bins!`].
+    pub fn for_test(server: &str, client: &str) -> Self {
+        let profile_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent()?.parent().map(PathBuf::from))
+            .expect("test executable path");
+        Self {
+            agent: std::env::var_os("LB_AGENT_BIN")
+                .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
+            server: server.into(),
+            client: client.into(),
+        }
+    }
+
     pub fn check(&self) -> anyhow::Result<()> {
         for p in [&self.agent, &self.server, &self.client] {
             if !p.exists() {
@@ -70,6 +87,17 @@ impl Bins {
         }
         Ok(())
     }
+}
+
+/// [`Bins`] for an integration test of this crate (the `env!`s must expand there).
+#[macro_export]
+macro_rules! test_bins {
+    () => {
+        $crate::Bins::for_test(
+            env!("CARGO_BIN_EXE_lb-testserver"),
+            env!("CARGO_BIN_EXE_lb-testclient"),
+        )
+    };
 }
 
 /// A short name unique to this process and call: `lbt<pid><n>`.

@@ -4,7 +4,6 @@
 //! `cargo xtask test` with `--test-threads=1`.
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -14,18 +13,7 @@ const SYNC: Duration = Duration::from_secs(10);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
 
 fn bins() -> Bins {
-    // The agent is built by xtask into the same profile directory as this
-    // test's binary (target/<profile>/deps/..).
-    let profile_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
-        .expect("test executable path");
-    Bins {
-        agent: std::env::var_os("LB_AGENT_BIN")
-            .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
-        server: env!("CARGO_BIN_EXE_lb-testserver").into(),
-        client: env!("CARGO_BIN_EXE_lb-testclient").into(),
-    }
+    lb_tests::test_bins!()
 }
 
 fn pod_ip(octet: u8) -> Ipv4Addr {

@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -25,16 +24,7 @@ const PODS: &[(&str, u8)] = &[("pod-1", 11), ("pod-2", 12), ("pod-3", 13), ("pod
 const VIP: &str = "10.96.100.10";
 
 fn bins() -> Bins {
-    let profile_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
-        .expect("test executable path");
-    Bins {
-        agent: std::env::var_os("LB_AGENT_BIN")
-            .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
-        server: env!("CARGO_BIN_EXE_lb-testserver").into(),
-        client: env!("CARGO_BIN_EXE_lb-testclient").into(),
-    }
+    lb_tests::test_bins!()
 }
 
 fn pod_ip(octet: u8) -> String {

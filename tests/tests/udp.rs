@@ -7,12 +7,15 @@ use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use lb_tests::{Bins, Lab, back_end_manifest, endpoints, find_service, run, service_ip};
+use lb_tests::{
+    Bins, Lab, back_end_manifest,
+    dns::{Dnsmasq, dig, in_client},
+    endpoints, find_service, run, service_ip,
+};
 use serde_json::Value;
 
 const SYNC: Duration = Duration::from_secs(10);
@@ -28,16 +31,7 @@ const REVERSE_PIN: &str = "LB_REVERSE4";
 const REVERSE_MAX: u64 = 262_144;
 
 fn bins() -> Bins {
-    let profile_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
-        .expect("test executable path");
-    Bins {
-        agent: std::env::var_os("LB_AGENT_BIN")
-            .map_or_else(|| profile_dir.join("lb-agent"), PathBuf::from),
-        server: env!("CARGO_BIN_EXE_lb-testserver").into(),
-        client: env!("CARGO_BIN_EXE_lb-testclient").into(),
-    }
+    lb_tests::test_bins!()
 }
 
 fn pod_ip(octet: u8) -> Ipv4Addr {
@@ -389,9 +383,6 @@ status:
     y
 }
 
-/// dnsmasq processes, killed on drop.
-struct Dnsmasq(Vec<(String, Child)>);
-
 /// A caching-off dnsmasq forwarder in the client pod (and the attached
 /// cgroup) on 127.0.0.1:53 that forwards to the DNS ClusterIP, like a
 /// node-local DNS cache. It sends every query from an unconnected UDP socket
@@ -445,95 +436,15 @@ impl Drop for Killed {
     }
 }
 
-impl Dnsmasq {
-    fn start(lab: &Lab) -> Self {
-        let mut all = Self(Vec::new());
-        for pod in &lab.topo.pods {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &pod.netns, "dnsmasq"])
-                .args([
-                    "--no-daemon",
-                    "--conf-file=/dev/null",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--port=53",
-                    "--log-facility=-",
-                    "--address=/example.test/10.1.2.3",
-                ])
-                .arg(format!("--listen-address={}", pod.ip))
-                .arg(format!("--txt-record=whoami.example.test,{}", pod.name))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("dnsmasq (apt-get install dnsmasq-base; cargo xtask test does)");
-            all.0.push((pod.name.clone(), child));
-        }
-        // Ready when each answers directly (pod IPs are not services, so
-        // the attached programs pass these queries through untouched).
-        for pod in &lab.topo.pods {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let out = dig(lab, &[&format!("@{}", pod.ip), "example.test"]);
-                if out.as_deref().is_ok_and(|o| o.trim() == "10.1.2.3") {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "dnsmasq in {} not answering: {out:?}",
-                    pod.name
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        all
-    }
-
-    fn kill(&mut self, name: &str) {
-        for (n, child) in &mut self.0 {
-            if n == name {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Runs `cmd` in the client namespace and the attached cgroup, optionally
-/// with its own /etc/resolv.conf.
-fn in_client(lab: &Lab, resolv: Option<&Path>, cmd: &[&str]) -> anyhow::Result<String> {
-    let mut c = Command::new(&lab.bins.client);
-    c.arg("--netns")
-        .arg(&lab.topo.client)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path);
-    if let Some(r) = resolv {
-        c.arg("--resolv").arg(r);
-    }
-    run(c.arg("--exec").args(cmd))
-}
-
-/// `dig +short` from the client pod: one try, two seconds.
-fn dig(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = vec!["dig", "+short", "+tries=1", "+time=2"];
-    cmd.extend_from_slice(args);
-    in_client(lab, None, &cmd)
-}
-
 #[test]
 fn dns_through_a_cluster_ip_with_dnsmasq_dig_and_glibc() {
     let mut lab = Lab::new(&bins(), DNS_PODS, 80).expect("lab");
-    let mut dnsmasq = Dnsmasq::start(&lab);
+    let mut dnsmasq = Dnsmasq::start(
+        &lab,
+        &lab.topo.pods,
+        &[("example.test", Ipv4Addr::new(10, 1, 2, 3))],
+    )
+    .expect("dnsmasq pods");
     lab.write_manifest("dns.yaml", &dns_manifest([true, true]))
         .unwrap();
     lab.agent.start().unwrap();

@@ -11,12 +11,73 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_tests::{Bins, ClientReport, Lab, endpoints, service_ip};
+use lb_tests::{
+    Bins, ClientReport, Lab,
+    dns::{Dnsmasq, dig, in_client},
+    endpoints, service_ip,
+};
 
 use crate::{cmd, exec};
 
 const EXAMPLE: &str = include_str!("../../examples/back-end/back-end.yaml");
 const CONNECTS: &str = "3000";
+const DNS_IP: &str = "10.96.0.10";
+const DNS_NAME: &str = "back-end.default.svc.cluster.local";
+
+/// kube-dns as a cluster has it: a ClusterIP on UDP and TCP 53, two pods.
+const KUBE_DNS: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+spec:
+  clusterIP: 10.96.0.10
+  selector:
+    k8s-app: kube-dns
+  ports:
+    - name: dns
+      port: 53
+      protocol: UDP
+    - name: dns-tcp
+      port: 53
+      protocol: TCP
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: coredns-1
+  namespace: kube-system
+  labels:
+    k8s-app: kube-dns
+spec:
+  containers:
+    - name: coredns
+      image: dnsmasq
+status:
+  phase: Running
+  podIP: 10.244.1.21
+  conditions:
+    - type: Ready
+      status: \"True\"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: coredns-2
+  namespace: kube-system
+  labels:
+    k8s-app: kube-dns
+spec:
+  containers:
+    - name: coredns
+      image: dnsmasq
+status:
+  phase: Running
+  podIP: 10.244.1.22
+  conditions:
+    - type: Ready
+      status: \"True\"
+";
 
 pub fn run() -> anyhow::Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -56,7 +117,8 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
         "Topology: node namespace with a bridge, 3 backend pods serving HTTP on 10.244.1.11-13:80, a client at 10.244.1.100; nothing routes off the machine",
     );
     let pods = [("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
-    let mut lab = Lab::new(bins, &pods, 80)?;
+    let dns_pods = [("coredns-1", 21), ("coredns-2", 22)];
+    let mut lab = Lab::new(bins, &[&pods[..], &dns_pods[..]].concat(), 80)?;
     println!(
         "  namespaces {}-*, cgroup {}",
         lab.name,
@@ -83,6 +145,48 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
     ));
     let report = lab.client(&format!("{ip}:80"), &["--count", CONNECTS])?;
     print_distribution(&report, &pods);
+    check()?;
+
+    step(&format!(
+        "DNS: kube-dns at {DNS_IP} (UDP and TCP 53) backed by two dnsmasq pods; the client resolves back-end by name"
+    ));
+    lab.write_manifest("kube-dns.yaml", KUBE_DNS)?;
+    let coredns: Vec<_> = lab
+        .topo
+        .pods
+        .iter()
+        .filter(|p| p.name.starts_with("coredns"))
+        .cloned()
+        .collect();
+    let _dns = Dnsmasq::start(&lab, &coredns, &[(DNS_NAME, ip)])?;
+    lab.agent
+        .wait_for("kube-dns programmed", Duration::from_secs(15), |d| {
+            endpoints(d, "kube-system", "kube-dns", 53).len() == 4
+        })?;
+    for _ in 0..2 {
+        let answer = dig(&lab, &[&format!("@{DNS_IP}"), DNS_NAME])?;
+        let who = dig(
+            &lab,
+            &[&format!("@{DNS_IP}"), "TXT", &format!("whoami.{DNS_NAME}")],
+        )?;
+        println!(
+            "  dig @{DNS_IP} {DNS_NAME} -> {} (answered by {})",
+            answer.trim(),
+            who.trim().trim_matches('"')
+        );
+    }
+    let resolv = lab.work.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!(
+            "nameserver {DNS_IP}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        ),
+    )?;
+    let hosts = in_client(&lab, Some(&resolv), &["getent", "hosts", "back-end"])?;
+    println!(
+        "  getent hosts back-end (glibc, resolv.conf -> {DNS_IP}) -> {}",
+        hosts.trim()
+    );
     check()?;
 
     step("lb-agent list");
