@@ -110,11 +110,11 @@ fn destinations_that_are_not_services_are_untouched() {
 fn service_without_endpoints_refuses_connects_at_once() {
     let (lab, ip) = lab_with_back_end([false; 3]);
     let report = lab.client(&format!("{ip}:80"), &["--count", "20"]).unwrap();
+    // Refused by the program at connect(): a connect that hung instead
+    // would hit the client's 1 s timeout and count as ETIMEDOUT, and one
+    // that was not rewritten would be ENETUNREACH.
     assert_eq!(report.errors.get("ECONNREFUSED"), Some(&20), "{report:?}");
     assert_eq!(report.ok(), 0);
-    // Refused by the program, not by a timeout: 20 attempts take far less
-    // than one SYN retransmission (1 s).
-    assert!(report.elapsed_ms < 1000, "{report:?}");
     let doc = lab.agent.list_json().unwrap();
     assert!(doc["counters"]["noBackend"].as_u64().unwrap() >= 20);
 }
