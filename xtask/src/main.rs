@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -36,6 +37,27 @@ enum Task {
     },
     /// Build, then show ClusterIP connects balanced over three pods in isolated namespaces.
     Demo,
+    /// Measure the socket-LB against direct, iptables and nftables datapaths and the control plane; writes bench/results/ and BENCHMARKS.md.
+    Bench {
+        /// Reduced run for development (N = 1 and 1,000, fewer connections, 2 rounds; under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (default 3; quick 2).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Measured connections per client run (default 20,000; quick 5,000).
+        #[arg(long)]
+        iters: Option<u64>,
+        /// Largest N loaded with `nft -f` (default 10,000, loaded in round 1 only above 1,000: one transaction of 10,000 services takes over a minute here).
+        #[arg(long)]
+        nft_max: Option<u32>,
+        /// Service counts to run, comma-separated (default 1,1000,10000,100000; quick 1,1000).
+        #[arg(long, value_delimiter = ',')]
+        ns: Option<Vec<u32>>,
+        /// Only re-render results.md, the plot and BENCHMARKS.md from bench/results/results.json.
+        #[arg(long)]
+        report: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +72,26 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::setup()?;
             demo::run()
+        }
+        Task::Bench {
+            quick,
+            rounds,
+            iters,
+            nft_max,
+            ns,
+            report,
+        } => {
+            if !report {
+                setup::setup()?;
+            }
+            bench::run(bench::Opts {
+                quick,
+                rounds,
+                iters,
+                nft_max,
+                ns,
+                report_only: report,
+            })
         }
     }
 }

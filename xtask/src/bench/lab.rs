@@ -1,0 +1,644 @@
+//! The bench's own environment: a routed three-namespace topology (client
+//! pod → node router → server pod, as in the baseline method; the test
+//! fixtures' bridge topology has no node hop where netfilter could run),
+//! the backend server, the attached child cgroup, the agent, and BPF and
+//! bpftool helpers. Everything is named `lbb<pid>…` (not the fixtures'
+//! `lbt` prefix, whose leftover sweep must not meet a running bench) and is
+//! removed in `Drop`, also after an error or Ctrl-C.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lb_tests::sys;
+
+use super::config;
+
+pub const PREFIX: &str = "lbb";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+pub const CLIENT_CPU: usize = 1;
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    lb_tests::run(Command::new("ip").args(args))
+}
+
+fn sysctl(netns: &str, settings: &[&str]) -> anyhow::Result<()> {
+    lb_tests::run(
+        Command::new("ip")
+            .args(["netns", "exec", netns, "sysctl", "-q", "-w"])
+            .args(settings),
+    )?;
+    Ok(())
+}
+
+/// Paths of the release binaries.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub agent: PathBuf,
+    pub server: PathBuf,
+    pub client: PathBuf,
+}
+
+/// What the client printed.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ClientResult {
+    pub mode: String,
+    pub pick: String,
+    pub targets: u32,
+    pub iters: u64,
+    pub failures: u64,
+    #[serde(default)]
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+    pub conn_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+pub struct Lab {
+    pub bins: Bins,
+    pub client: String,
+    pub node: String,
+    pub server: String,
+    pub cgroup: PathBuf,
+    server_proc: Option<Child>,
+    netns: Vec<String>,
+}
+
+impl Lab {
+    pub fn new(bins: Bins) -> anyhow::Result<Self> {
+        let id = format!("{PREFIX}{}", std::process::id() % 100_000);
+        let mut lab = Self {
+            bins,
+            client: format!("{id}-client"),
+            node: format!("{id}-node"),
+            server: format!("{id}-server"),
+            cgroup: sys::cgroup2_root()?.join(&id),
+            server_proc: None,
+            netns: Vec::new(),
+        };
+        fs::create_dir(&lab.cgroup)
+            .with_context(|| format!("creating {}", lab.cgroup.display()))?;
+        for ns in [lab.client.clone(), lab.server.clone()] {
+            ip(&["netns", "add", &ns])?;
+            lab.netns.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            sysctl(
+                &ns,
+                &[
+                    "net.ipv4.ip_local_port_range=1024 65535",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.core.somaxconn=4096",
+                ],
+            )?;
+        }
+        lab.fresh_node()?;
+        let mut child = Command::new(&lab.bins.server)
+            .args(["--netns", &lab.server, "--cpu", "0", "--port"])
+            .arg(config::POD_PORT.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting lb-benchserver")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+        lab.server_proc = Some(child);
+        if !line.starts_with("listening") {
+            bail!("lb-benchserver did not start: {line:?}");
+        }
+        Ok(lab)
+    }
+
+    /// Deletes the node namespace (its veths, rules and conntrack go with
+    /// it), waits until the kernel has really removed the old veth peers,
+    /// and builds a new, empty one.
+    pub fn fresh_node(&mut self) -> anyhow::Result<()> {
+        if self.netns.contains(&self.node) {
+            ip(&["netns", "del", &self.node])?;
+            self.netns.retain(|n| n != &self.node);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ip(&["-n", &self.client, "link", "show", "c0"]).is_ok()
+            || ip(&["-n", &self.server, "link", "show", "s0"]).is_ok()
+        {
+            if Instant::now() > deadline {
+                bail!("the old node namespace's veths did not go away in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (node, client, server) = (
+            &self.node.clone(),
+            &self.client.clone(),
+            &self.server.clone(),
+        );
+        ip(&["netns", "add", node])?;
+        self.netns.push(node.clone());
+        ip(&["-n", node, "link", "set", "lo", "up"])?;
+        sysctl(node, &["net.ipv4.ip_forward=1"])?;
+        ip(&[
+            "-n", node, "link", "add", "n0", "type", "veth", "peer", "name", "c0", "netns", client,
+        ])?;
+        ip(&[
+            "-n", node, "link", "add", "n1", "type", "veth", "peer", "name", "s0", "netns", server,
+        ])?;
+        ip(&["-n", node, "addr", "add", "10.244.0.1/24", "dev", "n0"])?;
+        ip(&["-n", node, "addr", "add", "10.244.1.1/24", "dev", "n1"])?;
+        ip(&["-n", node, "link", "set", "n0", "up"])?;
+        ip(&["-n", node, "link", "set", "n1", "up"])?;
+        ip(&[
+            "-n",
+            client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "c0",
+        ])?;
+        ip(&["-n", client, "link", "set", "c0", "up"])?;
+        ip(&["-n", client, "route", "add", "default", "via", "10.244.0.1"])?;
+        for k in 0..config::PODS {
+            ip(&[
+                "-n",
+                server,
+                "addr",
+                "add",
+                &format!("{}/24", config::pod(k)),
+                "dev",
+                "s0",
+            ])?;
+        }
+        ip(&["-n", server, "link", "set", "s0", "up"])?;
+        ip(&["-n", server, "route", "add", "default", "via", "10.244.1.1"])?;
+        Ok(())
+    }
+
+    /// Re-pins the (single-threaded) server.
+    pub fn server_cpu(&self, cpu: usize) -> anyhow::Result<()> {
+        let pid = self.server_proc.as_ref().context("no server")?.id();
+        pin_pid(pid as i32, cpu)
+    }
+
+    /// Runs `iptables-restore` / `nft -f` style `loader` on `file` inside
+    /// the node namespace; returns the wall time including process start.
+    pub fn load_rules(&self, loader: &[&str], file: &Path) -> anyhow::Result<Duration> {
+        let f = fs::File::open(file)?;
+        let started = Instant::now();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .args(loader)
+            .stdin(f)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {}",
+                loader.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        Ok(took)
+    }
+
+    /// One client run from the client namespace (inside the attached cgroup
+    /// if `in_cgroup`). A client that aborts still yields its report.
+    #[allow(clippy::too_many_arguments)]
+    pub fn client(
+        &self,
+        in_cgroup: bool,
+        mode: &str,
+        base: Ipv4Addr,
+        targets: u32,
+        port: u16,
+        pick: &str,
+        warmup: u64,
+        iters: u64,
+    ) -> anyhow::Result<ClientResult> {
+        let mut c = Command::new(&self.bins.client);
+        c.args(["--netns", &self.client]);
+        if in_cgroup {
+            c.arg("--cgroup").arg(&self.cgroup);
+        }
+        c.args([
+            "--cpu",
+            &CLIENT_CPU.to_string(),
+            "--mode",
+            mode,
+            "--pick",
+            pick,
+        ])
+        .args([
+            "--base",
+            &base.to_string(),
+            "--targets",
+            &targets.to_string(),
+        ])
+        .args(["--port", &port.to_string()])
+        .args([
+            "--warmup",
+            &warmup.to_string(),
+            "--iters",
+            &iters.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+        let out = c.output().context("running lb-benchclient")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let r: ClientResult = serde_json::from_str(text.trim()).with_context(|| {
+            format!(
+                "lb-benchclient ({}) printed {text:?}; stderr {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        Ok(r)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server_proc.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in self.netns.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        sys::remove_cgroup(&self.cgroup);
+    }
+}
+
+pub fn pin_pid(pid: i32, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity({pid}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a killed bench left: `lbb*` namespaces, cgroups and pins.
+pub fn cleanup_leftovers() {
+    if let Ok(out) = lb_tests::run(Command::new("ip").args(["netns", "list"])) {
+        for line in out.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(PREFIX) {
+                let _ = lb_tests::run(Command::new("ip").args(["netns", "del", name]));
+            }
+        }
+    }
+    // Unpinning drops the links (detaching the programs) and the maps.
+    for dir in sys::children_with_prefix(Path::new(lb_tests::BPFFS), PREFIX) {
+        let _ = fs::remove_dir_all(dir);
+    }
+    if let Ok(root) = sys::cgroup2_root() {
+        for dir in sys::children_with_prefix(&root, PREFIX) {
+            sys::remove_cgroup(&dir);
+        }
+    }
+}
+
+/// The real `lb-agent run --manifests`, with its own bpffs directory.
+pub struct AgentProc {
+    pub bin: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup: PathBuf,
+    pub log: PathBuf,
+    pub spawned: Instant,
+    child: Option<Child>,
+}
+
+/// One "synced manifests" line of the agent's log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncLine {
+    pub frontends: u64,
+    pub writes: u64,
+    pub errors: u64,
+    pub elapsed_ms: u64,
+}
+
+impl AgentProc {
+    pub fn start(
+        bin: &Path,
+        manifests: &Path,
+        bpffs: &Path,
+        cgroup: &Path,
+        log: &Path,
+        max_services: u32,
+        max_backends: u32,
+    ) -> anyhow::Result<Self> {
+        let logf = fs::File::create(log)?;
+        let spawned = Instant::now();
+        let child = Command::new(bin)
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--max-services", &max_services.to_string()])
+            .args(["--max-backends", &max_backends.to_string()])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self {
+            bin: bin.to_owned(),
+            bpffs: bpffs.to_owned(),
+            cgroup: cgroup.to_owned(),
+            log: log.to_owned(),
+            spawned,
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the `nth` (1-based) "synced manifests" line; returns it and
+    /// the wall time since `since`.
+    pub fn wait_sync(
+        &mut self,
+        nth: usize,
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<(SyncLine, Duration)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("synced manifests"))
+                .collect();
+            if lines.len() >= nth {
+                return Ok((parse_sync(lines[nth - 1]), since.elapsed()));
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!("lb-agent exited ({status}); its log:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("lb-agent did not sync within {timeout:?}; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn syncs(&self) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("synced manifests"))
+            .count()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn vm_hwm_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// SIGTERM, wait, then `lb-agent uninstall` and remove the pins.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = sys::terminate(&mut c, Duration::from_secs(10));
+        }
+        let _ = Command::new(&self.bin)
+            .arg("uninstall")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+            self.child = None;
+        }
+        self.stop();
+    }
+}
+
+fn parse_sync(line: &str) -> SyncLine {
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+            .unwrap_or(0)
+    };
+    SyncLine {
+        frontends: field("frontends"),
+        writes: field("writes"),
+        errors: field("errors"),
+        elapsed_ms: field("elapsed_ms"),
+    }
+}
+
+// ---- BPF: pinned map lookups (bpf(2) directly) and bpftool queries ----
+
+const BPF_MAP_LOOKUP_ELEM: i64 = 1;
+const BPF_OBJ_GET: i64 = 7;
+
+/// An fd of a pinned BPF object.
+pub struct PinnedFd(i32);
+
+impl PinnedFd {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        #[repr(C)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let attr = ObjGet {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        };
+        // SAFETY: attr is a valid BPF_OBJ_GET attribute for the call's duration.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &raw const attr,
+                size_of::<ObjGet>() as u32,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "BPF_OBJ_GET {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self(fd as i32))
+    }
+
+    /// Looks `key` up; `None` when absent.
+    pub fn lookup<K, V: Default>(&self, key: &K) -> Option<V> {
+        #[repr(C)]
+        struct Lookup {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut value = V::default();
+        let attr = Lookup {
+            map_fd: self.0 as u32,
+            _pad: 0,
+            key: (key as *const K) as u64,
+            value: (&raw mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: key and value point at objects of the map's key and value sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &raw const attr,
+                size_of::<Lookup>() as u32,
+            )
+        };
+        (rc == 0).then_some(value)
+    }
+}
+
+impl Drop for PinnedFd {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+pub fn bpftool_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = lb_tests::run(Command::new("bpftool").args(args).arg("-j"))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Program ids behind the links pinned in `bpffs`, with their names.
+pub fn pinned_programs(bpffs: &Path) -> Vec<(u64, String)> {
+    let mut progs = Vec::new();
+    let Ok(entries) = fs::read_dir(bpffs) else {
+        return progs;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("link") {
+            continue;
+        }
+        let Ok(link) = bpftool_json(&["link", "show", "pinned", &e.path().to_string_lossy()])
+        else {
+            continue;
+        };
+        let Some(id) = link["prog_id"].as_u64() else {
+            continue;
+        };
+        let pname = bpftool_json(&["prog", "show", "id", &id.to_string()])
+            .ok()
+            .and_then(|p| p["name"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        progs.push((id, pname));
+    }
+    progs.sort();
+    progs
+}
+
+/// (run_time_ns, run_cnt) of a program (zeros unless bpf_stats are on).
+pub fn prog_stats(id: u64) -> (u64, u64) {
+    bpftool_json(&["prog", "show", "id", &id.to_string()])
+        .map(|p| {
+            (
+                p["run_time_ns"].as_u64().unwrap_or(0),
+                p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+/// Map name → (bytes_memlock, max_entries) of every map the programs use
+/// and every map pinned in `bpffs` (LB_SVC_META is read by userspace only).
+pub fn map_memory(bpffs: &Path, progs: &[u64]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in fs::read_dir(bpffs).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("link") {
+            continue;
+        }
+        if let Ok(m) = bpftool_json(&["map", "show", "pinned", &e.path().to_string_lossy()])
+            && let Some(id) = m["id"].as_u64()
+        {
+            ids.insert(id);
+        }
+    }
+    for id in progs {
+        if let Ok(p) = bpftool_json(&["prog", "show", "id", &id.to_string()]) {
+            for m in p["map_ids"].as_array().into_iter().flatten() {
+                if let Some(m) = m.as_u64() {
+                    ids.insert(m);
+                }
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for m in ids {
+        if let Ok(map) = bpftool_json(&["map", "show", "id", &m.to_string()]) {
+            let name = map["name"].as_str().unwrap_or("?").to_owned();
+            let bytes = map["bytes_memlock"]
+                .as_u64()
+                .or_else(|| map["bytes_memlock"].as_str().and_then(|s| s.parse().ok()))
+                .unwrap_or(0);
+            out.insert(name, (bytes, map["max_entries"].as_u64().unwrap_or(0)));
+        }
+    }
+    out
+}
