@@ -610,32 +610,53 @@ spec:
 ",
     );
     for (name, ip, ready) in pods {
-        let status = if *ready { "True" } else { "False" };
-        y.push_str(&format!(
-            "---
+        y.push_str(&pod_manifest(
+            name,
+            "default",
+            &[("app", "myapp"), ("type", "back-end")],
+            "    - name: nginx-container\n      image: nginx\n      ports:\n        - containerPort: 80\n",
+            *ip,
+            *ready,
+        ));
+    }
+    y
+}
+
+/// One running Pod as the manifest source reads it (a `---` document):
+/// `containers` is the YAML list under `spec.containers`, indented by four;
+/// the status carries `podIP` and the Ready condition, which a cluster's
+/// kubelet would set.
+pub fn pod_manifest(
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    containers: &str,
+    ip: Ipv4Addr,
+    ready: bool,
+) -> String {
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    let status = if ready { "True" } else { "False" };
+    format!(
+        "---
 apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
+  namespace: {namespace}
   labels:
-    app: myapp
-    type: back-end
-spec:
+{labels}spec:
   containers:
-    - name: nginx-container
-      image: nginx
-      ports:
-        - containerPort: 80
-status:
+{containers}status:
   phase: Running
   podIP: {ip}
   conditions:
     - type: Ready
       status: \"{status}\"
 "
-        ));
-    }
-    y
+    )
 }
 
 /// Removes namespaces, cgroups and pins left by a run that was killed

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Bins, Lab, back_end_manifest, endpoints, service_ip, wait_client};
+use lb_tests::{Bins, Lab, back_end_manifest, endpoints, pod_manifest, service_ip, wait_client};
 
 const SYNC: Duration = Duration::from_secs(10);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -317,30 +317,19 @@ spec:
 fn web_pods() -> String {
     PODS.iter()
         .map(|(name, octet)| {
-            format!(
-                "---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-{name}
-  labels:
-    app: web
-spec:
-  containers:
-    - name: server
+            pod_manifest(
+                &format!("web-{name}"),
+                "default",
+                &[("app", "web")],
+                "    - name: server
       ports:
         - name: web
           containerPort: 80
         - containerPort: 80
           protocol: UDP
-status:
-  phase: Running
-  podIP: {}
-  conditions:
-    - type: Ready
-      status: \"True\"
 ",
-                pod_ip(*octet)
+                pod_ip(*octet),
+                true,
             )
         })
         .collect()

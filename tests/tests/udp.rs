@@ -14,7 +14,7 @@ use std::{
 use lb_tests::{
     Bins, Lab, back_end_manifest,
     dns::{Dnsmasq, dig, in_client},
-    endpoints, find_service, run, service_ip,
+    endpoints, find_service, pod_manifest, run, service_ip,
 };
 use serde_json::Value;
 
@@ -356,27 +356,13 @@ spec:
 "
     );
     for ((name, octet), ready) in DNS_PODS.iter().zip(ready) {
-        let status = if ready { "True" } else { "False" };
-        y.push_str(&format!(
-            "---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  labels:
-    app: dns
-spec:
-  containers:
-    - name: dnsmasq
-      image: dnsmasq
-status:
-  phase: Running
-  podIP: {}
-  conditions:
-    - type: Ready
-      status: \"{status}\"
-",
-            pod_ip(*octet)
+        y.push_str(&pod_manifest(
+            name,
+            "default",
+            &[("app", "dns")],
+            "    - name: dnsmasq\n      image: dnsmasq\n",
+            pod_ip(*octet),
+            ready,
         ));
     }
     y

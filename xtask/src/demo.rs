@@ -2,6 +2,7 @@
 //! isolated namespaces (a node with a bridge, three pods serving HTTP, a
 //! client; no route off the machine), balanced by the real agent.
 use std::{
+    net::Ipv4Addr,
     path::Path,
     sync::{
         Arc,
@@ -14,7 +15,7 @@ use anyhow::{Context as _, bail};
 use lb_tests::{
     Bins, ClientReport, Lab,
     dns::{Dnsmasq, dig, in_client},
-    endpoints, service_ip,
+    endpoints, pod_manifest, service_ip,
 };
 
 use crate::{cmd, exec};
@@ -23,9 +24,12 @@ const EXAMPLE: &str = include_str!("../../examples/back-end/back-end.yaml");
 const CONNECTS: &str = "3000";
 const DNS_IP: &str = "10.96.0.10";
 const DNS_NAME: &str = "back-end.default.svc.cluster.local";
+const DNS_PODS: [(&str, u8); 2] = [("coredns-1", 21), ("coredns-2", 22)];
 
 /// kube-dns as a cluster has it: a ClusterIP on UDP and TCP 53, two pods.
-const KUBE_DNS: &str = "apiVersion: v1
+fn kube_dns() -> String {
+    let mut y = String::from(
+        "apiVersion: v1
 kind: Service
 metadata:
   name: kube-dns
@@ -41,43 +45,20 @@ spec:
     - name: dns-tcp
       port: 53
       protocol: TCP
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: coredns-1
-  namespace: kube-system
-  labels:
-    k8s-app: kube-dns
-spec:
-  containers:
-    - name: coredns
-      image: dnsmasq
-status:
-  phase: Running
-  podIP: 10.244.1.21
-  conditions:
-    - type: Ready
-      status: \"True\"
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: coredns-2
-  namespace: kube-system
-  labels:
-    k8s-app: kube-dns
-spec:
-  containers:
-    - name: coredns
-      image: dnsmasq
-status:
-  phase: Running
-  podIP: 10.244.1.22
-  conditions:
-    - type: Ready
-      status: \"True\"
-";
+",
+    );
+    for (name, octet) in DNS_PODS {
+        y.push_str(&pod_manifest(
+            name,
+            "kube-system",
+            &[("k8s-app", "kube-dns")],
+            "    - name: coredns\n      image: dnsmasq\n",
+            Ipv4Addr::new(10, 244, 1, octet),
+            true,
+        ));
+    }
+    y
+}
 
 pub fn run() -> anyhow::Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -117,8 +98,7 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
         "Topology: node namespace with a bridge, 3 backend pods serving HTTP on 10.244.1.11-13:80, a client at 10.244.1.100; nothing routes off the machine",
     );
     let pods = [("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
-    let dns_pods = [("coredns-1", 21), ("coredns-2", 22)];
-    let mut lab = Lab::new(bins, &[&pods[..], &dns_pods[..]].concat(), 80)?;
+    let mut lab = Lab::new(bins, &[&pods[..], &DNS_PODS[..]].concat(), 80)?;
     println!(
         "  namespaces {}-*, cgroup {}",
         lab.name,
@@ -150,7 +130,7 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
     step(&format!(
         "DNS: kube-dns at {DNS_IP} (UDP and TCP 53) backed by two dnsmasq pods; the client resolves back-end by name"
     ));
-    lab.write_manifest("kube-dns.yaml", KUBE_DNS)?;
+    lab.write_manifest("kube-dns.yaml", &kube_dns())?;
     let coredns: Vec<_> = lab
         .topo
         .pods
@@ -163,7 +143,8 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
         .wait_for("kube-dns programmed", Duration::from_secs(15), |d| {
             endpoints(d, "kube-system", "kube-dns", 53).len() == 4
         })?;
-    for _ in 0..2 {
+    // Each dig is a new socket, so each lookup picks a pod at random.
+    for _ in 0..4 {
         let answer = dig(&lab, &[&format!("@{DNS_IP}"), DNS_NAME])?;
         let who = dig(
             &lab,
