@@ -63,6 +63,8 @@ pub fn setup() -> anyhow::Result<Env> {
         ("mount", "mount"),
         ("dnsmasq", "dnsmasq-base"),
         ("dig", "bind9-dnsutils"),
+        // The UDP suite and the benchmark read map and program state with it.
+        ("bpftool", "bpftool"),
     ] {
         if which(bin).is_none() {
             packages.push(package.to_owned());
