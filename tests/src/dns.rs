@@ -88,11 +88,7 @@ impl Drop for Dnsmasq {
 /// Runs `cmd` in the client namespace and the attached cgroup, optionally
 /// with its own /etc/resolv.conf.
 pub fn in_client(lab: &Lab, resolv: Option<&Path>, cmd: &[&str]) -> anyhow::Result<String> {
-    let mut c = Command::new(&lab.bins.client);
-    c.arg("--netns")
-        .arg(&lab.topo.client)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path);
+    let mut c = lab.client_command(true);
     if let Some(r) = resolv {
         c.arg("--resolv").arg(r);
     }

@@ -573,25 +573,6 @@ pub fn endpoints(doc: &serde_json::Value, namespace: &str, name: &str, port: u16
     eps
 }
 
-/// Runs `lb-testclient` from the client namespace inside `cgroup`.
-pub fn client(
-    bin: &Path,
-    netns: &str,
-    cgroup: &Path,
-    target: &str,
-    args: &[&str],
-) -> anyhow::Result<ClientReport> {
-    let out = run(Command::new(bin)
-        .arg("--netns")
-        .arg(netns)
-        .arg("--cgroup")
-        .arg(cgroup)
-        .arg("--target")
-        .arg(target)
-        .args(args))?;
-    serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
-}
-
 /// The textbook `back-end` Service and its Pods, with status.podIP added
 /// (the only change a cluster-less run needs). `ready`: per pod.
 pub fn back_end_manifest(pods: &[(&str, Ipv4Addr, bool)]) -> String {
@@ -740,13 +721,11 @@ impl Lab {
 
     /// Connects from the client namespace inside the attached cgroup.
     pub fn client(&self, target: &str, args: &[&str]) -> anyhow::Result<ClientReport> {
-        client(
-            &self.bins.client,
-            &self.topo.client,
-            &self.cgroup.path,
-            target,
-            args,
-        )
+        parse_report(&run(self
+            .client_command(true)
+            .arg("--target")
+            .arg(target)
+            .args(args))?)
     }
 
     /// The same, but from outside the attached cgroup: the program must not apply.
@@ -755,22 +734,16 @@ impl Lab {
         target: &str,
         args: &[&str],
     ) -> anyhow::Result<ClientReport> {
-        let out = run(Command::new(&self.bins.client)
-            .arg("--netns")
-            .arg(&self.topo.client)
+        parse_report(&run(self
+            .client_command(false)
             .arg("--target")
             .arg(target)
-            .args(args))?;
-        serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+            .args(args))?)
     }
 
     /// Starts a client run in the background (for connects during a restart).
     pub fn spawn_client(&self, target: &str, args: &[&str]) -> anyhow::Result<Child> {
-        Command::new(&self.bins.client)
-            .arg("--netns")
-            .arg(&self.topo.client)
-            .arg("--cgroup")
-            .arg(&self.cgroup.path)
+        self.client_command(true)
             .arg("--target")
             .arg(target)
             .args(args)
@@ -779,6 +752,21 @@ impl Lab {
             .spawn()
             .context("starting lb-testclient")
     }
+
+    /// `lb-testclient` in the client namespace and, with `in_cgroup`, in the
+    /// attached cgroup; callers add the mode (`--target …`, `--exec …`).
+    pub fn client_command(&self, in_cgroup: bool) -> Command {
+        let mut c = Command::new(&self.bins.client);
+        c.arg("--netns").arg(&self.topo.client);
+        if in_cgroup {
+            c.arg("--cgroup").arg(&self.cgroup.path);
+        }
+        c
+    }
+}
+
+fn parse_report(out: &str) -> anyhow::Result<ClientReport> {
+    serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
 }
 
 /// Collects a background client's report.
@@ -787,6 +775,5 @@ pub fn wait_client(child: Child) -> anyhow::Result<ClientReport> {
     if !out.status.success() {
         bail!("lb-testclient failed: {}", out.status);
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| format!("client output {text:?}"))
+    parse_report(&String::from_utf8_lossy(&out.stdout))
 }

@@ -94,11 +94,8 @@ fn lab_with_services() -> (Lab, Ipv4Addr) {
 /// lb-testclient in the lab's client namespace and cgroup; its full JSON
 /// (ClientReport plus `peers`, `sources`, `perSocket`).
 fn client(lab: &Lab, target: &str, args: &[&str]) -> Value {
-    let out = run(Command::new(&lab.bins.client)
-        .arg("--netns")
-        .arg(&lab.topo.client)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path)
+    let out = run(lab
+        .client_command(true)
         .arg("--target")
         .arg(target)
         .args(args))
@@ -212,11 +209,8 @@ struct Session {
 
 impl Session {
     fn start(lab: &Lab) -> Self {
-        let mut child = Command::new(&lab.bins.client)
-            .arg("--netns")
-            .arg(&lab.topo.client)
-            .arg("--cgroup")
-            .arg(&lab.cgroup.path)
+        let mut child = lab
+            .client_command(true)
             .arg("--session")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -376,11 +370,8 @@ spec:
 /// accept a reply from whatever peer the kernel lets through, it needs
 /// recvmsg4's reverse translation.
 fn start_forwarder(lab: &Lab) -> Child {
-    let mut child = Command::new(&lab.bins.client)
-        .arg("--netns")
-        .arg(&lab.topo.client)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path)
+    let mut child = lab
+        .client_command(true)
         .arg("--exec")
         .args([
             "dnsmasq",
