@@ -4,7 +4,36 @@
 //! compare identical bytes. Addresses and ports are stored in **network byte
 //! order** exactly as the kernel hands them to a `sock_addr` program, so the
 //! program never swaps bytes on the hot path.
+//!
+//! Both families share one set of maps: an address is 16 bytes, laid out as
+//! `bpf_sock_addr.user_ip6`, and an IPv4 address is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`). A dual-stack socket connecting to `::ffff:10.96.0.10`
+//! therefore finds the IPv4 service with no extra lookup, and its backends
+//! come back in the mapped form that socket needs.
 #![no_std]
+
+/// An IPv6 address, or an IPv4-mapped IPv4 address, as the four 32-bit
+/// words of `bpf_sock_addr.user_ip6` (each word in network byte order).
+pub type Addr = [u32; 4];
+
+/// Word 2 of an IPv4-mapped address: the bytes `00 00 ff ff`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `::ffff:a.b.c.d` from `user_ip4` (network byte order).
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// The IPv4 address inside an IPv4-mapped address.
+#[inline(always)]
+pub const fn as_v4(addr: &Addr) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD {
+        Some(addr[3])
+    } else {
+        None
+    }
+}
 
 /// Map names, shared so the agent finds the pins the program declares.
 pub mod maps {
@@ -13,9 +42,10 @@ pub mod maps {
     pub const SERVICE_META: &str = "LB_SVC_META";
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
-    /// LRU reverse map of IPv4 sockets: [`ReverseKey4`] → [`ReverseValue4`].
-    /// An IPv6 twin will be `LB_REVERSE6` with 16-byte addresses.
-    pub const REVERSE4: &str = "LB_REVERSE4";
+    /// LRU reverse map of both families: [`ReverseKey`] → [`ReverseValue`].
+    pub const REVERSE: &str = "LB_REVERSE";
+    /// The IPv4-only reverse map of earlier versions; removed on install.
+    pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
 
 /// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
@@ -31,8 +61,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// Entries of the reverse map: one per (socket, backend) the programs
 /// translated, so roughly the node's live translated sockets. LRU maps are
-/// preallocated: 256 Ki entries cost 24 MiB of kernel memory (Cilium's
-/// default for its `lb4_reverse_sk` is the same).
+/// preallocated: 256 Ki entries cost about 29 MiB of kernel memory (Cilium's
+/// default for its `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 
 /// Key of the service map. `slot == 0` is the master entry of a frontend;
@@ -40,8 +70,8 @@ pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub addr: u32,
+    /// Frontend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
     /// Frontend port, network byte order.
     pub port: u16,
     /// 0 = master, 1..=count = backend slots.
@@ -52,7 +82,7 @@ pub struct ServiceKey {
 }
 
 impl ServiceKey {
-    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr: Addr, port: u16, proto: u8, slot: u16) -> Self {
         Self {
             addr,
             port,
@@ -81,49 +111,49 @@ pub struct ServiceValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Backend {
-    /// Backend IPv4 address, network byte order.
-    pub addr: u32,
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
     /// Backend port, network byte order.
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 
-/// Key of the IPv4 reverse map: a socket the programs translated and the
-/// backend they sent it to. Written by connect4 (TCP and connected UDP) and
-/// sendmsg4 (unconnected UDP); read by recvmsg4 and getpeername4.
+/// Key of the reverse map: a socket the programs translated and the
+/// backend they sent it to. Written by connect4/6 (TCP and connected UDP)
+/// and sendmsg4/6 (unconnected UDP); read by recvmsg4/6 and getpeername4/6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ReverseKey4 {
+pub struct ReverseKey {
     /// `bpf_get_socket_cookie`: unique per socket for the kernel's uptime.
     pub cookie: u64,
-    /// Backend IPv4 address, network byte order.
-    pub addr: u32,
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
     /// Backend port, network byte order.
     pub port: u16,
-    pub _pad: u16,
+    pub _pad: [u16; 3],
 }
 
-impl ReverseKey4 {
-    pub const fn new(cookie: u64, addr: u32, port: u16) -> Self {
+impl ReverseKey {
+    pub const fn new(cookie: u64, addr: Addr, port: u16) -> Self {
         Self {
             cookie,
             addr,
             port,
-            _pad: 0,
+            _pad: [0; 3],
         }
     }
 }
 
-/// Value of the IPv4 reverse map: the frontend the socket asked for. The
+/// Value of the reverse map: the frontend the socket asked for. The
 /// entry is honoured only while the frontend's master entry exists with the
 /// same `svc_id` and a non-zero count, so a service deleted and recreated
 /// under the same address never revives a stale translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseValue4 {
-    /// Frontend IPv4 address, network byte order.
-    pub addr: u32,
+pub struct ReverseValue {
+    /// Frontend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
     /// Frontend port, network byte order.
     pub port: u16,
     pub _pad: u16,
@@ -154,7 +184,7 @@ pub struct ServiceMeta {
     /// NUL-padded UTF-8; empty for an unnamed port.
     pub port_name: [u8; META_PORT_NAME_LEN],
     /// Frontend, same encoding as [`ServiceKey`].
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     pub svc_type: u8,
@@ -170,9 +200,9 @@ pub mod stats {
     pub const SLOT_FALLBACK: u32 = 2;
     /// Map writes the agent could not make because a map was full.
     pub const MAP_FULL: u32 = 3;
-    /// Unconnected UDP datagrams (sendmsg4) rewritten to a backend.
+    /// Unconnected UDP datagrams (sendmsg4/6) rewritten to a backend.
     pub const SENDMSG_TRANSLATED: u32 = 4;
-    /// recvmsg4/getpeername4 addresses rewritten back to the frontend.
+    /// recvmsg/getpeername addresses rewritten back to the frontend.
     pub const REVERSE_TRANSLATED: u32 = 5;
     /// Reverse entries dropped on read because their service was gone,
     /// had changed id or had no backend left.
@@ -198,8 +228,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ServiceMeta {}
-    unsafe impl aya::Pod for ReverseKey4 {}
-    unsafe impl aya::Pod for ReverseValue4 {}
+    unsafe impl aya::Pod for ReverseKey {}
+    unsafe impl aya::Pod for ReverseValue {}
 }
 
 #[cfg(test)]
@@ -210,20 +240,36 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 12);
-        assert_eq!(offset_of!(ServiceKey, port), 4);
-        assert_eq!(offset_of!(ServiceKey, slot), 6);
-        assert_eq!(offset_of!(ServiceKey, proto), 8);
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, slot), 18);
+        assert_eq!(offset_of!(ServiceKey, proto), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<Backend>(), 8);
-        assert_eq!(size_of::<ReverseKey4>(), 16);
-        assert_eq!(offset_of!(ReverseKey4, addr), 8);
-        assert_eq!(offset_of!(ReverseKey4, port), 12);
-        assert_eq!(size_of::<ReverseValue4>(), 12);
-        assert_eq!(offset_of!(ReverseValue4, svc_id), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<ReverseKey>(), 32);
+        assert_eq!(offset_of!(ReverseKey, addr), 8);
+        assert_eq!(offset_of!(ReverseKey, port), 24);
+        assert_eq!(size_of::<ReverseValue>(), 24);
+        assert_eq!(offset_of!(ReverseValue, svc_id), 20);
         assert_eq!(
             size_of::<ServiceMeta>(),
-            2 * META_NAME_LEN + META_PORT_NAME_LEN + 8
+            2 * META_NAME_LEN + META_PORT_NAME_LEN + 20
         );
+    }
+
+    #[test]
+    fn v4_mapped_is_the_ipv6_layout() {
+        let ip4 = u32::from_ne_bytes([10, 96, 0, 10]);
+        let words = v4_mapped(ip4);
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]
+        );
+        assert_eq!(as_v4(&words), Some(ip4));
+        assert_eq!(as_v4(&[0, 0, 0, ip4]), None);
     }
 }

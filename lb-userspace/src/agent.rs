@@ -190,11 +190,11 @@ pub async fn run_manifests(
         .installed()
         .iter()
         .filter(|(_, i)| !i.service.name.is_empty())
-        .map(|(fe, i)| {
-            (
-                (i.service.namespace.clone(), i.service.name.clone()),
-                *fe.addr.ip(),
-            )
+        .filter_map(|(fe, i)| match fe.addr.ip() {
+            std::net::IpAddr::V4(ip) => {
+                Some(((i.service.namespace.clone(), i.service.name.clone()), ip))
+            }
+            std::net::IpAddr::V6(_) => None,
         });
     let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
     let mut syncer = Syncer::new(reconciler, cfg.translate.clone());

@@ -1,7 +1,7 @@
 //! `lb-agent list`: what the pinned maps hold, grouped the way `kubectl get
 //! services` and `kubectl get endpoints` would show it. Built only from the
 //! maps, so it works whether or not an agent is running.
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddrV4};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use serde::Serialize;
 
@@ -153,8 +153,8 @@ pub fn table(rows: &[ServiceRow]) -> String {
 }
 
 /// Unique backends of a row, for callers that want addresses, not strings.
-pub fn backends(row: &ServiceRow) -> Vec<SocketAddrV4> {
-    let mut out: Vec<SocketAddrV4> = row
+pub fn backends(row: &ServiceRow) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = row
         .ports
         .iter()
         .flat_map(|p| p.endpoints.iter().filter_map(|e| e.parse().ok()))
@@ -189,7 +189,7 @@ mod tests {
                         port_name: name.into(),
                         svc_type: ServiceType::ClusterIP,
                     },
-                    backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 53)],
+                    backends: vec![SocketAddr::from((Ipv4Addr::new(10, 244, 0, 5), 53))],
                 },
             );
         }

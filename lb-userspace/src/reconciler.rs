@@ -11,7 +11,7 @@
 //! repointed at another address while anything may still read it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use lb_common::ServiceValue;
@@ -79,8 +79,8 @@ impl ApplyReport {
 pub struct Reconciler<D> {
     dp: D,
     installed: BTreeMap<Frontend, Installed>,
-    backend_ids: HashMap<(SocketAddrV4, Proto), u32>,
-    backends: HashMap<u32, (SocketAddrV4, Proto)>,
+    backend_ids: HashMap<(SocketAddr, Proto), u32>,
+    backends: HashMap<u32, (SocketAddr, Proto)>,
     next_svc_id: u32,
     next_backend_id: u32,
 }
@@ -336,7 +336,7 @@ impl<D: Datapath> Reconciler<D> {
 
     fn backend_id(
         &mut self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         proto: Proto,
         report: &mut ApplyReport,
     ) -> Result<u32, DatapathError> {

@@ -4,7 +4,7 @@
 //! No real kube-apiserver is exercised.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -101,23 +101,23 @@ async fn fake() -> FakeApiServer {
 }
 
 /// Frontend IP → sorted backend IPs, as the maps hold them.
-fn programmed(d: &Driver<MemoryDatapath>) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
+fn programmed(d: &Driver<MemoryDatapath>) -> BTreeMap<IpAddr, Vec<IpAddr>> {
     let r = d.syncer().reconciler();
     let backends = &r.datapath().state.backends;
     r.installed()
         .iter()
         .map(|(fe, i)| {
-            let mut b: Vec<Ipv4Addr> = i.slots[..i.count as usize]
+            let mut b: Vec<IpAddr> = i.slots[..i.count as usize]
                 .iter()
-                .map(|id| *backend_addr(&backends[id]).ip())
+                .map(|id| backend_addr(&backends[id]).ip())
                 .collect();
             b.sort();
-            (*fe.addr.ip(), b)
+            (fe.addr.ip(), b)
         })
         .collect()
 }
 
-fn ips(list: &[&str]) -> Vec<Ipv4Addr> {
+fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
@@ -125,7 +125,7 @@ fn ips(list: &[&str]) -> Vec<Ipv4Addr> {
 async fn sync_until(
     h: &mut Harness,
     what: &str,
-    pred: impl Fn(&BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) -> bool,
+    pred: impl Fn(&BTreeMap<IpAddr, Vec<IpAddr>>) -> bool,
 ) {
     let deadline = Instant::now() + WAIT;
     while !pred(&programmed(&h.driver)) {

@@ -5,7 +5,7 @@
 //! Privileged: run by `cargo xtask test` with `--test-threads=1`.
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -428,13 +428,13 @@ fn churn_slice(i: usize, state: &[(u64, bool)]) -> Value {
 }
 
 /// Frontend → (namespace/name, sorted backends), from the pinned maps.
-fn pinned_state(bpffs: &std::path::Path) -> BTreeMap<String, (String, Vec<SocketAddrV4>)> {
+fn pinned_state(bpffs: &std::path::Path) -> BTreeMap<String, (String, Vec<SocketAddr>)> {
     let r = Reconciler::adopt(BpfDatapath::open(bpffs).expect("open pins")).expect("adopt");
     let snap = r.datapath().snapshot().expect("snapshot");
     r.installed()
         .iter()
         .map(|(fe, i)| {
-            let mut b: Vec<SocketAddrV4> = i.slots[..i.count as usize]
+            let mut b: Vec<SocketAddr> = i.slots[..i.count as usize]
                 .iter()
                 .map(|id| backend_addr(&snap.backends[id]))
                 .collect();
@@ -448,7 +448,7 @@ fn pinned_state(bpffs: &std::path::Path) -> BTreeMap<String, (String, Vec<Socket
 }
 
 /// The same, from a fresh translation of the fake API server's objects.
-fn expected_state(api: &FakeApiServer) -> BTreeMap<String, (String, Vec<SocketAddrV4>)> {
+fn expected_state(api: &FakeApiServer) -> BTreeMap<String, (String, Vec<SocketAddr>)> {
     let services: Vec<Service> = api
         .list("services")
         .into_iter()

@@ -25,9 +25,9 @@ const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end
 const ECHO_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 1);
 const ECHO_PORT: u16 = 5300;
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 2);
-/// `lb_common::maps::REVERSE4` and `DEFAULT_MAX_REVERSE`, as an operator
+/// `lb_common::maps::REVERSE` and `DEFAULT_MAX_REVERSE`, as an operator
 /// sees them (this crate does not link lb-common).
-const REVERSE_PIN: &str = "LB_REVERSE4";
+const REVERSE_PIN: &str = "LB_REVERSE";
 const REVERSE_MAX: u64 = 262_144;
 
 fn bins() -> Bins {

@@ -1,25 +1,26 @@
-//! The socket-LB programs, in one object so they share one set of maps:
+//! The socket-LB programs, in one object so they share one set of maps.
+//! Each exists for IPv4 and IPv6 (`…4`, `…6`):
 //!
-//! - `cgroup/connect4`: TCP and connected UDP connects to a service frontend
+//! - `cgroup/connect`: TCP and connected UDP connects to a service frontend
 //!   go to one backend, chosen at random, before the socket sends anything;
-//! - `cgroup/sendmsg4`: unconnected UDP datagrams to a frontend go to one
+//! - `cgroup/sendmsg`: unconnected UDP datagrams to a frontend go to one
 //!   backend chosen by socket cookie, so a socket sticks to its backend;
-//! - `cgroup/recvmsg4`: datagrams from that backend appear to come from the
+//! - `cgroup/recvmsg`: datagrams from that backend appear to come from the
 //!   frontend (resolvers drop replies from an address they did not ask);
-//! - `cgroup/getpeername4`: `getpeername()` returns the frontend.
+//! - `cgroup/getpeername`: `getpeername()` returns the frontend.
 #![no_std]
 #![no_main]
 
 mod maps;
-mod v4;
+mod xlate;
 
 use aya_ebpf::{
     helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
-use v4::{Hook, Verdict};
+use xlate::{Hook, Verdict};
 
 const ECONNREFUSED: i32 = 111;
-/// sock_addr verdicts. recvmsg4 and getpeername4 must always allow.
+/// sock_addr verdicts. recvmsg and getpeername must always allow.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -38,23 +39,45 @@ fn verdict(v: Verdict) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    verdict(v4::forward(&ctx, Hook::Connect))
+    verdict(xlate::forward::<false>(&ctx, Hook::Connect))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    verdict(v4::forward(&ctx, Hook::Sendmsg))
+    verdict(xlate::forward::<false>(&ctx, Hook::Sendmsg))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    v4::reverse(&ctx);
+    xlate::reverse::<false>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    v4::reverse(&ctx);
+    xlate::reverse::<false>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(xlate::forward::<true>(&ctx, Hook::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(xlate::forward::<true>(&ctx, Hook::Sendmsg))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<true>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<true>(&ctx);
     ALLOW
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, ReverseKey4,
-    ReverseValue4, ServiceKey, ServiceMeta, ServiceValue, config, stats,
+    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, ReverseKey,
+    ReverseValue, ServiceKey, ServiceMeta, ServiceValue, config, stats,
 };
 
 /// Master and slot entries of every frontend. NO_PREALLOC: updates swap in a
@@ -32,16 +32,15 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 #[map(name = "LB_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
 
-/// (socket cookie, backend) → frontend, for recvmsg4 and getpeername4. LRU:
+/// (socket cookie, backend) → frontend, for recvmsg and getpeername. LRU:
 /// a socket that closes leaves its entries behind until they are evicted;
 /// an evicted entry of a live socket means its replies show the backend.
 /// LRU maps are always preallocated (NO_PREALLOC is refused for them).
-#[map(name = "LB_REVERSE4")]
-static REVERSE4: LruHashMap<ReverseKey4, ReverseValue4> =
-    LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
+#[map(name = "LB_REVERSE")]
+static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
 
 #[inline(always)]
-pub fn service(key: ServiceKey) -> Option<ServiceValue> {
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
     let ptr = SERVICES.get_ptr(key)?;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     Some(unsafe { *ptr })
@@ -55,8 +54,8 @@ pub fn backend(id: u32) -> Option<Backend> {
 }
 
 #[inline(always)]
-pub fn reverse4(key: ReverseKey4) -> Option<ReverseValue4> {
-    let ptr = REVERSE4.get_ptr(key)?;
+pub fn reverse(key: &ReverseKey) -> Option<ReverseValue> {
+    let ptr = REVERSE.get_ptr(key)?;
     // SAFETY: as above.
     Some(unsafe { *ptr })
 }
@@ -65,18 +64,18 @@ pub fn reverse4(key: ReverseKey4) -> Option<ReverseValue4> {
 /// sendmsg path is an unchanged entry, and a lookup is cheaper than an LRU
 /// update (which pops a node from the LRU lists and takes a bucket lock).
 #[inline(always)]
-pub fn remember4(key: ReverseKey4, value: ReverseValue4) {
-    if reverse4(key).is_some_and(|v| v == value) {
+pub fn remember(key: &ReverseKey, value: &ReverseValue) {
+    if reverse(key).is_some_and(|v| v == *value) {
         return;
     }
-    if REVERSE4.insert(key, value, 0).is_err() {
+    if REVERSE.insert(key, value, 0).is_err() {
         bump(stats::REVERSE_WRITE_FAILED);
     }
 }
 
 #[inline(always)]
-pub fn forget4(key: ReverseKey4) {
-    let _ = REVERSE4.remove(key);
+pub fn forget(key: &ReverseKey) {
+    let _ = REVERSE.remove(key);
 }
 
 #[inline(always)]

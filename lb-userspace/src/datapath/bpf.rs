@@ -1,6 +1,6 @@
 //! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
-//! the socket-LB programs (connect4, sendmsg4, recvmsg4, getpeername4)
-//! attached while no agent runs.
+//! the socket-LB programs (connect, sendmsg, recvmsg and getpeername, each
+//! for IPv4 and IPv6) attached while no agent runs.
 use std::{
     fs,
     io::ErrorKind,
@@ -17,8 +17,8 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_REVERSE, ReverseKey4, ReverseValue4, ServiceKey, ServiceMeta,
-    ServiceValue, config, maps, stats,
+    Backend, DEFAULT_MAX_REVERSE, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
+    config, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Result, Snapshot};
@@ -35,8 +35,37 @@ pub const LINK_PIN: &str = "link_connect4";
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("lb_recvmsg4", "link_recvmsg4"),
     ("lb_getpeername4", "link_getpeername4"),
+    ("lb_recvmsg6", "link_recvmsg6"),
+    ("lb_getpeername6", "link_getpeername6"),
     ("lb_sendmsg4", "link_sendmsg4"),
+    ("lb_sendmsg6", "link_sendmsg6"),
+    ("lb_connect6", "link_connect6"),
     ("lb_connect4", LINK_PIN),
+];
+
+/// Every map the object declares, with the key and value sizes this build
+/// expects. A pin of another layout (left by an older agent) is replaced on
+/// install rather than reused: the old programs keep their own reference to
+/// it until their links are swapped out.
+const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
+    (
+        maps::SERVICES,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+    ),
+    (maps::BACKENDS, size_of::<u32>(), size_of::<Backend>()),
+    (
+        maps::SERVICE_META,
+        size_of::<u32>(),
+        size_of::<ServiceMeta>(),
+    ),
+    (maps::STATS, size_of::<u32>(), size_of::<u64>()),
+    (maps::CONFIG, size_of::<u32>(), size_of::<u32>()),
+    (
+        maps::REVERSE,
+        size_of::<ReverseKey>(),
+        size_of::<ReverseValue>(),
+    ),
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -74,7 +103,7 @@ pub struct MapSizes {
 }
 
 impl MapSizes {
-    /// Entries of the LRU reverse map (`LB_REVERSE4`). Fixed at
+    /// Entries of the LRU reverse map (`LB_REVERSE`). Fixed at
     /// [`DEFAULT_MAX_REVERSE`] until the CLI grows a `--max-reverse` flag.
     pub const fn max_reverse(&self) -> u32 {
         DEFAULT_MAX_REVERSE
@@ -166,12 +195,13 @@ pub fn install(
         return Err(LoadError::Stub);
     }
     ensure_bpffs_dir(dir)?;
+    drop_incompatible_pins(dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_services)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
-        .map_max_entries(maps::REVERSE4, sizes.max_reverse())
+        .map_max_entries(maps::REVERSE, sizes.max_reverse())
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -209,11 +239,43 @@ pub fn install(
         })?;
         link_pins.push(link_pin);
     }
+    // The IPv4-only reverse map of earlier versions: no program uses it now.
+    let _ = fs::remove_file(dir.join(maps::LEGACY_REVERSE4));
     Ok(Installation {
         ebpf,
         link_pin: dir.join(LINK_PIN),
         link_pins,
     })
+}
+
+/// Unpins every map whose pinned key or value size differs from this build's,
+/// so the loader creates it afresh instead of reusing bytes it would misread.
+fn drop_incompatible_pins(dir: &Path) -> Result<(), LoadError> {
+    for &(name, key_size, value_size) in MAP_LAYOUTS {
+        let path = dir.join(name);
+        let Ok(data) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let info = data
+            .info()
+            .map_err(|source| map_err("info", name, source))?;
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
+        if pinned != (key_size, value_size) {
+            tracing::warn!(
+                map = name,
+                pinned_key = pinned.0,
+                pinned_value = pinned.1,
+                key = key_size,
+                value = value_size,
+                "pinned map has another layout (an older agent's); replacing it, services are re-written from the sources"
+            );
+            fs::remove_file(&path).map_err(|e| LoadError::Path {
+                path: path.clone(),
+                message: format!("removing incompatible pin: {e}"),
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads `program`, attaches it to the cgroup and pins its link at
@@ -369,7 +431,7 @@ pub struct BpfDatapath {
     meta: HashMap<MapData, u32, ServiceMeta>,
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
-    reverse4: Option<(HashMap<MapData, ReverseKey4, ReverseValue4>, u32)>,
+    reverse: Option<(HashMap<MapData, ReverseKey, ReverseValue>, u32)>,
 }
 
 /// How full the LRU reverse map is.
@@ -392,14 +454,14 @@ impl BpfDatapath {
                 .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
-            reverse4: match MapData::from_pin(dir.join(maps::REVERSE4)) {
+            reverse: match MapData::from_pin(dir.join(maps::REVERSE)) {
                 Ok(data) => {
                     let max_entries = data
                         .info()
-                        .map_err(|e| map_err("info", maps::REVERSE4, e))?
+                        .map_err(|e| map_err("info", maps::REVERSE, e))?
                         .max_entries();
                     let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                        .map_err(|e| map_err("open", maps::REVERSE4, e))?;
+                        .map_err(|e| map_err("open", maps::REVERSE, e))?;
                     Some((map, max_entries))
                 }
                 Err(_) => None,
@@ -411,7 +473,7 @@ impl BpfDatapath {
     /// syscalls, about 0.3 s for a full 256 Ki map), or `None` if the
     /// installation has none.
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
-        let Some((map, max_entries)) = &self.reverse4 else {
+        let Some((map, max_entries)) = &self.reverse else {
             return Ok(None);
         };
         let max_entries = *max_entries;

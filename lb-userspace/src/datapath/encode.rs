@@ -1,19 +1,38 @@
 //! Conversions between model types and map bytes (network byte order).
-use std::net::{Ipv4Addr, SocketAddrV4};
+//! IPv4 addresses are stored IPv4-mapped (see `lb_common::Addr`).
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
-    Backend, META_NAME_LEN, META_PORT_NAME_LEN, SVC_TYPE_CLUSTER_IP, SVC_TYPE_LOAD_BALANCER,
+    Addr, Backend, META_NAME_LEN, META_PORT_NAME_LEN, SVC_TYPE_CLUSTER_IP, SVC_TYPE_LOAD_BALANCER,
     SVC_TYPE_NODE_PORT, ServiceKey, ServiceMeta,
 };
 
 use crate::model::{Frontend, Proto, ServiceRef, ServiceType};
 
-fn ip_be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+/// The 16-byte map form of an address: IPv4 as `::ffff:a.b.c.d`.
+pub fn ip_be(ip: IpAddr) -> Addr {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
-fn ip_from_be(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw.to_ne_bytes())
+/// The model form: an IPv4-mapped address is IPv4 again (the maps never
+/// hold an IPv6 service or backend at a mapped address).
+pub fn ip_from_be(raw: &Addr) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in raw.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
 }
 
 fn port_be(port: u16) -> u16 {
@@ -26,7 +45,7 @@ fn port_from_be(raw: u16) -> u16 {
 
 pub fn frontend_key(fe: &Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(
-        ip_be(*fe.addr.ip()),
+        ip_be(fe.addr.ip()),
         port_be(fe.addr.port()),
         fe.proto.number(),
         slot,
@@ -36,22 +55,22 @@ pub fn frontend_key(fe: &Frontend, slot: u16) -> ServiceKey {
 /// `None` for a protocol this agent never writes.
 pub fn key_frontend(key: &ServiceKey) -> Option<Frontend> {
     Some(Frontend {
-        addr: SocketAddrV4::new(ip_from_be(key.addr), port_from_be(key.port)),
+        addr: SocketAddr::new(ip_from_be(&key.addr), port_from_be(key.port)),
         proto: Proto::from_number(key.proto)?,
     })
 }
 
-pub fn encode_backend(addr: SocketAddrV4, proto: Proto) -> Backend {
+pub fn encode_backend(addr: SocketAddr, proto: Proto) -> Backend {
     Backend {
-        addr: ip_be(*addr.ip()),
+        addr: ip_be(addr.ip()),
         port: port_be(addr.port()),
         proto: proto.number(),
         _pad: 0,
     }
 }
 
-pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
-    SocketAddrV4::new(ip_from_be(b.addr), port_from_be(b.port))
+pub fn backend_addr(b: &Backend) -> SocketAddr {
+    SocketAddr::new(ip_from_be(&b.addr), port_from_be(b.port))
 }
 
 fn put_str<const N: usize>(s: &str) -> [u8; N] {
@@ -75,7 +94,7 @@ pub fn encode_meta(fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
         namespace: put_str::<META_NAME_LEN>(&svc.namespace),
         name: put_str::<META_NAME_LEN>(&svc.name),
         port_name: put_str::<META_PORT_NAME_LEN>(&svc.port_name),
-        addr: ip_be(*fe.addr.ip()),
+        addr: ip_be(fe.addr.ip()),
         port: port_be(fe.addr.port()),
         proto: fe.proto.number(),
         svc_type: match svc.svc_type {
@@ -101,6 +120,8 @@ pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::model::frontend;
 
@@ -108,9 +129,24 @@ mod tests {
     fn key_is_network_order_and_round_trips() {
         let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp);
         let key = frontend_key(&fe, 0);
-        assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(
+            key.addr,
+            lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 10]))
+        );
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         assert_eq!(key_frontend(&key), Some(fe));
+    }
+
+    #[test]
+    fn ipv6_key_is_the_sockaddr_in6_layout() {
+        let ip: Ipv6Addr = "fd00:96::a".parse().unwrap();
+        let fe = frontend(ip, 53, Proto::Udp);
+        let key = frontend_key(&fe, 0);
+        let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, ip.octets());
+        assert_eq!(key_frontend(&key), Some(fe));
+        let be = encode_backend("[fd00:244::5]:5353".parse().unwrap(), Proto::Udp);
+        assert_eq!(backend_addr(&be), "[fd00:244::5]:5353".parse().unwrap());
     }
 
     #[test]

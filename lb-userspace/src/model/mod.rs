@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 mod translate;
@@ -51,10 +51,11 @@ impl fmt::Display for Proto {
     }
 }
 
-/// One service frontend: what a client connects to.
+/// One service frontend: what a client connects to. A dual-stack service
+/// has one frontend per family, each balancing over that family's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub proto: Proto,
 }
 
@@ -97,17 +98,18 @@ pub struct ServiceRef {
 pub struct DesiredService {
     pub service: ServiceRef,
     /// Sorted and deduplicated, so slot order is deterministic and stable.
-    /// Empty means the service exists but connects are refused.
-    pub backends: Vec<SocketAddrV4>,
+    /// Empty means the service exists but connects are refused. Always of
+    /// the frontend's family.
+    pub backends: Vec<SocketAddr>,
 }
 
 /// Everything the maps should hold, keyed by frontend.
 pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 
-/// Convenience for tests and sources: an IPv4 frontend.
-pub fn frontend(ip: Ipv4Addr, port: u16, proto: Proto) -> Frontend {
+/// Convenience for tests and sources.
+pub fn frontend(ip: impl Into<IpAddr>, port: u16, proto: Proto) -> Frontend {
     Frontend {
-        addr: SocketAddrV4::new(ip, port),
+        addr: SocketAddr::new(ip.into(), port),
         proto,
     }
 }

@@ -3,7 +3,7 @@
 //! `ShouldSkipService`).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use k8s_openapi::{
@@ -234,7 +234,7 @@ fn service_frontends(
         for ip in &ips {
             out.push((
                 Frontend {
-                    addr: SocketAddrV4::new(*ip, port.port),
+                    addr: SocketAddr::new(IpAddr::V4(*ip), port.port),
                     proto: port.proto,
                 },
                 DesiredService {
@@ -456,14 +456,14 @@ fn parse_endpoints<'a>(
 fn endpoints_for_port<'a>(
     slices: &[ParsedSlice<'a>],
     port: &PortSpec<'_>,
-) -> BTreeMap<SocketAddrV4, ParsedEndpoint<'a>> {
-    let mut out: BTreeMap<SocketAddrV4, ParsedEndpoint<'a>> = BTreeMap::new();
+) -> BTreeMap<SocketAddr, ParsedEndpoint<'a>> {
+    let mut out: BTreeMap<SocketAddr, ParsedEndpoint<'a>> = BTreeMap::new();
     for ps in slices {
         let Some(number) = slice_port(ps.slice, port) else {
             continue;
         };
         for ep in &ps.endpoints {
-            let addr = SocketAddrV4::new(ep.ip, number);
+            let addr = SocketAddr::new(IpAddr::V4(ep.ip), number);
             let replace = out
                 .get(&addr)
                 .is_none_or(|existing| existing.terminating && !ep.terminating);
@@ -493,11 +493,11 @@ fn slice_port(slice: &EndpointSlice, port: &PortSpec<'_>) -> Option<u16> {
 
 /// kube-proxy's `CategorizeEndpoints`, for in-cluster (ClusterIP) traffic.
 fn choose_backends(
-    endpoints: &BTreeMap<SocketAddrV4, ParsedEndpoint<'_>>,
+    endpoints: &BTreeMap<SocketAddr, ParsedEndpoint<'_>>,
     local_only: bool,
     opts: &TranslateOptions,
-) -> Vec<SocketAddrV4> {
-    let pick = |f: &dyn Fn(&ParsedEndpoint<'_>) -> bool| -> Vec<SocketAddrV4> {
+) -> Vec<SocketAddr> {
+    let pick = |f: &dyn Fn(&ParsedEndpoint<'_>) -> bool| -> Vec<SocketAddr> {
         endpoints
             .iter()
             .filter(|(_, e)| f(e))
@@ -536,7 +536,7 @@ enum Hint<'a> {
 /// endpoints, so one endpoint without hints disables filtering (no client
 /// can be starved by a half-rolled-out hint set).
 fn topology_filter<'o>(
-    endpoints: &BTreeMap<SocketAddrV4, ParsedEndpoint<'_>>,
+    endpoints: &BTreeMap<SocketAddr, ParsedEndpoint<'_>>,
     opts: &'o TranslateOptions,
 ) -> Option<Hint<'o>> {
     let ready: Vec<&ParsedEndpoint<'_>> = endpoints.values().filter(|e| e.ready).collect();

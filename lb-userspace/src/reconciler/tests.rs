@@ -17,15 +17,15 @@ fn svc(name: &str) -> ServiceRef {
     }
 }
 
-fn be(last: u8, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, last), port)
+fn be(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(10, 244, 0, last), port))
 }
 
 fn fe(last: u8) -> Frontend {
     frontend(Ipv4Addr::new(10, 96, 0, last), 80, Proto::Tcp)
 }
 
-fn desired(entries: &[(Frontend, &str, Vec<SocketAddrV4>)]) -> DesiredState {
+fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
     entries
         .iter()
         .map(|(f, name, backends)| {
@@ -94,7 +94,7 @@ fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
     state.services.get(&frontend_key(f, 0)).copied()
 }
 
-fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddrV4> {
+fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
     let m = master(state, f).expect("master");
     let mut out: Vec<_> = (1..=m.count)
         .map(|s| {

@@ -634,7 +634,7 @@ fn endpoint_changes(
     let mdir = work.join(format!("manifests-{n}"));
     let map = PinnedFd::open(&agent.bpffs.join(lb_common::maps::SERVICES))?;
     let key = lb_common::ServiceKey::new(
-        u32::from_ne_bytes(config::vip(0).octets()),
+        lb_common::v4_mapped(u32::from_ne_bytes(config::vip(0).octets())),
         config::SVC_PORT.to_be(),
         lb_common::PROTO_TCP,
         0,

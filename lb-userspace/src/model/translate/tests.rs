@@ -1,4 +1,4 @@
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
@@ -130,7 +130,7 @@ fn fe(a: &str, port: u16, proto: Proto) -> Frontend {
     frontend(ip(a), port, proto)
 }
 
-fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
+fn addrs(list: &[&str]) -> Vec<SocketAddr> {
     list.iter().map(|s| s.parse().expect("test addr")).collect()
 }
 
@@ -182,11 +182,11 @@ fn opts(node: Option<&str>, zone: Option<&str>) -> TranslateOptions {
 }
 
 /// Backends of the single frontend 10.0.0.1:80/TCP of `default/web`.
-fn web_backends(endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddrV4> {
+fn web_backends(endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddr> {
     web_backends_patched(json!({}), endpoints, o)
 }
 
-fn web_backends_patched(patch: Value, endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddrV4> {
+fn web_backends_patched(patch: Value, endpoints: Value, o: &TranslateOptions) -> Vec<SocketAddr> {
     let s = svc_with("default", "web", "10.0.0.1", tcp(80), patch);
     let sl = slice("default", "web-a", "web", sport(8080), endpoints);
     let (st, diags) = translate(&[s], &[sl], o);

@@ -37,7 +37,7 @@ fn slice(name: &str, service: &str, addrs: &[&str]) -> EndpointSlice {
 }
 
 fn fe(ip: &str) -> Frontend {
-    frontend(ip.parse().unwrap(), 80, Proto::Tcp)
+    frontend(ip.parse::<std::net::IpAddr>().unwrap(), 80, Proto::Tcp)
 }
 
 fn driver_with(dp: MemoryDatapath) -> (Driver<MemoryDatapath>, Feeds) {
@@ -74,13 +74,13 @@ async fn step(d: &mut Driver<MemoryDatapath>) -> Step {
 }
 
 /// Backends of `fe` as the maps hold them (active slots only).
-fn backends(d: &Driver<MemoryDatapath>, fe: &Frontend) -> Vec<Ipv4Addr> {
+fn backends(d: &Driver<MemoryDatapath>, fe: &Frontend) -> Vec<std::net::IpAddr> {
     let r = d.syncer().reconciler();
     let snap = r.datapath().snapshot().unwrap();
     let Some(inst) = r.installed().get(fe) else {
         return Vec::new();
     };
-    let mut out: Vec<Ipv4Addr> = inst.slots[..inst.count as usize]
+    let mut out: Vec<std::net::IpAddr> = inst.slots[..inst.count as usize]
         .iter()
         .map(|id| {
             crate::datapath::backend_addr(&snap.backends[id])
@@ -485,19 +485,19 @@ async fn incremental_translation_equals_a_full_one() {
                 d.slices.state().iter().map(|s| (**s).clone()).collect();
             let (want, _) =
                 crate::model::translate(&services, &slices, &TranslateOptions::default());
-            let got: BTreeMap<Frontend, (String, Vec<Ipv4Addr>)> = d
+            let got: BTreeMap<Frontend, (String, Vec<std::net::IpAddr>)> = d
                 .syncer()
                 .reconciler()
                 .installed()
                 .iter()
                 .map(|(fe, i)| (*fe, (i.service.name.clone(), backends(&d, fe))))
                 .collect();
-            let want: BTreeMap<Frontend, (String, Vec<Ipv4Addr>)> = want
+            let want: BTreeMap<Frontend, (String, Vec<std::net::IpAddr>)> = want
                 .into_iter()
                 .map(|(fe, w)| {
                     (
                         fe,
-                        (w.service.name, w.backends.iter().map(|b| *b.ip()).collect()),
+                        (w.service.name, w.backends.iter().map(|b| b.ip()).collect()),
                     )
                 })
                 .collect();

@@ -1,0 +1,253 @@
+//! Translation for both families: forward (connect, sendmsg) and reverse
+//! (recvmsg, getpeername). One code path serves the IPv4 and IPv6 hooks;
+//! the const parameter `V6` picks which `bpf_sock_addr` fields a hook may
+//! touch (the verifier refuses `user_ip6` in an IPv4 program and vice
+//! versa), and the dead branch is compiled out.
+//!
+//! Addresses are 16 bytes everywhere in the maps, IPv4 ones IPv4-mapped, so
+//! an IPv6 hook handed `::ffff:a.b.c.d` by a dual-stack socket finds the
+//! IPv4 service directly and writes back a mapped backend.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use lb_common::{
+    Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
+    ServiceKey, as_v4, stats, v4_mapped,
+};
+
+use crate::maps::{self, bump};
+
+/// What the calling hook should return.
+pub enum Verdict {
+    /// Allow, with or without a rewritten address.
+    Pass,
+    /// The service has no usable backend: fail the call with ECONNREFUSED.
+    Refuse,
+}
+
+/// Which forward hook runs: it decides how the backend is chosen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TCP or connected UDP: once per socket, uniformly at random.
+    Connect,
+    /// Unconnected UDP: every datagram; by socket cookie, so one socket's
+    /// datagrams to one frontend all reach the same backend.
+    Sendmsg,
+}
+
+/// The L4 protocol of a socket we handle: TCP stream and UDP datagram
+/// sockets only. Raw sockets (even with `IPPROTO_UDP`), ICMP ping sockets,
+/// UDP-Lite and SCTP pass untouched.
+#[inline(always)]
+fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
+    match (sa.type_, sa.protocol) {
+        (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => Some(PROTO_TCP),
+        (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: a sock_addr context is a valid argument for this helper.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The destination (forward hooks) or peer (reverse hooks) address, in the
+/// maps' 16-byte form. Word by word: the verifier allows only 4-byte loads
+/// of `user_ip6`.
+#[inline(always)]
+fn read_addr<const V6: bool>(sa: &bpf_sock_addr) -> Addr {
+    if V6 {
+        let mut out = [0u32; 4];
+        for (i, word) in out.iter_mut().enumerate() {
+            // SAFETY: in-bounds field of the context.
+            *word = unsafe { core::ptr::read_volatile(&sa.user_ip6[i]) };
+        }
+        out
+    } else {
+        v4_mapped(sa.user_ip4)
+    }
+}
+
+/// Rewrites the context's address and port. `false` (and nothing written)
+/// if an IPv4 hook is handed an address that is not IPv4-mapped: that
+/// cannot come from maps the agent writes (a frontend's backends are of the
+/// frontend's family), so the caller treats it as a missing backend.
+#[inline(always)]
+fn write_addr<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) -> bool {
+    if V6 {
+        for (i, word) in addr.iter().enumerate() {
+            // SAFETY: in-bounds field of the context; 4-byte stores only.
+            unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], *word) };
+        }
+    } else {
+        let Some(ip4) = as_v4(addr) else {
+            return false;
+        };
+        sa.user_ip4 = ip4;
+    }
+    sa.user_port = u32::from(port);
+    true
+}
+
+/// Rewrites a destination that is a service frontend to one of its backends
+/// and records the translation in the reverse map.
+#[inline(always)]
+pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = handled_proto(sa) else {
+        return Verdict::Pass;
+    };
+    let addr = read_addr::<V6>(sa);
+    let port = sa.user_port as u16;
+    let Some(master) = maps::service(&ServiceKey::new(addr, port, proto, 0)) else {
+        return Verdict::Pass;
+    };
+    if master.count == 0 {
+        bump(stats::NO_BACKEND);
+        return Verdict::Refuse;
+    }
+    let cookie = socket_cookie(ctx);
+    let pick = match hook {
+        // SAFETY: the helper has no preconditions.
+        Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % master.count,
+        Hook::Sendmsg => (cookie % u64::from(master.count)) as u32,
+    };
+    let Some(backend) = pick_backend(addr, port, proto, pick as u16 + 1) else {
+        bump(stats::NO_BACKEND);
+        return Verdict::Refuse;
+    };
+    if !write_addr::<V6>(sa, &backend.addr, backend.port) {
+        bump(stats::NO_BACKEND);
+        return Verdict::Refuse;
+    }
+    maps::remember(
+        &ReverseKey::new(cookie, backend.addr, backend.port),
+        &ReverseValue {
+            addr,
+            port,
+            _pad: 0,
+            svc_id: master.svc_id,
+        },
+    );
+    if maps::debug_enabled() {
+        log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
+    }
+    bump(match hook {
+        Hook::Connect => stats::TRANSLATED,
+        Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
+    });
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn log_forward<const V6: bool>(
+    ctx: &SockAddrContext,
+    hook: Hook,
+    addr: &Addr,
+    port: u16,
+    backend: &Backend,
+    svc_id: u32,
+) {
+    let what = match (hook, V6) {
+        (Hook::Connect, false) => "connect4",
+        (Hook::Connect, true) => "connect6",
+        (Hook::Sendmsg, false) => "sendmsg4",
+        (Hook::Sendmsg, true) => "sendmsg6",
+    };
+    // IPv4 services read as IPv4, whichever hook saw them.
+    if let (Some(front), Some(back)) = (as_v4(addr), as_v4(&backend.addr)) {
+        debug!(
+            ctx,
+            target: "lb_ebpf",
+            "{} {:i}:{} -> {:i}:{} (svc {})",
+            what,
+            u32::from_be(front),
+            u16::from_be(port),
+            u32::from_be(back),
+            u16::from_be(backend.port),
+            svc_id
+        );
+    } else {
+        debug!(
+            ctx,
+            target: "lb_ebpf",
+            "{} [{:i}]:{} -> [{:i}]:{} (svc {})",
+            what,
+            to_bytes(addr),
+            u16::from_be(port),
+            to_bytes(&backend.addr),
+            u16::from_be(backend.port),
+            svc_id
+        );
+    }
+}
+
+#[inline(always)]
+fn to_bytes(addr: &Addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = addr[i].to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+/// Rewrites a backend address (a datagram's source for recvmsg, the peer
+/// for getpeername) back to the frontend this socket asked for, if the
+/// socket was translated to that backend and the service is still the one
+/// it was translated for. A stale entry is deleted and the address left.
+#[inline(always)]
+pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = handled_proto(sa) else {
+        return;
+    };
+    let key = ReverseKey::new(socket_cookie(ctx), read_addr::<V6>(sa), sa.user_port as u16);
+    let Some(front) = maps::reverse(&key) else {
+        return;
+    };
+    let live = maps::service(&ServiceKey::new(front.addr, front.port, proto, 0))
+        .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
+    if !live {
+        maps::forget(&key);
+        bump(stats::REVERSE_STALE);
+        return;
+    }
+    if write_addr::<V6>(sa, &front.addr, front.port) {
+        bump(stats::REVERSE_TRANSLATED);
+    }
+}
+
+/// The chosen slot, or — if a concurrent shrink removed it or its backend —
+/// slot 1, which exists whenever the count is non-zero in a make-before-break
+/// update sequence.
+#[inline(always)]
+fn pick_backend(addr: Addr, port: u16, proto: u8, slot: u16) -> Option<Backend> {
+    if let Some(b) = slot_backend(addr, port, proto, slot) {
+        return Some(b);
+    }
+    bump(stats::SLOT_FALLBACK);
+    if slot != 1 {
+        return slot_backend(addr, port, proto, 1);
+    }
+    None
+}
+
+#[inline(always)]
+fn slot_backend(addr: Addr, port: u16, proto: u8, slot: u16) -> Option<Backend> {
+    let entry = maps::service(&ServiceKey::new(addr, port, proto, slot))?;
+    maps::backend(entry.backend_id)
+}
