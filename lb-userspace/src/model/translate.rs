@@ -3,7 +3,7 @@
 //! `ShouldSkipService`).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use k8s_openapi::{
@@ -150,14 +150,14 @@ struct PortSpec<'a> {
 /// as true, nil terminating as false).
 #[derive(Clone, Copy)]
 struct ParsedEndpoint<'a> {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
     ep: &'a Endpoint,
 }
 
-/// One usable (IPv4) slice with its endpoints parsed once for all ports.
+/// One usable (IPv4 or IPv6) slice with its endpoints parsed once for all ports.
 struct ParsedSlice<'a> {
     slice: &'a EndpointSlice,
     endpoints: Vec<ParsedEndpoint<'a>>,
@@ -230,11 +230,27 @@ fn service_frontends(
     let mut out = Vec::with_capacity(ips.len() * ports.len());
     for port in &ports {
         let endpoints = endpoints_for_port(&parsed, port);
-        let backends = choose_backends(&endpoints, local_only, opts);
+        // kube-proxy runs one proxier per family: each ClusterIP balances
+        // over its own family's endpoints, categorised on their own.
+        let (v4, v6): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            endpoints.into_iter().partition(|(a, _)| a.is_ipv4());
+        let v4_backends = ips
+            .iter()
+            .any(IpAddr::is_ipv4)
+            .then(|| choose_backends(&v4, local_only, opts));
+        let v6_backends = ips
+            .iter()
+            .any(IpAddr::is_ipv6)
+            .then(|| choose_backends(&v6, local_only, opts));
         for ip in &ips {
+            let backends = if ip.is_ipv4() {
+                &v4_backends
+            } else {
+                &v6_backends
+            };
             out.push((
                 Frontend {
-                    addr: SocketAddr::new(IpAddr::V4(*ip), port.port),
+                    addr: SocketAddr::new(*ip, port.port),
                     proto: port.proto,
                 },
                 DesiredService {
@@ -244,7 +260,7 @@ fn service_frontends(
                         port_name: port.name.to_owned(),
                         svc_type,
                     },
-                    backends: backends.clone(),
+                    backends: backends.clone().unwrap_or_default(),
                 },
             ));
         }
@@ -263,9 +279,9 @@ fn is_served(meta: &ObjectMeta, opts: &TranslateOptions) -> bool {
     label(PROXY_NAME_LABEL) == opts.service_proxy_name.as_deref()
 }
 
-/// The IPv4 ClusterIPs to serve. Empty for headless services (silently);
-/// IPv6 ones are reported once, bad ones each.
-fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<Ipv4Addr> {
+/// The ClusterIPs to serve, of both families. Empty for headless services
+/// (silently); bad ones are reported each.
+fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
     let meta = &svc.metadata;
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
@@ -284,11 +300,17 @@ fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<Ipv4Addr> {
         },
     };
 
-    let mut out: Vec<Ipv4Addr> = Vec::with_capacity(list.len());
-    let mut reported_v6 = false;
+    let mut out: Vec<IpAddr> = Vec::with_capacity(list.len());
     for (field, raw) in list {
         match raw.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => {
+            // The maps keep IPv4 in this form: it would alias an IPv4 service.
+            Ok(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_some() => diags.push(diag(
+                meta,
+                "Service",
+                &field,
+                format!("{ip} is an IPv4-mapped address, not a ClusterIP; skipped"),
+            )),
+            Ok(ip) => {
                 if out.contains(&ip) {
                     diags.push(diag(
                         meta,
@@ -298,19 +320,6 @@ fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<Ipv4Addr> {
                     ));
                 } else {
                     out.push(ip);
-                }
-            }
-            Ok(IpAddr::V6(ip)) => {
-                if !reported_v6 {
-                    reported_v6 = true;
-                    diags.push(diag(
-                        meta,
-                        "Service",
-                        &field,
-                        format!(
-                            "IPv6 ClusterIP {ip} skipped: the IPv6 datapath is not implemented yet"
-                        ),
-                    ));
                 }
             }
             Err(_) => diags.push(diag(
@@ -392,19 +401,19 @@ fn parse_proto(raw: Option<&str>) -> Result<Proto, &str> {
     }
 }
 
-/// Keeps IPv4 slices (others belong to another family's datapath or are
-/// FQDN), in namespace/name order so deduplication is deterministic.
+/// Keeps IPv4 and IPv6 slices (FQDN ones are for other consumers, as in
+/// kube-proxy), in namespace/name order so deduplication is deterministic.
 fn parse_slices<'a>(
     slices: &[&'a EndpointSlice],
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<ParsedSlice<'a>> {
-    let mut v4: Vec<&'a EndpointSlice> = slices
+    let mut ip: Vec<&'a EndpointSlice> = slices
         .iter()
         .copied()
-        .filter(|s| s.address_type == "IPv4")
+        .filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6")
         .collect();
-    v4.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-    v4.into_iter()
+    ip.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+    ip.into_iter()
         .map(|slice| ParsedSlice {
             slice,
             endpoints: parse_endpoints(slice, diags),
@@ -429,14 +438,20 @@ fn parse_endpoints<'a>(
             ));
             continue;
         };
-        let Ok(ip) = raw.parse::<Ipv4Addr>() else {
-            diags.push(diag(
-                meta,
-                "EndpointSlice",
-                &format!("endpoints[{i}].addresses[0]"),
-                format!("{raw:?} is not an IPv4 address; endpoint skipped"),
-            ));
-            continue;
+        // Each address must be of the slice's type; a v4-mapped IPv6 address
+        // would alias an IPv4 backend in the maps.
+        let ip = match (slice.address_type.as_str(), raw.parse::<IpAddr>()) {
+            ("IPv4", Ok(ip @ IpAddr::V4(_))) => ip,
+            ("IPv6", Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => IpAddr::V6(v6),
+            (family, _) => {
+                diags.push(diag(
+                    meta,
+                    "EndpointSlice",
+                    &format!("endpoints[{i}].addresses[0]"),
+                    format!("{raw:?} is not an {family} address; endpoint skipped"),
+                ));
+                continue;
+            }
         };
         let cond = ep.conditions.as_ref();
         out.push(ParsedEndpoint {
@@ -463,7 +478,7 @@ fn endpoints_for_port<'a>(
             continue;
         };
         for ep in &ps.endpoints {
-            let addr = SocketAddr::new(IpAddr::V4(ep.ip), number);
+            let addr = SocketAddr::new(ep.ip, number);
             let replace = out
                 .get(&addr)
                 .is_none_or(|existing| existing.terminating && !ep.terminating);

@@ -1,4 +1,4 @@
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
@@ -122,7 +122,7 @@ fn sport(port: i32) -> Value {
     json!([{"name": "", "port": port, "protocol": "TCP"}])
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().expect("test IP")
 }
 
@@ -975,87 +975,175 @@ fn slice_for_unknown_service_is_silently_ignored() {
 // ---------- address families ----------
 
 #[test]
-fn ipv6_cluster_ip_is_reported_once() {
-    let s = svc_with(
+fn ipv6_service_balances_over_ipv6_slices() {
+    let s = svc("default", "v6", "fd00:96::1", tcp(80));
+    let sl = slice_with(
         "default",
+        "v6-a",
         "v6",
-        "fd00::1",
-        tcp(80),
-        json!({"spec": {"clusterIPs": ["fd00::1", "fd00::2"]}}),
+        sport(8080),
+        json!([
+            ep("fd00:244::2"),
+            ep("fd00:244::1"),
+            ep_cond("fd00:244::3", Some(false), Some(true), Some(false))
+        ]),
+        json!({"addressType": "IPv6"}),
     );
-    let (st, diags) = run(&[s], &[]);
-    assert_eq!(st, DesiredState::new());
+    let (st, diags) = run(&[s], &[sl]);
+    assert_eq!(diags, vec![]);
     assert_eq!(
-        diags,
-        vec![d(
-            "Service default/v6",
-            "spec.clusterIPs[0]",
-            "IPv6 ClusterIP fd00::1 skipped: the IPv6 datapath is not implemented yet"
-        )]
+        st,
+        state(vec![(
+            fe("fd00:96::1", 80, Proto::Tcp),
+            cip(
+                "default",
+                "v6",
+                "",
+                &["[fd00:244::1]:8080", "[fd00:244::2]:8080"]
+            ),
+        )])
     );
 }
 
 #[test]
-fn ipv6_cluster_ip_from_cluster_ip_field() {
-    let s = svc("default", "v6", "fd00::1", tcp(80));
-    let (st, diags) = run(&[s], &[]);
-    assert_eq!(st, DesiredState::new());
+fn ipv6_service_without_ipv6_endpoints_refuses_even_with_ipv4_ones() {
+    let s = svc("default", "v6", "fd00:96::1", tcp(80));
+    let v4 = slice(
+        "default",
+        "v6-a",
+        "v6",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    let (st, diags) = run(&[s], &[v4]);
+    assert_eq!(diags, vec![]);
     assert_eq!(
-        diags,
-        vec![d(
-            "Service default/v6",
-            "spec.clusterIP",
-            "IPv6 ClusterIP fd00::1 skipped: the IPv6 datapath is not implemented yet"
-        )]
+        st,
+        state(vec![(
+            fe("fd00:96::1", 80, Proto::Tcp),
+            cip("default", "v6", "", &[])
+        )])
     );
 }
 
 #[test]
-fn dual_stack_serves_the_ipv4_cluster_ip_and_ipv4_slices() {
+fn dual_stack_gives_one_frontend_per_family_with_that_familys_endpoints() {
     let s = svc_with(
         "default",
         "ds",
         "fd00::10",
-        tcp(80),
+        json!([{"port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]),
         json!({"spec": {"clusterIPs": ["fd00::10", "10.0.0.10"], "ipFamilies": ["IPv6", "IPv4"]}}),
     );
+    let ports = json!([
+        {"name": "", "port": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 5353, "protocol": "UDP"}
+    ]);
     let v4 = slice(
         "default",
         "ds-v4",
         "ds",
-        sport(8080),
+        ports.clone(),
         json!([ep("10.1.0.1")]),
     );
     let v6 = slice_with(
         "default",
         "ds-v6",
         "ds",
-        sport(8080),
-        json!([ep("fd01::1")]),
+        ports.clone(),
+        // Not ready: the IPv6 family falls back on its own, whatever IPv4 has.
+        json!([ep_cond("fd01::1", Some(false), Some(true), Some(true))]),
         json!({"addressType": "IPv6"}),
     );
     let fqdn = slice_with(
         "default",
         "ds-fqdn",
         "ds",
-        sport(8080),
+        ports,
         json!([ep("example.com")]),
         json!({"addressType": "FQDN"}),
     );
     let (st, diags) = run(&[s], &[v6, fqdn, v4]);
+    assert_eq!(diags, vec![]);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.10", 80, Proto::Tcp),
+                cip("default", "ds", "", &["10.1.0.1:8080"])
+            ),
+            (
+                fe("10.0.0.10", 53, Proto::Udp),
+                cip("default", "ds", "dns", &["10.1.0.1:5353"])
+            ),
+            (
+                fe("fd00::10", 80, Proto::Tcp),
+                cip("default", "ds", "", &["[fd01::1]:8080"])
+            ),
+            (
+                fe("fd00::10", 53, Proto::Udp),
+                cip("default", "ds", "dns", &["[fd01::1]:5353"])
+            ),
+        ])
+    );
+}
+
+#[test]
+fn addresses_of_the_wrong_family_or_v4_mapped_are_reported_and_skipped() {
+    let s = svc_with(
+        "default",
+        "ds",
+        "::ffff:10.0.0.9",
+        tcp(80),
+        json!({"spec": {"clusterIPs": ["::ffff:10.0.0.9", "fd00::10"]}}),
+    );
+    let v6 = slice_with(
+        "default",
+        "ds-v6",
+        "ds",
+        sport(8080),
+        json!([ep("10.1.0.1"), ep("::ffff:10.1.0.2"), ep("fd01::1")]),
+        json!({"addressType": "IPv6"}),
+    );
+    let v4 = slice(
+        "default",
+        "ds-v4",
+        "ds",
+        sport(8080),
+        json!([ep("fd01::2")]),
+    );
+    let (st, mut diags) = run(&[s], &[v6, v4]);
+    diags.sort();
     assert_eq!(
         diags,
-        vec![d(
-            "Service default/ds",
-            "spec.clusterIPs[0]",
-            "IPv6 ClusterIP fd00::10 skipped: the IPv6 datapath is not implemented yet"
-        )]
+        vec![
+            d(
+                "EndpointSlice default/ds-v4",
+                "endpoints[0].addresses[0]",
+                "\"fd01::2\" is not an IPv4 address; endpoint skipped"
+            ),
+            d(
+                "EndpointSlice default/ds-v6",
+                "endpoints[0].addresses[0]",
+                "\"10.1.0.1\" is not an IPv6 address; endpoint skipped"
+            ),
+            d(
+                "EndpointSlice default/ds-v6",
+                "endpoints[1].addresses[0]",
+                "\"::ffff:10.1.0.2\" is not an IPv6 address; endpoint skipped"
+            ),
+            d(
+                "Service default/ds",
+                "spec.clusterIPs[0]",
+                "::ffff:10.0.0.9 is an IPv4-mapped address, not a ClusterIP; skipped"
+            ),
+        ]
     );
     assert_eq!(
         st,
         state(vec![(
-            fe("10.0.0.10", 80, Proto::Tcp),
-            cip("default", "ds", "", &["10.1.0.1:8080"]),
+            fe("fd00::10", 80, Proto::Tcp),
+            cip("default", "ds", "", &["[fd01::1]:8080"])
         )])
     );
 }
