@@ -162,6 +162,9 @@ impl<D: Datapath> Reconciler<D> {
     pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
         let mut report = ApplyReport::default();
         for (fe, want) in desired {
+            if self.up_to_date(fe, want) {
+                continue;
+            }
             if let Err(source) = self.apply_frontend(fe, want, prune, &mut report) {
                 report.errors.push(ReconcileError {
                     namespace: want.service.namespace.clone(),
@@ -192,6 +195,29 @@ impl<D: Datapath> Reconciler<D> {
             self.delete_orphans(&mut report);
         }
         report
+    }
+
+    /// The maps already hold exactly `want` for `fe`: nothing to write, in
+    /// either prune mode. Lets a sync that touches one service out of
+    /// thousands skip the rest without allocating.
+    fn up_to_date(&self, fe: &Frontend, want: &DesiredService) -> bool {
+        /// Past this, the quadratic membership check costs more than the
+        /// full path it would save.
+        const MAX_CHECKED: usize = 64;
+        let Some(inst) = self.installed.get(fe) else {
+            return false;
+        };
+        let active = &inst.slots[..(inst.count as usize).min(inst.slots.len())];
+        inst.complete
+            && inst.slots.len() == active.len()
+            && active.len() == want.backends.len()
+            && want.backends.len() <= MAX_CHECKED
+            && inst.service == want.service
+            && want.backends.iter().all(|addr| {
+                self.backend_ids
+                    .get(&(*addr, fe.proto))
+                    .is_some_and(|id| active.contains(id))
+            })
     }
 
     fn apply_frontend(

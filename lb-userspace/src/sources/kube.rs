@@ -3,8 +3,9 @@
 //! feeding the same [`Syncer`] as the manifest source.
 //!
 //! Watch tasks ([`pump`]) apply each event to their reflector store and raise
-//! a dirty flag; one [`Driver`] wakes on it, waits a short debounce so a burst
-//! becomes one sync, snapshots both stores and syncs. Nothing is pruned or
+//! a dirty flag; one [`Driver`] wakes on it, syncs at once if it was idle or
+//! else waits a short debounce so a burst becomes one sync, snapshots both
+//! stores and syncs. Nothing is pruned or
 //! shrunk ([`Prune::No`]) until both watches have completed their initial
 //! list; afterwards each sync sees complete stores, so after a relist (410) the
 //! store swap makes vanished objects disappear and exactly those are removed.
@@ -307,12 +308,14 @@ where
     debug!(%kind, "watch stream ended");
 }
 
-/// How events are coalesced into syncs.
+/// How events are coalesced into syncs. An event that finds the driver
+/// idle (no sync for `max_delay`) is synced at once: a lone endpoint change
+/// pays no debounce. Events that arrive while syncs are frequent are
+/// batched: a sync starts once no event arrived for `quiet`, or `max_delay`
+/// after the first event of the burst, whichever is first.
 #[derive(Clone, Copy, Debug)]
 pub struct Coalesce {
-    /// A sync starts once no event arrived for this long...
     pub quiet: Duration,
-    /// ...or this long after the first event of a burst, whichever is first.
     pub max_delay: Duration,
 }
 
@@ -406,6 +409,8 @@ pub struct Driver<D> {
     coalesce: Coalesce,
     latency: Latency,
     syncs: u64,
+    /// When the last sync finished: decides between syncing at once and debouncing.
+    last_sync: Option<Instant>,
     complete: bool,
     index: Index,
 }
@@ -423,6 +428,7 @@ impl<D: Datapath> Driver<D> {
             coalesce,
             latency: Latency::default(),
             syncs: 0,
+            last_sync: None,
             complete: false,
             index: Index::default(),
         };
@@ -462,6 +468,12 @@ impl<D: Datapath> Driver<D> {
     pub async fn step(&mut self) -> Step {
         while !self.signals.is_dirty() {
             self.signals.notify.notified().await;
+        }
+        let idle = self
+            .last_sync
+            .is_none_or(|t| t.elapsed() >= self.coalesce.max_delay);
+        if idle {
+            return self.sync_now();
         }
         let burst = Instant::now();
         let mut seen = self.signals.events.load(Ordering::SeqCst);
@@ -514,6 +526,7 @@ impl<D: Datapath> Driver<D> {
         let stats = self.syncer.apply_desired(desired, diags, prune);
         let written = Instant::now();
         self.syncs += 1;
+        self.last_sync = Some(written);
         self.latency.add(&arrivals, written);
         let first_complete = prune == Prune::Yes && !self.complete;
         self.complete |= prune == Prune::Yes;
