@@ -4,10 +4,13 @@
 //! `cargo xtask test` with `--test-threads=1`.
 use std::{
     net::Ipv4Addr,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use lb_tests::{Bins, Lab, back_end_manifest, endpoints, pod_manifest, service_ip, wait_client};
+use lb_tests::{
+    Bins, Lab, back_end_manifest, endpoints, pod_manifest, run, service_ip, wait_client,
+};
 
 const SYNC: Duration = Duration::from_secs(10);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -438,4 +441,54 @@ fn bpf_log_reports_each_translation_only_when_asked() {
     }
     let log = lab.agent.log_text();
     assert!(log.contains(&record), "{log}");
+}
+
+#[test]
+fn pins_of_an_older_layout_are_replaced_not_misread() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    lab.agent.stop().unwrap();
+    // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
+    // key (IPv4 address) and the IPv4-only reverse map.
+    let services = lab.agent.bpffs.join("LB_SERVICES");
+    let legacy_reverse = lab.agent.bpffs.join("LB_REVERSE4");
+    std::fs::remove_file(&services).unwrap();
+    for (pin, args) in [
+        (
+            &services,
+            "type hash key 12 value 16 entries 1024 name LB_SERVICES flags 1",
+        ),
+        (
+            &legacy_reverse,
+            "type lru_hash key 16 value 12 entries 1024 name LB_REVERSE4",
+        ),
+    ] {
+        run(Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pin)
+            .args(args.split(' ')))
+        .unwrap();
+    }
+    lab.agent.start().unwrap();
+    lab.agent
+        .wait_for("back-end re-programmed", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+        })
+        .unwrap();
+    let show: serde_json::Value = serde_json::from_str(
+        &run(Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&services))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(show["bytes_key"].as_u64(), Some(24), "{show}");
+    assert!(
+        !legacy_reverse.exists(),
+        "the IPv4-only reverse map is gone"
+    );
+    let log = lab.agent.log_text();
+    assert!(log.contains("another layout"), "{log}");
+    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
+    assert_eq!(report.ok(), 30, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
 }
