@@ -185,16 +185,17 @@ pub async fn run_manifests(
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.health_addr);
     let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
-    // Addresses a previous agent allocated stay with their services.
+    // Addresses a previous agent allocated stay with their services, per
+    // family (the allocator keeps those inside its ranges).
     let previous = reconciler
         .installed()
         .iter()
         .filter(|(_, i)| !i.service.name.is_empty())
-        .filter_map(|(fe, i)| match fe.addr.ip() {
-            std::net::IpAddr::V4(ip) => {
-                Some(((i.service.namespace.clone(), i.service.name.clone()), ip))
-            }
-            std::net::IpAddr::V6(_) => None,
+        .map(|(fe, i)| {
+            (
+                (i.service.namespace.clone(), i.service.name.clone()),
+                fe.addr.ip(),
+            )
         });
     let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
     let mut syncer = Syncer::new(reconciler, cfg.translate.clone());

@@ -11,7 +11,10 @@ use lb_userspace::{
     },
     health, list,
     model::TranslateOptions,
-    sources::{kube::ClientConfig, manifest::ServiceCidr},
+    sources::{
+        kube::ClientConfig,
+        manifest::{self, ServiceCidr},
+    },
 };
 use tracing_subscriber::EnvFilter;
 
@@ -74,9 +77,13 @@ struct RunArgs {
     /// Address for /healthz and /readyz ("none" to disable).
     #[arg(long, value_name = "ADDR", default_value = health::DEFAULT_ADDR, value_parser = parse_health_addr)]
     health_addr: HealthAddr,
-    /// Range for ClusterIPs of manifest Services that have none.
-    #[arg(long, default_value = "10.96.0.0/12")]
-    service_cidr: ServiceCidr,
+    /// ClusterIP ranges for manifest Services: one CIDR, or an IPv4 and an IPv6 one separated
+    /// by a comma, the first being the primary family (as kube-apiserver's
+    /// --service-cluster-ip-range). Single-stack Services get the primary family; dual-stack
+    /// ones (ipFamilyPolicy PreferDualStack/RequireDualStack) need both.
+    #[arg(long, value_name = "CIDR[,CIDR]", default_value = manifest::DEFAULT_SERVICE_CIDR,
+          value_parser = parse_service_cidr)]
+    service_cidr: Box<ServiceCidr>,
     /// Service map entries: one per frontend plus one per backend slot (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -95,6 +102,12 @@ struct RunArgs {
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
+}
+
+/// `--service-cidr`, boxed: two ranges would make `RunArgs` much larger than
+/// the other subcommands.
+fn parse_service_cidr(s: &str) -> Result<Box<ServiceCidr>, manifest::ServiceCidrError> {
+    s.parse().map(Box::new)
 }
 
 /// `--health-addr`: an address, or `None` for "none".
@@ -171,7 +184,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 bpffs: pins.bpffs,
                 cgroup: pins.cgroup,
                 manifests,
-                service_cidr,
+                service_cidr: *service_cidr,
                 sizes,
                 bpf_log,
                 translate,

@@ -1,7 +1,13 @@
 //! The manifest-directory source: ordinary Kubernetes YAML stands in for an
 //! API server and for the controllers a cluster would run (endpoints from
-//! Pods, mirroring of Endpoints, ClusterIP allocation).
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
+//! Pods, mirroring of Endpoints, ClusterIP allocation), for IPv4, IPv6 and
+//! dual-stack Services.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
@@ -19,53 +25,246 @@ mod tests;
 /// Everything one read of the directory produced.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
-    /// Services with `spec.clusterIP`/`clusterIPs` filled in where they were missing.
+    /// Services with `spec.clusterIP`, `clusterIPs`, `ipFamilies` and
+    /// `ipFamilyPolicy` filled in as the API server would; invalid ones left out.
     pub services: Vec<Service>,
     /// Given EndpointSlices plus those derived from Pods and Endpoints.
     pub slices: Vec<EndpointSlice>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// An IPv4 service CIDR such as `10.96.0.0/12`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServiceCidr {
-    pub network: Ipv4Addr,
-    pub prefix_len: u8,
+/// An address family, named as Kubernetes names it (`IPv4`, `IPv6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
 }
 
-impl std::str::FromStr for ServiceCidr {
-    type Err = String;
+impl IpFamily {
+    /// The family of `ip`; a v4-mapped IPv6 address counts as IPv6 (callers
+    /// reject those before asking).
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        alloc::parse_cidr(s)
+    /// `spec.ipFamilies` / `addressType` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        }
     }
 }
 
-impl fmt::Display for ServiceCidr {
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// At most one address per family: a service's allocated ClusterIPs, a
+/// Pod's IPs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyIps {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl FamilyIps {
+    pub fn get(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.v4.map(IpAddr::V4),
+            IpFamily::V6 => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// Sets the slot of `ip`'s family, replacing what was there.
+    pub fn set(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => self.v4 = Some(v4),
+            IpAddr::V6(v6) => self.v6 = Some(v6),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
+/// One family's range for ClusterIPs, such as `10.96.0.0/12` or
+/// `fd00:10:96::/108`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrRange {
+    network: IpAddr,
+    prefix_len: u8,
+}
+
+impl CidrRange {
+    pub fn network(self) -> IpAddr {
+        self.network
+    }
+
+    pub fn prefix_len(self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn family(self) -> IpFamily {
+        IpFamily::of(self.network)
+    }
+}
+
+impl std::str::FromStr for CidrRange {
+    type Err = ServiceCidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        alloc::parse_range(s)
+    }
+}
+
+impl fmt::Display for CidrRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix_len)
     }
 }
 
-/// Hands out ClusterIPs for Services that have none, stable across edits and
-/// (seeded with what the maps hold) across agent restarts.
+/// `--service-cidr`: one range, or one per family, the first being the
+/// primary family (kube-apiserver's `--service-cluster-ip-range`). Services
+/// that ask for no family get the primary one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceCidr {
+    primary: CidrRange,
+    secondary: Option<CidrRange>,
+}
+
+/// The default `--service-cidr`: IPv4 primary, so single-stack services stay
+/// IPv4, with an IPv6 ULA range so dual-stack manifests work as they are.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12,fd00:10:96::/108";
+
+impl ServiceCidr {
+    pub fn primary(&self) -> CidrRange {
+        self.primary
+    }
+
+    pub fn secondary(&self) -> Option<CidrRange> {
+        self.secondary
+    }
+
+    /// The range of `family`, if the cluster has one.
+    pub fn range(&self, family: IpFamily) -> Option<CidrRange> {
+        [Some(self.primary), self.secondary]
+            .into_iter()
+            .flatten()
+            .find(|r| r.family() == family)
+    }
+
+    pub fn is_dual_stack(&self) -> bool {
+        self.secondary.is_some()
+    }
+}
+
+/// Why a `--service-cidr` value was refused. The flag parser names the flag.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceCidrError {
+    #[error(
+        "expected one CIDR, or an IPv4 and an IPv6 one separated by a comma, such as {DEFAULT_SERVICE_CIDR}"
+    )]
+    Empty,
+    #[error("{0:?}: expected a CIDR such as 10.96.0.0/12 or fd00:10:96::/108")]
+    NoPrefix(String),
+    #[error("{cidr}: {addr:?} is not an IP address")]
+    BadAddress { cidr: String, addr: String },
+    #[error("{cidr}: prefix length {len:?} is not a number")]
+    BadPrefix { cidr: String, len: String },
+    #[error("{cidr}: an {family} prefix length must be between {min} and {max}{why}")]
+    PrefixRange {
+        cidr: String,
+        family: IpFamily,
+        min: u8,
+        max: u8,
+        /// Why, when the prefix is too long.
+        why: &'static str,
+    },
+    #[error("{cidr}: host bits set; did you mean {suggestion}?")]
+    HostBits { cidr: String, suggestion: String },
+    #[error("{0}: an IPv4-mapped IPv6 range; give the IPv4 range instead")]
+    Mapped(String),
+    #[error("{first} and {second} are both {family}; give at most one range per family")]
+    SameFamily {
+        first: String,
+        second: String,
+        family: IpFamily,
+    },
+    #[error("{0}: at most two ranges (one IPv4, one IPv6)")]
+    TooMany(String),
+}
+
+impl std::str::FromStr for ServiceCidr {
+    type Err = ServiceCidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        alloc::parse_cidrs(s)
+    }
+}
+
+impl fmt::Display for ServiceCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.primary)?;
+        if let Some(secondary) = self.secondary {
+            write!(f, ",{secondary}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Hands out ClusterIPs for Services that have none, per family, stable
+/// across edits and (seeded with what the maps hold) across agent restarts.
 #[derive(Clone, Debug)]
 pub struct ClusterIpAllocator {
     pub cidr: ServiceCidr,
-    /// (namespace, name) → address.
-    pub assigned: BTreeMap<(String, String), Ipv4Addr>,
+    /// (namespace, name) → the addresses this allocator handed out (not
+    /// the ones a manifest set itself).
+    pub assigned: BTreeMap<(String, String), FamilyIps>,
 }
 
 impl ClusterIpAllocator {
-    /// `previous`: allocations a previous agent made, read back from the maps.
+    /// `previous`: a previous agent's ClusterIPs per service, read back from
+    /// the maps (any family, IPv4 possibly v4-mapped). Per service and
+    /// family the first address inside `cidr`'s range of that family is
+    /// kept; the others cannot have been allocated and are ignored.
     pub fn new(
         cidr: ServiceCidr,
-        previous: impl IntoIterator<Item = ((String, String), Ipv4Addr)>,
+        previous: impl IntoIterator<Item = ((String, String), IpAddr)>,
     ) -> Self {
-        Self {
-            cidr,
-            assigned: previous.into_iter().collect(),
+        let mut assigned: BTreeMap<(String, String), FamilyIps> = BTreeMap::new();
+        for (key, ip) in previous {
+            let ip = ip.to_canonical();
+            let family = IpFamily::of(ip);
+            let usable = cidr.range(family).is_some_and(|r| r.is_usable(ip));
+            let slot = assigned.entry(key).or_default();
+            if usable && slot.get(family).is_none() {
+                slot.set(ip);
+            }
         }
+        assigned.retain(|_, ips| !ips.is_empty());
+        Self { cidr, assigned }
     }
 }
 

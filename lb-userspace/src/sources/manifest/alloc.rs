@@ -1,81 +1,439 @@
-//! ClusterIP allocation, the API server's job when there is no API server.
+//! ClusterIP allocation and IP-family defaulting, the API server's job when
+//! there is no API server. The rules are kube-apiserver's
+//! (`pkg/registry/core/service/storage/alloc.go` `initIPFamilyFields` and
+//! `ValidateServiceClusterIPsRelatedFields`), with two leniencies kept from
+//! before dual-stack: `clusterIPs` without `clusterIP` is accepted (the
+//! first becomes `clusterIP`), and a given address outside `--service-cidr`
+//! is used as written (manifests copied from a cluster with another range).
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
-use super::{ClusterIpAllocator, ServiceCidr, Sourced, diag, fnv1a, name_of, namespace_of};
+use super::{
+    CidrRange, ClusterIpAllocator, FamilyIps, IpFamily, ServiceCidr, ServiceCidrError, Sourced,
+    diag, fnv1a, name_of, namespace_of,
+};
 use crate::model::Diagnostic;
 
-pub(super) fn parse_cidr(s: &str) -> Result<ServiceCidr, String> {
+/// One `--service-cidr` value: one range, or two of different families.
+pub(super) fn parse_cidrs(s: &str) -> Result<ServiceCidr, ServiceCidrError> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    match parts.as_slice() {
+        [""] => Err(ServiceCidrError::Empty),
+        [one] => Ok(ServiceCidr {
+            primary: parse_range(one)?,
+            secondary: None,
+        }),
+        [first, second] => {
+            let (primary, secondary) = (parse_range(first)?, parse_range(second)?);
+            if primary.family() == secondary.family() {
+                return Err(ServiceCidrError::SameFamily {
+                    first: primary.to_string(),
+                    second: secondary.to_string(),
+                    family: primary.family(),
+                });
+            }
+            Ok(ServiceCidr {
+                primary,
+                secondary: Some(secondary),
+            })
+        }
+        _ => Err(ServiceCidrError::TooMany(s.trim().to_owned())),
+    }
+}
+
+/// One family's range. IPv4: /8 to /30 (the network, the first host and the
+/// broadcast address are never handed out by hash). IPv6: /64 to /126 (the
+/// network address and the first host are not).
+pub(super) fn parse_range(s: &str) -> Result<CidrRange, ServiceCidrError> {
     let s = s.trim();
     let Some((addr, len)) = s.split_once('/') else {
-        return Err(format!("{s:?}: expected an IPv4 CIDR such as 10.96.0.0/12"));
+        return Err(ServiceCidrError::NoPrefix(s.to_owned()));
     };
-    let network: Ipv4Addr = match addr.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip,
-        Ok(IpAddr::V6(_)) => {
-            return Err(format!("{s}: only IPv4 service CIDRs are supported"));
-        }
-        Err(_) => return Err(format!("{s}: {addr:?} is not an IPv4 address")),
+    let network: IpAddr = addr.parse().map_err(|_| ServiceCidrError::BadAddress {
+        cidr: s.to_owned(),
+        addr: addr.to_owned(),
+    })?;
+    if let IpAddr::V6(v6) = network
+        && v6.to_ipv4_mapped().is_some()
+    {
+        return Err(ServiceCidrError::Mapped(s.to_owned()));
+    }
+    let prefix_len: u8 = len.parse().map_err(|_| ServiceCidrError::BadPrefix {
+        cidr: s.to_owned(),
+        len: len.to_owned(),
+    })?;
+    let family = IpFamily::of(network);
+    let (min, max) = match family {
+        IpFamily::V4 => (8, 30),
+        IpFamily::V6 => (64, 126),
     };
-    let prefix_len: u8 = len
-        .parse()
-        .map_err(|_| format!("{s}: prefix length {len:?} is not a number"))?;
-    if !(8..=30).contains(&prefix_len) {
-        return Err(format!(
-            "{s}: prefix length must be between 8 and 30 (a /31 or /32 leaves no address to allocate)"
-        ));
+    if !(min..=max).contains(&prefix_len) {
+        return Err(ServiceCidrError::PrefixRange {
+            cidr: s.to_owned(),
+            family,
+            min,
+            max,
+            why: if prefix_len > max {
+                " (a longer one leaves no address to allocate)"
+            } else {
+                ""
+            },
+        });
     }
-    let mask = u32::MAX << (32 - u32::from(prefix_len));
-    let bits = u32::from(network);
-    if bits & !mask != 0 {
-        return Err(format!(
-            "{s}: host bits set; did you mean {}/{prefix_len}?",
-            Ipv4Addr::from(bits & mask)
-        ));
-    }
-    Ok(ServiceCidr {
+    let range = CidrRange {
         network,
         prefix_len,
+    };
+    let bits = to_bits(network);
+    let base = bits & !(range.size() - 1);
+    if base != bits {
+        let suggestion = CidrRange {
+            network: range.nth(base).unwrap_or(network),
+            prefix_len,
+        };
+        return Err(ServiceCidrError::HostBits {
+            cidr: s.to_owned(),
+            suggestion: suggestion.to_string(),
+        });
+    }
+    Ok(range)
+}
+
+fn to_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+impl CidrRange {
+    fn width(self) -> u32 {
+        match self.family() {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
+    /// Addresses in the range; at most 2^64 (an IPv6 /64), so it fits.
+    fn size(self) -> u128 {
+        1u128 << (self.width() - u32::from(self.prefix_len))
+    }
+
+    /// The first address handed out by hash and how many there are: not
+    /// the network address, not the first host (Kubernetes gives it to
+    /// `default/kubernetes`), and for IPv4 not the broadcast address. The
+    /// prefix limits leave at least one.
+    fn usable(self) -> (u128, u128) {
+        let reserved = match self.family() {
+            IpFamily::V4 => 3,
+            IpFamily::V6 => 2,
+        };
+        (to_bits(self.network) + 2, self.size() - reserved)
+    }
+
+    fn first_host(self) -> u128 {
+        to_bits(self.network) + 1
+    }
+
+    /// `bits` as an address of this range's family; `None` if it does not
+    /// fit (never for bits computed inside the range).
+    fn nth(self, bits: u128) -> Option<IpAddr> {
+        match self.family() {
+            IpFamily::V4 => u32::try_from(bits).ok().map(|b| Ipv4Addr::from(b).into()),
+            IpFamily::V6 => Some(Ipv6Addr::from(bits).into()),
+        }
+    }
+
+    /// Whether the hash could have handed out `ip`.
+    pub(super) fn is_usable(self, ip: IpAddr) -> bool {
+        if IpFamily::of(ip) != self.family() {
+            return false;
+        }
+        let (first, count) = self.usable();
+        to_bits(ip)
+            .checked_sub(first)
+            .is_some_and(|off| off < count)
+    }
+}
+
+/// `spec.ipFamilyPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    Single,
+    PreferDual,
+    RequireDual,
+}
+
+impl Policy {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "SingleStack" => Some(Policy::Single),
+            "PreferDualStack" => Some(Policy::PreferDual),
+            "RequireDualStack" => Some(Policy::RequireDual),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Policy::Single => "SingleStack",
+            Policy::PreferDual => "PreferDualStack",
+            Policy::RequireDual => "RequireDualStack",
+        }
+    }
+}
+
+/// What the API server decided for one service.
+#[derive(Debug)]
+struct Plan {
+    policy: Policy,
+    /// Primary first.
+    families: Vec<IpFamily>,
+    /// The given ClusterIPs, one per family in `families` order; the rest
+    /// are allocated. Always empty for headless services.
+    given: Vec<(IpAddr, String)>,
+    headless: bool,
+}
+
+/// A rejected field: (path, message).
+type Problem = (String, String);
+
+fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
+    (field.into(), message.into())
+}
+
+/// kube-apiserver's IP-family defaulting and validation for a created
+/// Service (not ExternalName). Every problem names its field.
+fn plan(spec: &ServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
+    let listed: &[String] = spec.cluster_ips.as_deref().unwrap_or_default();
+    // The API server copies clusterIP into an empty clusterIPs; errors then
+    // name the field the manifest wrote.
+    let only_singular = listed.is_empty() && !cluster_ip.is_empty();
+    let ips: Vec<&str> = if only_singular {
+        vec![cluster_ip]
+    } else {
+        listed.iter().map(String::as_str).collect()
+    };
+    let ip_field = |i: usize| {
+        if only_singular {
+            "spec.clusterIP".to_owned()
+        } else {
+            format!("spec.clusterIPs[{i}]")
+        }
+    };
+    if !cluster_ip.is_empty()
+        && let Some(first) = ips.first()
+        && *first != cluster_ip
+    {
+        problems.push(problem(
+            "spec.clusterIPs[0]",
+            format!("{first:?} must match spec.clusterIP ({cluster_ip:?})"),
+        ));
+    }
+    let headless = ips.first() == Some(&"None");
+    let selectorless = spec.selector.as_ref().is_none_or(BTreeMap::is_empty);
+
+    let policy = match spec.ip_family_policy.as_deref() {
+        None | Some("") if headless && selectorless => Policy::RequireDual,
+        None | Some("") => Policy::Single,
+        Some(raw) => Policy::parse(raw).unwrap_or_else(|| {
+            problems.push(problem(
+                "spec.ipFamilyPolicy",
+                format!(
+                    "unsupported value {raw:?}: supported values are \"SingleStack\", \"PreferDualStack\", \"RequireDualStack\""
+                ),
+            ));
+            Policy::Single
+        }),
+    };
+
+    let mut families: Vec<IpFamily> = Vec::new();
+    for (i, raw) in spec.ip_families.iter().flatten().enumerate() {
+        let field = format!("spec.ipFamilies[{i}]");
+        match IpFamily::parse(raw) {
+            None => problems.push(problem(
+                field,
+                format!("unsupported value {raw:?}: supported values are \"IPv4\", \"IPv6\""),
+            )),
+            Some(f) if families.contains(&f) => {
+                problems.push(problem(field, format!("duplicate value {raw:?}")));
+            }
+            Some(f) => families.push(f),
+        }
+    }
+
+    let mut given: Vec<(IpAddr, String)> = Vec::new();
+    let mut bad_ip = false;
+    for (i, raw) in ips.iter().enumerate() {
+        if i == 0 && *raw == "None" {
+            if ips.len() > 1 {
+                bad_ip = true;
+                problems.push(problem(
+                    "spec.clusterIPs",
+                    "\"None\" must be the first and only value",
+                ));
+            }
+            continue;
+        }
+        match raw.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+                bad_ip = true;
+                problems.push(problem(
+                    ip_field(i),
+                    format!("{raw:?} is an IPv4-mapped IPv6 address; write the IPv4 address"),
+                ));
+            }
+            Ok(ip) => given.push((ip, (*raw).to_owned())),
+            Err(_) => {
+                bad_ip = true;
+                problems.push(problem(
+                    ip_field(i),
+                    format!("{raw:?} is not a valid IP address"),
+                ));
+            }
+        }
+    }
+    if ips.len() > 2 {
+        problems.push(problem("spec.clusterIPs", "may hold at most 2 values"));
+    }
+    if bad_ip {
+        return Err(problems);
+    }
+    if let [(a, _), (b, _)] = given.as_slice()
+        && IpFamily::of(*a) == IpFamily::of(*b)
+    {
+        problems.push(problem(
+            "spec.clusterIPs",
+            "may specify no more than one IP for each IP family",
+        ));
+    }
+    for (i, ((ip, raw), family)) in given.iter().zip(&families).enumerate() {
+        if IpFamily::of(*ip) != *family {
+            problems.push(problem(
+                ip_field(i),
+                format!("{raw:?} is not an {family} address, as spec.ipFamilies[{i}] requires"),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    if policy == Policy::Single {
+        if given.len() > 1 {
+            problems.push(problem(
+                "spec.ipFamilyPolicy",
+                "must be RequireDualStack or PreferDualStack when two ClusterIPs are given",
+            ));
+        }
+        if families.len() > 1 {
+            problems.push(problem(
+                "spec.ipFamilyPolicy",
+                "must be RequireDualStack or PreferDualStack when two ipFamilies are given",
+            ));
+        }
+    }
+    // Families follow the given addresses where ipFamilies says nothing.
+    for (i, (ip, _)) in given.iter().enumerate().skip(families.len()) {
+        let family = IpFamily::of(*ip);
+        if cidr.range(family).is_none() {
+            problems.push(problem(
+                ip_field(i),
+                format!("{family} is not configured on this cluster (--service-cidr {cidr})"),
+            ));
+        } else {
+            families.push(family);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    let other_family = |families: &mut Vec<IpFamily>| {
+        if let [only] = families.as_slice() {
+            let other = only.other();
+            families.push(other);
+        }
+    };
+    // Headless without a selector may name families the cluster lacks: its
+    // endpoints are written by hand.
+    if headless && selectorless {
+        if families.is_empty() {
+            families.push(cidr.primary().family());
+        }
+        if policy != Policy::Single {
+            other_family(&mut families);
+        }
+        return Ok(Plan {
+            policy,
+            families,
+            given: Vec::new(),
+            headless,
+        });
+    }
+
+    if policy == Policy::RequireDual && !cidr.is_dual_stack() {
+        problems.push(problem(
+            "spec.ipFamilyPolicy",
+            format!(
+                "RequireDualStack, but this cluster is not configured for dual-stack services (--service-cidr {cidr})"
+            ),
+        ));
+    }
+    for (i, family) in families.iter().enumerate() {
+        if cidr.range(*family).is_none() {
+            problems.push(problem(
+                format!("spec.ipFamilies[{i}]"),
+                format!("{family} is not configured on this cluster (--service-cidr {cidr})"),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    if families.is_empty() {
+        families.push(cidr.primary().family());
+    }
+    if policy != Policy::Single && cidr.is_dual_stack() {
+        other_family(&mut families);
+    }
+    Ok(Plan {
+        policy,
+        families,
+        // "None" was never parsed: a headless service has none.
+        given,
+        headless,
     })
 }
 
-impl ServiceCidr {
-    /// The network address, the broadcast address and the first host (which
-    /// Kubernetes gives `default/kubernetes`) are never handed out by hash.
-    fn usable(self) -> (u32, u32) {
-        let base = u32::from(self.network);
-        let size = 1u64 << (32 - u32::from(self.prefix_len));
-        // prefix_len ≤ 30, so size ≥ 4 and at least one address is usable.
-        let count = u32::try_from(size - 3).unwrap_or(u32::MAX);
-        (base.wrapping_add(2), count)
-    }
-
-    fn first_host(self) -> u32 {
-        u32::from(self.network).wrapping_add(1)
-    }
-
-    fn is_usable(self, ip: u32) -> bool {
-        let (first, count) = self.usable();
-        ip.wrapping_sub(first) < count
-    }
+/// A service that needs addresses allocated: its index and, per missing
+/// position in `families`, the family.
+struct Needing {
+    index: usize,
+    /// (position in clusterIPs, family, address once found).
+    slots: Vec<(usize, IpFamily, Option<IpAddr>)>,
 }
 
 impl ClusterIpAllocator {
-    /// Fills in missing ClusterIPs. Returns, per service, whether to keep it
-    /// (false only when the CIDR is full).
+    /// Defaults `ipFamilyPolicy`, `ipFamilies`, `clusterIP` and `clusterIPs`
+    /// as the API server would, allocating missing addresses. Returns, per
+    /// service, whether to keep it: false for invalid family settings and
+    /// when a range is full, each with a diagnostic.
     pub(super) fn allocate(
         &mut self,
         services: &mut [Sourced<Service>],
         diags: &mut Vec<Diagnostic>,
     ) -> Vec<bool> {
         let mut keep = vec![true; services.len()];
-        let mut taken: HashSet<u32> = HashSet::new();
+        let mut taken: HashSet<IpAddr> = HashSet::new();
         // Sorted, so new services are placed in an order independent of files.
-        let mut needing: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut needing: BTreeMap<(String, String), Needing> = BTreeMap::new();
         for (i, svc) in services.iter_mut().enumerate() {
             let key = (
                 namespace_of(&svc.obj.metadata).to_owned(),
@@ -87,89 +445,153 @@ impl ClusterIpAllocator {
             if spec.type_.as_deref() == Some("ExternalName") {
                 continue;
             }
-            let ip = spec.cluster_ip.as_deref().unwrap_or_default();
-            let ips = spec.cluster_ips.as_deref().unwrap_or_default();
-            if ip == "None" {
-                continue;
-            }
-            if ip.is_empty() && ips.is_empty() {
-                needing.insert(key, i);
-                continue;
-            }
-            // API server defaulting: clusterIP and clusterIPs[0] agree.
-            if ip.is_empty() {
-                spec.cluster_ip = ips.first().cloned();
-            } else if ips.is_empty() {
-                spec.cluster_ips = Some(vec![ip.to_owned()]);
-            }
-            let explicit = spec
-                .cluster_ip
-                .iter()
-                .chain(spec.cluster_ips.iter().flatten());
-            for ip in explicit {
-                if let Ok(ip) = ip.parse::<Ipv4Addr>() {
-                    taken.insert(u32::from(ip));
-                }
-            }
-        }
-
-        let mut assigned = BTreeMap::new();
-        let mut fresh = Vec::new();
-        for (key, i) in needing {
-            match self.assigned.get(&key) {
-                Some(&prev)
-                    if self.cidr.is_usable(u32::from(prev)) && taken.insert(u32::from(prev)) =>
-                {
-                    assigned.insert(key, (prev, i));
-                }
-                _ => fresh.push((key, i)),
-            }
-        }
-
-        let (first, count) = self.cidr.usable();
-        let mut full = false;
-        for (key, i) in fresh {
-            let (ns, name) = &key;
-            let mut found = None;
-            if ns == "default" && name == "kubernetes" && taken.insert(self.cidr.first_host()) {
-                found = Some(self.cidr.first_host());
-            }
-            if found.is_none() && !full {
-                let start = fnv1a(format!("{ns}/{name}").as_bytes()) % u64::from(count);
-                // `start < count`, so it fits.
-                let start = u32::try_from(start).unwrap_or(0);
-                found = (0..count)
-                    .map(|k| first.wrapping_add((start.wrapping_add(k)) % count))
-                    .find(|&ip| taken.insert(ip));
-                full = found.is_none();
-            }
-            match found {
-                Some(ip) => {
-                    assigned.insert(key, (Ipv4Addr::from(ip), i));
-                }
-                None => {
+            let plan = match plan(spec, &self.cidr) {
+                Ok(plan) => plan,
+                Err(problems) => {
                     keep[i] = false;
-                    diags.push(diag(
-                        services[i].source.clone(),
-                        format!("Service {ns}/{name}"),
-                        "spec.clusterIP",
-                        format!(
-                            "service CIDR {} has no free address; the service is ignored",
-                            self.cidr
-                        ),
-                    ));
+                    let object = format!("Service {}/{}", key.0, key.1);
+                    for (field, message) in problems {
+                        diags.push(diag(
+                            svc.source.clone(),
+                            object.clone(),
+                            field,
+                            format!("{message}; the service is ignored"),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            spec.ip_family_policy = Some(plan.policy.as_str().to_owned());
+            spec.ip_families = Some(
+                plan.families
+                    .iter()
+                    .map(|f| f.as_str().to_owned())
+                    .collect(),
+            );
+            if plan.headless {
+                spec.cluster_ip = Some("None".to_owned());
+                spec.cluster_ips = Some(vec!["None".to_owned()]);
+                continue;
+            }
+            let written: Vec<String> = plan.given.iter().map(|(_, raw)| raw.clone()).collect();
+            taken.extend(plan.given.iter().map(|(ip, _)| *ip));
+            spec.cluster_ip = written.first().cloned();
+            spec.cluster_ips = Some(written);
+            let slots: Vec<(usize, IpFamily, Option<IpAddr>)> = plan
+                .families
+                .iter()
+                .enumerate()
+                .skip(plan.given.len())
+                .map(|(pos, family)| (pos, *family, None))
+                .collect();
+            if !slots.is_empty() {
+                needing.insert(key, Needing { index: i, slots });
+            }
+        }
+
+        // Previous allocations first, so they survive new services that
+        // hash onto them.
+        for (key, need) in &mut needing {
+            let previous = self.assigned.get(key).copied().unwrap_or_default();
+            for (_, family, found) in &mut need.slots {
+                if let Some(prev) = previous.get(*family)
+                    && self.cidr.range(*family).is_some_and(|r| r.is_usable(prev))
+                    && taken.insert(prev)
+                {
+                    *found = Some(prev);
                 }
             }
         }
 
-        self.assigned = BTreeMap::new();
-        for (key, (ip, i)) in assigned {
-            if let Some(spec) = services[i].obj.spec.as_mut() {
-                spec.cluster_ip = Some(ip.to_string());
-                spec.cluster_ips = Some(vec![ip.to_string()]);
+        let mut full: HashSet<IpFamily> = HashSet::new();
+        let mut assigned = BTreeMap::new();
+        for (key, mut need) in needing {
+            let (ns, name) = &key;
+            let mut failed = None;
+            for (pos, family, found) in &mut need.slots {
+                if found.is_some() {
+                    continue;
+                }
+                let Some(range) = self.cidr.range(*family) else {
+                    // plan() only keeps configured families.
+                    failed = Some((*pos, *family));
+                    break;
+                };
+                *found = fresh(range, ns, name, &mut taken, &full);
+                if found.is_none() {
+                    full.insert(*family);
+                    failed = Some((*pos, *family));
+                    break;
+                }
             }
-            self.assigned.insert(key, ip);
+            let i = need.index;
+            if let Some((pos, family)) = failed {
+                // All or nothing: release what this service got.
+                for (_, f, found) in &need.slots {
+                    if let Some(ip) = found
+                        && taken.remove(ip)
+                    {
+                        full.remove(f);
+                    }
+                }
+                keep[i] = false;
+                let range = self
+                    .cidr
+                    .range(family)
+                    .map_or_else(|| family.to_string(), |r| r.to_string());
+                diags.push(diag(
+                    services[i].source.clone(),
+                    format!("Service {ns}/{name}"),
+                    if pos == 0 {
+                        "spec.clusterIP".to_owned()
+                    } else {
+                        format!("spec.clusterIPs[{pos}]")
+                    },
+                    format!("service CIDR {range} has no free address; the service is ignored"),
+                ));
+                continue;
+            }
+            let mut ips = FamilyIps::default();
+            if let Some(spec) = services[i].obj.spec.as_mut() {
+                let list = spec.cluster_ips.get_or_insert_with(Vec::new);
+                for (_, _, found) in &need.slots {
+                    if let Some(ip) = found {
+                        list.push(ip.to_string());
+                        ips.set(*ip);
+                    }
+                }
+                spec.cluster_ip = list.first().cloned();
+            }
+            assigned.insert(key, ips);
         }
+        self.assigned = assigned;
         keep
     }
+}
+
+/// A free address of `range` for `ns/name`: the first host for
+/// `default/kubernetes`, else by hash with linear probing. `None`: full.
+fn fresh(
+    range: CidrRange,
+    ns: &str,
+    name: &str,
+    taken: &mut HashSet<IpAddr>,
+    full: &HashSet<IpFamily>,
+) -> Option<IpAddr> {
+    if ns == "default"
+        && name == "kubernetes"
+        && let Some(ip) = range.nth(range.first_host())
+        && taken.insert(ip)
+    {
+        return Some(ip);
+    }
+    if full.contains(&range.family()) {
+        return None;
+    }
+    let (first, count) = range.usable();
+    let start = u128::from(fnv1a(format!("{ns}/{name}").as_bytes())) % count;
+    // Ends at the first free address: within `taken.len() + 1` steps unless full.
+    (0..count)
+        .filter_map(|k| range.nth(first + (start + k) % count))
+        .find(|ip| taken.insert(*ip))
 }

@@ -4,7 +4,7 @@
 //! `endpointslicemirroring` controllers.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::{
@@ -17,7 +17,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::{Sourced, diag, fnv1a, name_of, namespace_of, set_source};
+use super::{FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source};
 use crate::model::{
     Diagnostic,
     labels::{HEADLESS as HEADLESS_LABEL, SERVICE_NAME as SERVICE_NAME_LABEL},
@@ -103,7 +103,8 @@ fn selector_of(svc: &Service) -> Option<&BTreeMap<String, String>> {
 /// A Pod that can be an endpoint, with what the controller derives from it.
 struct PodInfo<'a> {
     pod: &'a Pod,
-    ip: Ipv4Addr,
+    /// At least one.
+    ips: FamilyIps,
     ready: bool,
     terminating: bool,
 }
@@ -178,50 +179,86 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-/// `None` for Pods that are never endpoints: finished, or without an IPv4 address.
+/// `None` for Pods that are never endpoints: finished, without an address,
+/// or with an invalid one.
+///
+/// The addresses are the API server's view of `status`: `podIPs`, or
+/// `[podIP]` when `podIPs` is empty or does not start with `podIP` (the
+/// API server's conversion makes `podIP` win then), at most one per family.
 fn pod_info<'a>(p: &'a Sourced<Pod>, diags: &mut Vec<Diagnostic>) -> Option<PodInfo<'a>> {
     let pod = &p.obj;
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let candidates = status
-        .pod_ip
+    let object = || {
+        format!(
+            "Pod {}/{}",
+            namespace_of(&pod.metadata),
+            name_of(&pod.metadata)
+        )
+    };
+    let listed: Vec<(String, &str)> = status
+        .pod_ips
         .iter()
-        .map(|ip| ("status.podIP".to_owned(), ip))
-        .chain(
-            status
-                .pod_ips
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip)),
-        );
-    let mut ip = None;
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
+        .filter(|(_, ip)| !ip.is_empty())
+        .collect();
+    let candidates = match status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) {
+        None => listed,
+        Some(ip) => {
+            let single = vec![("status.podIP".to_owned(), ip)];
+            match listed.first() {
+                None => single,
+                Some((_, first)) if *first == ip => {
+                    let mut all = single;
+                    all.extend(listed.into_iter().skip(1));
+                    all
+                }
+                Some((field, first)) => {
+                    diags.push(diag(
+                        p.source.clone(),
+                        object(),
+                        field.clone(),
+                        format!(
+                            "{first:?} differs from status.podIP {ip:?}; status.podIP wins and status.podIPs is ignored, as in the API server"
+                        ),
+                    ));
+                    single
+                }
+            }
+        }
+    };
+    let mut ips = FamilyIps::default();
     for (field, text) in candidates {
-        if text.is_empty() {
-            continue;
-        }
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => {
-                ip = ip.or(Some(v4));
+        let problem = match text.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+                format!("{text:?} is an IPv4-mapped IPv6 address, not a pod IP")
             }
-            // Another family's slice; this agent serves IPv4 only.
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => {
-                diags.push(diag(
-                    p.source.clone(),
-                    format!(
-                        "Pod {}/{}",
-                        namespace_of(&pod.metadata),
-                        name_of(&pod.metadata)
-                    ),
-                    field,
-                    format!("{text:?} is not an IP address; the pod is not an endpoint"),
-                ));
-                return None;
+            Ok(ip) if ips.get(IpFamily::of(ip)).is_some() => {
+                format!(
+                    "{text:?}: at most one IP per family (status.podIPs); another {} address came first",
+                    IpFamily::of(ip)
+                )
             }
-        }
+            Ok(ip) => {
+                ips.set(ip);
+                continue;
+            }
+            Err(_) => format!("{text:?} is not an IP address"),
+        };
+        diags.push(diag(
+            p.source.clone(),
+            object(),
+            field,
+            format!("{problem}; the pod is not an endpoint"),
+        ));
+        return None;
+    }
+    if ips.is_empty() {
+        return None;
     }
     let ready = status
         .conditions
@@ -230,16 +267,45 @@ fn pod_info<'a>(p: &'a Sourced<Pod>, diags: &mut Vec<Diagnostic>) -> Option<PodI
         .any(|c| c.type_ == "Ready" && c.status == "True");
     Some(PodInfo {
         pod,
-        ip: ip?,
+        ips,
         ready,
         terminating: pod.metadata.deletion_timestamp.is_some(),
     })
 }
 
+/// The address types the endpointslice controller writes for `svc`
+/// (`GetAddressTypesForService`): its `ipFamilies`; without them the
+/// ClusterIP's family, and both for a headless service.
+fn address_types(svc: &Service) -> Vec<IpFamily> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return vec![IpFamily::V4, IpFamily::V6];
+    };
+    let mut families: Vec<IpFamily> = Vec::new();
+    for f in spec.ip_families.iter().flatten() {
+        let Some(f) = IpFamily::parse(f) else {
+            continue;
+        };
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
+    if !families.is_empty() {
+        return families;
+    }
+    match spec.cluster_ip.as_deref() {
+        Some(ip) if !ip.is_empty() && ip != "None" => {
+            let v6 = ip.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6());
+            vec![if v6 { IpFamily::V6 } else { IpFamily::V4 }]
+        }
+        _ => vec![IpFamily::V4, IpFamily::V6],
+    }
+}
+
 /// A resolved endpoint port; ordered so groups come out deterministically.
 type PortKey = (String, i32, String, Option<String>);
 
-/// The endpointslice controller: one slice per distinct resolved port list.
+/// The endpointslice controller: one slice per address type of the service
+/// and distinct resolved port list, with each Pod's address of that type.
 fn from_pods(
     svc: &Sourced<Service>,
     selector: &BTreeMap<String, String>,
@@ -254,64 +320,91 @@ fn from_pods(
     };
     let publish = spec.publish_not_ready_addresses.unwrap_or(false);
     let svc_ports = spec.ports.as_deref().unwrap_or_default();
-    let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
-    for info in index.select(ns, selector) {
-        let pod = info.pod;
-        let ports: Vec<PortKey> = svc_ports
-            .iter()
-            .filter_map(|sp| {
-                let port = find_port(pod, sp)?;
-                Some((
-                    sp.name.clone().unwrap_or_default(),
-                    port,
-                    protocol(sp.protocol.as_deref()),
-                    sp.app_protocol.clone(),
-                ))
-            })
-            .collect();
-        let pod_spec = pod.spec.as_ref();
-        let hostname = pod_spec
-            .and_then(|s| s.hostname.as_ref())
-            .filter(|h| !h.is_empty())
-            .filter(|_| pod_spec.and_then(|s| s.subdomain.as_deref()) == Some(name));
-        // kube-controller-manager's podToEndpoint.
-        let ready = publish || (info.ready && !info.terminating);
-        groups.entry(ports).or_default().push(Endpoint {
-            addresses: vec![info.ip.to_string()],
-            conditions: Some(EndpointConditions {
-                ready: Some(ready),
-                serving: Some(info.ready),
-                terminating: Some(info.terminating),
-            }),
-            node_name: pod_spec
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty()),
-            hostname: hostname.cloned(),
-            target_ref: Some(ObjectReference {
-                kind: Some("Pod".to_owned()),
-                namespace: Some(ns.to_owned()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+    let selected: Vec<(&PodInfo<'_>, Vec<PortKey>)> = index
+        .select(ns, selector)
+        .into_iter()
+        .map(|info| (info, pod_ports(info.pod, svc_ports)))
+        .collect();
+    for family in address_types(&svc.obj) {
+        let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
+        for (info, ports) in &selected {
+            let Some(ip) = info.ips.get(family) else {
+                continue;
+            };
+            groups
+                .entry(ports.clone())
+                .or_default()
+                .push(pod_endpoint(info, ip, ns, name, publish));
+        }
+        for (ports, endpoints) in groups {
+            let slice_name = names.unique(ns, name, family, &ports);
+            let mut slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(slice_name),
+                    namespace: Some(ns.to_owned()),
+                    labels: Some(slice_labels(&svc.obj, meta.labels.as_ref())),
+                    ..Default::default()
+                },
+                address_type: family.as_str().to_owned(),
+                endpoints,
+                ports: Some(ports.into_iter().map(endpoint_port).collect()),
+            };
+            set_source(&mut slice.metadata, svc.source.clone());
+            out.push(slice);
+        }
     }
-    for (ports, endpoints) in groups {
-        let slice_name = names.unique(ns, name, &ports);
-        let mut slice = EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(slice_name),
-                namespace: Some(ns.to_owned()),
-                labels: Some(slice_labels(&svc.obj, meta.labels.as_ref())),
-                ..Default::default()
-            },
-            address_type: "IPv4".to_owned(),
-            endpoints,
-            ports: Some(ports.into_iter().map(endpoint_port).collect()),
-        };
-        set_source(&mut slice.metadata, svc.source.clone());
-        out.push(slice);
+}
+
+/// The service ports `pod` serves, resolved.
+fn pod_ports(pod: &Pod, svc_ports: &[ServicePort]) -> Vec<PortKey> {
+    svc_ports
+        .iter()
+        .filter_map(|sp| {
+            let port = find_port(pod, sp)?;
+            Some((
+                sp.name.clone().unwrap_or_default(),
+                port,
+                protocol(sp.protocol.as_deref()),
+                sp.app_protocol.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// kube-controller-manager's podToEndpoint, for the address `ip`.
+fn pod_endpoint(
+    info: &PodInfo<'_>,
+    ip: IpAddr,
+    ns: &str,
+    service: &str,
+    publish: bool,
+) -> Endpoint {
+    let pod = info.pod;
+    let pod_spec = pod.spec.as_ref();
+    let hostname = pod_spec
+        .and_then(|s| s.hostname.as_ref())
+        .filter(|h| !h.is_empty())
+        .filter(|_| pod_spec.and_then(|s| s.subdomain.as_deref()) == Some(service));
+    let ready = publish || (info.ready && !info.terminating);
+    Endpoint {
+        addresses: vec![ip.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving: Some(info.ready),
+            terminating: Some(info.terminating),
+        }),
+        node_name: pod_spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        hostname: hostname.cloned(),
+        target_ref: Some(ObjectReference {
+            kind: Some("Pod".to_owned()),
+            namespace: Some(ns.to_owned()),
+            name: pod.metadata.name.clone(),
+            uid: pod.metadata.uid.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -385,8 +478,10 @@ fn slice_labels(
     labels
 }
 
-/// The mirroring controller: one slice per subset. Addresses are ready,
-/// notReadyAddresses are not; serving and terminating stay unset, as there.
+/// The mirroring controller: one slice per subset and address family (it
+/// splits by family whatever the Service's `ipFamilies`). Addresses are
+/// ready, notReadyAddresses are not; serving and terminating stay unset, as
+/// there.
 fn mirror(
     ep: &Sourced<Endpoints>,
     svc: &Service,
@@ -397,7 +492,7 @@ fn mirror(
     let meta = &ep.obj.metadata;
     let (ns, name) = (namespace_of(meta), name_of(meta));
     for (i, subset) in ep.obj.subsets.iter().flatten().enumerate() {
-        let mut endpoints = Vec::new();
+        let mut by_family: BTreeMap<IpFamily, Vec<Endpoint>> = BTreeMap::new();
         let lists = [
             ("addresses", subset.addresses.as_deref(), true),
             (
@@ -408,20 +503,26 @@ fn mirror(
         ];
         for (list, addrs, ready) in lists {
             for (j, addr) in addrs.unwrap_or_default().iter().enumerate() {
-                match addr.ip.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(ip)) => endpoints.push(mirrored_endpoint(addr, ip, ready)),
-                    Ok(IpAddr::V6(_)) => {}
-                    Err(_) => diags.push(diag(
-                        ep.source.clone(),
-                        format!("Endpoints {ns}/{name}"),
-                        format!("subsets[{i}].{list}[{j}].ip"),
-                        format!("{:?} is not an IP address; the address is ignored", addr.ip),
-                    )),
-                }
+                let problem = match addr.ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+                        "is an IPv4-mapped IPv6 address; write the IPv4 address"
+                    }
+                    Ok(ip) => {
+                        by_family
+                            .entry(IpFamily::of(ip))
+                            .or_default()
+                            .push(mirrored_endpoint(addr, ip, ready));
+                        continue;
+                    }
+                    Err(_) => "is not an IP address",
+                };
+                diags.push(diag(
+                    ep.source.clone(),
+                    format!("Endpoints {ns}/{name}"),
+                    format!("subsets[{i}].{list}[{j}].ip"),
+                    format!("{:?} {problem}; the address is ignored", addr.ip),
+                ));
             }
-        }
-        if endpoints.is_empty() {
-            continue;
         }
         let ports: Vec<PortKey> = subset
             .ports
@@ -436,23 +537,25 @@ fn mirror(
                 )
             })
             .collect();
-        let mut slice = EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(names.unique(ns, name, &ports)),
-                namespace: Some(ns.to_owned()),
-                labels: Some(slice_labels(svc, meta.labels.as_ref())),
-                ..Default::default()
-            },
-            address_type: "IPv4".to_owned(),
-            endpoints,
-            ports: Some(ports.into_iter().map(endpoint_port).collect()),
-        };
-        set_source(&mut slice.metadata, ep.source.clone());
-        out.push(slice);
+        for (family, endpoints) in by_family {
+            let mut slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(names.unique(ns, name, family, &ports)),
+                    namespace: Some(ns.to_owned()),
+                    labels: Some(slice_labels(svc, meta.labels.as_ref())),
+                    ..Default::default()
+                },
+                address_type: family.as_str().to_owned(),
+                endpoints,
+                ports: Some(ports.iter().cloned().map(endpoint_port).collect()),
+            };
+            set_source(&mut slice.metadata, ep.source.clone());
+            out.push(slice);
+        }
     }
 }
 
-fn mirrored_endpoint(addr: &EndpointAddress, ip: Ipv4Addr, ready: bool) -> Endpoint {
+fn mirrored_endpoint(addr: &EndpointAddress, ip: IpAddr, ready: bool) -> Endpoint {
     Endpoint {
         addresses: vec![ip.to_string()],
         conditions: Some(EndpointConditions {
@@ -466,13 +569,19 @@ fn mirrored_endpoint(addr: &EndpointAddress, ip: Ipv4Addr, ready: bool) -> Endpo
     }
 }
 
-/// Slice names in use per namespace. Derived names hash the port list, so a
-/// slice keeps its name across reloads while its ports stay the same.
+/// Slice names in use per namespace. Derived names hash the address type
+/// and the port list, so a slice keeps its name across reloads while its
+/// ports stay the same.
 struct SliceNames(HashSet<(String, String)>);
 
 impl SliceNames {
-    fn unique(&mut self, ns: &str, service: &str, ports: &[PortKey]) -> String {
-        let hash = fnv1a(format!("{ports:?}").as_bytes()) & 0xff_ffff_ffff;
+    fn unique(&mut self, ns: &str, service: &str, family: IpFamily, ports: &[PortKey]) -> String {
+        // IPv4 names are those from before IPv6 slices existed.
+        let key = match family {
+            IpFamily::V4 => format!("{ports:?}"),
+            IpFamily::V6 => format!("IPv6 {ports:?}"),
+        };
+        let hash = fnv1a(key.as_bytes()) & 0xff_ffff_ffff;
         let base = format!("{service}-{hash:010x}");
         let mut candidate = base.clone();
         let mut n = 2;

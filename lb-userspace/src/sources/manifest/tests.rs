@@ -1,15 +1,52 @@
-use std::{collections::BTreeMap, fmt::Write as _, fs, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tempfile::TempDir;
 
-use super::{ClusterIpAllocator, Manifests, ServiceCidr, load_dir, parse::split_documents};
+use super::{
+    ClusterIpAllocator, FamilyIps, IpFamily, Manifests, ServiceCidr, ServiceCidrError, load_dir,
+    parse::split_documents,
+};
 use crate::model::{Diagnostic, SOURCE_ANNOTATION};
 
 const BACK_END: &str = include_str!("../../../../examples/back-end/back-end.yaml");
 
 fn cidr() -> ServiceCidr {
     "10.96.0.0/12".parse().unwrap()
+}
+
+/// The default: IPv4 primary, IPv6 secondary.
+fn dual() -> ServiceCidr {
+    super::DEFAULT_SERVICE_CIDR.parse().unwrap()
+}
+
+/// An allocation of one IPv4 address.
+fn v4_only(ip: &str) -> FamilyIps {
+    FamilyIps {
+        v4: Some(ip.parse().unwrap()),
+        v6: None,
+    }
+}
+
+/// What the maps would hand a restarted agent: every allocated address.
+fn as_previous(
+    assigned: &BTreeMap<(String, String), FamilyIps>,
+) -> Vec<((String, String), IpAddr)> {
+    assigned
+        .iter()
+        .flat_map(|(key, ips)| {
+            [ips.get(IpFamily::V4), ips.get(IpFamily::V6)]
+                .into_iter()
+                .flatten()
+                .map(|ip| (key.clone(), ip))
+        })
+        .collect()
 }
 
 fn write_files(dir: &Path, files: &[(&str, &str)]) {
@@ -697,7 +734,7 @@ fn cluster_ips_are_stable() {
     let key = ("default".to_owned(), "a".to_owned());
     assert_eq!(
         alloc.assigned,
-        BTreeMap::from([(key.clone(), ip_a.parse().unwrap())])
+        BTreeMap::from([(key.clone(), v4_only(&ip_a))])
     );
 
     // Adding other services (sorting before and after) does not move it.
@@ -714,7 +751,7 @@ fn cluster_ips_are_stable() {
     assert_eq!(cluster_ip(&m3, "z"), ip_z);
 
     // A restarted agent seeded from the maps keeps every address.
-    let mut restarted = ClusterIpAllocator::new(cidr(), alloc.assigned.clone());
+    let mut restarted = ClusterIpAllocator::new(cidr(), as_previous(&alloc.assigned));
     let m4 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut restarted);
     assert_eq!(cluster_ip(&m4, "a"), ip_a);
     assert_eq!(cluster_ip(&m4, "z"), ip_z);
@@ -726,10 +763,7 @@ fn cluster_ips_are_stable() {
 
     // Removed services release their addresses.
     let _ = load_with(&[("c.yaml", &edited)], &mut alloc);
-    assert_eq!(
-        alloc.assigned,
-        BTreeMap::from([(key, ip_a.parse().unwrap())])
-    );
+    assert_eq!(alloc.assigned, BTreeMap::from([(key, v4_only(&ip_a))]));
 }
 
 #[test]
@@ -746,10 +780,7 @@ fn explicit_cluster_ip_takes_over_an_allocated_one() {
     // Only allocations are tracked; the explicit address is not.
     assert_eq!(
         alloc.assigned,
-        BTreeMap::from([(
-            ("default".to_owned(), "a".to_owned()),
-            moved.parse().unwrap()
-        )])
+        BTreeMap::from([(("default".to_owned(), "a".to_owned()), v4_only(&moved))])
     );
 
     // A seeded address outside the CIDR (or reserved) is not reused.
@@ -757,7 +788,7 @@ fn explicit_cluster_ip_takes_over_an_allocated_one() {
         cidr(),
         [(
             ("default".to_owned(), "a".to_owned()),
-            Ipv4Addr::new(192, 168, 0, 1),
+            IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)),
         )],
     );
     let m = load_with(&[("a.yaml", &a)], &mut seeded);
@@ -778,7 +809,7 @@ fn special_cluster_ips() {
     assert_eq!(m.diagnostics, vec![]);
     let spec = |n: &str| service(&m, n).spec.clone().unwrap();
     assert_eq!(spec("headless").cluster_ip.as_deref(), Some("None"));
-    assert_eq!(spec("headless").cluster_ips, None);
+    assert_eq!(spec("headless").cluster_ips, Some(vec!["None".to_owned()]));
     assert_eq!(spec("extname").cluster_ip, None);
     assert_eq!(cluster_ip(&m, "listed"), "10.96.5.5");
     assert_eq!(spec("outside").cluster_ip.as_deref(), Some("172.16.0.1"));
@@ -824,29 +855,42 @@ fn full_cidr_is_a_diagnostic() {
 fn cidr_parsing() {
     let ok: ServiceCidr = "10.96.0.0/12".parse().unwrap();
     assert_eq!(
-        ok,
-        ServiceCidr {
-            network: Ipv4Addr::new(10, 96, 0, 0),
-            prefix_len: 12
-        }
+        ok.primary().network(),
+        IpAddr::V4(Ipv4Addr::new(10, 96, 0, 0))
     );
+    assert_eq!(ok.primary().prefix_len(), 12);
+    assert_eq!(ok.secondary(), None);
+    assert!(!ok.is_dual_stack());
+    assert_eq!(ok.range(IpFamily::V6), None);
     assert_eq!(ok.to_string(), "10.96.0.0/12");
-    let err = |s: &str| s.parse::<ServiceCidr>().unwrap_err();
+
+    let v6: ServiceCidr = "fd00:10:96::/112".parse().unwrap();
+    assert_eq!(v6.primary().family(), IpFamily::V6);
+    assert_eq!(v6.to_string(), "fd00:10:96::/112");
+
+    let both: ServiceCidr = " fd00:10:96::/108 , 10.96.0.0/12 ".parse().unwrap();
+    assert_eq!(both.primary().family(), IpFamily::V6);
+    assert_eq!(both.secondary().map(|r| r.family()), Some(IpFamily::V4));
+    assert_eq!(both.to_string(), "fd00:10:96::/108,10.96.0.0/12");
+    assert_eq!(dual().to_string(), "10.96.0.0/12,fd00:10:96::/108");
+    assert_eq!(dual().primary().family(), IpFamily::V4);
+
+    let err = |s: &str| s.parse::<ServiceCidr>().unwrap_err().to_string();
     assert_eq!(
         err("10.96.0.1/12"),
         "10.96.0.1/12: host bits set; did you mean 10.96.0.0/12?"
     );
     assert_eq!(
+        err("fd00:10:96::1/108"),
+        "fd00:10:96::1/108: host bits set; did you mean fd00:10:96::/108?"
+    );
+    assert_eq!(
         err("10.96.0.0"),
-        "\"10.96.0.0\": expected an IPv4 CIDR such as 10.96.0.0/12"
+        "\"10.96.0.0\": expected a CIDR such as 10.96.0.0/12 or fd00:10:96::/108"
     );
     assert_eq!(
         err("10.96.0/12"),
-        "10.96.0/12: \"10.96.0\" is not an IPv4 address"
-    );
-    assert_eq!(
-        err("fd00::/108"),
-        "fd00::/108: only IPv4 service CIDRs are supported"
+        "10.96.0/12: \"10.96.0\" is not an IP address"
     );
     assert_eq!(
         err("10.96.0.0/x"),
@@ -854,9 +898,34 @@ fn cidr_parsing() {
     );
     assert_eq!(
         err("10.96.0.0/31"),
-        "10.96.0.0/31: prefix length must be between 8 and 30 (a /31 or /32 leaves no address to allocate)"
+        "10.96.0.0/31: an IPv4 prefix length must be between 8 and 30 (a longer one leaves no address to allocate)"
     );
     assert!(err("10.0.0.0/7").contains("between 8 and 30"));
+    assert_eq!(
+        err("fd00::/127"),
+        "fd00::/127: an IPv6 prefix length must be between 64 and 126 (a longer one leaves no address to allocate)"
+    );
+    assert_eq!(
+        err("fd00::/48"),
+        "fd00::/48: an IPv6 prefix length must be between 64 and 126"
+    );
+    assert_eq!(
+        err("::ffff:10.0.0.0/120"),
+        "::ffff:10.0.0.0/120: an IPv4-mapped IPv6 range; give the IPv4 range instead"
+    );
+    assert_eq!(
+        err("10.96.0.0/12,10.112.0.0/12"),
+        "10.96.0.0/12 and 10.112.0.0/12 are both IPv4; give at most one range per family"
+    );
+    assert_eq!(
+        err("10.96.0.0/12,fd00::/108,fd01::/108"),
+        "10.96.0.0/12,fd00::/108,fd01::/108: at most two ranges (one IPv4, one IPv6)"
+    );
+    assert_eq!(
+        "".parse::<ServiceCidr>().unwrap_err(),
+        ServiceCidrError::Empty
+    );
+    assert!(err("10.96.0.0/12,").contains("expected a CIDR"));
 }
 
 #[test]
@@ -935,4 +1004,892 @@ fn thousand_services_ten_thousand_pods() {
         .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
         .collect();
     assert_eq!(ips.len(), 1000);
+}
+
+// ---- IPv6 and dual-stack ----
+
+fn load_cidr(files: &[(&str, &str)], cidr: &str) -> Manifests {
+    load_with(
+        files,
+        &mut ClusterIpAllocator::new(cidr.parse().unwrap(), []),
+    )
+}
+
+fn spec_of(m: &Manifests, name: &str) -> k8s_openapi::api::core::v1::ServiceSpec {
+    service(m, name).spec.clone().unwrap()
+}
+
+/// (clusterIPs, ipFamilies, ipFamilyPolicy), checking clusterIP = clusterIPs[0].
+fn families(m: &Manifests, name: &str) -> (Vec<String>, Vec<String>, String) {
+    let spec = spec_of(m, name);
+    let ips = spec.cluster_ips.clone().unwrap_or_default();
+    assert_eq!(spec.cluster_ip, ips.first().cloned(), "{name}");
+    (
+        ips,
+        spec.ip_families.unwrap_or_default(),
+        spec.ip_family_policy.unwrap_or_default(),
+    )
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn in_range(ip: &str, range: &str) -> bool {
+    let range: super::CidrRange = range.parse().unwrap();
+    range.is_usable(ip.parse().unwrap())
+}
+
+/// A running, ready pod with the given `status.podIP` (if any) and `status.podIPs`.
+fn pod_ips_yaml(name: &str, app: &str, pod_ip: Option<&str>, pod_ips: &[&str]) -> String {
+    let mut status = String::from("status:\n  phase: Running\n");
+    if let Some(ip) = pod_ip {
+        let _ = writeln!(status, "  podIP: \"{ip}\"");
+    }
+    if !pod_ips.is_empty() {
+        status.push_str("  podIPs:\n");
+        for ip in pod_ips {
+            let _ = writeln!(status, "  - ip: \"{ip}\"");
+        }
+    }
+    status.push_str("  conditions: [{type: Ready, status: \"True\"}]\n");
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec: {{nodeName: node-a, containers: [{{name: c, image: nginx}}]}}
+{status}"
+    )
+}
+
+fn slice_of<'a>(m: &'a Manifests, svc: &str, address_type: &str) -> Vec<&'a EndpointSlice> {
+    slices_of(m, svc)
+        .into_iter()
+        .filter(|s| s.address_type == address_type)
+        .collect()
+}
+
+fn addresses(slice: &EndpointSlice) -> Vec<String> {
+    endpoints(slice).into_iter().map(|e| e.0).collect()
+}
+
+#[test]
+fn single_stack_defaults_to_the_primary_family() {
+    // With the default (dual-stack) --service-cidr the textbook example is
+    // unchanged: IPv4, one IPv4 slice.
+    let m = load_with(
+        &[("back-end.yaml", BACK_END)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    let (ips, fams, policy) = families(&m, "back-end");
+    assert_eq!(ips.len(), 1);
+    assert!(in_range(&ips[0], "10.96.0.0/12"), "{ips:?}");
+    assert_eq!(fams, strings(&["IPv4"]));
+    assert_eq!(policy, "SingleStack");
+    assert_eq!(m.slices.len(), 1);
+    assert_eq!(m.slices[0].address_type, "IPv4");
+
+    // An IPv6-primary cluster gives single-stack services IPv6.
+    let m = load_cidr(
+        &[("s.yaml", &svc_yaml("s", "s", ""))],
+        "fd00:10:96::/112,10.96.0.0/12",
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    let (ips, fams, _) = families(&m, "s");
+    assert_eq!(fams, strings(&["IPv6"]));
+    assert!(in_range(&ips[0], "fd00:10:96::/112"), "{ips:?}");
+}
+
+#[test]
+fn dual_stack_policies_allocate_both_families() {
+    let text = docs(&[
+        &svc_yaml("prefer", "x", "  ipFamilyPolicy: PreferDualStack\n"),
+        &svc_yaml("require", "x", "  ipFamilyPolicy: RequireDualStack\n"),
+        &svc_yaml(
+            "v6-first",
+            "x",
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n",
+        ),
+        &svc_yaml(
+            "v6-single",
+            "x",
+            "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n",
+        ),
+        &svc_yaml("v6-implied", "x", "  ipFamilies: [IPv6]\n"),
+        &svc_yaml("single", "x", ""),
+    ]);
+    let m = load_with(
+        &[("s.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    let v4 = "10.96.0.0/12";
+    let v6 = "fd00:10:96::/108";
+    for name in ["prefer", "require"] {
+        let (ips, fams, policy) = families(&m, name);
+        assert_eq!(fams, strings(&["IPv4", "IPv6"]), "{name}");
+        assert_eq!(ips.len(), 2, "{name}");
+        assert!(in_range(&ips[0], v4) && in_range(&ips[1], v6), "{ips:?}");
+        assert_eq!(
+            policy,
+            if name == "prefer" {
+                "PreferDualStack"
+            } else {
+                "RequireDualStack"
+            }
+        );
+    }
+    let (ips, fams, _) = families(&m, "v6-first");
+    assert_eq!(fams, strings(&["IPv6", "IPv4"]));
+    assert!(in_range(&ips[0], v6) && in_range(&ips[1], v4), "{ips:?}");
+    for name in ["v6-single", "v6-implied"] {
+        let (ips, fams, policy) = families(&m, name);
+        assert_eq!(fams, strings(&["IPv6"]), "{name}");
+        assert_eq!(policy, "SingleStack");
+        assert_eq!(ips.len(), 1);
+        assert!(in_range(&ips[0], v6), "{ips:?}");
+    }
+    let (ips, fams, _) = families(&m, "single");
+    assert_eq!(fams, strings(&["IPv4"]));
+    assert!(in_range(&ips[0], v4));
+    // Every address distinct.
+    let all: std::collections::HashSet<String> = m
+        .services
+        .iter()
+        .flat_map(|s| s.spec.clone().unwrap().cluster_ips.unwrap())
+        .collect();
+    assert_eq!(all.len(), 2 + 2 + 2 + 1 + 1 + 1);
+}
+
+#[test]
+fn prefer_dual_stack_on_a_single_stack_cluster_is_single_stack() {
+    let text = docs(&[
+        &svc_yaml("prefer", "x", "  ipFamilyPolicy: PreferDualStack\n"),
+        &svc_yaml(
+            "prefer-v6",
+            "x",
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv6]\n",
+        ),
+    ]);
+    let prefer = svc_yaml("prefer", "x", "  ipFamilyPolicy: PreferDualStack\n");
+    let m = load(&[("s.yaml", &prefer)]);
+    assert_eq!(m.diagnostics, vec![]);
+    let (ips, fams, policy) = families(&m, "prefer");
+    assert_eq!(fams, strings(&["IPv4"]));
+    assert_eq!(policy, "PreferDualStack");
+    assert!(in_range(&ips[0], "10.96.0.0/12"));
+    // An IPv6-only cluster: PreferDualStack is IPv6 alone.
+    let m = load_cidr(&[("s.yaml", &text)], "fd00:10:96::/112");
+    assert_eq!(m.diagnostics, vec![]);
+    let (ips, fams, _) = families(&m, "prefer");
+    assert_eq!(fams, strings(&["IPv6"]));
+    assert!(in_range(&ips[0], "fd00:10:96::/112"));
+    assert_eq!(families(&m, "prefer-v6").1, strings(&["IPv6"]));
+}
+
+#[test]
+fn given_cluster_ips_decide_the_families() {
+    let text = docs(&[
+        // One given IPv6 address: single-stack IPv6, whatever the primary.
+        &svc_yaml("given-v6", "x", "  clusterIP: fd00:10:96::a\n"),
+        // One given, the other family allocated.
+        &svc_yaml(
+            "half",
+            "x",
+            "  clusterIP: 10.96.0.10\n  ipFamilyPolicy: PreferDualStack\n",
+        ),
+        &svc_yaml(
+            "half-v6",
+            "x",
+            "  clusterIPs: [\"fd00:10:96::b\"]\n  ipFamilyPolicy: RequireDualStack\n",
+        ),
+        // Both given, IPv6 first: the order is the families' order.
+        &svc_yaml(
+            "both",
+            "x",
+            "  clusterIP: fd00:10:96::c\n  clusterIPs: [\"fd00:10:96::c\", 10.96.0.12]\n  ipFamilyPolicy: RequireDualStack\n",
+        ),
+        // Outside the range, as copied from another cluster: used as written.
+        &svc_yaml("outside-v6", "x", "  clusterIP: \"2001:db8::1\"\n"),
+    ]);
+    let m = load_with(
+        &[("s.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    assert_eq!(
+        families(&m, "given-v6"),
+        (
+            strings(&["fd00:10:96::a"]),
+            strings(&["IPv6"]),
+            "SingleStack".to_owned()
+        )
+    );
+    let (ips, fams, _) = families(&m, "half");
+    assert_eq!(fams, strings(&["IPv4", "IPv6"]));
+    assert_eq!(ips[0], "10.96.0.10");
+    assert!(in_range(&ips[1], "fd00:10:96::/108"), "{ips:?}");
+    let (ips, fams, _) = families(&m, "half-v6");
+    assert_eq!(fams, strings(&["IPv6", "IPv4"]));
+    assert_eq!(ips[0], "fd00:10:96::b");
+    assert!(in_range(&ips[1], "10.96.0.0/12"), "{ips:?}");
+    assert_eq!(
+        families(&m, "both"),
+        (
+            strings(&["fd00:10:96::c", "10.96.0.12"]),
+            strings(&["IPv6", "IPv4"]),
+            "RequireDualStack".to_owned()
+        )
+    );
+    assert_eq!(families(&m, "outside-v6").0, strings(&["2001:db8::1"]));
+}
+
+#[test]
+fn ipv6_cluster_ips_are_stable() {
+    let mut alloc = ClusterIpAllocator::new(dual(), []);
+    let a = svc_yaml("a", "a", "  ipFamilyPolicy: PreferDualStack\n");
+    let m1 = load_with(&[("a.yaml", &a)], &mut alloc);
+    let ips_a = families(&m1, "a").0;
+    let key = ("default".to_owned(), "a".to_owned());
+    let expected = FamilyIps {
+        v4: Some(ips_a[0].parse().unwrap()),
+        v6: Some(ips_a[1].parse().unwrap()),
+    };
+    assert_eq!(alloc.assigned, BTreeMap::from([(key.clone(), expected)]));
+
+    // Other services around it, and an edit, do not move it.
+    let others = docs(&[
+        &svc_yaml("0-first", "x", "  ipFamilyPolicy: RequireDualStack\n"),
+        &svc_yaml("z", "x", "  ipFamilies: [IPv6]\n"),
+    ]);
+    let m2 = load_with(&[("a.yaml", &a), ("b.yaml", &others)], &mut alloc);
+    assert_eq!(families(&m2, "a").0, ips_a);
+    let ips_z = families(&m2, "z").0;
+    let edited = a.replace("port: 80", "port: 81");
+    let m3 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut alloc);
+    assert_eq!(families(&m3, "a").0, ips_a);
+    assert_eq!(families(&m3, "z").0, ips_z);
+
+    // A restarted agent seeded from the maps (IPv4 as stored, v4-mapped)
+    // keeps every address.
+    let previous: Vec<((String, String), IpAddr)> = as_previous(&alloc.assigned)
+        .into_iter()
+        .map(|(k, ip)| match ip {
+            IpAddr::V4(v4) => (k, IpAddr::V6(v4.to_ipv6_mapped())),
+            v6 => (k, v6),
+        })
+        .collect();
+    let mut restarted = ClusterIpAllocator::new(dual(), previous);
+    assert_eq!(restarted.assigned, alloc.assigned);
+    let m4 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut restarted);
+    assert_eq!(families(&m4, "a").0, ips_a);
+    assert_eq!(families(&m4, "z").0, ips_z);
+
+    // A previous address only comes back in its own family's slot: when the
+    // service turns IPv6-first, its IPv6 address stays.
+    let flipped = a.replace(
+        "PreferDualStack\n",
+        "PreferDualStack\n  ipFamilies: [IPv6, IPv4]\n",
+    );
+    let m5 = load_with(&[("a.yaml", &flipped)], &mut restarted);
+    assert_eq!(
+        families(&m5, "a").0,
+        vec![ips_a[1].clone(), ips_a[0].clone()]
+    );
+
+    // Turning single-stack releases the IPv6 address.
+    let single = svc_yaml("a", "a", "");
+    let _ = load_with(&[("a.yaml", &single)], &mut restarted);
+    assert_eq!(restarted.assigned[&key].v6, None);
+    assert_eq!(restarted.assigned[&key].v4, expected.v4);
+
+    // Seeds outside the ranges, or of a family the cluster lacks, are ignored.
+    let seeded = ClusterIpAllocator::new(
+        cidr(),
+        [
+            (key.clone(), "fd00:10:96::5".parse::<IpAddr>().unwrap()),
+            (key.clone(), "192.168.0.1".parse().unwrap()),
+        ],
+    );
+    assert!(seeded.assigned.is_empty());
+    // Per family the first usable seed wins.
+    let seeded = ClusterIpAllocator::new(
+        dual(),
+        [
+            (key.clone(), "10.96.0.7".parse::<IpAddr>().unwrap()),
+            (key.clone(), "10.96.0.8".parse().unwrap()),
+            (key.clone(), "fd00:10:96::1".parse().unwrap()),
+        ],
+    );
+    assert_eq!(seeded.assigned[&key], v4_only("10.96.0.7"));
+}
+
+#[test]
+fn kubernetes_service_gets_the_first_host_of_each_family() {
+    let text = svc_yaml("kubernetes", "x", "  ipFamilyPolicy: RequireDualStack\n");
+    let m = load_with(
+        &[("k.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(
+        families(&m, "kubernetes").0,
+        strings(&["10.96.0.1", "fd00:10:96::1"])
+    );
+}
+
+#[test]
+fn full_ipv6_range_is_a_diagnostic_and_releases_the_other_family() {
+    // A /126 has two allocatable IPv6 addresses (::2 and ::3).
+    let mut alloc = ClusterIpAllocator::new("10.0.0.0/29,fd00::/126".parse().unwrap(), []);
+    let dual_svc = |name: &str| svc_yaml(name, "x", "  ipFamilyPolicy: RequireDualStack\n");
+    let text = docs(&[&dual_svc("a"), &dual_svc("b"), &dual_svc("c")]);
+    let m = load_with(&[("s.yaml", &text)], &mut alloc);
+    assert_eq!(
+        m.diagnostics,
+        vec![d(
+            "s.yaml#3",
+            "Service default/c",
+            "spec.clusterIPs[1]",
+            "service CIDR fd00::/126 has no free address; the service is ignored"
+        )]
+    );
+    assert_eq!(m.services.len(), 2);
+    let mut v6: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|n| families(&m, n).0[1].clone())
+        .collect();
+    v6.sort();
+    assert_eq!(v6, strings(&["fd00::2", "fd00::3"]));
+    let kept: Vec<&(String, String)> = alloc.assigned.keys().collect();
+    assert_eq!(kept.len(), 2, "c keeps nothing: {:?}", alloc.assigned);
+
+    // c's IPv4 address went back: a /29 has five, so four single-stack
+    // services fit next to a and b... and a fifth does not.
+    let v4 = |name: &str| svc_yaml(name, "x", "");
+    let text = docs(&[
+        &dual_svc("a"),
+        &dual_svc("b"),
+        &dual_svc("c"),
+        &v4("d"),
+        &v4("e"),
+        &v4("f"),
+    ]);
+    let m = load_with(&[("s.yaml", &text)], &mut alloc);
+    assert_eq!(m.services.len(), 5, "{:#?}", m.diagnostics);
+    assert_eq!(m.diagnostics.len(), 1);
+    assert_eq!(m.diagnostics[0].object, "Service default/c");
+}
+
+#[test]
+fn invalid_family_settings_are_diagnostics() {
+    let bad = [
+        ("policy", "  ipFamilyPolicy: Bogus\n"),
+        (
+            "unknown-family",
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv5]\n",
+        ),
+        (
+            "duplicate-family",
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv4]\n",
+        ),
+        ("two-families-single", "  ipFamilies: [IPv4, IPv6]\n"),
+        (
+            "two-ips-single",
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::10\"]\n",
+        ),
+        (
+            "same-family-ips",
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 10.96.0.11]\n  ipFamilyPolicy: RequireDualStack\n",
+        ),
+        (
+            "mismatch",
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.11]\n",
+        ),
+        ("bad-ip", "  clusterIP: not-an-ip\n"),
+        (
+            "bad-second-ip",
+            "  clusterIPs: [10.96.0.10, bogus]\n  ipFamilyPolicy: RequireDualStack\n",
+        ),
+        (
+            "wrong-family-ip",
+            "  clusterIP: 10.96.0.10\n  ipFamilies: [IPv6]\n",
+        ),
+        ("mapped", "  clusterIP: \"::ffff:10.96.0.10\"\n"),
+        ("none-and-more", "  clusterIPs: [None, 10.96.0.1]\n"),
+        (
+            "three",
+            "  clusterIPs: [10.96.0.1, \"fd00::1\", 10.96.0.2]\n  ipFamilyPolicy: RequireDualStack\n",
+        ),
+    ];
+    let mut parts: Vec<String> = bad
+        .iter()
+        .map(|(name, extra)| svc_yaml(name, "x", extra))
+        .collect();
+    parts.push(svc_yaml("good", "x", "  ipFamilyPolicy: PreferDualStack\n"));
+    parts.push(pod_ips_yaml("x-1", "x", None, &["10.0.0.1", "fd00::1"]));
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let m = load_with(
+        &[("s.yaml", &docs(&refs))],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    let ignored = "; the service is ignored";
+    let expect = |i: usize, field: &str, message: &str| {
+        d(
+            &format!("s.yaml#{}", i + 1),
+            &format!("Service default/{}", bad[i].0),
+            field,
+            &format!("{message}{ignored}"),
+        )
+    };
+    assert_eq!(
+        m.diagnostics,
+        vec![
+            expect(
+                0,
+                "spec.ipFamilyPolicy",
+                "unsupported value \"Bogus\": supported values are \"SingleStack\", \"PreferDualStack\", \"RequireDualStack\""
+            ),
+            expect(
+                1,
+                "spec.ipFamilies[1]",
+                "unsupported value \"IPv5\": supported values are \"IPv4\", \"IPv6\""
+            ),
+            expect(2, "spec.ipFamilies[1]", "duplicate value \"IPv4\""),
+            expect(
+                3,
+                "spec.ipFamilyPolicy",
+                "must be RequireDualStack or PreferDualStack when two ipFamilies are given"
+            ),
+            expect(
+                4,
+                "spec.ipFamilyPolicy",
+                "must be RequireDualStack or PreferDualStack when two ClusterIPs are given"
+            ),
+            expect(
+                5,
+                "spec.clusterIPs",
+                "may specify no more than one IP for each IP family"
+            ),
+            expect(
+                6,
+                "spec.clusterIPs[0]",
+                "\"10.96.0.11\" must match spec.clusterIP (\"10.96.0.10\")"
+            ),
+            expect(
+                7,
+                "spec.clusterIP",
+                "\"not-an-ip\" is not a valid IP address"
+            ),
+            expect(
+                8,
+                "spec.clusterIPs[1]",
+                "\"bogus\" is not a valid IP address"
+            ),
+            expect(
+                9,
+                "spec.clusterIP",
+                "\"10.96.0.10\" is not an IPv6 address, as spec.ipFamilies[0] requires"
+            ),
+            expect(
+                10,
+                "spec.clusterIP",
+                "\"::ffff:10.96.0.10\" is an IPv4-mapped IPv6 address; write the IPv4 address"
+            ),
+            expect(
+                11,
+                "spec.clusterIPs",
+                "\"None\" must be the first and only value"
+            ),
+            expect(12, "spec.clusterIPs", "may hold at most 2 values"),
+        ]
+    );
+    // Everything else keeps working: the good service, with its slices.
+    assert_eq!(m.services.len(), 1);
+    assert_eq!(families(&m, "good").1, strings(&["IPv4", "IPv6"]));
+    assert_eq!(m.slices.len(), 2);
+    assert!(
+        m.slices
+            .iter()
+            .all(|s| s.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"] == "good")
+    );
+}
+
+#[test]
+fn families_the_cluster_lacks_are_diagnostics() {
+    let text = docs(&[
+        &svc_yaml("require", "x", "  ipFamilyPolicy: RequireDualStack\n"),
+        &svc_yaml("v6", "x", "  ipFamilies: [IPv6]\n"),
+        &svc_yaml(
+            "prefer-both",
+            "x",
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n",
+        ),
+        &svc_yaml("v6-ip", "x", "  clusterIP: \"fd00::10\"\n"),
+        &svc_yaml(
+            "v6-second-ip",
+            "x",
+            "  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ipFamilyPolicy: PreferDualStack\n",
+        ),
+        &svc_yaml("fine", "x", ""),
+    ]);
+    let m = load(&[("s.yaml", &text)]);
+    let msg = |m: &str| format!("{m}; the service is ignored");
+    let lacks = msg("IPv6 is not configured on this cluster (--service-cidr 10.96.0.0/12)");
+    assert_eq!(
+        m.diagnostics,
+        vec![
+            d(
+                "s.yaml#1",
+                "Service default/require",
+                "spec.ipFamilyPolicy",
+                &msg(
+                    "RequireDualStack, but this cluster is not configured for dual-stack services (--service-cidr 10.96.0.0/12)"
+                )
+            ),
+            d(
+                "s.yaml#2",
+                "Service default/v6",
+                "spec.ipFamilies[0]",
+                &lacks
+            ),
+            d(
+                "s.yaml#3",
+                "Service default/prefer-both",
+                "spec.ipFamilies[1]",
+                &lacks
+            ),
+            d(
+                "s.yaml#4",
+                "Service default/v6-ip",
+                "spec.clusterIP",
+                &lacks
+            ),
+            d(
+                "s.yaml#5",
+                "Service default/v6-second-ip",
+                "spec.clusterIPs[1]",
+                &lacks
+            ),
+        ]
+    );
+    assert_eq!(m.services.len(), 1);
+    assert!(cluster_ip(&m, "fine").starts_with("10."));
+
+    // And an IPv6-only cluster refuses IPv4 the same way.
+    let m = load_cidr(
+        &[("s.yaml", &svc_yaml("v4", "x", "  clusterIP: 10.96.0.10\n"))],
+        "fd00::/112",
+    );
+    assert_eq!(
+        m.diagnostics,
+        vec![d(
+            "s.yaml#1",
+            "Service default/v4",
+            "spec.clusterIP",
+            &msg("IPv4 is not configured on this cluster (--service-cidr fd00::/112)")
+        )]
+    );
+}
+
+#[test]
+fn headless_and_external_name_get_no_address() {
+    let selectorless_headless = "apiVersion: v1
+kind: Service
+metadata: {name: hand}
+spec: {clusterIP: None, ports: [{port: 80}]}
+";
+    let text = docs(&[
+        &svc_yaml("headless", "x", "  clusterIP: None\n"),
+        &svc_yaml(
+            "headless-dual",
+            "x",
+            "  clusterIP: None\n  ipFamilyPolicy: PreferDualStack\n",
+        ),
+        selectorless_headless,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extname}\nspec: {type: ExternalName, externalName: example.com, ipFamilyPolicy: RequireDualStack}\n",
+        &pod_ips_yaml("x-1", "x", Some("10.0.0.1"), &["10.0.0.1", "fd00::1"]),
+    ]);
+    let m = load_with(
+        &[("s.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    assert_eq!(
+        families(&m, "headless"),
+        (
+            strings(&["None"]),
+            strings(&["IPv4"]),
+            "SingleStack".to_owned()
+        )
+    );
+    assert_eq!(families(&m, "headless-dual").1, strings(&["IPv4", "IPv6"]));
+    // Headless without a selector defaults to RequireDualStack.
+    assert_eq!(
+        families(&m, "hand"),
+        (
+            strings(&["None"]),
+            strings(&["IPv4", "IPv6"]),
+            "RequireDualStack".to_owned()
+        )
+    );
+    let ext = spec_of(&m, "extname");
+    assert_eq!(
+        (ext.cluster_ip, ext.cluster_ips, ext.ip_families),
+        (None, None, None)
+    );
+    // Headless services get slices of their families.
+    assert_eq!(slice_of(&m, "headless", "IPv4").len(), 1);
+    assert_eq!(slice_of(&m, "headless", "IPv6").len(), 0);
+    assert_eq!(slice_of(&m, "headless-dual", "IPv6").len(), 1);
+
+    // Even on a single-stack cluster, selectorless headless services may be
+    // dual-stack (their endpoints are written by hand).
+    let m = load(&[("s.yaml", selectorless_headless)]);
+    assert_eq!(m.diagnostics, vec![]);
+    assert_eq!(families(&m, "hand").1, strings(&["IPv4", "IPv6"]));
+}
+
+#[test]
+fn dual_stack_pods_give_one_slice_per_family() {
+    let text = docs(&[
+        &svc_yaml("dual", "x", "  ipFamilyPolicy: PreferDualStack\n"),
+        &svc_yaml("v4", "x", ""),
+        &svc_yaml("v6", "x", "  ipFamilies: [IPv6]\n"),
+        // The kubelet's shape: podIP is podIPs[0].
+        &pod_ips_yaml("x-1", "x", Some("10.0.0.1"), &["10.0.0.1", "fd00::1"]),
+        // IPv6-primary pod, podIPs only.
+        &pod_ips_yaml("x-2", "x", None, &["fd00::2", "10.0.0.2"]),
+        &pod_ips_yaml("x-3", "x", Some("10.0.0.3"), &[]),
+        &pod_ips_yaml("x-4", "x", Some("fd00::4"), &[]),
+    ]);
+    let m = load_with(
+        &[("s.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    let dual4 = slice_of(&m, "dual", "IPv4");
+    let dual6 = slice_of(&m, "dual", "IPv6");
+    assert_eq!((dual4.len(), dual6.len()), (1, 1));
+    assert_eq!(
+        addresses(dual4[0]),
+        strings(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    );
+    assert_eq!(
+        addresses(dual6[0]),
+        strings(&["fd00::1", "fd00::2", "fd00::4"])
+    );
+    assert_eq!(ports(dual6[0]), vec![port("", 8080)]);
+    let (t, f) = (Some(true), Some(false));
+    assert_eq!(endpoints(dual6[0])[0], ep("fd00::1", t, t, f));
+    assert_eq!(
+        dual6[0].endpoints[0]
+            .target_ref
+            .as_ref()
+            .and_then(|r| r.name.as_deref()),
+        Some("x-1")
+    );
+    assert_ne!(dual4[0].metadata.name, dual6[0].metadata.name);
+    // The IPv4 name is what it was before IPv6 slices existed; the IPv6 one
+    // has no counter suffix either.
+    let name6 = dual6[0].metadata.name.clone().unwrap();
+    assert_eq!(name6.len(), "dual-".len() + 10, "{name6}");
+    assert_eq!(source(&dual6[0].metadata), "s.yaml#1");
+
+    assert_eq!(slices_of(&m, "v4").len(), 1);
+    assert_eq!(slice_of(&m, "v4", "IPv4").len(), 1);
+    assert_eq!(slices_of(&m, "v6").len(), 1);
+    assert_eq!(
+        addresses(slice_of(&m, "v6", "IPv6")[0]),
+        strings(&["fd00::1", "fd00::2", "fd00::4"])
+    );
+}
+
+#[test]
+fn pod_address_conflicts_are_diagnostics() {
+    let text = docs(&[
+        &svc_yaml("s", "s", "  ipFamilyPolicy: PreferDualStack\n"),
+        // podIP wins over a different podIPs, as in the API server.
+        &pod_ips_yaml("s-1", "s", Some("10.0.0.1"), &["10.0.0.9", "fd00::9"]),
+        &pod_ips_yaml("s-2", "s", None, &["10.0.0.2", "10.0.0.3"]),
+        &pod_ips_yaml("s-3", "s", Some("::ffff:10.0.0.4"), &[]),
+        &pod_ips_yaml("s-4", "s", None, &["fd00::5", "fd00::zz"]),
+    ]);
+    let m = load_with(
+        &[("s.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(
+        m.diagnostics,
+        vec![
+            d(
+                "s.yaml#2",
+                "Pod default/s-1",
+                "status.podIPs[0].ip",
+                "\"10.0.0.9\" differs from status.podIP \"10.0.0.1\"; status.podIP wins and status.podIPs is ignored, as in the API server"
+            ),
+            d(
+                "s.yaml#3",
+                "Pod default/s-2",
+                "status.podIPs[1].ip",
+                "\"10.0.0.3\": at most one IP per family (status.podIPs); another IPv4 address came first; the pod is not an endpoint"
+            ),
+            d(
+                "s.yaml#4",
+                "Pod default/s-3",
+                "status.podIP",
+                "\"::ffff:10.0.0.4\" is an IPv4-mapped IPv6 address, not a pod IP; the pod is not an endpoint"
+            ),
+            d(
+                "s.yaml#5",
+                "Pod default/s-4",
+                "status.podIPs[1].ip",
+                "\"fd00::zz\" is not an IP address; the pod is not an endpoint"
+            ),
+        ]
+    );
+    assert_eq!(
+        addresses(slice_of(&m, "s", "IPv4")[0]),
+        strings(&["10.0.0.1"])
+    );
+    assert_eq!(slice_of(&m, "s", "IPv6").len(), 0);
+}
+
+#[test]
+fn ipv6_endpoints_are_mirrored_into_ipv6_slices() {
+    let text = "apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: ext}
+subsets:
+- addresses: [{ip: 192.168.0.10}, {ip: \"fd00::10\", nodeName: n1}, {ip: \"::ffff:192.168.0.12\"}]
+  notReadyAddresses: [{ip: \"fd00::11\"}]
+  ports: [{name: pg, port: 5432}]
+- addresses: [{ip: \"fd00::20\"}]
+  ports: [{name: pg, port: 6432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v4only}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: v4only}
+subsets: [{addresses: [{ip: \"fd00::30\"}], ports: [{port: 80}]}]
+";
+    let m = load_with(
+        &[("ext.yaml", text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(
+        m.diagnostics,
+        vec![d(
+            "ext.yaml#2",
+            "Endpoints default/ext",
+            "subsets[0].addresses[2].ip",
+            "\"::ffff:192.168.0.12\" is an IPv4-mapped IPv6 address; write the IPv4 address; the address is ignored"
+        )]
+    );
+    let v4 = slice_of(&m, "ext", "IPv4");
+    let v6 = slice_of(&m, "ext", "IPv6");
+    assert_eq!((v4.len(), v6.len()), (1, 2));
+    assert_eq!(
+        endpoints(v4[0]),
+        vec![ep("192.168.0.10", Some(true), None, None)]
+    );
+    assert_eq!(ports(v4[0]), vec![port("pg", 5432)]);
+    assert_eq!(
+        endpoints(v6[0]),
+        vec![
+            ep("fd00::10", Some(true), None, None),
+            ep("fd00::11", Some(false), None, None)
+        ]
+    );
+    assert_eq!(v6[0].endpoints[0].node_name.as_deref(), Some("n1"));
+    assert_eq!(ports(v6[0]), vec![port("pg", 5432)]);
+    assert_eq!(
+        endpoints(v6[1]),
+        vec![ep("fd00::20", Some(true), None, None)]
+    );
+    assert_eq!(ports(v6[1]), vec![port("pg", 6432)]);
+    assert_eq!(source(&v6[0].metadata), "ext.yaml#2");
+    let names: std::collections::HashSet<_> = slices_of(&m, "ext")
+        .iter()
+        .map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(names.len(), 3);
+    // The mirroring controller splits by family whatever the Service says.
+    assert_eq!(
+        addresses(slice_of(&m, "v4only", "IPv6")[0]),
+        strings(&["fd00::30"])
+    );
+}
+
+#[test]
+fn ipv6_endpoint_slices_pass_through() {
+    let text = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ext-v6
+  labels: {kubernetes.io/service-name: ext}
+addressType: IPv6
+ports: [{name: \"\", port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [\"fd00::1\"]
+";
+    let m = load(&[("slice.yaml", text)]);
+    assert_eq!(m.diagnostics, vec![]);
+    assert_eq!(m.slices.len(), 1);
+    assert_eq!(m.slices[0].address_type, "IPv6");
+    assert_eq!(addresses(&m.slices[0]), strings(&["fd00::1"]));
+}
+
+/// The whole pure path: a dual-stack manifest → parse, allocation and the
+/// endpointslice controller → translation: one frontend per family, each
+/// with that family's backends.
+#[test]
+fn dual_stack_manifest_translates_to_one_frontend_per_family() {
+    use crate::model::{Proto, TranslateOptions, frontend, translate};
+    let text = docs(&[
+        &svc_yaml("web", "web", "  ipFamilyPolicy: RequireDualStack\n"),
+        &pod_ips_yaml("web-1", "web", Some("10.0.0.1"), &["10.0.0.1", "fd00::1"]),
+        &pod_ips_yaml("web-2", "web", Some("10.0.0.2"), &["10.0.0.2", "fd00::2"]),
+        &pod_ips_yaml("web-3", "web", Some("10.0.0.3"), &[]),
+    ]);
+    let m = load_with(
+        &[("web.yaml", &text)],
+        &mut ClusterIpAllocator::new(dual(), []),
+    );
+    assert_eq!(m.diagnostics, vec![]);
+    let ips = families(&m, "web").0;
+    let v4: Ipv4Addr = ips[0].parse().unwrap();
+    let v6: Ipv6Addr = ips[1].parse().unwrap();
+
+    let (state, diags) = translate(&m.services, &m.slices, &TranslateOptions::default());
+    assert_eq!(diags, vec![]);
+    let got: Vec<_> = state
+        .iter()
+        .map(|(fe, want)| (*fe, want.backends.clone()))
+        .collect();
+    let sock = |ip: &str| std::net::SocketAddr::new(ip.parse().unwrap(), 8080);
+    assert_eq!(
+        got,
+        vec![
+            (
+                frontend(v4, 80, Proto::Tcp),
+                vec![sock("10.0.0.1"), sock("10.0.0.2"), sock("10.0.0.3")]
+            ),
+            (
+                frontend(v6, 80, Proto::Tcp),
+                vec![sock("fd00::1"), sock("fd00::2")]
+            ),
+        ]
+    );
 }
