@@ -5,7 +5,7 @@
 //! `Drop`, so a failing test leaves nothing behind.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -134,19 +134,37 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
 pub const POD_PREFIX: [u8; 3] = [10, 244, 1];
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
+/// The IPv6 pod subnet (ULA), on the same bridge: `fd00:244:1::/64`.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x1);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x100);
 
-/// A backend pod of a topology.
+/// A pod's IPv4 address from the last octet: `10.244.1.<octet>`.
+pub fn pod_ip(octet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(POD_PREFIX[0], POD_PREFIX[1], POD_PREFIX[2], octet)
+}
+
+/// A pod's IPv6 address from the same octet, written with the same digits:
+/// `fd00:244:1::<octet>` (10.244.1.11 is fd00:244:1::11).
+pub fn pod_ip6(octet: u8) -> Ipv6Addr {
+    format!("fd00:244:1::{octet}")
+        .parse()
+        .expect("an IPv6 address")
+}
+
+/// A backend pod of a topology, with one address of each family.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 /// A node namespace with a bridge, one namespace per pod and one client
-/// namespace, all on 10.244.1.0/24. No namespace has a default route, so a
-/// connect to a ClusterIP that was not rewritten fails with ENETUNREACH
-/// instead of going anywhere.
+/// namespace, all on 10.244.1.0/24 and fd00:244:1::/64 (addresses added
+/// `nodad`, so they are usable at once). No namespace has a default route,
+/// for either family, so a connect to a ClusterIP that was not rewritten
+/// fails with ENETUNREACH instead of going anywhere.
 pub struct Topology {
     pub node: String,
     pub client: String,
@@ -178,18 +196,20 @@ impl Topology {
             "dev",
             "br0",
         ])?;
+        add_addr6(&node, "br0", NODE_IP6)?;
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
         t.add_netns(&t.client.clone())?;
-        t.plug(&t.client.clone(), "vc", CLIENT_IP)?;
+        t.plug(&t.client.clone(), "vc", CLIENT_IP, CLIENT_IP6)?;
         for (i, (name, octet)) in pods.iter().enumerate() {
             let netns = format!("{prefix}-p{i}");
             t.add_netns(&netns)?;
-            let addr = Ipv4Addr::new(POD_PREFIX[0], POD_PREFIX[1], POD_PREFIX[2], *octet);
-            t.plug(&netns, &format!("vp{i}"), addr)?;
+            let (addr, addr6) = (pod_ip(*octet), pod_ip6(*octet));
+            t.plug(&netns, &format!("vp{i}"), addr, addr6)?;
             t.pods.push(Pod {
                 name: (*name).to_owned(),
                 netns,
                 ip: addr,
+                ip6: addr6,
             });
         }
         Ok(t)
@@ -203,7 +223,7 @@ impl Topology {
 
     /// A veth from the node's bridge into `netns`, created inside the node
     /// namespace so nothing ever appears in the host's.
-    fn plug(&self, netns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    fn plug(&self, netns: &str, port: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> anyhow::Result<()> {
         let node = &self.node;
         ip(&[
             "-n", node, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
@@ -219,11 +239,13 @@ impl Topology {
             "dev",
             "eth0",
         ])?;
+        add_addr6(netns, "eth0", addr6)?;
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
 
-    /// Starts an HTTP server named after its pod on every pod's `ip:port`.
+    /// Starts an HTTP (and UDP) server named after its pod on every pod's
+    /// `ip:port` and `[ip6]:port`.
     pub fn start_servers(&mut self, server: &Path, port: u16) -> anyhow::Result<()> {
         for pod in self.pods.clone() {
             self.start_server(server, &pod, port)?;
@@ -236,6 +258,8 @@ impl Topology {
         let mut child = Command::new(server)
             .args(["--netns", &pod.netns, "--name", &pod.name, "--listen"])
             .arg(format!("{}:{port}", pod.ip))
+            .arg("--listen")
+            .arg(format!("[{}]:{port}", pod.ip6))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -256,6 +280,23 @@ impl Topology {
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
+}
+
+/// An on-link /64 without duplicate address detection: usable at once,
+/// and (like the IPv4 /24) no route beyond the pod subnet.
+fn add_addr6(netns: &str, dev: &str, addr: Ipv6Addr) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        netns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ])?;
+    Ok(())
 }
 
 impl Drop for Topology {
@@ -540,12 +581,25 @@ pub fn http_status(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16
         .with_context(|| format!("bad HTTP response {out:?}"))
 }
 
-/// A ClusterIP service as `lb-agent list -o json` shows it.
+/// A service's (first) IPv4 ClusterIP as `lb-agent list -o json` shows it.
 pub fn service_ip(doc: &serde_json::Value, namespace: &str, name: &str) -> Option<Ipv4Addr> {
-    find_service(doc, namespace, name)?["clusterIps"][0]
-        .as_str()?
-        .parse()
-        .ok()
+    service_ips(doc, namespace, name)
+        .into_iter()
+        .find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+}
+
+/// Every ClusterIP of a service in `lb-agent list -o json`, both families,
+/// in the order listed.
+pub fn service_ips(doc: &serde_json::Value, namespace: &str, name: &str) -> Vec<IpAddr> {
+    find_service(doc, namespace, name)
+        .and_then(|s| s["clusterIps"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.as_str()?.parse().ok())
+        .collect()
 }
 
 pub fn find_service<'a>(
@@ -615,6 +669,25 @@ pub fn pod_manifest(
     ip: Ipv4Addr,
     ready: bool,
 ) -> String {
+    pod_manifest_ips(name, namespace, labels, containers, &[ip.into()], ready)
+}
+
+/// [`pod_manifest`] for a pod with several addresses (a dual-stack pod):
+/// `status.podIP` is the first and `status.podIPs` lists them all, as the
+/// kubelet reports them.
+pub fn pod_manifest_ips(
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    containers: &str,
+    ips: &[IpAddr],
+    ready: bool,
+) -> String {
+    let ip = ips.first().expect("a pod has an address");
+    let pod_ips: String = ips
+        .iter()
+        .map(|ip| format!("    - ip: \"{ip}\"\n"))
+        .collect();
     let labels: String = labels
         .iter()
         .map(|(k, v)| format!("    {k}: {v}\n"))
@@ -632,8 +705,9 @@ metadata:
   containers:
 {containers}status:
   phase: Running
-  podIP: {ip}
-  conditions:
+  podIP: \"{ip}\"
+  podIPs:
+{pod_ips}  conditions:
     - type: Ready
       status: \"{status}\"
 "

@@ -14,7 +14,16 @@
 //!   line is a target `IP:PORT`; prints one JSON line per datagram;
 //! - `--exec CMD ARGS...`: runs CMD inside the cgroup and namespace (with
 //!   `--resolv FILE` bind-mounted over /etc/resolv.conf in a private mount
-//!   namespace), for real resolvers such as dig and getent.
+//!   namespace), for real resolvers such as dig and getent;
+//! - `--probe KIND`: one socket that the programs must leave alone (`ping`:
+//!   an ICMP echo socket; `raw-icmp`, `raw-udp`, `raw-tcp`: SOCK_RAW with
+//!   that protocol) does sendto(), then connect(), to the target; prints
+//!   each call's result (`ok` or the errno name) under `probe`.
+//!
+//! The target may be IPv4 or IPv6; the socket has the target's family, so
+//! `--target [::ffff:10.96.0.10]:80` uses an AF_INET6 socket with a
+//! v4-mapped address, as a Java or Go dual-stack socket does (UDP sockets
+//! are bound to `[::]:0` or `0.0.0.0:0` to match; `--bind ADDR` overrides).
 //!
 //! Besides `ClientReport`'s fields the JSON holds `peers` (getpeername() of
 //! TCP and connected UDP sockets), `sources` (recvfrom() addresses) and
@@ -43,6 +52,9 @@ struct Report {
     sources: BTreeMap<String, u64>,
     /// Unconnected mode: backend name → replies, per socket.
     per_socket: Vec<BTreeMap<String, u64>>,
+    /// `--probe`: call (`socket`, `sendto`, `connect`) → `ok` or errno name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    probe: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,6 +75,8 @@ fn main() -> anyhow::Result<()> {
     let mut session = false;
     let mut resolv = None;
     let mut exec: Vec<String> = Vec::new();
+    let mut bind: Option<SocketAddr> = None;
+    let mut probe_kind: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -80,6 +94,8 @@ fn main() -> anyhow::Result<()> {
             "--sockets" => sockets = args.next().context("--sockets N")?.parse()?,
             "--session" => session = true,
             "--resolv" => resolv = args.next(),
+            "--bind" => bind = Some(args.next().context("--bind ADDR")?.parse()?),
+            "--probe" => probe_kind = Some(args.next().context("--probe KIND")?),
             "--exec" => {
                 exec = args.by_ref().collect();
                 anyhow::ensure!(!exec.is_empty(), "--exec CMD [ARGS...]");
@@ -102,13 +118,16 @@ fn main() -> anyhow::Result<()> {
         return Err(err).with_context(|| format!("exec {}", exec[0]));
     }
     if session {
-        return run_session();
+        return run_session(bind.unwrap_or_else(|| "0.0.0.0:0".parse().expect("an address")));
     }
     let target = target.context("--target ADDR is required")?;
+    let bind = bind.unwrap_or_else(|| unspecified(target));
     let mut report = Report::default();
     let start = Instant::now();
-    if mode == Mode::UdpUnconnected {
-        run_unconnected(&mut report, target, sockets, count.unwrap_or(1))?;
+    if let Some(kind) = probe_kind {
+        report.probe = probe(&kind, target)?;
+    } else if mode == Mode::UdpUnconnected {
+        run_unconnected(&mut report, target, bind, sockets, count.unwrap_or(1))?;
     } else {
         loop {
             if let Some(n) = count {
@@ -125,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             report.base.attempts += 1;
             let answer = match mode {
                 Mode::Tcp => request(target),
-                _ => request_udp(target),
+                _ => request_udp(target, bind),
             };
             match answer {
                 Ok((name, peer)) => {
@@ -139,6 +158,14 @@ fn main() -> anyhow::Result<()> {
     report.base.elapsed_ms = start.elapsed().as_millis() as u64;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The wildcard address of the target's family, port 0.
+fn unspecified(target: SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 fn count_error(report: &mut ClientReport, e: &std::io::Error) {
@@ -165,8 +192,8 @@ fn request(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
 
 /// One connected UDP socket: connect (where connect4 rewrites), one datagram
 /// out, the backend's name back.
-fn request_udp(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+fn request_udp(target: SocketAddr, bind: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let s = UdpSocket::bind(bind)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -196,11 +223,12 @@ fn exchange(s: &UdpSocket, target: SocketAddr) -> std::io::Result<(String, Socke
 fn run_unconnected(
     report: &mut Report,
     target: SocketAddr,
+    bind: SocketAddr,
     sockets: u64,
     count: u64,
 ) -> anyhow::Result<()> {
     for _ in 0..sockets {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut mine = BTreeMap::new();
         for _ in 0..count {
@@ -221,8 +249,8 @@ fn run_unconnected(
 
 /// One socket for the whole run, driven from stdin: a test can change the
 /// services between datagrams of the same socket.
-fn run_session() -> anyhow::Result<()> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+fn run_session(bind: SocketAddr) -> anyhow::Result<()> {
+    let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     let stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
@@ -239,6 +267,133 @@ fn run_session() -> anyhow::Result<()> {
         out_lock.flush()?;
     }
     Ok(())
+}
+
+/// `--probe`: a socket no program may touch (not a TCP stream or UDP
+/// datagram socket) sends one packet to `target` with sendto(), then
+/// connect()s to it. In the test namespaces, which have no route off the
+/// pod subnet, both fail with ENETUNREACH for a ClusterIP unless a program
+/// rewrote the address to a pod.
+fn probe(kind: &str, target: SocketAddr) -> anyhow::Result<BTreeMap<String, String>> {
+    let v6 = target.is_ipv6();
+    let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let icmp = if v6 {
+        libc::IPPROTO_ICMPV6
+    } else {
+        libc::IPPROTO_ICMP
+    };
+    let (ty, proto) = match kind {
+        "ping" => (libc::SOCK_DGRAM, icmp),
+        "raw-icmp" => (libc::SOCK_RAW, icmp),
+        "raw-udp" => (libc::SOCK_RAW, libc::IPPROTO_UDP),
+        "raw-tcp" => (libc::SOCK_RAW, libc::IPPROTO_TCP),
+        other => anyhow::bail!("unknown probe {other} (ping, raw-icmp, raw-udp, raw-tcp)"),
+    };
+    // An echo request (the kernel fills in a ping socket's id and
+    // checksum), or a UDP or TCP header to the target port: what a buggy
+    // program could mistake for its own traffic.
+    let port = target.port().to_be_bytes();
+    let payload: Vec<u8> = match proto {
+        libc::IPPROTO_UDP => [&[0, 0][..], &port, &[0, 12, 0, 0], b"ping"].concat(),
+        libc::IPPROTO_TCP => {
+            let mut h = vec![0u8; 20];
+            h[2..4].copy_from_slice(&port);
+            h[12] = 5 << 4;
+            h[13] = 0x02; // SYN
+            h
+        }
+        _ => vec![
+            if v6 { 128 } else { 8 },
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            b'p',
+            b'i',
+            b'n',
+            b'g',
+        ],
+    };
+    let mut out = BTreeMap::new();
+    let result = |rc: libc::c_int| {
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            e.raw_os_error()
+                .map_or_else(|| e.to_string(), sys::errno_name)
+        } else {
+            "ok".to_owned()
+        }
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
+    out.insert("socket".to_owned(), result(fd));
+    if fd < 0 {
+        return Ok(out);
+    }
+    // An IPv6 raw socket takes no port but 0 or its own protocol in sendto().
+    let send_to = if v6 && ty == libc::SOCK_RAW {
+        SocketAddr::new(target.ip(), 0)
+    } else {
+        target
+    };
+    let (addr, len) = sockaddr(send_to);
+    // SAFETY: a valid buffer and sockaddr of the stated lengths.
+    let rc = unsafe {
+        libc::sendto(
+            fd,
+            payload.as_ptr().cast(),
+            payload.len(),
+            libc::MSG_DONTWAIT,
+            std::ptr::from_ref(&addr).cast(),
+            len,
+        )
+    };
+    out.insert("sendto".to_owned(), result(rc as libc::c_int));
+    let (addr, len) = sockaddr(target);
+    // SAFETY: a valid sockaddr of the stated length.
+    let rc = unsafe { libc::connect(fd, std::ptr::from_ref(&addr).cast(), len) };
+    out.insert("connect".to_owned(), result(rc));
+    // SAFETY: our own fd, closed once.
+    unsafe { libc::close(fd) };
+    Ok(out)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// A private mount namespace in which `file` is /etc/resolv.conf, as
