@@ -102,12 +102,16 @@ pub fn table(rows: &[ServiceRow]) -> String {
     ];
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
     for r in rows {
-        let ports = r
-            .ports
-            .iter()
-            .map(|p| format!("{}/{}", p.port, p.protocol))
-            .collect::<Vec<_>>()
-            .join(",");
+        // A dual-stack service has one frontend per family on each port;
+        // kubectl shows the port once.
+        let mut ports: Vec<String> = Vec::new();
+        for p in &r.ports {
+            let port = format!("{}/{}", p.port, p.protocol);
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let ports = ports.join(",");
         let mut eps: Vec<&str> = Vec::new();
         for p in &r.ports {
             for e in &p.endpoints {
@@ -166,7 +170,7 @@ pub fn backends(row: &ServiceRow) -> Vec<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
     use crate::{
@@ -217,5 +221,37 @@ mod tests {
         assert!(lines[2].contains("kube-dns"));
         assert!(lines[2].contains("53/TCP,53/UDP"), "{t}");
         assert!(lines[2].ends_with("10.244.0.5:53"), "{t}");
+    }
+
+    #[test]
+    fn dual_stack_rows_show_both_cluster_ips_and_each_port_once() {
+        let mut desired = DesiredState::new();
+        let svc = ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: String::new(),
+            svc_type: ServiceType::ClusterIP,
+        };
+        for (ip, be) in [
+            (IpAddr::from(Ipv4Addr::new(10, 96, 0, 30)), "10.244.0.5:80"),
+            ("fd00:96::30".parse().unwrap(), "[fd00:244::5]:80"),
+        ] {
+            desired.insert(
+                frontend(ip, 80, Proto::Tcp),
+                DesiredService {
+                    service: svc.clone(),
+                    backends: vec![be.parse().unwrap()],
+                },
+            );
+        }
+        let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+        r.apply(&desired, Prune::Yes);
+        let rows = rows(&r.datapath().state);
+        assert_eq!(rows[0].cluster_ips, ["10.96.0.30", "fd00:96::30"]);
+        let t = table(&rows);
+        let line = t.lines().nth(1).unwrap();
+        assert!(line.contains("10.96.0.30,fd00:96::30"), "{t}");
+        assert!(line.contains("   80/TCP   "), "{t}");
+        assert!(line.ends_with("10.244.0.5:80,[fd00:244::5]:80"), "{t}");
     }
 }

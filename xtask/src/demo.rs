@@ -15,13 +15,14 @@ use anyhow::{Context as _, bail};
 use lb_tests::{
     Bins, ClientReport, Lab,
     dns::{Dnsmasq, dig, in_client},
-    endpoints, pod_manifest, service_ip,
+    endpoints, pod_ip6, pod_manifest, service_ip, service_ips,
 };
 
 use crate::{cmd, exec};
 
 const EXAMPLE: &str = include_str!("../../examples/back-end/back-end.yaml");
 const CONNECTS: &str = "3000";
+const DUAL_CONNECTS: &str = "300";
 const DNS_IP: &str = "10.96.0.10";
 const DNS_NAME: &str = "back-end.default.svc.cluster.local";
 const DNS_PODS: [(&str, u8); 2] = [("coredns-1", 21), ("coredns-2", 22)];
@@ -127,6 +128,42 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
     print_distribution(&report, &pods);
     check()?;
 
+    step(
+        "Dual-stack: the same Service with ipFamilyPolicy: PreferDualStack, the Pods reporting their IPv6 addresses too (status.podIPs)",
+    );
+    let dual = dual_stack(EXAMPLE, &pods)?;
+    lab.write_manifest("back-end.yaml", &dual)?;
+    let doc = lab
+        .agent
+        .wait_for("back-end dual-stack", Duration::from_secs(15), |d| {
+            service_ips(d, "default", "back-end").len() == 2
+                && endpoints(d, "default", "back-end", 80).len() == 6
+        })?;
+    let ips = service_ips(&doc, "default", "back-end");
+    let ip6 = ips
+        .iter()
+        .find(|i| i.is_ipv6())
+        .context("no IPv6 ClusterIP")?;
+    println!(
+        "  back-end now has ClusterIPs {} (the IPv4 one kept, the IPv6 one from fd00:10:96::/108)",
+        ips.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (what, target) in [
+        ("IPv6 ClusterIP", format!("[{ip6}]:80")),
+        (
+            "AF_INET6 sockets to the IPv4 ClusterIP, v4-mapped",
+            format!("[::ffff:{ip}]:80"),
+        ),
+    ] {
+        println!("  {DUAL_CONNECTS} connects to {target} ({what}):");
+        let r = lab.client(&target, &["--count", DUAL_CONNECTS])?;
+        print_distribution(&r, &pods);
+    }
+    check()?;
+
     step(&format!(
         "DNS: kube-dns at {DNS_IP} (UDP and TCP 53) backed by two dnsmasq pods; the client resolves back-end by name"
     ));
@@ -174,11 +211,11 @@ fn demo(bins: &Bins, interrupted: &AtomicBool) -> anyhow::Result<()> {
     print!("{}", indent(&lab.agent.list(&[])?));
 
     step("Edit: back-end-2 turns not ready (status.conditions Ready=False)");
-    lab.write_manifest("back-end.yaml", &with_pod_not_ready(EXAMPLE, "back-end-2")?)?;
+    lab.write_manifest("back-end.yaml", &with_pod_not_ready(&dual, "back-end-2")?)?;
     let edited = Instant::now();
     lab.agent
         .wait_for("back-end-2 withdrawn", Duration::from_secs(15), |d| {
-            endpoints(d, "default", "back-end", 80).len() == 2
+            endpoints(d, "default", "back-end", 80).len() == 4
         })?;
     println!(
         "  the maps dropped back-end-2 {:.0?} after the edit",
@@ -231,6 +268,37 @@ fn print_distribution(report: &ClientReport, pods: &[(&str, u8)]) {
         report.elapsed_ms,
         report.failed()
     );
+}
+
+/// The example as a dual-stack cluster reports it: the Service asks for
+/// both families, and each Pod lists its IPv6 address (`fd00:244:1::<n>`
+/// for `10.244.1.<n>`) after its IPv4 one in `status.podIPs`.
+fn dual_stack(yaml: &str, pods: &[(&str, u8)]) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let mut v: serde_yaml::Value = serde::Deserialize::deserialize(doc)?;
+        if v["kind"] == "Service" {
+            v["spec"]["ipFamilyPolicy"] = "PreferDualStack".into();
+        }
+        if v["kind"] == "Pod" {
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let (_, octet) = pods
+                .iter()
+                .find(|(n, _)| *n == name)
+                .with_context(|| format!("example pod {name} is not in the topology"))?;
+            let ip4 = v["status"]["podIP"].clone();
+            let mut ip6 = serde_yaml::Mapping::new();
+            ip6.insert("ip".into(), pod_ip6(*octet).to_string().into());
+            let mut ip = serde_yaml::Mapping::new();
+            ip.insert("ip".into(), ip4);
+            v["status"]["podIPs"] = serde_yaml::Value::Sequence(vec![ip.into(), ip6.into()]);
+        }
+        out.push(serde_yaml::to_string(&v)?);
+    }
+    Ok(out.join("---\n"))
 }
 
 /// The example with one Pod's Ready condition set to False.
