@@ -839,6 +839,53 @@ impl Lab {
     }
 }
 
+/// One UDP socket of `lb-testclient --session` in the attached cgroup, kept
+/// for a whole test and driven line by line: a target in, the reply's
+/// sender and body (JSON) out.
+pub struct UdpSession {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl UdpSession {
+    /// `args`: extra client flags, e.g. `["--bind", "[::]:0"]` for an IPv6 socket.
+    pub fn start(lab: &Lab, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = lab
+            .client_command(true)
+            .arg("--session")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("lb-testclient --session")?;
+        let stdin = child.stdin.take().context("session stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("session stdout")?);
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Sends one datagram to `target`; the reply's sender and body.
+    pub fn send(&mut self, target: &str) -> anyhow::Result<serde_json::Value> {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{target}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("session reply {line:?}"))
+    }
+}
+
+impl Drop for UdpSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn parse_report(out: &str) -> anyhow::Result<ClientReport> {
     serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
 }

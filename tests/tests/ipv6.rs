@@ -7,14 +7,14 @@
 //! ULA (fd00:96::/64). Privileged: run with `--test-threads=1`.
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use lb_tests::{
-    Bins, Lab, endpoints, find_service, pod_ip, pod_ip6, pod_manifest_ips, run, service_ips,
+    Bins, Lab, UdpSession, endpoints, find_service, pod_ip, pod_ip6, pod_manifest_ips, run,
+    service_ips,
 };
 use serde_json::Value;
 
@@ -522,48 +522,6 @@ fn list_shows_ipv6_cluster_ips_and_bracketed_endpoints() {
     assert!(row("empty6").contains("<none>"), "{table}");
 }
 
-/// One `[::]:0` UDP socket for the whole test, driven line by line.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Session {
-    fn start(lab: &Lab) -> Self {
-        let mut child = lab
-            .client_command(true)
-            .args(["--session", "--bind", "[::]:0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("lb-testclient --session");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Sends one datagram to `target`; the reply's sender and body.
-    fn send(&mut self, target: &str) -> Value {
-        writeln!(self.stdin, "{target}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_recreated_ipv6_service_does_not_revive_a_stale_reverse_entry() {
     let mut lab = Lab::new(&bins(), PODS, HTTP).expect("lab");
@@ -586,8 +544,8 @@ fn a_recreated_ipv6_service_does_not_revive_a_stale_reverse_entry() {
     let old_id = svc_id(&doc).unwrap();
     let frontend = format!("[{WEB6}]:{ECHO}");
     let pod = format!("[{}]:{HTTP}", pod_ip6(11));
-    let mut session = Session::start(&lab);
-    let first = session.send(&frontend);
+    let mut session = UdpSession::start(&lab, &["--bind", "[::]:0"]).unwrap();
+    let first = session.send(&frontend).unwrap();
     assert_eq!(first["from"], frontend.as_str(), "{first}");
     assert_eq!(first["name"], "pod-1", "{first}");
 
@@ -609,9 +567,9 @@ fn a_recreated_ipv6_service_does_not_revive_a_stale_reverse_entry() {
 
     // Straight to the pod: the socket's (socket, pod) reverse entry names
     // the old service id, so the reply shows the pod, not the ClusterIP.
-    let direct = session.send(&pod);
+    let direct = session.send(&pod).unwrap();
     assert_eq!(direct["from"], pod.as_str(), "{direct}");
-    let again = session.send(&frontend);
+    let again = session.send(&frontend).unwrap();
     assert_eq!(again["from"], frontend.as_str(), "{again}");
     assert_eq!(again["name"], "pod-1", "{again}");
 }

@@ -5,14 +5,13 @@
 //! `--test-threads=1`.
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    Bins, Lab, back_end_manifest,
+    Bins, Lab, UdpSession, back_end_manifest,
     dns::{Dnsmasq, dig, in_client},
     endpoints, find_service, pod_manifest, run, service_ip,
 };
@@ -200,48 +199,6 @@ fn getpeername_returns_the_cluster_ip_for_tcp_and_connected_udp() {
     );
 }
 
-/// One UDP socket for the whole test, driven line by line.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Session {
-    fn start(lab: &Lab) -> Self {
-        let mut child = lab
-            .client_command(true)
-            .arg("--session")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("lb-testclient --session");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Sends one datagram to `target`; the reply's sender and body.
-    fn send(&mut self, target: &str) -> Value {
-        writeln!(self.stdin, "{target}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `echo` as a selectorless service with one hand-written endpoint.
 fn echo_one_endpoint() -> String {
     format!(
@@ -291,8 +248,8 @@ fn a_recreated_service_does_not_revive_a_stale_reverse_entry() {
     let old_id = echo1_svc_id(&doc).unwrap();
     let frontend = format!("{ECHO_IP}:{ECHO_PORT}");
     let pod = format!("{}:80", pod_ip(11));
-    let mut session = Session::start(&lab);
-    let first = session.send(&frontend);
+    let mut session = UdpSession::start(&lab, &[]).unwrap();
+    let first = session.send(&frontend).unwrap();
     assert_eq!(first["from"], frontend.as_str(), "{first}");
     assert_eq!(first["name"], "back-end-1", "{first}");
 
@@ -318,10 +275,10 @@ fn a_recreated_service_does_not_revive_a_stale_reverse_entry() {
     // entry still names the old service: the frontend exists again with a
     // backend, so only the id check keeps the pod's reply from being
     // reported as coming from the ClusterIP.
-    let direct = session.send(&pod);
+    let direct = session.send(&pod).unwrap();
     assert_eq!(direct["from"], pod.as_str(), "{direct}");
     // Through the new service, translation works again.
-    let again = session.send(&frontend);
+    let again = session.send(&frontend).unwrap();
     assert_eq!(again["from"], frontend.as_str(), "{again}");
 }
 
