@@ -3,7 +3,7 @@
 //! Every source (the manifest directory, the API server) ends in
 //! [`Syncer::sync`], so there is one code path from objects to map writes.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -20,7 +20,7 @@ use crate::{
         bpf::{self, BpfDatapath, LoadError, MapSizes},
     },
     health::{self, Health},
-    model::{DesiredState, Diagnostic, TranslateOptions, translate},
+    model::{DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions, translate},
     reconciler::{Prune, Reconciler},
     sources::{
         dir_watch::{self, POLL_INTERVAL},
@@ -101,6 +101,11 @@ impl<D: Datapath> Syncer<D> {
         &self.reconciler
     }
 
+    /// The problems currently reported (each logged once).
+    pub fn diagnostics(&self) -> &BTreeSet<Diagnostic> {
+        &self.reported
+    }
+
     pub fn options(&self) -> &TranslateOptions {
         &self.opts
     }
@@ -145,6 +150,33 @@ impl<D: Datapath> Syncer<D> {
             desired.retain(|fe, want| !want.backends.is_empty() || installed.contains_key(fe));
         }
         let report = self.reconciler.apply(&desired, prune);
+        self.finish(&report)
+    }
+
+    /// Like [`Syncer::apply_desired`], for a source that knows which
+    /// frontends changed: only those are written (`None`: the frontend is
+    /// gone), so a sync costs what changed.
+    pub fn apply_changes(
+        &mut self,
+        mut changes: BTreeMap<Frontend, Option<DesiredService>>,
+        diags: BTreeSet<Diagnostic>,
+        prune: Prune,
+    ) -> SyncStats {
+        self.report(diags);
+        if prune == Prune::No {
+            // As in `apply_desired`: nothing new that would refuse connects,
+            // and nothing removed, until the sources are complete.
+            let installed = self.reconciler.installed();
+            changes.retain(|fe, want| {
+                want.as_ref()
+                    .is_some_and(|w| !w.backends.is_empty() || installed.contains_key(fe))
+            });
+        }
+        let report = self.reconciler.apply_changes(&changes, prune);
+        self.finish(&report)
+    }
+
+    fn finish(&mut self, report: &crate::reconciler::ApplyReport) -> SyncStats {
         for e in &report.errors {
             error!("{e}");
         }
@@ -158,7 +190,7 @@ impl<D: Datapath> Syncer<D> {
             warn!(error = %e, "could not count map-full failures");
         }
         SyncStats {
-            frontends: desired.len(),
+            frontends: self.reconciler.installed().len(),
             writes: report.writes,
             deletes: report.deletes,
             errors: report.errors.len() + report.other_errors.len(),

@@ -81,6 +81,11 @@ pub struct Reconciler<D> {
     installed: BTreeMap<Frontend, Installed>,
     backend_ids: HashMap<(SocketAddr, Proto), u32>,
     backends: HashMap<u32, (SocketAddr, Proto)>,
+    /// How many installed slots (active or not yet trimmed) name each backend.
+    refs: HashMap<u32, u32>,
+    /// Backends whose count dropped to zero (or never rose): the only
+    /// candidates for deletion, so a sync does not walk every slot.
+    unreferenced: BTreeSet<u32>,
     next_svc_id: u32,
     next_backend_id: u32,
 }
@@ -136,11 +141,22 @@ impl<D: Datapath> Reconciler<D> {
         }
         let next_svc_id = installed.values().map(|i| i.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = snap.backends.keys().max().copied().unwrap_or(0) + 1;
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        for id in installed.values().flat_map(|i| i.slots.iter()) {
+            *refs.entry(*id).or_default() += 1;
+        }
+        let unreferenced = backends
+            .keys()
+            .filter(|id| !refs.contains_key(id))
+            .copied()
+            .collect();
         Ok(Self {
             dp,
             installed,
             backend_ids,
             backends,
+            refs,
+            unreferenced,
             next_svc_id: next_svc_id.max(1),
             next_backend_id: next_backend_id.max(1),
         })
@@ -156,6 +172,55 @@ impl<D: Datapath> Reconciler<D> {
 
     pub fn datapath_mut(&mut self) -> &mut D {
         &mut self.dp
+    }
+
+    /// Applies changes to some frontends only: `Some` is the frontend's new
+    /// desired state, `None` means it is gone (removed only with
+    /// [`Prune::Yes`]). Everything not named is left as it is, so a sync
+    /// costs what changed, not what is installed.
+    pub fn apply_changes(
+        &mut self,
+        changes: &BTreeMap<Frontend, Option<DesiredService>>,
+        prune: Prune,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for (fe, want) in changes {
+            match want {
+                Some(want) => {
+                    if self.up_to_date(fe, want) {
+                        continue;
+                    }
+                    if let Err(source) = self.apply_frontend(fe, want, prune, &mut report) {
+                        report.errors.push(ReconcileError {
+                            namespace: want.service.namespace.clone(),
+                            name: want.service.name.clone(),
+                            frontend: *fe,
+                            source,
+                        });
+                    }
+                }
+                None if prune == Prune::Yes && self.installed.contains_key(fe) => {
+                    self.remove_with_report(fe, &mut report);
+                }
+                None => {}
+            }
+        }
+        if prune == Prune::Yes {
+            self.delete_orphans(&mut report);
+        }
+        report
+    }
+
+    fn remove_with_report(&mut self, fe: &Frontend, report: &mut ApplyReport) {
+        if let Err(source) = self.remove_frontend(fe, report) {
+            let svc = &self.installed[fe].service;
+            report.errors.push(ReconcileError {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                frontend: *fe,
+                source,
+            });
+        }
     }
 
     /// Brings the maps to `desired`, in make-before-break order.
@@ -182,15 +247,7 @@ impl<D: Datapath> Reconciler<D> {
                 .copied()
                 .collect();
             for fe in gone {
-                if let Err(source) = self.remove_frontend(&fe, &mut report) {
-                    let svc = &self.installed[&fe].service;
-                    report.errors.push(ReconcileError {
-                        namespace: svc.namespace.clone(),
-                        name: svc.name.clone(),
-                        frontend: fe,
-                        source,
-                    });
-                }
+                self.remove_with_report(&fe, &mut report);
             }
             self.delete_orphans(&mut report);
         }
@@ -296,10 +353,13 @@ impl<D: Datapath> Reconciler<D> {
             self.dp.put_service(&frontend_key(fe, slot), &value)?;
             report.writes += 1;
             if i < inst.slots.len() {
-                inst.slots[i] = id;
+                let old = std::mem::replace(&mut inst.slots[i], id);
+                release(&mut self.refs, &mut self.unreferenced, old);
             } else {
                 inst.slots.push(id);
             }
+            *self.refs.entry(id).or_default() += 1;
+            self.unreferenced.remove(&id);
         }
         // 3. Meta, then the master: the count switches readers to the new slots.
         if !inst.complete || inst.service != want.service {
@@ -335,7 +395,9 @@ impl<D: Datapath> Reconciler<D> {
         while inst.slots.len() > keep {
             let slot = u16::try_from(inst.slots.len()).unwrap_or(u16::MAX);
             self.dp.delete_service(&frontend_key(fe, slot))?;
-            inst.slots.pop();
+            if let Some(id) = inst.slots.pop() {
+                release(&mut self.refs, &mut self.unreferenced, id);
+            }
             report.deletes += 1;
         }
         Ok(())
@@ -374,23 +436,18 @@ impl<D: Datapath> Reconciler<D> {
         self.next_backend_id += 1;
         self.backend_ids.insert((addr, proto), id);
         self.backends.insert(id, (addr, proto));
+        // Until a slot names it: a failed apply must not leak it.
+        self.unreferenced.insert(id);
         report.writes += 1;
         Ok(id)
     }
 
     fn delete_orphans(&mut self, report: &mut ApplyReport) {
-        let used: BTreeSet<u32> = self
-            .installed
-            .values()
-            .flat_map(|i| i.slots.iter().copied())
-            .collect();
-        let orphans: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !used.contains(id))
-            .copied()
-            .collect();
-        for id in orphans {
+        let candidates = std::mem::take(&mut self.unreferenced);
+        for id in candidates {
+            if self.refs.contains_key(&id) {
+                continue;
+            }
             match self.dp.delete_backend(id) {
                 Ok(()) => {
                     report.deletes += 1;
@@ -398,8 +455,22 @@ impl<D: Datapath> Reconciler<D> {
                         self.backend_ids.remove(&key);
                     }
                 }
-                Err(e) => report.other_errors.push(e),
+                Err(e) => {
+                    self.unreferenced.insert(id);
+                    report.other_errors.push(e);
+                }
             }
+        }
+    }
+}
+
+/// One slot stopped naming `id`.
+fn release(refs: &mut HashMap<u32, u32>, unreferenced: &mut BTreeSet<u32>, id: u32) {
+    if let Some(n) = refs.get_mut(&id) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&id);
+            unreferenced.insert(id);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{
 
 mod translate;
 
-pub use translate::{translate, translate_service};
+pub use translate::{port_field, translate, translate_service};
 
 /// L4 protocol of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

@@ -122,7 +122,8 @@ pub fn translate_service(
 
 /// The field of the service port a frontend came from. Later duplicates of a
 /// (port, protocol) were dropped, so the first match is the one that was used.
-fn port_field(svc: &Service, fe: &Frontend) -> String {
+/// (Also used by the API source for the same diagnostic, found incrementally.)
+pub fn port_field(svc: &Service, fe: &Frontend) -> String {
     let ports = svc
         .spec
         .as_ref()

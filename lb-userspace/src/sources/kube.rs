@@ -44,7 +44,7 @@ use crate::{
     model::{
         DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions,
         labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
-        translate_service,
+        port_field, translate_service,
     },
     reconciler::Prune,
 };
@@ -514,16 +514,22 @@ impl<D: Datapath> Driver<D> {
         } else {
             Prune::No
         };
+        // The first sync with complete stores may prune: a full pass, so
+        // whatever earlier partial syncs held back is brought in line.
+        let full = full || (prune == Prune::Yes && !self.complete);
         let started = Instant::now();
         let changes = changed.len();
-        let (desired, diags) = self.index.update(
+        let (update, diags) = self.index.update(
             &self.services,
             &self.slices,
             changed,
             full,
             self.syncer.options(),
         );
-        let stats = self.syncer.apply_desired(desired, diags, prune);
+        let stats = match update {
+            Update::Full(desired) => self.syncer.apply_desired(desired, diags, prune),
+            Update::Changes(changes) => self.syncer.apply_changes(changes, diags, prune),
+        };
         let written = Instant::now();
         self.syncs += 1;
         self.last_sync = Some(written);
@@ -579,6 +585,23 @@ struct Index {
     slice_owner: HashMap<Key, Key>,
     /// (namespace, service) → its slices' names.
     by_service: HashMap<Key, BTreeSet<String>>,
+    /// Every frontend → the services translating to it; the first in key
+    /// order serves it, as in a full translation.
+    claims: HashMap<Frontend, BTreeSet<Key>>,
+    /// Frontends with more than one claim (each loser is a diagnostic).
+    contested: BTreeSet<Frontend>,
+    /// Services whose translation reported problems.
+    with_diags: BTreeSet<Key>,
+    /// Slices without the service-name label (each is a diagnostic).
+    unlabeled: BTreeSet<Key>,
+}
+
+/// What one [`Index::update`] produced.
+enum Update {
+    /// Everything (a full pass): the reconciler diffs it against the maps.
+    Full(DesiredState),
+    /// Only the frontends that changed; `None`: no service serves it now.
+    Changes(BTreeMap<Frontend, Option<DesiredService>>),
 }
 
 #[derive(Debug)]
@@ -617,12 +640,16 @@ impl Index {
         changed: Vec<(Kind, Key)>,
         full: bool,
         opts: &TranslateOptions,
-    ) -> (DesiredState, BTreeSet<Diagnostic>) {
+    ) -> (Update, BTreeSet<Diagnostic>) {
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
         if full {
             self.slice_owner.clear();
             self.by_service.clear();
+            self.unlabeled.clear();
             for s in slices.state() {
+                if slice_service(&s).is_none() {
+                    self.unlabeled.insert((namespace_of(&*s), s.name_any()));
+                }
                 if let Some(owner) = slice_service(&s) {
                     let name = s.name_any();
                     self.by_service
@@ -647,9 +674,13 @@ impl Index {
                     }
                     Kind::EndpointSlices => {
                         // The store is the truth; the index follows it.
-                        let now = slices
-                            .get(&object_ref(&key))
-                            .and_then(|s| slice_service(&s));
+                        let stored = slices.get(&object_ref(&key));
+                        let now = stored.as_ref().and_then(|s| slice_service(s));
+                        if stored.is_some() && now.is_none() {
+                            self.unlabeled.insert(key.clone());
+                        } else {
+                            self.unlabeled.remove(&key);
+                        }
                         let old = self.slice_owner.get(&key).cloned();
                         if old != now {
                             if let Some(o) = &old
@@ -679,9 +710,27 @@ impl Index {
                 }
             }
         }
+        let mut touched: BTreeSet<Frontend> = BTreeSet::new();
         for key in dirty {
+            self.with_diags.remove(&key);
+            if let Some(old) = self.per_service.remove(&key) {
+                for (fe, _) in &old.frontends {
+                    touched.insert(*fe);
+                    if let Some(set) = self.claims.get_mut(fe) {
+                        set.remove(&key);
+                        match set.len() {
+                            0 => {
+                                self.claims.remove(fe);
+                            }
+                            1 => {
+                                self.contested.remove(fe);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
             let Some(svc) = services.get(&object_ref(&key)) else {
-                self.per_service.remove(&key);
                 continue;
             };
             let own: Vec<Arc<EndpointSlice>> = self
@@ -694,46 +743,88 @@ impl Index {
             let refs: Vec<&EndpointSlice> = own.iter().map(|s| &**s).collect();
             let mut diags = Vec::new();
             let frontends = translate_service(&svc, &refs, opts, &mut diags);
+            for (fe, _) in &frontends {
+                touched.insert(*fe);
+                let set = self.claims.entry(*fe).or_default();
+                set.insert(key.clone());
+                if set.len() > 1 {
+                    self.contested.insert(*fe);
+                }
+            }
+            if !diags.is_empty() {
+                self.with_diags.insert(key.clone());
+            }
             self.per_service
                 .insert(key, Translated { frontends, diags });
         }
-        self.assemble(slices)
+        let update = if full {
+            Update::Full(self.desired())
+        } else {
+            Update::Changes(
+                touched
+                    .into_iter()
+                    .map(|fe| (fe, self.served(&fe).cloned()))
+                    .collect(),
+            )
+        };
+        (update, self.diagnostics(services))
     }
 
-    fn assemble(&self, slices: &Store<EndpointSlice>) -> (DesiredState, BTreeSet<Diagnostic>) {
-        let mut diags = BTreeSet::new();
-        for s in slices.state() {
-            if slice_service(&s).is_none() {
+    /// What the service first in key order among those claiming `fe` wants.
+    fn served(&self, fe: &Frontend) -> Option<&DesiredService> {
+        let winner = self.claims.get(fe)?.first()?;
+        self.per_service[winner]
+            .frontends
+            .iter()
+            .find(|(f, _)| f == fe)
+            .map(|(_, want)| want)
+    }
+
+    fn desired(&self) -> DesiredState {
+        self.claims
+            .keys()
+            .filter_map(|fe| Some((*fe, self.served(fe)?.clone())))
+            .collect()
+    }
+
+    /// Every current problem: per-service ones, unlabeled slices and
+    /// frontends claimed twice. Only services with problems are visited.
+    fn diagnostics(&self, services: &Store<Service>) -> BTreeSet<Diagnostic> {
+        let mut diags: BTreeSet<Diagnostic> = self
+            .unlabeled
+            .iter()
+            .map(|(ns, name)| Diagnostic {
+                source: String::new(),
+                object: format!("EndpointSlice {ns}/{name}"),
+                field: "metadata.labels".to_owned(),
+                message: format!("missing label {SERVICE_NAME}; the slice is ignored"),
+            })
+            .collect();
+        for key in &self.with_diags {
+            diags.extend(self.per_service[key].diags.iter().cloned());
+        }
+        for fe in &self.contested {
+            let mut keys = self.claims[fe].iter();
+            let Some(winner) = keys.next() else {
+                continue;
+            };
+            for key in keys {
+                let field = services
+                    .get(&object_ref(key))
+                    .map(|svc| port_field(&svc, fe))
+                    .unwrap_or_default();
                 diags.insert(Diagnostic {
                     source: String::new(),
-                    object: format!("EndpointSlice {}/{}", namespace_of(&*s), s.name_any()),
-                    field: "metadata.labels".to_owned(),
-                    message: format!("missing label {SERVICE_NAME}; the slice is ignored"),
+                    object: format!("Service {}/{}", key.0, key.1),
+                    field,
+                    message: format!(
+                        "frontend {fe} is already served by Service {}/{}; skipped",
+                        winner.0, winner.1
+                    ),
                 });
             }
         }
-        let mut desired = DesiredState::new();
-        let mut owners: HashMap<Frontend, &Key> = HashMap::new();
-        for (key, t) in &self.per_service {
-            diags.extend(t.diags.iter().cloned());
-            for (fe, want) in &t.frontends {
-                if let Some(winner) = owners.get(fe) {
-                    diags.insert(Diagnostic {
-                        source: String::new(),
-                        object: format!("Service {}/{}", key.0, key.1),
-                        field: String::new(),
-                        message: format!(
-                            "frontend {fe} is already served by Service {}/{}; skipped",
-                            winner.0, winner.1
-                        ),
-                    });
-                    continue;
-                }
-                owners.insert(*fe, key);
-                desired.insert(*fe, want.clone());
-            }
-        }
-        (desired, diags)
+        diags
     }
 }
 

@@ -1,6 +1,10 @@
 //! The API source without HTTP: synthetic watcher events go into the real
 //! reflector stores and signals; the driver syncs a `MemoryDatapath`.
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use kube::runtime::watcher::Event;
 use serde_json::json;
@@ -460,6 +464,17 @@ async fn incremental_translation_equals_a_full_one() {
                 Kind::EndpointSlices,
                 Event::Delete(slice(&format!("x{}", next(10)), "s0", &[])),
             ),
+            3 if next(4) == 0 => {
+                // A slice that names no service: only a diagnostic.
+                let mut orphan = slice(&format!("x{}", next(10)), "s0", &[]);
+                orphan.metadata.labels = None;
+                feed(
+                    &mut f.slices,
+                    &f.signals,
+                    Kind::EndpointSlices,
+                    Event::Apply(orphan),
+                );
+            }
             5 if round % 50 == 49 => {
                 // A relist with whatever the stores hold plus one new service.
                 let mut all: Vec<Service> =
@@ -483,8 +498,19 @@ async fn incremental_translation_equals_a_full_one() {
             let services: Vec<Service> = d.services.state().iter().map(|s| (**s).clone()).collect();
             let slices: Vec<EndpointSlice> =
                 d.slices.state().iter().map(|s| (**s).clone()).collect();
-            let (want, _) =
+            let (want, want_diags) =
                 crate::model::translate(&services, &slices, &TranslateOptions::default());
+            let want_diags: BTreeSet<Diagnostic> = want_diags.into_iter().collect();
+            assert_eq!(d.syncer().diagnostics(), &want_diags, "round {round}");
+            // No backend outlives the last slot naming it.
+            let r = d.syncer().reconciler();
+            let used: BTreeSet<u32> = r
+                .installed()
+                .values()
+                .flat_map(|i| i.slots.iter().copied())
+                .collect();
+            let stored: BTreeSet<u32> = r.datapath().state.backends.keys().copied().collect();
+            assert_eq!(stored, used, "round {round}");
             let got: BTreeMap<Frontend, (String, Vec<std::net::IpAddr>)> = d
                 .syncer()
                 .reconciler()
@@ -503,5 +529,50 @@ async fn incremental_translation_equals_a_full_one() {
                 .collect();
             assert_eq!(got, want, "round {round}");
         }
+    }
+}
+
+/// Not a test: how long one EndpointSlice change takes to sync (translate,
+/// assemble, reconcile, in-memory writes) among N services × 10 endpoints.
+/// `cargo test --release -p lb-userspace --lib -- --ignored --nocapture sync_cost`
+#[tokio::test]
+#[ignore = "measurement"]
+async fn sync_cost_of_one_change_among_many_services() {
+    for n in [1_000u32, 10_000, 100_000] {
+        let (mut d, mut f) = driver_with(MemoryDatapath::default());
+        let ip = |i: u32| Ipv4Addr::from(0x0a60_0000 + i).to_string();
+        let ep = |i: u32, j: u32| Ipv4Addr::from(0x0af4_0000 + i * 16 + j).to_string();
+        let svcs = (0..n).map(|i| svc(&format!("s{i}"), &ip(i))).collect();
+        let slices = (0..n)
+            .map(|i| {
+                let eps: Vec<String> = (0..10).map(|j| ep(i, j)).collect();
+                let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
+                slice(&format!("s{i}-1"), &format!("s{i}"), &refs)
+            })
+            .collect();
+        list(&mut f.services, &f.signals, Kind::Services, svcs);
+        list(&mut f.slices, &f.signals, Kind::EndpointSlices, slices);
+        let t = std::time::Instant::now();
+        d.sync_now();
+        let cold = t.elapsed();
+        let mut times = Vec::new();
+        for k in 0..50u32 {
+            let eps: Vec<String> = (0..10 - (k % 2)).map(|j| ep(7, j)).collect();
+            let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
+            feed(
+                &mut f.slices,
+                &f.signals,
+                Kind::EndpointSlices,
+                Event::Apply(slice("s7-1", "s7", &refs)),
+            );
+            let t = std::time::Instant::now();
+            d.sync_now();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "N={n}: cold sync {cold:?}; one change: p50 {:?} p99 {:?}",
+            times[25], times[49]
+        );
     }
 }
