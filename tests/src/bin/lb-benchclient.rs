@@ -4,6 +4,15 @@
 //! (SO_LINGER {1, 0}) so TIME_WAIT never piles up, and has 1 s send and
 //! receive timeouts so a lost connect fails fast. Prints one JSON object.
 //!
+//! Other modes, one sample per iteration as well:
+//! - `bulk`: connect, write `--bytes` in 256 KiB writes, shut down the write
+//!   side, wait for the sink server's 8-byte count; `gbit_per_s` is the
+//!   median stream's goodput;
+//! - `udp`: one long-lived unconnected socket, `sendto()` 32 bytes and
+//!   `recvfrom()` the echo (every datagram takes the sendmsg/recvmsg hooks);
+//! - `udp-conn`: per transaction a new socket, `connect()`, send, receive,
+//!   close (a resolver's pattern: the connect hook once per socket).
+//!
 //! Targets: `--base IP --targets N --port P --pick random|first|last`
 //! connects to `base + i` for i in 0..N (a uniformly random i per
 //! connection, or the first / last). It joins `--cgroup` before `--netns`
@@ -31,12 +40,30 @@ struct Report {
     /// One serial client's rate: 10^6 / mean µs.
     conn_per_s: f64,
     elapsed_s: f64,
+    /// `bulk`: bytes per stream and the median stream's Gbit/s.
+    bytes: u64,
+    gbit_per_s: f64,
 }
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Connect,
     Crr,
+    Bulk,
+    Udp,
+    UdpConn,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Connect => "connect",
+            Mode::Crr => "crr",
+            Mode::Bulk => "bulk",
+            Mode::Udp => "udp",
+            Mode::UdpConn => "udp-conn",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -58,6 +85,8 @@ fn main() -> anyhow::Result<()> {
     let mut warmup: u64 = 2000;
     let mut iters: u64 = 20_000;
     let mut max_failures: u64 = 20;
+    let mut bytes: u64 = 1 << 30;
+    let mut seconds: Option<f64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -66,11 +95,17 @@ fn main() -> anyhow::Result<()> {
             "--cgroup" => cgroup = Some(val()?),
             "--cpu" => cpu = Some(val()?.parse()?),
             "--mode" => {
-                mode = match val()?.as_str() {
-                    "connect" => Mode::Connect,
-                    "crr" => Mode::Crr,
-                    m => bail!("unknown mode {m}"),
-                }
+                let m = val()?;
+                mode = [
+                    Mode::Connect,
+                    Mode::Crr,
+                    Mode::Bulk,
+                    Mode::Udp,
+                    Mode::UdpConn,
+                ]
+                .into_iter()
+                .find(|x| x.name() == m)
+                .with_context(|| format!("unknown mode {m}"))?;
             }
             "--pick" => {
                 pick = match val()?.as_str() {
@@ -86,6 +121,9 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => warmup = val()?.parse()?,
             "--iters" => iters = val()?.parse()?,
             "--max-failures" => max_failures = val()?.parse()?,
+            "--bytes" => bytes = val()?.parse()?,
+            // Stop measuring after this long (while a profiler watches).
+            "--seconds" => seconds = Some(val()?.parse()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -124,15 +162,38 @@ fn main() -> anyhow::Result<()> {
         };
         base + i
     };
-    let mut samples: Vec<u64> = Vec::with_capacity(iters as usize);
+    let mut samples: Vec<u64> = Vec::with_capacity(iters.min(1 << 24) as usize);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut failures = 0u64;
     let started = now_ns();
     let mut done = 0u64;
+    let mut bulk_buf = Vec::new();
+    if mode == Mode::Bulk {
+        bulk_buf = vec![0x5a_u8; 256 << 10];
+    }
+    // The long-lived socket of `udp` mode.
+    let udp_fd = if mode == Mode::Udp {
+        udp_socket().map_err(|e| anyhow::anyhow!("udp socket: errno {e}"))?
+    } else {
+        -1
+    };
+    let mut measure_start = None;
     while done < warmup + iters {
+        if done == warmup && measure_start.is_none() {
+            measure_start = Some(now_ns());
+        }
+        if let (Some(s), Some(limit)) = (measure_start, seconds)
+            && (now_ns() - s) as f64 / 1e9 >= limit
+        {
+            break;
+        }
         let ip = next_target();
         let t0 = now_ns();
-        let r = once(ip, port, mode);
+        let r = match mode {
+            Mode::Connect | Mode::Crr | Mode::UdpConn => once(ip, port, mode),
+            Mode::Bulk => bulk(ip, port, &bulk_buf, bytes),
+            Mode::Udp => udp_once(udp_fd, ip, port),
+        };
         let t1 = now_ns();
         match r {
             Ok(()) => {
@@ -164,12 +225,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1000.0
     };
+    let gbit_per_s = if mode == Mode::Bulk && !samples.is_empty() {
+        bytes as f64 * 8.0 / samples[samples.len() / 2] as f64
+    } else {
+        0.0
+    };
     let report = Report {
-        mode: match mode {
-            Mode::Connect => "connect",
-            Mode::Crr => "crr",
-        }
-        .into(),
+        mode: mode.name().into(),
         pick: match pick {
             Pick::Random => "random",
             Pick::First => "first",
@@ -189,6 +251,8 @@ fn main() -> anyhow::Result<()> {
         mean_us,
         conn_per_s: if mean_us > 0.0 { 1e6 / mean_us } else { 0.0 },
         elapsed_s,
+        bytes: if mode == Mode::Bulk { bytes } else { 0 },
+        gbit_per_s,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &report)?;
@@ -218,7 +282,12 @@ fn once(ip: u32, port: u16, mode: Mode) -> Result<(), i32> {
     // SAFETY: plain socket calls on an fd owned by this function, closed on
     // every path.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let ty = if mode == Mode::UdpConn {
+            libc::SOCK_DGRAM
+        } else {
+            libc::SOCK_STREAM
+        };
+        let fd = libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return Err(errno());
         }
@@ -275,7 +344,158 @@ fn once(ip: u32, port: u16, mode: Mode) -> Result<(), i32> {
                 }
             }
         }
+        if result.is_ok() && mode == Mode::UdpConn {
+            let b = [b'q'; UDP_PAYLOAD];
+            let mut r = [0u8; 64];
+            if libc::send(fd, b.as_ptr().cast(), b.len(), 0) != b.len() as isize {
+                result = Err(errno());
+            } else {
+                let n = libc::recv(fd, r.as_mut_ptr().cast(), r.len(), 0);
+                if n != b.len() as isize {
+                    result = Err(if n >= 0 { libc::EMSGSIZE } else { errno() });
+                }
+            }
+        }
         libc::close(fd);
         result
+    }
+}
+
+/// Bytes of a UDP request (and of its echo).
+const UDP_PAYLOAD: usize = 32;
+
+/// Sets the 1 s send and receive timeouts of the module doc.
+unsafe fn timeouts(fd: i32) {
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
+        // SAFETY: tv is a valid timeval for the call's duration.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as u32,
+            );
+        }
+    }
+}
+
+fn sockaddr(ip: u32, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: ip.to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// The long-lived socket of `udp` mode.
+fn udp_socket() -> Result<i32, i32> {
+    // SAFETY: plain socket call; the fd lives until the process exits.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        timeouts(fd);
+        Ok(fd)
+    }
+}
+
+/// One unconnected request/response on `fd`. A stale echo (from a request
+/// that timed out earlier) is skipped by its sequence number.
+fn udp_once(fd: i32, ip: u32, port: u16) -> Result<(), i32> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut b = [b'u'; UDP_PAYLOAD];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    let addr = sockaddr(ip, port);
+    // SAFETY: buffers and addresses outlive the calls.
+    unsafe {
+        let sent = libc::sendto(
+            fd,
+            b.as_ptr().cast(),
+            b.len(),
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        if sent != b.len() as isize {
+            return Err(errno());
+        }
+        let mut r = [0u8; 64];
+        loop {
+            let n = libc::recvfrom(
+                fd,
+                r.as_mut_ptr().cast(),
+                r.len(),
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            if n < 0 {
+                return Err(errno());
+            }
+            if n as usize == UDP_PAYLOAD && r[..8] == b[..8] {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One bulk stream: connect, write `total` bytes, half-close, and wait for
+/// the sink's count of what arrived.
+fn bulk(ip: u32, port: u16, buf: &[u8], total: u64) -> Result<(), i32> {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY: plain socket calls on an fd owned by this function, closed on
+    // every path.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(errno());
+        }
+        timeouts(fd);
+        let addr = sockaddr(ip, port);
+        let run = || -> Result<(), i32> {
+            if libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            ) != 0
+            {
+                return Err(errno());
+            }
+            let mut left = total;
+            while left > 0 {
+                let len = (buf.len() as u64).min(left) as usize;
+                let n = libc::write(fd, buf.as_ptr().cast(), len);
+                if n <= 0 {
+                    return Err(errno());
+                }
+                left -= n as u64;
+            }
+            libc::shutdown(fd, libc::SHUT_WR);
+            let mut got = [0u8; 8];
+            let mut have = 0;
+            while have < got.len() {
+                let n = libc::read(fd, got[have..].as_mut_ptr().cast(), got.len() - have);
+                if n <= 0 {
+                    return Err(if n == 0 { libc::ECONNRESET } else { errno() });
+                }
+                have += n as usize;
+            }
+            if u64::from_le_bytes(got) != total {
+                return Err(libc::EIO);
+            }
+            Ok(())
+        };
+        let r = run();
+        libc::close(fd);
+        r
     }
 }

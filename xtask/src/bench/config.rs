@@ -1,9 +1,14 @@
 //! The configurations every datapath is loaded with, for N services × 10
-//! endpoints: agent manifests, a kube-proxy iptables-mode ruleset and a
-//! kube-proxy nftables-mode ruleset. Service i has ClusterIP `VIP_BASE + i`,
-//! port 80/TCP; all services share the ten pod IPs 10.244.1.10-19:8080 (so
-//! every service is reachable), but rules and endpoints are still written
-//! per (service, endpoint), as kube-proxy and the EndpointSlice controller do.
+//! endpoints: agent manifests, the same objects as JSON for the fake API
+//! server, a kube-proxy iptables-mode ruleset and a kube-proxy nftables-mode
+//! ruleset, plus the partial updates kube-proxy would apply for one endpoint
+//! change. Service i has ClusterIP `VIP_BASE + i`, port 80/TCP; all services
+//! share the ten pod IPs 10.244.1.10-19:8080 (so every service is reachable),
+//! but rules and endpoints are still written per (service, endpoint), as
+//! kube-proxy and the EndpointSlice controller do. Service 0 alone also has
+//! a bulk port (5001/TCP → 8081) and a UDP port (53/UDP → 8053) for the
+//! throughput and UDP workloads, so per-service figures stay those of a
+//! one-port service.
 use std::{fmt::Write as _, fs, io::Write as _, net::Ipv4Addr, path::Path};
 
 /// ClusterIP of service 0; service i is `VIP_BASE + i` (inside 10.96.0.0/12
@@ -13,6 +18,12 @@ pub const SVC_PORT: u16 = 80;
 pub const POD_BASE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 pub const PODS: u32 = 10;
 pub const POD_PORT: u16 = 8080;
+/// Service 0's bulk-stream port and the server's sink behind it.
+pub const BULK_SVC_PORT: u16 = 5001;
+pub const BULK_POD_PORT: u16 = 8081;
+/// Service 0's UDP port and the server's echo behind it.
+pub const UDP_SVC_PORT: u16 = 53;
+pub const UDP_POD_PORT: u16 = 8053;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const NAMESPACE: &str = "bench";
 /// Services per manifest file (service 0 has a file of its own, the one the
@@ -27,6 +38,51 @@ pub fn pod(k: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(POD_BASE) + k)
 }
 
+/// One service port: (name, protocol, service port, pod port).
+#[derive(Clone, Copy)]
+pub struct Port {
+    pub name: &'static str,
+    pub proto: &'static str,
+    pub port: u16,
+    pub target: u16,
+}
+
+const HTTP: Port = Port {
+    name: "http",
+    proto: "TCP",
+    port: SVC_PORT,
+    target: POD_PORT,
+};
+const SERVICE0_PORTS: [Port; 3] = [
+    HTTP,
+    Port {
+        name: "bulk",
+        proto: "TCP",
+        port: BULK_SVC_PORT,
+        target: BULK_POD_PORT,
+    },
+    Port {
+        name: "dns",
+        proto: "UDP",
+        port: UDP_SVC_PORT,
+        target: UDP_POD_PORT,
+    },
+];
+
+/// The ports of service `i`.
+pub fn ports(i: u32) -> &'static [Port] {
+    if i == 0 {
+        &SERVICE0_PORTS
+    } else {
+        std::slice::from_ref(&HTTP)
+    }
+}
+
+/// Frontends (service ports) of `n` services.
+pub fn frontends(n: u32) -> u64 {
+    u64::from(n) + SERVICE0_PORTS.len() as u64 - 1
+}
+
 /// A selectorless Service with an explicit ClusterIP and its EndpointSlice.
 /// `not_ready`: endpoints (from the last) marked `ready: false`.
 pub fn service_yaml(i: u32, not_ready: u32) -> String {
@@ -39,11 +95,19 @@ metadata:
 spec:
   clusterIP: {vip}
   ports:
-  - name: http
-    port: {SVC_PORT}
-    protocol: TCP
-    targetPort: {POD_PORT}
----
+",
+        vip = vip(i)
+    );
+    for p in ports(i) {
+        let _ = write!(
+            y,
+            "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n",
+            p.name, p.port, p.proto, p.target
+        );
+    }
+    let _ = write!(
+        y,
+        "---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
@@ -53,13 +117,16 @@ metadata:
     kubernetes.io/service-name: svc-{i}
 addressType: IPv4
 ports:
-- name: http
-  port: {POD_PORT}
-  protocol: TCP
-endpoints:
-",
-        vip = vip(i)
+"
     );
+    for p in ports(i) {
+        let _ = write!(
+            y,
+            "- name: {}\n  port: {}\n  protocol: {}\n",
+            p.name, p.target, p.proto
+        );
+    }
+    y.push_str("endpoints:\n");
     for k in 0..PODS {
         let ready = k < PODS - not_ready;
         let _ = writeln!(
@@ -96,6 +163,65 @@ pub fn write_manifests(dir: &Path, n: u32) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// The Service and EndpointSlice of service `i` as API objects (JSON), the
+/// same content as [`service_yaml`].
+pub fn service_json(i: u32) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = ports(i)
+        .iter()
+        .map(|p| {
+            serde_json::json!({"name": p.name, "port": p.port, "protocol": p.proto,
+                               "targetPort": p.target})
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": NAMESPACE},
+        "spec": {"type": "ClusterIP", "clusterIP": vip(i).to_string(),
+                 "clusterIPs": [vip(i).to_string()], "ipFamilies": ["IPv4"],
+                 "ports": ports},
+    })
+}
+
+/// Service `i`'s EndpointSlice with its last `not_ready` endpoints not ready.
+pub fn slice_json(i: u32, not_ready: u32) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = ports(i)
+        .iter()
+        .map(|p| serde_json::json!({"name": p.name, "port": p.target, "protocol": p.proto}))
+        .collect();
+    let eps: Vec<serde_json::Value> = (0..PODS)
+        .map(|k| {
+            let ready = k < PODS - not_ready;
+            serde_json::json!({"addresses": [pod(k).to_string()],
+                               "conditions": {"ready": ready, "serving": ready,
+                                              "terminating": false}})
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-x"), "namespace": NAMESPACE,
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "ports": ports, "endpoints": eps,
+    })
+}
+
+/// Every object of `n` services as one JSON `List`, which `fake-apiserver`
+/// loads at start; returns its size in bytes.
+pub fn write_api_objects(path: &Path, n: u32) -> anyhow::Result<u64> {
+    let mut f = std::io::BufWriter::new(fs::File::create(path)?);
+    f.write_all(b"{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[\n")?;
+    for i in 0..n {
+        if i > 0 {
+            f.write_all(b",\n")?;
+        }
+        serde_json::to_writer(&mut f, &service_json(i))?;
+        f.write_all(b",\n")?;
+        serde_json::to_writer(&mut f, &slice_json(i, 0))?;
+    }
+    f.write_all(b"\n]}\n")?;
+    f.flush()?;
+    Ok(fs::metadata(path)?.len())
+}
+
 /// kube-proxy names chains after a base32 SHA-256 prefix; any stable
 /// 16-character hash of the same alphabet gives the kernel the same work.
 fn hash16(s: &str) -> String {
@@ -127,8 +253,129 @@ pub struct RulesetSize {
     pub bytes: u64,
 }
 
+/// kube-proxy's names for one service port.
+fn ipt_svc_name(i: u32, p: &Port) -> String {
+    format!("{NAMESPACE}/svc-{i}:{}", p.name)
+}
+
+fn ipt_svc_chain(i: u32, p: &Port) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        hash16(&format!("{}{}", ipt_svc_name(i, p), p.proto.to_lowercase()))
+    )
+}
+
+fn ipt_sep_chain(i: u32, p: &Port, k: u32) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        hash16(&format!(
+            "{}{}{}:{}",
+            ipt_svc_name(i, p),
+            p.proto.to_lowercase(),
+            pod(k),
+            p.target
+        ))
+    )
+}
+
+/// The always-rewritten top-level chains' rules; returns the rule count.
+fn ipt_top_rules(f: &mut impl std::io::Write, n: u32) -> anyhow::Result<u64> {
+    let mut rules = 0;
+    writeln!(f, "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000")?;
+    writeln!(
+        f,
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN"
+    )?;
+    writeln!(f, "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0")?;
+    writeln!(
+        f,
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+    )?;
+    rules += 4;
+    for i in 0..n {
+        for p in ports(i) {
+            let proto = p.proto.to_lowercase();
+            writeln!(
+                f,
+                "-A KUBE-SERVICES -d {}/32 -p {proto} -m comment --comment \"{} cluster IP\" -m {proto} --dport {} -j {}",
+                vip(i),
+                ipt_svc_name(i, p),
+                p.port,
+                ipt_svc_chain(i, p)
+            )?;
+            rules += 1;
+        }
+    }
+    writeln!(
+        f,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+    )?;
+    Ok(rules + 1)
+}
+
+/// One KUBE-SVC chain's rules over endpoints `0..eps`; returns the count.
+fn ipt_svc_rules(f: &mut impl std::io::Write, i: u32, p: &Port, eps: u32) -> anyhow::Result<u64> {
+    let sc = ipt_svc_chain(i, p);
+    let name = ipt_svc_name(i, p);
+    let proto = p.proto.to_lowercase();
+    writeln!(
+        f,
+        "-A {sc} -d {}/32 ! -s {CLUSTER_CIDR} -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j KUBE-MARK-MASQ",
+        vip(i),
+        p.port
+    )?;
+    for k in 0..eps {
+        let left = eps - k;
+        if left > 1 {
+            writeln!(
+                f,
+                "-A {sc} -m comment --comment \"{name} -> {}:{}\" -m statistic --mode random --probability {:.11} -j {}",
+                pod(k),
+                p.target,
+                1.0 / f64::from(left),
+                ipt_sep_chain(i, p, k)
+            )?;
+        } else {
+            writeln!(
+                f,
+                "-A {sc} -m comment --comment \"{name} -> {}:{}\" -j {}",
+                pod(k),
+                p.target,
+                ipt_sep_chain(i, p, k)
+            )?;
+        }
+    }
+    Ok(1 + u64::from(eps))
+}
+
+/// One KUBE-SEP chain's two rules (hairpin mark, DNAT).
+fn ipt_sep_rules(f: &mut impl std::io::Write, i: u32, p: &Port, k: u32) -> anyhow::Result<u64> {
+    let ep = ipt_sep_chain(i, p, k);
+    let name = ipt_svc_name(i, p);
+    let proto = p.proto.to_lowercase();
+    writeln!(
+        f,
+        "-A {ep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ",
+        pod(k)
+    )?;
+    writeln!(
+        f,
+        "-A {ep} -p {proto} -m comment --comment \"{name}\" -m {proto} -j DNAT --to-destination {}:{}",
+        pod(k),
+        p.target
+    )?;
+    Ok(2)
+}
+
+const IPT_TOP_CHAINS: [&str; 4] = [
+    "KUBE-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+];
+
 /// kube-proxy's iptables mode (nat table only, ClusterIP only): KUBE-SERVICES
-/// with one rule per service then the NodePort rule; per service a
+/// with one rule per service port then the NodePort rule; per service port a
 /// KUBE-SVC chain (masquerade mark for off-cluster sources, then
 /// `statistic --mode random` with probability 1/(10-k)); per endpoint a
 /// KUBE-SEP chain (hairpin mark, DNAT); KUBE-POSTROUTING masquerades marked
@@ -137,32 +384,21 @@ pub fn write_iptables(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
     let mut f = std::io::BufWriter::new(fs::File::create(path)?);
     let mut rules = 0u64;
     let mut chains = 8u64;
-    let svc_name = |i: u32| format!("{NAMESPACE}/svc-{i}:http");
-    let svc_chain = |i: u32| format!("KUBE-SVC-{}", hash16(&format!("{}tcp", svc_name(i))));
-    let sep_chain = |i: u32, k: u32| {
-        format!(
-            "KUBE-SEP-{}",
-            hash16(&format!("{}tcp{}:{POD_PORT}", svc_name(i), pod(k)))
-        )
-    };
     writeln!(f, "*nat")?;
     for c in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
         writeln!(f, ":{c} ACCEPT [0:0]")?;
     }
-    for c in [
-        "KUBE-SERVICES",
-        "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING",
-        "KUBE-MARK-MASQ",
-    ] {
+    for c in IPT_TOP_CHAINS {
         writeln!(f, ":{c} - [0:0]")?;
     }
     for i in 0..n {
-        writeln!(f, ":{} - [0:0]", svc_chain(i))?;
-        for k in 0..PODS {
-            writeln!(f, ":{} - [0:0]", sep_chain(i, k))?;
+        for p in ports(i) {
+            writeln!(f, ":{} - [0:0]", ipt_svc_chain(i, p))?;
+            for k in 0..PODS {
+                writeln!(f, ":{} - [0:0]", ipt_sep_chain(i, p, k))?;
+            }
+            chains += 1 + u64::from(PODS);
         }
-        chains += 1 + u64::from(PODS);
     }
     writeln!(
         f,
@@ -176,74 +412,14 @@ pub fn write_iptables(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
         f,
         "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"
     )?;
-    writeln!(f, "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000")?;
-    writeln!(
-        f,
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN"
-    )?;
-    writeln!(f, "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0")?;
-    writeln!(
-        f,
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
-    )?;
-    rules += 7;
+    rules += 3;
+    rules += ipt_top_rules(&mut f, n)?;
     for i in 0..n {
-        writeln!(
-            f,
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{} cluster IP\" -m tcp --dport {SVC_PORT} -j {}",
-            vip(i),
-            svc_name(i),
-            svc_chain(i)
-        )?;
-        rules += 1;
-    }
-    writeln!(
-        f,
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-    )?;
-    rules += 1;
-    for i in 0..n {
-        let sc = svc_chain(i);
-        let name = svc_name(i);
-        writeln!(
-            f,
-            "-A {sc} -d {}/32 ! -s {CLUSTER_CIDR} -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {SVC_PORT} -j KUBE-MARK-MASQ",
-            vip(i)
-        )?;
-        rules += 1;
-        for k in 0..PODS {
-            let left = PODS - k;
-            if left > 1 {
-                writeln!(
-                    f,
-                    "-A {sc} -m comment --comment \"{name} -> {}:{POD_PORT}\" -m statistic --mode random --probability {:.11} -j {}",
-                    pod(k),
-                    1.0 / f64::from(left),
-                    sep_chain(i, k)
-                )?;
-            } else {
-                writeln!(
-                    f,
-                    "-A {sc} -m comment --comment \"{name} -> {}:{POD_PORT}\" -j {}",
-                    pod(k),
-                    sep_chain(i, k)
-                )?;
+        for p in ports(i) {
+            rules += ipt_svc_rules(&mut f, i, p, PODS)?;
+            for k in 0..PODS {
+                rules += ipt_sep_rules(&mut f, i, p, k)?;
             }
-            rules += 1;
-        }
-        for k in 0..PODS {
-            let ep = sep_chain(i, k);
-            writeln!(
-                f,
-                "-A {ep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ",
-                pod(k)
-            )?;
-            writeln!(
-                f,
-                "-A {ep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {}:{POD_PORT}",
-                pod(k)
-            )?;
-            rules += 2;
         }
     }
     writeln!(f, "COMMIT")?;
@@ -255,16 +431,105 @@ pub fn write_iptables(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
     })
 }
 
+/// The partial sync kube-proxy's iptables mode (MinimizeIPTablesRestore, the
+/// default since 1.28) runs for one endpoint change of service 0's http
+/// port, for `iptables-restore --noflush`: the top-level chains rewritten in
+/// full (KUBE-SERVICES has a rule per service port, so this grows with N),
+/// the changed KUBE-SVC chain rewritten, and the last endpoint's KUBE-SEP
+/// chain deleted (`remove`) or created again.
+pub fn write_iptables_change(path: &Path, n: u32, remove: bool) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(fs::File::create(path)?);
+    let p = &HTTP;
+    let last = PODS - 1;
+    writeln!(f, "*nat")?;
+    for c in IPT_TOP_CHAINS {
+        writeln!(f, ":{c} - [0:0]")?;
+    }
+    writeln!(f, ":{} - [0:0]", ipt_svc_chain(0, p))?;
+    writeln!(f, ":{} - [0:0]", ipt_sep_chain(0, p, last))?;
+    ipt_top_rules(&mut f, n)?;
+    if remove {
+        ipt_svc_rules(&mut f, 0, p, PODS - 1)?;
+        writeln!(f, "-X {}", ipt_sep_chain(0, p, last))?;
+    } else {
+        ipt_svc_rules(&mut f, 0, p, PODS)?;
+        ipt_sep_rules(&mut f, 0, p, last)?;
+    }
+    writeln!(f, "COMMIT")?;
+    f.flush()?;
+    Ok(())
+}
+
+const NFT_TABLE: &str = "ip kube-proxy";
+
+fn nft_svc_chain(i: u32, p: &Port) -> String {
+    let svc = format!("{NAMESPACE}/svc-{i}/{}/{}", p.proto.to_lowercase(), p.name);
+    format!("service-{}-{svc}", &hash16(&svc)[..8])
+}
+
+fn nft_ep_chain(i: u32, p: &Port, k: u32) -> String {
+    let svc = format!("{NAMESPACE}/svc-{i}/{}/{}", p.proto.to_lowercase(), p.name);
+    format!(
+        "endpoint-{}-{svc}__{}/{}",
+        &hash16(&format!("{svc}{k}"))[..8],
+        pod(k),
+        p.target
+    )
+}
+
+/// A service chain's two rules over endpoints `0..eps`.
+fn nft_svc_rules(out: &mut String, i: u32, p: &Port, eps: u32) {
+    let t = NFT_TABLE;
+    let sc = nft_svc_chain(i, p);
+    let proto = p.proto.to_lowercase();
+    let _ = writeln!(
+        out,
+        "add rule {t} {sc} ip daddr {} {proto} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        vip(i),
+        p.port
+    );
+    let mut vmap = String::new();
+    for k in 0..eps {
+        if k > 0 {
+            vmap.push_str(", ");
+        }
+        let _ = write!(vmap, "{k} : goto {}", nft_ep_chain(i, p, k));
+    }
+    let _ = writeln!(
+        out,
+        "add rule {t} {sc} numgen random mod {eps} vmap {{ {vmap} }}"
+    );
+}
+
+/// An endpoint chain and its two rules (hairpin mark, DNAT).
+fn nft_ep(out: &mut String, i: u32, p: &Port, k: u32) {
+    let t = NFT_TABLE;
+    let ep = nft_ep_chain(i, p, k);
+    let _ = writeln!(out, "add chain {t} {ep}");
+    let _ = writeln!(
+        out,
+        "add rule {t} {ep} ip saddr {} jump mark-for-masquerade",
+        pod(k)
+    );
+    let _ = writeln!(
+        out,
+        "add rule {t} {ep} meta l4proto {} dnat to {}:{}",
+        p.proto.to_lowercase(),
+        pod(k),
+        p.target
+    );
+}
+
 /// kube-proxy's nftables mode (ClusterIP only): table `ip kube-proxy`, a
 /// `service-ips` verdict map keyed by `daddr . l4proto . dport` jumping to a
-/// per-service chain (masquerade mark, then `numgen random mod 10` into an
-/// anonymous vmap of endpoint chains: hairpin mark and DNAT). Written as
+/// per-service-port chain (masquerade mark, then `numgen random mod 10` into
+/// an anonymous vmap of endpoint chains: hairpin mark and DNAT). Written as
 /// `add` commands like kube-proxy's transaction, for one `nft -f`.
 pub fn write_nft(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
     let mut f = std::io::BufWriter::new(fs::File::create(path)?);
     let mut rules = 0u64;
     let mut chains = 0u64;
-    let t = "ip kube-proxy";
+    let t = NFT_TABLE;
     writeln!(f, "add table {t} {{ comment \"rules for kube-proxy\" ; }}")?;
     writeln!(
         f,
@@ -312,50 +577,25 @@ pub fn write_nft(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
     }
     let mut out = String::new();
     for i in 0..n {
-        let svc = format!("{}/svc-{i}/tcp/http", NAMESPACE);
-        let sc = format!("service-{}-{svc}", &hash16(&svc)[..8]);
-        let _ = writeln!(out, "add chain {t} {sc}");
-        chains += 1;
-        let _ = writeln!(
-            out,
-            "add rule {t} {sc} ip daddr {} tcp dport {SVC_PORT} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-            vip(i)
-        );
-        let mut vmap = String::new();
-        for k in 0..PODS {
-            let ep = format!(
-                "endpoint-{}-{svc}__{}/{POD_PORT}",
-                &hash16(&format!("{svc}{k}"))[..8],
-                pod(k)
-            );
-            let _ = writeln!(out, "add chain {t} {ep}");
-            let _ = writeln!(
-                out,
-                "add rule {t} {ep} ip saddr {} jump mark-for-masquerade",
-                pod(k)
-            );
-            let _ = writeln!(
-                out,
-                "add rule {t} {ep} meta l4proto tcp dnat to {}:{POD_PORT}",
-                pod(k)
-            );
+        for p in ports(i) {
+            let sc = nft_svc_chain(i, p);
+            let _ = writeln!(out, "add chain {t} {sc}");
             chains += 1;
-            rules += 2;
-            if k > 0 {
-                vmap.push_str(", ");
+            for k in 0..PODS {
+                nft_ep(&mut out, i, p, k);
+                chains += 1;
+                rules += 2;
             }
-            let _ = write!(vmap, "{k} : goto {ep}");
+            nft_svc_rules(&mut out, i, p, PODS);
+            rules += 2;
+            let _ = writeln!(
+                out,
+                "add element {t} service-ips {{ {} . {} . {} : goto {sc} }}",
+                vip(i),
+                p.proto.to_lowercase(),
+                p.port
+            );
         }
-        let _ = writeln!(
-            out,
-            "add rule {t} {sc} numgen random mod {PODS} vmap {{ {vmap} }}"
-        );
-        rules += 2;
-        let _ = writeln!(
-            out,
-            "add element {t} service-ips {{ {} . tcp . {SVC_PORT} : goto {sc} }}",
-            vip(i)
-        );
         if out.len() > 1 << 20 {
             f.write_all(out.as_bytes())?;
             out.clear();
@@ -368,4 +608,26 @@ pub fn write_nft(path: &Path, n: u32) -> anyhow::Result<RulesetSize> {
         chains,
         bytes: fs::metadata(path)?.len(),
     })
+}
+
+/// The transaction kube-proxy's nftables mode sends for one endpoint change
+/// of service 0's http port, for `nft -f`: the service chain flushed and
+/// rewritten; the last endpoint's chain flushed (kube-proxy deletes stale
+/// chains in a later sync) or filled again.
+pub fn write_nft_change(path: &Path, remove: bool) -> anyhow::Result<()> {
+    let t = NFT_TABLE;
+    let p = &HTTP;
+    let last = PODS - 1;
+    let mut out = format!("add table {t}\n");
+    let _ = writeln!(out, "flush chain {t} {}", nft_svc_chain(0, p));
+    if remove {
+        nft_svc_rules(&mut out, 0, p, PODS - 1);
+        let _ = writeln!(out, "flush chain {t} {}", nft_ep_chain(0, p, last));
+    } else {
+        let _ = writeln!(out, "flush chain {t} {}", nft_ep_chain(0, p, last));
+        nft_ep(&mut out, 0, p, last);
+        nft_svc_rules(&mut out, 0, p, PODS);
+    }
+    fs::write(path, out)?;
+    Ok(())
 }

@@ -42,6 +42,7 @@ pub struct Bins {
     pub agent: PathBuf,
     pub server: PathBuf,
     pub client: PathBuf,
+    pub apiserver: PathBuf,
 }
 
 /// What the client printed.
@@ -62,6 +63,11 @@ pub struct ClientResult {
     pub mean_us: f64,
     pub conn_per_s: f64,
     pub elapsed_s: f64,
+    /// `bulk` mode: bytes per stream and the median stream's Gbit/s.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub gbit_per_s: f64,
 }
 
 pub struct Lab {
@@ -102,9 +108,18 @@ impl Lab {
             )?;
         }
         lab.fresh_node()?;
+        let pods: Vec<String> = (0..config::PODS)
+            .map(|k| config::pod(k).to_string())
+            .collect();
         let mut child = Command::new(&lab.bins.server)
             .args(["--netns", &lab.server, "--cpu", "0", "--port"])
             .arg(config::POD_PORT.to_string())
+            .arg("--sink-port")
+            .arg(config::BULK_POD_PORT.to_string())
+            .arg("--udp-port")
+            .arg(config::UDP_POD_PORT.to_string())
+            .arg("--udp-addrs")
+            .arg(pods.join(","))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -188,13 +203,29 @@ impl Lab {
     }
 
     /// Runs `iptables-restore` / `nft -f` style `loader` on `file` inside
-    /// the node namespace; returns the wall time including process start.
-    pub fn load_rules(&self, loader: &[&str], file: &Path) -> anyhow::Result<Duration> {
+    /// the node namespace (and inside `memcg`, so the kernel memory the
+    /// ruleset takes is charged there); returns the wall time including
+    /// process start.
+    pub fn load_rules(
+        &self,
+        loader: &[&str],
+        file: &Path,
+        memcg: Option<&MemCgroup>,
+    ) -> anyhow::Result<Duration> {
         let f = fs::File::open(file)?;
+        let mut c = Command::new("sh");
+        c.arg("-c");
+        match memcg {
+            // The shell moves itself, then becomes the loader.
+            Some(m) => c.arg(format!(
+                "echo $$ > '{}' && exec ip netns exec \"$0\" \"$@\"",
+                m.dir.join("cgroup.procs").display()
+            )),
+            None => c.arg("exec ip netns exec \"$0\" \"$@\""),
+        };
+        c.arg(&self.node).args(loader);
         let started = Instant::now();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.node])
-            .args(loader)
+        let out = c
             .stdin(f)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -228,6 +259,7 @@ impl Lab {
         pick: &str,
         warmup: u64,
         iters: u64,
+        extra: &[String],
     ) -> anyhow::Result<ClientResult> {
         let mut c = Command::new(&self.bins.client);
         c.args(["--netns", &self.client]);
@@ -255,6 +287,7 @@ impl Lab {
             "--iters",
             &iters.to_string(),
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
         let out = c.output().context("running lb-benchclient")?;
@@ -320,9 +353,85 @@ pub fn cleanup_leftovers() {
             sys::remove_cgroup(&dir);
         }
     }
+    if let Some(root) = memcg_root() {
+        for dir in sys::children_with_prefix(&root, PREFIX) {
+            sys::remove_cgroup(&dir);
+        }
+    }
 }
 
-/// The real `lb-agent run --manifests`, with its own bpffs directory.
+/// Where memory cgroups can be made: the cgroup2 root if it delegates the
+/// memory controller to its children, else the cgroup v1 memory hierarchy.
+fn memcg_root() -> Option<PathBuf> {
+    let v2 = sys::cgroup2_root().ok()?;
+    if fs::read_to_string(v2.join("cgroup.subtree_control"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+    {
+        return Some(v2);
+    }
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory"))
+            .then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// A child memory cgroup of our own, to read the kernel memory charged to
+/// what ran in it (netfilter allocates rules with `GFP_KERNEL_ACCOUNT`, so
+/// a ruleset is charged to the cgroup of the process that loaded it).
+pub struct MemCgroup {
+    pub dir: PathBuf,
+    v2: bool,
+}
+
+impl MemCgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let root = memcg_root().context("no memory cgroup controller available")?;
+        let v2 = sys::cgroup2_root().is_ok_and(|r| r == root);
+        let dir = root.join(format!(
+            "{PREFIX}{}-mem-{name}",
+            std::process::id() % 100_000
+        ));
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir, v2 })
+    }
+
+    /// Kernel memory charged to the cgroup: `kernel` of memory.stat
+    /// (cgroup v2) or memory.kmem.usage_in_bytes (v1).
+    pub fn kernel_bytes(&self) -> Option<u64> {
+        if self.v2 {
+            fs::read_to_string(self.dir.join("memory.stat"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("kernel "))?
+                .trim()
+                .parse()
+                .ok()
+        } else {
+            fs::read_to_string(self.dir.join("memory.kmem.usage_in_bytes"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        }
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        sys::remove_cgroup(&self.dir);
+    }
+}
+
+/// Where the agent reads its objects from.
+pub enum Source<'a> {
+    Manifests(&'a Path),
+    /// The fake API server's URL.
+    Api(&'a str),
+}
+
+/// The real `lb-agent run`, with its own bpffs directory.
 pub struct AgentProc {
     pub bin: PathBuf,
     pub bpffs: PathBuf,
@@ -332,19 +441,29 @@ pub struct AgentProc {
     child: Option<Child>,
 }
 
-/// One "synced manifests" line of the agent's log.
+/// One sync line of the agent's log ("synced manifests", or in API mode
+/// "initial sync complete" and the per-sync debug line "synced").
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyncLine {
     pub frontends: u64,
     pub writes: u64,
     pub errors: u64,
     pub elapsed_ms: u64,
+    pub elapsed_us: u64,
 }
 
+/// The manifest source's line per sync.
+pub const MANIFEST_SYNC: &str = "synced manifests";
+/// The API source's line once both watches listed and the maps match.
+pub const API_INITIAL_SYNC: &str = "initial sync complete";
+/// The API source's debug line per sync (with `elapsed_us`).
+pub const API_SYNC: &str = "kube: synced ";
+
 impl AgentProc {
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         bin: &Path,
-        manifests: &Path,
+        source: Source<'_>,
         bpffs: &Path,
         cgroup: &Path,
         log: &Path,
@@ -352,18 +471,27 @@ impl AgentProc {
         max_backends: u32,
     ) -> anyhow::Result<Self> {
         let logf = fs::File::create(log)?;
+        let mut c = Command::new(bin);
+        c.arg("run");
+        match source {
+            Source::Manifests(dir) => {
+                c.arg("--manifests").arg(dir).env("RUST_LOG", "info");
+            }
+            Source::Api(url) => {
+                // No Node object exists: the zone lookup ends at once.
+                c.args(["--api-server", url, "--node-name", "bench-node"])
+                    .env("RUST_LOG", "info,lb_userspace::sources::kube=debug");
+            }
+        }
         let spawned = Instant::now();
-        let child = Command::new(bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+        let child = c
             .arg("--bpffs")
             .arg(bpffs)
             .arg("--cgroup")
             .arg(cgroup)
             .args(["--max-services", &max_services.to_string()])
             .args(["--max-backends", &max_backends.to_string()])
-            .env("RUST_LOG", "info")
+            .args(["--health-addr", "none"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -388,10 +516,11 @@ impl AgentProc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for the `nth` (1-based) "synced manifests" line; returns it and
-    /// the wall time since `since`.
-    pub fn wait_sync(
+    /// Waits for the `nth` (1-based) log line containing `pattern`; returns
+    /// it and the wall time since `since`.
+    pub fn wait_line(
         &mut self,
+        pattern: &str,
         nth: usize,
         since: Instant,
         timeout: Duration,
@@ -399,29 +528,39 @@ impl AgentProc {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log_text();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("synced manifests"))
-                .collect();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(pattern)).collect();
             if lines.len() >= nth {
                 return Ok((parse_sync(lines[nth - 1]), since.elapsed()));
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                bail!("lb-agent exited ({status}); its log:\n{log}");
+                bail!("lb-agent exited ({status}); its log:\n{}", tail(&log));
             }
             if Instant::now() > deadline {
-                bail!("lb-agent did not sync within {timeout:?}; its log:\n{log}");
+                bail!(
+                    "lb-agent did not log {pattern:?} within {timeout:?}; its log:\n{}",
+                    tail(&log)
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    pub fn syncs(&self) -> usize {
+    pub fn wait_sync(
+        &mut self,
+        nth: usize,
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<(SyncLine, Duration)> {
+        self.wait_line(MANIFEST_SYNC, nth, since, timeout)
+    }
+
+    /// Log lines containing `pattern` so far.
+    pub fn count_lines(&self, pattern: &str) -> usize {
         self.log_text()
             .lines()
-            .filter(|l| l.contains("synced manifests"))
+            .filter(|l| l.contains(pattern))
             .count()
     }
 
@@ -478,6 +617,140 @@ fn parse_sync(line: &str) -> SyncLine {
         writes: field("writes"),
         errors: field("errors"),
         elapsed_ms: field("elapsed_ms"),
+        elapsed_us: field("elapsed_us"),
+    }
+}
+
+/// The last lines of a log, for error messages.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The agent's last "endpointslice event to map write latency" line:
+/// (events, p50 µs, p99 µs, max µs), measured inside the agent from the
+/// watch event's arrival to the map write.
+pub fn agent_latency_line(log: &str) -> Option<(u64, u64, u64, u64)> {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("endpointslice event to map write latency"))?;
+    let field = |k: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    Some((
+        field("events")?,
+        field("p50_us")?,
+        field("p99_us")?,
+        field("max_us")?,
+    ))
+}
+
+/// `fake-apiserver` (tests/fake-apiserver) on a loopback port, holding the
+/// objects of one JSON file, driven through its stdin command protocol.
+pub struct ApiServerProc {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+    pub url: String,
+    /// Process start until it listened with every object loaded.
+    pub load_time: Duration,
+}
+
+impl ApiServerProc {
+    pub fn start(bin: &Path, objects: &Path) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg(objects)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdin = child.stdin.take().context("fake-apiserver stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("fake-apiserver stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("listening ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("fake-apiserver did not start: {line:?}");
+        };
+        if !url.starts_with("http://127.") {
+            bail!("fake-apiserver listens on {url}, not on loopback");
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            child,
+            stdin,
+            stdout,
+            load_time: started.elapsed(),
+        })
+    }
+
+    /// Sends `apply <json>`; returns when the line is written (the answer
+    /// is read by [`Self::answer`], so a caller can time the change first).
+    pub fn send_apply(&mut self, obj: &serde_json::Value) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let line = format!("apply {obj}\n");
+        self.stdin.write_all(line.as_bytes())?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// The answer to the last command: `ok <rv>` or an error.
+    pub fn answer(&mut self) -> anyhow::Result<String> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        match line.trim().strip_prefix("ok") {
+            Some(v) => Ok(v.trim().to_owned()),
+            None => bail!("fake-apiserver: {}", line.trim()),
+        }
+    }
+}
+
+impl Drop for ApiServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bpftool prog profile` of one program for `secs` seconds; its output, or
+/// why there is none (a VM without a PMU has no hardware counters).
+pub fn prog_profile(id: u64, secs: u32) -> String {
+    let pmu = Path::new("/sys/bus/event_source/devices/cpu").exists()
+        || Path::new("/sys/bus/event_source/devices/cpu_core").exists();
+    let note = if pmu {
+        String::new()
+    } else {
+        "This machine has no CPU PMU (no /sys/bus/event_source/devices/cpu: the VM exposes no hardware counters), so cycles, instructions and LLC misses cannot be counted here whatever bpftool does; bpf_stats' ns/call is the only per-call figure. ".to_owned()
+    };
+    let out = Command::new("bpftool")
+        .args(["prog", "profile", "id", &id.to_string(), "duration"])
+        .arg(secs.to_string())
+        .args(["cycles", "instructions", "llc_misses"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => {
+            let mut text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            if !err.is_empty() {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&err);
+            }
+            if !o.status.success() {
+                text = format!("bpftool prog profile failed ({}): {text}", o.status);
+            }
+            format!("{note}{text}")
+        }
+        Err(e) => format!("{note}bpftool prog profile could not run: {e}"),
     }
 }
 

@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: the socket-LB against direct pod connects and
 //! kube-proxy's iptables (nft-backed and legacy) and nftables datapaths, in
-//! one run, interleaved per round, plus the control plane at scale. Writes
+//! one run, interleaved per round (connect, TCP_CRR, a bulk stream, UDP
+//! request/response), plus the control plane at scale (cold programming and
+//! endpoint changes from the manifest source and from the fake API server,
+//! kube-proxy's full and partial ruleset loads, kernel and map memory). Writes
 //! `bench/results/{results.json,results.md,connect_p50.svg}` and
 //! `BENCHMARKS.md`. Method: `../shared/research/baseline-measurements.md`
 //! (routed client → node → server namespaces, node namespace re-created per
@@ -25,7 +28,7 @@ mod config;
 mod lab;
 mod report;
 
-use lab::{AgentProc, Bins, ClientResult, Lab, PinnedFd};
+use lab::{AgentProc, ApiServerProc, Bins, ClientResult, Lab, MemCgroup, PinnedFd, Source};
 
 /// Options of `cargo xtask bench`.
 #[derive(Clone, Debug)]
@@ -104,19 +107,78 @@ pub struct LoadRecord {
     pub map_bytes: BTreeMap<String, u64>,
     pub map_max_entries: BTreeMap<String, u64>,
     pub error: Option<String>,
+    /// Rulesets: kernel memory charged to the loader's memory cgroup after
+    /// the load (the rules, chains, sets; the loader itself has exited).
+    #[serde(default)]
+    pub kernel_bytes: Option<u64>,
 }
 
-/// One endpoint change (a manifest edit) until the map showed it.
+/// One endpoint change until the map showed it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChangeRecord {
     pub round: u32,
     pub n: u32,
-    /// Atomic rename of the edited file → master entry's count changed.
+    /// `manifests` (a file edit) or `api` (an EndpointSlice update through
+    /// the fake API server's watch).
+    #[serde(default = "manifests")]
+    pub source: String,
+    /// The change (atomic rename of the edited file, or the `apply` written
+    /// to the fake API server) → master entry's count changed.
     pub e2e_ms: f64,
-    /// The agent's elapsed_ms for that sync (re-read and parse of the whole
-    /// directory, translate, reconcile, map writes).
+    /// The agent's elapsed_ms for that sync (manifests: re-read and parse
+    /// of the whole directory, translate, reconcile, map writes).
+    pub sync_ms: u64,
+    /// API source: the agent's elapsed_us for that sync.
+    #[serde(default)]
+    pub sync_us: Option<u64>,
+    pub map_writes: u64,
+}
+
+fn manifests() -> String {
+    "manifests".into()
+}
+
+/// A cold start of the agent against the fake API server already holding
+/// N services × 10 endpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ApiLoadRecord {
+    pub round: u32,
+    pub n: u32,
+    /// fake-apiserver start until it served every object (not the agent's).
+    pub server_load_s: f64,
+    /// Agent spawn → its "initial sync complete" line (connect, list both
+    /// kinds page by page over HTTP, decode, translate, every map write).
+    pub wall_s: f64,
+    /// That first complete sync's own elapsed_ms (translate + map writes).
     pub sync_ms: u64,
     pub map_writes: u64,
+    pub frontends: u64,
+    pub agent_vm_hwm_kib: Option<u64>,
+    /// The agent's own event → map-write latency over this slot's changes:
+    /// (events, p50 µs, p99 µs, max µs).
+    pub agent_latency: Option<(u64, u64, u64, u64)>,
+    pub error: Option<String>,
+}
+
+/// One kube-proxy-style partial update (one endpoint removed or restored).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IncrementalRecord {
+    pub round: u32,
+    pub n: u32,
+    pub datapath: Dp,
+    pub remove: bool,
+    pub wall_s: f64,
+    pub error: Option<String>,
+}
+
+/// `bpftool prog profile` of connect4 while a random-service client ran.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub n: u32,
+    pub prog_id: u64,
+    pub output: String,
+    pub bpf_ns_per_call: Option<f64>,
+    pub client: Option<ClientResult>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -151,6 +213,12 @@ pub struct Results {
     pub runs: Vec<RunRecord>,
     pub loads: Vec<LoadRecord>,
     pub changes: Vec<ChangeRecord>,
+    #[serde(default)]
+    pub api_loads: Vec<ApiLoadRecord>,
+    #[serde(default)]
+    pub incrementals: Vec<IncrementalRecord>,
+    #[serde(default)]
+    pub profiles: Vec<ProfileRecord>,
     /// (N, kind) → size of the generated configuration.
     pub rulesets: Vec<(u32, String, config::RulesetSize)>,
     pub skipped: Vec<String>,
@@ -159,6 +227,9 @@ pub struct Results {
 
 /// Largest N whose nftables ruleset is loaded in every round.
 const NFT_EVERY_ROUND: u32 = 1000;
+
+/// Largest N whose API cold start runs in every round.
+const API_EVERY_ROUND: u32 = 10_000;
 
 struct Plan {
     ns: Vec<u32>,
@@ -169,6 +240,17 @@ struct Plan {
     nft_max: u32,
     ipt_max: u32,
     lb_max: u32,
+    /// Bulk streams per run and bytes per stream.
+    bulk_streams: u64,
+    bulk_bytes: u64,
+    /// UDP transactions per run.
+    udp_iters: u64,
+    /// Endpoint changes through the API watch per slot.
+    api_changes: u32,
+    /// Partial ruleset updates per ruleset slot (alternately remove, add).
+    incr_changes: u32,
+    /// N at which connect4 is profiled (round 1).
+    profile_n: Option<u32>,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -211,12 +293,17 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         "--package",
         "lb-tests",
         "--bins",
+        "--package",
+        "lb-fake-apiserver",
+        "--bin",
+        "fake-apiserver",
     ]))?;
     let dir = target.join("release");
     let bins = Bins {
         agent: dir.join("lb-agent"),
         server: dir.join("lb-benchserver"),
         client: dir.join("lb-benchclient"),
+        apiserver: dir.join("fake-apiserver"),
     };
     let plan = if opts.quick {
         Plan {
@@ -228,6 +315,12 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             nft_max: opts.nft_max.unwrap_or(1000),
             ipt_max: 10_000,
             lb_max: 100_000,
+            bulk_streams: 1,
+            bulk_bytes: 512 << 20,
+            udp_iters: 3000,
+            api_changes: 20,
+            incr_changes: 2,
+            profile_n: None,
         }
     } else {
         Plan {
@@ -242,8 +335,17 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             nft_max: opts.nft_max.unwrap_or(10_000),
             ipt_max: 10_000,
             lb_max: 100_000,
+            bulk_streams: 1,
+            bulk_bytes: 1 << 30,
+            udp_iters: 5000,
+            api_changes: 30,
+            incr_changes: 4,
+            profile_n: None,
         }
     };
+    // connect4 is profiled at the largest N up to 10,000 (the N).
+    let mut plan = plan;
+    plan.profile_n = plan.ns.iter().copied().filter(|&n| n <= 10_000).max();
 
     lab::cleanup_leftovers();
     let stats = BpfStatsGuard::enable()?;
@@ -322,9 +424,22 @@ fn bench(
                 bytes,
             },
         ));
+        let bytes = config::write_api_objects(&work.path().join(format!("api-{n}.json")), n)?;
+        results.rulesets.push((
+            n,
+            "api-objects".into(),
+            config::RulesetSize {
+                rules: u64::from(n) * 2,
+                chains: 0,
+                bytes,
+            },
+        ));
         if n <= plan.ipt_max {
             let s = config::write_iptables(&work.path().join(format!("ipt-{n}.rules")), n)?;
             results.rulesets.push((n, "iptables".into(), s));
+            for remove in [true, false] {
+                config::write_iptables_change(&ipt_change_file(work.path(), n, remove), n, remove)?;
+            }
         }
         if n <= plan.nft_max {
             let s = config::write_nft(&work.path().join(format!("nft-{n}.nft")), n)?;
@@ -350,6 +465,16 @@ fn bench(
                 "iptables (both backends) at N={n}: not loaded. iptables-restore of kube-proxy-shaped rulesets grows super-linearly here (12-18 s at 10,000 and 42-66 s at 20,000 in the baseline), so 100,000 would take many minutes per round"
             ));
         }
+    }
+    for &n in &plan.ns {
+        if n > API_EVERY_ROUND && plan.rounds > 1 {
+            results.skipped.push(format!(
+                "socket-LB from the fake API server at N={n}: cold start and endpoint changes measured in round 1 only, to keep the run's length reasonable"
+            ));
+        }
+    }
+    for remove in [true, false] {
+        config::write_nft_change(&nft_change_file(work.path(), remove), remove)?;
     }
     if !have_legacy {
         results
@@ -403,9 +528,136 @@ fn bench(
                         .push(format!("round {round}, N={n}, {}: {e:#}", dp.label()));
                 }
             }
+            check()?;
+            if n <= plan.lb_max && (n <= API_EVERY_ROUND || round == 1) {
+                println!(
+                    "bench: [{:>4.0} s] round {round}/{} N={n} socket-lb from the fake API server",
+                    t_run.elapsed().as_secs_f64(),
+                    plan.rounds,
+                );
+                if let Err(e) =
+                    api_slot(&lab, plan, results, work.path(), round, n, &mut rng, &check)
+                {
+                    if interrupted.load(Ordering::SeqCst) {
+                        return Err(e);
+                    }
+                    println!("bench: the API source at N={n} failed: {e:#}");
+                    results
+                        .notes
+                        .push(format!("round {round}, N={n}, socket-lb (API): {e:#}"));
+                }
+            }
         }
     }
     Ok(())
+}
+
+fn ipt_change_file(work: &Path, n: u32, remove: bool) -> PathBuf {
+    work.join(format!(
+        "ipt-{n}-{}.rules",
+        if remove { "remove" } else { "add" }
+    ))
+}
+
+fn nft_change_file(work: &Path, remove: bool) -> PathBuf {
+    work.join(format!(
+        "nft-change-{}.nft",
+        if remove { "remove" } else { "add" }
+    ))
+}
+
+fn lb_bpffs(tag: &str, round: u32, n: u32) -> PathBuf {
+    Path::new(lb_tests::BPFFS).join(format!(
+        "{}{}-{tag}r{round}-n{n}",
+        lab::PREFIX,
+        std::process::id() % 100_000
+    ))
+}
+
+/// Map sizes for N services: every frontend and slot, with headroom.
+fn max_services(n: u32) -> u32 {
+    (n * 11 + 1024).max(4096)
+}
+
+/// The control plane from the fake API server: the server is started with
+/// every object of N services already stored, then the agent starts cold
+/// (fresh bpffs directory) and is timed to its "initial sync complete"; then
+/// service 0's EndpointSlice is updated `api_changes` times through the
+/// server, each timed to the map write.
+#[allow(clippy::too_many_arguments)]
+fn api_slot(
+    lab: &Lab,
+    plan: &Plan,
+    results: &mut Results,
+    work: &Path,
+    round: u32,
+    n: u32,
+    rng: &mut report::Rng,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut api = ApiServerProc::start(&lab.bins.apiserver, &work.join(format!("api-{n}.json")))?;
+    let bpffs = lb_bpffs("api-", round, n);
+    let mut a = AgentProc::start(
+        &lab.bins.agent,
+        Source::Api(&api.url),
+        &bpffs,
+        &lab.cgroup,
+        &work.join(format!("agent-api-r{round}-n{n}.log")),
+        max_services(n),
+        1024,
+    )?;
+    let spawned = a.spawned;
+    let timeout = Duration::from_secs(60 + u64::from(n) / 500);
+    let mut rec = ApiLoadRecord {
+        round,
+        n,
+        server_load_s: api.load_time.as_secs_f64(),
+        ..ApiLoadRecord::default()
+    };
+    let r = (|| -> anyhow::Result<()> {
+        let (sync, wall) = a.wait_line(lab::API_INITIAL_SYNC, 1, spawned, timeout)?;
+        rec.wall_s = wall.as_secs_f64();
+        rec.sync_ms = sync.elapsed_ms;
+        rec.map_writes = sync.writes;
+        rec.frontends = sync.frontends;
+        rec.agent_vm_hwm_kib = a.vm_hwm_kib();
+        println!(
+            "bench:   API cold start {:.3} s (server held {n} services; first complete sync {} ms, {} writes)",
+            rec.wall_s, rec.sync_ms, rec.map_writes
+        );
+        if sync.frontends != config::frontends(n) || sync.errors != 0 {
+            bail!(
+                "agent synced {} frontends with {} errors, expected {} and 0",
+                sync.frontends,
+                sync.errors,
+                config::frontends(n)
+            );
+        }
+        // At 100,000 one sync takes about half a second.
+        let changes = if n >= 100_000 {
+            plan.api_changes.min(20)
+        } else {
+            plan.api_changes
+        };
+        endpoint_changes(
+            &mut a,
+            Some(&mut api),
+            work,
+            round,
+            n,
+            changes,
+            rng,
+            results,
+            check,
+        )
+    })();
+    rec.agent_vm_hwm_kib = a.vm_hwm_kib().or(rec.agent_vm_hwm_kib);
+    a.stop();
+    // SIGTERM made the agent log its latency figures once more.
+    rec.agent_latency = lab::agent_latency_line(&a.log_text());
+    rec.error = r.as_ref().err().map(|e| format!("{e:#}"));
+    results.api_loads.push(rec);
+    r
 }
 
 /// Loads `dp` into the fresh node (or starts the agent), runs its client
@@ -423,24 +675,21 @@ fn datapath_slot(
     check: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut agent = None;
-    let mut progs: Vec<u64> = Vec::new();
+    // Every attached program (id, name): connect4 for TCP and connected
+    // UDP, sendmsg4 for unconnected UDP.
+    let mut progs: Vec<(u64, String)> = Vec::new();
     match dp {
         Dp::Direct => {}
         Dp::SocketLb => {
-            let bpffs = Path::new(lb_tests::BPFFS).join(format!(
-                "{}{}-r{round}-n{n}",
-                lab::PREFIX,
-                std::process::id() % 100_000
-            ));
+            let bpffs = lb_bpffs("", round, n);
             let mdir = work.join(format!("manifests-{n}"));
-            let max_services = (n * 11 + 1024).max(4096);
             let mut a = AgentProc::start(
                 &lab.bins.agent,
-                &mdir,
+                Source::Manifests(&mdir),
                 &bpffs,
                 &lab.cgroup,
                 &work.join(format!("agent-r{round}-n{n}.log")),
-                max_services,
+                max_services(n),
                 1024,
             )?;
             let spawned = a.spawned;
@@ -457,20 +706,19 @@ fn datapath_slot(
                 map_bytes: BTreeMap::new(),
                 map_max_entries: BTreeMap::new(),
                 error: None,
+                kernel_bytes: None,
             };
-            if sync.frontends != u64::from(n) || sync.errors != 0 {
+            if sync.frontends != config::frontends(n) || sync.errors != 0 {
                 rec.error = Some(format!(
-                    "agent synced {} frontends with {} errors, expected {n} and 0",
-                    sync.frontends, sync.errors
+                    "agent synced {} frontends with {} errors, expected {} and 0",
+                    sync.frontends,
+                    sync.errors,
+                    config::frontends(n)
                 ));
             }
             let pinned = lab::pinned_programs(&bpffs);
-            progs = pinned
-                .iter()
-                .filter(|(_, name)| name.contains("connect4"))
-                .map(|(id, _)| *id)
-                .collect();
             let all: Vec<u64> = pinned.iter().map(|(id, _)| *id).collect();
+            progs = pinned;
             for (name, (bytes, max)) in lab::map_memory(&bpffs, &all) {
                 rec.map_bytes.insert(name.clone(), bytes);
                 rec.map_max_entries.insert(name, max);
@@ -480,7 +728,7 @@ fn datapath_slot(
             if let Some(e) = bad {
                 bail!("{e}");
             }
-            if progs.is_empty() {
+            if !progs.iter().any(|(_, name)| name.contains("connect4")) {
                 bail!(
                     "no connect4 program found behind the links pinned in {}",
                     bpffs.display()
@@ -500,7 +748,23 @@ fn datapath_slot(
                     work.join(format!("ipt-{n}.rules")),
                 ),
             };
-            let took = lab.load_rules(loader, &file);
+            // A memory cgroup of its own per load: what stays charged after
+            // the loader exits is the ruleset's kernel memory.
+            let memcg = MemCgroup::new(&format!("{}-r{round}-n{n}", dp.label()));
+            if let Err(e) = &memcg {
+                println!("bench:   no kernel-memory figure: {e:#}");
+            }
+            let memcg = memcg.ok();
+            let took = lab.load_rules(loader, &file, memcg.as_ref());
+            let kernel_bytes = memcg.as_ref().and_then(MemCgroup::kernel_bytes);
+            if let (Ok(t), Some(k)) = (&took, kernel_bytes) {
+                println!(
+                    "bench:   loaded in {:.3} s; kernel memory {:.1} MiB ({:.0} B per service)",
+                    t.as_secs_f64(),
+                    k as f64 / 1048576.0,
+                    k as f64 / f64::from(n)
+                );
+            }
             let rec = LoadRecord {
                 round,
                 n,
@@ -512,14 +776,22 @@ fn datapath_slot(
                 map_bytes: BTreeMap::new(),
                 map_max_entries: BTreeMap::new(),
                 error: took.as_ref().err().map(|e| format!("{e:#}")),
+                kernel_bytes,
             };
             results.loads.push(rec);
             took?;
         }
     }
-    // Client variants: (variant, mode). Direct has only pod IPs.
+    // Client variants: (variant, mode). Direct has only pod IPs. The bulk
+    // stream and UDP go to service 0's extra ports (`first`).
     let variants: &[(&str, &str)] = if dp == Dp::Direct {
-        &[("podIP", "connect"), ("podIP", "crr")]
+        &[
+            ("podIP", "connect"),
+            ("podIP", "crr"),
+            ("podIP", "bulk"),
+            ("podIP", "udp"),
+            ("podIP", "udp-conn"),
+        ]
     } else {
         &[
             ("random", "connect"),
@@ -527,69 +799,27 @@ fn datapath_slot(
             ("last", "connect"),
             ("podIP", "connect"),
             ("random", "crr"),
+            ("first", "bulk"),
+            ("podIP", "bulk"),
+            ("first", "udp"),
+            ("first", "udp-conn"),
         ]
     };
     for &(variant, mode) in variants {
         check()?;
-        lab.server_cpu(if mode == "crr" { lab::CLIENT_CPU } else { 0 })?;
-        let (base, targets, port, pick) = if variant == "podIP" {
-            (config::POD_BASE, config::PODS, config::POD_PORT, "random")
-        } else {
-            (config::VIP_BASE, n, config::SVC_PORT, variant)
-        };
-        let before: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
-        let in_cgroup = dp == Dp::SocketLb;
-        let r = lab.client(
-            in_cgroup,
-            mode,
-            base,
-            targets,
-            port,
-            pick,
-            plan.warmup,
-            plan.iters,
-        );
-        let after: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
-        let (mut dt, mut dc) = (0u64, 0u64);
-        for (b, a) in before.iter().zip(&after) {
-            dt += a.0.saturating_sub(b.0);
-            dc += a.1.saturating_sub(b.1);
-        }
-        let (result, error) = match r {
-            Ok(r) => {
-                let err = (r.failures > 0)
-                    .then(|| format!("{} failed connects: {:?}", r.failures, r.errors));
-                (Some(r), err)
-            }
-            Err(e) => (None, Some(format!("{e:#}"))),
-        };
-        if let Some(r) = &result {
-            println!(
-                "bench:   {variant:6} {mode:7} p50 {:7.1} µs  p99 {:7.1} µs  mean {:7.1} µs{}",
-                r.p50_us,
-                r.p99_us,
-                r.mean_us,
-                if dc > 0 {
-                    format!("  connect4 {:.0} ns/call", dt as f64 / dc as f64)
-                } else {
-                    String::new()
-                }
-            );
-        }
-        if let Some(e) = &error {
-            println!("bench:   {variant} {mode}: {e}");
-        }
-        results.runs.push(RunRecord {
-            round,
-            n,
-            datapath: dp,
-            variant: variant.into(),
-            mode: mode.into(),
-            result,
-            error,
-            bpf_ns_per_call: (dc > 0).then(|| dt as f64 / dc as f64),
-            bpf_calls: (dc > 0).then_some(dc),
-        });
+        let rec = client_run(lab, plan, round, n, dp, variant, mode, &progs, None);
+        results.runs.push(rec);
+    }
+    if dp == Dp::SocketLb
+        && round == 1
+        && plan.profile_n == Some(n)
+        && let Some((prog, _)) = progs.iter().find(|(_, name)| name.contains("connect4"))
+    {
+        check()?;
+        results.profiles.push(profile(lab, plan, round, n, *prog));
+    }
+    if matches!(dp, Dp::Nft | Dp::IptNft | Dp::IptLegacy) {
+        incremental(lab, plan, results, work, round, n, dp, check)?;
     }
     if let Some(mut a) = agent {
         let changes = if n >= 100_000 {
@@ -597,7 +827,7 @@ fn datapath_slot(
         } else {
             plan.changes
         };
-        let r = endpoint_changes(&mut a, work, round, n, changes, rng, results, check);
+        let r = endpoint_changes(&mut a, None, work, round, n, changes, rng, results, check);
         if let Some(rec) = results
             .loads
             .iter_mut()
@@ -617,12 +847,231 @@ fn datapath_slot(
     Ok(())
 }
 
+/// One client run of `mode` against `variant`'s targets, with the bpf_stats
+/// delta over it of the hook that mode takes (connect4, or sendmsg4 for
+/// unconnected UDP). `extra`: more client arguments.
+#[allow(clippy::too_many_arguments)]
+fn client_run(
+    lab: &Lab,
+    plan: &Plan,
+    round: u32,
+    n: u32,
+    dp: Dp,
+    variant: &str,
+    mode: &str,
+    progs: &[(u64, String)],
+    extra: Option<&[String]>,
+) -> RunRecord {
+    let hook = if mode == "udp" {
+        "sendmsg4"
+    } else {
+        "connect4"
+    };
+    let progs: Vec<u64> = progs
+        .iter()
+        .filter(|(_, name)| name.contains(hook))
+        .map(|(id, _)| *id)
+        .collect();
+    // The server shares the client's CPU for request/response over one
+    // connection each (as netperf TCP_CRR), and has the other one otherwise.
+    let _ = lab.server_cpu(if mode == "crr" { lab::CLIENT_CPU } else { 0 });
+    let (port, pod_port) = match mode {
+        "bulk" => (config::BULK_SVC_PORT, config::BULK_POD_PORT),
+        "udp" | "udp-conn" => (config::UDP_SVC_PORT, config::UDP_POD_PORT),
+        _ => (config::SVC_PORT, config::POD_PORT),
+    };
+    let (base, targets, port, pick) = if variant == "podIP" {
+        (config::POD_BASE, config::PODS, pod_port, "random")
+    } else {
+        (config::VIP_BASE, n, port, variant)
+    };
+    let (warmup, iters, mut args) = match mode {
+        "bulk" => (
+            0,
+            plan.bulk_streams,
+            vec!["--bytes".to_owned(), plan.bulk_bytes.to_string()],
+        ),
+        "udp" | "udp-conn" => (plan.warmup.min(1000), plan.udp_iters, Vec::new()),
+        _ => (plan.warmup, plan.iters, Vec::new()),
+    };
+    if let Some(e) = extra {
+        args.extend_from_slice(e);
+    }
+    let before: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
+    let in_cgroup = dp == Dp::SocketLb;
+    let r = lab.client(
+        in_cgroup, mode, base, targets, port, pick, warmup, iters, &args,
+    );
+    let after: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
+    let (mut dt, mut dc) = (0u64, 0u64);
+    for (b, a) in before.iter().zip(&after) {
+        dt += a.0.saturating_sub(b.0);
+        dc += a.1.saturating_sub(b.1);
+    }
+    let (result, error) = match r {
+        Ok(r) => {
+            let err = (r.failures > 0)
+                .then(|| format!("{} failed iterations: {:?}", r.failures, r.errors));
+            (Some(r), err)
+        }
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    if let Some(r) = &result {
+        let bpf = if dc > 0 {
+            format!("  {hook} {:.0} ns/call", dt as f64 / dc as f64)
+        } else {
+            String::new()
+        };
+        if mode == "bulk" {
+            println!(
+                "bench:   {variant:6} {mode:8} {:6.2} Gbit/s ({} × {} MiB)",
+                r.gbit_per_s,
+                r.iters,
+                r.bytes >> 20
+            );
+        } else {
+            println!(
+                "bench:   {variant:6} {mode:8} p50 {:7.1} µs  p99 {:7.1} µs  mean {:7.1} µs{bpf}",
+                r.p50_us, r.p99_us, r.mean_us,
+            );
+        }
+    }
+    if let Some(e) = &error {
+        println!("bench:   {variant} {mode}: {e}");
+    }
+    RunRecord {
+        round,
+        n,
+        datapath: dp,
+        variant: variant.into(),
+        mode: mode.into(),
+        result,
+        error,
+        bpf_ns_per_call: (dc > 0).then(|| dt as f64 / dc as f64),
+        bpf_calls: (dc > 0).then_some(dc),
+    }
+}
+
+/// Seconds `bpftool prog profile` samples connect4.
+pub const PROFILE_SECS: u32 = 5;
+
+/// `bpftool prog profile` of connect4 (cycles, instructions, LLC misses)
+/// while the random-service connect client runs; on a VM without a PMU the
+/// record says so and bpf_stats' ns/call is all there is.
+fn profile(lab: &Lab, plan: &Plan, round: u32, n: u32, prog: u64) -> ProfileRecord {
+    println!(
+        "bench:   profiling connect4 (prog {prog}) for {PROFILE_SECS} s under the random-service client"
+    );
+    let secs = f64::from(PROFILE_SECS) + 2.0;
+    let handle = std::thread::spawn(move || {
+        // Let the client get past its warm-up first.
+        std::thread::sleep(Duration::from_millis(700));
+        lab::prog_profile(prog, PROFILE_SECS)
+    });
+    // Bounded by time, not by count (the last --iters wins).
+    let extra = [
+        "--seconds".to_owned(),
+        secs.to_string(),
+        "--iters".to_owned(),
+        "100000000".to_owned(),
+    ];
+    let run = client_run(
+        lab,
+        plan,
+        round,
+        n,
+        Dp::SocketLb,
+        "random",
+        "connect",
+        &[(prog, "connect4".to_owned())],
+        Some(&extra),
+    );
+    let output = handle
+        .join()
+        .unwrap_or_else(|_| "the profiling thread panicked".into());
+    println!(
+        "bench:   profile: {}",
+        output.lines().next().unwrap_or("(no output)")
+    );
+    ProfileRecord {
+        n,
+        prog_id: prog,
+        output,
+        bpf_ns_per_call: run.bpf_ns_per_call,
+        client: run.result,
+    }
+}
+
+/// kube-proxy's way of applying one endpoint change to a loaded ruleset:
+/// `iptables-restore --noflush` of the changed chains plus the rewritten
+/// top-level chains, or one small `nft -f` transaction. Alternately removes
+/// and restores service 0's last endpoint, `incr_changes` times (an even
+/// count leaves the ruleset as loaded).
+#[allow(clippy::too_many_arguments)]
+fn incremental(
+    lab: &Lab,
+    plan: &Plan,
+    results: &mut Results,
+    work: &Path,
+    round: u32,
+    n: u32,
+    dp: Dp,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut took_all = Vec::new();
+    for j in 0..plan.incr_changes {
+        check()?;
+        let remove = j % 2 == 0;
+        let (loader, file): (&[&str], PathBuf) = match dp {
+            Dp::Nft => (&["nft", "-f", "-"], nft_change_file(work, remove)),
+            Dp::IptNft => (
+                &["iptables-nft-restore", "--noflush"],
+                ipt_change_file(work, n, remove),
+            ),
+            _ => (
+                &["iptables-legacy-restore", "--noflush"],
+                ipt_change_file(work, n, remove),
+            ),
+        };
+        let took = lab.load_rules(loader, &file, None);
+        if let Ok(t) = &took {
+            took_all.push(t.as_secs_f64());
+        }
+        let error = took.as_ref().err().map(|e| format!("{e:#}"));
+        results.incrementals.push(IncrementalRecord {
+            round,
+            n,
+            datapath: dp,
+            remove,
+            wall_s: took.as_ref().map_or(0.0, Duration::as_secs_f64),
+            error: error.clone(),
+        });
+        if let Some(e) = error {
+            bail!("partial update: {e}");
+        }
+    }
+    if !took_all.is_empty() {
+        println!(
+            "bench:   one endpoint change as kube-proxy applies it: {}",
+            took_all
+                .iter()
+                .map(|t| format!("{:.3} s", t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Marks service 0's last endpoint not ready (and ready again), timing each
-/// edit from the file's atomic rename until the master entry's count in
-/// LB_SERVICES changes, polled with bpf(2) every ~20 µs.
+/// change until the master entry's count in LB_SERVICES changes, polled
+/// with bpf(2) every ~20 µs. Without `api` the change is a manifest edit
+/// (timed from the file's atomic rename); with it, an EndpointSlice update
+/// through the fake API server (timed from writing the `apply` command).
 #[allow(clippy::too_many_arguments)]
 fn endpoint_changes(
     agent: &mut AgentProc,
+    mut api: Option<&mut ApiServerProc>,
     work: &Path,
     round: u32,
     n: u32,
@@ -644,13 +1093,28 @@ fn endpoint_changes(
         check()?;
         let not_ready = if j % 2 == 0 { 1 } else { 0 };
         let want = config::PODS - not_ready;
-        let syncs = agent.syncs();
-        // A random phase against the agent's 200 ms directory poll.
-        std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
-        let tmp = work.join("svc-0.yaml.tmp");
-        fs::write(&tmp, config::service_yaml(0, not_ready))?;
-        let t0 = Instant::now();
-        fs::rename(&tmp, mdir.join("svc-0.yaml"))?;
+        let pattern = if api.is_some() {
+            lab::API_SYNC
+        } else {
+            lab::MANIFEST_SYNC
+        };
+        let syncs = agent.count_lines(pattern);
+        let t0 = if let Some(api) = api.as_deref_mut() {
+            // Idle gaps, so every change is a sync of its own.
+            std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
+            let slice = config::slice_json(0, not_ready);
+            let t0 = Instant::now();
+            api.send_apply(&slice)?;
+            t0
+        } else {
+            // A random phase against the agent's 200 ms directory poll.
+            std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
+            let tmp = work.join("svc-0.yaml.tmp");
+            fs::write(&tmp, config::service_yaml(0, not_ready))?;
+            let t0 = Instant::now();
+            fs::rename(&tmp, mdir.join("svc-0.yaml"))?;
+            t0
+        };
         let e2e = loop {
             let v: Option<lb_common::ServiceValue> = map.lookup(&key);
             if v.is_some_and(|v| v.count == want) {
@@ -661,12 +1125,21 @@ fn endpoint_changes(
             }
             std::thread::sleep(Duration::from_micros(20));
         };
-        let (sync, _) = agent.wait_sync(syncs + 1, t0, timeout)?;
+        if let Some(api) = api.as_deref_mut() {
+            api.answer()?;
+        }
+        let (sync, _) = agent.wait_line(pattern, syncs + 1, t0, timeout)?;
         results.changes.push(ChangeRecord {
             round,
             n,
+            source: if api.is_some() { "api" } else { "manifests" }.into(),
             e2e_ms: e2e.as_secs_f64() * 1000.0,
-            sync_ms: sync.elapsed_ms,
+            sync_ms: if api.is_some() {
+                sync.elapsed_us / 1000
+            } else {
+                sync.elapsed_ms
+            },
+            sync_us: api.is_some().then_some(sync.elapsed_us),
             map_writes: sync.writes,
         });
     }
