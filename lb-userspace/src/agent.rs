@@ -143,11 +143,8 @@ impl<D: Datapath> Syncer<D> {
     ) -> SyncStats {
         self.report(diags);
         if prune == Prune::No {
-            // Sources still syncing: an empty backend list may only mean the
-            // slices have not arrived yet. Do not install a new frontend that
-            // would refuse connects; installed ones keep their backends anyway.
             let installed = self.reconciler.installed();
-            desired.retain(|fe, want| !want.backends.is_empty() || installed.contains_key(fe));
+            desired.retain(|fe, want| may_install_early(installed, fe, want));
         }
         let report = self.reconciler.apply(&desired, prune);
         self.finish(&report)
@@ -164,12 +161,11 @@ impl<D: Datapath> Syncer<D> {
     ) -> SyncStats {
         self.report(diags);
         if prune == Prune::No {
-            // As in `apply_desired`: nothing new that would refuse connects,
-            // and nothing removed, until the sources are complete.
+            // Nothing removed until the sources are complete either.
             let installed = self.reconciler.installed();
             changes.retain(|fe, want| {
                 want.as_ref()
-                    .is_some_and(|w| !w.backends.is_empty() || installed.contains_key(fe))
+                    .is_some_and(|w| may_install_early(installed, fe, w))
             });
         }
         let report = self.reconciler.apply_changes(&changes, prune);
@@ -206,6 +202,17 @@ impl<D: Datapath> Syncer<D> {
         }
         self.reported = now;
     }
+}
+
+/// While sources are still syncing, an empty backend list may only mean the
+/// slices have not arrived yet: a new frontend that would refuse connects
+/// waits; installed ones keep their backends anyway (no shrink before then).
+fn may_install_early(
+    installed: &BTreeMap<Frontend, crate::reconciler::Installed>,
+    fe: &Frontend,
+    want: &DesiredService,
+) -> bool {
+    !want.backends.is_empty() || installed.contains_key(fe)
 }
 
 /// Loads and attaches the programs (re-adopting pinned maps and state) and

@@ -186,19 +186,7 @@ impl<D: Datapath> Reconciler<D> {
         let mut report = ApplyReport::default();
         for (fe, want) in changes {
             match want {
-                Some(want) => {
-                    if self.up_to_date(fe, want) {
-                        continue;
-                    }
-                    if let Err(source) = self.apply_frontend(fe, want, prune, &mut report) {
-                        report.errors.push(ReconcileError {
-                            namespace: want.service.namespace.clone(),
-                            name: want.service.name.clone(),
-                            frontend: *fe,
-                            source,
-                        });
-                    }
-                }
+                Some(want) => self.apply_with_report(fe, want, prune, &mut report),
                 None if prune == Prune::Yes && self.installed.contains_key(fe) => {
                     self.remove_with_report(fe, &mut report);
                 }
@@ -209,6 +197,28 @@ impl<D: Datapath> Reconciler<D> {
             self.delete_orphans(&mut report);
         }
         report
+    }
+
+    /// One frontend to `want` unless the maps already hold it; a failure is
+    /// recorded and that frontend keeps what it had.
+    fn apply_with_report(
+        &mut self,
+        fe: &Frontend,
+        want: &DesiredService,
+        prune: Prune,
+        report: &mut ApplyReport,
+    ) {
+        if self.up_to_date(fe, want) {
+            return;
+        }
+        if let Err(source) = self.apply_frontend(fe, want, prune, report) {
+            report.errors.push(ReconcileError {
+                namespace: want.service.namespace.clone(),
+                name: want.service.name.clone(),
+                frontend: *fe,
+                source,
+            });
+        }
     }
 
     fn remove_with_report(&mut self, fe: &Frontend, report: &mut ApplyReport) {
@@ -227,17 +237,7 @@ impl<D: Datapath> Reconciler<D> {
     pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
         let mut report = ApplyReport::default();
         for (fe, want) in desired {
-            if self.up_to_date(fe, want) {
-                continue;
-            }
-            if let Err(source) = self.apply_frontend(fe, want, prune, &mut report) {
-                report.errors.push(ReconcileError {
-                    namespace: want.service.namespace.clone(),
-                    name: want.service.name.clone(),
-                    frontend: *fe,
-                    source,
-                });
-            }
+            self.apply_with_report(fe, want, prune, &mut report);
         }
         if prune == Prune::Yes {
             let gone: Vec<Frontend> = self
