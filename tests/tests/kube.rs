@@ -603,3 +603,86 @@ fn churn_of_ten_thousand_endpoint_changes_ends_exactly_in_sync() {
     let syncs: u64 = syncs.parse().unwrap_or(u64::MAX);
     assert!(syncs < CHURN_CHANGES as u64 / 5, "coalesced: {syncs} syncs");
 }
+
+/// A dual-stack Service as the API server stores it (two `clusterIPs`, an
+/// EndpointSlice per family): each ClusterIP balances over its own family's
+/// pods, and an IPv6 slice change reaches only the IPv6 frontend.
+#[test]
+fn a_dual_stack_service_from_the_api_uses_each_familys_slice() {
+    const VIP6: &str = "fd00:96::100:10";
+    let mut l = ApiLab::new();
+    let mut svc = service("web", VIP);
+    svc["spec"]["clusterIPs"] = json!([VIP, VIP6]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    svc["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+    l.api.apply("services", svc).unwrap();
+    l.api
+        .apply(
+            "endpointslices",
+            slice("web-v4", "web", &ready_pods(&[11, 12])),
+        )
+        .unwrap();
+    let v6 = |octets: &[u8]| -> Value {
+        let mut s = slice(
+            "web-v6",
+            "web",
+            &octets
+                .iter()
+                .map(|o| (lb_tests::pod_ip6(*o).to_string(), true, true, false))
+                .collect::<Vec<_>>(),
+        );
+        s["addressType"] = json!("IPv6");
+        s
+    };
+    l.api.apply("endpointslices", v6(&[13, 14])).unwrap();
+    l.start_agent();
+    let want = |octets: &[u8]| -> Vec<String> {
+        let mut v: Vec<String> = octets
+            .iter()
+            .map(|o| {
+                if *o < 13 {
+                    format!("{}:80", pod_ip(*o))
+                } else {
+                    format!("[{}]:80", lb_tests::pod_ip6(*o))
+                }
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let all = want(&[11, 12, 13, 14]);
+    l.lab
+        .agent
+        .wait_for("both families", SYNC, |d| {
+            let mut e = endpoints(d, "default", "web", 80);
+            e.sort();
+            e == all
+        })
+        .unwrap();
+    let v4 = l.connect(200);
+    assert_eq!(ApiLab::backends(&v4), ["pod-1", "pod-2"], "{v4:?}");
+    let through6 = |l: &ApiLab| {
+        l.lab
+            .client(&format!("[{VIP6}]:80"), &["--count", "200"])
+            .expect("client")
+    };
+    let r6 = through6(&l);
+    assert_eq!(r6.failed(), 0, "{r6:?}");
+    assert_eq!(ApiLab::backends(&r6), ["pod-3", "pod-4"], "{r6:?}");
+
+    // An IPv6-only change moves only the IPv6 frontend.
+    l.api.apply("endpointslices", v6(&[14])).unwrap();
+    let now = want(&[11, 12, 14]);
+    l.lab
+        .agent
+        .wait_for("IPv6 shrink", SYNC, |d| {
+            let mut e = endpoints(d, "default", "web", 80);
+            e.sort();
+            e == now
+        })
+        .unwrap();
+    let r6 = through6(&l);
+    assert_eq!(ApiLab::backends(&r6), ["pod-4"], "{r6:?}");
+    let v4 = l.connect(100);
+    assert_eq!(ApiLab::backends(&v4), ["pod-1", "pod-2"], "{v4:?}");
+}
