@@ -61,7 +61,7 @@ pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// Entries of the reverse map: one per (socket, backend) the programs
 /// translated, so roughly the node's live translated sockets. LRU maps are
-/// preallocated: 256 Ki entries cost about 29 MiB of kernel memory (Cilium's
+/// preallocated: 256 Ki entries cost about 30 MiB of kernel memory (Cilium's
 /// default for its `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 

@@ -90,6 +90,9 @@ struct RunArgs {
     /// Backend map entries: one per distinct backend address, port and protocol (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// Reverse-map entries (LRU, preallocated, about 120 B each): one per live translated socket and backend; an evicted entry shows that socket the backend's address in replies and getpeername (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
+    max_reverse: u32,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -158,6 +161,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         service_cidr,
         max_services,
         max_backends,
+        max_reverse,
         bpf_log,
         node_name,
         zone,
@@ -167,6 +171,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let sizes = MapSizes {
         max_services,
         max_backends,
+        max_reverse,
     };
     let translate = TranslateOptions {
         node_name,

@@ -370,7 +370,10 @@ fn multi_port_service_with_named_target_port_and_connected_udp() {
 fn a_full_map_is_an_error_and_a_counter_and_other_services_keep_working() {
     let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
     // back-end needs 4 service entries (master + 3 slots); `big` needs 11.
-    lab.agent.extra_args = vec!["--max-services".into(), "8".into()];
+    // The reverse map is sized on its own flag.
+    lab.agent.extra_args = ["--max-services", "8", "--max-reverse", "512"]
+        .map(String::from)
+        .to_vec();
     let addresses: String = (21..31)
         .map(|i| format!("  - addresses: [\"10.244.1.{i}\"]\n"))
         .collect();
@@ -410,6 +413,7 @@ endpoints:
         })
         .unwrap();
     assert_eq!(endpoints(&doc, "default", "back-end", 80).len(), 3);
+    assert_eq!(doc["reverseMap"]["maxEntries"], 512, "{doc}");
     // Never half-visible: big has no master entry, so the program does not
     // know it (and a client gets ENETUNREACH, not a partial service).
     assert!(service_ip(&doc, "default", "big").is_none(), "{doc}");

@@ -17,8 +17,7 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_REVERSE, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
-    config, maps, stats,
+    Backend, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue, config, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Result, Snapshot};
@@ -100,14 +99,9 @@ pub enum LoadError {
 pub struct MapSizes {
     pub max_services: u32,
     pub max_backends: u32,
-}
-
-impl MapSizes {
-    /// Entries of the LRU reverse map (`LB_REVERSE`). Fixed at
-    /// [`DEFAULT_MAX_REVERSE`] until the CLI grows a `--max-reverse` flag.
-    pub const fn max_reverse(&self) -> u32 {
-        DEFAULT_MAX_REVERSE
-    }
+    /// Entries of the LRU reverse map (`LB_REVERSE`): roughly the node's live
+    /// translated sockets. Preallocated, so each costs memory up front.
+    pub max_reverse: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -201,7 +195,7 @@ pub fn install(
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_services)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
-        .map_max_entries(maps::REVERSE, sizes.max_reverse())
+        .map_max_entries(maps::REVERSE, sizes.max_reverse)
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
