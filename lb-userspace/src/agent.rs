@@ -86,6 +86,9 @@ pub struct Syncer<D> {
     reconciler: Reconciler<D>,
     opts: TranslateOptions,
     reported: BTreeSet<Diagnostic>,
+    /// Frontends the last sync could not bring in line (a full map, a
+    /// refused write): a source that syncs only what changed retries them.
+    failed: BTreeSet<Frontend>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -94,11 +97,17 @@ impl<D: Datapath> Syncer<D> {
             reconciler,
             opts,
             reported: BTreeSet::new(),
+            failed: BTreeSet::new(),
         }
     }
 
     pub fn reconciler(&self) -> &Reconciler<D> {
         &self.reconciler
+    }
+
+    /// Frontends the last sync failed to write or remove.
+    pub fn failed(&self) -> &BTreeSet<Frontend> {
+        &self.failed
     }
 
     /// The problems currently reported (each logged once).
@@ -176,6 +185,7 @@ impl<D: Datapath> Syncer<D> {
         for e in &report.errors {
             error!("{e}");
         }
+        self.failed = report.errors.iter().map(|e| e.frontend).collect();
         for e in &report.other_errors {
             error!("{e}");
         }

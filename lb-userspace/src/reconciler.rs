@@ -140,11 +140,20 @@ impl<D: Datapath> Reconciler<D> {
             );
         }
         let next_svc_id = installed.values().map(|i| i.svc_id).max().unwrap_or(0) + 1;
-        let next_backend_id = snap.backends.keys().max().copied().unwrap_or(0) + 1;
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for id in installed.values().flat_map(|i| i.slots.iter()) {
             *refs.entry(*id).or_default() += 1;
         }
+        // Past every id in use, also ids a slot names without a backend
+        // entry: reusing one would repoint that slot at another pod.
+        let next_backend_id = snap
+            .backends
+            .keys()
+            .chain(refs.keys())
+            .max()
+            .copied()
+            .unwrap_or(0)
+            + 1;
         let unreferenced = backends
             .keys()
             .filter(|id| !refs.contains_key(id))
@@ -412,7 +421,10 @@ impl<D: Datapath> Reconciler<D> {
         self.dp.delete_service(&frontend_key(fe, 0))?;
         report.deletes += 1;
         if let Some(inst) = self.installed.get_mut(fe) {
+            // No master any more: if a later step fails and the frontend
+            // comes back, its master must be written again.
             inst.count = 0;
+            inst.complete = false;
         }
         self.trim_slots(fe, 0, report)?;
         if let Some(inst) = self.installed.remove(fe) {

@@ -334,3 +334,34 @@ fn slot_layout_keeps_positions() {
     assert_eq!(slot_layout(&[], &[5, 6]), vec![5, 6]);
     assert_eq!(slot_layout(&[1, 2], &[]), Vec::<u32>::new());
 }
+
+/// A slot naming a backend id that has no backend entry (left by another
+/// writer) keeps that id out of reuse: a new backend must not be given it.
+#[test]
+fn adoption_never_reuses_an_id_a_slot_still_names() {
+    let mut dp = MemoryDatapath::default();
+    let key = crate::datapath::frontend_key(&fe(1), 1);
+    dp.state.services.insert(
+        crate::datapath::frontend_key(&fe(1), 0),
+        ServiceValue {
+            backend_id: 0,
+            count: 1,
+            svc_id: 1,
+            flags: 0,
+        },
+    );
+    dp.state.services.insert(
+        key,
+        ServiceValue {
+            backend_id: 7,
+            count: 0,
+            svc_id: 1,
+            flags: 0,
+        },
+    );
+    let mut r = Reconciler::adopt(dp).unwrap();
+    r.apply(&desired(&[(fe(2), "other", vec![be(9, 80)])]), Prune::No);
+    let ids: Vec<u32> = r.datapath().state.backends.keys().copied().collect();
+    assert_eq!(ids.len(), 1);
+    assert!(ids[0] > 7, "new backend got id {}", ids[0]);
+}

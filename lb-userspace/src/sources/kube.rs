@@ -528,7 +528,16 @@ impl<D: Datapath> Driver<D> {
         );
         let stats = match update {
             Update::Full(desired) => self.syncer.apply_desired(desired, diags, prune),
-            Update::Changes(changes) => self.syncer.apply_changes(changes, diags, prune),
+            Update::Changes(mut changes) => {
+                // What the last sync failed to write (a full map that since
+                // got room, say) is tried again with whatever changed now.
+                for fe in self.syncer.failed().clone() {
+                    changes
+                        .entry(fe)
+                        .or_insert_with(|| self.index.served(&fe).cloned());
+                }
+                self.syncer.apply_changes(changes, diags, prune)
+            }
         };
         let written = Instant::now();
         self.syncs += 1;

@@ -426,6 +426,49 @@ fn selectors_are_kube_proxys() {
     );
 }
 
+/// A frontend that could not be written (the map was full) is tried again
+/// on the next sync, not only when its own objects change.
+#[tokio::test]
+async fn a_failed_frontend_is_retried_once_there_is_room() {
+    // Room for one service with two endpoints (master + 2 slots) and a bit.
+    let (mut d, mut f) = driver_with(MemoryDatapath::with_limits(4, 64));
+    list(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+    );
+    list(
+        &mut f.slices,
+        &f.signals,
+        Kind::EndpointSlices,
+        vec![
+            slice("a-1", "a", &["10.244.1.1", "10.244.1.2"]),
+            slice("b-1", "b", &["10.244.2.1", "10.244.2.2"]),
+        ],
+    );
+    d.sync_now();
+    assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2);
+    assert!(backends(&d, &fe("10.96.0.2")).is_empty(), "b did not fit");
+    assert!(d.syncer().failed().contains(&fe("10.96.0.2")));
+    // a goes: that event's sync frees the room and retries b.
+    feed(
+        &mut f.services,
+        &f.signals,
+        Kind::Services,
+        Event::Delete(svc("a", "10.96.0.1")),
+    );
+    d.sync_now();
+    assert!(
+        !d.syncer()
+            .reconciler()
+            .installed()
+            .contains_key(&fe("10.96.0.1"))
+    );
+    assert_eq!(backends(&d, &fe("10.96.0.2")).len(), 2);
+    assert!(d.syncer().failed().is_empty());
+}
+
 /// The incremental index gives exactly what a full translation of the
 /// stores gives, through slices moving between services, services coming and
 /// going, and relists.
