@@ -829,6 +829,18 @@ impl Lab {
 
     /// `lb-testclient` in the client namespace and, with `in_cgroup`, in the
     /// attached cgroup; callers add the mode (`--target …`, `--exec …`).
+    /// `lb-testclient --target` in the client namespace and cgroup; its full
+    /// JSON report (the `ClientReport` fields plus `peers`, `sources`,
+    /// `perSocket`, `probe`), for suites that assert on more than counts.
+    pub fn client_json(&self, target: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = run(self
+            .client_command(true)
+            .arg("--target")
+            .arg(target)
+            .args(args))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+    }
+
     pub fn client_command(&self, in_cgroup: bool) -> Command {
         let mut c = Command::new(&self.bins.client);
         c.arg("--netns").arg(&self.topo.client);
@@ -897,4 +909,15 @@ pub fn wait_client(child: Child) -> anyhow::Result<ClientReport> {
         bail!("lb-testclient failed: {}", out.status);
     }
     parse_report(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A JSON object of counts (`{"pod-1": 3}`) as sorted (key, count) pairs.
+pub fn counts(v: &serde_json::Value) -> Vec<(String, u64)> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -90,26 +90,12 @@ fn lab_with_services() -> (Lab, Ipv4Addr) {
     (lab, ip)
 }
 
-/// lb-testclient in the lab's client namespace and cgroup; its full JSON
-/// (ClientReport plus `peers`, `sources`, `perSocket`).
 fn client(lab: &Lab, target: &str, args: &[&str]) -> Value {
-    let out = run(lab
-        .client_command(true)
-        .arg("--target")
-        .arg(target)
-        .args(args))
-    .expect("lb-testclient");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    lab.client_json(target, args).expect("lb-testclient")
 }
 
 fn map_of(v: &Value) -> Vec<(String, u64)> {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
+    lb_tests::counts(v)
 }
 
 /// `bpftool map dump` of the pinned reverse map: its entries.
