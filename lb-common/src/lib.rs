@@ -65,6 +65,11 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// default for its `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 
+/// Backends one frontend can balance over: `slot` is 16 bits wide and slot 0
+/// is the master. The model caps a service's endpoints here (with a
+/// diagnostic) so no slot is ever written that the master cannot count.
+pub const MAX_SLOTS: u16 = u16::MAX;
+
 /// Key of the service map. `slot == 0` is the master entry of a frontend;
 /// slots `1..=count` point at backends.
 #[repr(C)]
