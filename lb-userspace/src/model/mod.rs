@@ -2,15 +2,21 @@
 //!
 //! Sources (manifest directory, API server) only collect objects; everything
 //! that decides *what* the maps should hold lives here, without I/O, so it is
-//! tested exhaustively with hand-built objects.
+//! tested exhaustively with hand-built objects. Objects enter as the slim
+//! types of [`input`], into the [`Index`], which keeps the translation per
+//! service and hands out what changed.
 use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
 };
 
+pub mod index;
+pub mod input;
 mod translate;
 
+pub use index::{Checkout, Index, IndexNamespaced};
+pub use input::{ServiceInfo, SliceInfo};
 pub use translate::{port_field, translate, translate_service};
 
 /// L4 protocol of a frontend.

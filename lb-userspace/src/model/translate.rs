@@ -1,134 +1,109 @@
 //! Services + EndpointSlices → desired frontends, with kube-proxy's rules
 //! (`pkg/proxy/endpointslicecache.go`, `pkg/proxy/topology.go`,
-//! `ShouldSkipService`).
+//! `ShouldSkipService`). The rules work on the slim types of
+//! [`super::input`]; [`super::Index`] runs them per service, and
+//! [`translate`] is "apply everything to a fresh index, check out".
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::Service,
-        discovery::v1::{Endpoint, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::MAX_SLOTS;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, Proto, SOURCE_ANNOTATION, ServiceRef,
-    ServiceType, TranslateOptions,
+    DesiredService, DesiredState, Diagnostic, Frontend, Index, Proto, ServiceRef, ServiceType,
+    TranslateOptions,
+    input::{Address, EndpointInfo, ServiceInfo, SliceInfo},
 };
 
 #[cfg(test)]
 mod tests;
 
-use super::labels::{
-    HEADLESS as HEADLESS_LABEL, SERVICE_NAME as SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME as PROXY_NAME_LABEL,
-};
-
-/// Pure: the same objects always give the same state, whatever their order.
+/// Pure: the same objects in the same order always give the same state.
 ///
-/// Services are visited in (namespace, name) order so that, when two claim
-/// the same frontend, the winner does not depend on input order.
+/// Objects are applied in input order, as a source would have seen them:
+/// when two Services claim one frontend, the one with the older
+/// `creationTimestamp` keeps it, then the one listed first (never the
+/// name). A Service listed twice is used once, the first time.
 pub fn translate(
     services: &[Service],
     slices: &[EndpointSlice],
     opts: &TranslateOptions,
 ) -> (DesiredState, Vec<Diagnostic>) {
-    let mut diags = Vec::new();
-
-    // Index once so each service finds its slices in O(1).
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    let mut unlabelled: Vec<&EndpointSlice> = Vec::new();
+    let mut index = Index::new(opts.clone());
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut duplicates: Vec<ServiceInfo> = Vec::new();
+    for svc in services {
+        let info = ServiceInfo::from(svc);
+        if seen.insert((info.namespace.clone(), info.name.clone())) {
+            index.apply_service(info);
+        } else {
+            duplicates.push(info);
+        }
+    }
+    duplicates.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut slice_keys: HashSet<(String, String)> = HashSet::new();
     for slice in slices {
-        match service_name_label(&slice.metadata) {
-            Some(svc) => by_service
-                .entry((namespace_of(&slice.metadata), svc))
-                .or_default()
-                .push(slice),
-            None => unlabelled.push(slice),
+        let info = SliceInfo::from(slice);
+        // As for Services, the first of two copies is used.
+        if slice_keys.insert((info.namespace.clone(), info.name.clone())) {
+            index.apply_slice(info);
         }
     }
-    // Sorted so that diagnostics come out in the same order whatever the input order.
-    unlabelled.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-    for slice in unlabelled {
-        diags.push(diag(
-            &slice.metadata,
-            "EndpointSlice",
-            "metadata.labels",
-            format!("missing label {SERVICE_NAME_LABEL}; the slice is ignored"),
-        ));
+    index.checkout();
+    let (mut diags, per_service) = index.diagnostics_grouped();
+    // A duplicate is reported right after its Service's own problems.
+    let mut duplicates = duplicates.into_iter().peekable();
+    for (key, group) in per_service {
+        while let Some(dup) = duplicates.next_if(|d| (&d.namespace, &d.name) < (&key.0, &key.1)) {
+            diags.push(duplicate(&dup));
+        }
+        diags.extend(group.iter().cloned());
+        while let Some(dup) = duplicates.next_if(|d| (&d.namespace, &d.name) == (&key.0, &key.1)) {
+            diags.push(duplicate(&dup));
+        }
     }
+    diags.extend(duplicates.map(|d| duplicate(&d)));
+    (index.desired(), diags)
+}
 
-    let mut ordered: Vec<&Service> = services.iter().collect();
-    ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-
-    let mut state = DesiredState::new();
-    // Frontend → the (namespace, name) that won it, for the loser's diagnostic.
-    let mut owners: HashMap<Frontend, (&str, &str)> = HashMap::new();
-    let mut seen: HashSet<(&str, &str)> = HashSet::new();
-    for svc in ordered {
-        let key = object_key(&svc.metadata);
-        if !seen.insert(key) {
-            diags.push(diag(
-                &svc.metadata,
-                "Service",
-                "",
-                "duplicate object with the same namespace and name; only the first is used"
-                    .to_owned(),
-            ));
-            continue;
-        }
-        let own = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        for (fe, desired) in translate_service(svc, own, opts, &mut diags) {
-            if let Some((wns, wname)) = owners.get(&fe) {
-                diags.push(diag(
-                    &svc.metadata,
-                    "Service",
-                    &port_field(svc, &fe),
-                    format!("frontend {fe} is already served by Service {wns}/{wname}; skipped"),
-                ));
-                continue;
-            }
-            owners.insert(fe, key);
-            state.insert(fe, desired);
-        }
-    }
-    (state, diags)
+fn duplicate(dup: &ServiceInfo) -> Diagnostic {
+    diag(
+        "Service",
+        &dup.namespace,
+        &dup.name,
+        &dup.source,
+        "",
+        "duplicate object with the same namespace and name; only the first is used".to_owned(),
+    )
 }
 
 /// One service's frontends, for incremental recomputation. `slices` should be
 /// this service's slices; any other slice is ignored. Frontends another
 /// service also claims are not resolved here: that needs the whole set
-/// (see [`translate`]).
+/// (see [`super::Index`]).
 pub fn translate_service(
     svc: &Service,
     slices: &[&EndpointSlice],
     opts: &TranslateOptions,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<(Frontend, DesiredService)> {
-    let ns = namespace_of(&svc.metadata);
-    let name = svc.metadata.name.as_deref().unwrap_or("");
-    let own: Vec<&EndpointSlice> = slices
+    let info = ServiceInfo::from(svc);
+    let mut own: Vec<SliceInfo> = slices
         .iter()
-        .copied()
-        .filter(|s| {
-            namespace_of(&s.metadata) == ns && service_name_label(&s.metadata) == Some(name)
-        })
+        .map(|s| SliceInfo::from(*s))
+        .filter(|s| s.namespace == info.namespace && s.service.as_deref() == Some(&info.name))
         .collect();
-    service_frontends(svc, &own, opts, diags)
+    own.sort_by(|a, b| a.name.cmp(&b.name));
+    let refs: Vec<&SliceInfo> = own.iter().collect();
+    service_frontends(&info, &refs, opts, diags)
 }
 
 /// The field of the service port a frontend came from. Later duplicates of a
 /// (port, protocol) were dropped, so the first match is the one that was used.
-/// (Also used by the API source for the same diagnostic, found incrementally.)
-pub fn port_field(svc: &Service, fe: &Frontend) -> String {
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or(&[]);
+pub fn port_field(svc: &ServiceInfo, fe: &Frontend) -> String {
+    let ports = svc.spec.as_ref().map_or(&[][..], |s| &s.ports[..]);
     ports
         .iter()
         .position(|p| {
@@ -147,35 +122,42 @@ struct PortSpec<'a> {
     name: &'a str,
 }
 
-/// An endpoint address with its conditions resolved (nil ready/serving count
-/// as true, nil terminating as false).
+/// An endpoint with a usable address.
 #[derive(Clone, Copy)]
 struct ParsedEndpoint<'a> {
     ip: IpAddr,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    ep: &'a Endpoint,
+    ep: &'a EndpointInfo,
 }
 
-/// One usable (IPv4 or IPv6) slice with its endpoints parsed once for all ports.
+/// One usable (IPv4 or IPv6) slice with its usable endpoints.
 struct ParsedSlice<'a> {
-    slice: &'a EndpointSlice,
+    slice: &'a SliceInfo,
     endpoints: Vec<ParsedEndpoint<'a>>,
 }
 
-fn service_frontends(
-    svc: &Service,
-    slices: &[&EndpointSlice],
+/// One service's frontends. `slices` are its own, sorted by name (the
+/// deduplication order).
+pub(super) fn service_frontends(
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
     opts: &TranslateOptions,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<(Frontend, DesiredService)> {
-    let meta = &svc.metadata;
+    let sdiag = |field: &str, message: String| {
+        diag(
+            "Service",
+            &svc.namespace,
+            &svc.name,
+            &svc.source,
+            field,
+            message,
+        )
+    };
     let Some(spec) = svc.spec.as_ref() else {
         // No spec means no clusterIP: headless, which kube-proxy skips silently.
         return Vec::new();
     };
-    if !is_served(meta, opts) {
+    if !is_served(svc, opts) {
         return Vec::new();
     }
     let svc_type = match spec.type_.as_deref() {
@@ -184,24 +166,20 @@ fn service_frontends(
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => return Vec::new(),
         Some(other) => {
-            diags.push(diag(
-                meta,
-                "Service",
+            diags.push(sdiag(
                 "spec.type",
                 format!("unknown type {other:?}; treated as ClusterIP"),
             ));
             ServiceType::ClusterIP
         }
     };
-    let Some(name) = meta.name.as_deref().filter(|n| !n.is_empty()) else {
-        diags.push(diag(
-            meta,
-            "Service",
+    if svc.name.is_empty() {
+        diags.push(sdiag(
             "metadata.name",
             "missing name; the service is ignored".to_owned(),
         ));
         return Vec::new();
-    };
+    }
 
     let ips = cluster_ips(svc, diags);
     if ips.is_empty() {
@@ -216,9 +194,7 @@ fn service_frontends(
         None | Some("Cluster") => false,
         Some("Local") => true,
         Some(other) => {
-            diags.push(diag(
-                meta,
-                "Service",
+            diags.push(sdiag(
                 "spec.internalTrafficPolicy",
                 format!("unknown policy {other:?}; using Cluster"),
             ));
@@ -227,7 +203,6 @@ fn service_frontends(
     };
 
     let parsed = parse_slices(slices, diags);
-    let ns = namespace_of(meta);
     let mut out = Vec::with_capacity(ips.len() * ports.len());
     for port in &ports {
         let endpoints = endpoints_for_port(&parsed, port);
@@ -249,19 +224,33 @@ fn service_frontends(
             } else {
                 &v6_backends
             };
+            let fe = Frontend {
+                addr: SocketAddr::new(*ip, port.port),
+                proto: port.proto,
+            };
+            let mut backends = backends.clone().unwrap_or_default();
+            if backends.len() > usize::from(MAX_SLOTS) {
+                // The datapath numbers slots with 16 bits; sorted, so the
+                // same endpoints are kept on every sync.
+                diags.push(sdiag(
+                    &format!("spec.ports[{}]", port.index),
+                    format!(
+                        "{} endpoints for {fe}; only the first {MAX_SLOTS} by address are used",
+                        backends.len()
+                    ),
+                ));
+                backends.truncate(usize::from(MAX_SLOTS));
+            }
             out.push((
-                Frontend {
-                    addr: SocketAddr::new(*ip, port.port),
-                    proto: port.proto,
-                },
+                fe,
                 DesiredService {
                     service: ServiceRef {
-                        namespace: ns.to_owned(),
-                        name: name.to_owned(),
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
                         port_name: port.name.to_owned(),
                         svc_type,
                     },
-                    backends: backends.clone().unwrap_or_default(),
+                    backends,
                 },
             ));
         }
@@ -271,21 +260,25 @@ fn service_frontends(
 
 /// kube-proxy's informer label selector: no headless label, and the proxy
 /// name label absent (default) or equal to ours.
-fn is_served(meta: &ObjectMeta, opts: &TranslateOptions) -> bool {
-    let labels = meta.labels.as_ref();
-    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-    if label(HEADLESS_LABEL).is_some() {
-        return false;
-    }
-    label(PROXY_NAME_LABEL) == opts.service_proxy_name.as_deref()
+fn is_served(svc: &ServiceInfo, opts: &TranslateOptions) -> bool {
+    !svc.headless_label && svc.proxy_name.as_deref() == opts.service_proxy_name.as_deref()
 }
 
 /// The ClusterIPs to serve, of both families. Empty for headless services
 /// (silently); bad ones are reported each.
-fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
-    let meta = &svc.metadata;
+fn cluster_ips(svc: &ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
+    };
+    let sdiag = |field: &str, message: String| {
+        diag(
+            "Service",
+            &svc.namespace,
+            &svc.name,
+            &svc.source,
+            field,
+            message,
+        )
     };
     let is_none = |s: &str| s.is_empty() || s == "None";
     // `clusterIPs` wins when set; `["None"]` there is just the headless marker.
@@ -305,27 +298,18 @@ fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
     for (field, raw) in list {
         match raw.parse::<IpAddr>() {
             // The maps keep IPv4 in this form: it would alias an IPv4 service.
-            Ok(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_some() => diags.push(diag(
-                meta,
-                "Service",
+            Ok(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_some() => diags.push(sdiag(
                 &field,
                 format!("{ip} is an IPv4-mapped address, not a ClusterIP; skipped"),
             )),
             Ok(ip) => {
                 if out.contains(&ip) {
-                    diags.push(diag(
-                        meta,
-                        "Service",
-                        &field,
-                        format!("duplicate ClusterIP {ip}; skipped"),
-                    ));
+                    diags.push(sdiag(&field, format!("duplicate ClusterIP {ip}; skipped")));
                 } else {
                     out.push(ip);
                 }
             }
-            Err(_) => diags.push(diag(
-                meta,
-                "Service",
+            Err(_) => diags.push(sdiag(
                 &field,
                 format!("{raw:?} is not an IP address; skipped"),
             )),
@@ -335,21 +319,24 @@ fn cluster_ips(svc: &Service, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
 }
 
 /// Valid, distinct (port, protocol) pairs; each bad one is reported and skipped.
-fn service_ports<'a>(svc: &'a Service, diags: &mut Vec<Diagnostic>) -> Vec<PortSpec<'a>> {
-    let meta = &svc.metadata;
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or(&[]);
+fn service_ports<'a>(svc: &'a ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<PortSpec<'a>> {
+    let ports = svc.spec.as_ref().map_or(&[][..], |s| &s.ports[..]);
+    let sdiag = |field: &str, message: String| {
+        diag(
+            "Service",
+            &svc.namespace,
+            &svc.name,
+            &svc.source,
+            field,
+            message,
+        )
+    };
     let mut out: Vec<PortSpec<'a>> = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
         let proto = match parse_proto(p.protocol.as_deref()) {
             Ok(proto) => Some(proto),
             Err(raw) => {
-                diags.push(diag(
-                    meta,
-                    "Service",
+                diags.push(sdiag(
                     &format!("spec.ports[{i}].protocol"),
                     format!("protocol {raw} is not supported (only TCP and UDP); port skipped"),
                 ));
@@ -359,9 +346,7 @@ fn service_ports<'a>(svc: &'a Service, diags: &mut Vec<Diagnostic>) -> Vec<PortS
         let number = match u16::try_from(p.port) {
             Ok(n) if n != 0 => Some(n),
             _ => {
-                diags.push(diag(
-                    meta,
-                    "Service",
+                diags.push(sdiag(
                     &format!("spec.ports[{i}].port"),
                     format!("port {} is outside 1-65535; skipped", p.port),
                 ));
@@ -372,9 +357,7 @@ fn service_ports<'a>(svc: &'a Service, diags: &mut Vec<Diagnostic>) -> Vec<PortS
             continue;
         };
         if let Some(first) = out.iter().find(|o| o.port == port && o.proto == proto) {
-            diags.push(diag(
-                meta,
-                "Service",
+            diags.push(sdiag(
                 &format!("spec.ports[{i}]"),
                 format!(
                     "{port}/{proto} is already defined by spec.ports[{}]; skipped",
@@ -387,14 +370,14 @@ fn service_ports<'a>(svc: &'a Service, diags: &mut Vec<Diagnostic>) -> Vec<PortS
             index: i,
             port,
             proto,
-            name: p.name.as_deref().unwrap_or(""),
+            name: &p.name,
         });
     }
     out
 }
 
 /// Kubernetes' default protocol is TCP; anything but TCP/UDP is returned as the error.
-fn parse_proto(raw: Option<&str>) -> Result<Proto, &str> {
+pub(super) fn parse_proto(raw: Option<&str>) -> Result<Proto, &str> {
     match raw {
         None | Some("TCP") => Ok(Proto::Tcp),
         Some("UDP") => Ok(Proto::Udp),
@@ -403,18 +386,11 @@ fn parse_proto(raw: Option<&str>) -> Result<Proto, &str> {
 }
 
 /// Keeps IPv4 and IPv6 slices (FQDN ones are for other consumers, as in
-/// kube-proxy), in namespace/name order so deduplication is deterministic.
-fn parse_slices<'a>(
-    slices: &[&'a EndpointSlice],
-    diags: &mut Vec<Diagnostic>,
-) -> Vec<ParsedSlice<'a>> {
-    let mut ip: Vec<&'a EndpointSlice> = slices
+/// kube-proxy), in the given (name) order so deduplication is deterministic.
+fn parse_slices<'a>(slices: &[&'a SliceInfo], diags: &mut Vec<Diagnostic>) -> Vec<ParsedSlice<'a>> {
+    slices
         .iter()
-        .copied()
-        .filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6")
-        .collect();
-    ip.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-    ip.into_iter()
+        .filter(|s| s.family.is_some())
         .map(|slice| ParsedSlice {
             slice,
             endpoints: parse_endpoints(slice, diags),
@@ -423,45 +399,34 @@ fn parse_slices<'a>(
 }
 
 fn parse_endpoints<'a>(
-    slice: &'a EndpointSlice,
+    slice: &'a SliceInfo,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<ParsedEndpoint<'a>> {
-    let meta = &slice.metadata;
+    let family = slice.family.map_or("", |f| f.as_str());
     let mut out = Vec::with_capacity(slice.endpoints.len());
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        // kube-proxy uses only the first address.
-        let Some(raw) = ep.addresses.first() else {
-            diags.push(diag(
-                meta,
+        let edig = |field: String, message: String| {
+            diag(
                 "EndpointSlice",
-                &format!("endpoints[{i}].addresses"),
+                &slice.namespace,
+                &slice.name,
+                &slice.source,
+                &field,
+                message,
+            )
+        };
+        match &ep.address {
+            Address::Ip(ip) => out.push(ParsedEndpoint { ip: *ip, ep }),
+            // kube-proxy uses only the first address.
+            Address::Missing => diags.push(edig(
+                format!("endpoints[{i}].addresses"),
                 "no address; endpoint skipped".to_owned(),
-            ));
-            continue;
-        };
-        // Each address must be of the slice's type; a v4-mapped IPv6 address
-        // would alias an IPv4 backend in the maps.
-        let ip = match (slice.address_type.as_str(), raw.parse::<IpAddr>()) {
-            ("IPv4", Ok(ip @ IpAddr::V4(_))) => ip,
-            ("IPv6", Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => IpAddr::V6(v6),
-            (family, _) => {
-                diags.push(diag(
-                    meta,
-                    "EndpointSlice",
-                    &format!("endpoints[{i}].addresses[0]"),
-                    format!("{raw:?} is not an {family} address; endpoint skipped"),
-                ));
-                continue;
-            }
-        };
-        let cond = ep.conditions.as_ref();
-        out.push(ParsedEndpoint {
-            ip,
-            ready: cond.and_then(|c| c.ready) != Some(false),
-            serving: cond.and_then(|c| c.serving) != Some(false),
-            terminating: cond.and_then(|c| c.terminating) == Some(true),
-            ep,
-        });
+            )),
+            Address::Invalid(raw) => diags.push(edig(
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{raw:?} is not an {family} address; endpoint skipped"),
+            )),
+        }
     }
     out
 }
@@ -482,7 +447,7 @@ fn endpoints_for_port<'a>(
             let addr = SocketAddr::new(ep.ip, number);
             let replace = out
                 .get(&addr)
-                .is_none_or(|existing| existing.terminating && !ep.terminating);
+                .is_none_or(|existing| existing.ep.terminating && !ep.ep.terminating);
             if replace {
                 out.insert(addr, *ep);
             }
@@ -493,18 +458,12 @@ fn endpoints_for_port<'a>(
 
 /// The slice's number for a service port, joined on (name, protocol).
 /// A nil, 0 or out-of-range number makes the slice port unusable.
-fn slice_port(slice: &EndpointSlice, port: &PortSpec<'_>) -> Option<u16> {
+fn slice_port(slice: &SliceInfo, port: &PortSpec<'_>) -> Option<u16> {
     slice
         .ports
-        .as_deref()?
         .iter()
-        .find(|p| {
-            p.name.as_deref().unwrap_or("") == port.name
-                && parse_proto(p.protocol.as_deref()) == Ok(port.proto)
-        })
+        .find(|p| p.name == port.name && p.proto == port.proto)
         .and_then(|p| p.port)
-        .and_then(|n| u16::try_from(n).ok())
-        .filter(|n| *n != 0)
 }
 
 /// kube-proxy's `CategorizeEndpoints`, for in-cluster (ClusterIP) traffic.
@@ -513,18 +472,18 @@ fn choose_backends(
     local_only: bool,
     opts: &TranslateOptions,
 ) -> Vec<SocketAddr> {
-    let pick = |f: &dyn Fn(&ParsedEndpoint<'_>) -> bool| -> Vec<SocketAddr> {
+    let pick = |f: &dyn Fn(&EndpointInfo) -> bool| -> Vec<SocketAddr> {
         endpoints
             .iter()
-            .filter(|(_, e)| f(e))
+            .filter(|(_, e)| f(e.ep))
             .map(|(a, _)| *a)
             .collect()
     };
-    let fallback = |e: &ParsedEndpoint<'_>| e.serving && e.terminating;
+    let fallback = |e: &EndpointInfo| e.serving && e.terminating;
 
     if local_only {
         let node = opts.node_name.as_deref();
-        let is_local = |e: &ParsedEndpoint<'_>| node.is_some() && e.ep.node_name.as_deref() == node;
+        let is_local = |e: &EndpointInfo| node.is_some() && e.node_name.as_deref() == node;
         let ready = pick(&|e| e.ready && is_local(e));
         if !ready.is_empty() {
             return ready;
@@ -534,8 +493,8 @@ fn choose_backends(
 
     let ready = match topology_filter(endpoints, opts) {
         None => pick(&|e| e.ready),
-        Some(Hint::Node(node)) => pick(&|e| e.ready && hinted_nodes(e).any(|n| n == node)),
-        Some(Hint::Zone(zone)) => pick(&|e| e.ready && hinted_zones(e).any(|z| z == zone)),
+        Some(Hint::Node(node)) => pick(&|e| e.ready && e.for_nodes.iter().any(|n| n == node)),
+        Some(Hint::Zone(zone)) => pick(&|e| e.ready && e.for_zones.iter().any(|z| z == zone)),
     };
     if !ready.is_empty() {
         return ready;
@@ -555,73 +514,40 @@ fn topology_filter<'o>(
     endpoints: &BTreeMap<SocketAddr, ParsedEndpoint<'_>>,
     opts: &'o TranslateOptions,
 ) -> Option<Hint<'o>> {
-    let ready: Vec<&ParsedEndpoint<'_>> = endpoints.values().filter(|e| e.ready).collect();
+    let ready: Vec<&EndpointInfo> = endpoints
+        .values()
+        .map(|e| e.ep)
+        .filter(|e| e.ready)
+        .collect();
     if ready.is_empty() {
         return None;
     }
     if let Some(node) = opts.node_name.as_deref() {
-        let all = ready.iter().all(|e| hinted_nodes(e).next().is_some());
-        if all && ready.iter().any(|e| hinted_nodes(e).any(|n| n == node)) {
+        let all = ready.iter().all(|e| !e.for_nodes.is_empty());
+        if all && ready.iter().any(|e| e.for_nodes.iter().any(|n| n == node)) {
             return Some(Hint::Node(node));
         }
     }
     if let Some(zone) = opts.zone.as_deref() {
-        let all = ready.iter().all(|e| hinted_zones(e).next().is_some());
-        if all && ready.iter().any(|e| hinted_zones(e).any(|z| z == zone)) {
+        let all = ready.iter().all(|e| !e.for_zones.is_empty());
+        if all && ready.iter().any(|e| e.for_zones.iter().any(|z| z == zone)) {
             return Some(Hint::Zone(zone));
         }
     }
     None
 }
 
-fn hinted_nodes<'a>(e: &ParsedEndpoint<'a>) -> impl Iterator<Item = &'a str> {
-    e.ep.hints
-        .as_ref()
-        .and_then(|h| h.for_nodes.as_deref())
-        .unwrap_or(&[])
-        .iter()
-        .map(|n| n.name.as_str())
-}
-
-fn hinted_zones<'a>(e: &ParsedEndpoint<'a>) -> impl Iterator<Item = &'a str> {
-    e.ep.hints
-        .as_ref()
-        .and_then(|h| h.for_zones.as_deref())
-        .unwrap_or(&[])
-        .iter()
-        .map(|z| z.name.as_str())
-}
-
-/// Objects without a namespace are taken as `default`, as kubectl would.
-fn namespace_of(meta: &ObjectMeta) -> &str {
-    meta.namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default")
-}
-
-fn object_key(meta: &ObjectMeta) -> (&str, &str) {
-    (namespace_of(meta), meta.name.as_deref().unwrap_or(""))
-}
-
-fn service_name_label(meta: &ObjectMeta) -> Option<&str> {
-    meta.labels
-        .as_ref()?
-        .get(SERVICE_NAME_LABEL)
-        .map(String::as_str)
-        .filter(|s| !s.is_empty())
-}
-
-fn diag(meta: &ObjectMeta, kind: &str, field: &str, message: String) -> Diagnostic {
-    let (ns, name) = object_key(meta);
+pub(super) fn diag(
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    source: &str,
+    field: &str,
+    message: String,
+) -> Diagnostic {
     Diagnostic {
-        source: meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SOURCE_ANNOTATION))
-            .cloned()
-            .unwrap_or_default(),
-        object: format!("{kind} {ns}/{name}"),
+        source: source.to_owned(),
+        object: format!("{kind} {namespace}/{name}"),
         field: field.to_owned(),
         message,
     }

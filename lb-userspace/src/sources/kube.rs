@@ -820,7 +820,7 @@ impl Index {
             for key in keys {
                 let field = services
                     .get(&object_ref(key))
-                    .map(|svc| port_field(&svc, fe))
+                    .map(|svc| port_field(&crate::model::ServiceInfo::from(&*svc), fe))
                     .unwrap_or_default();
                 diags.insert(Diagnostic {
                     source: String::new(),

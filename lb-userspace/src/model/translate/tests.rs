@@ -1381,8 +1381,11 @@ fn node_hints_are_all_or_nothing() {
 
 // ---------- conflicts and diagnostics ----------
 
+/// The API server never lets two Services hold one ClusterIP:port: the
+/// first one keeps it. Here "first" is the older creationTimestamp, then
+/// the order seen (the input order); the name plays no part.
 #[test]
-fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
+fn duplicate_frontend_across_services_first_seen_wins() {
     let a = svc(
         "default",
         "alpha",
@@ -1396,7 +1399,7 @@ fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
         json!([{"port": 80}, {"port": 82}]),
         json!({"metadata": {"annotations": {SOURCE_ANNOTATION: "b.yaml#0"}}}),
     );
-    let expected_state = state(vec![
+    let alpha_wins = state(vec![
         (
             fe("10.0.0.1", 80, Proto::Tcp),
             cip("default", "alpha", "", &[]),
@@ -1410,7 +1413,7 @@ fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
             cip("default", "beta", "", &[]),
         ),
     ]);
-    let expected_diags = vec![Diagnostic {
+    let beta_reported = vec![Diagnostic {
         source: "b.yaml#0".into(),
         object: "Service default/beta".into(),
         field: "spec.ports[0]".into(),
@@ -1418,10 +1421,42 @@ fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
             .into(),
     }];
     assert_eq!(
-        run(&[b.clone(), a.clone()], &[]),
-        (expected_state.clone(), expected_diags.clone())
+        run(&[a.clone(), b.clone()], &[]),
+        (alpha_wins.clone(), beta_reported.clone())
     );
-    assert_eq!(run(&[a, b], &[]), (expected_state, expected_diags));
+    // Seen the other way round, beta is first and keeps it.
+    let (st, diags) = run(&[b.clone(), a.clone()], &[]);
+    assert_eq!(
+        st[&fe("10.0.0.1", 80, Proto::Tcp)],
+        cip("default", "beta", "", &[])
+    );
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/alpha",
+            "spec.ports[0]",
+            "frontend 10.0.0.1:80/TCP is already served by Service default/beta; skipped"
+        )]
+    );
+    // An older creationTimestamp wins whatever the order; one without a
+    // timestamp counts as younger than any with one.
+    let created = |s: &Service, t: &str| {
+        let mut s = s.clone();
+        s.metadata.creation_timestamp = Some(serde_json::from_value(json!(t)).unwrap());
+        s
+    };
+    let a_old = created(&a, "2026-01-01T00:00:00Z");
+    let b_new = created(&b, "2026-06-01T00:00:00Z");
+    for input in [
+        [b_new.clone(), a_old.clone()],
+        [a_old.clone(), b_new.clone()],
+    ] {
+        assert_eq!(
+            run(&input, &[]),
+            (alpha_wins.clone(), beta_reported.clone())
+        );
+    }
+    assert_eq!(run(&[b, a_old], &[]), (alpha_wins, beta_reported));
 }
 
 #[test]
@@ -1732,16 +1767,24 @@ fn degenerate_objects_do_not_panic() {
 // ---------- determinism, incremental core, scale ----------
 
 #[test]
-fn result_does_not_depend_on_input_order() {
+fn result_does_not_depend_on_input_order_with_creation_times() {
+    // Creation times decide the clash (without them, the order seen would).
     let services = vec![
         svc("b", "web", "10.0.0.2", tcp(80)),
-        svc(
+        svc_with(
             "a",
             "web",
             "10.0.0.1",
             json!([{"name": "x", "port": 80}, {"name": "y", "port": 81}]),
+            json!({"metadata": {"creationTimestamp": "2026-02-01T00:00:00Z"}}),
         ),
-        svc("a", "clash", "10.0.0.1", json!([{"name": "x", "port": 80}])),
+        svc_with(
+            "a",
+            "clash",
+            "10.0.0.1",
+            json!([{"name": "x", "port": 80}]),
+            json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}}),
+        ),
     ];
     let slices = vec![
         slice(
@@ -1772,7 +1815,7 @@ fn result_does_not_depend_on_input_order() {
     let mut rsl = slices.clone();
     rsl.reverse();
     assert_eq!(run(&rs, &rsl), forward);
-    // "a/clash" sorts before "a/web" and so wins 10.0.0.1:80.
+    // "a/clash" is older than "a/web" and so wins 10.0.0.1:80.
     assert_eq!(
         forward.0[&fe("10.0.0.1", 80, Proto::Tcp)],
         cip("a", "clash", "x", &[])

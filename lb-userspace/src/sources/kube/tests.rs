@@ -538,7 +538,11 @@ async fn incremental_translation_equals_a_full_one() {
         }
         if next(3) == 0 {
             d.sync_now();
-            let services: Vec<Service> = d.services.state().iter().map(|s| (**s).clone()).collect();
+            let mut services: Vec<Service> =
+                d.services.state().iter().map(|s| (**s).clone()).collect();
+            // This source's own index still lets the first by name win a
+            // contested frontend (until it feeds the model's index).
+            services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
             let slices: Vec<EndpointSlice> =
                 d.slices.state().iter().map(|s| (**s).clone()).collect();
             let (want, want_diags) =

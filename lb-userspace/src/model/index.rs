@@ -1,0 +1,478 @@
+//! The translation, kept per service and updated object by object: the
+//! shape of kubert's `IndexNamespacedResource` and linkerd's policy index
+//! (`apply(object)`, `delete(namespace, name)` per kind), with kube-proxy's
+//! change tracking (updates that change nothing are dropped; a check-out
+//! hands over only the frontends whose desired state changed).
+//!
+//! Pure: no I/O, no clock. Both sources feed it; [`super::translate`] is a
+//! fresh index with everything applied, checked out once.
+//!
+//! Conflicts are resolved as the API server would have: of two Services
+//! claiming one frontend, the one with the older `creationTimestamp` keeps
+//! it, then the one seen first. A Service without a timestamp counts as
+//! younger than any with one (only hand-written manifests lack it). Across
+//! restarts "seen first" is recovered from the maps ([`Index::seed`]).
+use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::{
+    DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions,
+    input::{ServiceInfo, SliceInfo},
+    labels::SERVICE_NAME,
+    translate::{diag, port_field, service_frontends},
+};
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+/// kubert's seam: one `apply` and one `delete` per kind.
+pub trait IndexNamespaced<T> {
+    /// Records the object's current state; `true` if anything changed.
+    fn apply(&mut self, obj: T) -> bool;
+    /// Forgets the object; `true` if it was known.
+    fn delete(&mut self, namespace: &str, name: &str) -> bool;
+    /// Every (namespace, name) of this kind it holds: a relist deletes
+    /// those it did not see again.
+    fn keys(&self) -> Vec<Key>;
+}
+
+/// What changed since the last check-out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checkout {
+    /// Frontends whose desired state may have changed: `Some` is what should
+    /// be served now, `None` means nothing serves it any more.
+    pub changes: BTreeMap<Frontend, Option<DesiredService>>,
+    /// Every current problem (not only new ones).
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Who keeps a contested frontend: the smallest rank.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    /// Without a creation time: younger than any with one.
+    untimed: bool,
+    created: Option<Time>,
+    /// Order first seen (or seeded).
+    seen: u64,
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    info: ServiceInfo,
+    seen: u64,
+    /// As of the last translation: the rank its claims are filed under,
+    /// its frontends (in port, then address order) and its problems.
+    claimed: Rank,
+    frontends: Vec<(Frontend, DesiredService)>,
+    diags: Vec<Diagnostic>,
+}
+
+impl ServiceEntry {
+    fn rank(&self) -> Rank {
+        Rank {
+            untimed: self.info.created.is_none(),
+            created: self.info.created.clone(),
+            seen: self.seen,
+        }
+    }
+
+    fn wants(&self, fe: &Frontend) -> Option<&DesiredService> {
+        self.frontends
+            .iter()
+            .find(|(f, _)| f == fe)
+            .map(|(_, want)| want)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    opts: TranslateOptions,
+    services: HashMap<Key, ServiceEntry>,
+    slices: HashMap<Key, SliceInfo>,
+    /// (namespace, service) → names of the slices labelled for it, sorted
+    /// (the order endpoints are deduplicated in).
+    by_service: HashMap<Key, BTreeSet<String>>,
+    /// Slices without the service-name label (each is a diagnostic).
+    unlabeled: BTreeSet<Key>,
+    /// Frontend → the services claiming it, the owner first.
+    claims: HashMap<Frontend, BTreeSet<(Rank, Key)>>,
+    /// Frontends with more than one claim.
+    contested: BTreeSet<Frontend>,
+    /// Services whose translation reported problems.
+    with_diags: BTreeSet<Key>,
+    /// Services to translate again at the next check-out.
+    dirty: BTreeSet<Key>,
+    /// Frontends to hand out at the next check-out.
+    touched: BTreeSet<Frontend>,
+    /// A slice's missing label came or went since the last check-out.
+    unlabeled_changed: bool,
+    next_seen: u64,
+    /// Services that held frontends before a restart, oldest first.
+    seeds: HashMap<Key, u64>,
+}
+
+impl Index {
+    pub fn new(opts: TranslateOptions) -> Self {
+        Self {
+            opts,
+            ..Self::default()
+        }
+    }
+
+    pub fn options(&self) -> &TranslateOptions {
+        &self.opts
+    }
+
+    /// New node inputs (a zone learned late): every service is translated
+    /// again at the next check-out.
+    pub fn set_options(&mut self, opts: TranslateOptions) {
+        if opts != self.opts {
+            self.opts = opts;
+            self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    /// Services that served frontends before a restart, oldest first (the
+    /// maps' service ids are handed out in that order): they count as seen
+    /// before anything applied later. Call before the first apply.
+    pub fn seed(&mut self, oldest_first: impl IntoIterator<Item = Key>) {
+        for key in oldest_first {
+            if let Entry::Vacant(e) = self.seeds.entry(key) {
+                e.insert(self.next_seen);
+                self.next_seen += 1;
+            }
+        }
+    }
+
+    /// The sources are complete: a seeded service not seen by now is gone,
+    /// and if it comes back it is a newcomer.
+    pub fn end_seeding(&mut self) {
+        self.seeds = HashMap::new();
+    }
+
+    pub fn apply_service(&mut self, info: ServiceInfo) -> bool {
+        let key = (info.namespace.clone(), info.name.clone());
+        match self.services.entry(key) {
+            Entry::Occupied(mut e) => {
+                if e.get().info == info {
+                    return false;
+                }
+                e.get_mut().info = info;
+                self.dirty.insert(e.key().clone());
+            }
+            Entry::Vacant(e) => {
+                let seen = self.seeds.get(e.key()).copied().unwrap_or_else(|| {
+                    self.next_seen += 1;
+                    self.next_seen - 1
+                });
+                self.dirty.insert(e.key().clone());
+                let entry = ServiceEntry {
+                    claimed: Rank {
+                        untimed: info.created.is_none(),
+                        created: info.created.clone(),
+                        seen,
+                    },
+                    info,
+                    seen,
+                    frontends: Vec::new(),
+                    diags: Vec::new(),
+                };
+                e.insert(entry);
+            }
+        }
+        true
+    }
+
+    pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(old) = self.services.remove(&key) else {
+            return false;
+        };
+        self.dirty.remove(&key);
+        self.with_diags.remove(&key);
+        for (fe, _) in &old.frontends {
+            self.unclaim(fe, &old.claimed, &key);
+            self.touched.insert(*fe);
+        }
+        true
+    }
+
+    pub fn apply_slice(&mut self, info: SliceInfo) -> bool {
+        let key = (info.namespace.clone(), info.name.clone());
+        if self.slices.get(&key) == Some(&info) {
+            return false;
+        }
+        let owner = info.service.clone();
+        let old = self.slices.insert(key.clone(), info);
+        let old_owner = old.and_then(|o| o.service);
+        if old_owner != owner {
+            if let Some(o) = &old_owner {
+                self.unlink(&key, o);
+            }
+            if let Some(svc) = &owner {
+                self.by_service
+                    .entry((key.0.clone(), svc.clone()))
+                    .or_default()
+                    .insert(key.1.clone());
+            }
+        }
+        self.unlabeled_changed |= if owner.is_some() {
+            self.unlabeled.remove(&key)
+        } else {
+            self.unlabeled.insert(key.clone())
+        };
+        for svc in [old_owner, owner].into_iter().flatten() {
+            self.mark((key.0.clone(), svc));
+        }
+        true
+    }
+
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(old) = self.slices.remove(&key) else {
+            return false;
+        };
+        self.unlabeled_changed |= self.unlabeled.remove(&key);
+        if let Some(svc) = old.service {
+            self.unlink(&key, &svc);
+            self.mark((key.0, svc));
+        }
+        true
+    }
+
+    /// Translates what changed and hands over the frontends whose desired
+    /// state may differ from the last check-out.
+    pub fn checkout(&mut self) -> Checkout {
+        for key in std::mem::take(&mut self.dirty) {
+            self.retranslate(key);
+        }
+        self.unlabeled_changed = false;
+        let changes = std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|fe| (fe, self.served(&fe).cloned()))
+            .collect();
+        Checkout {
+            changes,
+            diagnostics: self.diagnostics(),
+        }
+    }
+
+    /// Changes are waiting for a check-out.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.touched.is_empty() || self.unlabeled_changed
+    }
+
+    /// What `fe` should serve as of the last check-out: the claim of its
+    /// owner.
+    pub fn served(&self, fe: &Frontend) -> Option<&DesiredService> {
+        let (_, owner) = self.claims.get(fe)?.first()?;
+        self.services.get(owner)?.wants(fe)
+    }
+
+    /// Everything, as of the last check-out.
+    pub fn desired(&self) -> DesiredState {
+        self.claims
+            .keys()
+            .filter_map(|fe| Some((*fe, self.served(fe)?.clone())))
+            .collect()
+    }
+
+    /// Every current problem: unlabeled slices first, then per service in
+    /// (namespace, name) order its own problems and the frontends it lost.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        let (mut out, per_service) = self.diagnostics_grouped();
+        for (_, group) in per_service {
+            out.extend(group);
+        }
+        out
+    }
+
+    /// [`Index::diagnostics`]: the slices' problems, and each service's.
+    pub(super) fn diagnostics_grouped(&self) -> (Vec<Diagnostic>, BTreeMap<Key, Vec<Diagnostic>>) {
+        let slices = self
+            .unlabeled
+            .iter()
+            .map(|key| {
+                let source = self.slices.get(key).map_or("", |s| s.source.as_str());
+                diag(
+                    "EndpointSlice",
+                    &key.0,
+                    &key.1,
+                    source,
+                    "metadata.labels",
+                    format!("missing label {SERVICE_NAME}; the slice is ignored"),
+                )
+            })
+            .collect();
+        let losers: BTreeSet<&Key> = self
+            .contested
+            .iter()
+            .flat_map(|fe| self.claims[fe].iter().skip(1).map(|(_, key)| key))
+            .collect();
+        let mut per_service: BTreeMap<Key, Vec<Diagnostic>> = BTreeMap::new();
+        for key in self.with_diags.iter().chain(losers) {
+            if per_service.contains_key(key) {
+                continue;
+            }
+            let entry = &self.services[key];
+            let mut group = entry.diags.clone();
+            for (fe, _) in &entry.frontends {
+                let Some((_, owner)) = self.claims.get(fe).and_then(BTreeSet::first) else {
+                    continue;
+                };
+                if owner != key {
+                    group.push(diag(
+                        "Service",
+                        &key.0,
+                        &key.1,
+                        &entry.info.source,
+                        &port_field(&entry.info, fe),
+                        format!(
+                            "frontend {fe} is already served by Service {}/{}; skipped",
+                            owner.0, owner.1
+                        ),
+                    ));
+                }
+            }
+            per_service.insert(key.clone(), group);
+        }
+        (slices, per_service)
+    }
+
+    pub fn service_keys(&self) -> Vec<Key> {
+        self.services.keys().cloned().collect()
+    }
+
+    pub fn slice_keys(&self) -> Vec<Key> {
+        self.slices.keys().cloned().collect()
+    }
+
+    /// How many services and slices it holds.
+    pub fn len(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+
+    fn mark(&mut self, service: Key) {
+        if self.services.contains_key(&service) {
+            self.dirty.insert(service);
+        }
+    }
+
+    fn unlink(&mut self, slice: &Key, service: &str) {
+        let owner = (slice.0.clone(), service.to_owned());
+        if let Some(set) = self.by_service.get_mut(&owner) {
+            set.remove(&slice.1);
+            if set.is_empty() {
+                self.by_service.remove(&owner);
+            }
+        }
+    }
+
+    fn unclaim(&mut self, fe: &Frontend, rank: &Rank, key: &Key) {
+        if let Some(set) = self.claims.get_mut(fe) {
+            set.remove(&(rank.clone(), key.clone()));
+            match set.len() {
+                0 => {
+                    self.claims.remove(fe);
+                    self.contested.remove(fe);
+                }
+                1 => {
+                    self.contested.remove(fe);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn retranslate(&mut self, key: Key) {
+        let Some(entry) = self.services.get(&key) else {
+            return;
+        };
+        let own: Vec<&SliceInfo> = self
+            .by_service
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())))
+            .collect();
+        let mut diags = Vec::new();
+        let frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        let rank = entry.rank();
+        if diags.is_empty() {
+            self.with_diags.remove(&key);
+        } else {
+            self.with_diags.insert(key.clone());
+        }
+        let Some(entry) = self.services.get_mut(&key) else {
+            return;
+        };
+        entry.diags = diags;
+        if frontends == entry.frontends && rank == entry.claimed {
+            // Nothing this service serves changed: no sync for it.
+            return;
+        }
+        let old = std::mem::replace(&mut entry.frontends, frontends);
+        let old_rank = std::mem::replace(&mut entry.claimed, rank.clone());
+        let rank_moved = old_rank != rank;
+        let entry = &self.services[&key];
+        let mut touched = Vec::new();
+        for (fe, want) in &old {
+            if rank_moved || entry.wants(fe) != Some(want) {
+                touched.push(*fe);
+            }
+        }
+        for (fe, want) in &entry.frontends {
+            if rank_moved || old.iter().find(|(f, _)| f == fe).map(|(_, w)| w) != Some(want) {
+                touched.push(*fe);
+            }
+        }
+        let new: Vec<Frontend> = entry.frontends.iter().map(|(fe, _)| *fe).collect();
+        for (fe, _) in &old {
+            self.unclaim(fe, &old_rank, &key);
+        }
+        for fe in new {
+            let set = self.claims.entry(fe).or_default();
+            set.insert((rank.clone(), key.clone()));
+            if set.len() > 1 {
+                self.contested.insert(fe);
+            }
+        }
+        self.touched.extend(touched);
+    }
+}
+
+impl IndexNamespaced<ServiceInfo> for Index {
+    fn apply(&mut self, obj: ServiceInfo) -> bool {
+        self.apply_service(obj)
+    }
+
+    fn delete(&mut self, namespace: &str, name: &str) -> bool {
+        self.delete_service(namespace, name)
+    }
+
+    fn keys(&self) -> Vec<Key> {
+        self.service_keys()
+    }
+}
+
+impl IndexNamespaced<SliceInfo> for Index {
+    fn apply(&mut self, obj: SliceInfo) -> bool {
+        self.apply_slice(obj)
+    }
+
+    fn delete(&mut self, namespace: &str, name: &str) -> bool {
+        self.delete_slice(namespace, name)
+    }
+
+    fn keys(&self) -> Vec<Key> {
+        self.slice_keys()
+    }
+}
+
+#[cfg(test)]
+mod tests;

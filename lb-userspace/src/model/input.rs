@@ -1,0 +1,264 @@
+//! What translation needs of each object, taken at ingestion (kube-proxy's
+//! `endpointInfo`: "just the attributes kube-proxy cares about ...
+//! intentionally small"). The index keeps these, never full objects, and
+//! compares them to drop updates that change nothing.
+//!
+//! Values a rule may report on stay raw (a bad ClusterIP is reported as
+//! written); endpoint addresses and conditions are resolved here, since
+//! there are many of them and the rules for them need nothing else.
+use std::net::IpAddr;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+
+use super::{
+    Proto, SOURCE_ANNOTATION,
+    labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
+};
+
+/// A Service as translation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `default` when unset, as kubectl would.
+    pub namespace: String,
+    /// Empty when missing (reported by translation).
+    pub name: String,
+    /// Where it came from, for diagnostics (`file.yaml#2`); empty for the API.
+    pub source: String,
+    /// `metadata.creationTimestamp`: the older of two Services claiming one
+    /// frontend keeps it, as the API server's allocator would have decided.
+    pub created: Option<Time>,
+    /// Carries `service.kubernetes.io/headless` (any value).
+    pub headless_label: bool,
+    /// `service.kubernetes.io/service-proxy-name`.
+    pub proxy_name: Option<String>,
+    /// `None`: no spec at all (nothing to serve).
+    pub spec: Option<ServiceSpecInfo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSpecInfo {
+    pub type_: Option<String>,
+    pub cluster_ip: Option<String>,
+    pub cluster_ips: Option<Vec<String>>,
+    pub ports: Vec<ServicePortInfo>,
+    pub internal_traffic_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    /// Empty for the unnamed port.
+    pub name: String,
+    pub protocol: Option<String>,
+    pub port: i32,
+}
+
+/// An EndpointSlice as translation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub namespace: String,
+    pub name: String,
+    pub source: String,
+    /// The `kubernetes.io/service-name` label; `None` when missing or empty.
+    pub service: Option<String>,
+    /// `None`: an FQDN (or unknown) slice, which kube-proxy ignores; its
+    /// endpoints are not kept.
+    pub family: Option<Family>,
+    /// Ports with a supported protocol (others never match a service port).
+    pub ports: Vec<SlicePortInfo>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// The address family of an IP slice (`addressType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePortInfo {
+    /// Empty for the unnamed port.
+    pub name: String,
+    pub proto: Proto,
+    /// `None`: nil, 0 or out of range, which makes the port unusable.
+    pub port: Option<u16>,
+}
+
+/// One endpoint: its first address (kube-proxy uses no other), node, hints
+/// and the three conditions resolved (nil ready/serving count as true, nil
+/// terminating as false).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub address: Address,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub for_nodes: Vec<String>,
+    pub for_zones: Vec<String>,
+}
+
+/// An endpoint's first address, checked against the slice's family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Ip(IpAddr),
+    Missing,
+    /// Not an address of the slice's family (or v4-mapped, which would
+    /// alias an IPv4 backend in the maps); the raw text, for the diagnostic.
+    Invalid(String),
+}
+
+/// Objects without a namespace are taken as `default`, as kubectl would.
+fn namespace_of(meta: &ObjectMeta) -> String {
+    meta.namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
+        .to_owned()
+}
+
+fn source_of(meta: &ObjectMeta) -> String {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(SOURCE_ANNOTATION))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+impl From<&Service> for ServiceInfo {
+    fn from(svc: &Service) -> Self {
+        let meta = &svc.metadata;
+        Self {
+            namespace: namespace_of(meta),
+            name: meta.name.clone().unwrap_or_default(),
+            source: source_of(meta),
+            created: meta.creation_timestamp.clone(),
+            headless_label: label(meta, HEADLESS).is_some(),
+            proxy_name: label(meta, SERVICE_PROXY_NAME).map(str::to_owned),
+            spec: svc.spec.as_ref().map(|spec| ServiceSpecInfo {
+                type_: spec.type_.clone(),
+                cluster_ip: spec.cluster_ip.clone(),
+                cluster_ips: spec.cluster_ips.clone(),
+                ports: spec
+                    .ports
+                    .as_deref()
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(ServicePortInfo::from)
+                    .collect(),
+                internal_traffic_policy: spec.internal_traffic_policy.clone(),
+            }),
+        }
+    }
+}
+
+impl From<&ServicePort> for ServicePortInfo {
+    fn from(p: &ServicePort) -> Self {
+        Self {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: p.protocol.clone(),
+            port: p.port,
+        }
+    }
+}
+
+impl From<&EndpointSlice> for SliceInfo {
+    fn from(slice: &EndpointSlice) -> Self {
+        let meta = &slice.metadata;
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        };
+        let ports = slice
+            .ports
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|p| {
+                Some(SlicePortInfo {
+                    name: p.name.clone().unwrap_or_default(),
+                    proto: super::translate::parse_proto(p.protocol.as_deref()).ok()?,
+                    port: p
+                        .port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| *n != 0),
+                })
+            })
+            .collect();
+        let endpoints = match family {
+            Some(family) => slice
+                .endpoints
+                .iter()
+                .map(|ep| EndpointInfo::new(ep, family))
+                .collect(),
+            None => Vec::new(),
+        };
+        Self {
+            namespace: namespace_of(meta),
+            name: meta.name.clone().unwrap_or_default(),
+            source: source_of(meta),
+            service: label(meta, SERVICE_NAME)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+            family,
+            ports,
+            endpoints,
+        }
+    }
+}
+
+impl EndpointInfo {
+    fn new(ep: &Endpoint, family: Family) -> Self {
+        let address = match ep.addresses.first() {
+            None => Address::Missing,
+            Some(raw) => match (family, raw.parse::<IpAddr>()) {
+                (Family::V4, Ok(ip @ IpAddr::V4(_))) => Address::Ip(ip),
+                (Family::V6, Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
+                    Address::Ip(IpAddr::V6(v6))
+                }
+                _ => Address::Invalid(raw.clone()),
+            },
+        };
+        let cond = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        Self {
+            address,
+            ready: cond.and_then(|c| c.ready) != Some(false),
+            serving: cond.and_then(|c| c.serving) != Some(false),
+            terminating: cond.and_then(|c| c.terminating) == Some(true),
+            node_name: ep.node_name.clone(),
+            for_nodes: hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|n| n.name.clone())
+                .collect(),
+            for_zones: hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|z| z.name.clone())
+                .collect(),
+        }
+    }
+}
