@@ -20,7 +20,9 @@ use crate::{
         bpf::{self, BpfDatapath, LoadError, MapSizes},
     },
     health::{self, Health},
-    model::{DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions, translate},
+    model::{
+        DesiredService, DesiredState, Diagnostic, Frontend, Severity, TranslateOptions, translate,
+    },
     reconciler::{Prune, Reconciler},
     sources::{
         dir_watch::{self, POLL_INTERVAL},
@@ -54,6 +56,8 @@ pub struct ManifestAgentConfig {
     pub translate: TranslateOptions,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
+    /// `/healthz` fails while one sync-loop iteration has run longer than this.
+    pub stall_timeout: Duration,
 }
 
 /// Everything `lb-agent run` against the Kubernetes API needs.
@@ -69,6 +73,8 @@ pub struct KubeAgentConfig {
     pub client: ClientConfig,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
+    /// `/healthz` fails while one sync-loop iteration has run longer than this.
+    pub stall_timeout: Duration,
 }
 
 /// What one sync did, for logs and tests.
@@ -205,7 +211,10 @@ impl<D: Datapath> Syncer<D> {
 
     fn report(&mut self, now: BTreeSet<Diagnostic>) {
         for d in now.difference(&self.reported) {
-            warn!("{d}");
+            match d.severity {
+                Severity::Warning => warn!("{d}"),
+                Severity::Info => info!("{d}"),
+            }
         }
         for d in self.reported.difference(&now) {
             info!("resolved: {d}");
@@ -232,7 +241,7 @@ pub async fn run_manifests(
     cfg: ManifestAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr);
+    let health = start_health(cfg.health_addr, cfg.stall_timeout);
     let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
@@ -258,7 +267,11 @@ pub async fn run_manifests(
             () = &mut shutdown => break,
             _ = tick.tick() => {}
         }
+        // Liveness is progress: an iteration stuck anywhere below (a read
+        // that never returns) fails /healthz once it exceeds the bound.
+        health.iteration_started();
         if !watcher.changed().await {
+            health.iteration_finished();
             continue;
         }
         let started = Instant::now();
@@ -279,16 +292,18 @@ pub async fn run_manifests(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced manifests"
         );
+        health.set_failing(syncer.failed().iter().map(ToString::to_string).collect());
         // The directory is the whole truth: the first sync is complete.
         health.set_ready();
+        health.iteration_finished();
     }
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
 }
 
 /// Serves the probes in the background (if asked); not ready yet.
-fn start_health(addr: Option<SocketAddr>) -> Arc<Health> {
-    let health = Health::new();
+fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health> {
+    let health = Health::new(stall_timeout);
     if let Some(addr) = addr {
         tokio::spawn(health::serve(addr, health.clone()));
     }
@@ -331,7 +346,7 @@ pub async fn run_kube(
     cfg: KubeAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr);
+    let health = start_health(cfg.health_addr, cfg.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
     let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
     let mut opts = cfg.translate.clone();
@@ -367,6 +382,9 @@ pub async fn run_kube(
         tokio::select! {
             () = &mut shutdown => break,
             step = driver.step() => {
+                health.set_failing(
+                    driver.syncer().failed().iter().map(ToString::to_string).collect(),
+                );
                 if step.first_complete {
                     health.set_ready();
                 }

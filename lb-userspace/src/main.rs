@@ -1,5 +1,5 @@
 //! `lb-agent`: the node agent's command line. Errors become `anyhow` only here.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,6 +25,9 @@ use tracing_subscriber::EnvFilter;
     about = "eBPF socket-level load balancer for Kubernetes services"
 )]
 struct Cli {
+    /// More detail: debug logging, and errors with their full cause chain and backtrace.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +80,10 @@ struct RunArgs {
     /// Address for /healthz and /readyz ("none" to disable).
     #[arg(long, value_name = "ADDR", default_value = health::DEFAULT_ADDR, value_parser = parse_health_addr)]
     health_addr: HealthAddr,
+    /// /healthz fails while one iteration of the sync loop (read the sources, write the maps)
+    /// has run longer than this, e.g. 60s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
     /// ClusterIP ranges for manifest Services: one CIDR, or an IPv4 and an IPv6 one separated
     /// by a comma, the first being the primary family (as kube-apiserver's
     /// --service-cluster-ip-range). Single-stack Services get the primary family; dual-stack
@@ -113,6 +120,28 @@ fn parse_service_cidr(s: &str) -> Result<Box<ServiceCidr>, manifest::ServiceCidr
     s.parse().map(Box::new)
 }
 
+/// A duration as Kubernetes flags write it: `500ms`, `30s`, `5m`, `1h`, or
+/// plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 5m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(d)
+}
+
 /// `--health-addr`: an address, or `None` for "none".
 #[derive(Clone, Copy, Debug)]
 struct HealthAddr(Option<SocketAddr>);
@@ -132,9 +161,27 @@ enum Output {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let verbose = cli.verbose;
+    match run_cli(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line for an operator, whatever RUST_BACKTRACE says;
+            // the chain and backtrace only when asked for with -v.
+            if verbose {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    let default = if cli.verbose { "debug" } else { "info" };
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     if matches!(&cli.command, Command::Run(args) if args.bpf_log) {
         // The program's records arrive through aya-log with this target.
         filter = filter.add_directive("lb_ebpf=debug".parse()?);
@@ -158,6 +205,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         kubeconfig,
         api_server,
         health_addr,
+        stall_timeout,
         service_cidr,
         max_services,
         max_backends,
@@ -194,6 +242,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 bpf_log,
                 translate,
                 health_addr: health_addr.0,
+                stall_timeout,
             };
             runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
         }
@@ -209,6 +258,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     api_server,
                 },
                 health_addr: health_addr.0,
+                stall_timeout,
             };
             runtime.block_on(agent::run_kube(cfg, shutdown_signal()))?;
         }

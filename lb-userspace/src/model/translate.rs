@@ -624,5 +624,6 @@ fn diag(meta: &ObjectMeta, kind: &str, field: &str, message: String) -> Diagnost
         object: format!("{kind} {ns}/{name}"),
         field: field.to_owned(),
         message,
+        severity: Default::default(),
     }
 }

@@ -372,5 +372,6 @@ fn diag(
         object: object.into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     }
 }

@@ -166,6 +166,7 @@ fn d(object: &str, field: &str, message: &str) -> Diagnostic {
         object: object.into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     }
 }
 
@@ -949,6 +950,7 @@ fn slice_without_service_name_label_is_reported_and_ignored() {
             object: "EndpointSlice default/orphan".into(),
             field: "metadata.labels".into(),
             message: "missing label kubernetes.io/service-name; the slice is ignored".into(),
+            severity: Default::default(),
         }]
     );
     assert_eq!(
@@ -1416,6 +1418,7 @@ fn duplicate_frontend_across_services_first_by_namespace_name_wins() {
         field: "spec.ports[0]".into(),
         message: "frontend 10.0.0.1:80/TCP is already served by Service default/alpha; skipped"
             .into(),
+        severity: Default::default(),
     }];
     assert_eq!(
         run(&[b.clone(), a.clone()], &[]),
@@ -1604,6 +1607,7 @@ fn bad_endpoint_addresses_are_reported_and_others_kept() {
         object: "EndpointSlice default/web-a".into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     };
     // Reported once per slice, not once per service port.
     assert_eq!(
@@ -1653,6 +1657,7 @@ fn diagnostic_source_comes_from_annotation() {
             object: "Service prod/web".into(),
             field: "spec.ports[0].protocol".into(),
             message: "protocol SCTP is not supported (only TCP and UDP); port skipped".into(),
+            severity: Default::default(),
         }]
     );
     assert_eq!(

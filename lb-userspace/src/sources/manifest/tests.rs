@@ -146,6 +146,7 @@ fn d(source: &str, object: &str, field: &str, message: &str) -> Diagnostic {
         object: object.to_owned(),
         field: field.to_owned(),
         message: message.to_owned(),
+        severity: Default::default(),
     }
 }
 
