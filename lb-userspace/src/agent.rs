@@ -50,6 +50,8 @@ pub struct ManifestAgentConfig {
     /// `None`: the host's cgroup v2 root from `/proc/mounts`.
     pub cgroup: Option<PathBuf>,
     pub manifests: PathBuf,
+    /// Manifest files larger than this are skipped with a diagnostic.
+    pub max_manifest_size: u64,
     pub service_cidr: ServiceCidr,
     pub sizes: MapSizes,
     pub bpf_log: bool,
@@ -277,7 +279,7 @@ pub async fn run_manifests(
         let started = Instant::now();
         // Synchronous on purpose: nothing else runs on this loop, and a
         // directory of a thousand services parses in milliseconds.
-        let loaded = manifest::load_dir(&cfg.manifests, &mut alloc);
+        let loaded = manifest::load_dir(&cfg.manifests, &mut alloc, cfg.max_manifest_size);
         let stats = syncer.sync(
             &loaded.services,
             &loaded.slices,

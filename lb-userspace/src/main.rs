@@ -70,6 +70,9 @@ struct RunArgs {
     /// instead of watching the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "api_server"])]
     manifests: Option<PathBuf>,
+    /// Manifest files larger than this are skipped with a diagnostic (bytes, or with a Ki/Mi/Gi suffix).
+    #[arg(long, value_name = "SIZE", default_value = "8Mi", value_parser = manifest::read::parse_size)]
+    max_manifest_size: u64,
     /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else the in-cluster service account].
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
@@ -202,6 +205,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
         pins,
         manifests,
+        max_manifest_size,
         kubeconfig,
         api_server,
         health_addr,
@@ -237,6 +241,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 bpffs: pins.bpffs,
                 cgroup: pins.cgroup,
                 manifests,
+                max_manifest_size,
                 service_cidr: *service_cidr,
                 sizes,
                 bpf_log,

@@ -16,7 +16,9 @@ pub const DEFAULT_MAX_FILE_SIZE: u64 = 8 << 20;
 /// Why a file was skipped; the caller names the file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
-    #[error("{0} is not a regular file; skipped (only regular files, or symlinks to them, are read)")]
+    #[error(
+        "{0} is not a regular file; skipped (only regular files, or symlinks to them, are read)"
+    )]
     NotRegular(&'static str),
     #[error(
         "{size} bytes is over the limit of {limit} bytes (--max-manifest-size); the file is skipped"
