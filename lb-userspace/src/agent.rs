@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{
         Datapath, DatapathError,
-        bpf::{self, BpfDatapath, LoadError, MapSizes},
+        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
     },
     health::{self, Health},
     model::{
@@ -55,6 +55,8 @@ pub struct ManifestAgentConfig {
     pub service_cidr: ServiceCidr,
     pub sizes: MapSizes,
     pub bpf_log: bool,
+    /// Share `bpffs` with pins lb-agent did not create.
+    pub allow_foreign_pins: bool,
     pub translate: TranslateOptions,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
@@ -70,6 +72,8 @@ pub struct KubeAgentConfig {
     pub cgroup: Option<PathBuf>,
     pub sizes: MapSizes,
     pub bpf_log: bool,
+    /// Share `bpffs` with pins lb-agent did not create.
+    pub allow_foreign_pins: bool,
     /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label.
     pub translate: TranslateOptions,
     pub client: ClientConfig,
@@ -244,7 +248,13 @@ pub async fn run_manifests(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.health_addr, cfg.stall_timeout);
-    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
+    let (reconciler, _lock) = attach(
+        &cfg.bpffs,
+        cfg.cgroup.as_deref(),
+        cfg.sizes,
+        cfg.bpf_log,
+        cfg.allow_foreign_pins,
+    )?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -314,17 +324,19 @@ fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health
 
 /// Loads and attaches the programs, then re-adopts the pinned maps as they
 /// are: nothing is flushed, whatever the sources will say later.
+/// The returned lock is the agent's claim on `bpffs`: hold it while running.
 fn attach(
     bpffs: &Path,
     cgroup: Option<&Path>,
     sizes: MapSizes,
     bpf_log: bool,
-) -> Result<Reconciler<BpfDatapath>, AgentError> {
+    allow_foreign_pins: bool,
+) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
     let cgroup = match cgroup {
         Some(c) => c.to_owned(),
         None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
-    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log)?;
+    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log, allow_foreign_pins)?;
     info!(
         bpffs = %bpffs.display(),
         cgroup = %cgroup.display(),
@@ -336,7 +348,7 @@ fn attach(
     if adopted > 0 {
         info!(frontends = adopted, "re-adopted pinned state");
     }
-    Ok(reconciler)
+    Ok((reconciler, install.lock))
 }
 
 /// `lb-agent run` against the API server: attaches, re-adopts the pinned
@@ -350,7 +362,13 @@ pub async fn run_kube(
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.health_addr, cfg.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
-    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
+    let (reconciler, _lock) = attach(
+        &cfg.bpffs,
+        cfg.cgroup.as_deref(),
+        cfg.sizes,
+        cfg.bpf_log,
+        cfg.allow_foreign_pins,
+    )?;
     let mut opts = cfg.translate.clone();
     let (mut driver, feeds) =
         Driver::new(Syncer::new(reconciler, opts.clone()), Coalesce::default());

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and keep its maps in sync with the services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the services the pinned maps hold (works with or without a running agent).
     List {
         #[command(flatten)]
@@ -106,6 +106,10 @@ struct RunArgs {
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
+    /// Use a --bpffs directory that also holds pins lb-agent did not create (refused by
+    /// default: `uninstall` would leave them, and a typo such as /sys/fs/bpf is caught).
+    #[arg(long)]
+    allow_foreign_pins: bool,
     /// This node, for internalTrafficPolicy: Local [default: $NODE_NAME, else the hostname].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -195,7 +199,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .init();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::List { pins, output } => list_cmd(&pins, output),
         Command::Uninstall { pins } => uninstall(&pins),
     }
@@ -215,6 +219,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_reverse,
         bpf_log,
+        allow_foreign_pins,
         node_name,
         zone,
         service_proxy_name,
@@ -245,6 +250,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 service_cidr: *service_cidr,
                 sizes,
                 bpf_log,
+                allow_foreign_pins,
                 translate,
                 health_addr: health_addr.0,
                 stall_timeout,
@@ -257,6 +263,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 cgroup: pins.cgroup,
                 sizes,
                 bpf_log,
+                allow_foreign_pins,
                 translate,
                 client: ClientConfig {
                     kubeconfig,
@@ -334,12 +341,21 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
 }
 
 fn uninstall(pins: &Pins) -> anyhow::Result<()> {
-    if bpf::uninstall(&pins.bpffs)
-        .with_context(|| format!("removing pins in {}", pins.bpffs.display()))?
-    {
-        println!("detached and removed {}", pins.bpffs.display());
-    } else {
-        println!("nothing installed at {}", pins.bpffs.display());
+    let dir = pins.bpffs.display();
+    match bpf::uninstall(&pins.bpffs)? {
+        None => println!("nothing installed at {dir}"),
+        Some(u) => {
+            println!("detached and removed {} pins from {dir}", u.removed);
+            if u.dir_removed {
+                println!("removed {dir}");
+            } else if !u.left.is_empty() {
+                println!(
+                    "left {dir} in place: it holds {} entries lb-agent did not create: {}",
+                    u.left.len(),
+                    u.left.join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }
