@@ -17,10 +17,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{
         Datapath, DatapathError,
-        bpf::{self, BpfDatapath, LoadError, MapSizes},
+        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
     },
     health::{self, Health},
-    model::{DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions, translate},
+    model::{
+        DesiredService, DesiredState, Diagnostic, Frontend, Severity, TranslateOptions, translate,
+    },
     reconciler::{Prune, Reconciler},
     sources::{
         dir_watch::{self, POLL_INTERVAL},
@@ -48,12 +50,18 @@ pub struct ManifestAgentConfig {
     /// `None`: the host's cgroup v2 root from `/proc/mounts`.
     pub cgroup: Option<PathBuf>,
     pub manifests: PathBuf,
+    /// Manifest files larger than this are skipped with a diagnostic.
+    pub max_manifest_size: u64,
     pub service_cidr: ServiceCidr,
     pub sizes: MapSizes,
     pub bpf_log: bool,
+    /// Share `bpffs` with pins lb-agent did not create.
+    pub allow_foreign_pins: bool,
     pub translate: TranslateOptions,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
+    /// `/healthz` fails while one sync-loop iteration has run longer than this.
+    pub stall_timeout: Duration,
 }
 
 /// Everything `lb-agent run` against the Kubernetes API needs.
@@ -64,11 +72,15 @@ pub struct KubeAgentConfig {
     pub cgroup: Option<PathBuf>,
     pub sizes: MapSizes,
     pub bpf_log: bool,
+    /// Share `bpffs` with pins lb-agent did not create.
+    pub allow_foreign_pins: bool,
     /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label.
     pub translate: TranslateOptions,
     pub client: ClientConfig,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
+    /// `/healthz` fails while one sync-loop iteration has run longer than this.
+    pub stall_timeout: Duration,
 }
 
 /// What one sync did, for logs and tests.
@@ -205,7 +217,10 @@ impl<D: Datapath> Syncer<D> {
 
     fn report(&mut self, now: BTreeSet<Diagnostic>) {
         for d in now.difference(&self.reported) {
-            warn!("{d}");
+            match d.severity {
+                Severity::Warning => warn!("{d}"),
+                Severity::Info => info!("{d}"),
+            }
         }
         for d in self.reported.difference(&now) {
             info!("resolved: {d}");
@@ -232,8 +247,14 @@ pub async fn run_manifests(
     cfg: ManifestAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr);
-    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
+    let health = start_health(cfg.health_addr, cfg.stall_timeout);
+    let (reconciler, _lock) = attach(
+        &cfg.bpffs,
+        cfg.cgroup.as_deref(),
+        cfg.sizes,
+        cfg.bpf_log,
+        cfg.allow_foreign_pins,
+    )?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -258,13 +279,17 @@ pub async fn run_manifests(
             () = &mut shutdown => break,
             _ = tick.tick() => {}
         }
+        // Liveness is progress: an iteration stuck anywhere below (a read
+        // that never returns) fails /healthz once it exceeds the bound.
+        health.iteration_started();
         if !watcher.changed().await {
+            health.iteration_finished();
             continue;
         }
         let started = Instant::now();
         // Synchronous on purpose: nothing else runs on this loop, and a
         // directory of a thousand services parses in milliseconds.
-        let loaded = manifest::load_dir(&cfg.manifests, &mut alloc);
+        let loaded = manifest::load_dir(&cfg.manifests, &mut alloc, cfg.max_manifest_size);
         let stats = syncer.sync(
             &loaded.services,
             &loaded.slices,
@@ -279,16 +304,18 @@ pub async fn run_manifests(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced manifests"
         );
+        health.set_failing(syncer.failed().iter().map(ToString::to_string).collect());
         // The directory is the whole truth: the first sync is complete.
         health.set_ready();
+        health.iteration_finished();
     }
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
 }
 
 /// Serves the probes in the background (if asked); not ready yet.
-fn start_health(addr: Option<SocketAddr>) -> Arc<Health> {
-    let health = Health::new();
+fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health> {
+    let health = Health::new(stall_timeout);
     if let Some(addr) = addr {
         tokio::spawn(health::serve(addr, health.clone()));
     }
@@ -297,17 +324,19 @@ fn start_health(addr: Option<SocketAddr>) -> Arc<Health> {
 
 /// Loads and attaches the programs, then re-adopts the pinned maps as they
 /// are: nothing is flushed, whatever the sources will say later.
+/// The returned lock is the agent's claim on `bpffs`: hold it while running.
 fn attach(
     bpffs: &Path,
     cgroup: Option<&Path>,
     sizes: MapSizes,
     bpf_log: bool,
-) -> Result<Reconciler<BpfDatapath>, AgentError> {
+    allow_foreign_pins: bool,
+) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
     let cgroup = match cgroup {
         Some(c) => c.to_owned(),
         None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
-    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log)?;
+    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log, allow_foreign_pins)?;
     info!(
         bpffs = %bpffs.display(),
         cgroup = %cgroup.display(),
@@ -319,7 +348,7 @@ fn attach(
     if adopted > 0 {
         info!(frontends = adopted, "re-adopted pinned state");
     }
-    Ok(reconciler)
+    Ok((reconciler, install.lock))
 }
 
 /// `lb-agent run` against the API server: attaches, re-adopts the pinned
@@ -331,9 +360,15 @@ pub async fn run_kube(
     cfg: KubeAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr);
+    let health = start_health(cfg.health_addr, cfg.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
-    let reconciler = attach(&cfg.bpffs, cfg.cgroup.as_deref(), cfg.sizes, cfg.bpf_log)?;
+    let (reconciler, _lock) = attach(
+        &cfg.bpffs,
+        cfg.cgroup.as_deref(),
+        cfg.sizes,
+        cfg.bpf_log,
+        cfg.allow_foreign_pins,
+    )?;
     let mut opts = cfg.translate.clone();
     let (mut driver, feeds) =
         Driver::new(Syncer::new(reconciler, opts.clone()), Coalesce::default());
@@ -367,6 +402,9 @@ pub async fn run_kube(
         tokio::select! {
             () = &mut shutdown => break,
             step = driver.step() => {
+                health.set_failing(
+                    driver.syncer().failed().iter().map(ToString::to_string).collect(),
+                );
                 if step.first_complete {
                     health.set_ready();
                 }

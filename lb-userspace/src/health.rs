@@ -1,21 +1,21 @@
-//! `/healthz` (the process serves requests) and `/readyz` (the programs are
-//! attached and every source has completed its initial sync) over plain
-//! HTTP/1.1, for kubelet probes. Deliberately tiny: one request per
-//! connection, no keep-alive, bounded reads.
+//! `/healthz` and `/livez` (the sync loop makes progress) and `/readyz` (the
+//! programs are attached, every source has completed its initial sync and
+//! every frontend is programmed) over plain HTTP/1.1, for kubelet probes.
+//! Deliberately tiny: one request per connection, no keep-alive, bounded reads.
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// Default `--health-addr`. kube-proxy serves its healthz on 10256; we run
 /// alongside it (README), so we take a port no Kubernetes component uses
@@ -24,20 +24,40 @@ use tracing::{debug, error, info};
 /// probe (the pod IP, which is the node IP under hostNetwork) reaches it.
 pub const DEFAULT_ADDR: &str = "0.0.0.0:10266";
 
+/// Default `--stall-timeout`: an iteration of the sync loop (read the
+/// sources, translate, write the maps) that has not finished after this long
+/// is stuck, and `/healthz` says so. A cold load of 100,000 services takes a
+/// few seconds; a blocked read or a wedged syscall never ends.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a probe may take to send its request line and headers.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Retry interval when the address is taken (the agent keeps working meanwhile).
 const BIND_RETRY: Duration = Duration::from_secs(5);
+/// Frontends named in a `/readyz` body; the rest are counted.
+const MAX_LISTED: usize = 20;
 
-/// Readiness as the probes see it.
-#[derive(Debug, Default)]
+/// Liveness and readiness as the probes see them.
+#[derive(Debug)]
 pub struct Health {
     ready: AtomicBool,
+    stall_timeout: Duration,
+    /// When the sync loop's current iteration started; `None` between iterations.
+    iteration: Mutex<Option<Instant>>,
+    /// Frontends the last sync could not program (a full map, a refused write).
+    failing: Mutex<Vec<String>>,
 }
 
 impl Health {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// `stall_timeout`: how long one sync-loop iteration may run before
+    /// `/healthz` fails.
+    pub fn new(stall_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            ready: AtomicBool::new(false),
+            stall_timeout,
+            iteration: Mutex::new(None),
+            failing: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn set_ready(&self) {
@@ -47,8 +67,74 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && lock(&self.failing).is_empty()
     }
+
+    /// The sync loop began an iteration: it must finish within the stall
+    /// timeout for `/healthz` to keep answering 200.
+    pub fn iteration_started(&self) {
+        *lock(&self.iteration) = Some(Instant::now());
+    }
+
+    pub fn iteration_finished(&self) {
+        *lock(&self.iteration) = None;
+    }
+
+    /// Frontends that failed to program (empty: all programmed); `/readyz`
+    /// is not ready while any fails, and names them.
+    pub fn set_failing(&self, frontends: Vec<String>) {
+        let mut failing = lock(&self.failing);
+        if failing.is_empty() && !frontends.is_empty() {
+            warn!(
+                frontends = frontends.len(),
+                "not ready: some frontends failed to program"
+            );
+        } else if !failing.is_empty() && frontends.is_empty() {
+            info!("every frontend programmed again");
+        }
+        *failing = frontends;
+    }
+
+    /// `Some(reason)` when the sync loop is stuck.
+    fn stalled(&self, now: Instant) -> Option<String> {
+        let started = (*lock(&self.iteration))?;
+        let running = now.saturating_duration_since(started);
+        (running > self.stall_timeout).then(|| {
+            format!(
+                "sync loop stalled: an iteration started {}s ago has not finished (--stall-timeout {}s)\n",
+                running.as_secs(),
+                self.stall_timeout.as_secs()
+            )
+        })
+    }
+
+    /// `Some(reason)` when not ready.
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Some("not ready: waiting for the initial sync\n".to_owned());
+        }
+        let failing = lock(&self.failing);
+        if failing.is_empty() {
+            return None;
+        }
+        let mut body = format!(
+            "not ready: {} frontend(s) failed to program:\n",
+            failing.len()
+        );
+        for fe in failing.iter().take(MAX_LISTED) {
+            body.push_str(fe);
+            body.push('\n');
+        }
+        if failing.len() > MAX_LISTED {
+            body.push_str(&format!("... and {} more\n", failing.len() - MAX_LISTED));
+        }
+        Some(body)
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Binds `addr` (retrying while it is taken: a failed bind must not stop the
@@ -110,7 +196,7 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     tokio::time::timeout(READ_TIMEOUT, read)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request"))??;
-    let (status, body) = respond(&buf, health.is_ready());
+    let (status, body) = respond(&buf, health, Instant::now());
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -121,23 +207,27 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
 }
 
 /// Status line and body for a raw request.
-fn respond(request: &[u8], ready: bool) -> (&'static str, &'static str) {
+fn respond(request: &[u8], health: &Health, now: Instant) -> (&'static str, String) {
     let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next(), parts.next());
     if !matches!(method, Some("GET" | "HEAD")) {
-        return ("405 Method Not Allowed", "method not allowed\n");
+        return ("405 Method Not Allowed", "method not allowed\n".into());
     }
+    const OK: &str = "200 OK";
+    const UNAVAILABLE: &str = "503 Service Unavailable";
     let path = target.unwrap_or("/").split('?').next().unwrap_or("/");
     match path {
-        "/healthz" | "/livez" => ("200 OK", "ok\n"),
-        "/readyz" if ready => ("200 OK", "ok\n"),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "not ready: waiting for the initial sync\n",
-        ),
-        _ => ("404 Not Found", "not found\n"),
+        "/healthz" | "/livez" => match health.stalled(now) {
+            None => (OK, "ok\n".into()),
+            Some(reason) => (UNAVAILABLE, reason),
+        },
+        "/readyz" => match health.stalled(now).or_else(|| health.not_ready()) {
+            None => (OK, "ok\n".into()),
+            Some(reason) => (UNAVAILABLE, reason),
+        },
+        _ => ("404 Not Found", "not found\n".into()),
     }
 }
 
@@ -145,29 +235,74 @@ fn respond(request: &[u8], ready: bool) -> (&'static str, &'static str) {
 mod tests {
     use super::*;
 
+    fn status(health: &Health, path: &str, now: Instant) -> &'static str {
+        respond(
+            format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(),
+            health,
+            now,
+        )
+        .0
+    }
+
     #[test]
     fn routes() {
-        assert_eq!(respond(b"GET /healthz HTTP/1.1\r\n\r\n", false).0, "200 OK");
+        let health = Health::new(DEFAULT_STALL_TIMEOUT);
+        let now = Instant::now();
+        assert_eq!(status(&health, "/healthz", now), "200 OK");
+        assert_eq!(status(&health, "/readyz", now), "503 Service Unavailable");
+        health.set_ready();
+        assert_eq!(status(&health, "/readyz?verbose", now), "200 OK");
+        assert_eq!(status(&health, "/x", now), "404 Not Found");
         assert_eq!(
-            respond(b"GET /readyz HTTP/1.1\r\n\r\n", false).0,
-            "503 Service Unavailable"
-        );
-        assert_eq!(
-            respond(b"GET /readyz?verbose HTTP/1.1\r\n\r\n", true).0,
-            "200 OK"
-        );
-        assert_eq!(respond(b"GET /x HTTP/1.1\r\n\r\n", true).0, "404 Not Found");
-        assert_eq!(
-            respond(b"POST /readyz HTTP/1.1\r\n\r\n", true).0,
+            respond(b"POST /readyz HTTP/1.1\r\n\r\n", &health, now).0,
             "405 Method Not Allowed"
         );
+    }
+
+    #[test]
+    fn liveness_is_progress() {
+        let health = Health::new(Duration::from_secs(10));
+        health.set_ready();
+        let start = Instant::now();
+        health.iteration_started();
+        // Still within the bound: alive.
+        assert_eq!(status(&health, "/healthz", start), "200 OK");
+        // An iteration that never ends fails both probes, with the reason.
+        let later = start + Duration::from_secs(11);
+        let (code, body) = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &health, later);
+        assert_eq!(code, "503 Service Unavailable");
+        assert!(body.contains("sync loop stalled"), "{body}");
+        assert_eq!(status(&health, "/livez", later), "503 Service Unavailable");
+        assert_eq!(status(&health, "/readyz", later), "503 Service Unavailable");
+        // Finishing it is progress again.
+        health.iteration_finished();
+        assert_eq!(status(&health, "/healthz", later), "200 OK");
+        assert_eq!(status(&health, "/readyz", later), "200 OK");
+    }
+
+    #[test]
+    fn failing_frontends_are_not_ready_and_named() {
+        let health = Health::new(DEFAULT_STALL_TIMEOUT);
+        health.set_ready();
+        let fes: Vec<String> = (0..25).map(|i| format!("10.96.0.{i}:80/TCP")).collect();
+        health.set_failing(fes);
+        let (code, body) = respond(b"GET /readyz HTTP/1.1\r\n\r\n", &health, Instant::now());
+        assert_eq!(code, "503 Service Unavailable");
+        assert!(body.contains("25 frontend(s) failed"), "{body}");
+        assert!(body.contains("10.96.0.19:80/TCP"), "{body}");
+        assert!(!body.contains("10.96.0.20:80/TCP"), "{body}");
+        assert!(body.contains("and 5 more"), "{body}");
+        // Liveness is unaffected: the loop is making progress.
+        assert_eq!(status(&health, "/healthz", Instant::now()), "200 OK");
+        health.set_failing(Vec::new());
+        assert_eq!(status(&health, "/readyz", Instant::now()), "200 OK");
     }
 
     #[tokio::test]
     async fn serves_over_tcp() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let health = Health::new();
+        let health = Health::new(DEFAULT_STALL_TIMEOUT);
         tokio::spawn(serve_on(listener, health.clone()));
         let get = |path: &'static str| async move {
             let mut s = TcpStream::connect(addr).await.unwrap();

@@ -1,5 +1,5 @@
 //! `lb-agent`: the node agent's command line. Errors become `anyhow` only here.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,6 +25,9 @@ use tracing_subscriber::EnvFilter;
     about = "eBPF socket-level load balancer for Kubernetes services"
 )]
 struct Cli {
+    /// More detail: debug logging, and errors with their full cause chain and backtrace.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and keep its maps in sync with the services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the services the pinned maps hold (works with or without a running agent).
     List {
         #[command(flatten)]
@@ -67,6 +70,9 @@ struct RunArgs {
     /// instead of watching the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "api_server"])]
     manifests: Option<PathBuf>,
+    /// Manifest files larger than this are skipped with a diagnostic (bytes, or with a Ki/Mi/Gi suffix).
+    #[arg(long, value_name = "SIZE", default_value = "8Mi", value_parser = manifest::read::parse_size)]
+    max_manifest_size: u64,
     /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else the in-cluster service account].
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
@@ -77,6 +83,10 @@ struct RunArgs {
     /// Address for /healthz and /readyz ("none" to disable).
     #[arg(long, value_name = "ADDR", default_value = health::DEFAULT_ADDR, value_parser = parse_health_addr)]
     health_addr: HealthAddr,
+    /// /healthz fails while one iteration of the sync loop (read the sources, write the maps)
+    /// has run longer than this, e.g. 60s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
     /// ClusterIP ranges for manifest Services: one CIDR, or an IPv4 and an IPv6 one separated
     /// by a comma, the first being the primary family (as kube-apiserver's
     /// --service-cluster-ip-range). Single-stack Services get the primary family; dual-stack
@@ -96,6 +106,10 @@ struct RunArgs {
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
+    /// Use a --bpffs directory that also holds pins lb-agent did not create (refused by
+    /// default: `uninstall` would leave them, and a typo such as /sys/fs/bpf is caught).
+    #[arg(long)]
+    allow_foreign_pins: bool,
     /// This node, for internalTrafficPolicy: Local [default: $NODE_NAME, else the hostname].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -111,6 +125,28 @@ struct RunArgs {
 /// the other subcommands.
 fn parse_service_cidr(s: &str) -> Result<Box<ServiceCidr>, manifest::ServiceCidrError> {
     s.parse().map(Box::new)
+}
+
+/// A duration as Kubernetes flags write it: `500ms`, `30s`, `5m`, `1h`, or
+/// plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 5m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(d)
 }
 
 /// `--health-addr`: an address, or `None` for "none".
@@ -132,9 +168,27 @@ enum Output {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let verbose = cli.verbose;
+    match run_cli(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line for an operator, whatever RUST_BACKTRACE says;
+            // the chain and backtrace only when asked for with -v.
+            if verbose {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    let default = if cli.verbose { "debug" } else { "info" };
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     if matches!(&cli.command, Command::Run(args) if args.bpf_log) {
         // The program's records arrive through aya-log with this target.
         filter = filter.add_directive("lb_ebpf=debug".parse()?);
@@ -145,7 +199,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .init();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::List { pins, output } => list_cmd(&pins, output),
         Command::Uninstall { pins } => uninstall(&pins),
     }
@@ -155,14 +209,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
         pins,
         manifests,
+        max_manifest_size,
         kubeconfig,
         api_server,
         health_addr,
+        stall_timeout,
         service_cidr,
         max_services,
         max_backends,
         max_reverse,
         bpf_log,
+        allow_foreign_pins,
         node_name,
         zone,
         service_proxy_name,
@@ -189,11 +246,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 bpffs: pins.bpffs,
                 cgroup: pins.cgroup,
                 manifests,
+                max_manifest_size,
                 service_cidr: *service_cidr,
                 sizes,
                 bpf_log,
+                allow_foreign_pins,
                 translate,
                 health_addr: health_addr.0,
+                stall_timeout,
             };
             runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
         }
@@ -203,12 +263,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 cgroup: pins.cgroup,
                 sizes,
                 bpf_log,
+                allow_foreign_pins,
                 translate,
                 client: ClientConfig {
                     kubeconfig,
                     api_server,
                 },
                 health_addr: health_addr.0,
+                stall_timeout,
             };
             runtime.block_on(agent::run_kube(cfg, shutdown_signal()))?;
         }
@@ -279,12 +341,21 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
 }
 
 fn uninstall(pins: &Pins) -> anyhow::Result<()> {
-    if bpf::uninstall(&pins.bpffs)
-        .with_context(|| format!("removing pins in {}", pins.bpffs.display()))?
-    {
-        println!("detached and removed {}", pins.bpffs.display());
-    } else {
-        println!("nothing installed at {}", pins.bpffs.display());
+    let dir = pins.bpffs.display();
+    match bpf::uninstall(&pins.bpffs)? {
+        None => println!("nothing installed at {dir}"),
+        Some(u) => {
+            println!("detached and removed {} pins from {dir}", u.removed);
+            if u.dir_removed {
+                println!("removed {dir}");
+            } else if !u.left.is_empty() {
+                println!(
+                    "left {dir} in place: it holds {} entries lb-agent did not create: {}",
+                    u.left.len(),
+                    u.left.join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }

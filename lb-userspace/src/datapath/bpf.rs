@@ -7,6 +7,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    sys::statfs,
+};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -66,7 +72,8 @@ const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
         size_of::<ReverseValue>(),
     ),
 ];
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Suffix of a link's staging pin (bpffs rejects '.' in names).
+const STAGING_SUFFIX: &str = "_new";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -92,6 +99,14 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// A flag or the system is not what `run` needs; says what to do.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "{} is held by a running lb-agent ({holder}); one agent per pin directory: stop that one first, or use another --bpffs",
+        dir.display()
+    )]
+    Locked { dir: PathBuf, holder: String },
 }
 
 /// Sizes of the maps created on first install (pinned maps keep theirs).
@@ -119,20 +134,218 @@ pub fn cgroup2_root() -> std::io::Result<PathBuf> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix_statfs_magic(path).is_some_and(|m| m == BPF_FS_MAGIC)
+    fs_type(path) == Some(statfs::BPF_FS_MAGIC)
 }
 
-fn nix_statfs_magic(path: &Path) -> Option<i64> {
-    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and a properly sized out buffer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut buf) };
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs by libc target"
-    )]
-    (rc == 0).then_some(buf.f_type as i64)
+fn fs_type(path: &Path) -> Option<statfs::FsType> {
+    statfs::statfs(path).ok().map(|s| s.filesystem_type())
+}
+
+/// Upper bound of every `--max-*` map size: far above any node's needs, low
+/// enough that a typo is refused before the kernel is asked for gigabytes.
+pub const MAX_MAP_ENTRIES: u32 = 1 << 24;
+
+impl MapSizes {
+    /// Each size is a number of entries between 1 and [`MAX_MAP_ENTRIES`].
+    pub fn validate(&self) -> Result<(), LoadError> {
+        for (flag, value) in [
+            ("--max-services", self.max_services),
+            ("--max-backends", self.max_backends),
+            ("--max-reverse", self.max_reverse),
+        ] {
+            if !(1..=MAX_MAP_ENTRIES).contains(&value) {
+                return Err(LoadError::Invalid(format!(
+                    "{flag} {value}: must be between 1 and {MAX_MAP_ENTRIES} entries"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything `run` checks before it creates anything, so a mistake in a
+/// flag leaves no pin, link or directory behind: the cgroup is a cgroup v2
+/// directory, the pin directory is (or will be) on a bpffs and holds nothing
+/// but this agent's pins (unless `allow_foreign`), and the sizes are sane.
+pub fn preflight(
+    bpffs: &Path,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    allow_foreign: bool,
+) -> Result<(), LoadError> {
+    sizes.validate()?;
+    check_cgroup2(cgroup)?;
+    check_bpffs_dir(bpffs)?;
+    if !allow_foreign {
+        let foreign = foreign_entries(bpffs);
+        if !foreign.is_empty() {
+            return Err(LoadError::Invalid(format!(
+                "{} holds entries lb-agent did not create ({}); give lb-agent a directory of its own, such as /sys/fs/bpf/lb, or pass --allow-foreign-pins to share this one",
+                bpffs.display(),
+                list_names(&foreign)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_cgroup2(cgroup: &Path) -> Result<(), LoadError> {
+    let hint = || {
+        match cgroup2_root() {
+        Ok(root) => format!(
+            "pass a cgroup v2 directory, e.g. the cgroup2 mount {} (from /proc/mounts) or a directory below it",
+            root.display()
+        ),
+        Err(_) => "pass a cgroup v2 directory (this host has no cgroup2 mount in /proc/mounts: mount -t cgroup2 none <dir>)".to_owned(),
+    }
+    };
+    let invalid = |what: String| LoadError::Invalid(format!("{what}; {}", hint()));
+    match fs::metadata(cgroup) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(invalid(format!(
+                "--cgroup {}: no such directory",
+                cgroup.display()
+            )));
+        }
+        Err(e) => return Err(invalid(format!("--cgroup {}: {e}", cgroup.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(invalid(format!(
+                "--cgroup {}: not a directory",
+                cgroup.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    match fs_type(cgroup) {
+        Some(statfs::CGROUP2_SUPER_MAGIC) => Ok(()),
+        Some(statfs::CGROUP_SUPER_MAGIC) => Err(invalid(format!(
+            "{} is a cgroup v1 directory",
+            cgroup.display()
+        ))),
+        _ => Err(invalid(format!(
+            "{} is not a cgroup directory",
+            cgroup.display()
+        ))),
+    }
+}
+
+/// The pin directory exists on a bpffs, or will be created on one: its
+/// parent is a bpffs, or it is below /sys/fs/bpf, where `run` mounts one.
+fn check_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
+    let invalid = |why: &str| {
+        LoadError::Invalid(format!(
+            "--bpffs {}: {why}; pass a directory on a bpffs, such as /sys/fs/bpf/lb (mount one with: mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        ))
+    };
+    if dir.exists() {
+        if !dir.is_dir() {
+            return Err(invalid("not a directory"));
+        }
+        if !is_bpffs(dir) {
+            return Err(invalid("not on a bpffs"));
+        }
+        return Ok(());
+    }
+    let sys_bpf = Path::new(SYS_BPF);
+    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        return Ok(());
+    }
+    match dir.parent() {
+        Some(parent) if is_bpffs(parent) => Ok(()),
+        Some(parent) if parent.exists() => Err(invalid("its parent is not on a bpffs")),
+        _ => Err(invalid("neither it nor its parent exists")),
+    }
+}
+
+const SYS_BPF: &str = "/sys/fs/bpf";
+
+/// Whether `name` is a pin `run` creates: a map, a link, or a link's
+/// staging pin during an upgrade.
+fn known_pin(name: &str) -> bool {
+    MAP_LAYOUTS.iter().any(|(map, _, _)| *map == name)
+        || name == maps::LEGACY_REVERSE4
+        || PROGRAMS
+            .iter()
+            .any(|(_, pin)| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
+}
+
+/// Entries of `dir` that are not [`known_pin`]s, sorted (none if `dir` is missing).
+fn foreign_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !known_pin(n))
+        .collect();
+    names.sort();
+    names
+}
+
+/// At most a few names, then a count.
+fn list_names(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut out = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        out.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    out
+}
+
+/// An exclusive `flock` on the pin directory, held for the agent's life: a
+/// second agent on the same directory would fight the first over every map
+/// entry and link. Released by the kernel when the process exits, however.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: Flock<fs::File>,
+}
+
+/// Takes the directory's lock, or says which process holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, LoadError> {
+    let file = fs::File::open(dir).map_err(|e| LoadError::Path {
+        path: dir.to_owned(),
+        message: format!("opening the pin directory to lock it: {e}"),
+    })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock { _lock: lock }),
+        Err((_, Errno::EWOULDBLOCK)) => Err(LoadError::Locked {
+            dir: dir.to_owned(),
+            holder: lock_holder(dir)
+                .map_or_else(|| "another process".to_owned(), |pid| format!("pid {pid}")),
+        }),
+        Err((_, e)) => Err(LoadError::Path {
+            path: dir.to_owned(),
+            message: format!("locking the pin directory: {e}"),
+        }),
+    }
+}
+
+/// The pid holding a `flock` on `dir`, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`).
+fn lock_holder(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(dir).ok()?;
+    let dev = meta.dev();
+    let wanted = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    fs::read_to_string("/proc/locks")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (kind, pid, id) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+            (*kind == "FLOCK" && *id == wanted).then(|| pid.parse().ok())?
+        })
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting one at /sys/fs/bpf if the
@@ -142,7 +355,7 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
         path: dir.to_owned(),
         message,
     };
-    let sys_bpf = Path::new("/sys/fs/bpf");
+    let sys_bpf = Path::new(SYS_BPF);
     if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
         fs::create_dir_all(sys_bpf).map_err(|e| err(e.to_string()))?;
         let status = std::process::Command::new("mount")
@@ -171,6 +384,8 @@ pub struct Installation {
     pub link_pin: PathBuf,
     /// Every link pin, in [`PROGRAMS`] order.
     pub link_pins: Vec<PathBuf>,
+    /// Held for as long as the agent runs.
+    pub lock: DirLock,
 }
 
 /// Loads the programs with their maps pinned under `dir` (re-using maps
@@ -179,16 +394,65 @@ pub struct Installation {
 /// side until the pins are swapped (a second connect4 or recvmsg4 finds no
 /// frontend or reverse entry in an address the first already translated),
 /// so no connect or datagram goes untranslated during an upgrade or restart.
+///
+/// Everything is checked first ([`preflight`]) and the directory is locked
+/// before anything in it changes; if a fresh installation fails half-way,
+/// what it created is removed again.
 pub fn install(
     dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
     bpf_log: bool,
+    allow_foreign: bool,
 ) -> Result<Installation, LoadError> {
     if SOCK_OBJ.is_empty() {
         return Err(LoadError::Stub);
     }
+    preflight(dir, cgroup, &sizes, allow_foreign)?;
+    let created = !dir.exists();
     ensure_bpffs_dir(dir)?;
+    let lock = match lock_dir(dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            if created {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    // Under the lock, so no other agent is half-way through its own start.
+    let fresh = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .all(|e| !known_pin(&e.file_name().to_string_lossy()));
+    match load_and_attach(dir, cgroup, sizes, bpf_log) {
+        Ok((ebpf, link_pins)) => Ok(Installation {
+            ebpf,
+            link_pin: dir.join(LINK_PIN),
+            link_pins,
+            lock,
+        }),
+        Err(e) => {
+            // Nothing left behind by a failed first start; an existing
+            // installation keeps serving from its pins.
+            if fresh {
+                let _ = remove_known_pins(dir);
+                if created {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn load_and_attach(
+    dir: &Path,
+    cgroup: &Path,
+    sizes: MapSizes,
+    bpf_log: bool,
+) -> Result<(Ebpf, Vec<PathBuf>), LoadError> {
     drop_incompatible_pins(dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
@@ -235,11 +499,7 @@ pub fn install(
     }
     // The IPv4-only reverse map of earlier versions: no program uses it now.
     let _ = fs::remove_file(dir.join(maps::LEGACY_REVERSE4));
-    Ok(Installation {
-        ebpf,
-        link_pin: dir.join(LINK_PIN),
-        link_pins,
-    })
+    Ok((ebpf, link_pins))
 }
 
 /// Unpins every map whose pinned key or value size differs from this build's,
@@ -314,7 +574,7 @@ fn attach_staged(
             source: e.into(),
         })?;
     // bpffs rejects '.' in names, hence the underscore.
-    let staging = dir.join(format!("{pin}_new"));
+    let staging = dir.join(format!("{pin}{STAGING_SUFFIX}"));
     let _ = fs::remove_file(&staging);
     let pinned = fd_link.pin(&staging).map_err(|e| LoadError::Pin {
         path: staging.clone(),
@@ -354,29 +614,69 @@ fn set_config(dir: &Path, index: u32, value: u32) -> Result<(), LoadError> {
         .map_err(|source| map_err("set", maps::CONFIG, source).into())
 }
 
-/// Detaches (by removing the link pins) and removes every pin in `dir`.
-pub fn uninstall(dir: &Path) -> std::io::Result<bool> {
-    match fs::read_dir(dir) {
-        Ok(entries) => {
-            // The links first, forward hooks before reverse ones, so nothing
-            // runs against maps being removed and no socket is translated
-            // without its replies being translated back.
-            for (_, pin) in PROGRAMS.iter().rev() {
-                let _ = fs::remove_file(dir.join(pin));
-            }
-            for entry in entries {
-                let entry = entry?;
-                match fs::remove_file(entry.path()) {
-                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-            }
-            fs::remove_dir(dir)?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+/// What `uninstall` did.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    /// Pins removed.
+    pub removed: usize,
+    /// Entries of the directory lb-agent did not create, left as they were.
+    pub left: Vec<String>,
+    /// The directory itself was removed (it was empty afterwards).
+    pub dir_removed: bool,
+}
+
+/// Detaches (by removing the link pins) and removes exactly the pins `run`
+/// creates, then the directory if nothing else is in it. Refused while an
+/// agent runs on `dir`. `None`: nothing is installed there.
+pub fn uninstall(dir: &Path) -> Result<Option<Uninstalled>, LoadError> {
+    if !dir.exists() {
+        return Ok(None);
     }
+    let lock = lock_dir(dir)?;
+    let removed = remove_known_pins(dir).map_err(|e| LoadError::Path {
+        path: dir.to_owned(),
+        message: format!("removing pins: {e}"),
+    })?;
+    let left = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    drop(lock);
+    let dir_removed = left.is_empty() && fs::remove_dir(dir).is_ok();
+    let mut left = left;
+    left.sort();
+    Ok(Some(Uninstalled {
+        removed,
+        left,
+        dir_removed,
+    }))
+}
+
+/// Removes every [`known_pin`] of `dir`; returns how many there were.
+fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
+    // The links first, forward hooks before reverse ones, so nothing runs
+    // against maps being removed and no socket is translated without its
+    // replies being translated back.
+    let links = PROGRAMS
+        .iter()
+        .rev()
+        .flat_map(|(_, pin)| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
+    let maps = MAP_LAYOUTS
+        .iter()
+        .map(|(name, _, _)| *name)
+        .chain([maps::LEGACY_REVERSE4])
+        .map(str::to_owned);
+    let mut removed = 0;
+    for name in links.chain(maps) {
+        match fs::remove_file(dir.join(&name)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// The program id behind the pinned link, if the link is still attached.

@@ -131,6 +131,26 @@ pub struct Diagnostic {
     /// Path of the offending field, e.g. `spec.ports[1].targetPort`; empty for the whole object.
     pub field: String,
     pub message: String,
+    pub severity: Severity,
+}
+
+/// How a diagnostic is logged: a warning is an object (or part of one) that
+/// was refused; a notice is valid input that does not do what it may seem to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    #[default]
+    Warning,
+    Info,
+}
+
+impl Diagnostic {
+    /// The same problem, reported as a notice.
+    pub fn info(self) -> Self {
+        Self {
+            severity: Severity::Info,
+            ..self
+        }
+    }
 }
 
 impl fmt::Display for Diagnostic {

@@ -550,5 +550,6 @@ pub(super) fn diag(
         object: format!("{kind} {namespace}/{name}"),
         field: field.to_owned(),
         message,
+        severity: Default::default(),
     }
 }

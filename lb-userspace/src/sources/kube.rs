@@ -807,6 +807,7 @@ impl Index {
                 object: format!("EndpointSlice {ns}/{name}"),
                 field: "metadata.labels".to_owned(),
                 message: format!("missing label {SERVICE_NAME}; the slice is ignored"),
+                severity: Default::default(),
             })
             .collect();
         for key in &self.with_diags {
@@ -830,6 +831,7 @@ impl Index {
                         "frontend {fe} is already served by Service {}/{}; skipped",
                         winner.0, winner.1
                     ),
+                    severity: Default::default(),
                 });
             }
         }

@@ -19,6 +19,7 @@ use crate::model::{Diagnostic, SOURCE_ANNOTATION};
 mod alloc;
 mod controllers;
 mod parse;
+pub mod read;
 #[cfg(test)]
 mod tests;
 
@@ -268,11 +269,12 @@ impl ClusterIpAllocator {
     }
 }
 
-/// Reads every `*.yaml`/`*.yml` in `dir` (not recursive). Never fails: an
-/// unreadable directory, file or object is a diagnostic.
-pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator) -> Manifests {
+/// Reads every `*.yaml`/`*.yml` in `dir` (not recursive) that is a regular
+/// file of at most `max_file_size` bytes. Never fails: an unreadable
+/// directory, file or object is a diagnostic.
+pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) -> Manifests {
     let mut diagnostics = Vec::new();
-    let objects = parse::read_dir(dir, &mut diagnostics);
+    let objects = parse::read_dir(dir, max_file_size, &mut diagnostics);
     let parse::Objects {
         mut services,
         pods,
@@ -372,5 +374,6 @@ fn diag(
         object: object.into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     }
 }

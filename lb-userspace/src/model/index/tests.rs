@@ -109,6 +109,7 @@ fn a_newcomer_never_takes_a_running_services_frontend() {
             field: "spec.ports[0]".into(),
             message: "frontend 10.0.0.1:80/TCP is already served by Service default/zeta; skipped"
                 .into(),
+            severity: Default::default(),
         }]
     );
     // zeta goes: alpha takes over.
@@ -195,6 +196,7 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
             message: format!(
                 "{n} endpoints for 10.0.0.1:80/TCP; only the first {MAX_SLOTS} by address are used"
             ),
+            severity: Default::default(),
         }]
     );
 }

@@ -166,6 +166,7 @@ fn d(object: &str, field: &str, message: &str) -> Diagnostic {
         object: object.into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     }
 }
 
@@ -949,6 +950,7 @@ fn slice_without_service_name_label_is_reported_and_ignored() {
             object: "EndpointSlice default/orphan".into(),
             field: "metadata.labels".into(),
             message: "missing label kubernetes.io/service-name; the slice is ignored".into(),
+            severity: Default::default(),
         }]
     );
     assert_eq!(
@@ -1419,6 +1421,7 @@ fn duplicate_frontend_across_services_first_seen_wins() {
         field: "spec.ports[0]".into(),
         message: "frontend 10.0.0.1:80/TCP is already served by Service default/alpha; skipped"
             .into(),
+        severity: Default::default(),
     }];
     assert_eq!(
         run(&[a.clone(), b.clone()], &[]),
@@ -1639,6 +1642,7 @@ fn bad_endpoint_addresses_are_reported_and_others_kept() {
         object: "EndpointSlice default/web-a".into(),
         field: field.into(),
         message: message.into(),
+        severity: Default::default(),
     };
     // Reported once per slice, not once per service port.
     assert_eq!(
@@ -1688,6 +1692,7 @@ fn diagnostic_source_comes_from_annotation() {
             object: "Service prod/web".into(),
             field: "spec.ports[0].protocol".into(),
             message: "protocol SCTP is not supported (only TCP and UDP); port skipped".into(),
+            severity: Default::default(),
         }]
     );
     assert_eq!(

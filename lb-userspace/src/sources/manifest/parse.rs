@@ -1,6 +1,10 @@
 //! Files → typed objects: the API server's decoding and validation, as far as
 //! the agent needs it. Every failure is a diagnostic for one object.
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    path::Path,
+};
 
 use k8s_openapi::{
     api::{
@@ -11,7 +15,7 @@ use k8s_openapi::{
 };
 use serde_yaml::Value;
 
-use super::{Sourced, diag};
+use super::{Sourced, diag, read::read_manifest};
 use crate::model::Diagnostic;
 
 /// What the directory holds, in file order, each object at most once.
@@ -23,9 +27,14 @@ pub(super) struct Objects {
     pub slices: Vec<Sourced<EndpointSlice>>,
     /// (kind, namespace, name) → source of the definition that won.
     seen: HashMap<(&'static str, String, String), String>,
+    /// (kind, file) of objects of kinds the agent does not read: an ordinary
+    /// application directory is full of them, so they are not problems.
+    ignored: BTreeSet<(String, String)>,
 }
 
-pub(super) fn read_dir(dir: &Path, diags: &mut Vec<Diagnostic>) -> Objects {
+/// Reads every manifest file of `dir`, each through [`read_manifest`] with
+/// `max_file_size`.
+pub(super) fn read_dir(dir: &Path, max_file_size: u64, diags: &mut Vec<Diagnostic>) -> Objects {
     let mut objects = Objects::default();
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -62,15 +71,13 @@ pub(super) fn read_dir(dir: &Path, diags: &mut Vec<Diagnostic>) -> Objects {
     }
     files.sort();
     for (name, path) in files {
-        match fs::read_to_string(&path) {
+        match read_manifest(&path, max_file_size) {
             Ok(text) => objects.add_file(&name, &text, diags),
-            Err(e) => diags.push(diag(
-                path.display().to_string(),
-                "",
-                "",
-                format!("cannot read the file: {e}"),
-            )),
+            Err(e) => diags.push(diag(path.display().to_string(), "", "", e.to_string())),
         }
+    }
+    for (kind, file) in std::mem::take(&mut objects.ignored) {
+        tracing::debug!(kind, file, "kind not used by lb-agent; ignored");
     }
     objects
 }
@@ -163,14 +170,8 @@ impl Objects {
             Some(known) => (Some(known), known.api_version()),
             None if kind == "List" => (None, "v1"),
             None => {
-                diags.push(diag(
-                    source,
-                    object,
-                    "",
-                    format!(
-                        "kind {kind} (apiVersion {api_version}) is not used by lb-agent; ignored"
-                    ),
-                ));
+                let file = source.split('#').next().unwrap_or_default().to_owned();
+                self.ignored.insert((kind, file));
                 return;
             }
         };

@@ -11,7 +11,7 @@ use tempfile::TempDir;
 
 use super::{
     ClusterIpAllocator, FamilyIps, IpFamily, Manifests, ServiceCidr, ServiceCidrError, load_dir,
-    parse::split_documents,
+    parse::split_documents, read::DEFAULT_MAX_FILE_SIZE,
 };
 use crate::model::{Diagnostic, SOURCE_ANNOTATION};
 
@@ -58,7 +58,7 @@ fn write_files(dir: &Path, files: &[(&str, &str)]) {
 fn load_with(files: &[(&str, &str)], alloc: &mut ClusterIpAllocator) -> Manifests {
     let dir = TempDir::new().unwrap();
     write_files(dir.path(), files);
-    load_dir(dir.path(), alloc)
+    load_dir(dir.path(), alloc, DEFAULT_MAX_FILE_SIZE)
 }
 
 fn load(files: &[(&str, &str)]) -> Manifests {
@@ -146,6 +146,7 @@ fn d(source: &str, object: &str, field: &str, message: &str) -> Diagnostic {
         object: object.to_owned(),
         field: field.to_owned(),
         message: message.to_owned(),
+        severity: Default::default(),
     }
 }
 
@@ -261,15 +262,8 @@ items:
         pod_yaml("a-1", "a", "10.0.0.1", true, "")
     );
     let m = load(&[("1-multi.yaml", &multi), ("2-list.yml", list)]);
-    assert_eq!(
-        m.diagnostics,
-        vec![d(
-            "2-list.yml#1.items[1]",
-            "ConfigMap default/cm",
-            "",
-            "kind ConfigMap (apiVersion v1) is not used by lb-agent; ignored"
-        )]
-    );
+    // Kinds the agent does not read are not problems (logged at debug).
+    assert_eq!(m.diagnostics, vec![]);
     assert_eq!(m.services.len(), 2);
     assert_eq!(source(&service(&m, "a").metadata), "1-multi.yaml#1");
     assert_eq!(source(&service(&m, "b").metadata), "2-list.yml#1.items[0]");
@@ -660,12 +654,6 @@ metadata: {name: nokind}
         m.diagnostics,
         vec![
             d(
-                "k.yaml#1",
-                "Deployment prod/web",
-                "",
-                "kind Deployment (apiVersion apps/v1) is not used by lb-agent; ignored"
-            ),
-            d(
                 "k.yaml#2",
                 "EndpointSlice default/old",
                 "apiVersion",
@@ -932,7 +920,11 @@ fn cidr_parsing() {
 fn unreadable_directory_is_a_diagnostic() {
     let dir = TempDir::new().unwrap();
     let missing = dir.path().join("missing");
-    let m = load_dir(&missing, &mut ClusterIpAllocator::new(cidr(), []));
+    let m = load_dir(
+        &missing,
+        &mut ClusterIpAllocator::new(cidr(), []),
+        DEFAULT_MAX_FILE_SIZE,
+    );
     assert_eq!(m.services.len(), 0);
     assert_eq!(m.diagnostics.len(), 1);
     assert_eq!(m.diagnostics[0].source, missing.display().to_string());
@@ -945,7 +937,11 @@ fn unreadable_directory_is_a_diagnostic() {
     // A directory named like a manifest cannot be read as a file.
     fs::create_dir(dir.path().join("sub.yaml")).unwrap();
     write_files(dir.path(), &[("x.yaml", &svc_yaml("x", "x", ""))]);
-    let m = load_dir(dir.path(), &mut ClusterIpAllocator::new(cidr(), []));
+    let m = load_dir(
+        dir.path(),
+        &mut ClusterIpAllocator::new(cidr(), []),
+        DEFAULT_MAX_FILE_SIZE,
+    );
     assert_eq!(m.services.len(), 1);
     assert_eq!(m.diagnostics.len(), 1);
     assert_eq!(
@@ -955,7 +951,9 @@ fn unreadable_directory_is_a_diagnostic() {
     assert!(
         m.diagnostics[0]
             .message
-            .starts_with("cannot read the file: ")
+            .starts_with("a directory is not a regular file; skipped"),
+        "{}",
+        m.diagnostics[0].message
     );
 }
 
