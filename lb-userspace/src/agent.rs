@@ -1,9 +1,8 @@
-//! The agent: objects from a source → pure translation → reconciler → maps.
+//! The composition root: wires a source into the model's index, the sync
+//! loop, the reconciler and the datapath, and runs them until shutdown.
 //!
-//! Every source (the manifest directory, the API server) ends in
-//! [`Syncer::sync`], so there is one code path from objects to map writes.
+//! `sources` → `model::Index` → `sync::Driver` → `reconciler` → `datapath`.
 use std::{
-    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -11,24 +10,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tracing::{debug, error, info, warn};
+use tracing::info;
 
 use crate::{
     datapath::{
-        Datapath, DatapathError,
+        DatapathError,
         bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
     },
     health::{self, Health},
-    model::{
-        DesiredService, DesiredState, Diagnostic, Frontend, Severity, TranslateOptions, translate,
-    },
-    reconciler::{Prune, Reconciler},
+    model::{Index, TranslateOptions},
+    reconciler::Reconciler,
     sources::{
-        dir_watch::{self, POLL_INTERVAL},
-        kube::{self as kube_source, ClientConfig, ClientError, Coalesce, Driver, Kind},
+        dir_watch::{DirWatcher, POLL_INTERVAL},
+        kube::{self as kube_source, ClientConfig, ClientError, Signals},
         manifest::{self, ClusterIpAllocator, ServiceCidr},
     },
+    sync::{self, Coalesce, Driver, Input, Syncer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +59,9 @@ pub struct ManifestAgentConfig {
     pub health_addr: Option<SocketAddr>,
     /// `/healthz` fails while one sync-loop iteration has run longer than this.
     pub stall_timeout: Duration,
+    /// `--resync-period`: how often the maps are compared with the whole
+    /// desired state and repaired; `None`: never.
+    pub resync_period: Option<Duration>,
 }
 
 /// Everything `lb-agent run` against the Kubernetes API needs.
@@ -81,163 +81,9 @@ pub struct KubeAgentConfig {
     pub health_addr: Option<SocketAddr>,
     /// `/healthz` fails while one sync-loop iteration has run longer than this.
     pub stall_timeout: Duration,
-}
-
-/// What one sync did, for logs and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncStats {
-    pub frontends: usize,
-    pub writes: usize,
-    pub deletes: usize,
-    pub errors: usize,
-}
-
-/// Translation plus reconciliation, with diagnostics reported once each
-/// (a file that stays broken is not re-logged on every edit elsewhere).
-pub struct Syncer<D> {
-    reconciler: Reconciler<D>,
-    opts: TranslateOptions,
-    reported: BTreeSet<Diagnostic>,
-    /// Frontends the last sync could not bring in line (a full map, a
-    /// refused write): a source that syncs only what changed retries them.
-    failed: BTreeSet<Frontend>,
-}
-
-impl<D: Datapath> Syncer<D> {
-    pub fn new(reconciler: Reconciler<D>, opts: TranslateOptions) -> Self {
-        Self {
-            reconciler,
-            opts,
-            reported: BTreeSet::new(),
-            failed: BTreeSet::new(),
-        }
-    }
-
-    pub fn reconciler(&self) -> &Reconciler<D> {
-        &self.reconciler
-    }
-
-    /// Frontends the last sync failed to write or remove.
-    pub fn failed(&self) -> &BTreeSet<Frontend> {
-        &self.failed
-    }
-
-    /// The problems currently reported (each logged once).
-    pub fn diagnostics(&self) -> &BTreeSet<Diagnostic> {
-        &self.reported
-    }
-
-    pub fn options(&self) -> &TranslateOptions {
-        &self.opts
-    }
-
-    /// New node inputs (a zone learned late); used from the next sync on.
-    pub fn set_options(&mut self, opts: TranslateOptions) {
-        self.opts = opts;
-    }
-
-    /// Brings the maps to what `services` and `slices` describe. `source_diags`
-    /// are problems the source found before translation (parse errors).
-    pub fn sync(
-        &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
-        source_diags: Vec<Diagnostic>,
-        prune: Prune,
-    ) -> SyncStats {
-        let (desired, diags) = translate(services, slices, &self.opts);
-        self.apply_desired(
-            desired,
-            source_diags.into_iter().chain(diags).collect(),
-            prune,
-        )
-    }
-
-    /// The second half of [`Syncer::sync`], for a source that keeps the
-    /// translation up to date incrementally (per service, with the model's
-    /// own [`crate::model::translate_service`]).
-    pub fn apply_desired(
-        &mut self,
-        mut desired: DesiredState,
-        diags: BTreeSet<Diagnostic>,
-        prune: Prune,
-    ) -> SyncStats {
-        self.report(diags);
-        if prune == Prune::No {
-            let installed = self.reconciler.installed();
-            desired.retain(|fe, want| may_install_early(installed, fe, want));
-        }
-        let report = self.reconciler.apply(&desired, prune);
-        self.finish(&report)
-    }
-
-    /// Like [`Syncer::apply_desired`], for a source that knows which
-    /// frontends changed: only those are written (`None`: the frontend is
-    /// gone), so a sync costs what changed.
-    pub fn apply_changes(
-        &mut self,
-        mut changes: BTreeMap<Frontend, Option<DesiredService>>,
-        diags: BTreeSet<Diagnostic>,
-        prune: Prune,
-    ) -> SyncStats {
-        self.report(diags);
-        if prune == Prune::No {
-            // Nothing removed until the sources are complete either.
-            let installed = self.reconciler.installed();
-            changes.retain(|fe, want| {
-                want.as_ref()
-                    .is_some_and(|w| may_install_early(installed, fe, w))
-            });
-        }
-        let report = self.reconciler.apply_changes(&changes, prune);
-        self.finish(&report)
-    }
-
-    fn finish(&mut self, report: &crate::reconciler::ApplyReport) -> SyncStats {
-        for e in &report.errors {
-            error!("{e}");
-        }
-        self.failed = report.errors.iter().map(|e| e.frontend).collect();
-        for e in &report.other_errors {
-            error!("{e}");
-        }
-        let full = report.map_full();
-        if full > 0
-            && let Err(e) = self.reconciler.datapath_mut().count_map_full(full as u64)
-        {
-            warn!(error = %e, "could not count map-full failures");
-        }
-        SyncStats {
-            frontends: self.reconciler.installed().len(),
-            writes: report.writes,
-            deletes: report.deletes,
-            errors: report.errors.len() + report.other_errors.len(),
-        }
-    }
-
-    fn report(&mut self, now: BTreeSet<Diagnostic>) {
-        for d in now.difference(&self.reported) {
-            match d.severity {
-                Severity::Warning => warn!("{d}"),
-                Severity::Info => info!("{d}"),
-            }
-        }
-        for d in self.reported.difference(&now) {
-            info!("resolved: {d}");
-        }
-        self.reported = now;
-    }
-}
-
-/// While sources are still syncing, an empty backend list may only mean the
-/// slices have not arrived yet: a new frontend that would refuse connects
-/// waits; installed ones keep their backends anyway (no shrink before then).
-fn may_install_early(
-    installed: &BTreeMap<Frontend, crate::reconciler::Installed>,
-    fe: &Frontend,
-    want: &DesiredService,
-) -> bool {
-    !want.backends.is_empty() || installed.contains_key(fe)
+    /// `--resync-period`: how often the maps are compared with the whole
+    /// desired state and repaired; `None`: never.
+    pub resync_period: Option<Duration>,
 }
 
 /// Loads and attaches the programs (re-adopting pinned maps and state) and
@@ -268,49 +114,62 @@ pub async fn run_manifests(
             )
         });
     let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
-    let mut syncer = Syncer::new(reconciler, cfg.translate.clone());
+    let mut driver = driver(reconciler, cfg.translate.clone(), cfg.resync_period);
+    let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
 
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One task reads the directory and syncs, so a read that never returns
+    // shows as a stalled iteration.
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                health.iteration_started();
+                if watcher.changed().await {
+                    let started = Instant::now();
+                    let loaded = manifest::load_dir(&cfg.manifests, &mut alloc, cfg.max_manifest_size);
+                    manifest::feed(&input, loaded, started);
+                    // The directory is the whole truth from the first read on.
+                    input.set_complete();
+                }
+                health.iteration_finished();
+            }
+            wake = driver.wait() => {
+                let step = driver.iterate(wake, &health);
+                info!(
+                    frontends = step.stats.frontends,
+                    writes = step.stats.writes,
+                    deletes = step.stats.deletes,
+                    errors = step.stats.errors,
+                    elapsed_ms = step.since_change.unwrap_or_default().as_millis() as u64,
+                    "synced manifests"
+                );
+            }
         }
-        // Liveness is progress: an iteration stuck anywhere below (a read
-        // that never returns) fails /healthz once it exceeds the bound.
-        health.iteration_started();
-        if !watcher.changed().await {
-            health.iteration_finished();
-            continue;
-        }
-        let started = Instant::now();
-        // Synchronous on purpose: nothing else runs on this loop, and a
-        // directory of a thousand services parses in milliseconds.
-        let loaded = manifest::load_dir(&cfg.manifests, &mut alloc, cfg.max_manifest_size);
-        let stats = syncer.sync(
-            &loaded.services,
-            &loaded.slices,
-            loaded.diagnostics,
-            Prune::Yes,
-        );
-        info!(
-            frontends = stats.frontends,
-            writes = stats.writes,
-            deletes = stats.deletes,
-            errors = stats.errors,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "synced manifests"
-        );
-        health.set_failing(syncer.failed().iter().map(ToString::to_string).collect());
-        // The directory is the whole truth: the first sync is complete.
-        health.set_ready();
-        health.iteration_finished();
     }
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
+}
+
+/// The sync loop over a fresh index, seeded with who held which frontend
+/// before a restart.
+fn driver(
+    reconciler: Reconciler<BpfDatapath>,
+    opts: TranslateOptions,
+    resync_period: Option<Duration>,
+) -> Driver<BpfDatapath> {
+    let mut index = Index::new(opts);
+    index.seed(sync::owners_oldest_first(&reconciler));
+    let mut driver = Driver::new(
+        Syncer::new(reconciler),
+        Input::new(index),
+        Coalesce::default(),
+    );
+    driver.set_resync_period(resync_period);
+    driver
 }
 
 /// Serves the probes in the background (if asked); not ready yet.
@@ -370,13 +229,15 @@ pub async fn run_kube(
         cfg.allow_foreign_pins,
     )?;
     let mut opts = cfg.translate.clone();
-    let (mut driver, feeds) =
-        Driver::new(Syncer::new(reconciler, opts.clone()), Coalesce::default());
+    let mut driver = driver(reconciler, opts.clone(), cfg.resync_period);
+    let signals = Signals::new(driver.input().clone());
     if opts.zone.is_none()
         && let Some(node) = opts.node_name.clone()
     {
-        opts.zone = kube_source::resolve_zone(client.clone(), node, feeds.signals.clone()).await;
-        driver.set_options(opts.clone());
+        opts.zone = kube_source::resolve_zone(client.clone(), node, signals.clone()).await;
+        if opts.zone.is_some() {
+            signals.set_zone(opts.zone.clone());
+        }
     }
     let selector = kube_source::label_selector(opts.service_proxy_name.as_deref());
     info!(
@@ -386,81 +247,22 @@ pub async fn run_kube(
         "watching services and endpointslices"
     );
     let services = tokio::spawn(kube_source::pump(
-        kube_source::watch(kube::Api::all(client.clone()), &selector),
-        feeds.services,
-        feeds.signals.clone(),
-        Kind::Services,
+        kube_source::watch::<k8s_openapi::api::core::v1::Service>(
+            kube::Api::all(client.clone()),
+            &selector,
+        ),
+        signals.clone(),
     ));
     let slices = tokio::spawn(kube_source::pump(
-        kube_source::watch(kube::Api::all(client), &selector),
-        feeds.slices,
-        feeds.signals.clone(),
-        Kind::EndpointSlices,
+        kube_source::watch::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+            kube::Api::all(client),
+            &selector,
+        ),
+        signals,
     ));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            step = driver.step() => {
-                health.set_failing(
-                    driver.syncer().failed().iter().map(ToString::to_string).collect(),
-                );
-                if step.first_complete {
-                    health.set_ready();
-                }
-            }
-        }
-    }
+    driver.run(&health, shutdown).await;
     services.abort();
     slices.abort();
-    driver.log_latency();
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
-}
-
-/// Detects edits of the manifest directory and waits for them to settle, so
-/// a file caught half-written is not applied (and its services not dropped).
-struct DirWatcher {
-    dir: PathBuf,
-    last: Option<dir_watch::Fingerprint>,
-    unreadable: bool,
-}
-
-/// How long a changed directory must stay unchanged before it is read.
-const SETTLE: Duration = Duration::from_millis(100);
-
-impl DirWatcher {
-    fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            last: None,
-            unreadable: false,
-        }
-    }
-
-    async fn changed(&mut self) -> bool {
-        let Some(now) = dir_watch::fingerprint(&self.dir) else {
-            // Keep the last good state: an unreadable directory (a remount, a
-            // typo'd path) must not withdraw every service.
-            if !self.unreadable {
-                error!(dir = %self.dir.display(), "cannot read the manifest directory; keeping the current services");
-                self.unreadable = true;
-            }
-            return false;
-        };
-        if self.unreadable {
-            info!(dir = %self.dir.display(), "manifest directory readable again");
-            self.unreadable = false;
-        }
-        if self.last.as_ref() == Some(&now) {
-            return false;
-        }
-        tokio::time::sleep(SETTLE).await;
-        if dir_watch::fingerprint(&self.dir).as_ref() != Some(&now) {
-            debug!("manifest directory still changing");
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
 }

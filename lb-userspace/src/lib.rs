@@ -1,6 +1,7 @@
 //! The lb-agent: Kubernetes objects in, BPF map writes out.
 //!
-//! Data flows `sources` → `model` → `reconciler` → `datapath`.
+//! Data flows `sources` → `model` (the index) → `sync` → `reconciler` →
+//! `datapath`; `agent` wires them together.
 pub mod agent;
 pub mod datapath;
 pub mod health;
@@ -8,3 +9,4 @@ pub mod list;
 pub mod model;
 pub mod reconciler;
 pub mod sources;
+pub mod sync;

@@ -87,6 +87,10 @@ struct RunArgs {
     /// has run longer than this, e.g. 60s, 2m.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     stall_timeout: Duration,
+    /// How often the maps are compared with the whole desired state and any difference
+    /// repaired (logged and counted), as kube-proxy's --sync-period; e.g. 5m, 30s; 0 disables.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_period)]
+    resync_period: Period,
     /// ClusterIP ranges for manifest Services: one CIDR, or an IPv4 and an IPv6 one separated
     /// by a comma, the first being the primary family (as kube-apiserver's
     /// --service-cluster-ip-range). Single-stack Services get the primary family; dual-stack
@@ -147,6 +151,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: must be more than zero"));
     }
     Ok(d)
+}
+
+/// `--resync-period`: a duration, or `None` for 0.
+#[derive(Clone, Copy, Debug)]
+struct Period(Option<Duration>);
+
+fn parse_period(s: &str) -> Result<Period, String> {
+    if s.trim() == "0" {
+        return Ok(Period(None));
+    }
+    parse_duration(s).map(|d| Period(Some(d)))
 }
 
 /// `--health-addr`: an address, or `None` for "none".
@@ -214,6 +229,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         api_server,
         health_addr,
         stall_timeout,
+        resync_period,
         service_cidr,
         max_services,
         max_backends,
@@ -254,6 +270,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 translate,
                 health_addr: health_addr.0,
                 stall_timeout,
+                resync_period: resync_period.0,
             };
             runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
         }
@@ -271,6 +288,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 health_addr: health_addr.0,
                 stall_timeout,
+                resync_period: resync_period.0,
             };
             runtime.block_on(agent::run_kube(cfg, shutdown_signal()))?;
         }

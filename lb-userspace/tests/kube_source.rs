@@ -12,11 +12,11 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Api, Client};
 use lb_fake_apiserver::{Config, FakeApiServer};
 use lb_userspace::{
-    agent::Syncer,
     datapath::{MemoryDatapath, backend_addr},
-    model::{TranslateOptions, translate},
+    model::{Index, TranslateOptions, translate},
     reconciler::{Prune, Reconciler},
-    sources::kube::{Coalesce, Driver, Kind, label_selector, pump, watch},
+    sources::kube::{Signals, label_selector, pump, watch},
+    sync::{Coalesce, Driver, Input, Syncer},
 };
 use serde_json::{Value, json};
 
@@ -64,21 +64,19 @@ impl Drop for Harness {
 
 async fn start(server: FakeApiServer, dp: MemoryDatapath) -> Harness {
     let client = Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let syncer = Syncer::new(Reconciler::adopt(dp).unwrap(), TranslateOptions::default());
-    let (driver, feeds) = Driver::new(syncer, Coalesce::default());
+    let syncer = Syncer::new(Reconciler::adopt(dp).unwrap());
+    let input = Input::new(Index::new(TranslateOptions::default()));
+    let signals = Signals::new(input.clone());
+    let driver = Driver::new(syncer, input, Coalesce::default());
     let sel = label_selector(None);
     let tasks = vec![
         tokio::spawn(pump(
             watch(Api::<Service>::all(client.clone()), &sel),
-            feeds.services,
-            feeds.signals.clone(),
-            Kind::Services,
+            signals.clone(),
         )),
         tokio::spawn(pump(
             watch(Api::<EndpointSlice>::all(client), &sel),
-            feeds.slices,
-            feeds.signals,
-            Kind::EndpointSlices,
+            signals,
         )),
     ];
     Harness {

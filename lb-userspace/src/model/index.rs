@@ -12,7 +12,7 @@
 //! it, then the one seen first. A Service without a timestamp counts as
 //! younger than any with one (only hand-written manifests lack it). Across
 //! restarts "seen first" is recovered from the maps ([`Index::seed`]).
-use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -32,9 +32,45 @@ pub trait IndexNamespaced<T> {
     fn apply(&mut self, obj: T) -> bool;
     /// Forgets the object; `true` if it was known.
     fn delete(&mut self, namespace: &str, name: &str) -> bool;
-    /// Every (namespace, name) of this kind it holds: a relist deletes
-    /// those it did not see again.
+    /// Every (namespace, name) of this kind it holds.
     fn keys(&self) -> Vec<Key>;
+
+    /// A relist (kubert's `reset`): applies every object and deletes those
+    /// of this kind it held but did not see again, computed from its own
+    /// keys; `true` if anything changed.
+    fn reset(&mut self, objs: Vec<T>) -> bool
+    where
+        T: Named,
+    {
+        let seen: HashSet<Key> = objs.iter().map(Named::key).collect();
+        let mut changed = false;
+        for obj in objs {
+            changed |= self.apply(obj);
+        }
+        for (namespace, name) in self.keys() {
+            if !seen.contains(&(namespace.clone(), name.clone())) {
+                changed |= self.delete(&namespace, &name);
+            }
+        }
+        changed
+    }
+}
+
+/// Objects the index files under (namespace, name).
+pub trait Named {
+    fn key(&self) -> Key;
+}
+
+impl Named for ServiceInfo {
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+impl Named for SliceInfo {
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
 }
 
 /// What changed since the last check-out.

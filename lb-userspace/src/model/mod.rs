@@ -15,7 +15,7 @@ pub mod index;
 pub mod input;
 mod translate;
 
-pub use index::{Checkout, Index, IndexNamespaced};
+pub use index::{Checkout, Index, IndexNamespaced, Named};
 pub use input::{ServiceInfo, SliceInfo};
 pub use translate::{port_field, translate, translate_service};
 

@@ -7,6 +7,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    time::Instant,
 };
 
 use k8s_openapi::{
@@ -14,7 +15,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::{Diagnostic, SOURCE_ANNOTATION};
+use crate::{
+    model::{Diagnostic, IndexNamespaced as _, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
+    sync::Input,
+};
 
 mod alloc;
 mod controllers;
@@ -301,6 +305,20 @@ pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) 
         slices,
         diagnostics,
     }
+}
+
+/// Puts one read of the directory into the index as a relist would:
+/// everything applied, what vanished deleted; the problems found while
+/// reading are reported with the index's.
+pub fn feed(input: &Input, loaded: Manifests, arrived: Instant) {
+    let services: Vec<ServiceInfo> = loaded.services.iter().map(ServiceInfo::from).collect();
+    let slices: Vec<SliceInfo> = loaded.slices.iter().map(SliceInfo::from).collect();
+    input.update(arrived, false, |index| {
+        let services = index.reset(services);
+        let slices = index.reset(slices);
+        services || slices
+    });
+    input.set_source_diagnostics(loaded.diagnostics);
 }
 
 /// An object with where it was read from (`file.yaml#2`).

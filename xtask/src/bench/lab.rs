@@ -457,7 +457,7 @@ pub const MANIFEST_SYNC: &str = "synced manifests";
 /// The API source's line once both watches listed and the maps match.
 pub const API_INITIAL_SYNC: &str = "initial sync complete";
 /// The API source's debug line per sync (with `elapsed_us`).
-pub const API_SYNC: &str = "kube: synced ";
+pub const API_SYNC: &str = "sync: synced ";
 
 impl AgentProc {
     #[allow(clippy::too_many_arguments)]
@@ -480,7 +480,7 @@ impl AgentProc {
             Source::Api(url) => {
                 // No Node object exists: the zone lookup ends at once.
                 c.args(["--api-server", url, "--node-name", "bench-node"])
-                    .env("RUST_LOG", "info,lb_userspace::sources::kube=debug");
+                    .env("RUST_LOG", "info,lb_userspace::sync=debug");
             }
         }
         let spawned = Instant::now();

@@ -1,5 +1,5 @@
-//! The API source without HTTP: synthetic watcher events go into the real
-//! reflector stores and signals; the driver syncs a `MemoryDatapath`.
+//! The API source without HTTP: synthetic watcher events go through the
+//! real pumps into the index; the sync driver syncs a `MemoryDatapath`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -11,9 +11,10 @@ use serde_json::json;
 
 use super::*;
 use crate::{
-    datapath::MemoryDatapath,
-    model::{Frontend, Proto, TranslateOptions, frontend},
-    reconciler::Reconciler,
+    datapath::{Datapath as _, MemoryDatapath},
+    model::{Diagnostic, Frontend, Proto, TranslateOptions, frontend},
+    reconciler::{Prune, Reconciler},
+    sync::{Coalesce, Driver, Step, Syncer},
 };
 
 fn svc(name: &str, ip: &str) -> Service {
@@ -44,31 +45,43 @@ fn fe(ip: &str) -> Frontend {
     frontend(ip.parse::<std::net::IpAddr>().unwrap(), 80, Proto::Tcp)
 }
 
+/// The two pumps and what they share, as `run_kube` wires them.
+struct Feeds {
+    services: Pump<Service>,
+    slices: Pump<EndpointSlice>,
+    signals: Arc<Signals>,
+}
+
 fn driver_with(dp: MemoryDatapath) -> (Driver<MemoryDatapath>, Feeds) {
-    let syncer = Syncer::new(Reconciler::adopt(dp).unwrap(), TranslateOptions::default());
-    Driver::new(syncer, Coalesce::default())
+    let syncer = Syncer::new(Reconciler::adopt(dp).unwrap());
+    let input = Input::new(Index::new(TranslateOptions::default()));
+    let signals = Signals::new(input.clone());
+    let feeds = Feeds {
+        services: Pump::new(signals.clone()),
+        slices: Pump::new(signals.clone()),
+        signals,
+    };
+    (Driver::new(syncer, input, Coalesce::default()), feeds)
 }
 
 /// What `pump` does for one event, without a stream.
-fn feed<K>(writer: &mut Writer<K>, signals: &Signals, kind: Kind, event: Event<K>)
+fn feed<K: Ingest>(pump: &mut Pump<K>, _signals: &Signals, kind: Kind, event: Event<K>)
 where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    Index: IndexNamespaced<K::Info>,
 {
-    writer.apply_watcher_event(&event);
-    signals.record(kind, &Ok(event));
+    assert_eq!(kind, K::KIND);
+    pump.handle(Ok(event));
 }
 
-fn list<K>(writer: &mut Writer<K>, signals: &Signals, kind: Kind, objs: Vec<K>)
+fn list<K: Ingest>(pump: &mut Pump<K>, signals: &Signals, kind: Kind, objs: Vec<K>)
 where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    Index: IndexNamespaced<K::Info>,
 {
-    feed(writer, signals, kind, Event::Init);
+    feed(pump, signals, kind, Event::Init);
     for o in objs {
-        feed(writer, signals, kind, Event::InitApply(o));
+        feed(pump, signals, kind, Event::InitApply(o));
     }
-    feed(writer, signals, kind, Event::InitDone);
+    feed(pump, signals, kind, Event::InitDone);
 }
 
 async fn step(d: &mut Driver<MemoryDatapath>) -> Step {
@@ -182,7 +195,7 @@ async fn nothing_shrinks_or_goes_before_both_initial_lists() {
 }
 
 fn step_pending(d: &Driver<MemoryDatapath>) -> bool {
-    d.signals().is_dirty()
+    d.input().is_dirty()
 }
 
 #[tokio::test]
@@ -301,6 +314,7 @@ async fn a_burst_of_events_is_coalesced_into_few_syncs() {
     let svcs: Vec<Service> = (0..100)
         .map(|i| svc(&format!("s{i}"), &format!("10.96.1.{i}")))
         .collect();
+    drop((services, slices));
     tokio::spawn(pump(
         futures::stream::iter(
             [Event::Init]
@@ -309,13 +323,11 @@ async fn a_burst_of_events_is_coalesced_into_few_syncs() {
                 .chain([Event::InitDone])
                 .map(Ok),
         ),
-        services,
         signals.clone(),
-        Kind::Services,
     ));
     // 1,000 slice updates arriving over ~50 ms, as a watch would deliver them.
     let (tx, rx) = futures::channel::mpsc::unbounded();
-    tokio::spawn(pump(rx, slices, signals.clone(), Kind::EndpointSlices));
+    tokio::spawn(pump(rx, signals.clone()));
     tx.unbounded_send(Ok(Event::Init)).unwrap();
     tx.unbounded_send(Ok(Event::InitDone)).unwrap();
     let producer = tokio::spawn(async move {
@@ -469,15 +481,41 @@ async fn a_failed_frontend_is_retried_once_there_is_room() {
     assert!(d.syncer().failed().is_empty());
 }
 
-/// The incremental index gives exactly what a full translation of the
-/// stores gives, through slices moving between services, services coming and
-/// going, and relists.
+/// What the API server holds, as the test fed it: services in the order the
+/// index first saw them (which decides contested frontends).
+#[derive(Default)]
+struct Mirror {
+    services: Vec<Service>,
+    slices: BTreeMap<String, EndpointSlice>,
+}
+
+impl Mirror {
+    fn apply_service(&mut self, s: Service) {
+        match self
+            .services
+            .iter_mut()
+            .find(|o| o.metadata.name == s.metadata.name)
+        {
+            Some(o) => *o = s,
+            None => self.services.push(s),
+        }
+    }
+
+    fn delete_service(&mut self, s: &Service) {
+        self.services.retain(|o| o.metadata.name != s.metadata.name);
+    }
+}
+
+/// The pumps, the index and the syncs give exactly what a full translation
+/// of the objects gives, through slices moving between services, services
+/// coming and going, and relists.
 #[tokio::test]
 async fn incremental_translation_equals_a_full_one() {
     let (mut d, mut f) = driver_with(MemoryDatapath::default());
     list(&mut f.services, &f.signals, Kind::Services, vec![]);
     list(&mut f.slices, &f.signals, Kind::EndpointSlices, vec![]);
     d.sync_now();
+    let mut mirror = Mirror::default();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = |n: u64| {
         rng ^= rng << 13;
@@ -489,28 +527,41 @@ async fn incremental_translation_equals_a_full_one() {
         let n = next(8);
         let event_svc = |n: u64| svc(&format!("s{n}"), &format!("10.96.0.{}", n % 6 + 1));
         match next(6) {
-            0 => feed(
-                &mut f.services,
-                &f.signals,
-                Kind::Services,
-                Event::Apply(event_svc(n)),
-            ),
-            1 => feed(
-                &mut f.services,
-                &f.signals,
-                Kind::Services,
-                Event::Delete(event_svc(n)),
-            ),
-            2 => feed(
-                &mut f.slices,
-                &f.signals,
-                Kind::EndpointSlices,
-                Event::Delete(slice(&format!("x{}", next(10)), "s0", &[])),
-            ),
+            0 => {
+                mirror.apply_service(event_svc(n));
+                feed(
+                    &mut f.services,
+                    &f.signals,
+                    Kind::Services,
+                    Event::Apply(event_svc(n)),
+                );
+            }
+            1 => {
+                mirror.delete_service(&event_svc(n));
+                feed(
+                    &mut f.services,
+                    &f.signals,
+                    Kind::Services,
+                    Event::Delete(event_svc(n)),
+                );
+            }
+            2 => {
+                let name = format!("x{}", next(10));
+                mirror.slices.remove(&name);
+                feed(
+                    &mut f.slices,
+                    &f.signals,
+                    Kind::EndpointSlices,
+                    Event::Delete(slice(&name, "s0", &[])),
+                );
+            }
             3 if next(4) == 0 => {
                 // A slice that names no service: only a diagnostic.
                 let mut orphan = slice(&format!("x{}", next(10)), "s0", &[]);
                 orphan.metadata.labels = None;
+                mirror
+                    .slices
+                    .insert(orphan.metadata.name.clone().unwrap(), orphan.clone());
                 feed(
                     &mut f.slices,
                     &f.signals,
@@ -519,34 +570,34 @@ async fn incremental_translation_equals_a_full_one() {
                 );
             }
             5 if round % 50 == 49 => {
-                // A relist with whatever the stores hold plus one new service.
-                let mut all: Vec<Service> =
-                    d.services.state().iter().map(|s| (**s).clone()).collect();
+                // A relist with what the server holds plus one new service,
+                // listed in reverse: the order seen before still counts.
+                let mut all: Vec<Service> = mirror.services.clone();
+                all.reverse();
                 all.push(event_svc(n));
+                mirror.apply_service(event_svc(n));
                 list(&mut f.services, &f.signals, Kind::Services, all);
             }
             _ => {
                 let ep = format!("10.244.{}.{}", next(3), next(3) + 1);
                 let owner = format!("s{}", next(8));
+                let s = slice(&format!("x{}", next(10)), &owner, &[&ep]);
+                mirror
+                    .slices
+                    .insert(s.metadata.name.clone().unwrap(), s.clone());
                 feed(
                     &mut f.slices,
                     &f.signals,
                     Kind::EndpointSlices,
-                    Event::Apply(slice(&format!("x{}", next(10)), &owner, &[&ep])),
+                    Event::Apply(s),
                 );
             }
         }
         if next(3) == 0 {
             d.sync_now();
-            let mut services: Vec<Service> =
-                d.services.state().iter().map(|s| (**s).clone()).collect();
-            // This source's own index still lets the first by name win a
-            // contested frontend (until it feeds the model's index).
-            services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
-            let slices: Vec<EndpointSlice> =
-                d.slices.state().iter().map(|s| (**s).clone()).collect();
+            let slices: Vec<EndpointSlice> = mirror.slices.values().cloned().collect();
             let (want, want_diags) =
-                crate::model::translate(&services, &slices, &TranslateOptions::default());
+                crate::model::translate(&mirror.services, &slices, &TranslateOptions::default());
             let want_diags: BTreeSet<Diagnostic> = want_diags.into_iter().collect();
             assert_eq!(d.syncer().diagnostics(), &want_diags, "round {round}");
             // No backend outlives the last slot naming it.
