@@ -21,9 +21,9 @@ use crate::{
     model::{Index, TranslateOptions},
     reconciler::Reconciler,
     sources::{
-        dir_watch::{DirWatcher, POLL_INTERVAL},
+        dir_watch::DirWatcher,
         kube::{self as kube_source, ClientConfig, ClientError, Signals},
-        manifest::{self, ClusterIpAllocator, ServiceCidr},
+        manifest::{self, ClusterIpAllocator, DirCache, ServiceCidr},
     },
     sync::{self, Coalesce, Driver, Input, Syncer},
 };
@@ -117,23 +117,31 @@ pub async fn run_manifests(
     let mut driver = driver(reconciler, cfg.translate.clone(), cfg.resync_period);
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
+    let mut files = DirCache::new(&cfg.manifests, cfg.max_manifest_size);
 
     tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One task reads the directory and syncs, so a read that never returns
     // shows as a stalled iteration.
+    // The first look is at once; later ones wait for inotify or the poll.
+    let mut at_once = true;
+    let mut complete = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = tick.tick() => {
+            () = async {
+                if !at_once {
+                    watcher.wait().await;
+                }
+            } => {
+                at_once = false;
                 health.iteration_started();
                 if watcher.changed().await {
-                    let started = Instant::now();
-                    let loaded = manifest::load_dir(&cfg.manifests, &mut alloc, cfg.max_manifest_size);
-                    manifest::feed(&input, loaded, started);
-                    // The directory is the whole truth from the first read on.
-                    input.set_complete();
+                    read(&mut files, &mut alloc, &input);
+                    if !complete {
+                        // The directory is the whole truth from the first read on.
+                        input.set_complete();
+                        complete = true;
+                    }
                 }
                 health.iteration_finished();
             }
@@ -152,6 +160,18 @@ pub async fn run_manifests(
     }
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
+}
+
+/// Reads what changed in the directory into the index.
+fn read(files: &mut DirCache, alloc: &mut ClusterIpAllocator, input: &Input) {
+    let started = Instant::now();
+    let loaded = files.load(alloc);
+    info!(
+        files_parsed = files.parses(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "read manifests"
+    );
+    manifest::feed(input, loaded, started);
 }
 
 /// The sync loop over a fresh index, seeded with who held which frontend

@@ -1,16 +1,28 @@
-//! Notices edits to a manifest directory by polling a cheap fingerprint
-//! (names, sizes, mtimes). Polling works on every filesystem, including
-//! bind mounts and ConfigMap volumes where inotify events are unreliable.
+//! Notices edits to a manifest directory: inotify (the `notify` crate) wakes
+//! it at once; a poll of a cheap fingerprint (names, sizes, mtimes) stays as
+//! the fallback, for filesystems and mounts where events are unreliable
+//! (bind mounts, a ConfigMap volume swapping its `..data` symlink).
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
-use tracing::{debug, error, info};
+use notify::Watcher as _;
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
 
-/// How often the directory is checked; edits apply within this plus one apply.
+/// How often the directory is checked without inotify; edits apply within
+/// this plus one apply.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// The fallback poll while inotify works.
+pub const POLL_WITH_EVENTS: Duration = Duration::from_secs(1);
+/// How long a changed directory must stay unchanged before it is read, so
+/// a file caught half-written is not applied.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// Sustained edits never postpone a read by more than this.
+pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Fingerprint(Vec<(String, u64, Option<SystemTime>)>);
@@ -35,16 +47,16 @@ pub fn fingerprint(dir: &Path) -> Option<Fingerprint> {
     Some(Fingerprint(entries))
 }
 
-/// Detects edits of the manifest directory and waits for them to settle, so
-/// a file caught half-written is not applied (and its services not dropped).
+/// Detects edits of the manifest directory and lets them settle, with a cap.
 pub struct DirWatcher {
     dir: PathBuf,
     last: Option<Fingerprint>,
     unreadable: bool,
+    /// When a change was first noticed that has not been read yet.
+    pending_since: Option<Instant>,
+    /// inotify, while it works; dropping it stops the watch.
+    events: Option<(notify::RecommendedWatcher, Arc<Notify>)>,
 }
-
-/// How long a changed directory must stay unchanged before it is read.
-const SETTLE: Duration = Duration::from_millis(100);
 
 impl DirWatcher {
     pub fn new(dir: &Path) -> Self {
@@ -52,11 +64,30 @@ impl DirWatcher {
             dir: dir.to_owned(),
             last: None,
             unreadable: false,
+            pending_since: None,
+            events: watch_events(dir),
         }
     }
 
-    /// The directory changed since the last `true`, and has stayed
-    /// unchanged for a settle period since.
+    /// Waits for an inotify event or the next poll.
+    pub async fn wait(&mut self) {
+        match &self.events {
+            Some((_, notify)) => {
+                tokio::select! {
+                    () = notify.notified() => {
+                        // Two writes within one mtime tick can leave the
+                        // fingerprint as it was: the event alone counts.
+                        self.last = None;
+                    }
+                    () = tokio::time::sleep(POLL_WITH_EVENTS) => {}
+                }
+            }
+            None => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+
+    /// The directory changed since the last `true`, and then stayed
+    /// unchanged for [`SETTLE`], or has kept changing for [`MAX_SETTLE`].
     pub async fn changed(&mut self) -> bool {
         let Some(now) = fingerprint(&self.dir) else {
             // Keep the last good state: an unreadable directory (a remount, a
@@ -72,14 +103,41 @@ impl DirWatcher {
             self.unreadable = false;
         }
         if self.last.as_ref() == Some(&now) {
+            self.pending_since = None;
             return false;
         }
+        let since = *self.pending_since.get_or_insert_with(Instant::now);
         tokio::time::sleep(SETTLE).await;
-        if fingerprint(&self.dir).as_ref() != Some(&now) {
+        let again = fingerprint(&self.dir);
+        if again.as_ref() != Some(&now) && since.elapsed() < MAX_SETTLE {
             debug!("manifest directory still changing");
             return false;
         }
-        self.last = Some(now);
+        self.last = again.or(Some(now));
+        self.pending_since = None;
         true
+    }
+}
+
+/// An inotify watch of `dir` whose events wake [`DirWatcher::wait`];
+/// `None` (polling only) where it cannot be set up.
+fn watch_events(dir: &Path) -> Option<(notify::RecommendedWatcher, Arc<Notify>)> {
+    let notify = Arc::new(Notify::new());
+    let wake = notify.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            wake.notify_one();
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watcher {
+        Ok(w) => Some((w, notify)),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "no inotify watch of the manifest directory; polling");
+            None
+        }
     }
 }

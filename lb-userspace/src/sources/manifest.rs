@@ -4,14 +4,17 @@
 //! dual-stack Services.
 use std::{
     collections::BTreeMap,
-    fmt,
+    fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
-    time::Instant,
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime},
 };
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Endpoints, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -21,6 +24,8 @@ use crate::{
 };
 
 mod alloc;
+#[cfg(test)]
+mod cache_tests;
 mod controllers;
 mod parse;
 pub mod read;
@@ -279,6 +284,15 @@ impl ClusterIpAllocator {
 pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) -> Manifests {
     let mut diagnostics = Vec::new();
     let objects = parse::read_dir(dir, max_file_size, &mut diagnostics);
+    build(objects, alloc, diagnostics)
+}
+
+/// What the API server and the controllers would make of the objects.
+fn build(
+    objects: parse::Objects,
+    alloc: &mut ClusterIpAllocator,
+    mut diagnostics: Vec<Diagnostic>,
+) -> Manifests {
     let parse::Objects {
         mut services,
         pods,
@@ -307,6 +321,142 @@ pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) 
     }
 }
 
+/// The manifest directory, read file by file: a file is parsed again only
+/// when its size, mtime or content changed, so an edit costs its own file's
+/// parse, not the directory's.
+///
+/// Of two files defining the same object, the one seen first keeps it (the
+/// other is reported), whatever their names: at start that is name order,
+/// later a new file never takes an object from a file already read.
+#[derive(Debug)]
+pub struct DirCache {
+    dir: PathBuf,
+    max_file_size: u64,
+    files: BTreeMap<String, CachedFile>,
+    next_seen: u64,
+    parses: u64,
+}
+
+struct CachedFile {
+    size: u64,
+    mtime: Option<SystemTime>,
+    hash: u64,
+    /// When the file was first read: decides duplicates across files.
+    seen: u64,
+    objects: parse::Objects,
+    diags: Vec<Diagnostic>,
+}
+
+impl fmt::Debug for CachedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedFile")
+            .field("size", &self.size)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Younger mtimes are not trusted to show every write.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl DirCache {
+    pub fn new(dir: &Path, max_file_size: u64) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            max_file_size,
+            files: BTreeMap::new(),
+            next_seen: 0,
+            parses: 0,
+        }
+    }
+
+    /// Files parsed so far (each parse of each file counts once).
+    pub fn parses(&self) -> u64 {
+        self.parses
+    }
+
+    /// Reads what changed since the last load and returns the whole
+    /// directory. An unreadable directory keeps the last good state.
+    pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Manifests {
+        let mut diags = Vec::new();
+        if let Some(files) = parse::list_files(&self.dir, &mut diags) {
+            let mut current = BTreeMap::new();
+            for (name, path) in files {
+                let cached = self.files.remove(&name);
+                current.insert(name.clone(), self.refresh(&name, &path, cached));
+            }
+            self.files = current;
+        }
+        let mut order: Vec<(&String, &CachedFile)> = self.files.iter().collect();
+        order.sort_by_key(|(name, f)| (f.seen, *name));
+        let mut objects = parse::Objects::default();
+        for file in self.files.values() {
+            diags.extend(file.diags.iter().cloned());
+        }
+        for (_, file) in order {
+            objects.merge(&file.objects, &mut diags);
+        }
+        objects.log_ignored();
+        build(objects, alloc, diags)
+    }
+
+    /// The file's entry, parsed again only if it changed.
+    fn refresh(&mut self, name: &str, path: &Path, mut cached: Option<CachedFile>) -> CachedFile {
+        let meta = fs::metadata(path).ok();
+        let size = meta.as_ref().map_or(0, fs::Metadata::len);
+        let mtime = meta.and_then(|m| m.modified().ok());
+        // An mtime a moment old may hide a second write within the same
+        // tick (as in git's "racy" check): such a file is read and hashed.
+        let settled = mtime.is_some_and(|m| {
+            SystemTime::now()
+                .duration_since(m)
+                .is_ok_and(|age| age > RACY)
+        });
+        if let Some(c) = cached.take_if(|c| settled && c.size == size && c.mtime == mtime) {
+            return c;
+        }
+        let seen = cached.as_ref().map_or_else(
+            || {
+                self.next_seen += 1;
+                self.next_seen - 1
+            },
+            |c| c.seen,
+        );
+        let text = match read::read_manifest(path, self.max_file_size) {
+            Ok(text) => text,
+            Err(e) => {
+                return CachedFile {
+                    size,
+                    mtime,
+                    hash: 0,
+                    seen,
+                    objects: parse::Objects::default(),
+                    diags: vec![diag(path.display().to_string(), "", "", e.to_string())],
+                };
+            }
+        };
+        let hash = fnv1a(text.as_bytes());
+        if let Some(c) = cached
+            && c.hash == hash
+        {
+            // Touched, not changed.
+            return CachedFile { size, mtime, ..c };
+        }
+        self.parses += 1;
+        let mut objects = parse::Objects::default();
+        let mut diags = Vec::new();
+        objects.add_file(name, &text, &mut diags);
+        CachedFile {
+            size,
+            mtime,
+            hash,
+            seen,
+            objects,
+            diags,
+        }
+    }
+}
+
 /// Puts one read of the directory into the index as a relist would:
 /// everything applied, what vanished deleted; the problems found while
 /// reading are reported with the index's.
@@ -330,20 +480,24 @@ struct Sourced<T> {
 
 /// Objects that carry `metadata`, so the source annotation can be set generically.
 trait HasMeta {
+    fn meta(&self) -> &ObjectMeta;
     fn meta_mut(&mut self) -> &mut ObjectMeta;
 }
 
-impl HasMeta for Service {
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+macro_rules! has_meta {
+    ($($t:ty),*) => {$(
+        impl HasMeta for $t {
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    )*};
 }
 
-impl HasMeta for EndpointSlice {
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+has_meta!(Service, EndpointSlice, Pod, Endpoints);
 
 impl<T: HasMeta> Sourced<T> {
     /// The object with its source recorded, so diagnostics computed later

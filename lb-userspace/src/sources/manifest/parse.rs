@@ -18,8 +18,9 @@ use serde_yaml::Value;
 use super::{Sourced, diag, read::read_manifest};
 use crate::model::Diagnostic;
 
-/// What the directory holds, in file order, each object at most once.
-#[derive(Default)]
+/// What the directory (or one file) holds, in file order, each object at
+/// most once.
+#[derive(Clone, Default)]
 pub(super) struct Objects {
     pub services: Vec<Sourced<Service>>,
     pub pods: Vec<Sourced<Pod>>,
@@ -36,6 +37,25 @@ pub(super) struct Objects {
 /// `max_file_size`.
 pub(super) fn read_dir(dir: &Path, max_file_size: u64, diags: &mut Vec<Diagnostic>) -> Objects {
     let mut objects = Objects::default();
+    let Some(files) = list_files(dir, diags) else {
+        return objects;
+    };
+    for (name, path) in files {
+        match read_manifest(&path, max_file_size) {
+            Ok(text) => objects.add_file(&name, &text, diags),
+            Err(e) => diags.push(diag(path.display().to_string(), "", "", e.to_string())),
+        }
+    }
+    objects.log_ignored();
+    objects
+}
+
+/// The manifest files of `dir`, sorted by name; `None` (with a diagnostic)
+/// when the directory cannot be read.
+pub(super) fn list_files(
+    dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Vec<(String, std::path::PathBuf)>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -45,7 +65,7 @@ pub(super) fn read_dir(dir: &Path, max_file_size: u64, diags: &mut Vec<Diagnosti
                 "",
                 format!("cannot read the manifest directory: {e}"),
             ));
-            return objects;
+            return None;
         }
     };
     let mut files = Vec::new();
@@ -70,19 +90,72 @@ pub(super) fn read_dir(dir: &Path, max_file_size: u64, diags: &mut Vec<Diagnosti
         files.push((name, entry.path()));
     }
     files.sort();
-    for (name, path) in files {
-        match read_manifest(&path, max_file_size) {
-            Ok(text) => objects.add_file(&name, &text, diags),
-            Err(e) => diags.push(diag(path.display().to_string(), "", "", e.to_string())),
-        }
-    }
-    for (kind, file) in std::mem::take(&mut objects.ignored) {
-        tracing::debug!(kind, file, "kind not used by lb-agent; ignored");
-    }
-    objects
+    Some(files)
 }
 
 impl Objects {
+    pub(super) fn log_ignored(&mut self) {
+        for (kind, file) in std::mem::take(&mut self.ignored) {
+            tracing::debug!(kind, file, "kind not used by lb-agent; ignored");
+        }
+    }
+
+    /// Adds another file's objects after this one's: an object already
+    /// defined here is reported and skipped, as within one file.
+    pub(super) fn merge(&mut self, other: &Objects, diags: &mut Vec<Diagnostic>) {
+        fn add<T: Clone + super::HasMeta>(
+            seen: &mut HashMap<(&'static str, String, String), String>,
+            into: &mut Vec<Sourced<T>>,
+            from: &[Sourced<T>],
+            kind: &'static str,
+            diags: &mut Vec<Diagnostic>,
+        ) {
+            for o in from {
+                let meta = o.obj.meta();
+                let namespace = meta.namespace.clone().unwrap_or_default();
+                let name = meta.name.clone().unwrap_or_default();
+                let object = object_label(kind, &namespace, &name);
+                let key = (kind, namespace, name);
+                if let Some(first) = seen.get(&key) {
+                    diags.push(diag(
+                        o.source.clone(),
+                        object.clone(),
+                        "metadata.name",
+                        format!(
+                            "{object} is already defined in {first}; this definition is ignored"
+                        ),
+                    ));
+                    continue;
+                }
+                seen.insert(key, o.source.clone());
+                into.push(o.clone());
+            }
+        }
+        add(
+            &mut self.seen,
+            &mut self.services,
+            &other.services,
+            "Service",
+            diags,
+        );
+        add(&mut self.seen, &mut self.pods, &other.pods, "Pod", diags);
+        add(
+            &mut self.seen,
+            &mut self.endpoints,
+            &other.endpoints,
+            "Endpoints",
+            diags,
+        );
+        add(
+            &mut self.seen,
+            &mut self.slices,
+            &other.slices,
+            "EndpointSlice",
+            diags,
+        );
+        self.ignored.extend(other.ignored.iter().cloned());
+    }
+
     /// Parses one multi-document file; `file` names it in sources.
     pub(super) fn add_file(&mut self, file: &str, text: &str, diags: &mut Vec<Diagnostic>) {
         for (i, doc) in split_documents(text).into_iter().enumerate() {

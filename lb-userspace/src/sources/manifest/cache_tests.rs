@@ -1,0 +1,176 @@
+//! The per-file cache against a fresh load of the same directory.
+use std::{collections::BTreeSet, fs};
+
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+use super::{ClusterIpAllocator, DirCache, Manifests, load_dir, read::DEFAULT_MAX_FILE_SIZE};
+use crate::model::{ServiceInfo, SliceInfo};
+
+fn alloc() -> ClusterIpAllocator {
+    ClusterIpAllocator::new("10.96.0.0/12".parse().unwrap(), [])
+}
+
+fn service(name: &str, ip: Option<&str>) -> String {
+    let ip = ip.map_or(String::new(), |ip| format!("\n  clusterIP: {ip}"));
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:{ip}\n  selector:\n    app: {name}\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+    )
+}
+
+fn pod(name: &str, app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: {app}\nspec:\n  containers:\n  - name: c\n    image: x\nstatus:\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
+    )
+}
+
+/// What a load means to the model: the slim objects and the problems.
+fn meaning(m: &Manifests) -> (Vec<ServiceInfo>, Vec<SliceInfo>, BTreeSet<String>) {
+    let mut services: Vec<ServiceInfo> = m.services.iter().map(ServiceInfo::from).collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut slices: Vec<SliceInfo> = m.slices.iter().map(SliceInfo::from).collect();
+    slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let diags = m.diagnostics.iter().map(ToString::to_string).collect();
+    (services, slices, diags)
+}
+
+#[test]
+fn an_edit_parses_only_its_own_file_again() {
+    let dir = TempDir::new().unwrap();
+    for i in 0..5 {
+        let text = service(&format!("s{i}"), None)
+            + "---\n"
+            + &pod(
+                &format!("p{i}"),
+                &format!("s{i}"),
+                &format!("10.244.0.{}", i + 1),
+            );
+        fs::write(dir.path().join(format!("f{i}.yaml")), text).unwrap();
+    }
+    let mut cache = DirCache::new(dir.path(), DEFAULT_MAX_FILE_SIZE);
+    let mut a = alloc();
+    let first = cache.load(&mut a);
+    assert_eq!(cache.parses(), 5);
+    assert_eq!(first.services.len(), 5);
+    assert_eq!(first.slices.len(), 5, "a slice per service, from its pod");
+    // Nothing changed: nothing parsed.
+    cache.load(&mut a);
+    assert_eq!(cache.parses(), 5);
+    // One file edited: that file only.
+    let edited = service("s2", None) + "---\n" + &pod("p2", "s2", "10.244.0.99");
+    fs::write(dir.path().join("f2.yaml"), edited).unwrap();
+    let after = cache.load(&mut a);
+    assert_eq!(cache.parses(), 6);
+    assert_eq!(
+        meaning(&after),
+        meaning(&load_dir(dir.path(), &mut alloc(), DEFAULT_MAX_FILE_SIZE))
+    );
+    // Rewritten with the same text: read and hashed, not parsed.
+    fs::write(
+        dir.path().join("f3.yaml"),
+        fs::read(dir.path().join("f3.yaml")).unwrap(),
+    )
+    .unwrap();
+    cache.load(&mut a);
+    assert_eq!(cache.parses(), 6);
+    // Removed: its objects go.
+    fs::remove_file(dir.path().join("f0.yaml")).unwrap();
+    assert_eq!(cache.load(&mut a).services.len(), 4);
+    assert_eq!(cache.parses(), 6);
+}
+
+/// Of two files defining one Service, the one read first keeps it, even
+/// when the newcomer's name sorts first.
+#[test]
+fn a_newcomer_file_never_takes_a_service_from_a_running_one() {
+    let dir = TempDir::new().unwrap();
+    fs::write(
+        dir.path().join("b.yaml"),
+        service("web", Some("10.96.0.10")),
+    )
+    .unwrap();
+    let mut cache = DirCache::new(dir.path(), DEFAULT_MAX_FILE_SIZE);
+    let mut a = alloc();
+    cache.load(&mut a);
+    fs::write(
+        dir.path().join("a.yaml"),
+        service("web", Some("10.96.0.20")),
+    )
+    .unwrap();
+    let m = cache.load(&mut a);
+    assert_eq!(m.services.len(), 1);
+    let spec = m.services[0].spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+    let d = m
+        .diagnostics
+        .iter()
+        .find(|d| d.object == "Service default/web")
+        .expect("the newcomer is reported");
+    assert!(d.source.starts_with("a.yaml"), "{d}");
+    assert!(d.message.contains("already defined in b.yaml"), "{d}");
+}
+
+#[derive(Clone, Debug)]
+enum Edit {
+    /// File `f`: services `s{f}-{k}` for each k with its own pod (or a
+    /// broken document).
+    Write {
+        f: usize,
+        ks: Vec<u8>,
+        broken: bool,
+    },
+    Rewrite(usize),
+    Remove(usize),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        4 => (0..4usize, prop::collection::vec(0..4u8, 0..3), prop::bool::weighted(0.15))
+            .prop_map(|(f, ks, broken)| Edit::Write { f, ks, broken }),
+        1 => (0..4usize).prop_map(Edit::Rewrite),
+        1 => (0..4usize).prop_map(Edit::Remove),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// After any sequence of writes, identical rewrites and removals, the
+    /// cache's view is exactly a fresh load of the directory.
+    #[test]
+    fn the_cache_equals_a_fresh_load(edits in prop::collection::vec(edit(), 1..12)) {
+        let dir = TempDir::new().unwrap();
+        let mut cache = DirCache::new(dir.path(), DEFAULT_MAX_FILE_SIZE);
+        let mut a = alloc();
+        for e in edits {
+            match e {
+                Edit::Write { f, ks, broken } => {
+                    let mut docs = Vec::new();
+                    for k in ks {
+                        let name = format!("s{f}-{k}");
+                        let ip = (k % 2 == 0).then(|| format!("10.96.{f}.{}", k + 1));
+                        docs.push(service(&name, ip.as_deref()));
+                        docs.push(pod(&format!("p{f}-{k}"), &name, &format!("10.244.{f}.{}", k + 1)));
+                    }
+                    if broken {
+                        docs.push("kind: [unclosed\n".to_owned());
+                    }
+                    fs::write(dir.path().join(format!("f{f}.yaml")), docs.join("---\n")).unwrap();
+                }
+                Edit::Rewrite(f) => {
+                    let path = dir.path().join(format!("f{f}.yaml"));
+                    if let Ok(text) = fs::read(&path) {
+                        fs::write(&path, text).unwrap();
+                    }
+                }
+                Edit::Remove(f) => {
+                    let _ = fs::remove_file(dir.path().join(format!("f{f}.yaml")));
+                }
+            }
+            // Both start from the same allocations, as a restart would.
+            let mut fresh_alloc = a.clone();
+            let got = cache.load(&mut a);
+            let want = load_dir(dir.path(), &mut fresh_alloc, DEFAULT_MAX_FILE_SIZE);
+            prop_assert_eq!(meaning(&got), meaning(&want));
+        }
+    }
+}
