@@ -6,7 +6,7 @@
 //! first becomes `clusterIP`), and a given address outside `--service-cidr`
 //! is used as written (manifests copied from a cluster with another range).
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -432,6 +432,30 @@ impl ClusterIpAllocator {
     ) -> Vec<bool> {
         let mut keep = vec![true; services.len()];
         let mut taken: HashSet<IpAddr> = HashSet::new();
+        // Addresses this allocator handed to services that are still here
+        // and still ask for one: as the API server's allocator, a running
+        // service keeps its address and a newcomer naming it is refused.
+        let asking: HashSet<(&str, &str)> = services
+            .iter()
+            .filter(|s| {
+                s.obj.spec.as_ref().is_some_and(|spec| {
+                    spec.cluster_ip.as_deref().is_none_or(str::is_empty)
+                        && spec.cluster_ips.as_deref().is_none_or(<[String]>::is_empty)
+                })
+            })
+            .map(|s| (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)))
+            .collect();
+        let held: HashMap<IpAddr, (String, String)> = self
+            .assigned
+            .iter()
+            .filter(|(key, _)| asking.contains(&(key.0.as_str(), key.1.as_str())))
+            .flat_map(|(key, ips)| {
+                [ips.get(IpFamily::V4), ips.get(IpFamily::V6)]
+                    .into_iter()
+                    .flatten()
+                    .map(|ip| (ip, key.clone()))
+            })
+            .collect();
         // Sorted, so new services are placed in an order independent of files.
         let mut needing: BTreeMap<(String, String), Needing> = BTreeMap::new();
         for (i, svc) in services.iter_mut().enumerate() {
@@ -461,6 +485,29 @@ impl ClusterIpAllocator {
                     continue;
                 }
             };
+            if let Some((pos, ip, holder)) = plan
+                .given
+                .iter()
+                .enumerate()
+                .find_map(|(pos, (ip, _))| Some((pos, ip, held.get(ip)?)))
+                .filter(|(_, _, holder)| **holder != key)
+            {
+                keep[i] = false;
+                diags.push(diag(
+                    svc.source.clone(),
+                    format!("Service {}/{}", key.0, key.1),
+                    if pos == 0 {
+                        "spec.clusterIP".to_owned()
+                    } else {
+                        format!("spec.clusterIPs[{pos}]")
+                    },
+                    format!(
+                        "{ip} is already allocated to Service {}/{}; the service is ignored",
+                        holder.0, holder.1
+                    ),
+                ));
+                continue;
+            }
             spec.ip_family_policy = Some(plan.policy.as_str().to_owned());
             spec.ip_families = Some(
                 plan.families

@@ -754,22 +754,38 @@ fn cluster_ips_are_stable() {
     assert_eq!(alloc.assigned, BTreeMap::from([(key, v4_only(&ip_a))]));
 }
 
+/// As the API server's allocator: a running service keeps the address it
+/// was given; a newcomer naming it is refused, and says why.
 #[test]
-fn explicit_cluster_ip_takes_over_an_allocated_one() {
+fn explicit_cluster_ip_of_an_allocated_one_is_refused() {
     let mut alloc = ClusterIpAllocator::new(cidr(), []);
     let a = svc_yaml("a", "a", "");
     let ip_a = cluster_ip(&load_with(&[("a.yaml", &a)], &mut alloc), "a");
     let b = svc_yaml("b", "b", &format!("  clusterIP: {ip_a}\n"));
     let m = load_with(&[("a.yaml", &a), ("b.yaml", &b)], &mut alloc);
-    assert_eq!(m.diagnostics, vec![]);
-    assert_eq!(cluster_ip(&m, "b"), ip_a);
-    let moved = cluster_ip(&m, "a");
-    assert_ne!(moved, ip_a);
-    // Only allocations are tracked; the explicit address is not.
+    assert_eq!(cluster_ip(&m, "a"), ip_a, "a keeps its address");
+    assert!(
+        m.services
+            .iter()
+            .all(|s| s.metadata.name.as_deref() != Some("b"))
+    );
+    assert_eq!(m.diagnostics.len(), 1, "{:?}", m.diagnostics);
+    let d = &m.diagnostics[0];
+    assert_eq!(d.source, "b.yaml#1");
+    assert_eq!(d.object, "Service default/b");
+    assert_eq!(d.field, "spec.clusterIP");
+    assert_eq!(
+        d.message,
+        format!("{ip_a} is already allocated to Service default/a; the service is ignored")
+    );
     assert_eq!(
         alloc.assigned,
-        BTreeMap::from([(("default".to_owned(), "a".to_owned()), v4_only(&moved))])
+        BTreeMap::from([(("default".to_owned(), "a".to_owned()), v4_only(&ip_a))])
     );
+    // Once a is gone, b may have it.
+    let m = load_with(&[("b.yaml", &b)], &mut alloc);
+    assert_eq!(m.diagnostics, vec![]);
+    assert_eq!(cluster_ip(&m, "b"), ip_a);
 
     // A seeded address outside the CIDR (or reserved) is not reused.
     let mut seeded = ClusterIpAllocator::new(
