@@ -255,9 +255,14 @@ pub async fn run_kube(
         && let Some(node) = opts.node_name.clone()
     {
         opts.zone = kube_source::resolve_zone(client.clone(), node, signals.clone()).await;
-        if opts.zone.is_some() {
-            signals.set_zone(opts.zone.clone());
-        }
+        // Before any object: nothing to translate again, nothing to sync.
+        let zone = opts.zone.clone();
+        driver.input().update(Instant::now(), false, |index| {
+            let mut o = index.options().clone();
+            o.zone = zone;
+            index.set_options(o);
+            false
+        });
     }
     let selector = kube_source::label_selector(opts.service_proxy_name.as_deref());
     info!(

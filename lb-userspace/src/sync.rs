@@ -140,6 +140,10 @@ impl<D: Datapath> Syncer<D> {
         mut changes: BTreeMap<Frontend, Option<DesiredService>>,
         prune: Prune,
     ) -> SyncStats {
+        // Held back below or not, each was looked at: one held back until
+        // the sources are complete is brought in line by the first full
+        // sync, not by a retry timer.
+        let attempted = changes.keys().copied().collect();
         if prune == Prune::No {
             // Nothing removed until the sources are complete either.
             let installed = self.reconciler.installed();
@@ -149,7 +153,7 @@ impl<D: Datapath> Syncer<D> {
             });
         }
         let report = self.reconciler.apply_changes(&changes, prune);
-        self.finish(&report, changes.into_keys().collect())
+        self.finish(&report, attempted)
     }
 
     fn finish(&mut self, report: &ApplyReport, attempted: BTreeSet<Frontend>) -> SyncStats {

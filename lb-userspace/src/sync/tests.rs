@@ -191,3 +191,28 @@ fn owners_are_seeded_oldest_first() {
         ]
     );
 }
+
+/// A frontend that failed and is then held back until the sources are
+/// complete (its service went: nothing is removed before then) is not
+/// retried in a loop meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_held_back_frontend_is_not_retried_in_a_loop() {
+    let mut d = driver(MemoryDatapath::with_limits(4, 64));
+    // Not complete: a gets in, b does not fit.
+    d.input().update(Instant::now(), false, |index| {
+        index.apply_service(svc("a", "10.96.0.1"));
+        index.apply_service(svc("b", "10.96.0.2"));
+        index.apply_slice(slice("a-1", "a", &["10.244.1.1", "10.244.1.2"]));
+        index.apply_slice(slice("b-1", "b", &["10.244.2.1", "10.244.2.2"]));
+        true
+    });
+    step(&mut d).await;
+    assert_eq!(d.syncer().failed(), [fe("10.96.0.2")].into());
+    // b goes: its removal waits for the first complete sync.
+    d.input().update(Instant::now(), false, |index| {
+        index.delete_service("default", "b")
+    });
+    step(&mut d).await;
+    assert!(d.syncer().failed().is_empty());
+    assert_eq!(d.syncer().next_retry(), None);
+}
