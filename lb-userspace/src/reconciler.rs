@@ -231,11 +231,13 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     fn remove_with_report(&mut self, fe: &Frontend, report: &mut ApplyReport) {
+        let Some(service) = self.installed.get(fe).map(|i| i.service.clone()) else {
+            return;
+        };
         if let Err(source) = self.remove_frontend(fe, report) {
-            let svc = &self.installed[fe].service;
             report.errors.push(ReconcileError {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
+                namespace: service.namespace,
+                name: service.name,
                 frontend: *fe,
                 source,
             });
@@ -412,6 +414,9 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
+    /// Master, then slots, then meta. The record goes only once all of them
+    /// are gone: after a failed step the frontend is still installed (and
+    /// incomplete), so the next apply that finds it gone resumes the removal.
     fn remove_frontend(
         &mut self,
         fe: &Frontend,
@@ -420,17 +425,18 @@ impl<D: Datapath> Reconciler<D> {
         // Master first: new connects stop matching before anything they read goes.
         self.dp.delete_service(&frontend_key(fe, 0))?;
         report.deletes += 1;
-        if let Some(inst) = self.installed.get_mut(fe) {
-            // No master any more: if a later step fails and the frontend
-            // comes back, its master must be written again.
-            inst.count = 0;
-            inst.complete = false;
-        }
+        let Some(inst) = self.installed.get_mut(fe) else {
+            return Ok(());
+        };
+        // No master any more: if a later step fails and the frontend
+        // comes back, its master must be written again.
+        inst.count = 0;
+        inst.complete = false;
+        let svc_id = inst.svc_id;
         self.trim_slots(fe, 0, report)?;
-        if let Some(inst) = self.installed.remove(fe) {
-            self.dp.delete_meta(inst.svc_id)?;
-            report.deletes += 1;
-        }
+        self.dp.delete_meta(svc_id)?;
+        report.deletes += 1;
+        self.installed.remove(fe);
         Ok(())
     }
 
@@ -506,5 +512,7 @@ fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     out
 }
 
+#[cfg(test)]
+mod error_tests;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use crate::{
     model::{ServiceType, frontend},
 };
 
-fn svc(name: &str) -> ServiceRef {
+pub(super) fn svc(name: &str) -> ServiceRef {
     ServiceRef {
         namespace: "default".into(),
         name: name.into(),
@@ -17,15 +17,15 @@ fn svc(name: &str) -> ServiceRef {
     }
 }
 
-fn be(last: u8, port: u16) -> SocketAddr {
+pub(super) fn be(last: u8, port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(10, 244, 0, last), port))
 }
 
-fn fe(last: u8) -> Frontend {
+pub(super) fn fe(last: u8) -> Frontend {
     frontend(Ipv4Addr::new(10, 96, 0, last), 80, Proto::Tcp)
 }
 
-fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
+pub(super) fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
     entries
         .iter()
         .map(|(f, name, backends)| {
@@ -45,7 +45,7 @@ fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
 
 /// What a connect() could observe: every master's active slots and their
 /// backends must exist, at every point of the write sequence.
-fn assert_readable(state: &Snapshot) {
+pub(super) fn assert_readable(state: &Snapshot) {
     for (key, master) in state.services.iter().filter(|(k, _)| k.slot == 0) {
         for slot in 1..=master.count {
             let k = ServiceKey {
@@ -68,7 +68,7 @@ fn assert_readable(state: &Snapshot) {
 }
 
 /// Replays the write log from `start`, checking readability after every op.
-fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
+pub(super) fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
     let mut state = start.clone();
     for op in log {
         match op {
@@ -90,11 +90,11 @@ fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
     }
 }
 
-fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
+pub(super) fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
     state.services.get(&frontend_key(f, 0)).copied()
 }
 
-fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
+pub(super) fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
     let m = master(state, f).expect("master");
     let mut out: Vec<_> = (1..=m.count)
         .map(|s| {
