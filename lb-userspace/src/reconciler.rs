@@ -10,11 +10,11 @@
 //! IDs are re-adopted from the maps at start, and a backend id is never
 //! repointed at another address while anything may still read it.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
-use lb_common::ServiceValue;
+use lb_common::{MAX_SLOTS, ServiceValue};
 
 use crate::{
     datapath::{
@@ -41,7 +41,7 @@ pub struct Installed {
     /// Backend id per slot; `slots[0]` is slot 1. May be longer than `count`
     /// after an adoption of a half-shrunk service.
     pub slots: Vec<u32>,
-    pub count: u32,
+    pub count: u16,
     /// Meta and master have been written at least once.
     pub complete: bool,
 }
@@ -111,7 +111,7 @@ impl<D: Datapath> Reconciler<D> {
                 continue;
             };
             let mut slots = Vec::new();
-            for slot in 1..=u16::MAX {
+            for slot in 1..=MAX_SLOTS {
                 let mut k = *key;
                 k.slot = slot;
                 match snap.services.get(&k) {
@@ -295,6 +295,9 @@ impl<D: Datapath> Reconciler<D> {
         prune: Prune,
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
+        // Refused whole, before anything is written: a master cannot count
+        // past MAX_SLOTS, so the rest would be written and never reachable.
+        check_slots(want.backends.len())?;
         // 1. Backends first: ids for every desired address, writing new ones.
         let mut wanted_ids = Vec::with_capacity(want.backends.len());
         for &addr in &want.backends {
@@ -306,12 +309,17 @@ impl<D: Datapath> Reconciler<D> {
             .map_or(&[], |o| &o.slots[..(o.count as usize).min(o.slots.len())]);
         if prune == Prune::No {
             // Never shrink before the sources are complete: keep what is there.
-            for id in old_active {
-                if !wanted_ids.contains(id) {
-                    wanted_ids.push(*id);
+            // (A set: a linear `contains` per slot is quadratic in big services.)
+            let mut seen: HashSet<u32> = wanted_ids.iter().copied().collect();
+            for &id in old_active {
+                if seen.insert(id) {
+                    wanted_ids.push(id);
                 }
             }
         }
+        // Kept ones on top of the wanted ones may overflow too (the new
+        // backends are unreferenced and go with the next pruning apply).
+        check_slots(wanted_ids.len())?;
         let layout = slot_layout(old_active, &wanted_ids);
         let svc_id = match &old {
             Some(o) => o.svc_id,
@@ -353,15 +361,9 @@ impl<D: Datapath> Reconciler<D> {
             if inst.slots.get(i) == Some(&id) {
                 continue;
             }
-            let slot = u16::try_from(i + 1)
-                .map_err(|_| DatapathError::Other(format!("more than {} backends", u16::MAX)))?;
-            let value = ServiceValue {
-                backend_id: id,
-                count: 0,
-                svc_id,
-                flags: 0,
-            };
-            self.dp.put_service(&frontend_key(fe, slot), &value)?;
+            let slot = slot_number(i)?;
+            self.dp
+                .put_service(&frontend_key(fe, slot), &ServiceValue::slot(id, svc_id))?;
             report.writes += 1;
             if i < inst.slots.len() {
                 let old = std::mem::replace(&mut inst.slots[i], id);
@@ -378,14 +380,9 @@ impl<D: Datapath> Reconciler<D> {
             inst.service = want.service.clone();
             report.writes += 1;
         }
-        let count = u32::try_from(layout.len()).unwrap_or(u32::MAX);
+        let count = check_slots(layout.len())?;
         if !inst.complete || inst.count != count {
-            let master = ServiceValue {
-                backend_id: 0,
-                count,
-                svc_id,
-                flags: 0,
-            };
+            let master = ServiceValue::master(count, svc_id);
             self.dp.put_service(&frontend_key(fe, 0), &master)?;
             inst.count = count;
             inst.complete = true;
@@ -404,7 +401,7 @@ impl<D: Datapath> Reconciler<D> {
             return Ok(());
         };
         while inst.slots.len() > keep {
-            let slot = u16::try_from(inst.slots.len()).unwrap_or(u16::MAX);
+            let slot = slot_number(inst.slots.len() - 1)?;
             self.dp.delete_service(&frontend_key(fe, slot))?;
             if let Some(id) = inst.slots.pop() {
                 release(&mut self.refs, &mut self.unreferenced, id);
@@ -480,6 +477,22 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
+}
+
+/// `n` backends as a slot count, or the error refusing them.
+fn check_slots(n: usize) -> Result<u16, DatapathError> {
+    match u16::try_from(n) {
+        Ok(count) if n <= usize::from(MAX_SLOTS) => Ok(count),
+        _ => Err(DatapathError::TooManyBackends {
+            backends: n,
+            max: MAX_SLOTS,
+        }),
+    }
+}
+
+/// The slot number of `slots[i]`.
+fn slot_number(i: usize) -> Result<u16, DatapathError> {
+    check_slots(i + 1)
 }
 
 /// One slot stopped naming `id`.

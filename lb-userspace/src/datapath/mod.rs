@@ -24,6 +24,9 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// More backends than a frontend has slots: nothing of it is written.
+    #[error("{backends} backends, more than the {max} slots a frontend can hold")]
+    TooManyBackends { backends: usize, max: u16 },
     #[error("{0}")]
     Other(String),
 }

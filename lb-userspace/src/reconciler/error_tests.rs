@@ -2,12 +2,12 @@
 use lb_common::ServiceKey;
 
 use super::{
-    tests::{assert_readable, backends_of, be, desired, fe, master},
+    tests::{assert_readable, backends_of, be, desired, fe, master, svc},
     *,
 };
 use crate::datapath::{
     MemoryDatapath,
-    memory::{Call, OpKind},
+    memory::{Call, Op, OpKind},
 };
 
 /// What the reconciler believes matches the maps: every complete frontend
@@ -159,4 +159,88 @@ fn any_single_failure_leaves_a_consistent_state() {
             }
         }
     }
+}
+
+/// `n` distinct backend addresses.
+fn many_backends(n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 | i as u32);
+            SocketAddr::from((ip, 8080))
+        })
+        .collect()
+}
+
+fn one(f: Frontend, name: &str, backends: Vec<SocketAddr>) -> DesiredState {
+    let mut backends = backends;
+    backends.sort();
+    DesiredState::from([(
+        f,
+        DesiredService {
+            service: svc(name),
+            backends,
+        },
+    )])
+}
+
+/// One backend past `MAX_SLOTS` refuses the frontend with nothing written;
+/// exactly `MAX_SLOTS` is installed whole.
+#[test]
+fn more_backends_than_slots_are_refused_whole() {
+    let max = usize::from(lb_common::MAX_SLOTS);
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let report = r.apply(&one(fe(1), "huge", many_backends(max + 1)), Prune::Yes);
+    assert_eq!(report.errors.len(), 1);
+    let e = &report.errors[0];
+    assert_eq!(e.name, "huge");
+    assert!(
+        matches!(e.source, DatapathError::TooManyBackends { backends, max: m }
+            if backends == max + 1 && m == lb_common::MAX_SLOTS),
+        "{e}"
+    );
+    assert!(e.to_string().contains("65536 backends"), "{e}");
+    assert!(r.datapath().log.is_empty(), "nothing written");
+    assert!(r.installed().is_empty());
+
+    let exact = many_backends(max);
+    let report = r.apply(&one(fe(1), "huge", exact.clone()), Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let state = &r.datapath().state;
+    assert_eq!(master(state, &fe(1)).unwrap().count, lb_common::MAX_SLOTS);
+    assert_eq!(state.services.len(), max + 1);
+    assert_eq!(state.backends.len(), max);
+    assert_consistent(&r);
+
+    // Growing an installed frontend past the limit keeps what it had.
+    let writes = r.datapath().log.len();
+    let report = r.apply(&one(fe(1), "huge", many_backends(max + 1)), Prune::Yes);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(r.datapath().log.len(), writes, "nothing written");
+    assert_eq!(
+        master(&r.datapath().state, &fe(1)).unwrap().count,
+        lb_common::MAX_SLOTS
+    );
+
+    // Before the sources are complete, kept backends count too: one new
+    // backend on top of a full frontend writes no slot.
+    let mut other = many_backends(max + 1);
+    let extra = other.pop().unwrap();
+    let report = r.apply(&one(fe(1), "huge", vec![extra]), Prune::No);
+    assert_eq!(report.errors.len(), 1);
+    assert!(matches!(
+        report.errors[0].source,
+        DatapathError::TooManyBackends { .. }
+    ));
+    assert!(
+        r.datapath().log[writes..]
+            .iter()
+            .all(|op| !matches!(op, Op::PutService(..))),
+        "no slot or master written"
+    );
+    assert_consistent(&r);
+    // Once complete, the same input shrinks to the one backend.
+    let report = r.apply(&one(fe(1), "huge", vec![extra]), Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(backends_of(&r.datapath().state, &fe(1)), vec![extra]);
+    assert_eq!(r.datapath().state.backends.len(), 1);
 }

@@ -48,10 +48,7 @@ pub(super) fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredS
 pub(super) fn assert_readable(state: &Snapshot) {
     for (key, master) in state.services.iter().filter(|(k, _)| k.slot == 0) {
         for slot in 1..=master.count {
-            let k = ServiceKey {
-                slot: slot as u16,
-                ..*key
-            };
+            let k = ServiceKey { slot, ..*key };
             let Some(v) = state.services.get(&k) else {
                 panic!(
                     "master {key:?} count {} but slot {slot} missing",
@@ -98,7 +95,7 @@ pub(super) fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
     let m = master(state, f).expect("master");
     let mut out: Vec<_> = (1..=m.count)
         .map(|s| {
-            let v = state.services[&frontend_key(f, s as u16)];
+            let v = state.services[&frontend_key(f, s)];
             backend_addr(&state.backends[&v.backend_id])
         })
         .collect();
@@ -343,22 +340,9 @@ fn adoption_never_reuses_an_id_a_slot_still_names() {
     let key = crate::datapath::frontend_key(&fe(1), 1);
     dp.state.services.insert(
         crate::datapath::frontend_key(&fe(1), 0),
-        ServiceValue {
-            backend_id: 0,
-            count: 1,
-            svc_id: 1,
-            flags: 0,
-        },
+        ServiceValue::master(1, 1),
     );
-    dp.state.services.insert(
-        key,
-        ServiceValue {
-            backend_id: 7,
-            count: 0,
-            svc_id: 1,
-            flags: 0,
-        },
-    );
+    dp.state.services.insert(key, ServiceValue::slot(7, 1));
     let mut r = Reconciler::adopt(dp).unwrap();
     r.apply(&desired(&[(fe(2), "other", vec![be(9, 80)])]), Prune::No);
     let ids: Vec<u32> = r.datapath().state.backends.keys().copied().collect();
