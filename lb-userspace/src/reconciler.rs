@@ -86,8 +86,10 @@ pub struct Reconciler<D> {
     /// Backends whose count dropped to zero (or never rose): the only
     /// candidates for deletion, so a sync does not walk every slot.
     unreferenced: BTreeSet<u32>,
-    next_svc_id: u32,
-    next_backend_id: u32,
+    /// Service ids of `installed`, so allocation skips them in O(1).
+    svc_ids: HashSet<u32>,
+    svc_id_alloc: IdAllocator,
+    backend_id_alloc: IdAllocator,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -139,21 +141,21 @@ impl<D: Datapath> Reconciler<D> {
                 },
             );
         }
-        let next_svc_id = installed.values().map(|i| i.svc_id).max().unwrap_or(0) + 1;
+        let svc_ids: HashSet<u32> = installed.values().map(|i| i.svc_id).collect();
+        let max_svc_id = svc_ids.iter().max().copied().unwrap_or(0);
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for id in installed.values().flat_map(|i| i.slots.iter()) {
             *refs.entry(*id).or_default() += 1;
         }
-        // Past every id in use, also ids a slot names without a backend
-        // entry: reusing one would repoint that slot at another pod.
-        let next_backend_id = snap
+        // New ids start past every id in use, also ids a slot names without
+        // a backend entry (those are never reused: see `backend_in_use`).
+        let max_backend_id = snap
             .backends
             .keys()
             .chain(refs.keys())
             .max()
             .copied()
-            .unwrap_or(0)
-            + 1;
+            .unwrap_or(0);
         let unreferenced = backends
             .keys()
             .filter(|id| !refs.contains_key(id))
@@ -166,9 +168,18 @@ impl<D: Datapath> Reconciler<D> {
             backends,
             refs,
             unreferenced,
-            next_svc_id: next_svc_id.max(1),
-            next_backend_id: next_backend_id.max(1),
+            svc_ids,
+            svc_id_alloc: IdAllocator::after(max_svc_id),
+            backend_id_alloc: IdAllocator::after(max_backend_id),
         })
+    }
+
+    /// Caps both id ranges at `max`, so tests can exhaust them.
+    #[cfg(test)]
+    fn limit_ids(&mut self, max: u32) {
+        let clamp = |a: &IdAllocator| IdAllocator::after_up_to(a.next.saturating_sub(1), max);
+        self.svc_id_alloc = clamp(&self.svc_id_alloc);
+        self.backend_id_alloc = clamp(&self.backend_id_alloc);
     }
 
     pub fn installed(&self) -> &BTreeMap<Frontend, Installed> {
@@ -324,8 +335,12 @@ impl<D: Datapath> Reconciler<D> {
         let svc_id = match &old {
             Some(o) => o.svc_id,
             None => {
-                let id = self.next_svc_id;
-                self.next_svc_id += 1;
+                let svc_ids = &self.svc_ids;
+                let id = self
+                    .svc_id_alloc
+                    .allocate(svc_ids.len(), |id| svc_ids.contains(&id))
+                    .ok_or(DatapathError::IdsExhausted { kind: "service" })?;
+                self.svc_ids.insert(id);
                 id
             }
         };
@@ -434,6 +449,7 @@ impl<D: Datapath> Reconciler<D> {
         self.dp.delete_meta(svc_id)?;
         report.deletes += 1;
         self.installed.remove(fe);
+        self.svc_ids.remove(&svc_id);
         Ok(())
     }
 
@@ -446,9 +462,14 @@ impl<D: Datapath> Reconciler<D> {
         if let Some(&id) = self.backend_ids.get(&(addr, proto)) {
             return Ok(id);
         }
-        let id = self.next_backend_id;
+        let (backends, refs) = (&self.backends, &self.refs);
+        let id = self
+            .backend_id_alloc
+            .allocate(backends.len() + refs.len(), |id| {
+                backends.contains_key(&id) || refs.contains_key(&id)
+            })
+            .ok_or(DatapathError::IdsExhausted { kind: "backend" })?;
         self.dp.put_backend(id, &encode_backend(addr, proto))?;
-        self.next_backend_id += 1;
         self.backend_ids.insert((addr, proto), id);
         self.backends.insert(id, (addr, proto));
         // Until a slot names it: a failed apply must not leak it.
@@ -476,6 +497,48 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+    }
+}
+
+/// Hands out ids `1..=max` in order, wrapping around and skipping ids in
+/// use, like Cilium's `id_allocator`: 0 stays reserved, and a freed id is
+/// reused as late as possible (a stale reverse-map entry names its
+/// service id). One probe per allocation unless ids around `next` are taken.
+#[derive(Clone, Debug)]
+struct IdAllocator {
+    next: u32,
+    max: u32,
+}
+
+impl IdAllocator {
+    /// Starts past `last`, the highest id in use (0 for none).
+    fn after(last: u32) -> Self {
+        Self::after_up_to(last, u32::MAX)
+    }
+
+    fn after_up_to(last: u32, max: u32) -> Self {
+        let max = max.max(1);
+        let next = match last.checked_add(1) {
+            Some(n) if n <= max => n,
+            _ => 1,
+        };
+        Self { next, max }
+    }
+
+    /// The next free id, or `None` if all are taken. `used` bounds how many
+    /// ids `in_use` accepts: of any `used + 1` ids one is free, so that many
+    /// probes always suffice (and none when the whole range is in use).
+    fn allocate(&mut self, used: usize, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+        let range = usize::try_from(self.max).unwrap_or(usize::MAX);
+        let probes = used.saturating_add(1).min(range);
+        for _ in 0..probes {
+            let id = self.next;
+            self.next = if id >= self.max { 1 } else { id + 1 };
+            if !in_use(id) {
+                return Some(id);
+            }
+        }
+        None
     }
 }
 

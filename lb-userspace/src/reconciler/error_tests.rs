@@ -1,5 +1,5 @@
 //! Failure paths, driven through the failure-injecting memory datapath.
-use lb_common::ServiceKey;
+use lb_common::{ServiceKey, ServiceValue};
 
 use super::{
     tests::{assert_readable, backends_of, be, desired, fe, master, svc},
@@ -243,4 +243,135 @@ fn more_backends_than_slots_are_refused_whole() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(backends_of(&r.datapath().state, &fe(1)), vec![extra]);
     assert_eq!(r.datapath().state.backends.len(), 1);
+}
+
+fn put(dp: &mut MemoryDatapath, f: Frontend, slot: u16, value: ServiceValue) {
+    dp.state.services.insert(frontend_key(&f, slot), value);
+}
+
+fn put_backend(dp: &mut MemoryDatapath, id: u32, addr: SocketAddr) {
+    dp.state
+        .backends
+        .insert(id, crate::datapath::encode_backend(addr, Proto::Tcp));
+}
+
+/// Ids continue past the highest adopted one, wrap around past `u32::MAX`
+/// to 1 (never 0) and skip every id in use, also a backend id only a
+/// slot still names.
+#[test]
+fn ids_wrap_around_and_skip_ids_in_use() {
+    const TOP: u32 = u32::MAX;
+    let mut dp = MemoryDatapath::default();
+    // fe(1): svc TOP - 1, slot 1 -> backend TOP - 1; a half-shrunk slot 2
+    // still names backend 2, which has no entry.
+    put(&mut dp, fe(1), 0, ServiceValue::master(1, TOP - 1));
+    put(&mut dp, fe(1), 1, ServiceValue::slot(TOP - 1, TOP - 1));
+    put(&mut dp, fe(1), 2, ServiceValue::slot(2, TOP - 1));
+    put_backend(&mut dp, TOP - 1, be(1, 80));
+    // fe(2): svc 1 -> backend 1.
+    put(&mut dp, fe(2), 0, ServiceValue::master(1, 1));
+    put(&mut dp, fe(2), 1, ServiceValue::slot(1, 1));
+    put_backend(&mut dp, 1, be(2, 80));
+    let mut r = Reconciler::adopt(dp).unwrap();
+    assert_consistent(&r);
+
+    let d = desired(&[
+        (fe(3), "c", vec![be(3, 80), be(4, 80)]),
+        (fe(4), "d", vec![be(5, 80), be(6, 80)]),
+        (fe(5), "e", vec![]),
+    ]);
+    let report = r.apply(&d, Prune::No);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let svc_ids: Vec<u32> = [3, 4, 5].map(|i| r.installed()[&fe(i)].svc_id).to_vec();
+    // TOP is free, then the counter wraps: 1 is taken, 2 is not.
+    assert_eq!(svc_ids, vec![TOP, 2, 3]);
+    let state = &r.datapath().state;
+    let new: BTreeSet<u32> = state
+        .backends
+        .keys()
+        .copied()
+        .filter(|id| ![1, TOP - 1].contains(id))
+        .collect();
+    // TOP, then 1 (taken) and 2 (named by a slot) are skipped.
+    assert_eq!(new, BTreeSet::from([TOP, 3, 4, 5]));
+    assert_consistent(&r);
+    assert_eq!(backends_of(state, &fe(4)), vec![be(5, 80), be(6, 80)]);
+}
+
+/// With every id taken, a new frontend or backend fails cleanly; once one
+/// is freed it is handed out again.
+#[test]
+fn exhausted_ids_fail_cleanly_until_one_is_freed() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    r.limit_ids(3);
+    let mut entries = vec![
+        (fe(1), "a", vec![be(1, 80)]),
+        (fe(2), "b", vec![be(2, 80)]),
+        (fe(3), "c", vec![be(3, 80)]),
+    ];
+    assert!(r.apply(&desired(&entries), Prune::Yes).errors.is_empty());
+
+    // A fourth backend: no backend id left.
+    entries[2].2.push(be(4, 80));
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].name, "c");
+    assert!(
+        matches!(
+            report.errors[0].source,
+            DatapathError::IdsExhausted { kind: "backend" }
+        ),
+        "{}",
+        report.errors[0]
+    );
+    assert_eq!(backends_of(&r.datapath().state, &fe(3)), vec![be(3, 80)]);
+    entries[2].2.pop();
+
+    // A fourth frontend on a known backend: no service id left.
+    entries.push((fe(4), "d", vec![be(1, 80)]));
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].name, "d");
+    assert!(report.errors[0].to_string().contains("no free service id"));
+    assert!(!r.installed().contains_key(&fe(4)));
+    assert_consistent(&r);
+
+    // b goes: its service id and backend id are free for d, from the next
+    // apply on (removals come after additions within one apply).
+    let b_id = r.installed()[&fe(2)].svc_id;
+    entries.remove(1);
+    entries[2].2 = vec![be(9, 80)];
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert!(!r.installed().contains_key(&fe(2)));
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(r.installed()[&fe(4)].svc_id, b_id);
+    assert_eq!(backends_of(&r.datapath().state, &fe(4)), vec![be(9, 80)]);
+    assert!(
+        r.datapath()
+            .state
+            .backends
+            .keys()
+            .all(|id| (1..=3).contains(id))
+    );
+    assert_consistent(&r);
+}
+
+#[test]
+fn id_allocator_probes_once_in_the_common_case() {
+    let mut a = IdAllocator::after(u32::MAX - 1);
+    let probes = std::cell::Cell::new(0);
+    let taken = |id: u32| {
+        probes.set(probes.get() + 1);
+        id == 1
+    };
+    assert_eq!(a.allocate(1, taken), Some(u32::MAX));
+    assert_eq!(probes.get(), 1);
+    assert_eq!(a.allocate(1, taken), Some(2));
+    assert_eq!(probes.get(), 3);
+    // Everything taken: bounded by the ids in use, then None.
+    let mut a = IdAllocator::after_up_to(0, 5);
+    assert_eq!(a.allocate(5, |_| true), None);
+    assert_eq!(a.allocate(2, |id| id < 3), Some(3));
 }
