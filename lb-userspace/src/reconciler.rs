@@ -5,16 +5,18 @@
 //! 1. new backends; 2. changed slots 1..=n; 3. meta, then the master with the
 //!    new count; 4. trailing slots past the new count;
 //! 5. removed frontends: master first, then slots and meta;
-//! 6. backends no slot references any more (always last).
+//! 6. entries no frontend reaches (see `adopt`), then backends no slot
+//!    references any more (always last).
 //!
-//! IDs are re-adopted from the maps at start, and a backend id is never
+//! IDs are re-adopted from the maps at start and handed out with
+//! wrap-around (never 0, never one in use), and a backend id is never
 //! repointed at another address while anything may still read it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
-use lb_common::{MAX_SLOTS, ServiceValue};
+use lb_common::{MAX_SLOTS, ServiceKey, ServiceValue};
 
 use crate::{
     datapath::{
@@ -86,6 +88,14 @@ pub struct Reconciler<D> {
     /// Backends whose count dropped to zero (or never rose): the only
     /// candidates for deletion, so a sync does not walk every slot.
     unreferenced: BTreeSet<u32>,
+    /// Service-map entries of no installed frontend, with the backend id
+    /// each names (counted in `refs`): slots a crash left without their
+    /// master, slots past a gap, keys of unknown protocols. Unreachable, so
+    /// deleting them is always safe; the next pruning apply does.
+    strays: BTreeMap<ServiceKey, u32>,
+    /// Meta entries of no installed frontend; their ids are not reused
+    /// until they are deleted (with the strays).
+    stray_meta: BTreeSet<u32>,
     /// Service ids of `installed`, so allocation skips them in O(1).
     svc_ids: HashSet<u32>,
     svc_id_alloc: IdAllocator,
@@ -94,13 +104,18 @@ pub struct Reconciler<D> {
 
 impl<D: Datapath> Reconciler<D> {
     /// Re-adopts whatever the maps already hold (a previous agent's state),
-    /// without changing anything.
+    /// without changing anything. Entries no frontend can reach are noted
+    /// as strays and deleted by the first pruning apply.
     pub fn adopt(dp: D) -> Result<Self, DatapathError> {
         let snap = dp.snapshot()?;
         let mut backend_ids = HashMap::new();
         let mut backends = HashMap::new();
+        // Entries of a protocol this agent never writes: deleted once
+        // nothing names them.
+        let mut foreign_backends = Vec::new();
         for (&id, b) in &snap.backends {
             let Some(proto) = Proto::from_number(b.proto) else {
+                foreign_backends.push(id);
                 continue;
             };
             let addr = backend_addr(b);
@@ -114,22 +129,15 @@ impl<D: Datapath> Reconciler<D> {
             };
             let mut slots = Vec::new();
             for slot in 1..=MAX_SLOTS {
-                let mut k = *key;
-                k.slot = slot;
-                match snap.services.get(&k) {
+                match snap.services.get(&ServiceKey { slot, ..*key }) {
                     Some(v) => slots.push(v.backend_id),
                     None => break,
                 }
             }
-            let service = snap.meta.get(&value.svc_id).map_or_else(
-                || ServiceRef {
-                    namespace: String::new(),
-                    name: String::new(),
-                    port_name: String::new(),
-                    svc_type: crate::model::ServiceType::ClusterIP,
-                },
-                decode_meta,
-            );
+            let service = snap
+                .meta
+                .get(&value.svc_id)
+                .map_or_else(unknown_service, decode_meta);
             installed.insert(
                 fe,
                 Installed {
@@ -141,14 +149,42 @@ impl<D: Datapath> Reconciler<D> {
                 },
             );
         }
+        let strays: BTreeMap<ServiceKey, u32> = snap
+            .services
+            .iter()
+            .filter(|(key, _)| {
+                !key_frontend(key)
+                    .and_then(|fe| installed.get(&fe))
+                    .is_some_and(|inst: &Installed| {
+                        key.slot == 0 || usize::from(key.slot) <= inst.slots.len()
+                    })
+            })
+            .map(|(key, value)| (*key, value.backend_id))
+            .collect();
         let svc_ids: HashSet<u32> = installed.values().map(|i| i.svc_id).collect();
-        let max_svc_id = svc_ids.iter().max().copied().unwrap_or(0);
+        let stray_meta: BTreeSet<u32> = snap
+            .meta
+            .keys()
+            .filter(|id| !svc_ids.contains(id))
+            .copied()
+            .collect();
+        let max_svc_id = svc_ids
+            .iter()
+            .chain(&stray_meta)
+            .max()
+            .copied()
+            .unwrap_or(0);
         let mut refs: HashMap<u32, u32> = HashMap::new();
-        for id in installed.values().flat_map(|i| i.slots.iter()) {
+        let named = installed
+            .values()
+            .flat_map(|i| i.slots.iter())
+            .chain(strays.values().filter(|&&id| id != 0));
+        for id in named {
             *refs.entry(*id).or_default() += 1;
         }
         // New ids start past every id in use, also ids a slot names without
-        // a backend entry (those are never reused: see `backend_in_use`).
+        // a backend entry (those are never reused: a slot would point at
+        // another pod).
         let max_backend_id = snap
             .backends
             .keys()
@@ -158,6 +194,7 @@ impl<D: Datapath> Reconciler<D> {
             .unwrap_or(0);
         let unreferenced = backends
             .keys()
+            .chain(&foreign_backends)
             .filter(|id| !refs.contains_key(id))
             .copied()
             .collect();
@@ -168,6 +205,8 @@ impl<D: Datapath> Reconciler<D> {
             backends,
             refs,
             unreferenced,
+            strays,
+            stray_meta,
             svc_ids,
             svc_id_alloc: IdAllocator::after(max_svc_id),
             backend_id_alloc: IdAllocator::after(max_backend_id),
@@ -335,10 +374,12 @@ impl<D: Datapath> Reconciler<D> {
         let svc_id = match &old {
             Some(o) => o.svc_id,
             None => {
-                let svc_ids = &self.svc_ids;
+                let (svc_ids, stray_meta) = (&self.svc_ids, &self.stray_meta);
                 let id = self
                     .svc_id_alloc
-                    .allocate(svc_ids.len(), |id| svc_ids.contains(&id))
+                    .allocate(svc_ids.len() + stray_meta.len(), |id| {
+                        svc_ids.contains(&id) || stray_meta.contains(&id)
+                    })
                     .ok_or(DatapathError::IdsExhausted { kind: "service" })?;
                 self.svc_ids.insert(id);
                 id
@@ -376,10 +417,15 @@ impl<D: Datapath> Reconciler<D> {
             if inst.slots.get(i) == Some(&id) {
                 continue;
             }
-            let slot = slot_number(i)?;
-            self.dp
-                .put_service(&frontend_key(fe, slot), &ServiceValue::slot(id, svc_id))?;
+            let key = frontend_key(fe, slot_number(i)?);
+            self.dp.put_service(&key, &ServiceValue::slot(id, svc_id))?;
             report.writes += 1;
+            // A stray under this key is overwritten: it no longer names its backend.
+            if !self.strays.is_empty()
+                && let Some(old) = self.strays.remove(&key)
+            {
+                release(&mut self.refs, &mut self.unreferenced, old);
+            }
             if i < inst.slots.len() {
                 let old = std::mem::replace(&mut inst.slots[i], id);
                 release(&mut self.refs, &mut self.unreferenced, old);
@@ -478,7 +524,29 @@ impl<D: Datapath> Reconciler<D> {
         Ok(id)
     }
 
+    /// Strays, then stray meta, then backends nothing names any more.
     fn delete_orphans(&mut self, report: &mut ApplyReport) {
+        let strays: Vec<(ServiceKey, u32)> = self.strays.iter().map(|(k, id)| (*k, *id)).collect();
+        for (key, id) in strays {
+            match self.dp.delete_service(&key) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.strays.remove(&key);
+                    release(&mut self.refs, &mut self.unreferenced, id);
+                }
+                Err(e) => report.other_errors.push(e),
+            }
+        }
+        let stray_meta: Vec<u32> = self.stray_meta.iter().copied().collect();
+        for svc_id in stray_meta {
+            match self.dp.delete_meta(svc_id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.stray_meta.remove(&svc_id);
+                }
+                Err(e) => report.other_errors.push(e),
+            }
+        }
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates {
             if self.refs.contains_key(&id) {
@@ -497,6 +565,16 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+    }
+}
+
+/// The name of a frontend whose meta entry is missing.
+fn unknown_service() -> ServiceRef {
+    ServiceRef {
+        namespace: String::new(),
+        name: String::new(),
+        port_name: String::new(),
+        svc_type: crate::model::ServiceType::ClusterIP,
     }
 }
 

@@ -375,3 +375,121 @@ fn id_allocator_probes_once_in_the_common_case() {
     assert_eq!(a.allocate(5, |_| true), None);
     assert_eq!(a.allocate(2, |id| id < 3), Some(3));
 }
+
+fn meta_of(f: Frontend, name: &str) -> lb_common::ServiceMeta {
+    crate::datapath::encode_meta(&f, &svc(name))
+}
+
+/// What a crash can leave behind: slots without their master, a slot past
+/// a gap, a meta entry of no frontend, a key and a backend of an unknown
+/// protocol. Adoption writes nothing; the first pruning apply deletes them
+/// (slots before the backends they name), and their ids stay unused until
+/// then.
+#[test]
+fn adoption_sweeps_entries_no_frontend_reaches() {
+    let mut dp = MemoryDatapath::default();
+    put(&mut dp, fe(1), 0, ServiceValue::master(1, 5));
+    put(&mut dp, fe(1), 1, ServiceValue::slot(11, 5));
+    put(&mut dp, fe(1), 3, ServiceValue::slot(13, 5)); // past a gap
+    dp.state.meta.insert(5, meta_of(fe(1), "web"));
+    put(&mut dp, fe(2), 1, ServiceValue::slot(12, 9)); // no master
+    put(&mut dp, fe(2), 2, ServiceValue::slot(14, 9));
+    dp.state.meta.insert(9, meta_of(fe(2), "crashed"));
+    let mut foreign = frontend_key(&fe(6), 0);
+    foreign.proto = 99;
+    dp.state
+        .services
+        .insert(foreign, ServiceValue::master(0, 6));
+    for (id, last) in [(11, 1), (12, 2), (13, 3), (14, 4)] {
+        put_backend(&mut dp, id, be(last, 80));
+    }
+    let mut odd = crate::datapath::encode_backend(be(5, 80), Proto::Tcp);
+    odd.proto = 99;
+    dp.state.backends.insert(15, odd);
+
+    let mut r = Reconciler::adopt(dp).unwrap();
+    assert!(r.datapath().log.is_empty());
+    assert_eq!(r.installed().len(), 1);
+    assert_eq!(r.installed()[&fe(1)].slots, vec![11]);
+    assert_consistent(&r);
+
+    // Before the sources are complete nothing is deleted, and a new
+    // frontend gets neither the stray meta's id nor a backend id a stray
+    // slot names.
+    let d = desired(&[
+        (fe(1), "web", vec![be(1, 80)]),
+        (fe(3), "new", vec![be(6, 80)]),
+    ]);
+    let report = r.apply(&d, Prune::No);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.deletes, 0);
+    assert!(![5, 9].contains(&r.installed()[&fe(3)].svc_id));
+    assert_eq!(r.datapath().state.backends.len(), 6);
+
+    let start = r.datapath().log.len();
+    let mid = r.datapath().state.clone();
+    let report = r.apply(&d, Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.other_errors.is_empty(), "{:?}", report.other_errors);
+    let state = r.datapath().state.clone();
+    let keys: BTreeSet<ServiceKey> = state.services.keys().copied().collect();
+    let want: BTreeSet<ServiceKey> = [
+        frontend_key(&fe(1), 0),
+        frontend_key(&fe(1), 1),
+        frontend_key(&fe(3), 0),
+        frontend_key(&fe(3), 1),
+    ]
+    .into();
+    assert_eq!(keys, want);
+    let fe3_id = r.installed()[&fe(3)].svc_id;
+    assert_eq!(
+        state.meta.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([5, fe3_id])
+    );
+    assert_eq!(state.backends.len(), 2);
+    assert!(state.backends.contains_key(&11));
+    // Each stray slot goes before the backend it names.
+    let log = &r.datapath().log[start..];
+    let pos = |op: &Op| log.iter().position(|o| o == op).unwrap();
+    for (slot, id) in [(frontend_key(&fe(1), 3), 13), (frontend_key(&fe(2), 1), 12)] {
+        assert!(pos(&Op::DeleteService(slot)) < pos(&Op::DeleteBackend(id)));
+    }
+    super::tests::replay_checked(&mid, log, &mid);
+    assert_consistent(&r);
+}
+
+/// A frontend whose slots a crash left without a master is written over
+/// them; the stray slot past its new count goes, and a stray delete that
+/// fails is retried by the next pruning apply.
+#[test]
+fn strays_are_taken_over_or_retried() {
+    let mut dp = MemoryDatapath::default();
+    for (slot, id, last) in [(1, 21, 1), (2, 22, 2), (3, 23, 3)] {
+        put(&mut dp, fe(2), slot, ServiceValue::slot(id, 4));
+        put_backend(&mut dp, id, be(last, 80));
+    }
+    let mut r = Reconciler::adopt(dp).unwrap();
+    let third = frontend_key(&fe(2), 3);
+    r.datapath_mut()
+        .fail_when(move |c| matches!(c, Call::DeleteService(k) if **k == third));
+    let d = desired(&[(fe(2), "back", vec![be(2, 80), be(9, 80)])]);
+    let report = r.apply(&d, Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.other_errors.len(), 1);
+    assert_eq!(
+        backends_of(&r.datapath().state, &fe(2)),
+        vec![be(2, 80), be(9, 80)]
+    );
+    // The failed stray still names backend 23: it is kept.
+    assert!(r.datapath().state.backends.contains_key(&23));
+    assert!(!r.datapath().state.backends.contains_key(&21));
+    assert_consistent(&r);
+
+    r.datapath_mut().clear_faults();
+    let report = r.apply(&d, Prune::Yes);
+    assert!(report.other_errors.is_empty(), "{:?}", report.other_errors);
+    let state = &r.datapath().state;
+    assert_eq!(state.services.len(), 3);
+    assert_eq!(state.backends.len(), 2);
+    assert_consistent(&r);
+}
