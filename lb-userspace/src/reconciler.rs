@@ -668,5 +668,11 @@ fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod error_tests;
+mod repair;
+#[cfg(test)]
+mod repair_tests;
+
+pub use repair::{RepairError, RepairReport};
+
 #[cfg(test)]
 mod tests;

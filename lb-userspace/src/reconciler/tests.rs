@@ -4,7 +4,7 @@ use lb_common::{ServiceKey, ServiceValue};
 
 use super::*;
 use crate::{
-    datapath::{MemoryDatapath, Snapshot, memory::Op},
+    datapath::{MemoryDatapath, Snapshot, encode_backend, memory::Op},
     model::{ServiceType, frontend},
 };
 
@@ -218,6 +218,74 @@ fn every_intermediate_state_is_readable_under_churn() {
             d.len()
         );
         assert_eq!(after.meta.len(), d.len());
+
+        // Drift behind the agent's back, then a repair: back to `after`,
+        // and no repair write breaks a master the drift left intact.
+        let mut drifted = after.clone();
+        for _ in 0..(next() % 4) {
+            random_drift(&mut drifted, &mut next);
+        }
+        r.datapath_mut().state = drifted.clone();
+        let start = r.datapath().log.len();
+        let report = r.repair();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(r.datapath().state, after, "{report}");
+        super::repair_tests::replay_never_breaks(&drifted, &r.datapath().log[start..], &after);
+    }
+}
+
+/// One random change to the maps, as an operator or another tool might make.
+fn random_drift(state: &mut Snapshot, next: &mut impl FnMut() -> u64) {
+    let pick = |n: usize, r: u64| (n > 0).then(|| r as usize % n);
+    match next() % 7 {
+        0 | 1 => {
+            if let Some(i) = pick(state.services.len(), next()) {
+                let k = *state.services.keys().nth(i).unwrap();
+                state.services.remove(&k);
+            }
+        }
+        2 => {
+            if let Some(i) = pick(state.backends.len(), next()) {
+                let id = *state.backends.keys().nth(i).unwrap();
+                if next().is_multiple_of(2) {
+                    state.backends.remove(&id);
+                } else {
+                    state
+                        .backends
+                        .insert(id, encode_backend(be(200, 1), Proto::Tcp));
+                }
+            }
+        }
+        3 => {
+            if let Some(i) = pick(state.meta.len(), next()) {
+                let id = *state.meta.keys().nth(i).unwrap();
+                state.meta.remove(&id);
+            }
+        }
+        4 => {
+            if let Some(i) = pick(state.services.len(), next()) {
+                let k = *state.services.keys().nth(i).unwrap();
+                if let Some(v) = state.services.get_mut(&k) {
+                    v.count = v.count.wrapping_add(1);
+                    v.backend_id ^= 1 << 20;
+                }
+            }
+        }
+        5 => {
+            let stray = fe(200);
+            state
+                .services
+                .insert(frontend_key(&stray, 0), ServiceValue::master(2, 900));
+            state
+                .services
+                .insert(frontend_key(&stray, 1), ServiceValue::slot(9_000, 900));
+            state.meta.insert(900, encode_meta(&stray, &svc("stray")));
+        }
+        _ => {
+            state
+                .backends
+                .insert(9_000, encode_backend(be(201, 1), Proto::Tcp));
+        }
     }
 }
 
