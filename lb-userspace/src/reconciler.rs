@@ -668,6 +668,8 @@ fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod error_tests;
+#[cfg(test)]
+mod prop_tests;
 mod repair;
 #[cfg(test)]
 mod repair_tests;

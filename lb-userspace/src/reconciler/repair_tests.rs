@@ -40,7 +40,9 @@ pub(super) fn replay_never_breaks(start: &Snapshot, log: &[Op], values: &Snapsho
     for op in log {
         match op {
             Op::PutBackend(id) => {
-                state.backends.insert(*id, values.backends[id]);
+                state
+                    .backends
+                    .insert(*id, values.backends.get(id).copied().unwrap_or_default());
             }
             Op::DeleteBackend(id) => {
                 state.backends.remove(id);

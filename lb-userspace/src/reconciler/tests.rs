@@ -70,7 +70,11 @@ pub(super) fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapsho
     for op in log {
         match op {
             Op::PutBackend(id) => {
-                state.backends.insert(*id, backends_of.backends[id]);
+                // Readability needs the key only; the value may be gone by the end.
+                state.backends.insert(
+                    *id,
+                    backends_of.backends.get(id).copied().unwrap_or_default(),
+                );
             }
             Op::DeleteBackend(id) => {
                 state.backends.remove(id);
