@@ -43,8 +43,12 @@ pub struct Installed {
     /// Backend id per slot; `slots[0]` is slot 1. May be longer than `count`
     /// after an adoption of a half-shrunk service.
     pub slots: Vec<u32>,
+    /// The master's count (at most `MAX_SLOTS`).
     pub count: u16,
-    /// Meta and master have been written at least once.
+    /// Meta and master are in the maps. False for a new frontend whose
+    /// first write failed before its master, and from the moment a removal
+    /// has deleted the master until it has finished (a failed removal
+    /// keeps the record, so the next apply resumes it).
     pub complete: bool,
 }
 

@@ -133,8 +133,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Service entries of no installed frontend, or past an installed
     /// frontend's slots: unreachable once its master is right. Masters
-    /// first. Returns the backend ids entries that could not be deleted
-    /// still name.
+    /// first. Returns the backend ids named by entries left in place.
     fn delete_stray_services(
         &mut self,
         snap: &Snapshot,
