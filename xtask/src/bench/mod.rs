@@ -1117,7 +1117,7 @@ fn endpoint_changes(
         };
         let e2e = loop {
             let v: Option<lb_common::ServiceValue> = map.lookup(&key);
-            if v.is_some_and(|v| v.count == want) {
+            if v.is_some_and(|v| u32::from(v.count) == want) {
                 break t0.elapsed();
             }
             if t0.elapsed() > timeout {
