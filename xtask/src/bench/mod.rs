@@ -347,6 +347,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     let mut plan = plan;
     plan.profile_n = plan.ns.iter().copied().filter(|&n| n <= 10_000).max();
 
+    let _lock = lb_tests::PrivilegedLock::acquire()?;
     lab::cleanup_leftovers();
     let stats = BpfStatsGuard::enable()?;
     let sampler = report::BusySampler::start();
