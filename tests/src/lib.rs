@@ -718,7 +718,9 @@ metadata:
 /// benchmark share the kernel, and each one's leftover cleanup would remove
 /// another's namespaces. Held (an exclusive `flock` on [`E2E_LOCK`]) until
 /// dropped; released by the kernel if the process dies.
-pub struct PrivilegedLock(std::fs::File);
+pub struct PrivilegedLock {
+    _file: std::fs::File,
+}
 
 /// The lock file; `flock /tmp/lb-e2e.lock cargo test -p lb-tests ...` takes
 /// the same lock from a shell.
@@ -742,7 +744,7 @@ impl PrivilegedLock {
                 bail!("locking {E2E_LOCK}: {}", std::io::Error::last_os_error());
             }
         }
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
 
