@@ -105,11 +105,39 @@ impl ServiceKey {
 pub struct ServiceValue {
     /// Slot entries: the backend id (never 0). Master: 0.
     pub backend_id: u32,
-    /// Master: number of active slots. 0 means "refuse connects".
-    pub count: u32,
+    /// Master: number of active slots, at most [`MAX_SLOTS`]; 0 means
+    /// "refuse connects". As wide as [`ServiceKey::slot`], so a master can
+    /// never count a slot that cannot exist. It sits where a `u32` count
+    /// was: little-endian, a pin of that layout reads the same.
+    pub count: u16,
+    pub _pad: u16,
     /// Service (frontend) id, stable across agent restarts.
     pub svc_id: u32,
     pub flags: u32,
+}
+
+impl ServiceValue {
+    /// The master entry (slot 0) of frontend `svc_id` with `count` slots.
+    pub const fn master(count: u16, svc_id: u32) -> Self {
+        Self {
+            backend_id: 0,
+            count,
+            _pad: 0,
+            svc_id,
+            flags: 0,
+        }
+    }
+
+    /// A slot entry of frontend `svc_id` naming `backend_id`.
+    pub const fn slot(backend_id: u32, svc_id: u32) -> Self {
+        Self {
+            backend_id,
+            count: 0,
+            _pad: 0,
+            svc_id,
+            flags: 0,
+        }
+    }
 }
 
 /// A backend address. Key of the backend map is the backend id (u32, never 0).
@@ -250,6 +278,10 @@ mod tests {
         assert_eq!(offset_of!(ServiceKey, slot), 18);
         assert_eq!(offset_of!(ServiceKey, proto), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(offset_of!(ServiceValue, backend_id), 0);
+        assert_eq!(offset_of!(ServiceValue, count), 4);
+        assert_eq!(offset_of!(ServiceValue, svc_id), 8);
+        assert_eq!(offset_of!(ServiceValue, flags), 12);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<ReverseKey>(), 32);
         assert_eq!(offset_of!(ReverseKey, addr), 8);
@@ -260,6 +292,28 @@ mod tests {
             size_of::<ServiceMeta>(),
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 20
         );
+    }
+
+    /// A master written with the old `u32` count reads the same count.
+    #[test]
+    fn old_u32_count_reads_the_same() {
+        let mut old = [0u8; 16];
+        old[4..8].copy_from_slice(&65_535u32.to_le_bytes());
+        old[8..12].copy_from_slice(&7u32.to_le_bytes());
+        let count = u16::from_le_bytes([old[4], old[5]]);
+        let pad = u16::from_le_bytes([old[6], old[7]]);
+        assert_eq!((count, pad), (MAX_SLOTS, 0));
+        let new = ServiceValue::master(MAX_SLOTS, 7);
+        let bytes: [u8; 16] = {
+            let mut b = [0u8; 16];
+            b[0..4].copy_from_slice(&new.backend_id.to_le_bytes());
+            b[4..6].copy_from_slice(&new.count.to_le_bytes());
+            b[6..8].copy_from_slice(&new._pad.to_le_bytes());
+            b[8..12].copy_from_slice(&new.svc_id.to_le_bytes());
+            b[12..16].copy_from_slice(&new.flags.to_le_bytes());
+            b
+        };
+        assert_eq!(bytes, old);
     }
 
     #[test]

@@ -57,9 +57,7 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
         };
         let endpoints: Vec<String> = (1..=master.count)
             .filter_map(|slot| {
-                let v = snap
-                    .services
-                    .get(&frontend_key(&fe, u16::try_from(slot).ok()?))?;
+                let v = snap.services.get(&frontend_key(&fe, slot))?;
                 snap.backends
                     .get(&v.backend_id)
                     .map(|b| backend_addr(b).to_string())

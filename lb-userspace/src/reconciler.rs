@@ -5,16 +5,18 @@
 //! 1. new backends; 2. changed slots 1..=n; 3. meta, then the master with the
 //!    new count; 4. trailing slots past the new count;
 //! 5. removed frontends: master first, then slots and meta;
-//! 6. backends no slot references any more (always last).
+//! 6. entries no frontend reaches (see `adopt`), then backends no slot
+//!    references any more (always last).
 //!
-//! IDs are re-adopted from the maps at start, and a backend id is never
+//! IDs are re-adopted from the maps at start and handed out with
+//! wrap-around (never 0, never one in use), and a backend id is never
 //! repointed at another address while anything may still read it.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
-use lb_common::ServiceValue;
+use lb_common::{MAX_SLOTS, ServiceKey, ServiceValue};
 
 use crate::{
     datapath::{
@@ -41,8 +43,12 @@ pub struct Installed {
     /// Backend id per slot; `slots[0]` is slot 1. May be longer than `count`
     /// after an adoption of a half-shrunk service.
     pub slots: Vec<u32>,
-    pub count: u32,
-    /// Meta and master have been written at least once.
+    /// The master's count (at most `MAX_SLOTS`).
+    pub count: u16,
+    /// Meta and master are in the maps. False for a new frontend whose
+    /// first write failed before its master, and from the moment a removal
+    /// has deleted the master until it has finished (a failed removal
+    /// keeps the record, so the next apply resumes it).
     pub complete: bool,
 }
 
@@ -86,19 +92,34 @@ pub struct Reconciler<D> {
     /// Backends whose count dropped to zero (or never rose): the only
     /// candidates for deletion, so a sync does not walk every slot.
     unreferenced: BTreeSet<u32>,
-    next_svc_id: u32,
-    next_backend_id: u32,
+    /// Service-map entries of no installed frontend, with the backend id
+    /// each names (counted in `refs`): slots a crash left without their
+    /// master, slots past a gap, keys of unknown protocols. Unreachable, so
+    /// deleting them is always safe; the next pruning apply does.
+    strays: BTreeMap<ServiceKey, u32>,
+    /// Meta entries of no installed frontend; their ids are not reused
+    /// until they are deleted (with the strays).
+    stray_meta: BTreeSet<u32>,
+    /// Service ids of `installed`, so allocation skips them in O(1).
+    svc_ids: HashSet<u32>,
+    svc_id_alloc: IdAllocator,
+    backend_id_alloc: IdAllocator,
 }
 
 impl<D: Datapath> Reconciler<D> {
     /// Re-adopts whatever the maps already hold (a previous agent's state),
-    /// without changing anything.
+    /// without changing anything. Entries no frontend can reach are noted
+    /// as strays and deleted by the first pruning apply.
     pub fn adopt(dp: D) -> Result<Self, DatapathError> {
         let snap = dp.snapshot()?;
         let mut backend_ids = HashMap::new();
         let mut backends = HashMap::new();
+        // Entries of a protocol this agent never writes: deleted once
+        // nothing names them.
+        let mut foreign_backends = Vec::new();
         for (&id, b) in &snap.backends {
             let Some(proto) = Proto::from_number(b.proto) else {
+                foreign_backends.push(id);
                 continue;
             };
             let addr = backend_addr(b);
@@ -111,23 +132,16 @@ impl<D: Datapath> Reconciler<D> {
                 continue;
             };
             let mut slots = Vec::new();
-            for slot in 1..=u16::MAX {
-                let mut k = *key;
-                k.slot = slot;
-                match snap.services.get(&k) {
+            for slot in 1..=MAX_SLOTS {
+                match snap.services.get(&ServiceKey { slot, ..*key }) {
                     Some(v) => slots.push(v.backend_id),
                     None => break,
                 }
             }
-            let service = snap.meta.get(&value.svc_id).map_or_else(
-                || ServiceRef {
-                    namespace: String::new(),
-                    name: String::new(),
-                    port_name: String::new(),
-                    svc_type: crate::model::ServiceType::ClusterIP,
-                },
-                decode_meta,
-            );
+            let service = snap
+                .meta
+                .get(&value.svc_id)
+                .map_or_else(unknown_service, decode_meta);
             installed.insert(
                 fe,
                 Installed {
@@ -139,23 +153,52 @@ impl<D: Datapath> Reconciler<D> {
                 },
             );
         }
-        let next_svc_id = installed.values().map(|i| i.svc_id).max().unwrap_or(0) + 1;
+        let strays: BTreeMap<ServiceKey, u32> = snap
+            .services
+            .iter()
+            .filter(|(key, _)| {
+                !key_frontend(key)
+                    .and_then(|fe| installed.get(&fe))
+                    .is_some_and(|inst: &Installed| {
+                        key.slot == 0 || usize::from(key.slot) <= inst.slots.len()
+                    })
+            })
+            .map(|(key, value)| (*key, value.backend_id))
+            .collect();
+        let svc_ids: HashSet<u32> = installed.values().map(|i| i.svc_id).collect();
+        let stray_meta: BTreeSet<u32> = snap
+            .meta
+            .keys()
+            .filter(|id| !svc_ids.contains(id))
+            .copied()
+            .collect();
+        let max_svc_id = svc_ids
+            .iter()
+            .chain(&stray_meta)
+            .max()
+            .copied()
+            .unwrap_or(0);
         let mut refs: HashMap<u32, u32> = HashMap::new();
-        for id in installed.values().flat_map(|i| i.slots.iter()) {
+        let named = installed
+            .values()
+            .flat_map(|i| i.slots.iter())
+            .chain(strays.values().filter(|&&id| id != 0));
+        for id in named {
             *refs.entry(*id).or_default() += 1;
         }
-        // Past every id in use, also ids a slot names without a backend
-        // entry: reusing one would repoint that slot at another pod.
-        let next_backend_id = snap
+        // New ids start past every id in use, also ids a slot names without
+        // a backend entry (those are never reused: a slot would point at
+        // another pod).
+        let max_backend_id = snap
             .backends
             .keys()
             .chain(refs.keys())
             .max()
             .copied()
-            .unwrap_or(0)
-            + 1;
+            .unwrap_or(0);
         let unreferenced = backends
             .keys()
+            .chain(&foreign_backends)
             .filter(|id| !refs.contains_key(id))
             .copied()
             .collect();
@@ -166,9 +209,20 @@ impl<D: Datapath> Reconciler<D> {
             backends,
             refs,
             unreferenced,
-            next_svc_id: next_svc_id.max(1),
-            next_backend_id: next_backend_id.max(1),
+            strays,
+            stray_meta,
+            svc_ids,
+            svc_id_alloc: IdAllocator::after(max_svc_id),
+            backend_id_alloc: IdAllocator::after(max_backend_id),
         })
+    }
+
+    /// Caps both id ranges at `max`, so tests can exhaust them.
+    #[cfg(test)]
+    fn limit_ids(&mut self, max: u32) {
+        let clamp = |a: &IdAllocator| IdAllocator::after_up_to(a.next.saturating_sub(1), max);
+        self.svc_id_alloc = clamp(&self.svc_id_alloc);
+        self.backend_id_alloc = clamp(&self.backend_id_alloc);
     }
 
     pub fn installed(&self) -> &BTreeMap<Frontend, Installed> {
@@ -231,11 +285,13 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     fn remove_with_report(&mut self, fe: &Frontend, report: &mut ApplyReport) {
+        let Some(service) = self.installed.get(fe).map(|i| i.service.clone()) else {
+            return;
+        };
         if let Err(source) = self.remove_frontend(fe, report) {
-            let svc = &self.installed[fe].service;
             report.errors.push(ReconcileError {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
+                namespace: service.namespace,
+                name: service.name,
                 frontend: *fe,
                 source,
             });
@@ -293,6 +349,9 @@ impl<D: Datapath> Reconciler<D> {
         prune: Prune,
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
+        // Refused whole, before anything is written: a master cannot count
+        // past MAX_SLOTS, so the rest would be written and never reachable.
+        check_slots(want.backends.len())?;
         // 1. Backends first: ids for every desired address, writing new ones.
         let mut wanted_ids = Vec::with_capacity(want.backends.len());
         for &addr in &want.backends {
@@ -304,18 +363,29 @@ impl<D: Datapath> Reconciler<D> {
             .map_or(&[], |o| &o.slots[..(o.count as usize).min(o.slots.len())]);
         if prune == Prune::No {
             // Never shrink before the sources are complete: keep what is there.
-            for id in old_active {
-                if !wanted_ids.contains(id) {
-                    wanted_ids.push(*id);
+            // (A set: a linear `contains` per slot is quadratic in big services.)
+            let mut seen: HashSet<u32> = wanted_ids.iter().copied().collect();
+            for &id in old_active {
+                if seen.insert(id) {
+                    wanted_ids.push(id);
                 }
             }
         }
+        // Kept ones on top of the wanted ones may overflow too (the new
+        // backends are unreferenced and go with the next pruning apply).
+        check_slots(wanted_ids.len())?;
         let layout = slot_layout(old_active, &wanted_ids);
         let svc_id = match &old {
             Some(o) => o.svc_id,
             None => {
-                let id = self.next_svc_id;
-                self.next_svc_id += 1;
+                let (svc_ids, stray_meta) = (&self.svc_ids, &self.stray_meta);
+                let id = self
+                    .svc_id_alloc
+                    .allocate(svc_ids.len() + stray_meta.len(), |id| {
+                        svc_ids.contains(&id) || stray_meta.contains(&id)
+                    })
+                    .ok_or(DatapathError::IdsExhausted { kind: "service" })?;
+                self.svc_ids.insert(id);
                 id
             }
         };
@@ -351,16 +421,15 @@ impl<D: Datapath> Reconciler<D> {
             if inst.slots.get(i) == Some(&id) {
                 continue;
             }
-            let slot = u16::try_from(i + 1)
-                .map_err(|_| DatapathError::Other(format!("more than {} backends", u16::MAX)))?;
-            let value = ServiceValue {
-                backend_id: id,
-                count: 0,
-                svc_id,
-                flags: 0,
-            };
-            self.dp.put_service(&frontend_key(fe, slot), &value)?;
+            let key = frontend_key(fe, slot_number(i)?);
+            self.dp.put_service(&key, &ServiceValue::slot(id, svc_id))?;
             report.writes += 1;
+            // A stray under this key is overwritten: it no longer names its backend.
+            if !self.strays.is_empty()
+                && let Some(old) = self.strays.remove(&key)
+            {
+                release(&mut self.refs, &mut self.unreferenced, old);
+            }
             if i < inst.slots.len() {
                 let old = std::mem::replace(&mut inst.slots[i], id);
                 release(&mut self.refs, &mut self.unreferenced, old);
@@ -376,14 +445,9 @@ impl<D: Datapath> Reconciler<D> {
             inst.service = want.service.clone();
             report.writes += 1;
         }
-        let count = u32::try_from(layout.len()).unwrap_or(u32::MAX);
+        let count = check_slots(layout.len())?;
         if !inst.complete || inst.count != count {
-            let master = ServiceValue {
-                backend_id: 0,
-                count,
-                svc_id,
-                flags: 0,
-            };
+            let master = ServiceValue::master(count, svc_id);
             self.dp.put_service(&frontend_key(fe, 0), &master)?;
             inst.count = count;
             inst.complete = true;
@@ -402,7 +466,7 @@ impl<D: Datapath> Reconciler<D> {
             return Ok(());
         };
         while inst.slots.len() > keep {
-            let slot = u16::try_from(inst.slots.len()).unwrap_or(u16::MAX);
+            let slot = slot_number(inst.slots.len() - 1)?;
             self.dp.delete_service(&frontend_key(fe, slot))?;
             if let Some(id) = inst.slots.pop() {
                 release(&mut self.refs, &mut self.unreferenced, id);
@@ -412,6 +476,9 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
+    /// Master, then slots, then meta. The record goes only once all of them
+    /// are gone: after a failed step the frontend is still installed (and
+    /// incomplete), so the next apply that finds it gone resumes the removal.
     fn remove_frontend(
         &mut self,
         fe: &Frontend,
@@ -420,17 +487,19 @@ impl<D: Datapath> Reconciler<D> {
         // Master first: new connects stop matching before anything they read goes.
         self.dp.delete_service(&frontend_key(fe, 0))?;
         report.deletes += 1;
-        if let Some(inst) = self.installed.get_mut(fe) {
-            // No master any more: if a later step fails and the frontend
-            // comes back, its master must be written again.
-            inst.count = 0;
-            inst.complete = false;
-        }
+        let Some(inst) = self.installed.get_mut(fe) else {
+            return Ok(());
+        };
+        // No master any more: if a later step fails and the frontend
+        // comes back, its master must be written again.
+        inst.count = 0;
+        inst.complete = false;
+        let svc_id = inst.svc_id;
         self.trim_slots(fe, 0, report)?;
-        if let Some(inst) = self.installed.remove(fe) {
-            self.dp.delete_meta(inst.svc_id)?;
-            report.deletes += 1;
-        }
+        self.dp.delete_meta(svc_id)?;
+        report.deletes += 1;
+        self.installed.remove(fe);
+        self.svc_ids.remove(&svc_id);
         Ok(())
     }
 
@@ -443,9 +512,14 @@ impl<D: Datapath> Reconciler<D> {
         if let Some(&id) = self.backend_ids.get(&(addr, proto)) {
             return Ok(id);
         }
-        let id = self.next_backend_id;
+        let (backends, refs) = (&self.backends, &self.refs);
+        let id = self
+            .backend_id_alloc
+            .allocate(backends.len() + refs.len(), |id| {
+                backends.contains_key(&id) || refs.contains_key(&id)
+            })
+            .ok_or(DatapathError::IdsExhausted { kind: "backend" })?;
         self.dp.put_backend(id, &encode_backend(addr, proto))?;
-        self.next_backend_id += 1;
         self.backend_ids.insert((addr, proto), id);
         self.backends.insert(id, (addr, proto));
         // Until a slot names it: a failed apply must not leak it.
@@ -454,7 +528,29 @@ impl<D: Datapath> Reconciler<D> {
         Ok(id)
     }
 
+    /// Strays, then stray meta, then backends nothing names any more.
     fn delete_orphans(&mut self, report: &mut ApplyReport) {
+        let strays: Vec<(ServiceKey, u32)> = self.strays.iter().map(|(k, id)| (*k, *id)).collect();
+        for (key, id) in strays {
+            match self.dp.delete_service(&key) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.strays.remove(&key);
+                    release(&mut self.refs, &mut self.unreferenced, id);
+                }
+                Err(e) => report.other_errors.push(e),
+            }
+        }
+        let stray_meta: Vec<u32> = self.stray_meta.iter().copied().collect();
+        for svc_id in stray_meta {
+            match self.dp.delete_meta(svc_id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.stray_meta.remove(&svc_id);
+                }
+                Err(e) => report.other_errors.push(e),
+            }
+        }
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates {
             if self.refs.contains_key(&id) {
@@ -474,6 +570,74 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
+}
+
+/// The name of a frontend whose meta entry is missing.
+fn unknown_service() -> ServiceRef {
+    ServiceRef {
+        namespace: String::new(),
+        name: String::new(),
+        port_name: String::new(),
+        svc_type: crate::model::ServiceType::ClusterIP,
+    }
+}
+
+/// Hands out ids `1..=max` in order, wrapping around and skipping ids in
+/// use, like Cilium's `id_allocator`: 0 stays reserved, and a freed id is
+/// reused as late as possible (a stale reverse-map entry names its
+/// service id). One probe per allocation unless ids around `next` are taken.
+#[derive(Clone, Debug)]
+struct IdAllocator {
+    next: u32,
+    max: u32,
+}
+
+impl IdAllocator {
+    /// Starts past `last`, the highest id in use (0 for none).
+    fn after(last: u32) -> Self {
+        Self::after_up_to(last, u32::MAX)
+    }
+
+    fn after_up_to(last: u32, max: u32) -> Self {
+        let max = max.max(1);
+        let next = match last.checked_add(1) {
+            Some(n) if n <= max => n,
+            _ => 1,
+        };
+        Self { next, max }
+    }
+
+    /// The next free id, or `None` if all are taken. `used` bounds how many
+    /// ids `in_use` accepts: of any `used + 1` ids one is free, so that many
+    /// probes always suffice (and none when the whole range is in use).
+    fn allocate(&mut self, used: usize, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+        let range = usize::try_from(self.max).unwrap_or(usize::MAX);
+        let probes = used.saturating_add(1).min(range);
+        for _ in 0..probes {
+            let id = self.next;
+            self.next = if id >= self.max { 1 } else { id + 1 };
+            if !in_use(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// `n` backends as a slot count, or the error refusing them.
+fn check_slots(n: usize) -> Result<u16, DatapathError> {
+    match u16::try_from(n) {
+        Ok(count) if n <= usize::from(MAX_SLOTS) => Ok(count),
+        _ => Err(DatapathError::TooManyBackends {
+            backends: n,
+            max: MAX_SLOTS,
+        }),
+    }
+}
+
+/// The slot number of `slots[i]`.
+fn slot_number(i: usize) -> Result<u16, DatapathError> {
+    check_slots(i + 1)
 }
 
 /// One slot stopped naming `id`.
@@ -505,6 +669,16 @@ fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     out.extend(pending);
     out
 }
+
+#[cfg(test)]
+mod error_tests;
+#[cfg(test)]
+mod prop_tests;
+mod repair;
+#[cfg(test)]
+mod repair_tests;
+
+pub use repair::{RepairError, RepairReport};
 
 #[cfg(test)]
 mod tests;

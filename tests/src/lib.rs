@@ -714,6 +714,40 @@ metadata:
     )
 }
 
+/// One privileged run at a time on a machine: the suites, the demo and the
+/// benchmark share the kernel, and each one's leftover cleanup would remove
+/// another's namespaces. Held (an exclusive `flock` on [`E2E_LOCK`]) until
+/// dropped; released by the kernel if the process dies.
+pub struct PrivilegedLock {
+    _file: std::fs::File,
+}
+
+/// The lock file; `flock /tmp/lb-e2e.lock cargo test -p lb-tests ...` takes
+/// the same lock from a shell.
+pub const E2E_LOCK: &str = "/tmp/lb-e2e.lock";
+
+impl PrivilegedLock {
+    /// Waits for any other privileged run to finish.
+    pub fn acquire() -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(E2E_LOCK)
+            .with_context(|| format!("opening {E2E_LOCK}"))?;
+        // SAFETY: a valid open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            println!("waiting for another privileged run to finish ({E2E_LOCK})");
+            // SAFETY: as above.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                bail!("locking {E2E_LOCK}: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 /// Removes namespaces, cgroups and pins left by a run that was killed
 /// before its `Drop`s ran.
 pub fn cleanup_leftovers() {

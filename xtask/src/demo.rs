@@ -78,6 +78,7 @@ pub fn run() -> anyhow::Result<()> {
         "lb-tests",
         "--bins",
     ]))?;
+    let _lock = lb_tests::PrivilegedLock::acquire()?;
     lb_tests::cleanup_leftovers();
     let bins = Bins::in_dir(Path::new("target/debug"));
     let result = demo(&bins, &interrupted);

@@ -238,6 +238,7 @@ fn test(e2e_only: bool, filter: &[String]) -> anyhow::Result<()> {
         // Privileged suites: fresh namespaces and cgroups per test, one at a
         // time because they share the kernel.
         exec(cmd("cargo").args(["build", "--package", "lb-userspace", "--bin", "lb-agent"]))?;
+        let _lock = lb_tests::PrivilegedLock::acquire()?;
         lb_tests::cleanup_leftovers();
         let mut args = vec!["--package", "lb-tests", "--", "--test-threads=1"];
         args.extend(filter.iter().map(String::as_str));

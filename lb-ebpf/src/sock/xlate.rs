@@ -116,9 +116,10 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     let cookie = socket_cookie(ctx);
     let pick = match hook {
         // SAFETY: the helper has no preconditions.
-        Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % master.count,
+        Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count),
         Hook::Sendmsg => (cookie % u64::from(master.count)) as u32,
     };
+    // pick < count <= MAX_SLOTS: slot pick + 1 fits a u16.
     let Some(backend) = pick_backend(addr, port, proto, pick as u16 + 1) else {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;

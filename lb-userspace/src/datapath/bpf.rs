@@ -238,6 +238,11 @@ fn check_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
             dir.display()
         ))
     };
+    let sys_bpf = Path::new(SYS_BPF);
+    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        // `run` mounts it there.
+        return Ok(());
+    }
     if dir.exists() {
         if !dir.is_dir() {
             return Err(invalid("not a directory"));
@@ -245,10 +250,6 @@ fn check_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
         if !is_bpffs(dir) {
             return Err(invalid("not on a bpffs"));
         }
-        return Ok(());
-    }
-    let sys_bpf = Path::new(SYS_BPF);
-    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
         return Ok(());
     }
     match dir.parent() {

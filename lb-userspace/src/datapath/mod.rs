@@ -24,6 +24,12 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// More backends than a frontend has slots: nothing of it is written.
+    #[error("{backends} backends, more than the {max} slots a frontend can hold")]
+    TooManyBackends { backends: usize, max: u16 },
+    /// Every id of a kind is in use (ids are 32 bits: in practice, never).
+    #[error("no free {kind} id")]
+    IdsExhausted { kind: &'static str },
     #[error("{0}")]
     Other(String),
 }

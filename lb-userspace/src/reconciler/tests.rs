@@ -4,11 +4,11 @@ use lb_common::{ServiceKey, ServiceValue};
 
 use super::*;
 use crate::{
-    datapath::{MemoryDatapath, Snapshot, memory::Op},
+    datapath::{MemoryDatapath, Snapshot, encode_backend, memory::Op},
     model::{ServiceType, frontend},
 };
 
-fn svc(name: &str) -> ServiceRef {
+pub(super) fn svc(name: &str) -> ServiceRef {
     ServiceRef {
         namespace: "default".into(),
         name: name.into(),
@@ -17,15 +17,15 @@ fn svc(name: &str) -> ServiceRef {
     }
 }
 
-fn be(last: u8, port: u16) -> SocketAddr {
+pub(super) fn be(last: u8, port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(10, 244, 0, last), port))
 }
 
-fn fe(last: u8) -> Frontend {
+pub(super) fn fe(last: u8) -> Frontend {
     frontend(Ipv4Addr::new(10, 96, 0, last), 80, Proto::Tcp)
 }
 
-fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
+pub(super) fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
     entries
         .iter()
         .map(|(f, name, backends)| {
@@ -45,13 +45,10 @@ fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredState {
 
 /// What a connect() could observe: every master's active slots and their
 /// backends must exist, at every point of the write sequence.
-fn assert_readable(state: &Snapshot) {
+pub(super) fn assert_readable(state: &Snapshot) {
     for (key, master) in state.services.iter().filter(|(k, _)| k.slot == 0) {
         for slot in 1..=master.count {
-            let k = ServiceKey {
-                slot: slot as u16,
-                ..*key
-            };
+            let k = ServiceKey { slot, ..*key };
             let Some(v) = state.services.get(&k) else {
                 panic!(
                     "master {key:?} count {} but slot {slot} missing",
@@ -68,12 +65,16 @@ fn assert_readable(state: &Snapshot) {
 }
 
 /// Replays the write log from `start`, checking readability after every op.
-fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
+pub(super) fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
     let mut state = start.clone();
     for op in log {
         match op {
             Op::PutBackend(id) => {
-                state.backends.insert(*id, backends_of.backends[id]);
+                // Readability needs the key only; the value may be gone by the end.
+                state.backends.insert(
+                    *id,
+                    backends_of.backends.get(id).copied().unwrap_or_default(),
+                );
             }
             Op::DeleteBackend(id) => {
                 state.backends.remove(id);
@@ -90,15 +91,15 @@ fn replay_checked(start: &Snapshot, log: &[Op], backends_of: &Snapshot) {
     }
 }
 
-fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
+pub(super) fn master(state: &Snapshot, f: &Frontend) -> Option<ServiceValue> {
     state.services.get(&frontend_key(f, 0)).copied()
 }
 
-fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
+pub(super) fn backends_of(state: &Snapshot, f: &Frontend) -> Vec<SocketAddr> {
     let m = master(state, f).expect("master");
     let mut out: Vec<_> = (1..=m.count)
         .map(|s| {
-            let v = state.services[&frontend_key(f, s as u16)];
+            let v = state.services[&frontend_key(f, s)];
             backend_addr(&state.backends[&v.backend_id])
         })
         .collect();
@@ -221,6 +222,74 @@ fn every_intermediate_state_is_readable_under_churn() {
             d.len()
         );
         assert_eq!(after.meta.len(), d.len());
+
+        // Drift behind the agent's back, then a repair: back to `after`,
+        // and no repair write breaks a master the drift left intact.
+        let mut drifted = after.clone();
+        for _ in 0..(next() % 4) {
+            random_drift(&mut drifted, &mut next);
+        }
+        r.datapath_mut().state = drifted.clone();
+        let start = r.datapath().log.len();
+        let report = r.repair();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(r.datapath().state, after, "{report}");
+        super::repair_tests::replay_never_breaks(&drifted, &r.datapath().log[start..], &after);
+    }
+}
+
+/// One random change to the maps, as an operator or another tool might make.
+fn random_drift(state: &mut Snapshot, next: &mut impl FnMut() -> u64) {
+    let pick = |n: usize, r: u64| (n > 0).then(|| r as usize % n);
+    match next() % 7 {
+        0 | 1 => {
+            if let Some(i) = pick(state.services.len(), next()) {
+                let k = *state.services.keys().nth(i).unwrap();
+                state.services.remove(&k);
+            }
+        }
+        2 => {
+            if let Some(i) = pick(state.backends.len(), next()) {
+                let id = *state.backends.keys().nth(i).unwrap();
+                if next().is_multiple_of(2) {
+                    state.backends.remove(&id);
+                } else {
+                    state
+                        .backends
+                        .insert(id, encode_backend(be(200, 1), Proto::Tcp));
+                }
+            }
+        }
+        3 => {
+            if let Some(i) = pick(state.meta.len(), next()) {
+                let id = *state.meta.keys().nth(i).unwrap();
+                state.meta.remove(&id);
+            }
+        }
+        4 => {
+            if let Some(i) = pick(state.services.len(), next()) {
+                let k = *state.services.keys().nth(i).unwrap();
+                if let Some(v) = state.services.get_mut(&k) {
+                    v.count = v.count.wrapping_add(1);
+                    v.backend_id ^= 1 << 20;
+                }
+            }
+        }
+        5 => {
+            let stray = fe(200);
+            state
+                .services
+                .insert(frontend_key(&stray, 0), ServiceValue::master(2, 900));
+            state
+                .services
+                .insert(frontend_key(&stray, 1), ServiceValue::slot(9_000, 900));
+            state.meta.insert(900, encode_meta(&stray, &svc("stray")));
+        }
+        _ => {
+            state
+                .backends
+                .insert(9_000, encode_backend(be(201, 1), Proto::Tcp));
+        }
     }
 }
 
@@ -343,22 +412,9 @@ fn adoption_never_reuses_an_id_a_slot_still_names() {
     let key = crate::datapath::frontend_key(&fe(1), 1);
     dp.state.services.insert(
         crate::datapath::frontend_key(&fe(1), 0),
-        ServiceValue {
-            backend_id: 0,
-            count: 1,
-            svc_id: 1,
-            flags: 0,
-        },
+        ServiceValue::master(1, 1),
     );
-    dp.state.services.insert(
-        key,
-        ServiceValue {
-            backend_id: 7,
-            count: 0,
-            svc_id: 1,
-            flags: 0,
-        },
-    );
+    dp.state.services.insert(key, ServiceValue::slot(7, 1));
     let mut r = Reconciler::adopt(dp).unwrap();
     r.apply(&desired(&[(fe(2), "other", vec![be(9, 80)])]), Prune::No);
     let ids: Vec<u32> = r.datapath().state.backends.keys().copied().collect();

@@ -31,6 +31,7 @@ mod parse;
 pub mod read;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 /// Everything one read of the directory produced.
 #[derive(Clone, Debug, Default)]

@@ -347,6 +347,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     let mut plan = plan;
     plan.profile_n = plan.ns.iter().copied().filter(|&n| n <= 10_000).max();
 
+    let _lock = lb_tests::PrivilegedLock::acquire()?;
     lab::cleanup_leftovers();
     let stats = BpfStatsGuard::enable()?;
     let sampler = report::BusySampler::start();
@@ -1117,7 +1118,7 @@ fn endpoint_changes(
         };
         let e2e = loop {
             let v: Option<lb_common::ServiceValue> = map.lookup(&key);
-            if v.is_some_and(|v| v.count == want) {
+            if v.is_some_and(|v| u32::from(v.count) == want) {
                 break t0.elapsed();
             }
             if t0.elapsed() > timeout {

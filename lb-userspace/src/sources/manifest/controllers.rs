@@ -51,7 +51,7 @@ pub(super) fn derive_slices(
     let mut out = Vec::new();
     for svc in services {
         if let Some(selector) = selector_of(&svc.obj) {
-            from_pods(svc, selector, &index, &mut names, &mut out);
+            from_pods(svc, selector, &index, &mut names, &mut out, diags);
         }
     }
 
@@ -312,6 +312,7 @@ fn from_pods(
     index: &PodIndex<'_>,
     names: &mut SliceNames,
     out: &mut Vec<EndpointSlice>,
+    diags: &mut Vec<Diagnostic>,
 ) {
     let meta = &svc.obj.metadata;
     let (ns, name) = (namespace_of(meta), name_of(meta));
@@ -325,6 +326,7 @@ fn from_pods(
         .into_iter()
         .map(|info| (info, pod_ports(info.pod, svc_ports)))
         .collect();
+    unresolved_named_ports(svc, svc_ports, &selected, diags);
     for family in address_types(&svc.obj) {
         let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
         for (info, ports) in &selected {
@@ -351,6 +353,45 @@ fn from_pods(
             };
             set_source(&mut slice.metadata, svc.source.clone());
             out.push(slice);
+        }
+    }
+}
+
+/// A named `targetPort` that no selected Pod declares leaves that service
+/// port without endpoints (its connects are refused), as in a cluster; that
+/// is valid but rarely meant, so it is a notice, cleared once a Pod has it.
+fn unresolved_named_ports(
+    svc: &Sourced<Service>,
+    svc_ports: &[ServicePort],
+    selected: &[(&PodInfo<'_>, Vec<PortKey>)],
+    diags: &mut Vec<Diagnostic>,
+) {
+    if selected.is_empty() {
+        return;
+    }
+    let meta = &svc.obj.metadata;
+    for (i, sp) in svc_ports.iter().enumerate() {
+        let Some(IntOrString::String(wanted)) = &sp.target_port else {
+            continue;
+        };
+        let name = sp.name.clone().unwrap_or_default();
+        let proto = protocol(sp.protocol.as_deref());
+        let resolved = selected
+            .iter()
+            .any(|(_, ports)| ports.iter().any(|(n, _, p, _)| *n == name && *p == proto));
+        if !wanted.is_empty() && !resolved {
+            diags.push(
+                diag(
+                    svc.source.clone(),
+                    format!("Service {}/{}", namespace_of(meta), name_of(meta)),
+                    format!("spec.ports[{i}].targetPort"),
+                    format!(
+                        "named port {wanted:?} ({proto}) matches no container port of the {} selected Pod(s); connects to this port are refused until one declares it",
+                        selected.len()
+                    ),
+                )
+                .info(),
+            );
         }
     }
 }

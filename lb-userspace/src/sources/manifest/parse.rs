@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use serde_yaml::Value;
 
-use super::{Sourced, diag, read::read_manifest};
+use super::{Sourced, diag, read::read_manifest, validate};
 use crate::model::Diagnostic;
 
 /// What the directory (or one file) holds, in file order, each object at
@@ -334,6 +334,21 @@ impl Objects {
                 object,
                 "metadata.name",
                 "missing metadata.name; the object is ignored",
+            ));
+            return;
+        }
+        let checked = match &obj {
+            Decoded::Service(o) => validate::service(o),
+            Decoded::Pod(o) => validate::pod(o),
+            Decoded::Endpoints(o) => validate::endpoints(o),
+            Decoded::EndpointSlice(o) => validate::endpoint_slice(o),
+        };
+        if let Err((field, message)) = checked {
+            diags.push(diag(
+                source,
+                object,
+                field,
+                format!("{message}; the object is ignored, as the API server would refuse it"),
             ));
             return;
         }

@@ -174,6 +174,19 @@ mod tests {
     }
 
     #[test]
+    fn reads_no_more_than_the_limit_whatever_the_size_said() {
+        // procfs reports size 0 for files that hold more: the same as a
+        // file that grows between the size check and the read.
+        let dir = tempfile::tempdir().unwrap();
+        let status = dir.path().join("status.yaml");
+        symlink("/proc/self/status", &status).unwrap();
+        assert_eq!(
+            read_manifest(&status, 16),
+            Err(ReadError::Grew { limit: 16 })
+        );
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("8Mi"), Ok(8 << 20));
         assert_eq!(parse_size("8MiB"), Ok(8 << 20));

@@ -716,38 +716,38 @@ fn duplicates_keep_the_first_definition() {
 #[test]
 fn cluster_ips_are_stable() {
     let mut alloc = ClusterIpAllocator::new(cidr(), []);
-    let a = svc_yaml("a", "a", "");
+    let a = svc_yaml("m", "a", "");
     let m1 = load_with(&[("a.yaml", &a)], &mut alloc);
-    let ip_a = cluster_ip(&m1, "a");
-    let key = ("default".to_owned(), "a".to_owned());
+    let ip_a = cluster_ip(&m1, "m");
+    let key = ("default".to_owned(), "m".to_owned());
     assert_eq!(
         alloc.assigned,
         BTreeMap::from([(key.clone(), v4_only(&ip_a))])
     );
 
     // Adding other services (sorting before and after) does not move it.
-    let others = docs(&[&svc_yaml("0-first", "x", ""), &svc_yaml("z", "x", "")]);
+    let others = docs(&[&svc_yaml("first", "x", ""), &svc_yaml("z", "x", "")]);
     let m2 = load_with(&[("a.yaml", &a), ("b.yaml", &others)], &mut alloc);
-    assert_eq!(cluster_ip(&m2, "a"), ip_a);
+    assert_eq!(cluster_ip(&m2, "m"), ip_a);
     let ip_z = cluster_ip(&m2, "z");
     assert_eq!(alloc.assigned.len(), 3);
 
     // Editing it (ports, selector, file) does not move it either.
-    let edited = svc_yaml("a", "changed", "").replace("port: 80", "port: 81");
+    let edited = svc_yaml("m", "changed", "").replace("port: 80", "port: 81");
     let m3 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut alloc);
-    assert_eq!(cluster_ip(&m3, "a"), ip_a);
+    assert_eq!(cluster_ip(&m3, "m"), ip_a);
     assert_eq!(cluster_ip(&m3, "z"), ip_z);
 
     // A restarted agent seeded from the maps keeps every address.
     let mut restarted = ClusterIpAllocator::new(cidr(), as_previous(&alloc.assigned));
     let m4 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut restarted);
-    assert_eq!(cluster_ip(&m4, "a"), ip_a);
+    assert_eq!(cluster_ip(&m4, "m"), ip_a);
     assert_eq!(cluster_ip(&m4, "z"), ip_z);
 
     // A fresh agent without that state computes the same addresses here
     // (no collisions), because the hash is deterministic.
     let m5 = load(&[("b.yaml", &others), ("c.yaml", &edited)]);
-    assert_eq!(cluster_ip(&m5, "a"), ip_a);
+    assert_eq!(cluster_ip(&m5, "m"), ip_a);
 
     // Removed services release their addresses.
     let _ = load_with(&[("c.yaml", &edited)], &mut alloc);
@@ -1906,4 +1906,102 @@ fn dual_stack_manifest_translates_to_one_frontend_per_family() {
             ),
         ]
     );
+}
+
+#[test]
+fn objects_the_api_server_would_refuse_are_reported_and_skipped() {
+    let endpoints: String = (0..1001)
+        .map(|i| format!("- addresses: [\"10.1.{}.{}\"]\n", i / 250, i % 250 + 1))
+        .collect();
+    let big = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: big
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+{endpoints}"
+    );
+    let bad_port = svc_yaml("badport", "x", "").replace("targetPort: 8080", "targetPort: 70000");
+    let bad_name = svc_yaml("Web_1", "x", "");
+    let wrong_family = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: mixed, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [\"fd00::1\"]}]
+";
+    let m = load(&[
+        ("a.yaml", &big),
+        ("b.yaml", &bad_port),
+        ("c.yaml", &bad_name),
+        ("d.yaml", wrong_family),
+        ("e.yaml", &svc_yaml("good", "x", "")),
+    ]);
+    let suffix = "; the object is ignored, as the API server would refuse it";
+    assert_eq!(
+        m.diagnostics,
+        vec![
+            d(
+                "a.yaml#1",
+                "EndpointSlice default/big",
+                "endpoints",
+                &format!(
+                    "1001 endpoints; an EndpointSlice holds at most 1000 (split them over several slices){suffix}"
+                ),
+            ),
+            d(
+                "b.yaml#1",
+                "Service default/badport",
+                "spec.ports[0].targetPort",
+                &format!("70000 is not between 1 and 65535{suffix}"),
+            ),
+            d(
+                "c.yaml#1",
+                "Service default/Web_1",
+                "metadata.name",
+                &format!(
+                    "\"Web_1\" is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter, ending with a letter or digit, at most 63 characters){suffix}"
+                ),
+            ),
+            d(
+                "d.yaml#1",
+                "EndpointSlice default/mixed",
+                "endpoints[0].addresses[0]",
+                &format!("\"fd00::1\" is not an IPv4 address{suffix}"),
+            ),
+        ]
+    );
+    // Everything else keeps working.
+    assert_eq!(m.services.len(), 1);
+    assert_eq!(
+        m.slices
+            .iter()
+            .filter(|s| s.metadata.name.as_deref() == Some("big"))
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn unresolved_named_target_port_is_a_notice_until_a_pod_declares_it() {
+    let svc = svc_yaml("web", "web", "").replace("targetPort: 8080", "targetPort: http");
+    let pod = pod_yaml("web-1", "web", "10.0.0.1", true, "");
+    let m = load(&[("a.yaml", &svc), ("b.yaml", &pod)]);
+    let mut want = d(
+        "a.yaml#1",
+        "Service default/web",
+        "spec.ports[0].targetPort",
+        "named port \"http\" (TCP) matches no container port of the 1 selected Pod(s); connects to this port are refused until one declares it",
+    );
+    want.severity = crate::model::Severity::Info;
+    assert_eq!(m.diagnostics, vec![want]);
+
+    let with_port = pod.replace(
+        "    image: nginx\n",
+        "    image: nginx\n    ports: [{name: http, containerPort: 8080}]\n",
+    );
+    let m = load(&[("a.yaml", &svc), ("b.yaml", &with_port)]);
+    assert_eq!(m.diagnostics, vec![]);
 }
