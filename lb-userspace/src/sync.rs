@@ -211,15 +211,18 @@ fn may_install_early(
     !want.backends.is_empty() || installed.contains_key(fe)
 }
 
-/// Compares the maps themselves with what the reconciler believes they hold
-/// and repairs the difference; the number of entries repaired.
-///
-/// Does nothing yet: `Reconciler::repair()` (comparing the pinned maps with
-/// the reconciler's view) is being added separately and is wired here when
-/// it lands. The resync's full apply below it already repairs any drift
-/// between the desired state and the reconciler's view.
-fn repair_maps<D: Datapath>(_reconciler: &mut Reconciler<D>) -> usize {
-    0
+/// Compares the maps themselves with what the reconciler installed and
+/// puts back what drifted (an entry deleted or changed behind the agent's
+/// back); the number of entries repaired.
+fn repair_maps<D: Datapath>(reconciler: &mut Reconciler<D>) -> usize {
+    let report = reconciler.repair();
+    for e in &report.errors {
+        error!("{e}");
+    }
+    if report.repaired > 0 {
+        warn!(%report, "the maps had drifted from what was installed");
+    }
+    report.repaired
 }
 
 /// At most this many pending arrival times are kept between two syncs
