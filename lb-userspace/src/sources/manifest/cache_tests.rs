@@ -24,6 +24,13 @@ fn pod(name: &str, app: &str, ip: &str) -> String {
     )
 }
 
+/// A selectorless Service with its Endpoints (mirrored into a slice).
+fn selectorless(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {name}\nsubsets:\n- addresses:\n  - ip: {ip}\n  ports:\n  - port: 8080\n"
+    )
+}
+
 /// What a load means to the model: the slim objects and the problems.
 fn meaning(m: &Manifests) -> (Vec<ServiceInfo>, Vec<SliceInfo>, BTreeSet<String>) {
     let mut services: Vec<ServiceInfo> = m.services.iter().map(ServiceInfo::from).collect();
@@ -112,8 +119,8 @@ fn a_newcomer_file_never_takes_a_service_from_a_running_one() {
 
 #[derive(Clone, Debug)]
 enum Edit {
-    /// File `f`: services `s{f}-{k}` for each k with its own pod (or a
-    /// broken document).
+    /// File `f`: services `s{f}-{k}` for each k with its own pod (k = 3:
+    /// selectorless, with Endpoints), maybe a broken document.
     Write {
         f: usize,
         ks: Vec<u8>,
@@ -147,6 +154,10 @@ proptest! {
                     let mut docs = Vec::new();
                     for k in ks {
                         let name = format!("s{f}-{k}");
+                        if k == 3 {
+                            docs.push(selectorless(&name, &format!("192.168.{f}.1")));
+                            continue;
+                        }
                         let ip = (k % 2 == 0).then(|| format!("10.96.{f}.{}", k + 1));
                         docs.push(service(&name, ip.as_deref()));
                         docs.push(pod(&format!("p{f}-{k}"), &name, &format!("10.244.{f}.{}", k + 1)));
