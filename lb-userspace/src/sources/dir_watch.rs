@@ -5,7 +5,10 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -19,10 +22,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The fallback poll while inotify works.
 pub const POLL_WITH_EVENTS: Duration = Duration::from_secs(1);
 /// How long a changed directory must stay unchanged before it is read, so
-/// a file caught half-written is not applied.
+/// a file caught half-written is not applied. Not waited for when inotify
+/// says every write was closed (an atomic rename, a ConfigMap swap, an
+/// editor that has saved): then the edit is read at once.
 pub const SETTLE: Duration = Duration::from_millis(100);
 /// Sustained edits never postpone a read by more than this.
-pub const MAX_SETTLE: Duration = Duration::from_secs(1);
+pub const MAX_SETTLE: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Fingerprint(Vec<(String, u64, Option<SystemTime>)>);
@@ -55,7 +60,15 @@ pub struct DirWatcher {
     /// When a change was first noticed that has not been read yet.
     pending_since: Option<Instant>,
     /// inotify, while it works; dropping it stops the watch.
-    events: Option<(notify::RecommendedWatcher, Arc<Notify>)>,
+    events: Option<Events>,
+}
+
+/// The inotify side of a [`DirWatcher`].
+struct Events {
+    _watcher: notify::RecommendedWatcher,
+    wake: Arc<Notify>,
+    /// A file was written and not closed yet: it may be half-written.
+    writing: Arc<AtomicBool>,
 }
 
 impl DirWatcher {
@@ -72,9 +85,9 @@ impl DirWatcher {
     /// Waits for an inotify event or the next poll.
     pub async fn wait(&mut self) {
         match &self.events {
-            Some((_, notify)) => {
+            Some(events) => {
                 tokio::select! {
-                    () = notify.notified() => {
+                    () = events.wake.notified() => {
                         // Two writes within one mtime tick can leave the
                         // fingerprint as it was: the event alone counts.
                         self.last = None;
@@ -106,6 +119,16 @@ impl DirWatcher {
             self.pending_since = None;
             return false;
         }
+        let closed = self
+            .events
+            .as_ref()
+            .is_some_and(|e| !e.writing.load(Ordering::SeqCst));
+        if closed {
+            // Every write was closed: nothing is half-written.
+            self.last = Some(now);
+            self.pending_since = None;
+            return true;
+        }
         let since = *self.pending_since.get_or_insert_with(Instant::now);
         tokio::time::sleep(SETTLE).await;
         let again = fingerprint(&self.dir);
@@ -121,20 +144,36 @@ impl DirWatcher {
 
 /// An inotify watch of `dir` whose events wake [`DirWatcher::wait`];
 /// `None` (polling only) where it cannot be set up.
-fn watch_events(dir: &Path) -> Option<(notify::RecommendedWatcher, Arc<Notify>)> {
-    let notify = Arc::new(Notify::new());
-    let wake = notify.clone();
+fn watch_events(dir: &Path) -> Option<Events> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let wake = Arc::new(Notify::new());
+    let writing = Arc::new(AtomicBool::new(false));
+    let (notify, write_flag) = (wake.clone(), writing.clone());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            wake.notify_one();
+        let Ok(event) = event else { return };
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                write_flag.store(true, Ordering::SeqCst);
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                write_flag.store(false, Ordering::SeqCst);
+            }
+            // Opens and reads (the agent's own among them) change nothing.
+            EventKind::Access(_) => return,
+            _ => {}
         }
+        notify.notify_one();
     })
     .and_then(|mut w| {
         w.watch(dir, notify::RecursiveMode::NonRecursive)?;
         Ok(w)
     });
     match watcher {
-        Ok(w) => Some((w, notify)),
+        Ok(w) => Some(Events {
+            _watcher: w,
+            wake,
+            writing,
+        }),
         Err(e) => {
             warn!(dir = %dir.display(), error = %e, "no inotify watch of the manifest directory; polling");
             None

@@ -327,8 +327,10 @@ fn build(
 /// parse, not the directory's.
 ///
 /// Of two files defining the same object, the one seen first keeps it (the
-/// other is reported), whatever their names: at start that is name order,
-/// later a new file never takes an object from a file already read.
+/// other is reported), whatever their names: a new file never takes an
+/// object from a file already read, and files first read in the same load
+/// (all of them, at start) rank by modification time, then name, so across
+/// a restart the definition that was there first still wins.
 #[derive(Debug)]
 pub struct DirCache {
     dir: PathBuf,
@@ -342,8 +344,10 @@ struct CachedFile {
     size: u64,
     mtime: Option<SystemTime>,
     hash: u64,
-    /// When the file was first read: decides duplicates across files.
+    /// The load that first read the file, then its mtime at that time:
+    /// decide duplicates across files.
     seen: u64,
+    first_mtime: Option<SystemTime>,
     objects: parse::Objects,
     diags: Vec<Diagnostic>,
 }
@@ -381,15 +385,17 @@ impl DirCache {
     pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Manifests {
         let mut diags = Vec::new();
         if let Some(files) = parse::list_files(&self.dir, &mut diags) {
+            let generation = self.next_seen;
+            self.next_seen += 1;
             let mut current = BTreeMap::new();
             for (name, path) in files {
                 let cached = self.files.remove(&name);
-                current.insert(name.clone(), self.refresh(&name, &path, cached));
+                current.insert(name.clone(), self.refresh(&name, &path, cached, generation));
             }
             self.files = current;
         }
         let mut order: Vec<(&String, &CachedFile)> = self.files.iter().collect();
-        order.sort_by_key(|(name, f)| (f.seen, *name));
+        order.sort_by_key(|(name, f)| (f.seen, f.first_mtime, *name));
         let mut objects = parse::Objects::default();
         for file in self.files.values() {
             diags.extend(file.diags.iter().cloned());
@@ -402,7 +408,13 @@ impl DirCache {
     }
 
     /// The file's entry, parsed again only if it changed.
-    fn refresh(&mut self, name: &str, path: &Path, mut cached: Option<CachedFile>) -> CachedFile {
+    fn refresh(
+        &mut self,
+        name: &str,
+        path: &Path,
+        mut cached: Option<CachedFile>,
+        generation: u64,
+    ) -> CachedFile {
         let meta = fs::metadata(path).ok();
         let size = meta.as_ref().map_or(0, fs::Metadata::len);
         let mtime = meta.and_then(|m| m.modified().ok());
@@ -416,13 +428,9 @@ impl DirCache {
         if let Some(c) = cached.take_if(|c| settled && c.size == size && c.mtime == mtime) {
             return c;
         }
-        let seen = cached.as_ref().map_or_else(
-            || {
-                self.next_seen += 1;
-                self.next_seen - 1
-            },
-            |c| c.seen,
-        );
+        let (seen, first_mtime) = cached
+            .as_ref()
+            .map_or((generation, mtime), |c| (c.seen, c.first_mtime));
         let text = match read::read_manifest(path, self.max_file_size) {
             Ok(text) => text,
             Err(e) => {
@@ -431,6 +439,7 @@ impl DirCache {
                     mtime,
                     hash: 0,
                     seen,
+                    first_mtime,
                     objects: parse::Objects::default(),
                     diags: vec![diag(path.display().to_string(), "", "", e.to_string())],
                 };
@@ -452,6 +461,7 @@ impl DirCache {
             mtime,
             hash,
             seen,
+            first_mtime,
             objects,
             diags,
         }
