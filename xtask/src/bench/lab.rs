@@ -556,6 +556,15 @@ impl AgentProc {
         self.wait_line(MANIFEST_SYNC, nth, since, timeout)
     }
 
+    /// Every line containing `pattern` so far, parsed.
+    pub fn sync_lines(&self, pattern: &str) -> Vec<SyncLine> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(pattern))
+            .map(parse_sync)
+            .collect()
+    }
+
     /// Log lines containing `pattern` so far.
     pub fn count_lines(&self, pattern: &str) -> usize {
         self.log_text()
