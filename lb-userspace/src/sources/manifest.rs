@@ -484,8 +484,13 @@ pub fn feed(input: &Input, loaded: Manifests, arrived: Instant) {
 
 /// An object with where it was read from (`file.yaml#2`).
 #[derive(Clone, Debug)]
+///
+/// Shared (`Arc`), so a load assembles the directory from the per-file
+/// cache without copying objects it only reads (Pods, Endpoints); the few
+/// it changes (a Service's allocated ClusterIP, the source annotation) are
+/// copied on write.
 struct Sourced<T> {
-    obj: T,
+    obj: std::sync::Arc<T>,
     source: String,
 }
 
@@ -510,12 +515,13 @@ macro_rules! has_meta {
 
 has_meta!(Service, EndpointSlice, Pod, Endpoints);
 
-impl<T: HasMeta> Sourced<T> {
+impl<T: HasMeta + Clone> Sourced<T> {
     /// The object with its source recorded, so diagnostics computed later
     /// (in the model) can still point at the file.
-    fn annotated(mut self) -> T {
-        set_source(self.obj.meta_mut(), self.source);
-        self.obj
+    fn annotated(self) -> T {
+        let mut obj = std::sync::Arc::unwrap_or_clone(self.obj);
+        set_source(obj.meta_mut(), self.source);
+        obj
     }
 }
 

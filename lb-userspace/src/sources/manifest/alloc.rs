@@ -463,7 +463,7 @@ impl ClusterIpAllocator {
                 namespace_of(&svc.obj.metadata).to_owned(),
                 name_of(&svc.obj.metadata).to_owned(),
             );
-            let Some(spec) = svc.obj.spec.as_mut() else {
+            let Some(spec) = std::sync::Arc::make_mut(&mut svc.obj).spec.as_mut() else {
                 continue;
             };
             if spec.type_.as_deref() == Some("ExternalName") {
@@ -599,7 +599,7 @@ impl ClusterIpAllocator {
                 continue;
             }
             let mut ips = FamilyIps::default();
-            if let Some(spec) = services[i].obj.spec.as_mut() {
+            if let Some(spec) = std::sync::Arc::make_mut(&mut services[i].obj).spec.as_mut() {
                 let list = spec.cluster_ips.get_or_insert_with(Vec::new);
                 for (_, _, found) in &need.slots {
                     if let Some(ip) = found {

@@ -60,7 +60,7 @@ pub(super) fn derive_slices(
         .map(|s| {
             (
                 (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)),
-                &s.obj,
+                &*s.obj,
             )
         })
         .collect();

@@ -364,10 +364,22 @@ impl Objects {
         }
         self.seen.insert(key, source.clone());
         match obj {
-            Decoded::Service(obj) => self.services.push(Sourced { obj: *obj, source }),
-            Decoded::Pod(obj) => self.pods.push(Sourced { obj: *obj, source }),
-            Decoded::Endpoints(obj) => self.endpoints.push(Sourced { obj: *obj, source }),
-            Decoded::EndpointSlice(obj) => self.slices.push(Sourced { obj: *obj, source }),
+            Decoded::Service(obj) => self.services.push(Sourced {
+                obj: std::sync::Arc::from(obj),
+                source,
+            }),
+            Decoded::Pod(obj) => self.pods.push(Sourced {
+                obj: std::sync::Arc::from(obj),
+                source,
+            }),
+            Decoded::Endpoints(obj) => self.endpoints.push(Sourced {
+                obj: std::sync::Arc::from(obj),
+                source,
+            }),
+            Decoded::EndpointSlice(obj) => self.slices.push(Sourced {
+                obj: std::sync::Arc::from(obj),
+                source,
+            }),
         }
     }
 }
