@@ -736,6 +736,10 @@ impl PrivilegedLock {
             .write(true)
             .open(E2E_LOCK)
             .with_context(|| format!("opening {E2E_LOCK}"))?;
+        if held_by_an_ancestor(&file) {
+            // `flock /tmp/lb-e2e.lock cargo xtask ...`: the caller holds it.
+            return Ok(Self { _file: file });
+        }
         // SAFETY: a valid open descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             println!("waiting for another privileged run to finish ({E2E_LOCK})");
@@ -746,6 +750,49 @@ impl PrivilegedLock {
         }
         Ok(Self { _file: file })
     }
+}
+
+/// Whether a process this one descends from holds a `flock` on `file`
+/// (from /proc/locks: `1: FLOCK  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF`).
+fn held_by_an_ancestor(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    let holders: Vec<u32> = std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Waiters are listed with "->" before the type.
+            (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str()))
+                .then(|| f.get(4)?.parse().ok())?
+        })
+        .collect();
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the parenthesised command: state, then the parent's pid.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let mut pid = std::process::id();
+    while let Some(p) = parent(pid).filter(|p| *p > 1) {
+        if holders.contains(&p) {
+            return true;
+        }
+        pid = p;
+    }
+    false
 }
 
 /// Removes namespaces, cgroups and pins left by a run that was killed
