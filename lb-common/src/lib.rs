@@ -41,7 +41,9 @@ pub mod maps {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const SERVICE_META: &str = "LB_SVC_META";
     pub const STATS: &str = "LB_STATS";
-    pub const CONFIG: &str = "LB_CONFIG";
+    /// The debug-log switch of earlier versions (now a read-only global of
+    /// the programs, fixed at load); removed on install.
+    pub const LEGACY_CONFIG: &str = "LB_CONFIG";
     /// LRU reverse map of both families: [`ReverseKey`] → [`ReverseValue`].
     pub const REVERSE: &str = "LB_REVERSE";
     /// The IPv4-only reverse map of earlier versions; removed on install.
@@ -56,13 +58,26 @@ pub const PROTO_UDP: u8 = 17;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
 
-/// Default map sizes; the agent can override them at load time.
-pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
-pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Default map sizes; the agent can override them at load time. The hash
+/// maps are `BPF_F_NO_PREALLOC`: an element costs memory only once written;
+/// what an empty node pays up front is the bucket array (16 B per entry of
+/// `max_entries` rounded up to a power of two), so the defaults are powers
+/// of two.
+///
+/// Service-map entries: one per frontend plus one per backend slot, so
+/// 131,072 hold 11,915 one-port services of 10 endpoints (2 MiB of buckets).
+pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
+/// Distinct backends (address, port, protocol): 10,000 services of 10
+/// endpoints each of their own need 100,000.
+pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// Frontends (service ports) whose names `lb-agent list` shows: entries of
+/// `LB_SVC_META`, one per frontend (not per slot).
+pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
 /// Entries of the reverse map: one per (socket, backend) the programs
-/// translated, so roughly the node's live translated sockets. LRU maps are
-/// preallocated: 256 Ki entries cost about 30 MiB of kernel memory (Cilium's
-/// default for its `lb4_reverse_sk` is the same count).
+/// translated, so roughly the node's live translated sockets (a closing
+/// socket's entry is deleted by `sock_release`). LRU maps are
+/// preallocated: 256 Ki entries cost about 30 MiB of kernel memory
+/// (Cilium's default for its `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 
 /// Backends one frontend can balance over: `slot` is 16 bits wide and slot 0
@@ -246,12 +261,10 @@ pub mod stats {
     pub const COUNT: u32 = 8;
 }
 
-/// Indexes into the `LB_CONFIG` array.
-pub mod config {
-    /// Non-zero: the program emits aya-log debug records.
-    pub const DEBUG_LOG: u32 = 0;
-    pub const COUNT: u32 = 1;
-}
+/// Name of the programs' read-only global that turns aya-log debug records
+/// on (non-zero). Fixed when the agent loads the programs, so the verifier
+/// drops the logging code of a program loaded without it.
+pub const DEBUG_LOG_GLOBAL: &str = "LB_DEBUG_LOG";
 
 #[cfg(feature = "user")]
 mod pod {

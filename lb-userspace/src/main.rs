@@ -94,12 +94,17 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR[,CIDR]", default_value = manifest::DEFAULT_SERVICE_CIDR,
           value_parser = parse_service_cidr)]
     service_cidr: Box<ServiceCidr>,
-    /// Service map entries: one per frontend plus one per backend slot (only used when the map is created).
+    /// Service map entries: one per frontend (service port) plus one per endpoint of it; the
+    /// default holds 11,915 one-port services of 10 endpoints (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     /// Backend map entries: one per distinct backend address, port and protocol (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// Frontends (service ports, one per ClusterIP family and port) whose names the agent keeps
+    /// for `list` and restarts (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
     /// Reverse-map entries (LRU, preallocated, about 120 B each): one per live translated socket and backend; an evicted entry shows that socket the backend's address in replies and getpeername (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
     max_reverse: u32,
@@ -217,6 +222,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         service_cidr,
         max_services,
         max_backends,
+        max_frontends,
         max_reverse,
         bpf_log,
         allow_foreign_pins,
@@ -228,6 +234,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let sizes = MapSizes {
         max_services,
         max_backends,
+        max_frontends,
         max_reverse,
     };
     let translate = TranslateOptions {

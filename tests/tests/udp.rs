@@ -185,6 +185,42 @@ fn getpeername_returns_the_cluster_ip_for_tcp_and_connected_udp() {
     );
 }
 
+/// Entries of the reverse map, as `lb-agent list` counts them.
+fn reverse_occupancy(lab: &Lab) -> u64 {
+    let doc = lab.agent.list_json().expect("list");
+    doc["reverseMap"]["entries"]
+        .as_u64()
+        .expect("reverseMap.entries")
+}
+
+/// `sock_release` deletes a closed socket's reverse entry, whatever the
+/// family of the socket: after 10,000 short-lived TCP connections, some
+/// through an IPv6 socket to the v4-mapped ClusterIP, and connected UDP
+/// sockets, the map holds what it held before. Every one of those sockets
+/// had its entry while open: getpeername() returned the frontend.
+#[test]
+fn closed_sockets_leave_no_reverse_entries() {
+    let (lab, ip) = lab_with_services();
+    let start = reverse_occupancy(&lab);
+    let frontend = format!("{ip}:80");
+    let tcp = client(&lab, &frontend, &["--count", "10000"]);
+    assert_eq!(tcp["errors"], serde_json::json!({}), "{tcp}");
+    assert_eq!(map_of(&tcp["backends"]).len(), 3, "{tcp}");
+    assert_eq!(map_of(&tcp["peers"]), [(frontend, 10_000)], "{tcp}");
+    let mapped = format!("[::ffff:{ip}]:80");
+    let v6 = client(&lab, &mapped, &["--count", "200"]);
+    assert_eq!(map_of(&v6["peers"]), [(mapped, 200)], "{v6}");
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let udp = client(&lab, &echo, &["--udp", "--count", "200"]);
+    assert_eq!(map_of(&udp["peers"]), [(echo, 200)], "{udp}");
+    let doc = lab.agent.list_json().unwrap();
+    assert!(
+        doc["counters"]["translated"].as_u64() >= Some(10_400),
+        "{doc}"
+    );
+    assert_eq!(reverse_occupancy(&lab), start, "{doc}");
+}
+
 /// `echo` as a selectorless service with one hand-written endpoint.
 fn echo_one_endpoint() -> String {
     format!(

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, ReverseKey,
-    ReverseValue, ServiceKey, ServiceMeta, ServiceValue, config, stats,
+    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
+    DEFAULT_MAX_SERVICES, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue, stats,
 };
 
 /// Master and slot entries of every frontend. NO_PREALLOC: updates swap in a
@@ -21,21 +21,26 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Read only by the agent (names for `lb-agent list` and ID re-adoption); it
-/// lives here so it is created and pinned with the maps it describes.
+/// lives here so it is created and pinned with the maps it describes. One
+/// entry per frontend, so sized in frontends (`--max-frontends`).
 #[map(name = "LB_SVC_META")]
 static SVC_META: HashMap<u32, ServiceMeta> =
-    HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(DEFAULT_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LB_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
-#[map(name = "LB_CONFIG")]
-static CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
+/// Non-zero: emit aya-log debug records. A read-only global the agent sets
+/// at load (`lb_common::DEBUG_LOG_GLOBAL`): the verifier knows its value, so
+/// a program loaded without logging carries no logging code and no lookup.
+#[unsafe(no_mangle)]
+static LB_DEBUG_LOG: u32 = 0;
 
-/// (socket cookie, backend) → frontend, for recvmsg and getpeername. LRU:
-/// a socket that closes leaves its entries behind until they are evicted;
-/// an evicted entry of a live socket means its replies show the backend.
-/// LRU maps are always preallocated (NO_PREALLOC is refused for them).
+/// (socket cookie, backend) → frontend, for recvmsg and getpeername. LRU,
+/// so a full map evicts instead of refusing; `sock_release` deletes a
+/// connected socket's entry when it closes, so the map holds live sockets
+/// (and unconnected UDP sockets' entries, which have no single peer to
+/// delete by). LRU maps are always preallocated (NO_PREALLOC is refused).
 #[map(name = "LB_REVERSE")]
 static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
 
@@ -60,17 +65,22 @@ pub fn reverse(key: &ReverseKey) -> Option<ReverseValue> {
     Some(unsafe { *ptr })
 }
 
-/// Writes the entry unless it already holds `value`: the common case on the
-/// sendmsg path is an unchanged entry, and a lookup is cheaper than an LRU
-/// update (which pops a node from the LRU lists and takes a bucket lock).
+/// Records a translation. `fresh`: the socket cannot have an entry yet (a
+/// connect), so no lookup first; otherwise (sendmsg, every datagram) the
+/// entry is written only if it differs, since a lookup is cheaper than an
+/// LRU update (which pops a node from the LRU lists and takes a bucket
+/// lock). After a write, one lookup sets the new element's reference bit,
+/// so a full map does not evict it first (Cilium does the same).
 #[inline(always)]
-pub fn remember(key: &ReverseKey, value: &ReverseValue) {
-    if reverse(key).is_some_and(|v| v == *value) {
+pub fn remember(key: &ReverseKey, value: &ReverseValue, fresh: bool) {
+    if !fresh && reverse(key).is_some_and(|v| v == *value) {
         return;
     }
     if REVERSE.insert(key, value, 0).is_err() {
         bump(stats::REVERSE_WRITE_FAILED);
+        return;
     }
+    let _ = REVERSE.get_ptr(key);
 }
 
 #[inline(always)]
@@ -88,5 +98,7 @@ pub fn bump(index: u32) {
 
 #[inline(always)]
 pub fn debug_enabled() -> bool {
-    CONFIG.get(config::DEBUG_LOG).is_some_and(|v| *v != 0)
+    // SAFETY: a plain read of a global; volatile so the compiler does not
+    // fold the load-time value into the 0 it was compiled with.
+    unsafe { core::ptr::read_volatile(&LB_DEBUG_LOG) != 0 }
 }

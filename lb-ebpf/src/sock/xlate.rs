@@ -8,10 +8,10 @@
 //! an IPv6 hook handed `::ffff:a.b.c.d` by a dual-stack socket finds the
 //! IPv4 service directly and writes back a mapped backend.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_sock_addr,
+    EbpfContext,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
@@ -44,7 +44,12 @@ pub enum Hook {
 /// UDP-Lite and SCTP pass untouched.
 #[inline(always)]
 fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
-    match (sa.type_, sa.protocol) {
+    handled(sa.type_, sa.protocol)
+}
+
+#[inline(always)]
+fn handled(type_: u32, protocol: u32) -> Option<u8> {
+    match (type_, protocol) {
         (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => Some(PROTO_TCP),
         (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) => Some(PROTO_UDP),
         _ => None,
@@ -52,8 +57,9 @@ fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
 }
 
 #[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: a sock_addr context is a valid argument for this helper.
+fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: a sock_addr or sock context is a valid argument for this
+    // helper (the kernel picks the variant by program type).
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
@@ -136,6 +142,7 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             _pad: 0,
             svc_id: master.svc_id,
         },
+        hook == Hook::Connect,
     );
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
@@ -230,6 +237,38 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     if write_addr::<V6>(sa, &front.addr, front.port) {
         bump(stats::REVERSE_TRANSLATED);
     }
+}
+
+/// `AF_INET6`, as found in `bpf_sock.family`.
+const AF_INET6: u32 = 10;
+
+/// Deletes a closing socket's reverse entry: a connected socket's peer is
+/// the backend it was translated to, so (cookie, peer) is the key connect
+/// wrote. Runs before the protocol's close, so the peer is still set.
+/// Unconnected UDP sockets have no peer; their entries (one per backend
+/// they sent to) stay until the LRU evicts them.
+#[inline(always)]
+pub fn release(ctx: &SockContext) {
+    // SAFETY: the kernel hands every sock program a valid context.
+    let sk: &bpf_sock = unsafe { &*ctx.sock };
+    if handled(sk.type_, sk.protocol).is_none() {
+        return;
+    }
+    let port = sk.dst_port;
+    if port == 0 {
+        return;
+    }
+    let addr = if sk.family == AF_INET6 {
+        let mut out = [0u32; 4];
+        for (i, word) in out.iter_mut().enumerate() {
+            // SAFETY: in-bounds field of the context; 4-byte loads only.
+            *word = unsafe { core::ptr::read_volatile(&sk.dst_ip6[i]) };
+        }
+        out
+    } else {
+        v4_mapped(sk.dst_ip4)
+    };
+    maps::forget(&ReverseKey::new(socket_cookie(ctx), addr, port));
 }
 
 /// The chosen slot, or — if a concurrent shrink removed it or its backend —
