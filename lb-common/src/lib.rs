@@ -44,8 +44,12 @@ pub mod maps {
     /// The debug-log switch of earlier versions (now a read-only global of
     /// the programs, fixed at load); removed on install.
     pub const LEGACY_CONFIG: &str = "LB_CONFIG";
-    /// LRU reverse map of both families: [`ReverseKey`] → [`ReverseValue`].
+    /// LRU reverse map of both families for unconnected UDP (sendmsg):
+    /// [`ReverseKey`] → [`ReverseValue`].
     pub const REVERSE: &str = "LB_REVERSE";
+    /// Reverse map of connected sockets (connect): socket cookie →
+    /// [`SockReverse`]; deleted by `sock_release`.
+    pub const SOCK_REVERSE: &str = "LB_REVERSE_SOCK";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -73,12 +77,15 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Frontends (service ports) whose names `lb-agent list` shows: entries of
 /// `LB_SVC_META`, one per frontend (not per slot).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
-/// Entries of the reverse map: one per (socket, backend) the programs
-/// translated, so roughly the node's live translated sockets (a closing
-/// socket's entry is deleted by `sock_release`). LRU maps are
-/// preallocated: 256 Ki entries cost about 30 MiB of kernel memory
-/// (Cilium's default for its `lb4_reverse_sk` is the same count).
+/// Entries of the LRU reverse map of unconnected UDP sockets: one per
+/// (socket, backend) sendmsg translated. LRU maps are preallocated: 256 Ki
+/// entries cost about 30 MiB of kernel memory (Cilium's default for its
+/// `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
+/// Entries of the connected-socket reverse map: live TCP and connected UDP
+/// sockets translated to a service (`sock_release` deletes each at close).
+/// Not preallocated: 4 MiB of buckets on an empty node.
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 
 /// Backends one frontend can balance over: `slot` is 16 bits wide and slot 0
 /// is the master. The model caps a service's endpoints here (with a
@@ -209,6 +216,27 @@ pub struct ReverseValue {
     pub svc_id: u32,
 }
 
+/// Value of the connected-socket reverse map, keyed by socket cookie: a
+/// connected socket has one peer, so the cookie alone is the key, and
+/// `sock_release` deletes it without reading the peer (a failed connect has
+/// already cleared the peer's port by then). Written by connect4/6, read by
+/// recvmsg4/6 and getpeername4/6, which use it only while the peer is still
+/// `backend` and the frontend is live with the same `svc_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockReverse {
+    /// The backend the socket was sent to (IPv4-mapped for IPv4).
+    pub backend: Addr,
+    /// Backend port, network byte order.
+    pub backend_port: u16,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Service (frontend) id of the master entry at translation time.
+    pub svc_id: u32,
+    /// Frontend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
+}
+
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
 pub const META_NAME_LEN: usize = 64;
 /// Longest service port name (IANA_SVC_NAME is ≤ 15).
@@ -276,6 +304,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for SockReverse {}
 }
 
 #[cfg(test)]
@@ -301,6 +330,9 @@ mod tests {
         assert_eq!(offset_of!(ReverseKey, port), 24);
         assert_eq!(size_of::<ReverseValue>(), 24);
         assert_eq!(offset_of!(ReverseValue, svc_id), 20);
+        assert_eq!(size_of::<SockReverse>(), 40);
+        assert_eq!(offset_of!(SockReverse, svc_id), 20);
+        assert_eq!(offset_of!(SockReverse, addr), 24);
         assert_eq!(
             size_of::<ServiceMeta>(),
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 20

@@ -105,9 +105,16 @@ struct RunArgs {
     /// for `list` and restarts (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRONTENDS)]
     max_frontends: u32,
-    /// Reverse-map entries (LRU, preallocated, about 120 B each): one per live translated socket and backend; an evicted entry shows that socket the backend's address in replies and getpeername (only used when the map is created).
+    /// Reverse-map entries of unconnected UDP sockets (LRU, preallocated, about 120 B each): one
+    /// per socket and backend it sent to; an evicted entry shows that socket the backend's address
+    /// in replies (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
     max_reverse: u32,
+    /// Reverse-map entries of connected sockets (allocated on demand): one per live TCP or
+    /// connected UDP socket translated to a service, deleted when it closes; past it, a new
+    /// socket's getpeername() and replies show the backend (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
+    max_sockets: u32,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -224,6 +231,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
+        max_sockets,
         bpf_log,
         allow_foreign_pins,
         node_name,
@@ -236,6 +244,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
+        max_sockets,
     };
     let translate = TranslateOptions {
         node_name,
@@ -337,6 +346,10 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "mapFull": counter(stats::MAP_FULL),
                 },
                 "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
+                    "entries": o.entries,
+                    "maxEntries": o.max_entries,
+                })),
+                "socketReverseMap": dp.sock_reverse_occupancy()?.map(|o| serde_json::json!({
                     "entries": o.entries,
                     "maxEntries": o.max_entries,
                 })),

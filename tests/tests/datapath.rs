@@ -467,7 +467,10 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
             &legacy_reverse,
             "type lru_hash key 16 value 12 entries 1024 name LB_REVERSE4",
         ),
-        (&legacy_config, "type array key 4 value 4 entries 1 name LB_CONFIG"),
+        (
+            &legacy_config,
+            "type array key 4 value 4 entries 1 name LB_CONFIG",
+        ),
     ] {
         run(Command::new("bpftool")
             .args(["map", "create"])

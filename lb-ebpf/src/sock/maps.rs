@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
-    DEFAULT_MAX_SERVICES, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue, stats,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, ReverseKey, ReverseValue, ServiceKey, ServiceMeta,
+    ServiceValue, SockReverse, stats,
 };
 
 /// Master and slot entries of every frontend. NO_PREALLOC: updates swap in a
@@ -36,13 +37,22 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 #[unsafe(no_mangle)]
 static LB_DEBUG_LOG: u32 = 0;
 
-/// (socket cookie, backend) → frontend, for recvmsg and getpeername. LRU,
-/// so a full map evicts instead of refusing; `sock_release` deletes a
-/// connected socket's entry when it closes, so the map holds live sockets
-/// (and unconnected UDP sockets' entries, which have no single peer to
-/// delete by). LRU maps are always preallocated (NO_PREALLOC is refused).
+/// (socket cookie, backend) → frontend of unconnected UDP sockets
+/// (sendmsg), for recvmsg. Such a socket may send to many backends and has
+/// no peer to delete by at close, so this is an LRU: a full map evicts
+/// instead of refusing. LRU maps are always preallocated (NO_PREALLOC is
+/// refused).
 #[map(name = "LB_REVERSE")]
 static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
+
+/// Socket cookie → backend and frontend of a connected socket (connect),
+/// for getpeername and recvmsg. A plain hash, not an LRU: an insert is an
+/// allocation from a per-CPU cache and a bucket lock, where an LRU insert
+/// pops a node off the shared LRU lists; `sock_release` deletes each entry
+/// at close, so it holds live sockets only, and nothing is preallocated.
+#[map(name = "LB_REVERSE_SOCK")]
+static SOCK_REVERSE: HashMap<u64, SockReverse> =
+    HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
@@ -65,15 +75,14 @@ pub fn reverse(key: &ReverseKey) -> Option<ReverseValue> {
     Some(unsafe { *ptr })
 }
 
-/// Records a translation. `fresh`: the socket cannot have an entry yet (a
-/// connect), so no lookup first; otherwise (sendmsg, every datagram) the
-/// entry is written only if it differs, since a lookup is cheaper than an
-/// LRU update (which pops a node from the LRU lists and takes a bucket
-/// lock). After a write, one lookup sets the new element's reference bit,
-/// so a full map does not evict it first (Cilium does the same).
+/// Records an unconnected datagram's translation, only if the entry
+/// differs (every datagram passes here, and a lookup is cheaper than an LRU
+/// update, which pops a node from the LRU lists and takes a bucket lock).
+/// After a write, one lookup sets the new element's reference bit, so a
+/// full map does not evict it first (Cilium does the same).
 #[inline(always)]
-pub fn remember(key: &ReverseKey, value: &ReverseValue, fresh: bool) {
-    if !fresh && reverse(key).is_some_and(|v| v == *value) {
+pub fn remember(key: &ReverseKey, value: &ReverseValue) {
+    if reverse(key).is_some_and(|v| v == *value) {
         return;
     }
     if REVERSE.insert(key, value, 0).is_err() {
@@ -86,6 +95,30 @@ pub fn remember(key: &ReverseKey, value: &ReverseValue, fresh: bool) {
 #[inline(always)]
 pub fn forget(key: &ReverseKey) {
     let _ = REVERSE.remove(key);
+}
+
+/// Records a connected socket's translation (a reconnect replaces it).
+#[inline(always)]
+pub fn remember_sock(cookie: u64, value: &SockReverse) {
+    if SOCK_REVERSE.insert(cookie, value, 0).is_err() {
+        bump(stats::REVERSE_WRITE_FAILED);
+    }
+}
+
+#[inline(always)]
+pub fn sock_reverse(cookie: u64) -> Option<SockReverse> {
+    let ptr = SOCK_REVERSE.get_ptr(cookie)?;
+    // SAFETY: as above.
+    Some(unsafe { *ptr })
+}
+
+/// Deletes a socket's entry if it has one: the lookup takes no lock, so
+/// the many sockets that never were translated cost no bucket lock.
+#[inline(always)]
+pub fn forget_sock(cookie: u64) {
+    if SOCK_REVERSE.get_ptr(cookie).is_some() {
+        let _ = SOCK_REVERSE.remove(cookie);
+    }
 }
 
 #[inline(always)]

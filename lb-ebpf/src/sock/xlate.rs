@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
-    ServiceKey, as_v4, stats, v4_mapped,
+    ServiceKey, SockReverse, as_v4, stats, v4_mapped,
 };
 
 use crate::maps::{self, bump};
@@ -134,16 +134,27 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    maps::remember(
-        &ReverseKey::new(cookie, backend.addr, backend.port),
-        &ReverseValue {
-            addr,
-            port,
-            _pad: 0,
-            svc_id: master.svc_id,
-        },
-        hook == Hook::Connect,
-    );
+    match hook {
+        Hook::Connect => maps::remember_sock(
+            cookie,
+            &SockReverse {
+                backend: backend.addr,
+                backend_port: backend.port,
+                port,
+                svc_id: master.svc_id,
+                addr,
+            },
+        ),
+        Hook::Sendmsg => maps::remember(
+            &ReverseKey::new(cookie, backend.addr, backend.port),
+            &ReverseValue {
+                addr,
+                port,
+                _pad: 0,
+                svc_id: master.svc_id,
+            },
+        ),
+    }
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
     }
@@ -216,6 +227,8 @@ fn to_bytes(addr: &Addr) -> [u8; 16] {
 /// for getpeername) back to the frontend this socket asked for, if the
 /// socket was translated to that backend and the service is still the one
 /// it was translated for. A stale entry is deleted and the address left.
+/// Connected sockets' entries (by cookie) are looked up first; unconnected
+/// UDP sockets' (by cookie and backend) after a miss there.
 #[inline(always)]
 pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -223,14 +236,33 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     let Some(proto) = handled_proto(sa) else {
         return;
     };
-    let key = ReverseKey::new(socket_cookie(ctx), read_addr::<V6>(sa), sa.user_port as u16);
-    let Some(front) = maps::reverse(&key) else {
-        return;
+    let cookie = socket_cookie(ctx);
+    let peer = read_addr::<V6>(sa);
+    let peer_port = sa.user_port as u16;
+    let sock = maps::sock_reverse(cookie)
+        .filter(|s| s.backend == peer && s.backend_port == peer_port)
+        .map(|s| ReverseValue {
+            addr: s.addr,
+            port: s.port,
+            _pad: 0,
+            svc_id: s.svc_id,
+        });
+    let key = ReverseKey::new(cookie, peer, peer_port);
+    let (front, connected) = match sock {
+        Some(front) => (front, true),
+        None => match maps::reverse(&key) {
+            Some(front) => (front, false),
+            None => return,
+        },
     };
     let live = maps::service(&ServiceKey::new(front.addr, front.port, proto, 0))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
-        maps::forget(&key);
+        if connected {
+            maps::forget_sock(cookie);
+        } else {
+            maps::forget(&key);
+        }
         bump(stats::REVERSE_STALE);
         return;
     }
@@ -239,14 +271,10 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     }
 }
 
-/// `AF_INET6`, as found in `bpf_sock.family`.
-const AF_INET6: u32 = 10;
-
-/// Deletes a closing socket's reverse entry: a connected socket's peer is
-/// the backend it was translated to, so (cookie, peer) is the key connect
-/// wrote. Runs before the protocol's close, so the peer is still set.
-/// Unconnected UDP sockets have no peer; their entries (one per backend
-/// they sent to) stay until the LRU evicts them.
+/// Deletes a closing socket's connected-socket reverse entry, by cookie
+/// alone: whatever its peer is by now (a failed connect has cleared it).
+/// Unconnected UDP sockets' entries (one per backend they sent to) stay in
+/// the LRU until evicted.
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
     // SAFETY: the kernel hands every sock program a valid context.
@@ -254,21 +282,7 @@ pub fn release(ctx: &SockContext) {
     if handled(sk.type_, sk.protocol).is_none() {
         return;
     }
-    let port = sk.dst_port;
-    if port == 0 {
-        return;
-    }
-    let addr = if sk.family == AF_INET6 {
-        let mut out = [0u32; 4];
-        for (i, word) in out.iter_mut().enumerate() {
-            // SAFETY: in-bounds field of the context; 4-byte loads only.
-            *word = unsafe { core::ptr::read_volatile(&sk.dst_ip6[i]) };
-        }
-        out
-    } else {
-        v4_mapped(sk.dst_ip4)
-    };
-    maps::forget(&ReverseKey::new(socket_cookie(ctx), addr, port));
+    maps::forget_sock(socket_cookie(ctx));
 }
 
 /// The chosen slot, or — if a concurrent shrink removed it or its backend —

@@ -24,7 +24,7 @@ use aya::{
 };
 use lb_common::{
     Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
-    maps, stats,
+    SockReverse, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Result, Snapshot};
@@ -72,6 +72,11 @@ const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
         maps::REVERSE,
         size_of::<ReverseKey>(),
         size_of::<ReverseValue>(),
+    ),
+    (
+        maps::SOCK_REVERSE,
+        size_of::<u64>(),
+        size_of::<SockReverse>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
@@ -125,9 +130,12 @@ pub struct MapSizes {
     pub max_backends: u32,
     /// Entries of `LB_SVC_META`: one per frontend (service port).
     pub max_frontends: u32,
-    /// Entries of the LRU reverse map (`LB_REVERSE`): roughly the node's live
-    /// translated sockets. Preallocated, so each costs memory up front.
+    /// Entries of the LRU reverse map (`LB_REVERSE`) of unconnected UDP
+    /// sockets: (socket, backend) pairs. Preallocated.
     pub max_reverse: u32,
+    /// Entries of `LB_REVERSE_SOCK`: live translated TCP and connected UDP
+    /// sockets. Allocated on demand.
+    pub max_sockets: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -164,6 +172,7 @@ impl MapSizes {
             ("--max-backends", self.max_backends),
             ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
+            ("--max-sockets", self.max_sockets),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -473,6 +482,7 @@ fn load_and_attach(
         .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
+        .map_max_entries(maps::SOCK_REVERSE, sizes.max_sockets)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
         .load(SOCK_OBJ)?;
     if bpf_log {
@@ -727,6 +737,7 @@ fn size_flag(map: &str) -> &'static str {
         maps::BACKENDS => "max-backends",
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
+        maps::SOCK_REVERSE => "max-sockets",
         _ => "max-services",
     }
 }
@@ -749,10 +760,15 @@ pub struct BpfDatapath {
     meta: HashMap<MapData, u32, ServiceMeta>,
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
-    reverse: Option<(HashMap<MapData, ReverseKey, ReverseValue>, u32)>,
+    reverse: Option<WithMax<ReverseKey, ReverseValue>>,
+    /// Absent in pins made before connected sockets had a map of their own.
+    sock_reverse: Option<WithMax<u64, SockReverse>>,
 }
 
-/// How full the LRU reverse map is.
+/// A hash map and its `max_entries`.
+type WithMax<K, V> = (HashMap<MapData, K, V>, u32);
+
+/// How full a reverse map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReverseOccupancy {
     pub entries: u64,
@@ -772,36 +788,25 @@ impl BpfDatapath {
                 .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
-            reverse: match MapData::from_pin(dir.join(maps::REVERSE)) {
-                Ok(data) => {
-                    let max_entries = data
-                        .info()
-                        .map_err(|e| map_err("info", maps::REVERSE, e))?
-                        .max_entries();
-                    let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                        .map_err(|e| map_err("open", maps::REVERSE, e))?;
-                    Some((map, max_entries))
-                }
-                Err(_) => None,
-            },
+            reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
+            sock_reverse: open_optional(dir, maps::SOCK_REVERSE, aya::maps::Map::HashMap)?,
         })
     }
 
-    /// Entries in the reverse map (a key walk: at most `max_entries`
-    /// syscalls, about 0.3 s for a full 256 Ki map), or `None` if the
-    /// installation has none.
+    /// Entries in the LRU reverse map of unconnected UDP sockets (a key
+    /// walk: at most `max_entries` syscalls, about 0.3 s for a full 256 Ki
+    /// map), or `None` if the installation has none.
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
-        let Some((map, max_entries)) = &self.reverse else {
-            return Ok(None);
-        };
-        let max_entries = *max_entries;
-        // A key deleted during the walk ends it early; the count is a
-        // snapshot either way.
-        let entries = map.keys().take_while(Result::is_ok).count() as u64;
-        Ok(Some(ReverseOccupancy {
-            entries,
-            max_entries,
-        }))
+        Ok(self.reverse.as_ref().map(|(map, max)| occupancy(map, *max)))
+    }
+
+    /// Entries in the connected-socket reverse map (a key walk), or `None`
+    /// if the installation has none.
+    pub fn sock_reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
+        Ok(self
+            .sock_reverse
+            .as_ref()
+            .map(|(map, max)| occupancy(map, *max)))
     }
 
     /// Per-counter sums over CPUs, indexed by `lb_common::stats`. A counter
@@ -814,6 +819,36 @@ impl BpfDatapath {
                 Err(e) => Err(map_err("read", maps::STATS, e)),
             })
             .collect()
+    }
+}
+
+/// A pinned map that older installations may lack, with its `max_entries`.
+fn open_optional<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Result<Option<WithMax<K, V>>> {
+    let Ok(data) = MapData::from_pin(dir.join(name)) else {
+        return Ok(None);
+    };
+    let max_entries = data
+        .info()
+        .map_err(|e| map_err("info", name, e))?
+        .max_entries();
+    let map = HashMap::try_from(kind(data)).map_err(|e| map_err("open", name, e))?;
+    Ok(Some((map, max_entries)))
+}
+
+fn occupancy<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    max_entries: u32,
+) -> ReverseOccupancy {
+    // A key deleted during the walk ends it early; the count is a snapshot
+    // either way.
+    let entries = map.keys().take_while(Result::is_ok).count() as u64;
+    ReverseOccupancy {
+        entries,
+        max_entries,
     }
 }
 
@@ -902,6 +937,7 @@ mod tests {
         assert_eq!(size_flag(maps::BACKENDS), "max-backends");
         assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
         assert_eq!(size_flag(maps::REVERSE), "max-reverse");
+        assert_eq!(size_flag(maps::SOCK_REVERSE), "max-sockets");
     }
 
     /// Pins of earlier versions, and every link pin (the release hook's
