@@ -41,9 +41,15 @@ pub mod maps {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const SERVICE_META: &str = "LB_SVC_META";
     pub const STATS: &str = "LB_STATS";
-    pub const CONFIG: &str = "LB_CONFIG";
-    /// LRU reverse map of both families: [`ReverseKey`] → [`ReverseValue`].
+    /// The debug-log switch of earlier versions (now a read-only global of
+    /// the programs, fixed at load); removed on install.
+    pub const LEGACY_CONFIG: &str = "LB_CONFIG";
+    /// LRU reverse map of both families for unconnected UDP (sendmsg):
+    /// [`ReverseKey`] → [`ReverseValue`].
     pub const REVERSE: &str = "LB_REVERSE";
+    /// Reverse map of connected sockets (connect): socket cookie →
+    /// [`SockReverse`]; deleted by `sock_release`.
+    pub const SOCK_REVERSE: &str = "LB_REVERSE_SOCK";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -56,14 +62,30 @@ pub const PROTO_UDP: u8 = 17;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
 
-/// Default map sizes; the agent can override them at load time.
-pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
-pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
-/// Entries of the reverse map: one per (socket, backend) the programs
-/// translated, so roughly the node's live translated sockets. LRU maps are
-/// preallocated: 256 Ki entries cost about 30 MiB of kernel memory (Cilium's
-/// default for its `lb4_reverse_sk` is the same count).
+/// Default map sizes; the agent can override them at load time. The hash
+/// maps are `BPF_F_NO_PREALLOC`: an element costs memory only once written;
+/// what an empty node pays up front is the bucket array (16 B per entry of
+/// `max_entries` rounded up to a power of two), so the defaults are powers
+/// of two.
+///
+/// Service-map entries: one per frontend plus one per backend slot, so
+/// 131,072 hold 11,915 one-port services of 10 endpoints (2 MiB of buckets).
+pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
+/// Distinct backends (address, port, protocol): 10,000 services of 10
+/// endpoints each of their own need 100,000.
+pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// Frontends (service ports) whose names `lb-agent list` shows: entries of
+/// `LB_SVC_META`, one per frontend (not per slot).
+pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
+/// Entries of the LRU reverse map of unconnected UDP sockets: one per
+/// (socket, backend) sendmsg translated. LRU maps are preallocated: 256 Ki
+/// entries cost about 30 MiB of kernel memory (Cilium's default for its
+/// `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
+/// Entries of the connected-socket reverse map: live TCP and connected UDP
+/// sockets translated to a service (`sock_release` deletes each at close).
+/// Not preallocated: 4 MiB of buckets on an empty node.
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 
 /// Backends one frontend can balance over: `slot` is 16 bits wide and slot 0
 /// is the master. The model caps a service's endpoints here (with a
@@ -194,6 +216,27 @@ pub struct ReverseValue {
     pub svc_id: u32,
 }
 
+/// Value of the connected-socket reverse map, keyed by socket cookie: a
+/// connected socket has one peer, so the cookie alone is the key, and
+/// `sock_release` deletes it without reading the peer (a failed connect has
+/// already cleared the peer's port by then). Written by connect4/6, read by
+/// recvmsg4/6 and getpeername4/6, which use it only while the peer is still
+/// `backend` and the frontend is live with the same `svc_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockReverse {
+    /// The backend the socket was sent to (IPv4-mapped for IPv4).
+    pub backend: Addr,
+    /// Backend port, network byte order.
+    pub backend_port: u16,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Service (frontend) id of the master entry at translation time.
+    pub svc_id: u32,
+    /// Frontend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
+}
+
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
 pub const META_NAME_LEN: usize = 64;
 /// Longest service port name (IANA_SVC_NAME is ≤ 15).
@@ -246,12 +289,10 @@ pub mod stats {
     pub const COUNT: u32 = 8;
 }
 
-/// Indexes into the `LB_CONFIG` array.
-pub mod config {
-    /// Non-zero: the program emits aya-log debug records.
-    pub const DEBUG_LOG: u32 = 0;
-    pub const COUNT: u32 = 1;
-}
+/// Name of the programs' read-only global that turns aya-log debug records
+/// on (non-zero). Fixed when the agent loads the programs, so the verifier
+/// drops the logging code of a program loaded without it.
+pub const DEBUG_LOG_GLOBAL: &str = "LB_DEBUG_LOG";
 
 #[cfg(feature = "user")]
 mod pod {
@@ -263,6 +304,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for SockReverse {}
 }
 
 #[cfg(test)]
@@ -288,6 +330,9 @@ mod tests {
         assert_eq!(offset_of!(ReverseKey, port), 24);
         assert_eq!(size_of::<ReverseValue>(), 24);
         assert_eq!(offset_of!(ReverseValue, svc_id), 20);
+        assert_eq!(size_of::<SockReverse>(), 40);
+        assert_eq!(offset_of!(SockReverse, svc_id), 20);
+        assert_eq!(offset_of!(SockReverse, addr), 24);
         assert_eq!(
             size_of::<ServiceMeta>(),
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 20

@@ -98,15 +98,27 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR[,CIDR]", default_value = manifest::DEFAULT_SERVICE_CIDR,
           value_parser = parse_service_cidr)]
     service_cidr: Box<ServiceCidr>,
-    /// Service map entries: one per frontend plus one per backend slot (only used when the map is created).
+    /// Service map entries: one per frontend (service port) plus one per endpoint of it; the
+    /// default holds 11,915 one-port services of 10 endpoints (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     /// Backend map entries: one per distinct backend address, port and protocol (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Reverse-map entries (LRU, preallocated, about 120 B each): one per live translated socket and backend; an evicted entry shows that socket the backend's address in replies and getpeername (only used when the map is created).
+    /// Frontends (service ports, one per ClusterIP family and port) whose names the agent keeps
+    /// for `list` and restarts (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
+    /// Reverse-map entries of unconnected UDP sockets (LRU, preallocated, about 120 B each): one
+    /// per socket and backend it sent to; an evicted entry shows that socket the backend's address
+    /// in replies (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
     max_reverse: u32,
+    /// Reverse-map entries of connected sockets (allocated on demand): one per live TCP or
+    /// connected UDP socket translated to a service, deleted when it closes; past it, a new
+    /// socket's getpeername() and replies show the backend (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
+    max_sockets: u32,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -233,7 +245,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         service_cidr,
         max_services,
         max_backends,
+        max_frontends,
         max_reverse,
+        max_sockets,
         bpf_log,
         allow_foreign_pins,
         node_name,
@@ -244,7 +258,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let sizes = MapSizes {
         max_services,
         max_backends,
+        max_frontends,
         max_reverse,
+        max_sockets,
     };
     let translate = TranslateOptions {
         node_name,
@@ -348,6 +364,10 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "mapFull": counter(stats::MAP_FULL),
                 },
                 "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
+                    "entries": o.entries,
+                    "maxEntries": o.max_entries,
+                })),
+                "socketReverseMap": dp.sock_reverse_occupancy()?.map(|o| serde_json::json!({
                     "entries": o.entries,
                     "maxEntries": o.max_entries,
                 })),

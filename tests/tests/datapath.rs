@@ -452,9 +452,11 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     let (mut lab, ip) = lab_with_back_end([true; 3]);
     lab.agent.stop().unwrap();
     // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
-    // key (IPv4 address) and the IPv4-only reverse map.
+    // key (IPv4 address) and the IPv4-only reverse map; and the debug
+    // switch array of agents before it became a load-time global.
     let services = lab.agent.bpffs.join("LB_SERVICES");
     let legacy_reverse = lab.agent.bpffs.join("LB_REVERSE4");
+    let legacy_config = lab.agent.bpffs.join("LB_CONFIG");
     std::fs::remove_file(&services).unwrap();
     for (pin, args) in [
         (
@@ -464,6 +466,10 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
         (
             &legacy_reverse,
             "type lru_hash key 16 value 12 entries 1024 name LB_REVERSE4",
+        ),
+        (
+            &legacy_config,
+            "type array key 4 value 4 entries 1 name LB_CONFIG",
         ),
     ] {
         run(Command::new("bpftool")
@@ -490,6 +496,7 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
         !legacy_reverse.exists(),
         "the IPv4-only reverse map is gone"
     );
+    assert!(!legacy_config.exists(), "the debug switch array is gone");
     let log = lab.agent.log_text();
     assert!(log.contains("another layout"), "{log}");
     let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();

@@ -185,6 +185,74 @@ fn getpeername_returns_the_cluster_ip_for_tcp_and_connected_udp() {
     );
 }
 
+/// Entries of both reverse maps (unconnected UDP, connected sockets), as
+/// `lb-agent list` counts them.
+fn reverse_occupancy(lab: &Lab) -> (u64, u64) {
+    let doc = lab.agent.list_json().expect("list");
+    let entries = |map: &str| doc[map]["entries"].as_u64().expect(map);
+    (entries("reverseMap"), entries("socketReverseMap"))
+}
+
+/// A TCP service in front of the same pods on a port nothing listens on.
+const REFUSE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 3);
+fn refused_manifest() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: refuse
+spec:
+  clusterIP: {REFUSE_IP}
+  selector:
+    app: myapp
+  ports:
+    - port: 81
+"
+    )
+}
+
+/// `sock_release` deletes a closed socket's reverse entry, whatever the
+/// family of the socket: after 10,000 short-lived TCP connections, some
+/// through an IPv6 socket to the v4-mapped ClusterIP, connected UDP
+/// sockets, and connects the backend refused (the kernel has cleared such
+/// a socket's peer port by the time it is closed), both maps hold what
+/// they held before. Every socket had its entry while open: getpeername()
+/// returned the frontend.
+#[test]
+fn closed_sockets_leave_no_reverse_entries() {
+    let (mut lab, ip) = lab_with_services();
+    lab.write_manifest("refuse.yaml", &refused_manifest())
+        .unwrap();
+    lab.agent
+        .wait_for("refuse programmed", SYNC, |d| {
+            endpoints(d, "default", "refuse", 81).len() == 3
+        })
+        .unwrap();
+    let start = reverse_occupancy(&lab);
+    let frontend = format!("{ip}:80");
+    let tcp = client(&lab, &frontend, &["--count", "10000"]);
+    assert_eq!(tcp["errors"], serde_json::json!({}), "{tcp}");
+    assert_eq!(map_of(&tcp["backends"]).len(), 3, "{tcp}");
+    assert_eq!(map_of(&tcp["peers"]), [(frontend, 10_000)], "{tcp}");
+    let mapped = format!("[::ffff:{ip}]:80");
+    let v6 = client(&lab, &mapped, &["--count", "200"]);
+    assert_eq!(map_of(&v6["peers"]), [(mapped, 200)], "{v6}");
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let udp = client(&lab, &echo, &["--udp", "--count", "200"]);
+    assert_eq!(map_of(&udp["peers"]), [(echo, 200)], "{udp}");
+    let refused = client(&lab, &format!("{REFUSE_IP}:81"), &["--count", "20"]);
+    assert!(
+        refused["errors"].to_string().contains("ECONNREFUSED"),
+        "{refused}"
+    );
+    let doc = lab.agent.list_json().unwrap();
+    assert!(
+        doc["counters"]["translated"].as_u64() >= Some(10_420),
+        "{doc}"
+    );
+    assert_eq!(reverse_occupancy(&lab), start, "{doc}");
+}
+
 /// `echo` as a selectorless service with one hand-written endpoint.
 fn echo_one_endpoint() -> String {
     format!(

@@ -4,11 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, ReverseKey,
-    ReverseValue, ServiceKey, ServiceMeta, ServiceValue, config, stats,
+    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, ReverseKey, ReverseValue, ServiceKey, ServiceMeta,
+    ServiceValue, SockReverse, stats,
 };
 
 /// Master and slot entries of every frontend. NO_PREALLOC: updates swap in a
@@ -21,23 +22,37 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Read only by the agent (names for `lb-agent list` and ID re-adoption); it
-/// lives here so it is created and pinned with the maps it describes.
+/// lives here so it is created and pinned with the maps it describes. One
+/// entry per frontend, so sized in frontends (`--max-frontends`).
 #[map(name = "LB_SVC_META")]
 static SVC_META: HashMap<u32, ServiceMeta> =
-    HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(DEFAULT_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LB_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
-#[map(name = "LB_CONFIG")]
-static CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
+/// Non-zero: emit aya-log debug records. A read-only global the agent sets
+/// at load (`lb_common::DEBUG_LOG_GLOBAL`): the verifier knows its value, so
+/// a program loaded without logging carries no logging code and no lookup.
+#[unsafe(no_mangle)]
+static LB_DEBUG_LOG: u32 = 0;
 
-/// (socket cookie, backend) → frontend, for recvmsg and getpeername. LRU:
-/// a socket that closes leaves its entries behind until they are evicted;
-/// an evicted entry of a live socket means its replies show the backend.
-/// LRU maps are always preallocated (NO_PREALLOC is refused for them).
+/// (socket cookie, backend) → frontend of unconnected UDP sockets
+/// (sendmsg), for recvmsg. Such a socket may send to many backends and has
+/// no peer to delete by at close, so this is an LRU: a full map evicts
+/// instead of refusing. LRU maps are always preallocated (NO_PREALLOC is
+/// refused).
 #[map(name = "LB_REVERSE")]
 static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
+
+/// Socket cookie → backend and frontend of a connected socket (connect),
+/// for getpeername and recvmsg. A plain hash, not an LRU: an insert is an
+/// allocation from a per-CPU cache and a bucket lock, where an LRU insert
+/// pops a node off the shared LRU lists; `sock_release` deletes each entry
+/// at close, so it holds live sockets only, and nothing is preallocated.
+#[map(name = "LB_REVERSE_SOCK")]
+static SOCK_REVERSE: HashMap<u64, SockReverse> =
+    HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
@@ -60,9 +75,11 @@ pub fn reverse(key: &ReverseKey) -> Option<ReverseValue> {
     Some(unsafe { *ptr })
 }
 
-/// Writes the entry unless it already holds `value`: the common case on the
-/// sendmsg path is an unchanged entry, and a lookup is cheaper than an LRU
-/// update (which pops a node from the LRU lists and takes a bucket lock).
+/// Records an unconnected datagram's translation, only if the entry
+/// differs (every datagram passes here, and a lookup is cheaper than an LRU
+/// update, which pops a node from the LRU lists and takes a bucket lock).
+/// After a write, one lookup sets the new element's reference bit, so a
+/// full map does not evict it first (Cilium does the same).
 #[inline(always)]
 pub fn remember(key: &ReverseKey, value: &ReverseValue) {
     if reverse(key).is_some_and(|v| v == *value) {
@@ -70,12 +87,38 @@ pub fn remember(key: &ReverseKey, value: &ReverseValue) {
     }
     if REVERSE.insert(key, value, 0).is_err() {
         bump(stats::REVERSE_WRITE_FAILED);
+        return;
     }
+    let _ = REVERSE.get_ptr(key);
 }
 
 #[inline(always)]
 pub fn forget(key: &ReverseKey) {
     let _ = REVERSE.remove(key);
+}
+
+/// Records a connected socket's translation (a reconnect replaces it).
+#[inline(always)]
+pub fn remember_sock(cookie: u64, value: &SockReverse) {
+    if SOCK_REVERSE.insert(cookie, value, 0).is_err() {
+        bump(stats::REVERSE_WRITE_FAILED);
+    }
+}
+
+#[inline(always)]
+pub fn sock_reverse(cookie: u64) -> Option<SockReverse> {
+    let ptr = SOCK_REVERSE.get_ptr(cookie)?;
+    // SAFETY: as above.
+    Some(unsafe { *ptr })
+}
+
+/// Deletes a socket's entry if it has one: the lookup takes no lock, so
+/// the many sockets that never were translated cost no bucket lock.
+#[inline(always)]
+pub fn forget_sock(cookie: u64) {
+    if SOCK_REVERSE.get_ptr(cookie).is_some() {
+        let _ = SOCK_REVERSE.remove(cookie);
+    }
 }
 
 #[inline(always)]
@@ -88,5 +131,7 @@ pub fn bump(index: u32) {
 
 #[inline(always)]
 pub fn debug_enabled() -> bool {
-    CONFIG.get(config::DEBUG_LOG).is_some_and(|v| *v != 0)
+    // SAFETY: a plain read of a global; volatile so the compiler does not
+    // fold the load-time value into the 0 it was compiled with.
+    unsafe { core::ptr::read_volatile(&LB_DEBUG_LOG) != 0 }
 }

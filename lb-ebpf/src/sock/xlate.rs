@@ -8,15 +8,15 @@
 //! an IPv6 hook handed `::ffff:a.b.c.d` by a dual-stack socket finds the
 //! IPv4 service directly and writes back a mapped backend.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_sock_addr,
+    EbpfContext,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
-    ServiceKey, as_v4, stats, v4_mapped,
+    ServiceKey, SockReverse, as_v4, stats, v4_mapped,
 };
 
 use crate::maps::{self, bump};
@@ -44,7 +44,12 @@ pub enum Hook {
 /// UDP-Lite and SCTP pass untouched.
 #[inline(always)]
 fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
-    match (sa.type_, sa.protocol) {
+    handled(sa.type_, sa.protocol)
+}
+
+#[inline(always)]
+fn handled(type_: u32, protocol: u32) -> Option<u8> {
+    match (type_, protocol) {
         (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => Some(PROTO_TCP),
         (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) => Some(PROTO_UDP),
         _ => None,
@@ -52,8 +57,9 @@ fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
 }
 
 #[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: a sock_addr context is a valid argument for this helper.
+fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: a sock_addr or sock context is a valid argument for this
+    // helper (the kernel picks the variant by program type).
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
@@ -128,15 +134,27 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    maps::remember(
-        &ReverseKey::new(cookie, backend.addr, backend.port),
-        &ReverseValue {
-            addr,
-            port,
-            _pad: 0,
-            svc_id: master.svc_id,
-        },
-    );
+    match hook {
+        Hook::Connect => maps::remember_sock(
+            cookie,
+            &SockReverse {
+                backend: backend.addr,
+                backend_port: backend.port,
+                port,
+                svc_id: master.svc_id,
+                addr,
+            },
+        ),
+        Hook::Sendmsg => maps::remember(
+            &ReverseKey::new(cookie, backend.addr, backend.port),
+            &ReverseValue {
+                addr,
+                port,
+                _pad: 0,
+                svc_id: master.svc_id,
+            },
+        ),
+    }
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
     }
@@ -209,6 +227,8 @@ fn to_bytes(addr: &Addr) -> [u8; 16] {
 /// for getpeername) back to the frontend this socket asked for, if the
 /// socket was translated to that backend and the service is still the one
 /// it was translated for. A stale entry is deleted and the address left.
+/// Connected sockets' entries (by cookie) are looked up first; unconnected
+/// UDP sockets' (by cookie and backend) after a miss there.
 #[inline(always)]
 pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -216,20 +236,53 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     let Some(proto) = handled_proto(sa) else {
         return;
     };
-    let key = ReverseKey::new(socket_cookie(ctx), read_addr::<V6>(sa), sa.user_port as u16);
-    let Some(front) = maps::reverse(&key) else {
-        return;
+    let cookie = socket_cookie(ctx);
+    let peer = read_addr::<V6>(sa);
+    let peer_port = sa.user_port as u16;
+    let sock = maps::sock_reverse(cookie)
+        .filter(|s| s.backend == peer && s.backend_port == peer_port)
+        .map(|s| ReverseValue {
+            addr: s.addr,
+            port: s.port,
+            _pad: 0,
+            svc_id: s.svc_id,
+        });
+    let key = ReverseKey::new(cookie, peer, peer_port);
+    let (front, connected) = match sock {
+        Some(front) => (front, true),
+        None => match maps::reverse(&key) {
+            Some(front) => (front, false),
+            None => return,
+        },
     };
     let live = maps::service(&ServiceKey::new(front.addr, front.port, proto, 0))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
-        maps::forget(&key);
+        if connected {
+            maps::forget_sock(cookie);
+        } else {
+            maps::forget(&key);
+        }
         bump(stats::REVERSE_STALE);
         return;
     }
     if write_addr::<V6>(sa, &front.addr, front.port) {
         bump(stats::REVERSE_TRANSLATED);
     }
+}
+
+/// Deletes a closing socket's connected-socket reverse entry, by cookie
+/// alone: whatever its peer is by now (a failed connect has cleared it).
+/// Unconnected UDP sockets' entries (one per backend they sent to) stay in
+/// the LRU until evicted.
+#[inline(always)]
+pub fn release(ctx: &SockContext) {
+    // SAFETY: the kernel hands every sock program a valid context.
+    let sk: &bpf_sock = unsafe { &*ctx.sock };
+    if handled(sk.type_, sk.protocol).is_none() {
+        return;
+    }
+    maps::forget_sock(socket_cookie(ctx));
 }
 
 /// The chosen slot, or — if a concurrent shrink removed it or its backend —

@@ -1,6 +1,6 @@
 //! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
 //! the socket-LB programs (connect, sendmsg, recvmsg and getpeername, each
-//! for IPv4 and IPv6) attached while no agent runs.
+//! for IPv4 and IPv6, and sock_release) attached while no agent runs.
 use std::{
     fs,
     io::ErrorKind,
@@ -15,15 +15,16 @@ use nix::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
     },
     sys::SyscallError,
 };
 use lb_common::{
-    Backend, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue, config, maps, stats,
+    Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
+    SockReverse, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Result, Snapshot};
@@ -36,8 +37,10 @@ pub const LINK_PIN: &str = "link_connect4";
 
 /// Every program of the object and the pin of its cgroup link. Attached in
 /// this order: the reverse hooks first, so replies of a socket are already
-/// translated back when the forward hooks start translating it.
+/// translated back (and its reverse entry deleted at close) when the
+/// forward hooks start translating it.
 pub const PROGRAMS: &[(&str, &str)] = &[
+    ("lb_sock_release", "link_sock_release"),
     ("lb_recvmsg4", "link_recvmsg4"),
     ("lb_getpeername4", "link_getpeername4"),
     ("lb_recvmsg6", "link_recvmsg6"),
@@ -65,13 +68,22 @@ const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
         size_of::<ServiceMeta>(),
     ),
     (maps::STATS, size_of::<u32>(), size_of::<u64>()),
-    (maps::CONFIG, size_of::<u32>(), size_of::<u32>()),
     (
         maps::REVERSE,
         size_of::<ReverseKey>(),
         size_of::<ReverseValue>(),
     ),
+    (
+        maps::SOCK_REVERSE,
+        size_of::<u64>(),
+        size_of::<SockReverse>(),
+    ),
 ];
+/// Pins of maps earlier versions created and this one no longer uses:
+/// removed once the new programs are attached (the old programs hold their
+/// own references until their links go).
+const LEGACY_MAPS: &[&str] = &[maps::LEGACY_REVERSE4, maps::LEGACY_CONFIG];
+
 /// Suffix of a link's staging pin (bpffs rejects '.' in names).
 const STAGING_SUFFIX: &str = "_new";
 
@@ -112,11 +124,18 @@ pub enum LoadError {
 /// Sizes of the maps created on first install (pinned maps keep theirs).
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
+    /// Entries of `LB_SERVICES`: one per frontend plus one per backend slot.
     pub max_services: u32,
+    /// Entries of `LB_BACKENDS`: distinct backend address, port and protocol.
     pub max_backends: u32,
-    /// Entries of the LRU reverse map (`LB_REVERSE`): roughly the node's live
-    /// translated sockets. Preallocated, so each costs memory up front.
+    /// Entries of `LB_SVC_META`: one per frontend (service port).
+    pub max_frontends: u32,
+    /// Entries of the LRU reverse map (`LB_REVERSE`) of unconnected UDP
+    /// sockets: (socket, backend) pairs. Preallocated.
     pub max_reverse: u32,
+    /// Entries of `LB_REVERSE_SOCK`: live translated TCP and connected UDP
+    /// sockets. Allocated on demand.
+    pub max_sockets: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -151,7 +170,9 @@ impl MapSizes {
         for (flag, value) in [
             ("--max-services", self.max_services),
             ("--max-backends", self.max_backends),
+            ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
+            ("--max-sockets", self.max_sockets),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -265,7 +286,7 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 /// staging pin during an upgrade.
 fn known_pin(name: &str) -> bool {
     MAP_LAYOUTS.iter().any(|(map, _, _)| *map == name)
-        || name == maps::LEGACY_REVERSE4
+        || LEGACY_MAPS.contains(&name)
         || PROGRAMS
             .iter()
             .any(|(_, pin)| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
@@ -458,9 +479,11 @@ fn load_and_attach(
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
-        .map_max_entries(maps::SERVICE_META, sizes.max_services)
+        .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
+        .map_max_entries(maps::SOCK_REVERSE, sizes.max_sockets)
+        .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -468,7 +491,6 @@ fn load_and_attach(
             Err(e) => tracing::warn!(error = %e, "eBPF logging unavailable"),
         }
     }
-    set_config(dir, config::DEBUG_LOG, u32::from(bpf_log))?;
     let cgroup_file = fs::File::open(cgroup).map_err(|e| LoadError::Path {
         path: cgroup.to_owned(),
         message: format!("opening cgroup: {e}"),
@@ -498,8 +520,9 @@ fn load_and_attach(
         })?;
         link_pins.push(link_pin);
     }
-    // The IPv4-only reverse map of earlier versions: no program uses it now.
-    let _ = fs::remove_file(dir.join(maps::LEGACY_REVERSE4));
+    for legacy in LEGACY_MAPS {
+        let _ = fs::remove_file(dir.join(legacy));
+    }
     Ok((ebpf, link_pins))
 }
 
@@ -542,38 +565,40 @@ fn attach_staged(
     pin: &str,
     cgroup: &fs::File,
 ) -> Result<(PathBuf, PathBuf), LoadError> {
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or_else(|| LoadError::Path {
-            path: dir.to_owned(),
-            message: format!("program {name} missing from object"),
-        })?
-        .try_into()
-        .map_err(|source| LoadError::Program { op: "type", source })?;
-    program
-        .load()
-        .map_err(|source| LoadError::Program { op: "load", source })?;
-    // A cgroup bpf_link always coexists with other links (multi semantics);
-    // the kernel rejects any explicit attach flag on link_create.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|source| LoadError::Program {
-            op: "attach",
-            source,
-        })?;
-    let link = program
-        .take_link(link_id)
-        .map_err(|source| LoadError::Program {
-            op: "take link",
-            source,
-        })?;
     let link_pin = dir.join(pin);
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| LoadError::Pin {
-            path: link_pin.clone(),
-            source: e.into(),
-        })?;
+    let fd_link = match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(program)) => {
+            program.load().map_err(program_err("load"))?;
+            // A cgroup bpf_link always coexists with other links (multi
+            // semantics); the kernel rejects any explicit attach flag on
+            // link_create.
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err("attach"))?;
+            let link = program.take_link(id).map_err(program_err("take link"))?;
+            FdLink::try_from(link).map_err(|e| pin_err(&link_pin, e))?
+        }
+        Some(Program::CgroupSock(program)) => {
+            program.load().map_err(program_err("load"))?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err("attach"))?;
+            let link = program.take_link(id).map_err(program_err("take link"))?;
+            FdLink::try_from(link).map_err(|e| pin_err(&link_pin, e))?
+        }
+        Some(_) => {
+            return Err(LoadError::Path {
+                path: dir.to_owned(),
+                message: format!("program {name} is not a cgroup sock or sock_addr program"),
+            });
+        }
+        None => {
+            return Err(LoadError::Path {
+                path: dir.to_owned(),
+                message: format!("program {name} missing from object"),
+            });
+        }
+    };
     // bpffs rejects '.' in names, hence the underscore.
     let staging = dir.join(format!("{pin}{STAGING_SUFFIX}"));
     let _ = fs::remove_file(&staging);
@@ -583,6 +608,17 @@ fn attach_staged(
     })?;
     drop(pinned);
     Ok((staging, link_pin))
+}
+
+fn program_err(op: &'static str) -> impl Fn(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { op, source }
+}
+
+fn pin_err(path: &Path, e: aya::programs::links::LinkError) -> LoadError {
+    LoadError::Pin {
+        path: path.to_owned(),
+        source: e.into(),
+    }
 }
 
 fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
@@ -604,15 +640,6 @@ fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
-}
-
-fn set_config(dir: &Path, index: u32, value: u32) -> Result<(), LoadError> {
-    let data = open_pin(dir, maps::CONFIG)?;
-    let mut array: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(data))
-        .map_err(|source| map_err("open", maps::CONFIG, source))?;
-    array
-        .set(index, value, 0)
-        .map_err(|source| map_err("set", maps::CONFIG, source).into())
 }
 
 /// What `uninstall` did.
@@ -667,7 +694,7 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
     let maps = MAP_LAYOUTS
         .iter()
         .map(|(name, _, _)| *name)
-        .chain([maps::LEGACY_REVERSE4])
+        .chain(LEGACY_MAPS.iter().copied())
         .map(str::to_owned);
     let mut removed = 0;
     for name in links.chain(maps) {
@@ -698,14 +725,21 @@ fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathErr
     {
         return DatapathError::MapFull {
             map,
-            flag: if map == maps::BACKENDS {
-                "max-backends"
-            } else {
-                "max-services"
-            },
+            flag: size_flag(map),
         };
     }
     DatapathError::Map { op, map, source }
+}
+
+/// The `run` flag that sizes `map` (without the dashes).
+fn size_flag(map: &str) -> &'static str {
+    match map {
+        maps::BACKENDS => "max-backends",
+        maps::SERVICE_META => "max-frontends",
+        maps::REVERSE => "max-reverse",
+        maps::SOCK_REVERSE => "max-sockets",
+        _ => "max-services",
+    }
 }
 
 fn not_found(e: &MapError) -> bool {
@@ -726,10 +760,15 @@ pub struct BpfDatapath {
     meta: HashMap<MapData, u32, ServiceMeta>,
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
-    reverse: Option<(HashMap<MapData, ReverseKey, ReverseValue>, u32)>,
+    reverse: Option<WithMax<ReverseKey, ReverseValue>>,
+    /// Absent in pins made before connected sockets had a map of their own.
+    sock_reverse: Option<WithMax<u64, SockReverse>>,
 }
 
-/// How full the LRU reverse map is.
+/// A hash map and its `max_entries`.
+type WithMax<K, V> = (HashMap<MapData, K, V>, u32);
+
+/// How full a reverse map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReverseOccupancy {
     pub entries: u64,
@@ -749,36 +788,25 @@ impl BpfDatapath {
                 .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
-            reverse: match MapData::from_pin(dir.join(maps::REVERSE)) {
-                Ok(data) => {
-                    let max_entries = data
-                        .info()
-                        .map_err(|e| map_err("info", maps::REVERSE, e))?
-                        .max_entries();
-                    let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                        .map_err(|e| map_err("open", maps::REVERSE, e))?;
-                    Some((map, max_entries))
-                }
-                Err(_) => None,
-            },
+            reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
+            sock_reverse: open_optional(dir, maps::SOCK_REVERSE, aya::maps::Map::HashMap)?,
         })
     }
 
-    /// Entries in the reverse map (a key walk: at most `max_entries`
-    /// syscalls, about 0.3 s for a full 256 Ki map), or `None` if the
-    /// installation has none.
+    /// Entries in the LRU reverse map of unconnected UDP sockets (a key
+    /// walk: at most `max_entries` syscalls, about 0.3 s for a full 256 Ki
+    /// map), or `None` if the installation has none.
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
-        let Some((map, max_entries)) = &self.reverse else {
-            return Ok(None);
-        };
-        let max_entries = *max_entries;
-        // A key deleted during the walk ends it early; the count is a
-        // snapshot either way.
-        let entries = map.keys().take_while(Result::is_ok).count() as u64;
-        Ok(Some(ReverseOccupancy {
-            entries,
-            max_entries,
-        }))
+        Ok(self.reverse.as_ref().map(|(map, max)| occupancy(map, *max)))
+    }
+
+    /// Entries in the connected-socket reverse map (a key walk), or `None`
+    /// if the installation has none.
+    pub fn sock_reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
+        Ok(self
+            .sock_reverse
+            .as_ref()
+            .map(|(map, max)| occupancy(map, *max)))
     }
 
     /// Per-counter sums over CPUs, indexed by `lb_common::stats`. A counter
@@ -791,6 +819,36 @@ impl BpfDatapath {
                 Err(e) => Err(map_err("read", maps::STATS, e)),
             })
             .collect()
+    }
+}
+
+/// A pinned map that older installations may lack, with its `max_entries`.
+fn open_optional<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Result<Option<WithMax<K, V>>> {
+    let Ok(data) = MapData::from_pin(dir.join(name)) else {
+        return Ok(None);
+    };
+    let max_entries = data
+        .info()
+        .map_err(|e| map_err("info", name, e))?
+        .max_entries();
+    let map = HashMap::try_from(kind(data)).map_err(|e| map_err("open", name, e))?;
+    Ok(Some((map, max_entries)))
+}
+
+fn occupancy<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    max_entries: u32,
+) -> ReverseOccupancy {
+    // A key deleted during the walk ends it early; the count is a snapshot
+    // either way.
+    let entries = map.keys().take_while(Result::is_ok).count() as u64;
+    ReverseOccupancy {
+        entries,
+        max_entries,
     }
 }
 
@@ -865,5 +923,37 @@ impl Datapath for BpfDatapath {
         self.stats
             .set(stats::MAP_FULL, values, 0)
             .map_err(|e| map_err("write", maps::STATS, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full map's error names the flag that sizes exactly that map.
+    #[test]
+    fn each_map_names_its_own_size_flag() {
+        assert_eq!(size_flag(maps::SERVICES), "max-services");
+        assert_eq!(size_flag(maps::BACKENDS), "max-backends");
+        assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
+        assert_eq!(size_flag(maps::REVERSE), "max-reverse");
+        assert_eq!(size_flag(maps::SOCK_REVERSE), "max-sockets");
+    }
+
+    /// Pins of earlier versions, and every link pin (the release hook's
+    /// included), are this agent's: `preflight` and `uninstall` know them.
+    #[test]
+    fn legacy_and_link_pins_are_known() {
+        for name in [
+            "LB_CONFIG",
+            "LB_REVERSE4",
+            "LB_SVC_META",
+            "link_sock_release",
+            "link_sock_release_new",
+            "link_connect4",
+        ] {
+            assert!(known_pin(name), "{name}");
+        }
+        assert!(!known_pin("cilium_lb4_services_v2"));
     }
 }

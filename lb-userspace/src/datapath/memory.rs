@@ -77,7 +77,7 @@ impl MapKind {
         let (map, flag) = match self {
             MapKind::Services => (lb_common::maps::SERVICES, "max-services"),
             MapKind::Backends => (lb_common::maps::BACKENDS, "max-backends"),
-            MapKind::Meta => (lb_common::maps::SERVICE_META, "max-services"),
+            MapKind::Meta => (lb_common::maps::SERVICE_META, "max-frontends"),
         };
         DatapathError::MapFull { map, flag }
     }
@@ -120,6 +120,8 @@ pub struct MemoryDatapath {
     pub log: Vec<Op>,
     pub max_services: usize,
     pub max_backends: usize,
+    /// Meta entries (frontends), as `--max-frontends`.
+    pub max_frontends: usize,
     pub map_full: u64,
     /// Calls attempted per kind, failed ones included.
     calls: BTreeMap<OpKind, usize>,
@@ -137,6 +139,7 @@ impl Default for MemoryDatapath {
             log: Vec::new(),
             max_services: usize::MAX,
             max_backends: usize::MAX,
+            max_frontends: usize::MAX,
             map_full: 0,
             calls: BTreeMap::new(),
             snapshots: SnapshotCount::default(),
@@ -220,7 +223,7 @@ impl MemoryDatapath {
         let max = match map {
             MapKind::Services => self.max_services,
             MapKind::Backends => self.max_backends,
-            MapKind::Meta => usize::MAX,
+            MapKind::Meta => self.max_frontends,
         };
         if !exists && (len >= max || self.full.contains(&map)) {
             return Err(map.full_error());

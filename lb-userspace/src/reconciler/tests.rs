@@ -355,6 +355,31 @@ fn zero_backends_is_a_master_with_count_zero() {
     assert!(state.backends.is_empty());
 }
 
+/// Names live in a map sized by frontends, not by service-map entries: a
+/// full one refuses the next frontend, before its master, and says which
+/// flag to raise.
+#[test]
+fn a_full_meta_map_names_max_frontends() {
+    let mut dp = MemoryDatapath::default();
+    dp.max_frontends = 1;
+    let mut r = Reconciler::adopt(dp).unwrap();
+    let d = desired(&[
+        (fe(1), "a", vec![be(1, 80), be(2, 80)]),
+        (fe(2), "b", vec![be(3, 80)]),
+    ]);
+    let report = r.apply(&d, Prune::Yes);
+    assert_eq!(report.map_full(), 1);
+    assert_eq!(report.errors[0].name, "b");
+    let msg = report.errors[0].to_string();
+    assert!(
+        msg.contains("LB_SVC_META") && msg.contains("--max-frontends"),
+        "{msg}"
+    );
+    let state = &r.datapath().state;
+    assert!(master(state, &fe(2)).is_none());
+    assert_readable(state);
+}
+
 #[test]
 fn full_map_fails_one_service_and_keeps_the_others() {
     // Room for one master + two slots only.

@@ -469,6 +469,7 @@ impl AgentProc {
         log: &Path,
         max_services: u32,
         max_backends: u32,
+        max_frontends: u32,
     ) -> anyhow::Result<Self> {
         let logf = fs::File::create(log)?;
         let mut c = Command::new(bin);
@@ -491,6 +492,7 @@ impl AgentProc {
             .arg(cgroup)
             .args(["--max-services", &max_services.to_string()])
             .args(["--max-backends", &max_backends.to_string()])
+            .args(["--max-frontends", &max_frontends.to_string()])
             .args(["--health-addr", "none"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

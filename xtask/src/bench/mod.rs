@@ -87,6 +87,10 @@ pub struct RunRecord {
     /// connect4 run_time_ns / run_cnt over this run (socket-LB only).
     pub bpf_ns_per_call: Option<f64>,
     pub bpf_calls: Option<u64>,
+    /// sock_release run_time_ns / run_cnt over this run (socket-LB only):
+    /// the per-socket cost at close, to add to connect4's for a connection.
+    #[serde(default)]
+    pub release_ns_per_call: Option<f64>,
 }
 
 /// One load of a datapath's configuration for N services × 10 endpoints.
@@ -580,6 +584,11 @@ fn max_services(n: u32) -> u32 {
     (n * 11 + 1024).max(4096)
 }
 
+/// Frontend (service port) entries for N services, with headroom.
+fn max_frontends(n: u32) -> u32 {
+    (n + 1024).max(4096)
+}
+
 /// The control plane from the fake API server: the server is started with
 /// every object of N services already stored, then the agent starts cold
 /// (fresh bpffs directory) and is timed to its "initial sync complete"; then
@@ -606,6 +615,7 @@ fn api_slot(
         &work.join(format!("agent-api-r{round}-n{n}.log")),
         max_services(n),
         1024,
+        max_frontends(n),
     )?;
     let spawned = a.spawned;
     let timeout = Duration::from_secs(60 + u64::from(n) / 500);
@@ -695,6 +705,7 @@ fn datapath_slot(
                 &work.join(format!("agent-r{round}-n{n}.log")),
                 max_services(n),
                 1024,
+                max_frontends(n),
             )?;
             let spawned = a.spawned;
             let timeout = Duration::from_secs(30 + u64::from(n) / 500);
@@ -871,11 +882,14 @@ fn client_run(
     } else {
         "connect4"
     };
-    let progs: Vec<u64> = progs
-        .iter()
-        .filter(|(_, name)| name.contains(hook))
-        .map(|(id, _)| *id)
-        .collect();
+    let ids = |part: &str| -> Vec<u64> {
+        progs
+            .iter()
+            .filter(|(_, name)| name.contains(part))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let (progs, release) = (ids(hook), ids("sock_release"));
     // The server shares the client's CPU for request/response over one
     // connection each (as netperf TCP_CRR), and has the other one otherwise.
     let _ = lab.server_cpu(if mode == "crr" { lab::CLIENT_CPU } else { 0 });
@@ -902,16 +916,23 @@ fn client_run(
         args.extend_from_slice(e);
     }
     let before: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
+    let release_before: Vec<(u64, u64)> = release.iter().map(|&p| lab::prog_stats(p)).collect();
     let in_cgroup = dp == Dp::SocketLb;
     let r = lab.client(
         in_cgroup, mode, base, targets, port, pick, warmup, iters, &args,
     );
     let after: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
-    let (mut dt, mut dc) = (0u64, 0u64);
-    for (b, a) in before.iter().zip(&after) {
-        dt += a.0.saturating_sub(b.0);
-        dc += a.1.saturating_sub(b.1);
-    }
+    let release_after: Vec<(u64, u64)> = release.iter().map(|&p| lab::prog_stats(p)).collect();
+    let delta = |before: &[(u64, u64)], after: &[(u64, u64)]| {
+        let (mut dt, mut dc) = (0u64, 0u64);
+        for (b, a) in before.iter().zip(after) {
+            dt += a.0.saturating_sub(b.0);
+            dc += a.1.saturating_sub(b.1);
+        }
+        (dt, dc)
+    };
+    let (dt, dc) = delta(&before, &after);
+    let (rt, rc) = delta(&release_before, &release_after);
     let (result, error) = match r {
         Ok(r) => {
             let err = (r.failures > 0)
@@ -921,11 +942,17 @@ fn client_run(
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     if let Some(r) = &result {
-        let bpf = if dc > 0 {
+        let mut bpf = if dc > 0 {
             format!("  {hook} {:.0} ns/call", dt as f64 / dc as f64)
         } else {
             String::new()
         };
+        if rc > 0 {
+            bpf.push_str(&format!(
+                "  sock_release {:.0} ns/call ({rc} calls)",
+                rt as f64 / rc as f64
+            ));
+        }
         if mode == "bulk" {
             println!(
                 "bench:   {variant:6} {mode:8} {:6.2} Gbit/s ({} × {} MiB)",
@@ -953,6 +980,7 @@ fn client_run(
         error,
         bpf_ns_per_call: (dc > 0).then(|| dt as f64 / dc as f64),
         bpf_calls: (dc > 0).then_some(dc),
+        release_ns_per_call: (rc > 0).then(|| rt as f64 / rc as f64),
     }
 }
 
