@@ -180,6 +180,17 @@ metadata: {name: web}
     let peak = peak_rss_kib(pid);
     assert!(peak < 128 << 10, "peak RSS {peak} KiB");
 
+    // The last read of grow.yaml follows its writer's close: wait for it.
+    let deadline = std::time::Instant::now() + SYNC;
+    while !lab
+        .agent
+        .log_text()
+        .lines()
+        .any(|l| l.contains("grow.yaml") && l.contains("limit of 262144 bytes"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = lab.agent.log_text();
     for (file, what) in [
         ("fifo.yaml", "a FIFO is not a regular file"),
@@ -206,6 +217,32 @@ metadata: {name: web}
     assert!(noisy.is_empty(), "{noisy:#?}");
 }
 
+/// Another `lb-agent run` on the lab agent's pins and cgroup.
+fn run_on_pins(lab: &Lab, manifests: &Path) -> std::process::Output {
+    Command::new(&lab.agent.bin)
+        .arg("run")
+        .arg("--manifests")
+        .arg(manifests)
+        .arg("--bpffs")
+        .arg(&lab.agent.bpffs)
+        .arg("--cgroup")
+        .arg(&lab.cgroup.path)
+        .args(["--health-addr", "none"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// One agent per pin directory: a second `run` on it exits at once naming
 /// the first one's pid, and leaves the first serving everything.
 #[test]
@@ -214,18 +251,7 @@ fn second_agent_on_the_same_pins_is_refused() {
     let first = lab.agent.pid().unwrap();
     let empty = lab.work.path().join("empty");
     fs::create_dir(&empty).unwrap();
-    let out = Command::new(&lab.agent.bin)
-        .arg("run")
-        .arg("--manifests")
-        .arg(&empty)
-        .arg("--bpffs")
-        .arg(&lab.agent.bpffs)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path)
-        .args(["--health-addr", "none"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_on_pins(&lab, &empty);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -264,29 +290,13 @@ fn foreign_pins_are_left_alone() {
     assert!(out.contains("left"), "{out}");
     assert!(out.contains("other_tool"), "{out}");
     assert!(foreign.exists(), "a foreign entry was removed");
-    let mut left: Vec<String> = fs::read_dir(&lab.agent.bpffs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
-    assert_eq!(left, vec!["other_tool".to_owned()]);
+    assert_eq!(entries(&lab.agent.bpffs), vec!["other_tool".to_owned()]);
     // Detached: the ClusterIP is not translated any more.
     let report = lab.client(&format!("{ip}:80"), &["--count", "3"]).unwrap();
     assert_eq!(report.errors.get("ENETUNREACH"), Some(&3), "{report:?}");
 
     // `run` refuses the directory now, and says how to proceed.
-    let out = Command::new(&lab.agent.bin)
-        .arg("run")
-        .arg("--manifests")
-        .arg(&lab.manifests)
-        .arg("--bpffs")
-        .arg(&lab.agent.bpffs)
-        .arg("--cgroup")
-        .arg(&lab.cgroup.path)
-        .args(["--health-addr", "none"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_on_pins(&lab, &lab.manifests);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -294,12 +304,11 @@ fn foreign_pins_are_left_alone() {
             && stderr.contains("--allow-foreign-pins"),
         "{stderr}"
     );
-    let mut left: Vec<String> = fs::read_dir(&lab.agent.bpffs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
-    assert_eq!(left, vec!["other_tool".to_owned()], "run created pins");
+    assert_eq!(
+        entries(&lab.agent.bpffs),
+        vec!["other_tool".to_owned()],
+        "run created pins"
+    );
 
     // Told to share it, it runs and serves.
     lab.agent.extra_args.push("--allow-foreign-pins".into());
