@@ -5,7 +5,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -40,20 +40,19 @@ pub enum AgentError {
     Kube(#[from] ClientError),
 }
 
-/// Everything `lb-agent run --manifests` needs.
+/// What `lb-agent run` needs whatever the source: where the datapath lives,
+/// its sizes, the probes and the sync loop's timers.
 #[derive(Clone, Debug)]
-pub struct ManifestAgentConfig {
+pub struct CommonConfig {
     pub bpffs: PathBuf,
     /// `None`: the host's cgroup v2 root from `/proc/mounts`.
     pub cgroup: Option<PathBuf>,
-    pub manifests: PathBuf,
-    /// Manifest files larger than this are skipped with a diagnostic.
-    pub max_manifest_size: u64,
-    pub service_cidr: ServiceCidr,
     pub sizes: MapSizes,
     pub bpf_log: bool,
     /// Share `bpffs` with pins lb-agent did not create.
     pub allow_foreign_pins: bool,
+    /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label
+    /// (API source only).
     pub translate: TranslateOptions,
     /// `/healthz` and `/readyz`; `None`: not served.
     pub health_addr: Option<SocketAddr>,
@@ -64,26 +63,21 @@ pub struct ManifestAgentConfig {
     pub resync_period: Option<Duration>,
 }
 
+/// Everything `lb-agent run --manifests` needs.
+#[derive(Clone, Debug)]
+pub struct ManifestAgentConfig {
+    pub common: CommonConfig,
+    pub manifests: PathBuf,
+    /// Manifest files larger than this are skipped with a diagnostic.
+    pub max_manifest_size: u64,
+    pub service_cidr: ServiceCidr,
+}
+
 /// Everything `lb-agent run` against the Kubernetes API needs.
 #[derive(Clone, Debug)]
 pub struct KubeAgentConfig {
-    pub bpffs: PathBuf,
-    /// `None`: the host's cgroup v2 root from `/proc/mounts`.
-    pub cgroup: Option<PathBuf>,
-    pub sizes: MapSizes,
-    pub bpf_log: bool,
-    /// Share `bpffs` with pins lb-agent did not create.
-    pub allow_foreign_pins: bool,
-    /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label.
-    pub translate: TranslateOptions,
+    pub common: CommonConfig,
     pub client: ClientConfig,
-    /// `/healthz` and `/readyz`; `None`: not served.
-    pub health_addr: Option<SocketAddr>,
-    /// `/healthz` fails while one sync-loop iteration has run longer than this.
-    pub stall_timeout: Duration,
-    /// `--resync-period`: how often the maps are compared with the whole
-    /// desired state and repaired; `None`: never.
-    pub resync_period: Option<Duration>,
 }
 
 /// Loads and attaches the programs (re-adopting pinned maps and state) and
@@ -93,14 +87,8 @@ pub async fn run_manifests(
     cfg: ManifestAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr, cfg.stall_timeout);
-    let (reconciler, _lock) = attach(
-        &cfg.bpffs,
-        cfg.cgroup.as_deref(),
-        cfg.sizes,
-        cfg.bpf_log,
-        cfg.allow_foreign_pins,
-    )?;
+    let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
+    let (reconciler, _lock) = attach(&cfg.common)?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -114,7 +102,11 @@ pub async fn run_manifests(
             )
         });
     let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
-    let mut driver = driver(reconciler, cfg.translate.clone(), cfg.resync_period);
+    let mut driver = driver(
+        reconciler,
+        cfg.common.translate.clone(),
+        cfg.common.resync_period,
+    );
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
     let mut files = DirCache::new(&cfg.manifests, cfg.max_manifest_size);
@@ -204,18 +196,19 @@ fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health
 /// Loads and attaches the programs, then re-adopts the pinned maps as they
 /// are: nothing is flushed, whatever the sources will say later.
 /// The returned lock is the agent's claim on `bpffs`: hold it while running.
-fn attach(
-    bpffs: &Path,
-    cgroup: Option<&Path>,
-    sizes: MapSizes,
-    bpf_log: bool,
-    allow_foreign_pins: bool,
-) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
-    let cgroup = match cgroup {
+fn attach(cfg: &CommonConfig) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
+    let bpffs = &cfg.bpffs;
+    let cgroup = match &cfg.cgroup {
         Some(c) => c.to_owned(),
         None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
-    let install = bpf::install(bpffs, &cgroup, sizes, bpf_log, allow_foreign_pins)?;
+    let install = bpf::install(
+        bpffs,
+        &cgroup,
+        cfg.sizes,
+        cfg.bpf_log,
+        cfg.allow_foreign_pins,
+    )?;
     info!(
         bpffs = %bpffs.display(),
         cgroup = %cgroup.display(),
@@ -239,17 +232,11 @@ pub async fn run_kube(
     cfg: KubeAgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let health = start_health(cfg.health_addr, cfg.stall_timeout);
+    let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
-    let (reconciler, _lock) = attach(
-        &cfg.bpffs,
-        cfg.cgroup.as_deref(),
-        cfg.sizes,
-        cfg.bpf_log,
-        cfg.allow_foreign_pins,
-    )?;
-    let mut opts = cfg.translate.clone();
-    let mut driver = driver(reconciler, opts.clone(), cfg.resync_period);
+    let (reconciler, _lock) = attach(&cfg.common)?;
+    let mut opts = cfg.common.translate.clone();
+    let mut driver = driver(reconciler, opts.clone(), cfg.common.resync_period);
     let signals = Signals::new(driver.input().clone());
     if opts.zone.is_none()
         && let Some(node) = opts.node_name.clone()

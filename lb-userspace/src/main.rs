@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent::{self, KubeAgentConfig, ManifestAgentConfig},
+    agent::{self, CommonConfig, KubeAgentConfig, ManifestAgentConfig},
     datapath::{
         Datapath as _,
         bpf::{self, BpfDatapath, MapSizes},
@@ -272,39 +272,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let common = CommonConfig {
+        bpffs: pins.bpffs,
+        cgroup: pins.cgroup,
+        sizes,
+        bpf_log,
+        allow_foreign_pins,
+        translate,
+        health_addr: health_addr.0,
+        stall_timeout,
+        resync_period: resync_period.0,
+    };
     match manifests {
         Some(manifests) => {
             let cfg = ManifestAgentConfig {
-                bpffs: pins.bpffs,
-                cgroup: pins.cgroup,
+                common,
                 manifests,
                 max_manifest_size,
                 service_cidr: *service_cidr,
-                sizes,
-                bpf_log,
-                allow_foreign_pins,
-                translate,
-                health_addr: health_addr.0,
-                stall_timeout,
-                resync_period: resync_period.0,
             };
             runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
         }
         None => {
             let cfg = KubeAgentConfig {
-                bpffs: pins.bpffs,
-                cgroup: pins.cgroup,
-                sizes,
-                bpf_log,
-                allow_foreign_pins,
-                translate,
+                common,
                 client: ClientConfig {
                     kubeconfig,
                     api_server,
                 },
-                health_addr: health_addr.0,
-                stall_timeout,
-                resync_period: resync_period.0,
             };
             runtime.block_on(agent::run_kube(cfg, shutdown_signal()))?;
         }
