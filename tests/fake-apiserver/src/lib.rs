@@ -277,6 +277,10 @@ impl FakeApiServer {
             // Awaiting the abort guarantees the listener is closed before we return.
             let _ = task.await;
             self.shared.conns.send_modify(|n| *n += 1);
+            // And every watch stream has ended: no event written after this
+            // returns can reach a client through an old connection.
+            let mut open = self.shared.open_watches.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(5), open.wait_for(|n| *n == 0)).await;
         }
         if available {
             let mut tries = 0;
