@@ -143,16 +143,7 @@ pub(super) fn service_frontends(
     opts: &TranslateOptions,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<(Frontend, DesiredService)> {
-    let sdiag = |field: &str, message: String| {
-        diag(
-            "Service",
-            &svc.namespace,
-            &svc.name,
-            &svc.source,
-            field,
-            message,
-        )
-    };
+    let sdiag = |field: &str, message: String| service_diag(svc, field, message);
     let Some(spec) = svc.spec.as_ref() else {
         // No spec means no clusterIP: headless, which kube-proxy skips silently.
         return Vec::new();
@@ -270,16 +261,7 @@ fn cluster_ips(svc: &ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
-    let sdiag = |field: &str, message: String| {
-        diag(
-            "Service",
-            &svc.namespace,
-            &svc.name,
-            &svc.source,
-            field,
-            message,
-        )
-    };
+    let sdiag = |field: &str, message: String| service_diag(svc, field, message);
     let is_none = |s: &str| s.is_empty() || s == "None";
     // `clusterIPs` wins when set; `["None"]` there is just the headless marker.
     let list: Vec<(String, &str)> = match spec.cluster_ips.as_deref() {
@@ -321,16 +303,7 @@ fn cluster_ips(svc: &ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<IpAddr> {
 /// Valid, distinct (port, protocol) pairs; each bad one is reported and skipped.
 fn service_ports<'a>(svc: &'a ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<PortSpec<'a>> {
     let ports = svc.spec.as_ref().map_or(&[][..], |s| &s.ports[..]);
-    let sdiag = |field: &str, message: String| {
-        diag(
-            "Service",
-            &svc.namespace,
-            &svc.name,
-            &svc.source,
-            field,
-            message,
-        )
-    };
+    let sdiag = |field: &str, message: String| service_diag(svc, field, message);
     let mut out: Vec<PortSpec<'a>> = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
         let proto = match parse_proto(p.protocol.as_deref()) {
@@ -535,6 +508,18 @@ fn topology_filter<'o>(
         }
     }
     None
+}
+
+/// A problem with `field` of the Service `svc`.
+fn service_diag(svc: &ServiceInfo, field: &str, message: String) -> Diagnostic {
+    diag(
+        "Service",
+        &svc.namespace,
+        &svc.name,
+        &svc.source,
+        field,
+        message,
+    )
 }
 
 pub(super) fn diag(
