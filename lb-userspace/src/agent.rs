@@ -157,13 +157,16 @@ pub async fn run_manifests(
 /// Reads what changed in the directory into the index.
 fn read(files: &mut DirCache, alloc: &mut ClusterIpAllocator, input: &Input) {
     let started = Instant::now();
-    let loaded = files.load(alloc);
+    let delta = files.load(alloc);
     info!(
         files_parsed = files.parses(),
+        full_builds = files.builds(),
+        services_changed = delta.services.len(),
+        slices_changed = delta.slices.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "read manifests"
     );
-    manifest::feed(input, loaded, started);
+    manifest::feed(input, delta, started);
 }
 
 /// The sync loop over a fresh index, seeded with who held which frontend

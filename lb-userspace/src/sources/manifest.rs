@@ -3,10 +3,11 @@
 //! Pods, mirroring of Endpoints, ClusterIP allocation), for IPv4, IPv6 and
 //! dual-stack Services.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -19,7 +20,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    model::{Diagnostic, IndexNamespaced as _, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
+    model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
 };
 
@@ -39,9 +40,28 @@ pub struct Manifests {
     /// Services with `spec.clusterIP`, `clusterIPs`, `ipFamilies` and
     /// `ipFamilyPolicy` filled in as the API server would; invalid ones left out.
     pub services: Vec<Service>,
-    /// Given EndpointSlices plus those derived from Pods and Endpoints.
+    /// EndpointSlices derived from Pods and mirrored from Endpoints, as the
+    /// controllers would write them.
     pub slices: Vec<EndpointSlice>,
+    /// Hand-written EndpointSlices, in the model's slim form.
+    pub given: Vec<Arc<SliceInfo>>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Manifests {
+    /// The Services as the model takes them.
+    pub fn service_infos(&self) -> Vec<ServiceInfo> {
+        self.services.iter().map(ServiceInfo::from).collect()
+    }
+
+    /// Every slice, given and derived, as the model takes them.
+    pub fn slice_infos(&self) -> Vec<SliceInfo> {
+        self.given
+            .iter()
+            .map(|s| SliceInfo::clone(s))
+            .chain(self.slices.iter().map(SliceInfo::from))
+            .collect()
+    }
 }
 
 /// An address family, named as Kubernetes names it (`IPv4`, `IPv6`).
@@ -309,22 +329,30 @@ fn build(
         .filter_map(|(s, keep)| keep.then_some(s))
         .collect();
 
-    let mut slices: Vec<EndpointSlice> = Vec::with_capacity(given.len() + services.len());
-    slices.extend(given.into_iter().map(Sourced::annotated));
-    let derived =
-        controllers::derive_slices(&services, &pods, &endpoints, &slices, &mut diagnostics);
-    slices.extend(derived);
+    let slices = controllers::derive_slices(
+        &services,
+        &pods,
+        &endpoints,
+        given
+            .iter()
+            .map(|s| (s.namespace.as_str(), s.name.as_str())),
+        &mut diagnostics,
+    );
 
     Manifests {
         services: services.into_iter().map(Sourced::annotated).collect(),
         slices,
+        given,
         diagnostics,
     }
 }
 
 /// The manifest directory, read file by file: a file is parsed again only
 /// when its size, mtime or content changed, so an edit costs its own file's
-/// parse, not the directory's.
+/// parse, not the directory's. What changed reaches the index as a
+/// [`Delta`]; an edit that changes only hand-written EndpointSlices (the
+/// common case: readiness, scaling) skips the allocator and the controllers,
+/// which depend on Services, Pods and Endpoints alone.
 ///
 /// Of two files defining the same object, the one seen first keeps it (the
 /// other is reported), whatever their names: a new file never takes an
@@ -338,6 +366,44 @@ pub struct DirCache {
     files: BTreeMap<String, CachedFile>,
     next_seen: u64,
     parses: u64,
+    builds: u64,
+    /// What the index was given, to send it only differences; `None` until
+    /// the first load.
+    fed: Option<Fed>,
+}
+
+type Key = (String, String);
+
+/// The directory's meaning as last given to the index.
+#[derive(Debug, Default)]
+struct Fed {
+    services: HashMap<Key, Arc<ServiceInfo>>,
+    slices: HashMap<Key, Arc<SliceInfo>>,
+    /// The file whose definition of a hand-written slice won.
+    given_from: HashMap<Key, String>,
+    /// What merging, allocation and the controllers reported.
+    build_diags: Vec<Diagnostic>,
+}
+
+/// One change for the index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change<T> {
+    Apply(T),
+    Delete { namespace: String, name: String },
+}
+
+/// What one load changed, and every problem the directory has now.
+#[derive(Clone, Debug, Default)]
+pub struct Delta {
+    pub services: Vec<Change<ServiceInfo>>,
+    pub slices: Vec<Change<SliceInfo>>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
 }
 
 struct CachedFile {
@@ -361,6 +427,15 @@ impl fmt::Debug for CachedFile {
     }
 }
 
+/// How a load changed a file.
+enum Refreshed {
+    Same,
+    /// Only the contents of its hand-written EndpointSlices changed (same
+    /// names, same places in the file).
+    SlicesOnly,
+    Other,
+}
+
 /// Younger mtimes are not trusted to show every write.
 const RACY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -372,6 +447,8 @@ impl DirCache {
             files: BTreeMap::new(),
             next_seen: 0,
             parses: 0,
+            builds: 0,
+            fed: None,
         }
     }
 
@@ -380,31 +457,135 @@ impl DirCache {
         self.parses
     }
 
-    /// Reads what changed since the last load and returns the whole
-    /// directory. An unreadable directory keeps the last good state.
-    pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Manifests {
+    /// Loads that ran the allocator and the controllers over the whole
+    /// directory (the others applied only edited EndpointSlices).
+    pub fn builds(&self) -> u64 {
+        self.builds
+    }
+
+    /// Reads what changed since the last load. An unreadable directory
+    /// keeps the last good state.
+    pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Delta {
         let mut diags = Vec::new();
+        // Files whose EndpointSlices alone changed; `None`: something else did.
+        let mut slice_edits: Option<Vec<String>> = Some(Vec::new());
         if let Some(files) = parse::list_files(&self.dir, &mut diags) {
             let generation = self.next_seen;
             self.next_seen += 1;
             let mut current = BTreeMap::new();
             for (name, path) in files {
                 let cached = self.files.remove(&name);
-                current.insert(name.clone(), self.refresh(&name, &path, cached, generation));
+                let (file, how) = self.refresh(&name, &path, cached, generation);
+                match how {
+                    Refreshed::Same => {}
+                    Refreshed::SlicesOnly => {
+                        if let Some(edits) = &mut slice_edits {
+                            edits.push(name.clone());
+                        }
+                    }
+                    Refreshed::Other => slice_edits = None,
+                }
+                current.insert(name, file);
+            }
+            if !self.files.is_empty() {
+                // Files that vanished.
+                slice_edits = None;
             }
             self.files = current;
         }
-        let mut order: Vec<(&String, &CachedFile)> = self.files.iter().collect();
-        order.sort_by_key(|(name, f)| (f.seen, f.first_mtime, *name));
-        let mut objects = parse::Objects::default();
         for file in self.files.values() {
             diags.extend(file.diags.iter().cloned());
         }
+        let mut delta = match (&mut self.fed, slice_edits) {
+            (Some(fed), Some(edits)) => Self::apply_slice_edits(fed, &self.files, &edits),
+            _ => self.build(alloc),
+        };
+        diags.extend(self.fed.iter().flat_map(|f| f.build_diags.iter().cloned()));
+        delta.diagnostics = diags;
+        delta
+    }
+
+    /// The hand-written slices of `edited` files that their file defines
+    /// (not a duplicate of another file's), straight to the index.
+    fn apply_slice_edits(
+        fed: &mut Fed,
+        files: &BTreeMap<String, CachedFile>,
+        edited: &[String],
+    ) -> Delta {
+        let mut delta = Delta::default();
+        for name in edited {
+            for slice in &files[name].objects.slices {
+                let key = (slice.namespace.clone(), slice.name.clone());
+                if fed.given_from.get(&key) != Some(name) {
+                    continue;
+                }
+                let old = fed.slices.insert(key, slice.clone());
+                if old.is_none_or(|old| *old != **slice) {
+                    delta.slices.push(Change::Apply(SliceInfo::clone(slice)));
+                }
+            }
+        }
+        delta
+    }
+
+    /// The whole directory through the allocator and the controllers,
+    /// compared with what the index was given.
+    fn build(&mut self, alloc: &mut ClusterIpAllocator) -> Delta {
+        self.builds += 1;
+        let mut order: Vec<(&String, &CachedFile)> = self.files.iter().collect();
+        order.sort_by_key(|(name, f)| (f.seen, f.first_mtime, *name));
+        let mut objects = parse::Objects::default();
+        let mut merge_diags = Vec::new();
         for (_, file) in order {
-            objects.merge(&file.objects, &mut diags);
+            objects.merge(&file.objects, &mut merge_diags);
         }
         objects.log_ignored();
-        build(objects, alloc, diags)
+        let built = build(objects, alloc, merge_diags);
+        let mut next = Fed {
+            build_diags: built.diagnostics,
+            ..Fed::default()
+        };
+        for svc in &built.services {
+            let info = ServiceInfo::from(svc);
+            next.services
+                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+        }
+        for slice in built.given {
+            let key = (slice.namespace.clone(), slice.name.clone());
+            let file = slice.source.split('#').next().unwrap_or_default();
+            next.given_from.insert(key.clone(), file.to_owned());
+            next.slices.insert(key, slice);
+        }
+        for slice in &built.slices {
+            let info = SliceInfo::from(slice);
+            next.slices
+                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+        }
+        let previous = self.fed.take().unwrap_or_default();
+        let delta = Delta {
+            services: diff(&previous.services, &next.services),
+            slices: diff(&previous.slices, &next.slices),
+            diagnostics: Vec::new(),
+        };
+        self.fed = Some(next);
+        delta
+    }
+
+    /// Everything the index was given, sorted by key (for tests).
+    #[cfg(test)]
+    pub fn current(&self) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
+        let Some(fed) = &self.fed else {
+            return Default::default();
+        };
+        let mut services: Vec<ServiceInfo> = fed
+            .services
+            .values()
+            .map(|s| ServiceInfo::clone(s))
+            .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut slices: Vec<SliceInfo> = fed.slices.values().map(|s| SliceInfo::clone(s)).collect();
+        slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        (services, slices)
     }
 
     /// The file's entry, parsed again only if it changed.
@@ -414,7 +595,7 @@ impl DirCache {
         path: &Path,
         mut cached: Option<CachedFile>,
         generation: u64,
-    ) -> CachedFile {
+    ) -> (CachedFile, Refreshed) {
         let meta = fs::metadata(path).ok();
         let size = meta.as_ref().map_or(0, fs::Metadata::len);
         let mtime = meta.and_then(|m| m.modified().ok());
@@ -426,7 +607,7 @@ impl DirCache {
                 .is_ok_and(|age| age > RACY)
         });
         if let Some(c) = cached.take_if(|c| settled && c.size == size && c.mtime == mtime) {
-            return c;
+            return (c, Refreshed::Same);
         }
         let (seen, first_mtime) = cached
             .as_ref()
@@ -434,7 +615,7 @@ impl DirCache {
         let text = match read::read_manifest(path, self.max_file_size) {
             Ok(text) => text,
             Err(e) => {
-                return CachedFile {
+                let file = CachedFile {
                     size,
                     mtime,
                     hash: 0,
@@ -443,20 +624,23 @@ impl DirCache {
                     objects: parse::Objects::default(),
                     diags: vec![diag(path.display().to_string(), "", "", e.to_string())],
                 };
+                return (file, Refreshed::Other);
             }
         };
         let hash = fnv1a(text.as_bytes());
-        if let Some(c) = cached
-            && c.hash == hash
-        {
+        if let Some(c) = cached.take_if(|c| c.hash == hash) {
             // Touched, not changed.
-            return CachedFile { size, mtime, ..c };
+            return (CachedFile { size, mtime, ..c }, Refreshed::Same);
         }
         self.parses += 1;
         let mut objects = parse::Objects::default();
         let mut diags = Vec::new();
         objects.add_file(name, &text, &mut diags);
-        CachedFile {
+        let how = match &cached {
+            Some(old) if old.objects.same_but_slice_contents(&objects) => Refreshed::SlicesOnly,
+            _ => Refreshed::Other,
+        };
+        let file = CachedFile {
             size,
             mtime,
             hash,
@@ -464,22 +648,71 @@ impl DirCache {
             first_mtime,
             objects,
             diags,
-        }
+        };
+        (file, how)
     }
 }
 
-/// Puts one read of the directory into the index as a relist would:
-/// everything applied, what vanished deleted; the problems found while
+/// The changes that turn `old` into `new`, in key order.
+fn diff<T: PartialEq + Clone>(
+    old: &HashMap<Key, Arc<T>>,
+    new: &HashMap<Key, Arc<T>>,
+) -> Vec<Change<T>> {
+    let mut changes: Vec<(&Key, Change<T>)> = Vec::new();
+    for (key, obj) in new {
+        if old
+            .get(key)
+            .is_none_or(|o| !Arc::ptr_eq(o, obj) && **o != **obj)
+        {
+            changes.push((key, Change::Apply(T::clone(obj))));
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            changes.push((
+                key,
+                Change::Delete {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                },
+            ));
+        }
+    }
+    changes.sort_by(|a, b| a.0.cmp(b.0));
+    changes.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Applies one load's changes to the index; the problems found while
 /// reading are reported with the index's.
-pub fn feed(input: &Input, loaded: Manifests, arrived: Instant) {
-    let services: Vec<ServiceInfo> = loaded.services.iter().map(ServiceInfo::from).collect();
-    let slices: Vec<SliceInfo> = loaded.slices.iter().map(SliceInfo::from).collect();
-    input.update(arrived, false, |index| {
-        let services = index.reset(services);
-        let slices = index.reset(slices);
-        services || slices
-    });
-    input.set_source_diagnostics(loaded.diagnostics);
+pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
+    let Delta {
+        services,
+        slices,
+        diagnostics,
+    } = delta;
+    if !services.is_empty() || !slices.is_empty() {
+        input.update(arrived, false, |index| {
+            let mut changed = false;
+            for change in services {
+                changed |= match change {
+                    Change::Apply(s) => index.apply(s),
+                    Change::Delete { namespace, name } => {
+                        IndexNamespaced::<ServiceInfo>::delete(index, &namespace, &name)
+                    }
+                };
+            }
+            for change in slices {
+                changed |= match change {
+                    Change::Apply(s) => index.apply(s),
+                    Change::Delete { namespace, name } => {
+                        IndexNamespaced::<SliceInfo>::delete(index, &namespace, &name)
+                    }
+                };
+            }
+            changed
+        });
+    }
+    input.set_source_diagnostics(diagnostics);
 }
 
 /// An object with where it was read from (`file.yaml#2`).

@@ -27,24 +27,19 @@ const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "lb-agent";
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
-/// Slices for `services` from `pods` and `endpoints`. `given` reserves the
-/// names of hand-written slices so derived ones never shadow them.
-pub(super) fn derive_slices(
+/// Slices for `services` from `pods` and `endpoints`. `given` names the
+/// hand-written slices (namespace, name), so derived ones never shadow them.
+pub(super) fn derive_slices<'g>(
     services: &[Sourced<Service>],
     pods: &[Sourced<Pod>],
     endpoints: &[Sourced<Endpoints>],
-    given: &[EndpointSlice],
+    given: impl IntoIterator<Item = (&'g str, &'g str)>,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<EndpointSlice> {
     let mut names = SliceNames(
         given
-            .iter()
-            .map(|s| {
-                (
-                    namespace_of(&s.metadata).to_owned(),
-                    name_of(&s.metadata).to_owned(),
-                )
-            })
+            .into_iter()
+            .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
             .collect(),
     );
     let index = PodIndex::new(pods, diags);

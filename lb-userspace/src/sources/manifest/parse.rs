@@ -16,7 +16,7 @@ use k8s_openapi::{
 use serde_yaml::Value;
 
 use super::{Sourced, diag, read::read_manifest, validate};
-use crate::model::Diagnostic;
+use crate::model::{Diagnostic, SliceInfo};
 
 /// What the directory (or one file) holds, in file order, each object at
 /// most once.
@@ -25,7 +25,9 @@ pub(super) struct Objects {
     pub services: Vec<Sourced<Service>>,
     pub pods: Vec<Sourced<Pod>>,
     pub endpoints: Vec<Sourced<Endpoints>>,
-    pub slices: Vec<Sourced<EndpointSlice>>,
+    /// Hand-written EndpointSlices, slim from the start (with their source):
+    /// nothing but translation reads them, and they are most of the bytes.
+    pub slices: Vec<std::sync::Arc<SliceInfo>>,
     /// (kind, namespace, name) → source of the definition that won.
     seen: HashMap<(&'static str, String, String), String>,
     /// (kind, file) of objects of kinds the agent does not read: an ordinary
@@ -100,6 +102,25 @@ impl Objects {
         }
     }
 
+    /// Whether `other` differs from this only in the contents of its
+    /// EndpointSlices: the same objects of every other kind, and the same
+    /// slices (names and sources) in the same order.
+    pub(super) fn same_but_slice_contents(&self, other: &Objects) -> bool {
+        fn same<T: PartialEq>(a: &[Sourced<T>], b: &[Sourced<T>]) -> bool {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.source == y.source && x.obj == y.obj)
+        }
+        same(&self.services, &other.services)
+            && same(&self.pods, &other.pods)
+            && same(&self.endpoints, &other.endpoints)
+            && self.slices.len() == other.slices.len()
+            && self.slices.iter().zip(&other.slices).all(|(x, y)| {
+                x.namespace == y.namespace && x.name == y.name && x.source == y.source
+            })
+    }
+
     /// Adds another file's objects after this one's: an object already
     /// defined here is reported and skipped, as within one file.
     pub(super) fn merge(&mut self, other: &Objects, diags: &mut Vec<Diagnostic>) {
@@ -146,13 +167,21 @@ impl Objects {
             "Endpoints",
             diags,
         );
-        add(
-            &mut self.seen,
-            &mut self.slices,
-            &other.slices,
-            "EndpointSlice",
-            diags,
-        );
+        for slice in &other.slices {
+            let object = object_label("EndpointSlice", &slice.namespace, &slice.name);
+            let key = ("EndpointSlice", slice.namespace.clone(), slice.name.clone());
+            if let Some(first) = self.seen.get(&key) {
+                diags.push(diag(
+                    slice.source.clone(),
+                    object.clone(),
+                    "metadata.name",
+                    format!("{object} is already defined in {first}; this definition is ignored"),
+                ));
+                continue;
+            }
+            self.seen.insert(key, slice.source.clone());
+            self.slices.push(slice.clone());
+        }
         self.ignored.extend(other.ignored.iter().cloned());
     }
 
@@ -376,10 +405,11 @@ impl Objects {
                 obj: std::sync::Arc::from(obj),
                 source,
             }),
-            Decoded::EndpointSlice(obj) => self.slices.push(Sourced {
-                obj: std::sync::Arc::from(obj),
-                source,
-            }),
+            Decoded::EndpointSlice(obj) => {
+                let mut info = SliceInfo::from(&*obj);
+                info.source = source;
+                self.slices.push(std::sync::Arc::new(info));
+            }
         }
     }
 }

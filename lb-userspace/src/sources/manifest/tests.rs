@@ -13,7 +13,10 @@ use super::{
     ClusterIpAllocator, FamilyIps, IpFamily, Manifests, ServiceCidr, ServiceCidrError, load_dir,
     parse::split_documents, read::DEFAULT_MAX_FILE_SIZE,
 };
-use crate::model::{Diagnostic, SOURCE_ANNOTATION};
+use crate::model::{
+    Diagnostic, Proto, SOURCE_ANNOTATION,
+    input::{Address, Family, SlicePortInfo},
+};
 
 const BACK_END: &str = include_str!("../../../../examples/back-end/back-end.yaml");
 
@@ -552,16 +555,24 @@ endpoints:
 ";
     let m = load(&[("slice.yaml", text)]);
     assert_eq!(m.diagnostics, vec![]);
-    assert_eq!(m.slices.len(), 1);
-    let s = &m.slices[0];
-    assert_eq!(s.metadata.name.as_deref(), Some("ext-1"));
-    assert_eq!(s.metadata.namespace.as_deref(), Some("default"));
-    assert_eq!(source(&s.metadata), "slice.yaml#1");
-    assert_eq!(ports(s), vec![port("", 8080)]);
+    assert_eq!(m.slices.len(), 0, "nothing derived");
+    assert_eq!(m.given.len(), 1);
+    let s = &m.given[0];
+    assert_eq!(s.name, "ext-1");
+    assert_eq!(s.namespace, "default");
+    assert_eq!(s.source, "slice.yaml#1");
+    assert_eq!(s.service.as_deref(), Some("ext"));
     assert_eq!(
-        endpoints(s),
-        vec![ep("192.168.1.1", Some(false), Some(true), Some(true))]
+        s.ports,
+        vec![SlicePortInfo {
+            name: String::new(),
+            proto: Proto::Tcp,
+            port: Some(8080)
+        }]
     );
+    let e = &s.endpoints[0];
+    assert_eq!(e.address, Address::Ip("192.168.1.1".parse().unwrap()));
+    assert_eq!((e.ready, e.serving, e.terminating), (false, true, true));
 }
 
 #[test]
@@ -1860,9 +1871,12 @@ endpoints:
 ";
     let m = load(&[("slice.yaml", text)]);
     assert_eq!(m.diagnostics, vec![]);
-    assert_eq!(m.slices.len(), 1);
-    assert_eq!(m.slices[0].address_type, "IPv6");
-    assert_eq!(addresses(&m.slices[0]), strings(&["fd00::1"]));
+    assert_eq!(m.given.len(), 1);
+    assert_eq!(m.given[0].family, Some(Family::V6));
+    assert_eq!(
+        m.given[0].endpoints[0].address,
+        Address::Ip("fd00::1".parse().unwrap())
+    );
 }
 
 /// The whole pure path: a dual-stack manifest → parse, allocation and the
