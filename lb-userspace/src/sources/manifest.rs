@@ -30,6 +30,7 @@ mod cache_tests;
 mod controllers;
 mod parse;
 pub mod read;
+mod slim;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -273,6 +274,10 @@ pub struct ClusterIpAllocator {
     /// (namespace, name) → the addresses this allocator handed out (not
     /// the ones a manifest set itself).
     pub assigned: BTreeMap<(String, String), FamilyIps>,
+    /// Which service held each ClusterIP after the last allocation (seeded
+    /// from the maps): of two manifests naming one address, the holder
+    /// keeps it, as the API server refuses the second Service.
+    holders: HashMap<IpAddr, (String, String)>,
 }
 
 impl ClusterIpAllocator {
@@ -285,8 +290,10 @@ impl ClusterIpAllocator {
         previous: impl IntoIterator<Item = ((String, String), IpAddr)>,
     ) -> Self {
         let mut assigned: BTreeMap<(String, String), FamilyIps> = BTreeMap::new();
+        let mut holders = HashMap::new();
         for (key, ip) in previous {
             let ip = ip.to_canonical();
+            holders.entry(ip).or_insert_with(|| key.clone());
             let family = IpFamily::of(ip);
             let usable = cidr.range(family).is_some_and(|r| r.is_usable(ip));
             let slot = assigned.entry(key).or_default();
@@ -295,7 +302,11 @@ impl ClusterIpAllocator {
             }
         }
         assigned.retain(|_, ips| !ips.is_empty());
-        Self { cidr, assigned }
+        Self {
+            cidr,
+            assigned,
+            holders,
+        }
     }
 }
 
@@ -472,10 +483,16 @@ impl DirCache {
         if let Some(files) = parse::list_files(&self.dir, &mut diags) {
             let generation = self.next_seen;
             self.next_seen += 1;
+            let jobs: Vec<(String, PathBuf, Option<CachedFile>)> = files
+                .into_iter()
+                .map(|(name, path)| {
+                    let cached = self.files.remove(&name);
+                    (name, path, cached)
+                })
+                .collect();
             let mut current = BTreeMap::new();
-            for (name, path) in files {
-                let cached = self.files.remove(&name);
-                let (file, how) = self.refresh(&name, &path, cached, generation);
+            for (name, file, how, parsed) in refresh_all(jobs, generation, self.max_file_size) {
+                self.parses += u64::from(parsed);
                 match how {
                     Refreshed::Same => {}
                     Refreshed::SlicesOnly => {
@@ -587,70 +604,86 @@ impl DirCache {
         slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         (services, slices)
     }
+}
 
-    /// The file's entry, parsed again only if it changed.
-    fn refresh(
-        &mut self,
-        name: &str,
-        path: &Path,
-        mut cached: Option<CachedFile>,
-        generation: u64,
-    ) -> (CachedFile, Refreshed) {
-        let meta = fs::metadata(path).ok();
-        let size = meta.as_ref().map_or(0, fs::Metadata::len);
-        let mtime = meta.and_then(|m| m.modified().ok());
-        // An mtime a moment old may hide a second write within the same
-        // tick (as in git's "racy" check): such a file is read and hashed.
-        let settled = mtime.is_some_and(|m| {
-            SystemTime::now()
-                .duration_since(m)
-                .is_ok_and(|age| age > RACY)
-        });
-        if let Some(c) = cached.take_if(|c| settled && c.size == size && c.mtime == mtime) {
-            return (c, Refreshed::Same);
-        }
-        let (seen, first_mtime) = cached
-            .as_ref()
-            .map_or((generation, mtime), |c| (c.seen, c.first_mtime));
-        let text = match read::read_manifest(path, self.max_file_size) {
-            Ok(text) => text,
-            Err(e) => {
-                let file = CachedFile {
-                    size,
-                    mtime,
-                    hash: 0,
-                    seen,
-                    first_mtime,
-                    objects: parse::Objects::default(),
-                    diags: vec![diag(path.display().to_string(), "", "", e.to_string())],
-                };
-                return (file, Refreshed::Other);
-            }
-        };
-        let hash = fnv1a(text.as_bytes());
-        if let Some(c) = cached.take_if(|c| c.hash == hash) {
-            // Touched, not changed.
-            return (CachedFile { size, mtime, ..c }, Refreshed::Same);
-        }
-        self.parses += 1;
-        let mut objects = parse::Objects::default();
-        let mut diags = Vec::new();
-        objects.add_file(name, &text, &mut diags);
-        let how = match &cached {
-            Some(old) if old.objects.same_but_slice_contents(&objects) => Refreshed::SlicesOnly,
-            _ => Refreshed::Other,
-        };
-        let file = CachedFile {
-            size,
-            mtime,
-            hash,
-            seen,
-            first_mtime,
-            objects,
-            diags,
-        };
-        (file, how)
+/// The file's entry, parsed again only if it changed (then `true`).
+fn refresh(
+    max_file_size: u64,
+    name: &str,
+    path: &Path,
+    mut cached: Option<CachedFile>,
+    generation: u64,
+) -> (CachedFile, Refreshed, bool) {
+    let meta = fs::metadata(path).ok();
+    let size = meta.as_ref().map_or(0, fs::Metadata::len);
+    let mtime = meta.and_then(|m| m.modified().ok());
+    // An mtime a moment old may hide a second write within the same
+    // tick (as in git's "racy" check): such a file is read and hashed.
+    let settled = mtime.is_some_and(|m| {
+        SystemTime::now()
+            .duration_since(m)
+            .is_ok_and(|age| age > RACY)
+    });
+    if let Some(c) = cached.take_if(|c| settled && c.size == size && c.mtime == mtime) {
+        return (c, Refreshed::Same, false);
     }
+    let (seen, first_mtime) = cached
+        .as_ref()
+        .map_or((generation, mtime), |c| (c.seen, c.first_mtime));
+    let text = match read::read_manifest(path, max_file_size) {
+        Ok(text) => text,
+        Err(e) => {
+            let file = CachedFile {
+                size,
+                mtime,
+                hash: 0,
+                seen,
+                first_mtime,
+                objects: parse::Objects::default(),
+                diags: vec![diag(path.display().to_string(), "", "", e.to_string())],
+            };
+            return (file, Refreshed::Other, false);
+        }
+    };
+    let hash = fnv1a(text.as_bytes());
+    if let Some(c) = cached.take_if(|c| c.hash == hash) {
+        // Touched, not changed.
+        return (CachedFile { size, mtime, ..c }, Refreshed::Same, false);
+    }
+    let mut objects = parse::Objects::default();
+    let mut diags = Vec::new();
+    objects.add_file(name, &text, &mut diags);
+    objects.shrink();
+    let how = match &cached {
+        Some(old) if old.objects.same_but_slice_contents(&objects) => Refreshed::SlicesOnly,
+        _ => Refreshed::Other,
+    };
+    let file = CachedFile {
+        size,
+        mtime,
+        hash,
+        seen,
+        first_mtime,
+        objects,
+        diags,
+    };
+    (file, how, true)
+}
+
+/// Refreshes every file, parsing the changed ones on all cores (a cold
+/// start parses the whole directory), in the order given.
+fn refresh_all(
+    jobs: Vec<(String, PathBuf, Option<CachedFile>)>,
+    generation: u64,
+    max_file_size: u64,
+) -> Vec<(String, CachedFile, Refreshed, bool)> {
+    let run = |(name, path, cached): (String, PathBuf, Option<CachedFile>)| {
+        let (file, how, parsed) = refresh(max_file_size, &name, &path, cached, generation);
+        (name, file, how, parsed)
+    };
+    use rayon::prelude::*;
+    // Order is kept: `collect` on an indexed parallel iterator.
+    jobs.into_par_iter().map(run).collect()
 }
 
 /// The changes that turn `old` into `new`, in key order.

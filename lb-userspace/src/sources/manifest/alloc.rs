@@ -456,6 +456,38 @@ impl ClusterIpAllocator {
                     .map(|ip| (ip, key.clone()))
             })
             .collect();
+        // Addresses named by more than one Service: the one that held it at
+        // the last allocation keeps it, else the first in file order (the
+        // order first seen); the others are refused whole, as the API
+        // server refuses to create a Service whose address is taken.
+        let mut named_by: HashMap<IpAddr, (usize, (&str, &str))> = HashMap::new();
+        for (i, svc) in services.iter().enumerate() {
+            let key = (namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
+            let Some(spec) = svc.obj.spec.as_ref() else {
+                continue;
+            };
+            let Ok(plan) = plan(spec, &self.cidr) else {
+                continue;
+            };
+            for (ip, _) in &plan.given {
+                let holds = self
+                    .holders
+                    .get(ip)
+                    .is_some_and(|(ns, name)| (ns.as_str(), name.as_str()) == key);
+                named_by
+                    .entry(*ip)
+                    .and_modify(|first| {
+                        if holds {
+                            *first = (i, key);
+                        }
+                    })
+                    .or_insert((i, key));
+            }
+        }
+        let named_by: HashMap<IpAddr, (usize, (String, String))> = named_by
+            .into_iter()
+            .map(|(ip, (i, (ns, name)))| (ip, (i, (ns.to_owned(), name.to_owned()))))
+            .collect();
         // Sorted, so new services are placed in an order independent of files.
         let mut needing: BTreeMap<(String, String), Needing> = BTreeMap::new();
         for (i, svc) in services.iter_mut().enumerate() {
@@ -491,6 +523,28 @@ impl ClusterIpAllocator {
                 .enumerate()
                 .find_map(|(pos, (ip, _))| Some((pos, ip, held.get(ip)?)))
                 .filter(|(_, _, holder)| **holder != key)
+            {
+                keep[i] = false;
+                diags.push(diag(
+                    svc.source.clone(),
+                    format!("Service {}/{}", key.0, key.1),
+                    if pos == 0 {
+                        "spec.clusterIP".to_owned()
+                    } else {
+                        format!("spec.clusterIPs[{pos}]")
+                    },
+                    format!(
+                        "{ip} is already allocated to Service {}/{}; the service is ignored",
+                        holder.0, holder.1
+                    ),
+                ));
+                continue;
+            }
+            if let Some((pos, ip, holder)) =
+                plan.given.iter().enumerate().find_map(|(pos, (ip, _))| {
+                    let (first, holder) = named_by.get(ip)?;
+                    (*first != i).then_some((pos, ip, holder))
+                })
             {
                 keep[i] = false;
                 diags.push(diag(
@@ -610,6 +664,22 @@ impl ClusterIpAllocator {
                 spec.cluster_ip = list.first().cloned();
             }
             assigned.insert(key, ips);
+        }
+        // Who holds what now: every kept service's addresses.
+        self.holders.clear();
+        for (svc, kept) in services.iter().zip(&keep) {
+            let Some(spec) = svc.obj.spec.as_ref().filter(|_| *kept) else {
+                continue;
+            };
+            let key = (
+                namespace_of(&svc.obj.metadata).to_owned(),
+                name_of(&svc.obj.metadata).to_owned(),
+            );
+            for ip in spec.cluster_ips.iter().flatten() {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    self.holders.insert(ip, key.clone());
+                }
+            }
         }
         self.assigned = assigned;
         keep

@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use serde_yaml::Value;
 
-use super::{Sourced, diag, read::read_manifest, validate};
+use super::{Sourced, diag, read::read_manifest, slim, validate};
 use crate::model::{Diagnostic, SliceInfo};
 
 /// What the directory (or one file) holds, in file order, each object at
@@ -190,6 +190,16 @@ impl Objects {
         for (i, doc) in split_documents(text).into_iter().enumerate() {
             self.add_document(&doc, format!("{file}#{}", i + 1), diags);
         }
+    }
+
+    /// Drops what only parsing and merging need, for a file kept in the
+    /// cache (merging starts from an empty `Objects`).
+    pub(super) fn shrink(&mut self) {
+        self.seen = HashMap::new();
+        self.services.shrink_to_fit();
+        self.pods.shrink_to_fit();
+        self.endpoints.shrink_to_fit();
+        self.slices.shrink_to_fit();
     }
 
     fn add_document(&mut self, doc: &Doc<'_>, source: String, diags: &mut Vec<Diagnostic>) {
@@ -394,15 +404,15 @@ impl Objects {
         self.seen.insert(key, source.clone());
         match obj {
             Decoded::Service(obj) => self.services.push(Sourced {
-                obj: std::sync::Arc::from(obj),
+                obj: std::sync::Arc::new(slim::service(*obj)),
                 source,
             }),
             Decoded::Pod(obj) => self.pods.push(Sourced {
-                obj: std::sync::Arc::from(obj),
+                obj: std::sync::Arc::new(slim::pod(*obj)),
                 source,
             }),
             Decoded::Endpoints(obj) => self.endpoints.push(Sourced {
-                obj: std::sync::Arc::from(obj),
+                obj: std::sync::Arc::new(slim::endpoints(*obj)),
                 source,
             }),
             Decoded::EndpointSlice(obj) => {

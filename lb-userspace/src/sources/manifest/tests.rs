@@ -810,6 +810,49 @@ fn explicit_cluster_ip_of_an_allocated_one_is_refused() {
     assert_eq!(cluster_ip(&m, "a"), ip_a);
 }
 
+/// Two manifests naming one ClusterIP: the API server would have refused
+/// the second Service whole (every port), whatever its ports; the holder
+/// keeps it across edits and across a restart (seeded from the maps).
+#[test]
+fn two_services_naming_one_cluster_ip_the_holder_keeps_it() {
+    let ip = "10.96.0.50";
+    let a = svc_yaml("a", "a", &format!("  clusterIP: {ip}\n"));
+    // Another port than a's: still refused whole.
+    let b = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: b\nspec:\n  clusterIP: {ip}\n  selector:\n    app: b\n  ports:\n  - port: 9999\n"
+    );
+    let names = |m: &Manifests| -> Vec<String> {
+        m.services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    };
+    let mut alloc = ClusterIpAllocator::new(cidr(), []);
+    let m = load_with(&[("a.yaml", &a), ("b.yaml", &b)], &mut alloc);
+    assert_eq!(names(&m), ["a"]);
+    let d = m
+        .diagnostics
+        .iter()
+        .find(|d| d.object == "Service default/b")
+        .expect("b is reported");
+    assert_eq!(d.source, "b.yaml#1");
+    assert_eq!(d.field, "spec.clusterIP");
+    assert_eq!(
+        d.message,
+        format!("{ip} is already allocated to Service default/a; the service is ignored")
+    );
+    // The holder keeps it even when the newcomer comes first in file order.
+    let m = load_with(&[("0-b.yaml", &b), ("1-a.yaml", &a)], &mut alloc);
+    assert_eq!(names(&m), ["a"]);
+    // A restarted agent seeded with the maps (where b held it) keeps b.
+    let mut restarted = ClusterIpAllocator::new(
+        cidr(),
+        [(("default".to_owned(), "b".to_owned()), ip.parse().unwrap())],
+    );
+    let m = load_with(&[("a.yaml", &a), ("b.yaml", &b)], &mut restarted);
+    assert_eq!(names(&m), ["b"]);
+}
+
 #[test]
 fn special_cluster_ips() {
     let text = docs(&[
