@@ -9,11 +9,11 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use notify::Watcher as _;
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, error, info, warn};
 
 /// How often the directory is checked without inotify; edits apply within
@@ -57,7 +57,8 @@ pub struct DirWatcher {
     dir: PathBuf,
     last: Option<Fingerprint>,
     unreadable: bool,
-    /// When a change was first noticed that has not been read yet.
+    /// When a change was first noticed that has not been read yet (tokio's
+    /// clock, so tests can run it paused).
     pending_since: Option<Instant>,
     /// inotify, while it works; dropping it stops the watch.
     events: Option<Events>,
@@ -79,6 +80,15 @@ impl DirWatcher {
             unreadable: false,
             pending_since: None,
             events: watch_events(dir),
+        }
+    }
+
+    /// Without inotify: the poll alone.
+    #[cfg(test)]
+    fn polling(dir: &Path) -> Self {
+        Self {
+            events: None,
+            ..Self::new(dir)
         }
     }
 
@@ -178,5 +188,48 @@ fn watch_events(dir: &Path) -> Option<Events> {
             warn!(dir = %dir.display(), error = %e, "no inotify watch of the manifest directory; polling");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// Edits every 60 ms never let the directory settle for [`SETTLE`]; the
+    /// cap still has it read, again and again (on tokio's paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn sustained_edits_are_read_within_the_cap() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("a.yaml");
+        fs::write(&path, "#").unwrap();
+        let mut w = DirWatcher::polling(dir.path());
+        assert!(w.changed().await, "the first look reads");
+        let writer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(60));
+            loop {
+                tick.tick().await;
+                let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+                f.write_all(b"#").unwrap();
+            }
+        });
+        let run = Duration::from_secs(3);
+        let start = Instant::now();
+        let mut reads = 0u32;
+        while start.elapsed() < run {
+            w.wait().await;
+            if w.changed().await {
+                reads += 1;
+            }
+        }
+        writer.abort();
+        // Each read waits at most a poll, the cap and one settle.
+        let period = POLL_INTERVAL + MAX_SETTLE + SETTLE;
+        let expected = (run.as_millis() / period.as_millis()) as u32 - 1;
+        assert!(
+            reads >= expected,
+            "{reads} reads in {run:?}, expected at least {expected}"
+        );
     }
 }

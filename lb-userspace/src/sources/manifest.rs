@@ -396,10 +396,11 @@ struct Fed {
     build_diags: Vec<Diagnostic>,
 }
 
-/// One change for the index.
+/// One change for the index. Shared with the cache: a cold start's delta
+/// is every object, and copying them all at once would double the peak.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change<T> {
-    Apply(T),
+    Apply(Arc<T>),
     Delete { namespace: String, name: String },
 }
 
@@ -538,7 +539,7 @@ impl DirCache {
                 }
                 let old = fed.slices.insert(key, slice.clone());
                 if old.is_none_or(|old| *old != **slice) {
-                    delta.slices.push(Change::Apply(SliceInfo::clone(slice)));
+                    delta.slices.push(Change::Apply(slice.clone()));
                 }
             }
         }
@@ -687,17 +688,14 @@ fn refresh_all(
 }
 
 /// The changes that turn `old` into `new`, in key order.
-fn diff<T: PartialEq + Clone>(
-    old: &HashMap<Key, Arc<T>>,
-    new: &HashMap<Key, Arc<T>>,
-) -> Vec<Change<T>> {
+fn diff<T: PartialEq>(old: &HashMap<Key, Arc<T>>, new: &HashMap<Key, Arc<T>>) -> Vec<Change<T>> {
     let mut changes: Vec<(&Key, Change<T>)> = Vec::new();
     for (key, obj) in new {
         if old
             .get(key)
             .is_none_or(|o| !Arc::ptr_eq(o, obj) && **o != **obj)
         {
-            changes.push((key, Change::Apply(T::clone(obj))));
+            changes.push((key, Change::Apply(obj.clone())));
         }
     }
     for key in old.keys() {
@@ -728,7 +726,7 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
             let mut changed = false;
             for change in services {
                 changed |= match change {
-                    Change::Apply(s) => index.apply(s),
+                    Change::Apply(s) => index.apply(Arc::unwrap_or_clone(s)),
                     Change::Delete { namespace, name } => {
                         IndexNamespaced::<ServiceInfo>::delete(index, &namespace, &name)
                     }
@@ -736,7 +734,7 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
             }
             for change in slices {
                 changed |= match change {
-                    Change::Apply(s) => index.apply(s),
+                    Change::Apply(s) => index.apply(Arc::unwrap_or_clone(s)),
                     Change::Delete { namespace, name } => {
                         IndexNamespaced::<SliceInfo>::delete(index, &namespace, &name)
                     }

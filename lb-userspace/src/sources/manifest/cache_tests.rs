@@ -79,7 +79,7 @@ impl Fed {
             for c in changes {
                 match c {
                     Change::Apply(o) => {
-                        into.insert(key(o), o.clone());
+                        into.insert(key(o), T::clone(o));
                     }
                     Change::Delete { namespace, name } => {
                         into.remove(&(namespace.clone(), name.clone()));
