@@ -369,9 +369,9 @@ fn multi_port_service_with_named_target_port_and_connected_udp() {
 #[test]
 fn a_full_map_is_an_error_and_a_counter_and_other_services_keep_working() {
     let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    // back-end needs 4 service entries (master + 3 slots); `big` needs 11.
-    // The reverse map is sized on its own flag.
-    lab.agent.extra_args = ["--max-services", "8", "--max-reverse", "512"]
+    // back-end needs 3 backend slots, `big` 10: the array has 8. The
+    // reverse map is sized on its own flag.
+    lab.agent.extra_args = ["--max-backends", "8", "--max-reverse", "512"]
         .map(String::from)
         .to_vec();
     let addresses: String = (21..31)
@@ -414,12 +414,12 @@ endpoints:
         .unwrap();
     assert_eq!(endpoints(&doc, "default", "back-end", 80).len(), 3);
     assert_eq!(doc["reverseMap"]["maxEntries"], 512, "{doc}");
-    // Never half-visible: big has no master entry, so the program does not
+    // Never half-visible: big has no service entry, so the program does not
     // know it (and a client gets ENETUNREACH, not a partial service).
     assert!(service_ip(&doc, "default", "big").is_none(), "{doc}");
     let log = lab.agent.log_text();
     assert!(
-        log.contains("default/big") && log.contains("--max-services"),
+        log.contains("default/big") && log.contains("--max-backends"),
         "{log}"
     );
     let ip = service_ip(&doc, "default", "back-end").unwrap();
@@ -452,16 +452,24 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     let (mut lab, ip) = lab_with_back_end([true; 3]);
     lab.agent.stop().unwrap();
     // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
-    // key (IPv4 address) and the IPv4-only reverse map; and the debug
-    // switch array of agents before it became a load-time global.
+    // key (IPv4 address) and the IPv4-only reverse map; the backend hash of
+    // agents before the backend array (same key and value sizes, another
+    // type); and the debug switch array of agents before it became a
+    // load-time global.
     let services = lab.agent.bpffs.join("LB_SERVICES");
+    let backends = lab.agent.bpffs.join("LB_BACKENDS");
     let legacy_reverse = lab.agent.bpffs.join("LB_REVERSE4");
     let legacy_config = lab.agent.bpffs.join("LB_CONFIG");
     std::fs::remove_file(&services).unwrap();
+    std::fs::remove_file(&backends).unwrap();
     for (pin, args) in [
         (
             &services,
             "type hash key 12 value 16 entries 1024 name LB_SERVICES flags 1",
+        ),
+        (
+            &backends,
+            "type hash key 4 value 20 entries 1024 name LB_BACKENDS flags 1",
         ),
         (
             &legacy_reverse,
@@ -491,7 +499,15 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(show["bytes_key"].as_u64(), Some(24), "{show}");
+    assert_eq!(show["bytes_key"].as_u64(), Some(20), "{show}");
+    let show: serde_json::Value = serde_json::from_str(
+        &run(Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&backends))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(show["type"].as_str(), Some("array"), "{show}");
     assert!(
         !legacy_reverse.exists(),
         "the IPv4-only reverse map is gone"
