@@ -78,9 +78,12 @@ fn subset(group: &[u8], rng: &mut u64) -> Vec<u8> {
 #[test]
 fn connects_racing_backend_changes_never_fail_nor_stray() {
     let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
-    // Room for both services' largest sets and two slots more: almost every
-    // change waits for a grace period and reuses a released range.
-    lab.agent.extra_args = vec!["--max-backends".into(), "8".into()];
+    // Both services' live ranges (up to 3 slots each) and a new 3-slot
+    // range in whatever holes they leave (two live ranges cut the rest in
+    // up to three holes: 3 x 2 + 1 slots guarantee one of 3): 13 slots.
+    // Every other change or so waits for a grace period and reuses a
+    // released range.
+    lab.agent.extra_args = vec!["--max-backends".into(), "13".into()];
     let (group_a, group_b) = ([21u8, 22, 23], [24u8, 25, 26]);
     lab.write_manifest("a.yaml", &service("a", CLUSTER_IP_A, &group_a))
         .unwrap();
