@@ -434,6 +434,10 @@ impl<D: Datapath> Reconciler<D> {
             None if self.ranges.has_released() => {
                 self.dp.grace()?;
                 self.ranges.reclaim();
+                tracing::debug!(
+                    slots = n,
+                    "grace period passed: released backend ranges reused"
+                );
                 self.ranges.allocate(n).ok_or_else(backends_full)?
             }
             None => return Err(backends_full()),

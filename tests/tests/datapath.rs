@@ -450,6 +450,13 @@ fn bpf_log_reports_each_translation_only_when_asked() {
 #[test]
 fn pins_of_an_older_layout_are_replaced_not_misread() {
     let (mut lab, ip) = lab_with_back_end([true; 3]);
+    // Connects all through the upgrade: the running programs keep their
+    // own maps while the pins are replaced, and stay attached until the
+    // new agent has filled the new maps.
+    let during = lab
+        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     lab.agent.stop().unwrap();
     // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
     // key (IPv4 address) and the IPv4-only reverse map; the backend hash of
@@ -515,6 +522,25 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     assert!(!legacy_config.exists(), "the debug switch array is gone");
     let log = lab.agent.log_text();
     assert!(log.contains("another layout"), "{log}");
+    let report = wait_client(during).unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+    let deadline = Instant::now() + SYNC;
+    while !lab
+        .agent
+        .log_text()
+        .contains("previous programs are detached")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent.log_text();
+    assert!(
+        log.contains("previous programs stay attached until the first complete sync")
+            && log.contains("previous programs are detached"),
+        "{log}"
+    );
+    assert!(!lab.agent.bpffs.join("link_connect4_new").exists());
     let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
     assert_eq!(report.ok(), 30, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");

@@ -569,7 +569,7 @@ pub fn swap_links(staged: &[(PathBuf, PathBuf)]) -> Result<(), LoadError> {
 /// misread. Returns whether any was replaced (the new maps are empty until
 /// the first complete sync).
 fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
-    let mut replaced = false;
+    let mut stale: Vec<&'static str> = Vec::new();
     for &(name, map_type, key_size, value_size) in MAP_LAYOUTS {
         let path = dir.join(name);
         let Ok(data) = MapData::from_pin(&path) else {
@@ -581,7 +581,6 @@ fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
         let pinned = (info.key_size() as usize, info.value_size() as usize);
         let same_type = info.map_type().is_ok_and(|t| t == map_type);
         if pinned != (key_size, value_size) || !same_type {
-            replaced = true;
             tracing::warn!(
                 map = name,
                 pinned_type = ?info.map_type().ok(),
@@ -591,13 +590,32 @@ fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
                 value = value_size,
                 "pinned map has another layout (an older agent's); replacing it, services are re-written from the sources"
             );
-            fs::remove_file(&path).map_err(|e| LoadError::Path {
-                path: path.clone(),
-                message: format!("removing incompatible pin: {e}"),
-            })?;
+            stale.push(name);
         }
     }
-    Ok(replaced)
+    // The service entries index into the backend array: one of them
+    // replaced, the other would point into (or be pointed at from) a map
+    // it was not written with.
+    if stale.contains(&maps::SERVICES) != stale.contains(&maps::BACKENDS) {
+        stale.push(if stale.contains(&maps::SERVICES) {
+            maps::BACKENDS
+        } else {
+            maps::SERVICES
+        });
+    }
+    for name in &stale {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(LoadError::Path {
+                    path,
+                    message: format!("removing incompatible pin: {e}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(!stale.is_empty())
 }
 
 /// Loads `program`, attaches it to the cgroup and pins its link at
