@@ -500,7 +500,12 @@ fn load_and_attach(
     sizes: MapSizes,
     bpf_log: bool,
 ) -> Result<Attached, LoadError> {
-    let replaced = drop_incompatible_pins(dir)?;
+    // A previous agent stopped before its deferred swap: its maps may not
+    // be filled yet, so the programs before it stay attached here too.
+    let unfinished = PROGRAMS
+        .iter()
+        .any(|(_, pin)| dir.join(format!("{pin}{STAGING_SUFFIX}")).exists());
+    let replaced = drop_incompatible_pins(dir)? || unfinished;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
@@ -543,7 +548,7 @@ fn load_and_attach(
         // The new maps are empty: the previous programs keep translating
         // from their own (now unpinned) maps until these are filled.
         tracing::info!(
-            "maps of another layout replaced: the previous programs stay attached until the first complete sync"
+            "new maps (an upgrade): the previous programs stay attached until the first complete sync"
         );
         return Ok((ebpf, link_pins, staged));
     }
