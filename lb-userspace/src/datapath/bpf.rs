@@ -764,12 +764,22 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
         .chain(LEGACY_MAPS.iter().copied())
         .map(str::to_owned);
     let mut removed = 0;
-    for name in links.chain(maps) {
-        match fs::remove_file(dir.join(&name)) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    let mut remove = |path: PathBuf| match fs::remove_file(path) {
+        Ok(()) => {
+            removed += 1;
+            Ok(())
         }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    for name in links {
+        let path = dir.join(&name);
+        // Detached now, not when the kernel gets round to freeing the pin.
+        let _ = sys::detach_pinned_link(&path);
+        remove(path)?;
+    }
+    for name in maps {
+        remove(dir.join(name))?;
     }
     Ok(removed)
 }

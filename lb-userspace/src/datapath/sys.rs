@@ -1,12 +1,19 @@
 //! The few bpf(2) commands aya 0.14 has no API for: batch update and batch
 //! lookup of an array, and an RCU grace period (an update of a map-in-map).
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -152,4 +159,22 @@ fn create_map(map_type: u32, max_entries: u32, inner: Option<i32>) -> io::Result
     let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the link pinned at `path` at once (`BPF_LINK_DETACH`).
+/// Removing the pin alone detaches only when the kernel frees the pin's
+/// inode, after an RCU grace period: a connect right after `uninstall`
+/// could still be translated.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = Attr::default();
+    // struct obj: pathname (u64), bpf_fd, file_flags.
+    attr.u64(0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = Attr::default();
+    // struct link_detach: link_fd.
+    attr.u32(0, link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
