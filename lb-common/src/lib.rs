@@ -68,14 +68,18 @@ pub const SOCK_DGRAM: u32 = 2;
 /// `max_entries` rounded up to a power of two), so the defaults are powers
 /// of two.
 ///
-/// Service-map entries: one per frontend plus one per backend slot, so
-/// 131,072 hold 11,915 one-port services of 10 endpoints (2 MiB of buckets).
-pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
-/// Distinct backends (address, port, protocol): 10,000 services of 10
-/// endpoints each of their own need 100,000.
+/// Frontends in `LB_SERVICES` (one per service port and ClusterIP family):
+/// 512 KiB of buckets on an empty node.
+pub const DEFAULT_MAX_SERVICES: u32 = 32_768;
+/// Slots of the backend array `LB_BACKENDS`: one per endpoint of each
+/// frontend, plus room for the new range of a frontend that is being
+/// changed (make-before-break). An array is preallocated: 131,072 slots of
+/// 24 B are 3 MiB, less than the two 2 MiB bucket arrays the slot and
+/// backend hashes it replaces cost an empty node, and they hold 10,000
+/// services of 10 endpoints with 31,072 slots to spare.
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Frontends (service ports) whose names `lb-agent list` shows: entries of
-/// `LB_SVC_META`, one per frontend (not per slot).
+/// `LB_SVC_META`, one per frontend.
 pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
 /// Entries of the LRU reverse map of unconnected UDP sockets: one per
 /// (socket, backend) sendmsg translated. LRU maps are preallocated: 256 Ki
@@ -87,13 +91,11 @@ pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 /// Not preallocated: 4 MiB of buckets on an empty node.
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 
-/// Backends one frontend can balance over: `slot` is 16 bits wide and slot 0
-/// is the master. The model caps a service's endpoints here (with a
-/// diagnostic) so no slot is ever written that the master cannot count.
+/// Backends one frontend can balance over (the master's count is 16 bits).
+/// The model caps a service's endpoints here (with a diagnostic).
 pub const MAX_SLOTS: u16 = u16::MAX;
 
-/// Key of the service map. `slot == 0` is the master entry of a frontend;
-/// slots `1..=count` point at backends.
+/// Key of the service map: one entry per frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -101,68 +103,53 @@ pub struct ServiceKey {
     pub addr: Addr,
     /// Frontend port, network byte order.
     pub port: u16,
-    /// 0 = master, 1..=count = backend slots.
-    pub slot: u16,
     /// IP protocol (`PROTO_TCP` / `PROTO_UDP`).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 
 impl ServiceKey {
-    pub const fn new(addr: Addr, port: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
         Self {
             addr,
             port,
-            slot,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
         }
     }
 }
 
-/// Value of the service map. The master entry uses `count` and `svc_id`;
-/// slot entries use `backend_id` (and carry `svc_id` for consistency checks).
+/// Value of the service map: where the frontend's backends are in the
+/// backend array. The agent never rewrites a range a master points at: a
+/// change writes a new range, then replaces this value (one atomic hash
+/// update), and reuses the old range only after an RCU grace period, so a
+/// reader that loaded this value finds `count` complete backends at `base`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Slot entries: the backend id (never 0). Master: 0.
-    pub backend_id: u32,
-    /// Master: number of active slots, at most [`MAX_SLOTS`]; 0 means
-    /// "refuse connects". As wide as [`ServiceKey::slot`], so a master can
-    /// never count a slot that cannot exist. It sits where a `u32` count
-    /// was: little-endian, a pin of that layout reads the same.
+    /// First slot of the frontend's range in `LB_BACKENDS`.
+    pub base: u32,
+    /// Backends in the range, at most [`MAX_SLOTS`]; 0 means "refuse connects".
     pub count: u16,
-    pub _pad: u16,
+    pub flags: u16,
     /// Service (frontend) id, stable across agent restarts.
     pub svc_id: u32,
-    pub flags: u32,
 }
 
 impl ServiceValue {
-    /// The master entry (slot 0) of frontend `svc_id` with `count` slots.
-    pub const fn master(count: u16, svc_id: u32) -> Self {
+    /// Frontend `svc_id` balancing over the `count` backends at `base`.
+    pub const fn new(base: u32, count: u16, svc_id: u32) -> Self {
         Self {
-            backend_id: 0,
+            base,
             count,
-            _pad: 0,
-            svc_id,
             flags: 0,
-        }
-    }
-
-    /// A slot entry of frontend `svc_id` naming `backend_id`.
-    pub const fn slot(backend_id: u32, svc_id: u32) -> Self {
-        Self {
-            backend_id,
-            count: 0,
-            _pad: 0,
             svc_id,
-            flags: 0,
         }
     }
 }
 
-/// A backend address. Key of the backend map is the backend id (u32, never 0).
+/// A backend address: one slot of the backend array `LB_BACKENDS`. A slot
+/// whose `proto` is 0 was never written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Backend {
@@ -272,7 +259,8 @@ pub mod stats {
     pub const TRANSLATED: u32 = 0;
     /// connect()s and unconnected datagrams refused because the service had no usable backend.
     pub const NO_BACKEND: u32 = 1;
-    /// A slot or backend was missing (concurrent update) and another slot was used.
+    /// A master pointed past the end of the backend array (never written
+    /// by the agent; the connect is refused).
     pub const SLOT_FALLBACK: u32 = 2;
     /// Map writes the agent could not make because a map was full.
     pub const MAP_FULL: u32 = 3;
@@ -315,15 +303,13 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(offset_of!(ServiceKey, port), 16);
-        assert_eq!(offset_of!(ServiceKey, slot), 18);
-        assert_eq!(offset_of!(ServiceKey, proto), 20);
-        assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(offset_of!(ServiceValue, backend_id), 0);
+        assert_eq!(offset_of!(ServiceKey, proto), 18);
+        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(offset_of!(ServiceValue, base), 0);
         assert_eq!(offset_of!(ServiceValue, count), 4);
         assert_eq!(offset_of!(ServiceValue, svc_id), 8);
-        assert_eq!(offset_of!(ServiceValue, flags), 12);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<ReverseKey>(), 32);
         assert_eq!(offset_of!(ReverseKey, addr), 8);
@@ -337,28 +323,6 @@ mod tests {
             size_of::<ServiceMeta>(),
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 20
         );
-    }
-
-    /// A master written with the old `u32` count reads the same count.
-    #[test]
-    fn old_u32_count_reads_the_same() {
-        let mut old = [0u8; 16];
-        old[4..8].copy_from_slice(&65_535u32.to_le_bytes());
-        old[8..12].copy_from_slice(&7u32.to_le_bytes());
-        let count = u16::from_le_bytes([old[4], old[5]]);
-        let pad = u16::from_le_bytes([old[6], old[7]]);
-        assert_eq!((count, pad), (MAX_SLOTS, 0));
-        let new = ServiceValue::master(MAX_SLOTS, 7);
-        let bytes: [u8; 16] = {
-            let mut b = [0u8; 16];
-            b[0..4].copy_from_slice(&new.backend_id.to_le_bytes());
-            b[4..6].copy_from_slice(&new.count.to_le_bytes());
-            b[6..8].copy_from_slice(&new._pad.to_le_bytes());
-            b[8..12].copy_from_slice(&new.svc_id.to_le_bytes());
-            b[12..16].copy_from_slice(&new.flags.to_le_bytes());
-            b
-        };
-        assert_eq!(bytes, old);
     }
 
     #[test]

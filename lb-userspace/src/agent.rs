@@ -88,7 +88,7 @@ pub async fn run_manifests(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
-    let (reconciler, _lock) = attach(&cfg.common)?;
+    let (reconciler, _lock) = attach(&cfg.common, &health)?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -197,9 +197,14 @@ fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health
 }
 
 /// Loads and attaches the programs, then re-adopts the pinned maps as they
-/// are: nothing is flushed, whatever the sources will say later.
+/// are: nothing is flushed, whatever the sources will say later. If maps
+/// were replaced (an upgrade), the new links are swapped in only after the
+/// first complete sync has filled them.
 /// The returned lock is the agent's claim on `bpffs`: hold it while running.
-fn attach(cfg: &CommonConfig) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
+fn attach(
+    cfg: &CommonConfig,
+    health: &Arc<Health>,
+) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
     let bpffs = &cfg.bpffs;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.to_owned(),
@@ -218,12 +223,27 @@ fn attach(cfg: &CommonConfig) -> Result<(Reconciler<BpfDatapath>, DirLock), Agen
         link = %install.link_pin.display(),
         "connect4 attached"
     );
+    if !install.deferred.is_empty() {
+        tokio::spawn(swap_links_when_synced(install.deferred, health.clone()));
+    }
     let reconciler = Reconciler::adopt(BpfDatapath::open(bpffs)?)?;
     let adopted = reconciler.installed().len();
     if adopted > 0 {
         info!(frontends = adopted, "re-adopted pinned state");
     }
     Ok((reconciler, install.lock))
+}
+
+/// Swaps the new links in (detaching the previous programs) once the first
+/// complete sync has filled the new maps.
+async fn swap_links_when_synced(staged: Vec<(PathBuf, PathBuf)>, health: Arc<Health>) {
+    while !health.synced() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match bpf::swap_links(&staged) {
+        Ok(()) => info!("first complete sync: the previous programs are detached"),
+        Err(e) => tracing::error!(error = %e, "swapping the new links in"),
+    }
 }
 
 /// `lb-agent run` against the API server: attaches, re-adopts the pinned
@@ -237,7 +257,7 @@ pub async fn run_kube(
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
-    let (reconciler, _lock) = attach(&cfg.common)?;
+    let (reconciler, _lock) = attach(&cfg.common, &health)?;
     let mut opts = cfg.common.translate.clone();
     let mut driver = driver(reconciler, opts.clone(), cfg.common.resync_period);
     let signals = Signals::new(driver.input().clone());

@@ -66,6 +66,11 @@ impl Health {
         }
     }
 
+    /// The first complete sync has happened (whatever failed in it).
+    pub fn synced(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && lock(&self.failing).is_empty()
     }

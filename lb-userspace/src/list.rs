@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 use serde::Serialize;
 
 use crate::{
-    datapath::{Snapshot, backend_addr, decode_meta, frontend_key, key_frontend},
+    datapath::{Snapshot, backend_addr, decode_meta, key_frontend},
     model::Proto,
 };
 
@@ -36,7 +36,7 @@ pub struct PortRow {
 /// Rows sorted by namespace and name.
 pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
     let mut by_service: BTreeMap<(String, String), ServiceRow> = BTreeMap::new();
-    for (key, master) in snap.services.iter().filter(|(k, _)| k.slot == 0) {
+    for (key, master) in &snap.services {
         let Some(fe) = key_frontend(key) else {
             continue;
         };
@@ -55,11 +55,10 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
                 "ClusterIP",
             ),
         };
-        let endpoints: Vec<String> = (1..=master.count)
-            .filter_map(|slot| {
-                let v = snap.services.get(&frontend_key(&fe, slot))?;
+        let endpoints: Vec<String> = (0..u32::from(master.count))
+            .filter_map(|i| {
                 snap.backends
-                    .get(&v.backend_id)
+                    .get(&master.base.checked_add(i)?)
                     .map(|b| backend_addr(b).to_string())
             })
             .collect();

@@ -1,30 +1,39 @@
 //! Diffs the desired state against what the maps hold and writes the
 //! difference in make-before-break order, so a concurrent connect() always
-//! finds a master whose slots and backends exist:
+//! finds a master whose backends are all there:
 //!
-//! 1. new backends; 2. changed slots 1..=n; 3. meta, then the master with the
-//!    new count; 4. trailing slots past the new count;
-//! 5. removed frontends: master first, then slots and meta;
-//! 6. entries no frontend reaches (see `adopt`), then backends no slot
-//!    references any more (always last).
+//! 1. a frontend whose backends change gets a **new** range of the backend
+//!    array, written in full (one batch) while no master reaches it;
+//! 2. meta, then the master (one atomic hash update) switches readers to it;
+//! 3. the old range is released, but reused only after an RCU grace period
+//!    ([`Datapath::grace`]): a program that read the old master may still
+//!    be reading the old range until then;
+//! 4. removed frontends: master first, then meta; their range as in 3;
+//! 5. entries no frontend reaches (see `adopt`), deleted by a pruning apply.
 //!
-//! IDs are re-adopted from the maps at start and handed out with
-//! wrap-around (never 0, never one in use), and a backend id is never
-//! repointed at another address while anything may still read it.
+//! A live range is never written in place: an array update is a plain
+//! copy, so a reader could see half of an address.
+//!
+//! Service ids are re-adopted from the maps at start and handed out with
+//! wrap-around (never 0, never one in use).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::SocketAddr,
 };
 
-use lb_common::{MAX_SLOTS, ServiceKey, ServiceValue};
+use lb_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue};
 
 use crate::{
     datapath::{
-        Datapath, DatapathError, backend_addr, decode_meta, encode_backend, encode_meta,
-        frontend_key, key_frontend,
+        Datapath, DatapathError, backend_addr, backends_full, decode_meta, encode_backend,
+        encode_meta, frontend_key, key_frontend,
     },
-    model::{DesiredService, DesiredState, Frontend, Proto, ServiceRef},
+    model::{DesiredService, DesiredState, Frontend, ServiceRef},
 };
+
+mod ranges;
+
+use ranges::Ranges;
 
 /// Whether frontends and backends absent from the desired state may be removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,16 +49,29 @@ pub enum Prune {
 pub struct Installed {
     pub svc_id: u32,
     pub service: ServiceRef,
-    /// Backend id per slot; `slots[0]` is slot 1. May be longer than `count`
-    /// after an adoption of a half-shrunk service.
+    /// The backend-array slots of its range, in order (`base..base + count`).
     pub slots: Vec<u32>,
-    /// The master's count (at most `MAX_SLOTS`).
+    /// The master's count (at most `MAX_SLOTS`): `slots.len()`.
     pub count: u16,
+    /// What the slots hold, in slot order (sorted by address).
+    pub backends: Vec<SocketAddr>,
     /// Meta and master are in the maps. False for a new frontend whose
     /// first write failed before its master, and from the moment a removal
     /// has deleted the master until it has finished (a failed removal
-    /// keeps the record, so the next apply resumes it).
+    /// keeps the record, so the next apply resumes it). An incomplete
+    /// frontend owns no range.
     pub complete: bool,
+}
+
+impl Installed {
+    /// First slot of its range (0 when it has none).
+    pub fn base(&self) -> u32 {
+        self.slots.first().copied().unwrap_or(0)
+    }
+
+    fn master(&self) -> ServiceValue {
+        ServiceValue::new(self.base(), self.count, self.svc_id)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,59 +107,63 @@ impl ApplyReport {
 pub struct Reconciler<D> {
     dp: D,
     installed: BTreeMap<Frontend, Installed>,
-    backend_ids: HashMap<(SocketAddr, Proto), u32>,
-    backends: HashMap<u32, (SocketAddr, Proto)>,
-    /// How many installed slots (active or not yet trimmed) name each backend.
-    refs: HashMap<u32, u32>,
-    /// Backends whose count dropped to zero (or never rose): the only
-    /// candidates for deletion, so a sync does not walk every slot.
-    unreferenced: BTreeSet<u32>,
-    /// Service-map entries of no installed frontend, with the backend id
-    /// each names (counted in `refs`): slots a crash left without their
-    /// master, slots past a gap, keys of unknown protocols. Unreachable, so
-    /// deleting them is always safe; the next pruning apply does.
-    strays: BTreeMap<ServiceKey, u32>,
+    /// Free and recently released ranges of the backend array.
+    ranges: Ranges,
+    /// Masters of no installed frontend (keys of a protocol this agent
+    /// never writes), with the range each reaches. Deleted by the next
+    /// pruning apply; their ranges are released then.
+    strays: BTreeMap<ServiceKey, (u32, u32)>,
     /// Meta entries of no installed frontend; their ids are not reused
     /// until they are deleted (with the strays).
     stray_meta: BTreeSet<u32>,
     /// Service ids of `installed`, so allocation skips them in O(1).
     svc_ids: HashSet<u32>,
     svc_id_alloc: IdAllocator,
-    backend_id_alloc: IdAllocator,
 }
 
 impl<D: Datapath> Reconciler<D> {
     /// Re-adopts whatever the maps already hold (a previous agent's state),
-    /// without changing anything. Entries no frontend can reach are noted
-    /// as strays and deleted by the first pruning apply.
+    /// without changing anything. Masters no frontend can own are noted as
+    /// strays and deleted by the first pruning apply. Space no master
+    /// reaches is reused only after a grace period: the previous agent may
+    /// have released it just before it stopped.
     pub fn adopt(dp: D) -> Result<Self, DatapathError> {
         let snap = dp.snapshot()?;
-        let mut backend_ids = HashMap::new();
-        let mut backends = HashMap::new();
-        // Entries of a protocol this agent never writes: deleted once
-        // nothing names them.
-        let mut foreign_backends = Vec::new();
-        for (&id, b) in &snap.backends {
-            let Some(proto) = Proto::from_number(b.proto) else {
-                foreign_backends.push(id);
-                continue;
-            };
-            let addr = backend_addr(b);
-            backend_ids.insert((addr, proto), id);
-            backends.insert(id, (addr, proto));
-        }
+        let capacity = dp.backend_capacity();
         let mut installed = BTreeMap::new();
-        for (key, value) in snap.services.iter().filter(|(k, _)| k.slot == 0) {
+        let mut strays = BTreeMap::new();
+        let mut used: Vec<(u32, u32)> = Vec::new();
+        for (key, value) in &snap.services {
+            let count = u32::from(value.count);
+            // A range past the array's end, or overlapping one already
+            // adopted, is not this agent's writing: the frontend is adopted
+            // without it, and the next apply gives it a range of its own.
+            let fits = count == 0
+                || (u64::from(value.base) + u64::from(count) <= u64::from(capacity)
+                    && !used
+                        .iter()
+                        .any(|&(b, c)| b < value.base + count && value.base < b + c));
+            if fits && count > 0 {
+                used.push((value.base, count));
+            }
             let Some(fe) = key_frontend(key) else {
+                strays.insert(*key, if fits { (value.base, count) } else { (0, 0) });
                 continue;
             };
-            let mut slots = Vec::new();
-            for slot in 1..=MAX_SLOTS {
-                match snap.services.get(&ServiceKey { slot, ..*key }) {
-                    Some(v) => slots.push(v.backend_id),
-                    None => break,
-                }
-            }
+            let (slots, backends) = if fits {
+                let slots: Vec<u32> = (value.base..value.base + count).collect();
+                let backends = slots
+                    .iter()
+                    .map(|i| {
+                        snap.backends
+                            .get(i)
+                            .map_or_else(unset_backend, backend_addr)
+                    })
+                    .collect();
+                (slots, backends)
+            } else {
+                (Vec::new(), Vec::new())
+            };
             let service = snap
                 .meta
                 .get(&value.svc_id)
@@ -147,24 +173,13 @@ impl<D: Datapath> Reconciler<D> {
                 Installed {
                     svc_id: value.svc_id,
                     service,
+                    count: slots.len() as u16,
                     slots,
-                    count: value.count,
+                    backends,
                     complete: true,
                 },
             );
         }
-        let strays: BTreeMap<ServiceKey, u32> = snap
-            .services
-            .iter()
-            .filter(|(key, _)| {
-                !key_frontend(key)
-                    .and_then(|fe| installed.get(&fe))
-                    .is_some_and(|inst: &Installed| {
-                        key.slot == 0 || usize::from(key.slot) <= inst.slots.len()
-                    })
-            })
-            .map(|(key, value)| (*key, value.backend_id))
-            .collect();
         let svc_ids: HashSet<u32> = installed.values().map(|i| i.svc_id).collect();
         let stray_meta: BTreeSet<u32> = snap
             .meta
@@ -178,51 +193,22 @@ impl<D: Datapath> Reconciler<D> {
             .max()
             .copied()
             .unwrap_or(0);
-        let mut refs: HashMap<u32, u32> = HashMap::new();
-        let named = installed
-            .values()
-            .flat_map(|i| i.slots.iter())
-            .chain(strays.values().filter(|&&id| id != 0));
-        for id in named {
-            *refs.entry(*id).or_default() += 1;
-        }
-        // New ids start past every id in use, also ids a slot names without
-        // a backend entry (those are never reused: a slot would point at
-        // another pod).
-        let max_backend_id = snap
-            .backends
-            .keys()
-            .chain(refs.keys())
-            .max()
-            .copied()
-            .unwrap_or(0);
-        let unreferenced = backends
-            .keys()
-            .chain(&foreign_backends)
-            .filter(|id| !refs.contains_key(id))
-            .copied()
-            .collect();
         Ok(Self {
             dp,
             installed,
-            backend_ids,
-            backends,
-            refs,
-            unreferenced,
+            ranges: Ranges::adopted(capacity, &used),
             strays,
             stray_meta,
             svc_ids,
             svc_id_alloc: IdAllocator::after(max_svc_id),
-            backend_id_alloc: IdAllocator::after(max_backend_id),
         })
     }
 
-    /// Caps both id ranges at `max`, so tests can exhaust them.
+    /// Caps the service id range at `max`, so tests can exhaust it.
     #[cfg(test)]
     fn limit_ids(&mut self, max: u32) {
-        let clamp = |a: &IdAllocator| IdAllocator::after_up_to(a.next.saturating_sub(1), max);
-        self.svc_id_alloc = clamp(&self.svc_id_alloc);
-        self.backend_id_alloc = clamp(&self.backend_id_alloc);
+        let a = &self.svc_id_alloc;
+        self.svc_id_alloc = IdAllocator::after_up_to(a.next.saturating_sub(1), max);
     }
 
     pub fn installed(&self) -> &BTreeMap<Frontend, Installed> {
@@ -321,25 +307,19 @@ impl<D: Datapath> Reconciler<D> {
 
     /// The maps already hold exactly `want` for `fe`: nothing to write, in
     /// either prune mode. Lets a sync that touches one service out of
-    /// thousands skip the rest without allocating.
+    /// thousands skip the rest without allocating (desired backends come
+    /// sorted from the model).
     fn up_to_date(&self, fe: &Frontend, want: &DesiredService) -> bool {
-        /// Past this, the quadratic membership check costs more than the
-        /// full path it would save.
-        const MAX_CHECKED: usize = 64;
         let Some(inst) = self.installed.get(fe) else {
             return false;
         };
-        let active = &inst.slots[..(inst.count as usize).min(inst.slots.len())];
         inst.complete
-            && inst.slots.len() == active.len()
-            && active.len() == want.backends.len()
-            && want.backends.len() <= MAX_CHECKED
             && inst.service == want.service
-            && want.backends.iter().all(|addr| {
-                self.backend_ids
-                    .get(&(*addr, fe.proto))
-                    .is_some_and(|id| active.contains(id))
-            })
+            && if want.backends.is_sorted_by(|a, b| a < b) {
+                inst.backends == want.backends
+            } else {
+                inst.backends == sorted(want.backends.iter().copied())
+            }
     }
 
     fn apply_frontend(
@@ -349,33 +329,19 @@ impl<D: Datapath> Reconciler<D> {
         prune: Prune,
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
-        // Refused whole, before anything is written: a master cannot count
-        // past MAX_SLOTS, so the rest would be written and never reachable.
+        // Refused whole, before anything is written.
         check_slots(want.backends.len())?;
-        // 1. Backends first: ids for every desired address, writing new ones.
-        let mut wanted_ids = Vec::with_capacity(want.backends.len());
-        for &addr in &want.backends {
-            wanted_ids.push(self.backend_id(addr, fe.proto, report)?);
-        }
-        let old = self.installed.get(fe).cloned();
-        let old_active: &[u32] = old
-            .as_ref()
-            .map_or(&[], |o| &o.slots[..(o.count as usize).min(o.slots.len())]);
-        if prune == Prune::No {
+        let old = self.installed.get(fe);
+        let wanted = match (prune, old) {
             // Never shrink before the sources are complete: keep what is there.
-            // (A set: a linear `contains` per slot is quadratic in big services.)
-            let mut seen: HashSet<u32> = wanted_ids.iter().copied().collect();
-            for &id in old_active {
-                if seen.insert(id) {
-                    wanted_ids.push(id);
-                }
+            (Prune::No, Some(o)) if o.complete => {
+                sorted(want.backends.iter().chain(&o.backends).copied())
             }
-        }
-        // Kept ones on top of the wanted ones may overflow too (the new
-        // backends are unreferenced and go with the next pruning apply).
-        check_slots(wanted_ids.len())?;
-        let layout = slot_layout(old_active, &wanted_ids);
-        let svc_id = match &old {
+            _ => sorted(want.backends.iter().copied()),
+        };
+        // Kept ones on top of the wanted ones may overflow too.
+        check_slots(wanted.len())?;
+        let svc_id = match old {
             Some(o) => o.svc_id,
             None => {
                 let (svc_ids, stray_meta) = (&self.svc_ids, &self.stray_meta);
@@ -389,113 +355,133 @@ impl<D: Datapath> Reconciler<D> {
                 id
             }
         };
-        let mut inst = old.clone().unwrap_or(Installed {
+        let mut inst = old.cloned().unwrap_or(Installed {
             svc_id,
             service: want.service.clone(),
             slots: Vec::new(),
             count: 0,
+            backends: Vec::new(),
             complete: false,
         });
-        let result = self.write_slots_and_master(fe, want, &layout, &mut inst, report);
-        // Record what was written even on failure: the count in the map still
-        // covers only valid slots, and the next apply resumes from here.
+        let result = self.write_frontend(fe, want, wanted, &mut inst, report);
+        // Record what was written even on failure: the next apply resumes.
         self.installed.insert(*fe, inst);
-        result?;
-        // 4. Trailing slots, now unreachable.
-        self.trim_slots(fe, layout.len(), report)
+        result
     }
 
-    /// Steps 2 and 3 for one frontend, keeping `inst` equal to the maps.
-    fn write_slots_and_master(
+    /// A new range, meta, then the master; the old range is released.
+    /// Keeps `inst` equal to the maps.
+    fn write_frontend(
         &mut self,
         fe: &Frontend,
         want: &DesiredService,
-        layout: &[u32],
+        wanted: Vec<SocketAddr>,
         inst: &mut Installed,
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
-        let svc_id = inst.svc_id;
-        // 2. Slots 1..=n, only where they differ. Past the old count they are
-        // invisible until the master grows.
-        for (i, &id) in layout.iter().enumerate() {
-            if inst.slots.get(i) == Some(&id) {
-                continue;
-            }
-            let key = frontend_key(fe, slot_number(i)?);
-            self.dp.put_service(&key, &ServiceValue::slot(id, svc_id))?;
-            report.writes += 1;
-            // A stray under this key is overwritten: it no longer names its backend.
-            if !self.strays.is_empty()
-                && let Some(old) = self.strays.remove(&key)
-            {
-                release(&mut self.refs, &mut self.unreferenced, old);
-            }
-            if i < inst.slots.len() {
-                let old = std::mem::replace(&mut inst.slots[i], id);
-                release(&mut self.refs, &mut self.unreferenced, old);
-            } else {
-                inst.slots.push(id);
-            }
-            *self.refs.entry(id).or_default() += 1;
-            self.unreferenced.remove(&id);
-        }
-        // 3. Meta, then the master: the count switches readers to the new slots.
+        let same_backends = inst.complete && inst.backends == wanted;
+        let range = if same_backends {
+            None
+        } else {
+            let encoded: Vec<Backend> = wanted
+                .iter()
+                .map(|addr| encode_backend(*addr, fe.proto))
+                .collect();
+            let base = self.write_range(&encoded)?;
+            report.writes += encoded.len();
+            Some((base, wanted))
+        };
         if !inst.complete || inst.service != want.service {
-            self.dp.put_meta(svc_id, &encode_meta(fe, &want.service))?;
+            if let Err(e) = self
+                .dp
+                .put_meta(inst.svc_id, &encode_meta(fe, &want.service))
+            {
+                self.unwrite_range(range.as_ref());
+                return Err(e);
+            }
             inst.service = want.service.clone();
             report.writes += 1;
         }
-        let count = check_slots(layout.len())?;
-        if !inst.complete || inst.count != count {
-            let master = ServiceValue::master(count, svc_id);
-            self.dp.put_service(&frontend_key(fe, 0), &master)?;
-            inst.count = count;
-            inst.complete = true;
-            report.writes += 1;
-        }
-        Ok(())
-    }
-
-    fn trim_slots(
-        &mut self,
-        fe: &Frontend,
-        keep: usize,
-        report: &mut ApplyReport,
-    ) -> Result<(), DatapathError> {
-        let Some(inst) = self.installed.get_mut(fe) else {
+        let Some((base, wanted)) = range else {
             return Ok(());
         };
-        while inst.slots.len() > keep {
-            let slot = slot_number(inst.slots.len() - 1)?;
-            self.dp.delete_service(&frontend_key(fe, slot))?;
-            if let Some(id) = inst.slots.pop() {
-                release(&mut self.refs, &mut self.unreferenced, id);
-            }
-            report.deletes += 1;
+        let count = check_slots(wanted.len())?;
+        let master = ServiceValue::new(base, count, inst.svc_id);
+        if let Err(e) = self.dp.put_service(&frontend_key(fe), &master) {
+            self.unwrite_range(Some(&(base, wanted)));
+            return Err(e);
         }
+        report.writes += 1;
+        if inst.complete {
+            self.ranges.release(inst.base(), u32::from(inst.count));
+        }
+        inst.slots = (base..base + u32::from(count)).collect();
+        inst.count = count;
+        inst.backends = wanted;
+        inst.complete = true;
         Ok(())
     }
 
-    /// Master, then slots, then meta. The record goes only once all of them
-    /// are gone: after a failed step the frontend is still installed (and
-    /// incomplete), so the next apply that finds it gone resumes the removal.
+    /// Writes `backends` to a fresh range (one batch); returns its base.
+    /// Waits for a grace period first if only released space would fit.
+    fn write_range(&mut self, backends: &[Backend]) -> Result<u32, DatapathError> {
+        let n = backends.len() as u32;
+        if n == 0 {
+            return Ok(0);
+        }
+        let base = match self.ranges.allocate(n) {
+            Some(base) => base,
+            None if self.ranges.has_released() => {
+                self.dp.grace()?;
+                self.ranges.reclaim();
+                tracing::debug!(
+                    slots = n,
+                    "grace period passed: released backend ranges reused"
+                );
+                self.ranges.allocate(n).ok_or_else(backends_full)?
+            }
+            None => return Err(backends_full()),
+        };
+        if let Err(e) = self.dp.put_backends(base, backends) {
+            // No master reaches it: free at once.
+            self.ranges.free(base, n);
+            return Err(e);
+        }
+        Ok(base)
+    }
+
+    /// A range written for a master that was then not written: no reader
+    /// can have seen it.
+    fn unwrite_range(&mut self, range: Option<&(u32, Vec<SocketAddr>)>) {
+        if let Some((base, backends)) = range {
+            self.ranges.free(*base, backends.len() as u32);
+        }
+    }
+
+    /// Master, then meta. The record goes only once both are gone: after a
+    /// failed step the frontend is still installed (and incomplete), so the
+    /// next apply that finds it gone resumes the removal.
     fn remove_frontend(
         &mut self,
         fe: &Frontend,
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
         // Master first: new connects stop matching before anything they read goes.
-        self.dp.delete_service(&frontend_key(fe, 0))?;
+        self.dp.delete_service(&frontend_key(fe))?;
         report.deletes += 1;
         let Some(inst) = self.installed.get_mut(fe) else {
             return Ok(());
         };
+        if inst.complete {
+            self.ranges.release(inst.base(), u32::from(inst.count));
+        }
         // No master any more: if a later step fails and the frontend
         // comes back, its master must be written again.
+        inst.slots.clear();
         inst.count = 0;
+        inst.backends.clear();
         inst.complete = false;
         let svc_id = inst.svc_id;
-        self.trim_slots(fe, 0, report)?;
         self.dp.delete_meta(svc_id)?;
         report.deletes += 1;
         self.installed.remove(fe);
@@ -503,40 +489,16 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
-    fn backend_id(
-        &mut self,
-        addr: SocketAddr,
-        proto: Proto,
-        report: &mut ApplyReport,
-    ) -> Result<u32, DatapathError> {
-        if let Some(&id) = self.backend_ids.get(&(addr, proto)) {
-            return Ok(id);
-        }
-        let (backends, refs) = (&self.backends, &self.refs);
-        let id = self
-            .backend_id_alloc
-            .allocate(backends.len() + refs.len(), |id| {
-                backends.contains_key(&id) || refs.contains_key(&id)
-            })
-            .ok_or(DatapathError::IdsExhausted { kind: "backend" })?;
-        self.dp.put_backend(id, &encode_backend(addr, proto))?;
-        self.backend_ids.insert((addr, proto), id);
-        self.backends.insert(id, (addr, proto));
-        // Until a slot names it: a failed apply must not leak it.
-        self.unreferenced.insert(id);
-        report.writes += 1;
-        Ok(id)
-    }
-
-    /// Strays, then stray meta, then backends nothing names any more.
+    /// Stray masters, then stray meta.
     fn delete_orphans(&mut self, report: &mut ApplyReport) {
-        let strays: Vec<(ServiceKey, u32)> = self.strays.iter().map(|(k, id)| (*k, *id)).collect();
-        for (key, id) in strays {
+        let strays: Vec<(ServiceKey, (u32, u32))> =
+            self.strays.iter().map(|(k, r)| (*k, *r)).collect();
+        for (key, (base, count)) in strays {
             match self.dp.delete_service(&key) {
                 Ok(()) => {
                     report.deletes += 1;
                     self.strays.remove(&key);
-                    release(&mut self.refs, &mut self.unreferenced, id);
+                    self.ranges.release(base, count);
                 }
                 Err(e) => report.other_errors.push(e),
             }
@@ -551,25 +513,20 @@ impl<D: Datapath> Reconciler<D> {
                 Err(e) => report.other_errors.push(e),
             }
         }
-        let candidates = std::mem::take(&mut self.unreferenced);
-        for id in candidates {
-            if self.refs.contains_key(&id) {
-                continue;
-            }
-            match self.dp.delete_backend(id) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    if let Some(key) = self.backends.remove(&id) {
-                        self.backend_ids.remove(&key);
-                    }
-                }
-                Err(e) => {
-                    self.unreferenced.insert(id);
-                    report.other_errors.push(e);
-                }
-            }
-        }
     }
+}
+
+/// Deduplicated, in slot order.
+fn sorted(addrs: impl Iterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = addrs.collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// What an adopted slot that was never written reads as.
+fn unset_backend() -> SocketAddr {
+    SocketAddr::from(([0u8; 16], 0))
 }
 
 /// The name of a frontend whose meta entry is missing.
@@ -633,41 +590,6 @@ fn check_slots(n: usize) -> Result<u16, DatapathError> {
             max: MAX_SLOTS,
         }),
     }
-}
-
-/// The slot number of `slots[i]`.
-fn slot_number(i: usize) -> Result<u16, DatapathError> {
-    check_slots(i + 1)
-}
-
-/// One slot stopped naming `id`.
-fn release(refs: &mut HashMap<u32, u32>, unreferenced: &mut BTreeSet<u32>, id: u32) {
-    if let Some(n) = refs.get_mut(&id) {
-        *n -= 1;
-        if *n == 0 {
-            refs.remove(&id);
-            unreferenced.insert(id);
-        }
-    }
-}
-
-/// New slot contents: backends that stay keep their slot, so a change
-/// rewrites only the slots that really change.
-fn slot_layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
-    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
-    let mut layout: Vec<Option<u32>> = old
-        .iter()
-        .take(wanted.len())
-        .map(|id| wanted_set.contains(id).then_some(*id))
-        .collect();
-    let placed: BTreeSet<u32> = layout.iter().flatten().copied().collect();
-    let mut pending = wanted.iter().filter(|id| !placed.contains(id)).copied();
-    for hole in layout.iter_mut().filter(|s| s.is_none()) {
-        *hole = pending.next();
-    }
-    let mut out: Vec<u32> = layout.into_iter().flatten().collect();
-    out.extend(pending);
-    out
 }
 
 #[cfg(test)]

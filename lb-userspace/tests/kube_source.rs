@@ -292,7 +292,7 @@ async fn follows_the_api_server_through_relists_and_severed_watches() {
             .reconciler()
             .datapath()
             .state
-            .backends
+            .services
             .is_empty()
     );
 }

@@ -132,10 +132,10 @@ fn a_newcomer_never_takes_a_running_services_traffic() {
 #[test]
 fn waiting_services_get_in_when_room_is_freed() {
     let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
-    // Four entries per service (a master and three slots): room for five.
+    // One entry per service (a frontend): room for five.
     lab.agent
         .extra_args
-        .extend(["--max-services".to_owned(), "20".to_owned()]);
+        .extend(["--max-services".to_owned(), "5".to_owned()]);
     let svc = |i: u8| {
         back_end()
             .replace("name: back-end\n", &format!("name: svc-{i}\n"))
@@ -196,15 +196,14 @@ fn waiting_services_get_in_when_room_is_freed() {
     }
 }
 
-/// `LB_SERVICES` key of a frontend's master entry, as bpftool hex bytes:
-/// the v4-mapped address, the port in network order, slot 0, TCP.
+/// `LB_SERVICES` key of a frontend, as bpftool hex bytes: the v4-mapped
+/// address, the port in network order, TCP, padding.
 fn master_key(ip: Ipv4Addr, port: u16) -> Vec<String> {
     let mut key = vec![0u8; 10];
     key.extend([0xff, 0xff]);
     key.extend(ip.octets());
     key.extend(port.to_be_bytes());
-    key.extend(0u16.to_ne_bytes());
-    key.extend([6, 0, 0, 0]);
+    key.extend([6, 0]);
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -369,9 +369,9 @@ fn multi_port_service_with_named_target_port_and_connected_udp() {
 #[test]
 fn a_full_map_is_an_error_and_a_counter_and_other_services_keep_working() {
     let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    // back-end needs 4 service entries (master + 3 slots); `big` needs 11.
-    // The reverse map is sized on its own flag.
-    lab.agent.extra_args = ["--max-services", "8", "--max-reverse", "512"]
+    // back-end needs 3 backend slots, `big` 10: the array has 8. The
+    // reverse map is sized on its own flag.
+    lab.agent.extra_args = ["--max-backends", "8", "--max-reverse", "512"]
         .map(String::from)
         .to_vec();
     let addresses: String = (21..31)
@@ -414,12 +414,12 @@ endpoints:
         .unwrap();
     assert_eq!(endpoints(&doc, "default", "back-end", 80).len(), 3);
     assert_eq!(doc["reverseMap"]["maxEntries"], 512, "{doc}");
-    // Never half-visible: big has no master entry, so the program does not
+    // Never half-visible: big has no service entry, so the program does not
     // know it (and a client gets ENETUNREACH, not a partial service).
     assert!(service_ip(&doc, "default", "big").is_none(), "{doc}");
     let log = lab.agent.log_text();
     assert!(
-        log.contains("default/big") && log.contains("--max-services"),
+        log.contains("default/big") && log.contains("--max-backends"),
         "{log}"
     );
     let ip = service_ip(&doc, "default", "back-end").unwrap();
@@ -450,18 +450,33 @@ fn bpf_log_reports_each_translation_only_when_asked() {
 #[test]
 fn pins_of_an_older_layout_are_replaced_not_misread() {
     let (mut lab, ip) = lab_with_back_end([true; 3]);
+    // Connects all through the upgrade: the running programs keep their
+    // own maps while the pins are replaced, and stay attached until the
+    // new agent has filled the new maps.
+    let during = lab
+        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     lab.agent.stop().unwrap();
     // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
-    // key (IPv4 address) and the IPv4-only reverse map; and the debug
-    // switch array of agents before it became a load-time global.
+    // key (IPv4 address) and the IPv4-only reverse map; the backend hash of
+    // agents before the backend array (same key and value sizes, another
+    // type); and the debug switch array of agents before it became a
+    // load-time global.
     let services = lab.agent.bpffs.join("LB_SERVICES");
+    let backends = lab.agent.bpffs.join("LB_BACKENDS");
     let legacy_reverse = lab.agent.bpffs.join("LB_REVERSE4");
     let legacy_config = lab.agent.bpffs.join("LB_CONFIG");
     std::fs::remove_file(&services).unwrap();
+    std::fs::remove_file(&backends).unwrap();
     for (pin, args) in [
         (
             &services,
             "type hash key 12 value 16 entries 1024 name LB_SERVICES flags 1",
+        ),
+        (
+            &backends,
+            "type hash key 4 value 20 entries 1024 name LB_BACKENDS flags 1",
         ),
         (
             &legacy_reverse,
@@ -491,7 +506,15 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(show["bytes_key"].as_u64(), Some(24), "{show}");
+    assert_eq!(show["bytes_key"].as_u64(), Some(20), "{show}");
+    let show: serde_json::Value = serde_json::from_str(
+        &run(Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&backends))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(show["type"].as_str(), Some("array"), "{show}");
     assert!(
         !legacy_reverse.exists(),
         "the IPv4-only reverse map is gone"
@@ -499,6 +522,25 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     assert!(!legacy_config.exists(), "the debug switch array is gone");
     let log = lab.agent.log_text();
     assert!(log.contains("another layout"), "{log}");
+    let report = wait_client(during).unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+    let deadline = Instant::now() + SYNC;
+    while !lab
+        .agent
+        .log_text()
+        .contains("previous programs are detached")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent.log_text();
+    assert!(
+        log.contains("previous programs stay attached until the first complete sync")
+            && log.contains("previous programs are detached"),
+        "{log}"
+    );
+    assert!(!lab.agent.bpffs.join("link_connect4_new").exists());
     let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
     assert_eq!(report.ok(), 30, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");

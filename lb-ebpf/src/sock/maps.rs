@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
@@ -12,14 +12,18 @@ use lb_common::{
     ServiceValue, SockReverse, stats,
 };
 
-/// Master and slot entries of every frontend. NO_PREALLOC: updates swap in a
-/// fresh element under RCU, so a concurrent reader never sees a recycled one.
+/// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
+/// an update swaps in a fresh element under RCU, so a concurrent reader sees
+/// the old value or the new one, never a mix.
 #[map(name = "LB_SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
+/// Every frontend's backends, each frontend a contiguous range. An array:
+/// the verifier inlines its lookup (a bounds check and an address
+/// computation, no hashing), and a slot costs 24 B.
 #[map(name = "LB_BACKENDS")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 /// Read only by the agent (names for `lb-agent list` and ID re-adoption); it
 /// lives here so it is created and pinned with the maps it describes. One
@@ -61,9 +65,10 @@ pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
     Some(unsafe { *ptr })
 }
 
+/// The backend in slot `index` of the backend array.
 #[inline(always)]
-pub fn backend(id: u32) -> Option<Backend> {
-    let ptr = BACKENDS.get_ptr(id)?;
+pub fn backend(index: u32) -> Option<Backend> {
+    let ptr = BACKENDS.get_ptr(index)?;
     // SAFETY: as above.
     Some(unsafe { *ptr })
 }

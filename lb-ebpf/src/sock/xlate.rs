@@ -112,7 +112,7 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     let addr = read_addr::<V6>(sa);
     let port = sa.user_port as u16;
-    let Some(master) = maps::service(&ServiceKey::new(addr, port, proto, 0)) else {
+    let Some(master) = maps::service(&ServiceKey::new(addr, port, proto)) else {
         return Verdict::Pass;
     };
     if master.count == 0 {
@@ -125,9 +125,10 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count),
         Hook::Sendmsg => (cookie % u64::from(master.count)) as u32,
     };
-    // pick < count <= MAX_SLOTS: slot pick + 1 fits a u16.
-    let Some(backend) = pick_backend(addr, port, proto, pick as u16 + 1) else {
-        bump(stats::NO_BACKEND);
+    // The range is complete for as long as this program runs (the agent
+    // reuses a range only after an RCU grace period), so one lookup.
+    let Some(backend) = maps::backend(master.base.wrapping_add(pick)) else {
+        bump(stats::SLOT_FALLBACK);
         return Verdict::Refuse;
     };
     if !write_addr::<V6>(sa, &backend.addr, backend.port) {
@@ -255,7 +256,7 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
             None => return,
         },
     };
-    let live = maps::service(&ServiceKey::new(front.addr, front.port, proto, 0))
+    let live = maps::service(&ServiceKey::new(front.addr, front.port, proto))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
         if connected {
@@ -283,25 +284,4 @@ pub fn release(ctx: &SockContext) {
         return;
     }
     maps::forget_sock(socket_cookie(ctx));
-}
-
-/// The chosen slot, or — if a concurrent shrink removed it or its backend —
-/// slot 1, which exists whenever the count is non-zero in a make-before-break
-/// update sequence.
-#[inline(always)]
-fn pick_backend(addr: Addr, port: u16, proto: u8, slot: u16) -> Option<Backend> {
-    if let Some(b) = slot_backend(addr, port, proto, slot) {
-        return Some(b);
-    }
-    bump(stats::SLOT_FALLBACK);
-    if slot != 1 {
-        return slot_backend(addr, port, proto, 1);
-    }
-    None
-}
-
-#[inline(always)]
-fn slot_backend(addr: Addr, port: u16, proto: u8, slot: u16) -> Option<Backend> {
-    let entry = maps::service(&ServiceKey::new(addr, port, proto, slot))?;
-    maps::backend(entry.backend_id)
 }

@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::ErrorKind,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -15,7 +16,7 @@ use nix::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, MapData, MapError, MapType, PerCpuArray, PerCpuValues},
     programs::{
         CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
@@ -27,7 +28,7 @@ use lb_common::{
     SockReverse, maps, stats,
 };
 
-use super::{Datapath, DatapathError, Result, Snapshot};
+use super::{Datapath, DatapathError, Result, Snapshot, backends_full, sys};
 
 /// The object with every socket-LB program, built by `build.rs`.
 static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sock"));
@@ -51,30 +52,44 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lb_connect4", LINK_PIN),
 ];
 
-/// Every map the object declares, with the key and value sizes this build
-/// expects. A pin of another layout (left by an older agent) is replaced on
-/// install rather than reused: the old programs keep their own reference to
-/// it until their links are swapped out.
-const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
+/// Every map the object declares, with the type, key and value sizes this
+/// build expects. A pin of another layout (left by an older agent) is
+/// replaced on install rather than reused: the old programs keep their own
+/// reference to it until their links are swapped out.
+const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
     (
         maps::SERVICES,
+        MapType::Hash,
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
     ),
-    (maps::BACKENDS, size_of::<u32>(), size_of::<Backend>()),
+    (
+        maps::BACKENDS,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<Backend>(),
+    ),
     (
         maps::SERVICE_META,
+        MapType::Hash,
         size_of::<u32>(),
         size_of::<ServiceMeta>(),
     ),
-    (maps::STATS, size_of::<u32>(), size_of::<u64>()),
+    (
+        maps::STATS,
+        MapType::PerCpuArray,
+        size_of::<u32>(),
+        size_of::<u64>(),
+    ),
     (
         maps::REVERSE,
+        MapType::LruHash,
         size_of::<ReverseKey>(),
         size_of::<ReverseValue>(),
     ),
     (
         maps::SOCK_REVERSE,
+        MapType::Hash,
         size_of::<u64>(),
         size_of::<SockReverse>(),
     ),
@@ -124,9 +139,10 @@ pub enum LoadError {
 /// Sizes of the maps created on first install (pinned maps keep theirs).
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
-    /// Entries of `LB_SERVICES`: one per frontend plus one per backend slot.
+    /// Entries of `LB_SERVICES`: one per frontend (service port and family).
     pub max_services: u32,
-    /// Entries of `LB_BACKENDS`: distinct backend address, port and protocol.
+    /// Slots of the `LB_BACKENDS` array: one per endpoint of each frontend,
+    /// plus room for the new range of a frontend being changed. Preallocated.
     pub max_backends: u32,
     /// Entries of `LB_SVC_META`: one per frontend (service port).
     pub max_frontends: u32,
@@ -285,7 +301,7 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 /// Whether `name` is a pin `run` creates: a map, a link, or a link's
 /// staging pin during an upgrade.
 fn known_pin(name: &str) -> bool {
-    MAP_LAYOUTS.iter().any(|(map, _, _)| *map == name)
+    MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
         || LEGACY_MAPS.contains(&name)
         || PROGRAMS
             .iter()
@@ -406,6 +422,11 @@ pub struct Installation {
     pub link_pin: PathBuf,
     /// Every link pin, in [`PROGRAMS`] order.
     pub link_pins: Vec<PathBuf>,
+    /// (staging pin, link pin) of links not yet swapped in: maps were
+    /// replaced (an upgrade), so the previous programs, still reading their
+    /// old maps, stay attached until [`swap_links`] after the first
+    /// complete sync. Empty when the links were swapped at once.
+    pub deferred: Vec<(PathBuf, PathBuf)>,
     /// Held for as long as the agent runs.
     pub lock: DirLock,
 }
@@ -449,10 +470,11 @@ pub fn install(
         .flatten()
         .all(|e| !known_pin(&e.file_name().to_string_lossy()));
     match load_and_attach(dir, cgroup, sizes, bpf_log) {
-        Ok((ebpf, link_pins)) => Ok(Installation {
+        Ok((ebpf, link_pins, deferred)) => Ok(Installation {
             ebpf,
             link_pin: dir.join(LINK_PIN),
             link_pins,
+            deferred,
             lock,
         }),
         Err(e) => {
@@ -469,13 +491,21 @@ pub fn install(
     }
 }
 
+/// The links pinned over the previous ones, and those left staged.
+type Attached = (Ebpf, Vec<PathBuf>, Vec<(PathBuf, PathBuf)>);
+
 fn load_and_attach(
     dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
     bpf_log: bool,
-) -> Result<(Ebpf, Vec<PathBuf>), LoadError> {
-    drop_incompatible_pins(dir)?;
+) -> Result<Attached, LoadError> {
+    // A previous agent stopped before its deferred swap: its maps may not
+    // be filled yet, so the programs before it stay attached here too.
+    let unfinished = PROGRAMS
+        .iter()
+        .any(|(_, pin)| dir.join(format!("{pin}{STAGING_SUFFIX}")).exists());
+    let replaced = drop_incompatible_pins(dir)? || unfinished;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
@@ -510,26 +540,42 @@ fn load_and_attach(
             }
         }
     }
-    let mut link_pins = Vec::new();
-    for (staging, link_pin) in staged {
-        // rename(2) replaces the old pin atomically; the old link detaches
-        // when its last reference (the old pin) goes.
-        fs::rename(&staging, &link_pin).map_err(|e| LoadError::Pin {
-            path: link_pin.clone(),
-            source: e.into(),
-        })?;
-        link_pins.push(link_pin);
-    }
     for legacy in LEGACY_MAPS {
         let _ = fs::remove_file(dir.join(legacy));
     }
-    Ok((ebpf, link_pins))
+    let link_pins = staged.iter().map(|(_, pin)| pin.clone()).collect();
+    if replaced && staged.iter().any(|(_, pin)| pin.exists()) {
+        // The new maps are empty: the previous programs keep translating
+        // from their own (now unpinned) maps until these are filled.
+        tracing::info!(
+            "new maps (an upgrade): the previous programs stay attached until the first complete sync"
+        );
+        return Ok((ebpf, link_pins, staged));
+    }
+    swap_links(&staged)?;
+    Ok((ebpf, link_pins, Vec::new()))
 }
 
-/// Unpins every map whose pinned key or value size differs from this build's,
-/// so the loader creates it afresh instead of reusing bytes it would misread.
-fn drop_incompatible_pins(dir: &Path) -> Result<(), LoadError> {
-    for &(name, key_size, value_size) in MAP_LAYOUTS {
+/// Renames each staging pin over its link pin. rename(2) replaces the old
+/// pin atomically; the old link detaches when its last reference (the old
+/// pin) goes, and the new program is attached already.
+pub fn swap_links(staged: &[(PathBuf, PathBuf)]) -> Result<(), LoadError> {
+    for (staging, link_pin) in staged {
+        fs::rename(staging, link_pin).map_err(|e| LoadError::Pin {
+            path: link_pin.clone(),
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Unpins every map whose pinned type, key or value size differs from this
+/// build's, so the loader creates it afresh instead of reusing bytes it would
+/// misread. Returns whether any was replaced (the new maps are empty until
+/// the first complete sync).
+fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
+    let mut stale: Vec<&'static str> = Vec::new();
+    for &(name, map_type, key_size, value_size) in MAP_LAYOUTS {
         let path = dir.join(name);
         let Ok(data) = MapData::from_pin(&path) else {
             continue;
@@ -538,22 +584,43 @@ fn drop_incompatible_pins(dir: &Path) -> Result<(), LoadError> {
             .info()
             .map_err(|source| map_err("info", name, source))?;
         let pinned = (info.key_size() as usize, info.value_size() as usize);
-        if pinned != (key_size, value_size) {
+        let same_type = info.map_type().is_ok_and(|t| t == map_type);
+        if pinned != (key_size, value_size) || !same_type {
             tracing::warn!(
                 map = name,
+                pinned_type = ?info.map_type().ok(),
                 pinned_key = pinned.0,
                 pinned_value = pinned.1,
                 key = key_size,
                 value = value_size,
                 "pinned map has another layout (an older agent's); replacing it, services are re-written from the sources"
             );
-            fs::remove_file(&path).map_err(|e| LoadError::Path {
-                path: path.clone(),
-                message: format!("removing incompatible pin: {e}"),
-            })?;
+            stale.push(name);
         }
     }
-    Ok(())
+    // The service entries index into the backend array: one of them
+    // replaced, the other would point into (or be pointed at from) a map
+    // it was not written with.
+    if stale.contains(&maps::SERVICES) != stale.contains(&maps::BACKENDS) {
+        stale.push(if stale.contains(&maps::SERVICES) {
+            maps::BACKENDS
+        } else {
+            maps::SERVICES
+        });
+    }
+    for name in &stale {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(LoadError::Path {
+                    path,
+                    message: format!("removing incompatible pin: {e}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(!stale.is_empty())
 }
 
 /// Loads `program`, attaches it to the cgroup and pins its link at
@@ -693,16 +760,26 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
         .flat_map(|(_, pin)| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
     let maps = MAP_LAYOUTS
         .iter()
-        .map(|(name, _, _)| *name)
+        .map(|(name, ..)| *name)
         .chain(LEGACY_MAPS.iter().copied())
         .map(str::to_owned);
     let mut removed = 0;
-    for name in links.chain(maps) {
-        match fs::remove_file(dir.join(&name)) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    let mut remove = |path: PathBuf| match fs::remove_file(path) {
+        Ok(()) => {
+            removed += 1;
+            Ok(())
         }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    for name in links {
+        let path = dir.join(&name);
+        // Detached now, not when the kernel gets round to freeing the pin.
+        let _ = sys::detach_pinned_link(&path);
+        remove(path)?;
+    }
+    for name in maps {
+        remove(dir.join(name))?;
     }
     Ok(removed)
 }
@@ -731,7 +808,8 @@ fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathErr
     DatapathError::Map { op, map, source }
 }
 
-/// The `run` flag that sizes `map` (without the dashes).
+/// The `run` flag that sizes `map` (without the dashes): `--max-services`
+/// frontends, `--max-backends` backend slots, `--max-frontends` names.
 fn size_flag(map: &str) -> &'static str {
     match map {
         maps::BACKENDS => "max-backends",
@@ -756,7 +834,11 @@ fn not_found(e: &MapError) -> bool {
 /// (with or without a running agent) share one code path.
 pub struct BpfDatapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend>,
+    /// The backend array, written and read in batches (raw bpf(2)).
+    backends: MapData,
+    backend_capacity: u32,
+    /// Created on the first grace period asked for.
+    grace: Option<sys::GraceMaps>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
@@ -779,11 +861,23 @@ impl BpfDatapath {
     pub fn open(dir: &Path) -> Result<Self> {
         let hash =
             |name| -> Result<aya::maps::Map> { Ok(aya::maps::Map::HashMap(open_pin(dir, name)?)) };
+        let backends = open_pin(dir, maps::BACKENDS)?;
+        let info = backends
+            .info()
+            .map_err(|e| map_err("info", maps::BACKENDS, e))?;
+        if !info.map_type().is_ok_and(|t| t == MapType::Array) {
+            return Err(DatapathError::Other(format!(
+                "{}: pinned {} is not an array (a layout of an older agent; `run` replaces it)",
+                dir.display(),
+                maps::BACKENDS
+            )));
+        }
         Ok(Self {
             services: HashMap::try_from(hash(maps::SERVICES)?)
                 .map_err(|e| map_err("open", maps::SERVICES, e))?,
-            backends: HashMap::try_from(hash(maps::BACKENDS)?)
-                .map_err(|e| map_err("open", maps::BACKENDS, e))?,
+            backend_capacity: info.max_entries(),
+            backends,
+            grace: None,
             meta: HashMap::try_from(hash(maps::SERVICE_META)?)
                 .map_err(|e| map_err("open", maps::SERVICE_META, e))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
@@ -859,9 +953,13 @@ impl Datapath for BpfDatapath {
             let (k, v) = item.map_err(|e| map_err("iterate", maps::SERVICES, e))?;
             snap.services.insert(k, v);
         }
-        for item in self.backends.iter() {
-            let (k, v) = item.map_err(|e| map_err("iterate", maps::BACKENDS, e))?;
-            snap.backends.insert(k, v);
+        let slots: Vec<Backend> =
+            sys::array_lookup_all(self.backends.fd().as_fd(), self.backend_capacity)
+                .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::BACKENDS)))?;
+        for (i, b) in slots.into_iter().enumerate() {
+            if b != Backend::default() {
+                snap.backends.insert(i as u32, b);
+            }
         }
         for item in self.meta.iter() {
             let (k, v) = item.map_err(|e| map_err("iterate", maps::SERVICE_META, e))?;
@@ -870,16 +968,30 @@ impl Datapath for BpfDatapath {
         Ok(snap)
     }
 
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|e| map_err("insert", maps::BACKENDS, e))
+    fn backend_capacity(&self) -> u32 {
+        self.backend_capacity
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<()> {
-        match self.backends.remove(&id) {
-            Err(e) if !not_found(&e) => Err(map_err("delete", maps::BACKENDS, e)),
-            _ => Ok(()),
+    fn put_backends(&mut self, base: u32, backends: &[Backend]) -> Result<()> {
+        if u64::from(base) + backends.len() as u64 > u64::from(self.backend_capacity) {
+            return Err(backends_full());
+        }
+        sys::array_update_batch(self.backends.fd().as_fd(), base, backends).map_err(|(done, e)| {
+            DatapathError::Other(format!(
+                "writing {} slots {base}..: {e} after {done}",
+                maps::BACKENDS
+            ))
+        })
+    }
+
+    fn grace(&mut self) -> Result<()> {
+        let err = |e: std::io::Error| DatapathError::Other(format!("RCU grace period: {e}"));
+        if self.grace.is_none() {
+            self.grace = Some(sys::GraceMaps::new().map_err(err)?);
+        }
+        match &self.grace {
+            Some(g) => g.wait().map_err(err),
+            None => Ok(()),
         }
     }
 

@@ -43,12 +43,11 @@ fn port_from_be(raw: u16) -> u16 {
     u16::from_be_bytes(raw.to_ne_bytes())
 }
 
-pub fn frontend_key(fe: &Frontend, slot: u16) -> ServiceKey {
+pub fn frontend_key(fe: &Frontend) -> ServiceKey {
     ServiceKey::new(
         ip_be(fe.addr.ip()),
         port_be(fe.addr.port()),
         fe.proto.number(),
-        slot,
     )
 }
 
@@ -128,7 +127,7 @@ mod tests {
     #[test]
     fn key_is_network_order_and_round_trips() {
         let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp);
-        let key = frontend_key(&fe, 0);
+        let key = frontend_key(&fe);
         assert_eq!(
             key.addr,
             lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 10]))
@@ -141,7 +140,7 @@ mod tests {
     fn ipv6_key_is_the_sockaddr_in6_layout() {
         let ip: Ipv6Addr = "fd00:96::a".parse().unwrap();
         let fe = frontend(ip, 53, Proto::Udp);
-        let key = frontend_key(&fe, 0);
+        let key = frontend_key(&fe);
         let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
         assert_eq!(bytes, ip.octets());
         assert_eq!(key_frontend(&key), Some(fe));

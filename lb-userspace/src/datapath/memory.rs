@@ -1,6 +1,9 @@
 //! In-memory datapath for unit tests: same contract as the BPF maps,
 //! including size limits, plus a log of every write for ordering checks and
 //! injectable failures, so every error path of the reconciler can be driven.
+//! It also plays the concurrent reader: a backend slot that any master has
+//! reached since the last grace period may be held by a running program,
+//! and a write to it fails with [`DatapathError::LiveSlot`].
 use std::{
     collections::BTreeMap,
     fmt,
@@ -17,8 +20,9 @@ use super::{Datapath, DatapathError, Result, Snapshot};
 /// One write, in the order the reconciler issued it (successful ones only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend(u32),
-    DeleteBackend(u32),
+    /// A range of backend slots: (base, count).
+    PutBackends(u32, u32),
+    Grace,
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
     PutMeta(u32),
@@ -29,8 +33,8 @@ pub enum Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum OpKind {
     Snapshot,
-    PutBackend,
-    DeleteBackend,
+    PutBackends,
+    Grace,
     PutService,
     DeleteService,
     PutMeta,
@@ -41,8 +45,8 @@ pub enum OpKind {
 #[derive(Clone, Copy, Debug)]
 pub enum Call<'a> {
     Snapshot,
-    PutBackend(u32, &'a Backend),
-    DeleteBackend(u32),
+    PutBackends(u32, &'a [Backend]),
+    Grace,
     PutService(&'a ServiceKey, &'a ServiceValue),
     DeleteService(&'a ServiceKey),
     PutMeta(u32, &'a ServiceMeta),
@@ -53,8 +57,8 @@ impl Call<'_> {
     pub fn kind(&self) -> OpKind {
         match self {
             Call::Snapshot => OpKind::Snapshot,
-            Call::PutBackend(..) => OpKind::PutBackend,
-            Call::DeleteBackend(_) => OpKind::DeleteBackend,
+            Call::PutBackends(..) => OpKind::PutBackends,
+            Call::Grace => OpKind::Grace,
             Call::PutService(..) => OpKind::PutService,
             Call::DeleteService(_) => OpKind::DeleteService,
             Call::PutMeta(..) => OpKind::PutMeta,
@@ -119,6 +123,7 @@ pub struct MemoryDatapath {
     pub state: Snapshot,
     pub log: Vec<Op>,
     pub max_services: usize,
+    /// Slots of the backend array.
     pub max_backends: usize,
     /// Meta entries (frontends), as `--max-frontends`.
     pub max_frontends: usize,
@@ -130,7 +135,15 @@ pub struct MemoryDatapath {
     faults: Vec<Trigger>,
     /// Maps that refuse new keys (E2BIG) whatever their size.
     full: Vec<MapKind>,
+    /// Backend ranges (base, count) some master reached since the last
+    /// grace period: a program may still be reading them.
+    held: Vec<(u32, u32)>,
+    /// Writes refused because a reader may hold the slot: always a bug.
+    pub live_slot_writes: usize,
 }
+
+/// Backend slots of a test datapath without limits.
+const DEFAULT_CAPACITY: usize = 1 << 20;
 
 impl Default for MemoryDatapath {
     fn default() -> Self {
@@ -138,13 +151,15 @@ impl Default for MemoryDatapath {
             state: Snapshot::default(),
             log: Vec::new(),
             max_services: usize::MAX,
-            max_backends: usize::MAX,
+            max_backends: DEFAULT_CAPACITY,
             max_frontends: usize::MAX,
             map_full: 0,
             calls: BTreeMap::new(),
             snapshots: SnapshotCount::default(),
             faults: Vec::new(),
             full: Vec::new(),
+            held: Vec::new(),
+            live_slot_writes: 0,
         }
     }
 }
@@ -239,24 +254,44 @@ impl Datapath for MemoryDatapath {
         Ok(self.state.clone())
     }
 
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        let n = self.count(OpKind::PutBackend);
-        self.enter(Call::PutBackend(id, backend), n)?;
-        self.check_room(
-            MapKind::Backends,
-            self.state.backends.contains_key(&id),
-            self.state.backends.len(),
-        )?;
-        self.state.backends.insert(id, *backend);
-        self.log.push(Op::PutBackend(id));
+    fn backend_capacity(&self) -> u32 {
+        u32::try_from(self.max_backends).unwrap_or(u32::MAX)
+    }
+
+    fn put_backends(&mut self, base: u32, backends: &[Backend]) -> Result<()> {
+        let n = self.count(OpKind::PutBackends);
+        self.enter(Call::PutBackends(base, backends), n)?;
+        let len = u32::try_from(backends.len()).unwrap_or(u32::MAX);
+        let end = u64::from(base) + u64::from(len);
+        if end > self.max_backends as u64 || self.full.contains(&MapKind::Backends) {
+            return Err(MapKind::Backends.full_error());
+        }
+        if let Some(&(b, _)) = self
+            .held
+            .iter()
+            .find(|&&(b, c)| u64::from(b) < end && base < b + c)
+        {
+            self.live_slot_writes += 1;
+            return Err(DatapathError::LiveSlot { slot: b.max(base) });
+        }
+        for (i, backend) in backends.iter().enumerate() {
+            self.state.backends.insert(base + i as u32, *backend);
+        }
+        self.log.push(Op::PutBackends(base, len));
         Ok(())
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<()> {
-        let n = self.count(OpKind::DeleteBackend);
-        self.enter(Call::DeleteBackend(id), n)?;
-        self.state.backends.remove(&id);
-        self.log.push(Op::DeleteBackend(id));
+    fn grace(&mut self) -> Result<()> {
+        let n = self.count(OpKind::Grace);
+        self.enter(Call::Grace, n)?;
+        self.held = self
+            .state
+            .services
+            .values()
+            .filter(|v| v.count > 0)
+            .map(|v| (v.base, u32::from(v.count)))
+            .collect();
+        self.log.push(Op::Grace);
         Ok(())
     }
 
@@ -269,6 +304,9 @@ impl Datapath for MemoryDatapath {
             self.state.services.len(),
         )?;
         self.state.services.insert(*key, *value);
+        if value.count > 0 {
+            self.held.push((value.base, u32::from(value.count)));
+        }
         self.log.push(Op::PutService(*key, *value));
         Ok(())
     }
@@ -321,53 +359,82 @@ mod tests {
         }
     }
 
+    fn key(last: u8) -> ServiceKey {
+        ServiceKey::new(
+            lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, last])),
+            80u16.to_be(),
+            lb_common::PROTO_TCP,
+        )
+    }
+
     #[test]
     fn nth_fault_fails_that_call_once_and_changes_nothing() {
         let mut dp = MemoryDatapath::default();
-        dp.put_backend(1, &backend(1)).unwrap();
-        dp.fail_nth(OpKind::PutBackend, 2);
-        dp.put_backend(2, &backend(2)).unwrap();
-        let err = dp.put_backend(3, &backend(3)).unwrap_err();
+        dp.put_backends(0, &[backend(1)]).unwrap();
+        dp.fail_nth(OpKind::PutBackends, 2);
+        dp.put_backends(1, &[backend(2)]).unwrap();
+        let err = dp.put_backends(2, &[backend(3)]).unwrap_err();
         assert!(err.to_string().contains("injected"), "{err}");
-        assert!(!dp.state.backends.contains_key(&3));
-        dp.put_backend(3, &backend(3)).unwrap();
-        assert_eq!(dp.calls(OpKind::PutBackend), 4);
+        assert!(!dp.state.backends.contains_key(&2));
+        dp.put_backends(2, &[backend(3)]).unwrap();
+        assert_eq!(dp.calls(OpKind::PutBackends), 4);
         assert_eq!(dp.log.len(), 3, "a failed call is not logged");
     }
 
     #[test]
     fn predicate_fault_fails_matching_calls_until_cleared() {
         let mut dp = MemoryDatapath::default();
-        dp.put_backend(7, &backend(7)).unwrap();
-        dp.fail_when(|c| matches!(c, Call::DeleteBackend(7)));
+        dp.put_service(&key(7), &ServiceValue::new(0, 0, 7))
+            .unwrap();
+        dp.fail_when(move |c| matches!(c, Call::DeleteService(k) if **k == key(7)));
         dp.fail_nth(OpKind::Snapshot, 1);
         assert!(dp.snapshot().is_err());
         assert!(dp.snapshot().is_ok());
-        assert!(dp.delete_backend(7).is_err());
-        assert!(dp.delete_backend(7).is_err());
-        dp.delete_backend(8).unwrap();
-        assert!(dp.state.backends.contains_key(&7));
+        assert!(dp.delete_service(&key(7)).is_err());
+        assert!(dp.delete_service(&key(7)).is_err());
+        dp.delete_service(&key(8)).unwrap();
+        assert!(dp.state.services.contains_key(&key(7)));
         dp.clear_faults();
-        dp.delete_backend(7).unwrap();
-        assert!(dp.state.backends.is_empty());
+        dp.delete_service(&key(7)).unwrap();
+        assert!(dp.state.services.is_empty());
     }
 
     #[test]
-    fn full_map_refuses_new_keys_only() {
-        let mut dp = MemoryDatapath::default();
-        dp.put_backend(1, &backend(1)).unwrap();
-        dp.set_full(MapKind::Backends, true);
-        let err = dp.put_backend(2, &backend(2)).unwrap_err();
+    fn full_array_refuses_writes_past_its_end() {
+        let mut dp = MemoryDatapath::with_limits(8, 4);
+        dp.put_backends(0, &[backend(1), backend(2), backend(3)])
+            .unwrap();
+        let err = dp.put_backends(3, &[backend(4), backend(5)]).unwrap_err();
         assert!(matches!(
             err,
             DatapathError::MapFull {
                 map: lb_common::maps::BACKENDS,
-                ..
+                flag: "max-backends",
             }
         ));
-        dp.put_backend(1, &backend(9)).unwrap();
-        assert_eq!(dp.state.backends[&1], backend(9));
-        dp.set_full(MapKind::Backends, false);
-        dp.put_backend(2, &backend(2)).unwrap();
+        dp.put_backends(3, &[backend(4)]).unwrap();
+    }
+
+    /// A range a master reached is off limits until a grace period has
+    /// passed since no master reaches it.
+    #[test]
+    fn a_range_a_reader_may_hold_is_not_writable_until_a_grace_period() {
+        let mut dp = MemoryDatapath::default();
+        dp.put_backends(0, &[backend(1), backend(2)]).unwrap();
+        dp.put_service(&key(1), &ServiceValue::new(0, 2, 1))
+            .unwrap();
+        dp.put_backends(2, &[backend(3)]).unwrap();
+        dp.put_service(&key(1), &ServiceValue::new(2, 1, 1))
+            .unwrap();
+        assert!(matches!(
+            dp.put_backends(1, &[backend(9)]),
+            Err(DatapathError::LiveSlot { slot: 1 })
+        ));
+        dp.grace().unwrap();
+        dp.put_backends(0, &[backend(9), backend(9)]).unwrap();
+        assert!(matches!(
+            dp.put_backends(2, &[backend(9)]),
+            Err(DatapathError::LiveSlot { slot: 2 })
+        ));
     }
 }

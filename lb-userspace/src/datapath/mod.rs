@@ -6,6 +6,7 @@ use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 pub mod bpf;
 pub mod memory;
+mod sys;
 
 pub use memory::MemoryDatapath;
 
@@ -27,6 +28,10 @@ pub enum DatapathError {
     /// More backends than a frontend has slots: nothing of it is written.
     #[error("{backends} backends, more than the {max} slots a frontend can hold")]
     TooManyBackends { backends: usize, max: u16 },
+    /// A write to a backend slot a reader may still hold: a bug in the
+    /// caller (the in-memory datapath checks it; the kernel cannot).
+    #[error("backend slot {slot} written while a reader may hold it")]
+    LiveSlot { slot: u32 },
     /// Every id of a kind is in use (ids are 32 bits: in practice, never).
     #[error("no free {kind} id")]
     IdsExhausted { kind: &'static str },
@@ -40,16 +45,27 @@ pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Slots of the backend array that were ever written (a slot of all
+    /// zeroes is left out), by index.
     pub backends: BTreeMap<u32, Backend>,
     pub meta: BTreeMap<u32, ServiceMeta>,
 }
 
-/// Element-wise map access. Each call is one atomic map operation; ordering
-/// across calls is the reconciler's job.
+/// Map access. Each call but [`Datapath::put_backends`] is one atomic map
+/// operation; ordering across calls is the reconciler's job.
 pub trait Datapath {
     fn snapshot(&self) -> Result<Snapshot>;
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
-    fn delete_backend(&mut self, id: u32) -> Result<()>;
+    /// Slots in the backend array (its `max_entries`).
+    fn backend_capacity(&self) -> u32;
+    /// Writes `backends` to the slots from `base` on (one batch). Not
+    /// atomic as a whole, nor per slot for a concurrent reader: only ever
+    /// called on slots no master reaches, and none reached since the last
+    /// [`Datapath::grace`].
+    fn put_backends(&mut self, base: u32, backends: &[Backend]) -> Result<()>;
+    /// Returns once every program run that started before the call has
+    /// finished (an RCU grace period): a range no master reaches any more
+    /// can then be written again.
+    fn grace(&mut self) -> Result<()>;
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
     fn put_meta(&mut self, svc_id: u32, meta: &ServiceMeta) -> Result<()>;
@@ -63,3 +79,11 @@ mod encode;
 pub use encode::{
     backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, key_frontend,
 };
+
+/// The error for a backend array without `n` free slots in a row.
+pub fn backends_full() -> DatapathError {
+    DatapathError::MapFull {
+        map: lb_common::maps::BACKENDS,
+        flag: "max-backends",
+    }
+}

@@ -1,15 +1,15 @@
 //! Periodic resync: puts back what the reconciler installed when the maps
 //! drifted from it (an entry deleted or changed behind the agent's back) and
 //! deletes entries no installed frontend owns, in make-before-break order.
+//! A frontend whose backend slots changed gets a new range (a live range is
+//! never rewritten in place).
 use std::{collections::HashSet, fmt};
 
-use lb_common::{ServiceKey, ServiceValue};
+use lb_common::Backend;
 
-use super::{Installed, Reconciler, release, slot_number};
+use super::{Installed, Reconciler};
 use crate::{
-    datapath::{
-        Datapath, DatapathError, Snapshot, encode_backend, encode_meta, frontend_key, key_frontend,
-    },
+    datapath::{Datapath, DatapathError, Snapshot, encode_backend, encode_meta, frontend_key},
     model::Frontend,
 };
 
@@ -28,9 +28,9 @@ pub struct RepairError {
 pub struct RepairReport {
     /// Entries rewritten or deleted: the sum of the counts below.
     pub repaired: usize,
-    /// Backend entries missing or changed, rewritten.
+    /// Backend slots missing or changed, rewritten to a new range.
     pub backends: usize,
-    /// Slot entries missing or changed, rewritten.
+    /// Frontends whose range was replaced because a slot drifted.
     pub slots: usize,
     /// Meta entries missing or changed, rewritten.
     pub meta: usize,
@@ -74,13 +74,11 @@ impl fmt::Display for RepairReport {
 
 impl<D: Datapath> Reconciler<D> {
     /// Compares the maps with what this reconciler installed and puts them
-    /// back: backends, then slots, then meta, then masters are rewritten
-    /// where missing or different; then entries no installed frontend owns
-    /// are deleted (masters before slots, slots before the backends they
-    /// name). Safe between any two applies: everything in the maps at
+    /// back: a frontend whose backend slots differ gets a new range and
+    /// its master is switched to it; meta and masters are rewritten where
+    /// missing or different; then entries no installed frontend owns are
+    /// deleted. Safe between any two applies: everything in the maps at
     /// adoption was adopted, so whatever no frontend owns now is drift.
-    /// A frontend whose rewrite fails keeps its extra entries until the
-    /// next repair.
     pub fn repair(&mut self) -> RepairReport {
         let mut report = RepairReport::default();
         let snap = match self.dp.snapshot() {
@@ -93,84 +91,104 @@ impl<D: Datapath> Reconciler<D> {
                 return report;
             }
         };
-        self.repair_backends(&snap, &mut report);
-        let mut failed = HashSet::new();
-        for (fe, inst) in &self.installed {
-            if let Err(source) = repair_frontend(&mut self.dp, fe, inst, &snap, &mut report) {
-                failed.insert(*fe);
+        let frontends: Vec<Frontend> = self.installed.keys().copied().collect();
+        for fe in frontends {
+            if let Err(source) = self.repair_frontend(&fe, &snap, &mut report) {
+                let inst = &self.installed[&fe];
                 report.errors.push(RepairError {
-                    entry: describe(fe, inst),
+                    entry: describe(&fe, inst),
                     source,
                 });
             }
         }
-        let kept = self.delete_stray_services(&snap, &failed, &mut report);
+        self.delete_stray_services(&snap, &mut report);
         self.delete_stray_meta(&snap, &mut report);
-        self.delete_stray_backends(&snap, &kept, &mut report);
         report.sum();
         report
     }
 
-    /// Backends some slot names, as they were written.
-    fn repair_backends(&mut self, snap: &Snapshot, report: &mut RepairReport) {
-        for (&id, &(addr, proto)) in &self.backends {
-            if !self.refs.contains_key(&id) {
-                continue; // an orphan the next pruning apply deletes
+    /// The range (a new one if a slot drifted), then meta, then the master
+    /// of one frontend; stops at the first failure.
+    fn repair_frontend(
+        &mut self,
+        fe: &Frontend,
+        snap: &Snapshot,
+        report: &mut RepairReport,
+    ) -> Result<(), DatapathError> {
+        let inst = self.installed[fe].clone();
+        let key = frontend_key(fe);
+        if !inst.complete {
+            // Its master was never written or is being removed: one there now
+            // is drift.
+            if snap.services.contains_key(&key) {
+                self.dp.delete_service(&key)?;
+                report.deleted += 1;
             }
-            let want = encode_backend(addr, proto);
-            if snap.backends.get(&id) == Some(&want) {
+            return Ok(());
+        }
+        let want: Vec<Backend> = inst
+            .backends
+            .iter()
+            .map(|a| encode_backend(*a, fe.proto))
+            .collect();
+        let drifted = inst
+            .slots
+            .iter()
+            .zip(&want)
+            .filter(|(slot, b)| snap.backends.get(slot) != Some(b))
+            .count();
+        // Adopted without meta: nothing to write it from until an apply names it.
+        if !inst.service.name.is_empty() {
+            let meta = encode_meta(fe, &inst.service);
+            if snap.meta.get(&inst.svc_id) != Some(&meta) {
+                self.dp.put_meta(inst.svc_id, &meta)?;
+                report.meta += 1;
+            }
+        }
+        if drifted > 0 {
+            let base = self.write_range(&want)?;
+            let count = inst.count;
+            let master = lb_common::ServiceValue::new(base, count, inst.svc_id);
+            if let Err(e) = self.dp.put_service(&key, &master) {
+                self.ranges.free(base, u32::from(count));
+                return Err(e);
+            }
+            self.ranges.release(inst.base(), u32::from(count));
+            if let Some(i) = self.installed.get_mut(fe) {
+                i.slots = (base..base + u32::from(count)).collect();
+            }
+            report.backends += drifted;
+            report.slots += 1;
+            report.masters += 1;
+            return Ok(());
+        }
+        if snap.services.get(&key) != Some(&inst.master()) {
+            self.dp.put_service(&key, &inst.master())?;
+            report.masters += 1;
+        }
+        Ok(())
+    }
+
+    /// Masters of no installed frontend.
+    fn delete_stray_services(&mut self, snap: &Snapshot, report: &mut RepairReport) {
+        let owned: HashSet<_> = self.installed.keys().map(frontend_key).collect();
+        for key in snap.services.keys() {
+            if owned.contains(key) {
                 continue;
             }
-            match self.dp.put_backend(id, &want) {
-                Ok(()) => report.backends += 1,
+            match self.dp.delete_service(key) {
+                Ok(()) => {
+                    report.deleted += 1;
+                    if let Some((base, n)) = self.strays.remove(key) {
+                        self.ranges.release(base, n);
+                    }
+                }
                 Err(source) => report.errors.push(RepairError {
-                    entry: format!("backend {id} ({addr}/{proto})"),
+                    entry: format!("stray service entry {key:?}"),
                     source,
                 }),
             }
         }
-    }
-
-    /// Service entries of no installed frontend, or past an installed
-    /// frontend's slots: unreachable once its master is right. Masters
-    /// first. Returns the backend ids named by entries left in place.
-    fn delete_stray_services(
-        &mut self,
-        snap: &Snapshot,
-        failed: &HashSet<Frontend>,
-        report: &mut RepairReport,
-    ) -> HashSet<u32> {
-        let mut kept = HashSet::new();
-        let mut stray: Vec<(&ServiceKey, &ServiceValue)> = Vec::new();
-        for (key, value) in &snap.services {
-            let owner = key_frontend(key).and_then(|fe| Some((fe, self.installed.get(&fe)?)));
-            match owner {
-                Some((fe, _)) if failed.contains(&fe) => {
-                    kept.insert(value.backend_id);
-                }
-                Some((_, inst)) if key.slot == 0 || usize::from(key.slot) <= inst.slots.len() => {}
-                _ => stray.push((key, value)),
-            }
-        }
-        stray.sort_by_key(|(k, _)| k.slot != 0);
-        for (key, value) in stray {
-            match self.dp.delete_service(key) {
-                Ok(()) => {
-                    report.deleted += 1;
-                    if let Some(id) = self.strays.remove(key) {
-                        release(&mut self.refs, &mut self.unreferenced, id);
-                    }
-                }
-                Err(source) => {
-                    kept.insert(value.backend_id);
-                    report.errors.push(RepairError {
-                        entry: format!("stray service entry {key:?}"),
-                        source,
-                    });
-                }
-            }
-        }
-        kept
     }
 
     fn delete_stray_meta(&mut self, snap: &Snapshot, report: &mut RepairReport) {
@@ -190,74 +208,6 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
-
-    /// Backend entries this reconciler did not write and nothing names.
-    fn delete_stray_backends(
-        &mut self,
-        snap: &Snapshot,
-        kept: &HashSet<u32>,
-        report: &mut RepairReport,
-    ) {
-        for &id in snap.backends.keys() {
-            if self.backends.contains_key(&id) || self.refs.contains_key(&id) || kept.contains(&id)
-            {
-                continue;
-            }
-            match self.dp.delete_backend(id) {
-                Ok(()) => {
-                    report.deleted += 1;
-                    self.unreferenced.remove(&id);
-                }
-                Err(source) => report.errors.push(RepairError {
-                    entry: format!("stray backend {id}"),
-                    source,
-                }),
-            }
-        }
-    }
-}
-
-/// Slots, then meta, then the master of one frontend, where they differ
-/// from what was installed; stops at the first failure.
-fn repair_frontend<D: Datapath>(
-    dp: &mut D,
-    fe: &Frontend,
-    inst: &Installed,
-    snap: &Snapshot,
-    report: &mut RepairReport,
-) -> Result<(), DatapathError> {
-    for (i, &id) in inst.slots.iter().enumerate() {
-        let key = frontend_key(fe, slot_number(i)?);
-        let want = ServiceValue::slot(id, inst.svc_id);
-        if snap.services.get(&key) != Some(&want) {
-            dp.put_service(&key, &want)?;
-            report.slots += 1;
-        }
-    }
-    let master = frontend_key(fe, 0);
-    if !inst.complete {
-        // Its master was never written or is being removed: one there now
-        // is drift, and its count may reach slots that are not there.
-        if snap.services.contains_key(&master) {
-            dp.delete_service(&master)?;
-            report.deleted += 1;
-        }
-        return Ok(());
-    }
-    // Adopted without meta: nothing to write it from until an apply names it.
-    if !inst.service.name.is_empty() {
-        let want = encode_meta(fe, &inst.service);
-        if snap.meta.get(&inst.svc_id) != Some(&want) {
-            dp.put_meta(inst.svc_id, &want)?;
-            report.meta += 1;
-        }
-    }
-    let want = ServiceValue::master(inst.count, inst.svc_id);
-    if snap.services.get(&master) != Some(&want) {
-        dp.put_service(&master, &want)?;
-        report.masters += 1;
-    }
-    Ok(())
 }
 
 fn describe(fe: &Frontend, inst: &Installed) -> String {

@@ -66,8 +66,8 @@ async fn step(d: &mut Driver<MemoryDatapath>) -> Step {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_frontend_is_retried_on_a_timer_without_any_event() {
-    // Room for a (master + 2 slots) and one more entry: b does not fit.
-    let mut d = driver(MemoryDatapath::with_limits(4, 64));
+    // Room for one frontend (a): b does not fit.
+    let mut d = driver(MemoryDatapath::with_limits(1, 64));
     feed_a_and_b(&d);
     let s = step(&mut d).await;
     assert!(s.first_complete);
@@ -87,7 +87,7 @@ async fn a_failed_frontend_is_retried_on_a_timer_without_any_event() {
 
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_while_the_frontend_keeps_failing() {
-    let mut d = driver(MemoryDatapath::with_limits(4, 64));
+    let mut d = driver(MemoryDatapath::with_limits(1, 64));
     feed_a_and_b(&d);
     step(&mut d).await;
     let mut gaps = Vec::new();
@@ -116,7 +116,7 @@ async fn the_periodic_resync_repairs_what_drifted_and_counts_it() {
     assert_eq!(s.wake, Wake::Resync);
     assert_eq!(s.repaired, 0);
     // Something deletes b's master entry behind the agent's back.
-    let master = crate::datapath::frontend_key(&fe("10.96.0.2"), 0);
+    let master = crate::datapath::frontend_key(&fe("10.96.0.2"));
     assert!(
         d.syncer
             .reconciler
@@ -218,7 +218,7 @@ fn owners_are_seeded_oldest_first() {
 /// retried in a loop meanwhile.
 #[tokio::test(start_paused = true)]
 async fn a_held_back_frontend_is_not_retried_in_a_loop() {
-    let mut d = driver(MemoryDatapath::with_limits(4, 64));
+    let mut d = driver(MemoryDatapath::with_limits(1, 64));
     // Not complete: a gets in, b does not fit.
     d.input().update(Instant::now(), false, |index| {
         index.apply_service(svc("a", "10.96.0.1"));

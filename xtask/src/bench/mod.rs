@@ -579,9 +579,15 @@ fn lb_bpffs(tag: &str, round: u32, n: u32) -> PathBuf {
     ))
 }
 
-/// Map sizes for N services: every frontend and slot, with headroom.
+/// `LB_SERVICES` entries for N one-port services: a frontend each, with headroom.
 fn max_services(n: u32) -> u32 {
-    (n * 11 + 1024).max(4096)
+    (n + 1024).max(4096)
+}
+
+/// Backend-array slots for N services of 10 endpoints, with room for new
+/// ranges while old ones wait out their grace period.
+fn max_backends(n: u32) -> u32 {
+    (n * 10 + 1024).max(4096)
 }
 
 /// Frontend (service port) entries for N services, with headroom.
@@ -614,7 +620,7 @@ fn api_slot(
         &lab.cgroup,
         &work.join(format!("agent-api-r{round}-n{n}.log")),
         max_services(n),
-        1024,
+        max_backends(n),
         max_frontends(n),
     )?;
     let spawned = a.spawned;
@@ -704,7 +710,7 @@ fn datapath_slot(
                 &lab.cgroup,
                 &work.join(format!("agent-r{round}-n{n}.log")),
                 max_services(n),
-                1024,
+                max_backends(n),
                 max_frontends(n),
             )?;
             let spawned = a.spawned;
@@ -1096,7 +1102,7 @@ fn incremental(
 }
 
 /// Marks service 0's last endpoint not ready (and ready again), timing each
-/// change until the master entry's count in LB_SERVICES changes, polled
+/// change until the frontend's count in LB_SERVICES changes, polled
 /// with bpf(2) every ~20 µs. Without `api` the change is a manifest edit
 /// (timed from the file's atomic rename); with it, an EndpointSlice update
 /// through the fake API server (timed from writing the `apply` command).
@@ -1118,7 +1124,6 @@ fn endpoint_changes(
         lb_common::v4_mapped(u32::from_ne_bytes(config::vip(0).octets())),
         config::SVC_PORT.to_be(),
         lb_common::PROTO_TCP,
-        0,
     );
     let timeout = Duration::from_secs(30 + u64::from(n) / 2000);
     for j in 0..count {

@@ -245,17 +245,15 @@ async fn a_relist_removes_exactly_what_vanished_meanwhile() {
             .contains_key(&fe("10.96.0.2"))
     );
     assert_eq!(backends(&d, &fe("10.96.0.1")).len(), 2);
-    // Only deletes for b: its master, slot, meta and orphaned backend.
+    // Only deletes for b: its master and meta.
     let log = &d.syncer().reconciler().datapath().log[writes_before..];
     use crate::datapath::memory::Op;
     assert!(
-        log.iter().all(|op| matches!(
-            op,
-            Op::DeleteService(_) | Op::DeleteMeta(_) | Op::DeleteBackend(_)
-        )),
+        log.iter()
+            .all(|op| matches!(op, Op::DeleteService(_) | Op::DeleteMeta(_))),
         "{log:?}"
     );
-    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!(log.len(), 2, "{log:?}");
 }
 
 #[tokio::test]
@@ -298,7 +296,7 @@ async fn deletes_and_updates_after_sync_apply() {
     );
     step(&mut d).await;
     assert!(d.syncer().reconciler().installed().is_empty());
-    assert!(d.syncer().reconciler().datapath().state.backends.is_empty());
+    assert!(d.syncer().reconciler().datapath().state.services.is_empty());
     // Two EndpointSlice events were measured.
     assert_eq!(d.latency().summary().map(|s| s.0), Some(2));
 }
@@ -442,8 +440,8 @@ fn selectors_are_kube_proxys() {
 /// on the next sync, not only when its own objects change.
 #[tokio::test]
 async fn a_failed_frontend_is_retried_once_there_is_room() {
-    // Room for one service with two endpoints (master + 2 slots) and a bit.
-    let (mut d, mut f) = driver_with(MemoryDatapath::with_limits(4, 64));
+    // Room for one frontend.
+    let (mut d, mut f) = driver_with(MemoryDatapath::with_limits(1, 64));
     list(
         &mut f.services,
         &f.signals,
@@ -600,15 +598,21 @@ async fn incremental_translation_equals_a_full_one() {
                 crate::model::translate(&mirror.services, &slices, &TranslateOptions::default());
             let want_diags: BTreeSet<Diagnostic> = want_diags.into_iter().collect();
             assert_eq!(d.syncer().diagnostics(), &want_diags, "round {round}");
-            // No backend outlives the last slot naming it.
+            // The masters reach exactly the slots the record says.
             let r = d.syncer().reconciler();
             let used: BTreeSet<u32> = r
                 .installed()
                 .values()
                 .flat_map(|i| i.slots.iter().copied())
                 .collect();
-            let stored: BTreeSet<u32> = r.datapath().state.backends.keys().copied().collect();
-            assert_eq!(stored, used, "round {round}");
+            let reached: BTreeSet<u32> = r
+                .datapath()
+                .state
+                .services
+                .values()
+                .flat_map(|m| m.base..m.base + u32::from(m.count))
+                .collect();
+            assert_eq!(reached, used, "round {round}");
             let got: BTreeMap<Frontend, (String, Vec<std::net::IpAddr>)> = d
                 .syncer()
                 .reconciler()

@@ -1,0 +1,180 @@
+//! The few bpf(2) commands aya 0.14 has no API for: batch update and batch
+//! lookup of an array, and an RCU grace period (an update of a map-in-map).
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// `union bpf_attr`, as far as these commands read it (the kernel takes a
+/// shorter attr and treats the rest as zero).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct Attr([u32; 32]);
+
+impl Attr {
+    fn u32(&mut self, word: usize, v: u32) -> &mut Self {
+        self.0[word] = v;
+        self
+    }
+
+    fn u64(&mut self, word: usize, v: u64) -> &mut Self {
+        self.0[word] = v as u32;
+        self.0[word + 1] = (v >> 32) as u32;
+        self
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr of the given size,
+    // and every pointer in it points into memory the caller keeps alive.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Writes `values` to array slots `base..` in one syscall. Returns how many
+/// were written with the error if not all were.
+pub fn array_update_batch<V>(
+    map: BorrowedFd<'_>,
+    base: u32,
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    let keys: Vec<u32> = (0..values.len() as u32).map(|i| base + i).collect();
+    let mut attr = Attr::default();
+    // struct batch: in_batch, out_batch, keys, values (u64 each), count,
+    // map_fd (u32 each), elem_flags, flags (u64 each).
+    attr.u64(4, keys.as_ptr() as u64)
+        .u64(6, values.as_ptr() as u64)
+        .u32(8, values.len() as u32)
+        .u32(9, map.as_raw_fd() as u32);
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(e) => Err((attr.0[8] as usize, e)),
+    }
+}
+
+/// Every slot of an array of `len` slots, in chunks of one syscall each.
+pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<V>> {
+    const CHUNK: u32 = 8192;
+    let mut out: Vec<V> = Vec::with_capacity(len as usize);
+    let mut keys = vec![0u32; CHUNK as usize];
+    let mut values = vec![V::default(); CHUNK as usize];
+    let (mut in_batch, mut out_batch) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = Attr::default();
+        attr.u64(
+            0,
+            if first {
+                0
+            } else {
+                &mut in_batch as *mut u32 as u64
+            },
+        )
+        .u64(2, &mut out_batch as *mut u32 as u64)
+        .u64(4, keys.as_mut_ptr() as u64)
+        .u64(6, values.as_mut_ptr() as u64)
+        .u32(8, CHUNK)
+        .u32(9, map.as_raw_fd() as u32);
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.0[8] as usize;
+        out.extend_from_slice(&values[..got.min(values.len())]);
+        match result {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        if out.len() >= len as usize {
+            break;
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+    Ok(out)
+}
+
+/// A one-slot array of maps: an update of it returns only after an RCU
+/// grace period (`maybe_wait_bpf_programs()` in kernel/bpf/syscall.c calls
+/// `synchronize_rcu()` after every successful update of a
+/// `BPF_MAP_TYPE_{HASH,ARRAY}_OF_MAPS`), so after it every program run that
+/// started before it has finished. cgroup sock_addr programs are not
+/// sleepable and run inside `rcu_read_lock()`.
+pub struct GraceMaps {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl GraceMaps {
+    pub fn new() -> io::Result<Self> {
+        let inner = create_map(BPF_MAP_TYPE_ARRAY, 1, None)?;
+        let outer = create_map(BPF_MAP_TYPE_ARRAY_OF_MAPS, 1, Some(inner.as_raw_fd()))?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Waits for an RCU grace period.
+    pub fn wait(&self) -> io::Result<()> {
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        let mut attr = Attr::default();
+        // struct elem: map_fd (u32, padded), key, value, flags (u64 each).
+        attr.u32(0, self.outer.as_raw_fd() as u32)
+            .u64(2, &key as *const u32 as u64)
+            .u64(4, &value as *const u32 as u64);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+}
+
+fn create_map(map_type: u32, max_entries: u32, inner: Option<i32>) -> io::Result<OwnedFd> {
+    let mut attr = Attr::default();
+    // map_type, key_size, value_size, max_entries, map_flags, inner_map_fd.
+    attr.u32(0, map_type)
+        .u32(1, 4)
+        .u32(2, 4)
+        .u32(3, max_entries)
+        .u32(5, inner.unwrap_or(0) as u32);
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the link pinned at `path` at once (`BPF_LINK_DETACH`).
+/// Removing the pin alone detaches only when the kernel frees the pin's
+/// inode, after an RCU grace period: a connect right after `uninstall`
+/// could still be translated.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = Attr::default();
+    // struct obj: pathname (u64), bpf_fd, file_flags.
+    attr.u64(0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = Attr::default();
+    // struct link_detach: link_fd.
+    attr.u32(0, link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
