@@ -619,16 +619,11 @@ impl<D: Datapath> Driver<D> {
             if first_complete {
                 sh.index.end_seeding();
             }
-            let out = sh.index.checkout();
-            let diags: BTreeSet<Diagnostic> = sh
-                .source_diags
-                .iter()
-                .cloned()
-                .chain(out.diagnostics)
-                .collect();
-            let work = if full {
-                Work::Full(sh.index.desired())
+            let (work, index_diags) = if full {
+                let (desired, diags) = sh.index.checkout_full();
+                (Work::Full(desired), diags)
             } else {
+                let out = sh.index.checkout();
                 let mut changes = out.changes;
                 // What failed before (a full map that since got room, say)
                 // is tried again once its timer is due.
@@ -637,8 +632,10 @@ impl<D: Datapath> Driver<D> {
                         .entry(fe)
                         .or_insert_with(|| sh.index.served(&fe).cloned());
                 }
-                Work::Changes(changes)
+                (Work::Changes(changes), out.diagnostics)
             };
+            let diags: BTreeSet<Diagnostic> =
+                sh.source_diags.iter().cloned().chain(index_diags).collect();
             (work, diags, arrivals, first_arrival, sh.index.len())
         };
         self.syncer.report(diags);

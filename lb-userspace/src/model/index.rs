@@ -280,11 +280,8 @@ impl Index {
     /// Translates what changed and hands over the frontends whose desired
     /// state may differ from the last check-out.
     pub fn checkout(&mut self) -> Checkout {
-        for key in std::mem::take(&mut self.dirty) {
-            self.retranslate(key);
-        }
-        self.unlabeled_changed = false;
-        let changes = std::mem::take(&mut self.touched)
+        let changes = self
+            .translate_dirty()
             .into_iter()
             .map(|fe| (fe, self.served(&fe).cloned()))
             .collect();
@@ -292,6 +289,25 @@ impl Index {
             changes,
             diagnostics: self.diagnostics(),
         }
+    }
+
+    /// A check-out for a full pass: everything that should be served and
+    /// every problem. The changed frontends are not copied out as well (at
+    /// a cold start that is every frontend, a second copy of the whole
+    /// desired state).
+    pub fn checkout_full(&mut self) -> (DesiredState, Vec<Diagnostic>) {
+        self.translate_dirty();
+        (self.desired(), self.diagnostics())
+    }
+
+    /// Translates the services marked dirty; the frontends touched since
+    /// the last check-out.
+    fn translate_dirty(&mut self) -> BTreeSet<Frontend> {
+        for key in std::mem::take(&mut self.dirty) {
+            self.retranslate(key);
+        }
+        self.unlabeled_changed = false;
+        std::mem::take(&mut self.touched)
     }
 
     /// Changes are waiting for a check-out.
