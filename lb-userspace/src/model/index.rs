@@ -291,13 +291,21 @@ impl Index {
         }
     }
 
-    /// A check-out for a full pass: everything that should be served and
-    /// every problem. The changed frontends are not copied out as well (at
-    /// a cold start that is every frontend, a second copy of the whole
-    /// desired state).
-    pub fn checkout_full(&mut self) -> (DesiredState, Vec<Diagnostic>) {
+    /// A check-out for a full pass: translates what changed and forgets
+    /// which frontends that touched, copying nothing out; every current
+    /// problem. The caller reads [`Index::served`] for [`Index::frontends`]
+    /// a part at a time, so no second copy of the whole desired state is
+    /// ever built (at a cold start every frontend changed).
+    pub fn checkout_full(&mut self) -> Vec<Diagnostic> {
         self.translate_dirty();
-        (self.desired(), self.diagnostics())
+        self.diagnostics()
+    }
+
+    /// Every frontend served as of the last check-out, in order.
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut out: Vec<Frontend> = self.claims.keys().copied().collect();
+        out.sort_unstable();
+        out
     }
 
     /// Translates the services marked dirty; the frontends touched since
