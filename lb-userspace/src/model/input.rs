@@ -101,14 +101,22 @@ pub struct SlicePortInfo {
 
 /// One endpoint: its first address (kube-proxy uses no other), node, hints
 /// and the three conditions resolved (nil ready/serving count as true, nil
-/// terminating as false).
+/// terminating as false). There are ten or more per service, so it is kept
+/// at 56 bytes: boxed text, and the rarely set hints behind one pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: Address,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
+    /// `None` when it has no hint at all.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints (`hints.forNodes`, `hints.forZones`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
     pub for_nodes: Vec<String>,
     pub for_zones: Vec<String>,
 }
@@ -120,7 +128,7 @@ pub enum Address {
     Missing,
     /// Not an address of the slice's family (or v4-mapped, which would
     /// alias an IPv4 backend in the maps); the raw text, for the diagnostic.
-    Invalid(String),
+    Invalid(Box<str>),
 }
 
 /// Objects without a namespace are taken as `default`, as kubectl would.
@@ -312,17 +320,32 @@ impl EndpointInfo {
                 (Family::V6, Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
                     Address::Ip(IpAddr::V6(v6))
                 }
-                _ => Address::Invalid(raw.to_owned()),
+                _ => Address::Invalid(raw.into()),
             },
         };
+        let hints = (!for_nodes.is_empty() || !for_zones.is_empty()).then(|| {
+            Box::new(Hints {
+                for_nodes,
+                for_zones,
+            })
+        });
         Self {
             address,
             ready: ready != Some(false),
             serving: serving != Some(false),
             terminating: terminating == Some(true),
-            node_name,
-            for_nodes,
-            for_zones,
+            node_name: node_name.map(String::into_boxed_str),
+            hints,
         }
+    }
+
+    /// `hints.forNodes` (empty without hints).
+    pub fn for_nodes(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.for_nodes)
+    }
+
+    /// `hints.forZones` (empty without hints).
+    pub fn for_zones(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.for_zones)
     }
 }
