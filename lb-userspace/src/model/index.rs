@@ -124,15 +124,17 @@ impl ServiceEntry {
 #[derive(Debug, Default)]
 pub struct Index {
     opts: TranslateOptions,
-    services: HashMap<Key, ServiceEntry>,
-    slices: HashMap<Key, SliceInfo>,
+    /// Boxed, so the tables hold pointers: half-empty buckets and a resize
+    /// (old and new table at once) cost little.
+    services: HashMap<Key, Box<ServiceEntry>>,
+    slices: HashMap<Key, Box<SliceInfo>>,
     /// (namespace, service) → names of the slices labelled for it, sorted
     /// (the order endpoints are deduplicated in).
-    by_service: HashMap<Key, BTreeSet<String>>,
+    by_service: HashMap<Key, SortedVec<String>>,
     /// Slices without the service-name label (each is a diagnostic).
     unlabeled: BTreeSet<Key>,
     /// Frontend → the services claiming it, the owner first.
-    claims: HashMap<Frontend, BTreeSet<(Rank, Key)>>,
+    claims: HashMap<Frontend, SortedVec<(Rank, Key)>>,
     /// Frontends with more than one claim.
     contested: BTreeSet<Frontend>,
     /// Services whose translation reported problems.
@@ -214,7 +216,7 @@ impl Index {
                     frontends: Vec::new(),
                     diags: Vec::new(),
                 };
-                e.insert(entry);
+                e.insert(Box::new(entry));
             }
         }
         true
@@ -236,11 +238,11 @@ impl Index {
 
     pub fn apply_slice(&mut self, info: SliceInfo) -> bool {
         let key = (info.namespace.clone(), info.name.clone());
-        if self.slices.get(&key) == Some(&info) {
+        if self.slices.get(&key).map(AsRef::as_ref) == Some(&info) {
             return false;
         }
         let owner = info.service.clone();
-        let old = self.slices.insert(key.clone(), info);
+        let old = self.slices.insert(key.clone(), Box::new(info));
         let old_owner = old.and_then(|o| o.service);
         if old_owner != owner {
             if let Some(o) = &old_owner {
@@ -378,7 +380,7 @@ impl Index {
             let entry = &self.services[key];
             let mut group = entry.diags.clone();
             for (fe, _) in &entry.frontends {
-                let Some((_, owner)) = self.claims.get(fe).and_then(BTreeSet::first) else {
+                let Some((_, owner)) = self.claims.get(fe).and_then(SortedVec::first) else {
                     continue;
                 };
                 if owner != key {
@@ -459,6 +461,7 @@ impl Index {
             .into_iter()
             .flatten()
             .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())))
+            .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
         let frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
@@ -531,6 +534,67 @@ impl IndexNamespaced<SliceInfo> for Index {
 
     fn keys(&self) -> Vec<Key> {
         self.slice_keys()
+    }
+}
+
+/// A small ordered set as a sorted `Vec`: the claims on one frontend and
+/// the slices of one service are almost always one, and a `BTreeSet`
+/// allocates a whole node (eleven elements, about 1 KiB for a claim) for it.
+#[derive(Debug)]
+struct SortedVec<T>(Vec<T>);
+
+impl<T> Default for SortedVec<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedVec<T> {
+    fn insert(&mut self, v: T) -> bool {
+        match self.0.binary_search(&v) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, v);
+                true
+            }
+        }
+    }
+
+    fn remove<Q: Ord + ?Sized>(&mut self, v: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        match self.0.binary_search_by(|x| x.borrow().cmp(v)) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SortedVec<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 
