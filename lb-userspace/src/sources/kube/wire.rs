@@ -214,13 +214,14 @@ impl From<WireService> for SlimService {
         let spec = w.spec.map(|s| ServiceSpecInfo {
             type_: s.type_,
             cluster_ip: s.cluster_ip,
-            cluster_ips: s.cluster_ips,
-            ports: s
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| ServicePortInfo::new(p.name, p.protocol, p.port.unwrap_or_default()))
-                .collect(),
+            cluster_ips: s.cluster_ips.map(|ips| kept(ips, Some)),
+            ports: kept(s.ports.unwrap_or_default(), |p| {
+                Some(ServicePortInfo::new(
+                    p.name,
+                    p.protocol,
+                    p.port.unwrap_or_default(),
+                ))
+            }),
             internal_traffic_policy: s.internal_traffic_policy,
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
@@ -273,46 +274,48 @@ struct WireSlicePort {
 }
 
 fn names(list: Option<Vec<WireName>>) -> Vec<String> {
-    list.unwrap_or_default()
-        .into_iter()
-        .map(|n| n.name.unwrap_or_default())
-        .collect()
+    kept(list.unwrap_or_default(), |n| {
+        Some(n.name.unwrap_or_default())
+    })
+}
+
+/// What the index keeps of a decoded list, in an allocation of its own
+/// sized to it. A plain `into_iter().map().collect()` reuses the decoded
+/// list's allocation when the kept type is no larger, and that one has the
+/// slack of serde's growth (room for 16 endpoints when 10 were read): it
+/// made a slice's endpoints half again as large.
+fn kept<T, U>(decoded: Vec<T>, f: impl FnMut(T) -> Option<U>) -> Vec<U> {
+    let mut out = Vec::with_capacity(decoded.len());
+    out.extend(decoded.into_iter().filter_map(f));
+    out
 }
 
 impl From<WireSlice> for SlimSlice {
     fn from(w: WireSlice) -> Self {
         let metadata = ObjectMeta::from(w.metadata.unwrap_or_default());
         let family = Family::from_address_type(w.address_type.as_deref().unwrap_or_default());
-        let ports = w
-            .ports
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| SlicePortInfo::new(p.name, p.protocol.as_deref(), p.port))
-            .collect();
+        let ports = kept(w.ports.unwrap_or_default(), |p| {
+            SlicePortInfo::new(p.name, p.protocol.as_deref(), p.port)
+        });
         let endpoints = match family {
-            Some(family) => w
-                .endpoints
-                .unwrap_or_default()
-                .into_iter()
-                .map(|ep| {
-                    let c = ep.conditions;
-                    let hints = ep.hints;
-                    let (for_nodes, for_zones) =
-                        hints.map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
-                    EndpointInfo::new(
-                        ep.addresses.and_then(|a| a.0).as_deref(),
-                        family,
-                        [
-                            c.as_ref().and_then(|c| c.ready),
-                            c.as_ref().and_then(|c| c.serving),
-                            c.as_ref().and_then(|c| c.terminating),
-                        ],
-                        ep.node_name,
-                        names(for_nodes),
-                        names(for_zones),
-                    )
-                })
-                .collect(),
+            Some(family) => kept(w.endpoints.unwrap_or_default(), |ep| {
+                let c = ep.conditions;
+                let hints = ep.hints;
+                let (for_nodes, for_zones) =
+                    hints.map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
+                Some(EndpointInfo::new(
+                    ep.addresses.and_then(|a| a.0).as_deref(),
+                    family,
+                    [
+                        c.as_ref().and_then(|c| c.ready),
+                        c.as_ref().and_then(|c| c.serving),
+                        c.as_ref().and_then(|c| c.terminating),
+                    ],
+                    ep.node_name,
+                    names(for_nodes),
+                    names(for_zones),
+                ))
+            }),
             None => Vec::new(),
         };
         let info = SliceInfo::from_parts(&metadata, family, ports, endpoints);
