@@ -464,7 +464,10 @@ impl Index {
             .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
-        let frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        let mut frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        // Kept until the next change: no growth slack (a one-port service
+        // would hold room for four).
+        frontends.shrink_to_fit();
         let rank = entry.rank();
         if diags.is_empty() {
             self.with_diags.remove(&key);
@@ -554,6 +557,8 @@ impl<T: Ord> SortedVec<T> {
         match self.0.binary_search(&v) {
             Ok(_) => false,
             Err(at) => {
+                // Exactly as many as held: a Vec's first growth is to four.
+                self.0.reserve_exact(1);
                 self.0.insert(at, v);
                 true
             }
@@ -567,6 +572,7 @@ impl<T: Ord> SortedVec<T> {
         match self.0.binary_search_by(|x| x.borrow().cmp(v)) {
             Ok(at) => {
                 self.0.remove(at);
+                self.0.shrink_to_fit();
                 true
             }
             Err(_) => false,
