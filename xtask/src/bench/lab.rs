@@ -1087,8 +1087,6 @@ pub fn heap_profile(recording: &Path) -> anyhow::Result<HeapProfile> {
             "0",
             "--print-leaks",
             "0",
-            "--print-histogram",
-            "0",
             "--merge-backtraces",
             "0",
             "-n",

@@ -1318,8 +1318,8 @@ pub fn memory_breakdown(ctl: &[Control]) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "### API source: where the agent's memory goes (MiB)\n\n\
-VmHWM is the measured cold start's peak RSS; of it, *binary & libraries* is RssFile and *anonymous* RssAnon, both read right after the initial sync. The heap columns come from one more cold start under heaptrack: its peak heap, and each allocation site's bytes at that site's peak, grouped by the agent's module that allocated them (*index*: the slim Services and EndpointSlices and their translation; *sync*: copies the sync driver takes; *reconciler*: its record of what is installed; *decode*: HTTP bodies, list pages and per-object scratch of the watches; *other*: runtime, logging, loader). *Allocator & stacks* is anonymous minus peak heap: malloc's slack and thread stacks. The N = 1 row is the idle agent's baseline.\n"
+        "\n### API source: where the agent's memory goes (MiB)\n\n\
+VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint changes); *binary & libraries* (RssFile) and *anonymous* (RssAnon) are read right after the initial sync. The heap columns come from one more cold start under heaptrack: its peak heap, and each allocation site's bytes at that site's peak, grouped by the agent's module that allocated them (*index*: the slim Services and EndpointSlices and their translation; *sync*: copies the sync driver takes; *reconciler*: its record of what is installed; *decode*: HTTP bodies, list pages and per-object scratch of the watches; *other*: runtime, logging, loader). *Allocator & stacks* is anonymous minus peak heap: malloc's slack and thread stacks. The N = 1 row is the idle agent's baseline.\n"
     );
     let _ = write!(
         md,
