@@ -282,17 +282,11 @@ pub async fn run_kube(
         "watching services and endpointslices"
     );
     let services = tokio::spawn(kube_source::pump(
-        kube_source::watch::<k8s_openapi::api::core::v1::Service>(
-            kube::Api::all(client.clone()),
-            &selector,
-        ),
+        kube_source::watch::<kube_source::SlimService>(kube::Api::all(client.clone()), &selector),
         signals.clone(),
     ));
     let slices = tokio::spawn(kube_source::pump(
-        kube_source::watch::<k8s_openapi::api::discovery::v1::EndpointSlice>(
-            kube::Api::all(client),
-            &selector,
-        ),
+        kube_source::watch::<kube_source::SlimSlice>(kube::Api::all(client), &selector),
         signals,
     ));
     driver.run(&health, shutdown).await;

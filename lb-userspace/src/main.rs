@@ -232,6 +232,20 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// One glibc malloc arena for the whole agent. The watch tasks build the
+/// index on the runtime's workers and the sync driver reads and copies it
+/// on the main thread; with an arena per thread the same live bytes held
+/// about 10 MiB more peak RSS at 10,000 services (measured with the
+/// bench's API slot). Nothing here is allocation-bound enough to need
+/// per-thread arenas. Called before the runtime starts any thread.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
         pins,
@@ -267,6 +281,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         zone,
         service_proxy_name,
     };
+    one_malloc_arena();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::Datapath,
     health::Health,
-    model::{DesiredService, DesiredState, Diagnostic, Frontend, Index, Severity},
+    model::{DesiredService, Diagnostic, Frontend, Index, Severity},
     reconciler::{ApplyReport, Installed, Prune, Reconciler},
 };
 
@@ -120,19 +120,6 @@ impl<D: Datapath> Syncer<D> {
         self.reported = now;
     }
 
-    /// Brings the maps to `desired` as a whole: what is installed and not
-    /// desired goes (with [`Prune::Yes`]).
-    pub fn apply_desired(&mut self, mut desired: DesiredState, prune: Prune) -> SyncStats {
-        if prune == Prune::No {
-            let installed = self.reconciler.installed();
-            desired.retain(|fe, want| may_install_early(installed, fe, want));
-        }
-        let report = self.reconciler.apply(&desired, prune);
-        // Every frontend was looked at: only this pass's failures remain.
-        let attempted: BTreeSet<Frontend> = self.failed.keys().copied().collect();
-        self.finish(&report, attempted)
-    }
-
     /// Writes only the frontends named (`None`: the frontend is gone), so a
     /// sync costs what changed.
     pub fn apply_changes(
@@ -224,6 +211,9 @@ fn repair_maps<D: Datapath>(reconciler: &mut Reconciler<D>) -> usize {
     }
     report.repaired
 }
+
+/// Frontends per reconciler call in a full pass.
+const FULL_PASS_PART: usize = 1024;
 
 /// At most this many pending arrival times are kept between two syncs
 /// (only for the latency figures; the dirty flag itself is never lost).
@@ -619,16 +609,11 @@ impl<D: Datapath> Driver<D> {
             if first_complete {
                 sh.index.end_seeding();
             }
-            let out = sh.index.checkout();
-            let diags: BTreeSet<Diagnostic> = sh
-                .source_diags
-                .iter()
-                .cloned()
-                .chain(out.diagnostics)
-                .collect();
-            let work = if full {
-                Work::Full(sh.index.desired())
+            let (work, index_diags) = if full {
+                let diags = sh.index.checkout_full();
+                (Work::Full(sh.index.frontends()), diags)
             } else {
+                let out = sh.index.checkout();
                 let mut changes = out.changes;
                 // What failed before (a full map that since got room, say)
                 // is tried again once its timer is due.
@@ -637,13 +622,15 @@ impl<D: Datapath> Driver<D> {
                         .entry(fe)
                         .or_insert_with(|| sh.index.served(&fe).cloned());
                 }
-                Work::Changes(changes)
+                (Work::Changes(changes), out.diagnostics)
             };
+            let diags: BTreeSet<Diagnostic> =
+                sh.source_diags.iter().cloned().chain(index_diags).collect();
             (work, diags, arrivals, first_arrival, sh.index.len())
         };
         self.syncer.report(diags);
         let changes = match &work {
-            Work::Full(d) => d.len(),
+            Work::Full(f) => f.len(),
             Work::Changes(c) => c.len(),
         };
         // Failed before and not tried in this sync.
@@ -658,7 +645,7 @@ impl<D: Datapath> Driver<D> {
                 .collect(),
         };
         let mut stats = match work {
-            Work::Full(desired) => self.syncer.apply_desired(desired, prune),
+            Work::Full(frontends) => self.apply_full(&frontends, prune),
             Work::Changes(changes) => self.syncer.apply_changes(changes, prune),
         };
         if stats.deletes > 0 && !waiting.is_empty() {
@@ -711,6 +698,40 @@ impl<D: Datapath> Driver<D> {
             repaired: 0,
             since_change: first_arrival.map(|t| written.saturating_duration_since(t)),
         }
+    }
+
+    /// Brings the maps to the whole index (`frontends`: all it serves): in
+    /// parts of [`FULL_PASS_PART`] frontends, each copied out of the index
+    /// only for its reconciler call, then what is installed (or waiting for
+    /// a retry) and served no more goes.
+    fn apply_full(&mut self, frontends: &[Frontend], prune: Prune) -> SyncStats {
+        let mut stats = SyncStats::default();
+        for part in frontends.chunks(FULL_PASS_PART) {
+            let changes = {
+                let sh = self.input.lock();
+                part.iter()
+                    .map(|fe| (*fe, sh.index.served(fe).cloned()))
+                    .collect()
+            };
+            stats += self.syncer.apply_changes(changes, prune);
+        }
+        let held: BTreeSet<Frontend> = self
+            .syncer
+            .reconciler
+            .installed()
+            .keys()
+            .chain(self.syncer.failed.keys())
+            .copied()
+            .collect();
+        let gone = {
+            let sh = self.input.lock();
+            held.into_iter()
+                .filter(|fe| sh.index.served(fe).is_none())
+                .map(|fe| (fe, None))
+                .collect()
+        };
+        stats += self.syncer.apply_changes(gone, prune);
+        stats
     }
 
     /// Logs the latency figures now if any are new (used at shutdown).
@@ -772,6 +793,7 @@ pub fn owners_oldest_first<D: Datapath>(reconciler: &Reconciler<D>) -> Vec<(Stri
 }
 
 enum Work {
-    Full(DesiredState),
+    /// Every frontend the index serves, for a pass over everything.
+    Full(Vec<Frontend>),
     Changes(BTreeMap<Frontend, Option<DesiredService>>),
 }

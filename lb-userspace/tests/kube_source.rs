@@ -15,7 +15,7 @@ use lb_userspace::{
     datapath::{MemoryDatapath, backend_addr},
     model::{Index, TranslateOptions, translate},
     reconciler::{Prune, Reconciler},
-    sources::kube::{Signals, label_selector, pump, watch},
+    sources::kube::{Signals, SlimService, SlimSlice, label_selector, pump, watch},
     sync::{Coalesce, Driver, Input, Syncer},
 };
 use serde_json::{Value, json};
@@ -71,13 +71,10 @@ async fn start(server: FakeApiServer, dp: MemoryDatapath) -> Harness {
     let sel = label_selector(None);
     let tasks = vec![
         tokio::spawn(pump(
-            watch(Api::<Service>::all(client.clone()), &sel),
+            watch(Api::<SlimService>::all(client.clone()), &sel),
             signals.clone(),
         )),
-        tokio::spawn(pump(
-            watch(Api::<EndpointSlice>::all(client), &sel),
-            signals,
-        )),
+        tokio::spawn(pump(watch(Api::<SlimSlice>::all(client), &sel), signals)),
     ];
     Harness {
         server,

@@ -124,15 +124,17 @@ impl ServiceEntry {
 #[derive(Debug, Default)]
 pub struct Index {
     opts: TranslateOptions,
-    services: HashMap<Key, ServiceEntry>,
-    slices: HashMap<Key, SliceInfo>,
+    /// Boxed, so the tables hold pointers: half-empty buckets and a resize
+    /// (old and new table at once) cost little.
+    services: HashMap<Key, Box<ServiceEntry>>,
+    slices: HashMap<Key, Box<SliceInfo>>,
     /// (namespace, service) → names of the slices labelled for it, sorted
     /// (the order endpoints are deduplicated in).
-    by_service: HashMap<Key, BTreeSet<String>>,
+    by_service: HashMap<Key, SortedVec<String>>,
     /// Slices without the service-name label (each is a diagnostic).
     unlabeled: BTreeSet<Key>,
     /// Frontend → the services claiming it, the owner first.
-    claims: HashMap<Frontend, BTreeSet<(Rank, Key)>>,
+    claims: HashMap<Frontend, SortedVec<(Rank, Key)>>,
     /// Frontends with more than one claim.
     contested: BTreeSet<Frontend>,
     /// Services whose translation reported problems.
@@ -214,7 +216,7 @@ impl Index {
                     frontends: Vec::new(),
                     diags: Vec::new(),
                 };
-                e.insert(entry);
+                e.insert(Box::new(entry));
             }
         }
         true
@@ -236,11 +238,11 @@ impl Index {
 
     pub fn apply_slice(&mut self, info: SliceInfo) -> bool {
         let key = (info.namespace.clone(), info.name.clone());
-        if self.slices.get(&key) == Some(&info) {
+        if self.slices.get(&key).map(AsRef::as_ref) == Some(&info) {
             return false;
         }
         let owner = info.service.clone();
-        let old = self.slices.insert(key.clone(), info);
+        let old = self.slices.insert(key.clone(), Box::new(info));
         let old_owner = old.and_then(|o| o.service);
         if old_owner != owner {
             if let Some(o) = &old_owner {
@@ -280,11 +282,8 @@ impl Index {
     /// Translates what changed and hands over the frontends whose desired
     /// state may differ from the last check-out.
     pub fn checkout(&mut self) -> Checkout {
-        for key in std::mem::take(&mut self.dirty) {
-            self.retranslate(key);
-        }
-        self.unlabeled_changed = false;
-        let changes = std::mem::take(&mut self.touched)
+        let changes = self
+            .translate_dirty()
             .into_iter()
             .map(|fe| (fe, self.served(&fe).cloned()))
             .collect();
@@ -292,6 +291,33 @@ impl Index {
             changes,
             diagnostics: self.diagnostics(),
         }
+    }
+
+    /// A check-out for a full pass: translates what changed and forgets
+    /// which frontends that touched, copying nothing out; every current
+    /// problem. The caller reads [`Index::served`] for [`Index::frontends`]
+    /// a part at a time, so no second copy of the whole desired state is
+    /// ever built (at a cold start every frontend changed).
+    pub fn checkout_full(&mut self) -> Vec<Diagnostic> {
+        self.translate_dirty();
+        self.diagnostics()
+    }
+
+    /// Every frontend served as of the last check-out, in order.
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut out: Vec<Frontend> = self.claims.keys().copied().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Translates the services marked dirty; the frontends touched since
+    /// the last check-out.
+    fn translate_dirty(&mut self) -> BTreeSet<Frontend> {
+        for key in std::mem::take(&mut self.dirty) {
+            self.retranslate(key);
+        }
+        self.unlabeled_changed = false;
+        std::mem::take(&mut self.touched)
     }
 
     /// Changes are waiting for a check-out.
@@ -354,7 +380,7 @@ impl Index {
             let entry = &self.services[key];
             let mut group = entry.diags.clone();
             for (fe, _) in &entry.frontends {
-                let Some((_, owner)) = self.claims.get(fe).and_then(BTreeSet::first) else {
+                let Some((_, owner)) = self.claims.get(fe).and_then(SortedVec::first) else {
                     continue;
                 };
                 if owner != key {
@@ -435,9 +461,13 @@ impl Index {
             .into_iter()
             .flatten()
             .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())))
+            .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
-        let frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        let mut frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        // Kept until the next change: no growth slack (a one-port service
+        // would hold room for four).
+        frontends.shrink_to_fit();
         let rank = entry.rank();
         if diags.is_empty() {
             self.with_diags.remove(&key);
@@ -507,6 +537,70 @@ impl IndexNamespaced<SliceInfo> for Index {
 
     fn keys(&self) -> Vec<Key> {
         self.slice_keys()
+    }
+}
+
+/// A small ordered set as a sorted `Vec`: the claims on one frontend and
+/// the slices of one service are almost always one, and a `BTreeSet`
+/// allocates a whole node (eleven elements, about 1 KiB for a claim) for it.
+#[derive(Debug)]
+struct SortedVec<T>(Vec<T>);
+
+impl<T> Default for SortedVec<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedVec<T> {
+    fn insert(&mut self, v: T) -> bool {
+        match self.0.binary_search(&v) {
+            Ok(_) => false,
+            Err(at) => {
+                // Exactly as many as held: a Vec's first growth is to four.
+                self.0.reserve_exact(1);
+                self.0.insert(at, v);
+                true
+            }
+        }
+    }
+
+    fn remove<Q: Ord + ?Sized>(&mut self, v: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        match self.0.binary_search_by(|x| x.borrow().cmp(v)) {
+            Ok(at) => {
+                self.0.remove(at);
+                self.0.shrink_to_fit();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SortedVec<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 

@@ -101,14 +101,22 @@ pub struct SlicePortInfo {
 
 /// One endpoint: its first address (kube-proxy uses no other), node, hints
 /// and the three conditions resolved (nil ready/serving count as true, nil
-/// terminating as false).
+/// terminating as false). There are ten or more per service, so it is kept
+/// at 56 bytes: boxed text, and the rarely set hints behind one pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: Address,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
+    /// `None` when it has no hint at all.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints (`hints.forNodes`, `hints.forZones`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
     pub for_nodes: Vec<String>,
     pub for_zones: Vec<String>,
 }
@@ -120,7 +128,7 @@ pub enum Address {
     Missing,
     /// Not an address of the slice's family (or v4-mapped, which would
     /// alias an IPv4 backend in the maps); the raw text, for the diagnostic.
-    Invalid(String),
+    Invalid(Box<str>),
 }
 
 /// Objects without a namespace are taken as `default`, as kubectl would.
@@ -146,7 +154,28 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 
 impl From<&Service> for ServiceInfo {
     fn from(svc: &Service) -> Self {
-        let meta = &svc.metadata;
+        let spec = svc.spec.as_ref().map(|spec| ServiceSpecInfo {
+            type_: spec.type_.clone(),
+            cluster_ip: spec.cluster_ip.clone(),
+            cluster_ips: spec.cluster_ips.clone(),
+            ports: spec
+                .ports
+                .as_deref()
+                .unwrap_or(&[])
+                .iter()
+                .map(ServicePortInfo::from)
+                .collect(),
+            internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        });
+        Self::from_parts(&svc.metadata, spec)
+    }
+}
+
+impl ServiceInfo {
+    /// From the metadata and the spec already taken: the one place the
+    /// metadata rules live, for full objects and for the API source's slim
+    /// decode alike.
+    pub fn from_parts(meta: &ObjectMeta, spec: Option<ServiceSpecInfo>) -> Self {
         Self {
             namespace: namespace_of(meta),
             name: meta.name.clone().unwrap_or_default(),
@@ -154,65 +183,59 @@ impl From<&Service> for ServiceInfo {
             created: meta.creation_timestamp.clone(),
             headless_label: label(meta, HEADLESS).is_some(),
             proxy_name: label(meta, SERVICE_PROXY_NAME).map(str::to_owned),
-            spec: svc.spec.as_ref().map(|spec| ServiceSpecInfo {
-                type_: spec.type_.clone(),
-                cluster_ip: spec.cluster_ip.clone(),
-                cluster_ips: spec.cluster_ips.clone(),
-                ports: spec
-                    .ports
-                    .as_deref()
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(ServicePortInfo::from)
-                    .collect(),
-                internal_traffic_policy: spec.internal_traffic_policy.clone(),
-            }),
+            spec,
         }
     }
 }
 
 impl From<&ServicePort> for ServicePortInfo {
     fn from(p: &ServicePort) -> Self {
+        Self::new(p.name.clone(), p.protocol.clone(), p.port)
+    }
+}
+
+impl ServicePortInfo {
+    pub fn new(name: Option<String>, protocol: Option<String>, port: i32) -> Self {
         Self {
-            name: p.name.clone().unwrap_or_default(),
-            protocol: p.protocol.clone(),
-            port: p.port,
+            name: name.unwrap_or_default(),
+            protocol,
+            port,
         }
     }
 }
 
 impl From<&EndpointSlice> for SliceInfo {
     fn from(slice: &EndpointSlice) -> Self {
-        let meta = &slice.metadata;
-        let family = match slice.address_type.as_str() {
-            "IPv4" => Some(Family::V4),
-            "IPv6" => Some(Family::V6),
-            _ => None,
-        };
+        let family = Family::from_address_type(&slice.address_type);
         let ports = slice
             .ports
             .as_deref()
             .unwrap_or(&[])
             .iter()
-            .filter_map(|p| {
-                Some(SlicePortInfo {
-                    name: p.name.clone().unwrap_or_default(),
-                    proto: super::translate::parse_proto(p.protocol.as_deref()).ok()?,
-                    port: p
-                        .port
-                        .and_then(|n| u16::try_from(n).ok())
-                        .filter(|n| *n != 0),
-                })
-            })
+            .filter_map(|p| SlicePortInfo::new(p.name.clone(), p.protocol.as_deref(), p.port))
             .collect();
         let endpoints = match family {
             Some(family) => slice
                 .endpoints
                 .iter()
-                .map(|ep| EndpointInfo::new(ep, family))
+                .map(|ep| EndpointInfo::from_endpoint(ep, family))
                 .collect(),
             None => Vec::new(),
         };
+        Self::from_parts(&slice.metadata, family, ports, endpoints)
+    }
+}
+
+impl SliceInfo {
+    /// From the metadata and the parts already taken (see
+    /// [`ServiceInfo::from_parts`]); `endpoints` must be empty when
+    /// `family` is `None`.
+    pub fn from_parts(
+        meta: &ObjectMeta,
+        family: Option<Family>,
+        ports: Vec<SlicePortInfo>,
+        endpoints: Vec<EndpointInfo>,
+    ) -> Self {
         Self {
             namespace: namespace_of(meta),
             name: meta.name.clone().unwrap_or_default(),
@@ -227,38 +250,102 @@ impl From<&EndpointSlice> for SliceInfo {
     }
 }
 
+impl Family {
+    /// `addressType`: `None` for FQDN (or anything unknown).
+    pub fn from_address_type(address_type: &str) -> Option<Self> {
+        match address_type {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+impl SlicePortInfo {
+    /// `None` for a protocol translation does not support (such a port
+    /// never matches a service port).
+    pub fn new(name: Option<String>, protocol: Option<&str>, port: Option<i32>) -> Option<Self> {
+        Some(Self {
+            name: name.unwrap_or_default(),
+            proto: super::translate::parse_proto(protocol).ok()?,
+            port: port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0),
+        })
+    }
+}
+
 impl EndpointInfo {
-    fn new(ep: &Endpoint, family: Family) -> Self {
-        let address = match ep.addresses.first() {
+    fn from_endpoint(ep: &Endpoint, family: Family) -> Self {
+        let cond = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        Self::new(
+            ep.addresses.first().map(String::as_str),
+            family,
+            [
+                cond.and_then(|c| c.ready),
+                cond.and_then(|c| c.serving),
+                cond.and_then(|c| c.terminating),
+            ],
+            ep.node_name.clone(),
+            hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|n| n.name.clone())
+                .collect(),
+            hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|z| z.name.clone())
+                .collect(),
+        )
+    }
+
+    /// Resolves an endpoint: its first address checked against the
+    /// slice's family, and the conditions `[ready, serving, terminating]`
+    /// as written (nil ready/serving count as true, nil terminating as
+    /// false).
+    pub fn new(
+        first_address: Option<&str>,
+        family: Family,
+        [ready, serving, terminating]: [Option<bool>; 3],
+        node_name: Option<String>,
+        for_nodes: Vec<String>,
+        for_zones: Vec<String>,
+    ) -> Self {
+        let address = match first_address {
             None => Address::Missing,
             Some(raw) => match (family, raw.parse::<IpAddr>()) {
                 (Family::V4, Ok(ip @ IpAddr::V4(_))) => Address::Ip(ip),
                 (Family::V6, Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
                     Address::Ip(IpAddr::V6(v6))
                 }
-                _ => Address::Invalid(raw.clone()),
+                _ => Address::Invalid(raw.into()),
             },
         };
-        let cond = ep.conditions.as_ref();
-        let hints = ep.hints.as_ref();
+        let hints = (!for_nodes.is_empty() || !for_zones.is_empty()).then(|| {
+            Box::new(Hints {
+                for_nodes,
+                for_zones,
+            })
+        });
         Self {
             address,
-            ready: cond.and_then(|c| c.ready) != Some(false),
-            serving: cond.and_then(|c| c.serving) != Some(false),
-            terminating: cond.and_then(|c| c.terminating) == Some(true),
-            node_name: ep.node_name.clone(),
-            for_nodes: hints
-                .and_then(|h| h.for_nodes.as_deref())
-                .unwrap_or(&[])
-                .iter()
-                .map(|n| n.name.clone())
-                .collect(),
-            for_zones: hints
-                .and_then(|h| h.for_zones.as_deref())
-                .unwrap_or(&[])
-                .iter()
-                .map(|z| z.name.clone())
-                .collect(),
+            ready: ready != Some(false),
+            serving: serving != Some(false),
+            terminating: terminating == Some(true),
+            node_name: node_name.map(String::into_boxed_str),
+            hints,
         }
+    }
+
+    /// `hints.forNodes` (empty without hints).
+    pub fn for_nodes(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.for_nodes)
+    }
+
+    /// `hints.forZones` (empty without hints).
+    pub fn for_zones(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.for_zones)
     }
 }

@@ -466,8 +466,8 @@ fn choose_backends(
 
     let ready = match topology_filter(endpoints, opts) {
         None => pick(&|e| e.ready),
-        Some(Hint::Node(node)) => pick(&|e| e.ready && e.for_nodes.iter().any(|n| n == node)),
-        Some(Hint::Zone(zone)) => pick(&|e| e.ready && e.for_zones.iter().any(|z| z == zone)),
+        Some(Hint::Node(node)) => pick(&|e| e.ready && e.for_nodes().iter().any(|n| n == node)),
+        Some(Hint::Zone(zone)) => pick(&|e| e.ready && e.for_zones().iter().any(|z| z == zone)),
     };
     if !ready.is_empty() {
         return ready;
@@ -496,14 +496,22 @@ fn topology_filter<'o>(
         return None;
     }
     if let Some(node) = opts.node_name.as_deref() {
-        let all = ready.iter().all(|e| !e.for_nodes.is_empty());
-        if all && ready.iter().any(|e| e.for_nodes.iter().any(|n| n == node)) {
+        let all = ready.iter().all(|e| !e.for_nodes().is_empty());
+        if all
+            && ready
+                .iter()
+                .any(|e| e.for_nodes().iter().any(|n| n == node))
+        {
             return Some(Hint::Node(node));
         }
     }
     if let Some(zone) = opts.zone.as_deref() {
-        let all = ready.iter().all(|e| !e.for_zones.is_empty());
-        if all && ready.iter().any(|e| e.for_zones.iter().any(|z| z == zone)) {
+        let all = ready.iter().all(|e| !e.for_zones().is_empty());
+        if all
+            && ready
+                .iter()
+                .any(|e| e.for_zones().iter().any(|z| z == zone))
+        {
             return Some(Hint::Zone(zone));
         }
     }

@@ -2,14 +2,16 @@
 //! `discovery.k8s.io/v1` EndpointSlices) with kube-proxy's label selector,
 //! feeding the model's index through the sync [`Input`].
 //!
-//! Each watch task ([`pump`]) turns every object into the index's slim type
-//! at once (no store keeps full objects) and applies it; an update that
-//! changes nothing is dropped there. A (re)list is buffered until it is
-//! complete, then applied as one reset: what the index held and the list
-//! no longer has is deleted, computed from the index's own keys. Nothing is
-//! pruned or shrunk until both watches have completed their initial list
-//! ([`Input::set_complete`]).
+//! Each watch decodes its objects straight into the index's slim types
+//! ([`wire`]: no full object is ever built) and its task ([`pump`]) applies
+//! them; an update that changes nothing is dropped there. A (re)list is
+//! applied object by object as it arrives, and once it is complete what the
+//! index held before and the list no longer has is deleted (kubert's
+//! `reset`, from the index's own keys, so nothing is held twice). Nothing
+//! is pruned or shrunk until both watches have completed their initial
+//! list ([`Input::set_complete`]).
 use std::{
+    collections::HashSet,
     fmt,
     path::PathBuf,
     pin::pin,
@@ -21,10 +23,7 @@ use std::{
 };
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
@@ -35,6 +34,7 @@ use tracing::{debug, info, warn};
 use crate::{
     model::{
         Index, IndexNamespaced, Named, ServiceInfo, SliceInfo,
+        index::Key,
         labels::{HEADLESS, SERVICE_PROXY_NAME},
     },
     sync::Input,
@@ -42,6 +42,9 @@ use crate::{
 
 #[cfg(test)]
 mod tests;
+pub mod wire;
+
+pub use wire::{SlimService, SlimSlice};
 
 /// The node label holding this node's zone, for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -161,20 +164,28 @@ impl fmt::Display for Kind {
     }
 }
 
-/// A kind the index takes, with its slim type.
+/// A kind the index takes: what the watch decodes, and the slim type it
+/// carries.
 pub trait Ingest: Resource + Sized {
-    type Info: Named + for<'a> From<&'a Self>;
+    type Info: Named;
     const KIND: Kind;
+    fn into_info(self) -> Self::Info;
 }
 
-impl Ingest for Service {
+impl Ingest for SlimService {
     type Info = ServiceInfo;
     const KIND: Kind = Kind::Services;
+    fn into_info(self) -> ServiceInfo {
+        self.info
+    }
 }
 
-impl Ingest for EndpointSlice {
+impl Ingest for SlimSlice {
     type Info = SliceInfo;
     const KIND: Kind = Kind::EndpointSlices;
+    fn into_info(self) -> SliceInfo {
+        self.info
+    }
 }
 
 /// What the two watches share: the sync input and whether each has
@@ -230,9 +241,11 @@ impl Signals {
 /// One watch's side: events → slim objects → index.
 pub struct Pump<K: Ingest> {
     signals: Arc<Signals>,
-    /// A (re)list in progress: applied as a whole once complete, as a
-    /// reflector store would have swapped it in.
-    relist: Option<Vec<K::Info>>,
+    /// A (re)list in progress: the keys the index held before it that the
+    /// list has not named yet; what is left at its end has vanished.
+    /// Empty on the first list, so the cold start holds no second copy.
+    relist: Option<HashSet<Key>>,
+    kind: std::marker::PhantomData<fn(K)>,
 }
 
 impl<K: Ingest> Pump<K>
@@ -243,6 +256,7 @@ where
         Self {
             signals,
             relist: None,
+            kind: std::marker::PhantomData,
         }
     }
 
@@ -254,20 +268,30 @@ where
         // Only EndpointSlice events count in the latency figures.
         let measured = kind == Kind::EndpointSlices;
         match event {
-            Ok(Event::Init) => self.relist = Some(Vec::new()),
-            Ok(Event::InitApply(o)) => match &mut self.relist {
-                Some(list) => list.push(K::Info::from(&o)),
-                None => {
-                    input.update(Instant::now(), measured, |index| {
-                        index.apply(K::Info::from(&o))
-                    });
+            Ok(Event::Init) => {
+                let held = input.with_index(IndexNamespaced::<K::Info>::keys);
+                self.relist = Some(held.into_iter().collect());
+            }
+            Ok(Event::InitApply(o)) => {
+                let info = o.into_info();
+                if let Some(held) = &mut self.relist {
+                    held.remove(&info.key());
                 }
-            },
+                // A listed object is current: applied at once (an unchanged
+                // one is no change), not counted as an event.
+                input.update(Instant::now(), false, |index| index.apply(info));
+            }
             Ok(Event::InitDone) => {
-                let list = self.relist.take().unwrap_or_default();
-                input.update(Instant::now(), false, |index| index.reset(list));
+                let gone = self.relist.take().unwrap_or_default();
+                input.update(Instant::now(), false, |index| {
+                    let mut changed = false;
+                    for (namespace, name) in &gone {
+                        changed |= index.delete(namespace, name);
+                    }
+                    changed
+                });
                 if self.signals.synced_flag(kind).swap(true, Ordering::SeqCst) {
-                    info!(%kind, "relisted");
+                    info!(%kind, vanished = gone.len(), "relisted");
                 } else {
                     info!(%kind, "initial list complete");
                 }
@@ -276,19 +300,12 @@ where
                 }
             }
             Ok(Event::Apply(o)) => {
-                input.update(Instant::now(), measured, |index| {
-                    index.apply(K::Info::from(&o))
-                });
+                let info = o.into_info();
+                input.update(Instant::now(), measured, |index| index.apply(info));
             }
             Ok(Event::Delete(o)) => {
-                let meta = o.meta();
-                // Defaulted as the slim types default it.
-                let namespace = meta
-                    .namespace
-                    .clone()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "default".to_owned());
-                let name = meta.name.clone().unwrap_or_default();
+                // Keyed (and defaulted) as the slim type keys it.
+                let (namespace, name) = o.into_info().key();
                 input.update(Instant::now(), measured, |index| {
                     index.delete(&namespace, &name)
                 });

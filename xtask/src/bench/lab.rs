@@ -6,6 +6,7 @@
 //! `lbt` prefix, whose leftover sweep must not meet a running bench) and is
 //! removed in `Drop`, also after an error or Ctrl-C.
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
@@ -471,8 +472,42 @@ impl AgentProc {
         max_backends: u32,
         max_frontends: u32,
     ) -> anyhow::Result<Self> {
+        Self::start_under(
+            &[],
+            bin,
+            source,
+            bpffs,
+            cgroup,
+            log,
+            max_services,
+            max_backends,
+            max_frontends,
+        )
+    }
+
+    /// [`AgentProc::start`] with the agent's command line after `wrapper`
+    /// (a profiler); then [`AgentProc::agent_pid`] is the agent's own pid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_under(
+        wrapper: &[&str],
+        bin: &Path,
+        source: Source<'_>,
+        bpffs: &Path,
+        cgroup: &Path,
+        log: &Path,
+        max_services: u32,
+        max_backends: u32,
+        max_frontends: u32,
+    ) -> anyhow::Result<Self> {
         let logf = fs::File::create(log)?;
-        let mut c = Command::new(bin);
+        let mut c = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         c.arg("run");
         match source {
             Source::Manifests(dir) => {
@@ -577,14 +612,58 @@ impl AgentProc {
 
     /// Peak resident set size (VmHWM) in KiB.
     pub fn vm_hwm_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// A `/proc/PID/status` figure in KiB (`RssFile:`: the binary's and
+    /// libraries' pages; `RssAnon:`: heap, stacks, allocator slack).
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(field))?
             .split_whitespace()
             .next()?
             .parse()
             .ok()
+    }
+
+    /// The `lb-agent` process itself: the child, or under a wrapper the
+    /// first descendant of that name.
+    pub fn agent_pid(&self) -> Option<u32> {
+        let mut todo = vec![self.pid()?];
+        while let Some(pid) = todo.pop() {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "lb-agent" {
+                return Some(pid);
+            }
+            let children =
+                fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        None
+    }
+
+    /// SIGTERM to the agent (under a wrapper too), then waits up to `grace`
+    /// for the child (the wrapper writing its output) to exit.
+    pub fn terminate_and_wait(&mut self, grace: Duration) -> anyhow::Result<()> {
+        let agent = self.agent_pid().context("the agent is not running")?;
+        // SAFETY: kill(2) on a process this bench started.
+        unsafe { libc::kill(i32::try_from(agent)?, libc::SIGTERM) };
+        let child = self.child.as_mut().context("no child")?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                self.child = None;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent's wrapper did not exit within {grace:?}")
     }
 
     /// SIGTERM, wait, then `lb-agent uninstall` and remove the pins.
@@ -925,4 +1004,180 @@ pub fn map_memory(bpffs: &Path, progs: &[u64]) -> std::collections::BTreeMap<Str
         }
     }
     out
+}
+
+/// The agent's heap at its peak, from heaptrack: the total and the bytes
+/// of each component, attributed by the call sites that allocated them.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct HeapProfile {
+    /// heaptrack's "peak heap memory consumption".
+    pub peak_bytes: u64,
+    /// Component → bytes (each call site's contribution at its peak).
+    pub components: BTreeMap<String, u64>,
+}
+
+/// Components of the agent's heap, in report order.
+pub const HEAP_COMPONENTS: [&str; 5] = ["index", "sync", "reconciler", "decode", "other"];
+
+/// Which component a call site's allocations belong to, from its
+/// backtrace (innermost frame first): the first frame of the agent's own
+/// code decides; the slim objects the watch decodes are kept by the index,
+/// everything else the watch allocates (HTTP bodies, pages of items,
+/// per-object scratch) is a decode buffer.
+pub fn heap_component(frames: &[String]) -> &'static str {
+    for f in frames {
+        let f = f.replace("..", "::");
+        if !f.contains("lb_userspace::") {
+            continue;
+        }
+        return if f.contains("lb_userspace::reconciler") || f.contains("lb_userspace::datapath") {
+            "reconciler"
+        } else if f.contains("lb_userspace::sources::kube::wire") && f.contains("convert::From") {
+            "index"
+        } else if f.contains("lb_userspace::model::index::Index::desired")
+            || f.contains("lb_userspace::sync")
+        {
+            "sync"
+        } else if f.contains("lb_userspace::model") {
+            "index"
+        } else if f.contains("lb_userspace::sources::kube") {
+            "decode"
+        } else {
+            "other"
+        };
+    }
+    let http = [
+        "kube_client",
+        "kube_runtime",
+        "hyper",
+        "serde_json",
+        "bytes::",
+    ];
+    if frames.iter().any(|f| http.iter().any(|h| f.contains(h))) {
+        "decode"
+    } else {
+        "other"
+    }
+}
+
+/// heaptrack's sizes: `59.34M`, `835.58K`, `12B` (decimal units).
+fn heaptrack_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'B' => (&s[..s.len() - 1], 1.0),
+        'K' => (&s[..s.len() - 1], 1e3),
+        'M' => (&s[..s.len() - 1], 1e6),
+        'G' => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    Some((num.parse::<f64>().ok()? * mult) as u64)
+}
+
+/// Reads a heaptrack recording (`heaptrack_print`'s peak consumers).
+pub fn heap_profile(recording: &Path) -> anyhow::Result<HeapProfile> {
+    let out = Command::new("heaptrack_print")
+        .arg("-f")
+        .arg(recording)
+        .args([
+            "--print-peaks",
+            "1",
+            "--print-allocators",
+            "0",
+            "--print-temporary",
+            "0",
+            "--print-leaks",
+            "0",
+            "--merge-backtraces",
+            "0",
+            "-n",
+            "100000",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .context("running heaptrack_print")?;
+    parse_heap_profile(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_heap_profile(text: &str) -> anyhow::Result<HeapProfile> {
+    let mut profile = HeapProfile::default();
+    let mut site: Option<(u64, Vec<String>)> = None;
+    let mut in_peaks = false;
+    let flush = |site: &mut Option<(u64, Vec<String>)>, profile: &mut HeapProfile| {
+        if let Some((bytes, frames)) = site.take() {
+            *profile
+                .components
+                .entry(heap_component(&frames).to_owned())
+                .or_default() += bytes;
+        }
+    };
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("peak heap memory consumption:") {
+            profile.peak_bytes = heaptrack_bytes(v).unwrap_or(0);
+        }
+        if line.starts_with("PEAK MEMORY CONSUMERS") {
+            in_peaks = true;
+            continue;
+        }
+        if !in_peaks {
+            continue;
+        }
+        if let Some((size, _)) = line.split_once(" peak memory consumed over ") {
+            flush(&mut site, &mut profile);
+            site = heaptrack_bytes(size).map(|b| (b, Vec::new()));
+        } else if line.starts_with(|c: char| c.is_ascii_uppercase()) {
+            // The next section.
+            flush(&mut site, &mut profile);
+            in_peaks = false;
+        } else if let Some((_, frames)) = &mut site {
+            let f = line.trim();
+            if !f.is_empty() && !f.starts_with("in ") && !f.starts_with("at ") {
+                frames.push(f.to_owned());
+            }
+        }
+    }
+    flush(&mut site, &mut profile);
+    if profile.peak_bytes == 0 {
+        bail!("heaptrack_print reported no peak");
+    }
+    Ok(profile)
+}
+
+#[cfg(test)]
+mod heap_tests {
+    use super::*;
+
+    #[test]
+    fn peak_consumers_are_summed_by_component() {
+        let text = "reading file...\n\
+PEAK MEMORY CONSUMERS\n\
+11.19M peak memory consumed over 4500 calls from\n\
+  alloc::raw_vec::finish_grow\n\
+    in /x/lb-agent\n\
+  _$LT$lb_userspace..sources..kube..wire..SlimSlice$u20$as$u20$core..convert..From$LT$x$GT$$GT$::from::h1\n\
+  lb_userspace::sources::kube::pump::h2\n\
+2.24M peak memory consumed over 12 calls from\n\
+  _$LT$$RF$mut$u20$serde_json..de..Deserializer$GT$::deserialize_seq::h3\n\
+  lb_userspace::sources::kube::pump::h2\n\
+7.17M peak memory consumed over 1 calls from\n\
+  lb_userspace::model::index::Index::desired::h4\n\
+  lb_userspace::sync::Driver::sync::h5\n\
+3.44M peak memory consumed over 9 calls from\n\
+  lb_userspace::reconciler::Reconciler::apply_changes::h6\n\
+835.58K peak memory consumed over 2 calls from\n\
+  bytes::bytes_mut::BytesMut::reserve_inner::h7\n\
+  hyper::proto::h1::io::Buffered::poll_read_from_io::h8\n\
+10K peak memory consumed over 2 calls from\n\
+  tokio::runtime::time::wheel::Wheel::new::h9\n\
+\n\
+MOST TEMPORARY ALLOCATIONS\n\
+calls to allocation functions: 1799355 (316231/s)\n\
+peak heap memory consumption: 59.34M\n";
+        let p = parse_heap_profile(text).unwrap();
+        assert_eq!(p.peak_bytes, 59_340_000);
+        assert_eq!(p.components["index"], 11_190_000);
+        assert_eq!(p.components["decode"], 2_240_000 + 835_580);
+        assert_eq!(p.components["sync"], 7_170_000);
+        assert_eq!(p.components["reconciler"], 3_440_000);
+        assert_eq!(p.components["other"], 10_000);
+    }
 }

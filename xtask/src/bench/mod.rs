@@ -158,10 +158,24 @@ pub struct ApiLoadRecord {
     pub map_writes: u64,
     pub frontends: u64,
     pub agent_vm_hwm_kib: Option<u64>,
+    /// `/proc/PID/status` right after the initial sync: pages of the
+    /// binary and libraries, and anonymous memory (heap, stacks, slack).
+    #[serde(default)]
+    pub agent_rss_file_kib: Option<u64>,
+    #[serde(default)]
+    pub agent_rss_anon_kib: Option<u64>,
     /// The agent's own event → map-write latency over this slot's changes:
     /// (events, p50 µs, p99 µs, max µs).
     pub agent_latency: Option<(u64, u64, u64, u64)>,
     pub error: Option<String>,
+}
+
+/// One more cold start of the API source at N, under heaptrack: where the
+/// agent's heap goes at its peak.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HeapProfileRecord {
+    pub n: u32,
+    pub profile: lab::HeapProfile,
 }
 
 /// One kube-proxy-style partial update (one endpoint removed or restored).
@@ -223,6 +237,8 @@ pub struct Results {
     pub incrementals: Vec<IncrementalRecord>,
     #[serde(default)]
     pub profiles: Vec<ProfileRecord>,
+    #[serde(default)]
+    pub heap_profiles: Vec<HeapProfileRecord>,
     /// (N, kind) → size of the generated configuration.
     pub rulesets: Vec<(u32, String, config::RulesetSize)>,
     pub skipped: Vec<String>,
@@ -278,6 +294,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         ("iptables-nft-restore", "iptables"),
         ("nft", "nftables"),
         ("bpftool", "bpftool"),
+        ("heaptrack", "heaptrack"),
     ] {
         if crate::setup::which(bin).is_none() && !missing.contains(&pkg.to_owned()) {
             missing.push(pkg.to_owned());
@@ -641,6 +658,8 @@ fn api_slot(
         rec.map_writes = syncs.iter().map(|s| s.writes).sum();
         rec.frontends = sync.frontends;
         rec.agent_vm_hwm_kib = a.vm_hwm_kib();
+        rec.agent_rss_file_kib = a.status_kib("RssFile:");
+        rec.agent_rss_anon_kib = a.status_kib("RssAnon:");
         println!(
             "bench:   API cold start {:.3} s (server held {n} services; syncs until complete {} ms, {} writes)",
             rec.wall_s, rec.sync_ms, rec.map_writes
@@ -677,7 +696,61 @@ fn api_slot(
     rec.agent_latency = lab::agent_latency_line(&a.log_text());
     rec.error = r.as_ref().err().map(|e| format!("{e:#}"));
     results.api_loads.push(rec);
-    r
+    drop(api);
+    r?;
+    if round == 1 && n > 1 {
+        check()?;
+        match api_heap_profile(lab, work, n) {
+            Ok(profile) => {
+                println!(
+                    "bench:   API cold start under heaptrack: heap peak {:.1} MiB",
+                    profile.peak_bytes as f64 / 1_048_576.0
+                );
+                results.heap_profiles.push(HeapProfileRecord { n, profile });
+            }
+            Err(e) => results
+                .notes
+                .push(format!("N={n}, heap profile of the API source: {e:#}")),
+        }
+    }
+    Ok(())
+}
+
+/// The API slot's cold start once more, under heaptrack (no changes): the
+/// heap at its peak by component, for the memory breakdown.
+fn api_heap_profile(lab: &Lab, work: &Path, n: u32) -> anyhow::Result<lab::HeapProfile> {
+    let api = ApiServerProc::start(&lab.bins.apiserver, &work.join(format!("api-{n}.json")))?;
+    let bpffs = lb_bpffs("heap-", 1, n);
+    let out = work.join(format!("heaptrack-api-{n}"));
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut a = AgentProc::start_under(
+        &["heaptrack", "-o", &out_arg],
+        &lab.bins.agent,
+        Source::Api(&api.url),
+        &bpffs,
+        &lab.cgroup,
+        &work.join(format!("agent-api-heap-n{n}.log")),
+        max_services(n),
+        1024,
+        max_frontends(n),
+    )?;
+    // Allocation tracking slows the agent down a few times over.
+    let timeout = Duration::from_secs(180 + u64::from(n) / 100);
+    a.wait_line(lab::API_INITIAL_SYNC, 1, a.spawned, timeout)?;
+    a.terminate_and_wait(Duration::from_secs(120))?;
+    a.stop();
+    let recording = fs::read_dir(work)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&format!("heaptrack-api-{n}.")))
+        })
+        .context("heaptrack wrote no recording")?;
+    let profile = lab::heap_profile(&recording);
+    let _ = fs::remove_file(&recording);
+    profile
 }
 
 /// Loads `dp` into the fresh node (or starts the agent), runs its client

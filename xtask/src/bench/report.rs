@@ -393,6 +393,11 @@ pub struct Control {
     pub api_sync_ms: Option<f64>,
     pub api_writes: Option<u64>,
     pub api_vm_hwm_mib: Option<f64>,
+    /// Right after the API source's initial sync (max over rounds).
+    pub api_rss_file_mib: Option<f64>,
+    pub api_rss_anon_mib: Option<f64>,
+    /// The API source's heap at its peak, by component (heaptrack).
+    pub api_heap: Option<super::lab::HeapProfile>,
     pub api_server_load_s: Option<f64>,
     pub api_changes: usize,
     pub api_change_e2e_ms_p50: Option<f64>,
@@ -502,6 +507,20 @@ pub fn control(res: &Results) -> Vec<Control> {
                     .filter_map(|l| l.agent_vm_hwm_kib)
                     .max()
                     .map(|k| k as f64 / 1024.0),
+                api_rss_file_mib: api()
+                    .filter_map(|l| l.agent_rss_file_kib)
+                    .max()
+                    .map(|k| k as f64 / 1024.0),
+                api_rss_anon_mib: api()
+                    .filter_map(|l| l.agent_rss_anon_kib)
+                    .max()
+                    .map(|k| k as f64 / 1024.0),
+                api_heap: res
+                    .heap_profiles
+                    .iter()
+                    .rev()
+                    .find(|h| h.n == n)
+                    .map(|h| h.profile.clone()),
                 api_server_load_s: api_med(&|l| Some(l.server_load_s)),
                 api_changes: api_e2e.len(),
                 api_change_e2e_ms_p50: median(&mut api_e2e),
@@ -1285,6 +1304,62 @@ pub fn targets(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
     md
 }
 
+/// Where the API source's peak RSS goes, per N: the binary's pages and
+/// the anonymous rest (from `/proc/PID/status` of the measured cold start),
+/// the heap at its peak by component (a second cold start under
+/// heaptrack), and the idle agent (N = 1) as the baseline.
+pub fn memory_breakdown(ctl: &[Control]) -> String {
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    let cell = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{x:.1}"));
+    let rows: Vec<&Control> = ctl.iter().filter(|c| c.api_vm_hwm_mib.is_some()).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n### API source: where the agent's memory goes (MiB)\n\n\
+VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint changes); *binary & libraries* (RssFile) and *anonymous* (RssAnon) are read right after the initial sync. The heap columns come from one more cold start under heaptrack: its peak heap, and each allocation site's bytes at that site's peak, grouped by the agent's module that allocated them (*index*: the slim Services and EndpointSlices and their translation; *sync*: copies the sync driver takes; *reconciler*: its record of what is installed; *decode*: HTTP bodies, list pages and per-object scratch of the watches; *other*: runtime, logging, loader). *Allocator & stacks* is anonymous minus peak heap: malloc's slack and thread stacks. The N = 1 row is the idle agent's baseline.\n"
+    );
+    let _ = write!(
+        md,
+        "| N | VmHWM | binary & libraries | anonymous | heap peak |"
+    );
+    for c in super::lab::HEAP_COMPONENTS {
+        let _ = write!(md, " {c} |");
+    }
+    let _ = writeln!(md, " allocator & stacks |");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|{}---|",
+        "---|".repeat(super::lab::HEAP_COMPONENTS.len())
+    );
+    for c in rows {
+        let heap = c.api_heap.as_ref();
+        let peak = heap.map(|h| mib(h.peak_bytes));
+        let _ = write!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            int(f64::from(c.n)),
+            cell(c.api_vm_hwm_mib),
+            cell(c.api_rss_file_mib),
+            cell(c.api_rss_anon_mib),
+            cell(peak),
+        );
+        for k in super::lab::HEAP_COMPONENTS {
+            let v = heap.map(|h| mib(h.components.get(k).copied().unwrap_or(0)));
+            let _ = write!(md, " {} |", cell(v));
+        }
+        let slack = match (c.api_rss_anon_mib, peak) {
+            (Some(anon), Some(p)) => Some(anon - p),
+            _ => None,
+        };
+        let _ = writeln!(md, " {} |", cell(slack));
+    }
+    md.push('\n');
+    md
+}
+
 /// Targets of issue 10 (the control plane), evaluated on this run's numbers.
 pub fn control_targets(ctl: &[Control]) -> String {
     let mut md = String::new();
@@ -1467,8 +1542,9 @@ pub fn write_all(root: &Path, res: &Results) -> anyhow::Result<()> {
     let _ = writeln!(results_md, "## Targets (issue 5)\n\n{tgt}");
     let _ = writeln!(
         results_md,
-        "## Control-plane targets (issue 10)\n\n{}",
-        control_targets(&ctl)
+        "## Control-plane targets (issue 10)\n\n{}{}",
+        control_targets(&ctl),
+        memory_breakdown(&ctl)
     );
     results_md.push_str(&tables);
     fs::write(dir.join("results.md"), &results_md)?;
@@ -1539,8 +1615,9 @@ fn benchmarks_md(res: &Results, tables: &str, targets: &str) -> String {
     let _ = writeln!(md, "\n## Targets (issue 5)\n\n{targets}");
     let _ = writeln!(
         md,
-        "## Control-plane targets (issue 10)\n\n{}",
-        control_targets(&control(res))
+        "## Control-plane targets (issue 10)\n\n{}{}",
+        control_targets(&control(res)),
+        memory_breakdown(&control(res))
     );
     md.push_str(&analysis(res, &rows(res), &control(res)));
     let _ = writeln!(md, "## Results\n\n{tables}");

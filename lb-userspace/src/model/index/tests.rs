@@ -84,6 +84,24 @@ fn a_no_op_update_is_dropped_before_any_sync() {
     );
 }
 
+/// Endpoints are most of what the index holds: ten or more per service.
+#[test]
+fn an_endpoint_is_kept_in_56_bytes() {
+    assert!(std::mem::size_of::<EndpointInfo>() <= 56);
+    let sl = slice(
+        "default",
+        "a-1",
+        Some("a"),
+        json!([{"addresses": ["10.244.1.1"], "nodeName": "n1",
+                "hints": {"forZones": [{"name": "z1"}]}},
+               {"addresses": ["10.244.1.2"]}]),
+    );
+    let info = SliceInfo::from(&sl);
+    assert_eq!(info.endpoints[0].for_zones(), ["z1"]);
+    assert!(info.endpoints[0].for_nodes().is_empty());
+    assert_eq!(info.endpoints[1].hints, None);
+}
+
 #[test]
 fn a_newcomer_never_takes_a_running_services_frontend() {
     let mut index = Index::default();
@@ -166,8 +184,7 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
             serving: true,
             terminating: false,
             node_name: None,
-            for_nodes: Vec::new(),
-            for_zones: Vec::new(),
+            hints: None,
         })
         .collect();
     index.apply_slice(SliceInfo {

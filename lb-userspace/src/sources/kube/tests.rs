@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::runtime::watcher::Event;
 use serde_json::json;
 
@@ -45,10 +46,38 @@ fn fe(ip: &str) -> Frontend {
     frontend(ip.parse::<std::net::IpAddr>().unwrap(), 80, Proto::Tcp)
 }
 
+/// What the watch decodes, and the full object it stands for.
+trait Slim: Ingest + serde::de::DeserializeOwned {
+    type Full: serde::Serialize;
+}
+
+impl Slim for SlimService {
+    type Full = Service;
+}
+
+impl Slim for SlimSlice {
+    type Full = EndpointSlice;
+}
+
+/// Decodes a full object's JSON as the watch does: the slim way.
+fn wire<K: Slim>(o: &K::Full) -> K {
+    serde_json::from_value(serde_json::to_value(o).unwrap()).unwrap()
+}
+
+fn wire_event<K: Slim>(event: Event<K::Full>) -> Event<K> {
+    match event {
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(wire(&o)),
+        Event::InitDone => Event::InitDone,
+        Event::Apply(o) => Event::Apply(wire(&o)),
+        Event::Delete(o) => Event::Delete(wire(&o)),
+    }
+}
+
 /// The two pumps and what they share, as `run_kube` wires them.
 struct Feeds {
-    services: Pump<Service>,
-    slices: Pump<EndpointSlice>,
+    services: Pump<SlimService>,
+    slices: Pump<SlimSlice>,
     signals: Arc<Signals>,
 }
 
@@ -64,16 +93,17 @@ fn driver_with(dp: MemoryDatapath) -> (Driver<MemoryDatapath>, Feeds) {
     (Driver::new(syncer, input, Coalesce::default()), feeds)
 }
 
-/// What `pump` does for one event, without a stream.
-fn feed<K: Ingest>(pump: &mut Pump<K>, _signals: &Signals, kind: Kind, event: Event<K>)
+/// What `pump` does for one event (of a full object, decoded as the watch
+/// would), without a stream.
+fn feed<K: Slim>(pump: &mut Pump<K>, _signals: &Signals, kind: Kind, event: Event<K::Full>)
 where
     Index: IndexNamespaced<K::Info>,
 {
     assert_eq!(kind, K::KIND);
-    pump.handle(Ok(event));
+    pump.handle(Ok(wire_event(event)));
 }
 
-fn list<K: Ingest>(pump: &mut Pump<K>, signals: &Signals, kind: Kind, objs: Vec<K>)
+fn list<K: Slim>(pump: &mut Pump<K>, signals: &Signals, kind: Kind, objs: Vec<K::Full>)
 where
     Index: IndexNamespaced<K::Info>,
 {
@@ -218,8 +248,9 @@ async fn a_relist_removes_exactly_what_vanished_meanwhile() {
     );
     step(&mut d).await;
     let writes_before = d.syncer().reconciler().datapath().log.len();
-    // The watch broke (410); b and its slice were deleted meanwhile. The
-    // relist is buffered by the store until InitDone: nothing changes before.
+    // The watch broke (410); b and its slice were deleted meanwhile. An
+    // unchanged object in the relist is no change; what vanished goes at
+    // InitDone.
     feed(&mut f.services, &f.signals, Kind::Services, Event::Init);
     feed(
         &mut f.services,
@@ -319,7 +350,7 @@ async fn a_burst_of_events_is_coalesced_into_few_syncs() {
                 .into_iter()
                 .chain(svcs.into_iter().map(Event::InitApply))
                 .chain([Event::InitDone])
-                .map(Ok),
+                .map(|e| Ok(wire_event::<SlimService>(e))),
         ),
         signals.clone(),
     ));
@@ -333,7 +364,8 @@ async fn a_burst_of_events_is_coalesced_into_few_syncs() {
             let n = i % 100;
             let ep = format!("10.244.{}.{}", 1 + i / 250, i % 250 + 1);
             let s = slice(&format!("s{n}-1"), &format!("s{n}"), &[&ep]);
-            tx.unbounded_send(Ok(Event::Apply(s))).unwrap();
+            tx.unbounded_send(Ok(Event::Apply(wire::<SlimSlice>(&s))))
+                .unwrap();
             if i % 20 == 19 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
