@@ -12,7 +12,10 @@
 //! it, then the one seen first. A Service without a timestamp counts as
 //! younger than any with one (only hand-written manifests lack it). Across
 //! restarts "seen first" is recovered from the maps ([`Index::seed`]).
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    sync::Arc,
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -127,7 +130,8 @@ pub struct Index {
     /// Boxed, so the tables hold pointers: half-empty buckets and a resize
     /// (old and new table at once) cost little.
     services: HashMap<Key, Box<ServiceEntry>>,
-    slices: HashMap<Key, Box<SliceInfo>>,
+    /// Shared (`Arc`): the manifest source's cache holds the same slices.
+    slices: HashMap<Key, Arc<SliceInfo>>,
     /// (namespace, service) → names of the slices labelled for it, sorted
     /// (the order endpoints are deduplicated in).
     by_service: HashMap<Key, SortedVec<String>>,
@@ -236,14 +240,20 @@ impl Index {
         true
     }
 
-    pub fn apply_slice(&mut self, info: SliceInfo) -> bool {
+    /// Takes a slice (or one shared with its source: `Arc<SliceInfo>`).
+    pub fn apply_slice(&mut self, info: impl Into<Arc<SliceInfo>>) -> bool {
+        let info: Arc<SliceInfo> = info.into();
         let key = (info.namespace.clone(), info.name.clone());
-        if self.slices.get(&key).map(AsRef::as_ref) == Some(&info) {
+        if self
+            .slices
+            .get(&key)
+            .is_some_and(|old| Arc::ptr_eq(old, &info) || **old == *info)
+        {
             return false;
         }
         let owner = info.service.clone();
-        let old = self.slices.insert(key.clone(), Box::new(info));
-        let old_owner = old.and_then(|o| o.service);
+        let old = self.slices.insert(key.clone(), info);
+        let old_owner = old.and_then(|o| o.service.clone());
         if old_owner != owner {
             if let Some(o) = &old_owner {
                 self.unlink(&key, o);
@@ -272,7 +282,7 @@ impl Index {
             return false;
         };
         self.unlabeled_changed |= self.unlabeled.remove(&key);
-        if let Some(svc) = old.service {
+        if let Some(svc) = old.service.clone() {
             self.unlink(&key, &svc);
             self.mark((key.0, svc));
         }

@@ -734,7 +734,8 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
             }
             for change in slices {
                 changed |= match change {
-                    Change::Apply(s) => index.apply(Arc::unwrap_or_clone(s)),
+                    // Shared with the cache, not copied.
+                    Change::Apply(s) => index.apply_slice(s),
                     Change::Delete { namespace, name } => {
                         IndexNamespaced::<SliceInfo>::delete(index, &namespace, &name)
                     }

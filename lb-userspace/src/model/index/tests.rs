@@ -57,16 +57,16 @@ fn a_no_op_update_is_dropped_before_any_sync() {
         json!([{"addresses": ["10.1.0.1"]}]),
     );
     assert!(index.apply_service((&s).into()));
-    assert!(index.apply_slice((&sl).into()));
+    assert!(index.apply_slice(SliceInfo::from(&sl)));
     assert_eq!(index.checkout().changes.len(), 1);
     // The same objects again (a relist, a resync of the watch): nothing.
     assert!(!index.apply_service((&s).into()));
-    assert!(!index.apply_slice((&sl).into()));
+    assert!(!index.apply_slice(SliceInfo::from(&sl)));
     assert!(!index.has_changes());
     // A change that does not alter what is served: translated, not handed out.
     let mut hinted = sl.clone();
     hinted.endpoints[0].node_name = Some("n1".into());
-    assert!(index.apply_slice((&hinted).into()));
+    assert!(index.apply_slice(SliceInfo::from(&hinted)));
     assert!(index.checkout().changes.is_empty());
     // A real change.
     let sl2 = slice(
@@ -75,7 +75,7 @@ fn a_no_op_update_is_dropped_before_any_sync() {
         Some("web"),
         json!([{"addresses": ["10.1.0.2"]}]),
     );
-    assert!(index.apply_slice((&sl2).into()));
+    assert!(index.apply_slice(SliceInfo::from(&sl2)));
     let out = index.checkout();
     assert_eq!(out.changes.len(), 1);
     assert_eq!(
@@ -226,9 +226,14 @@ fn a_slice_moving_between_services_updates_both() {
         index.apply_service((&svc("default", name, ip, json!([{"port": 80}]), None)).into());
     }
     let eps = json!([{"addresses": ["10.1.0.1"]}]);
-    index.apply_slice((&slice("default", "x", Some("a"), eps.clone())).into());
+    index.apply_slice(SliceInfo::from(&slice(
+        "default",
+        "x",
+        Some("a"),
+        eps.clone(),
+    )));
     index.checkout();
-    index.apply_slice((&slice("default", "x", Some("b"), eps)).into());
+    index.apply_slice(SliceInfo::from(&slice("default", "x", Some("b"), eps)));
     let out = index.checkout();
     assert_eq!(
         out.changes[&fe("10.0.0.1", 80)].as_ref().unwrap().backends,
@@ -367,7 +372,7 @@ proptest! {
                 }
                 Op::ApplySlice { n, .. } => {
                     let s = slice_of(op);
-                    index.apply_slice((&s).into());
+                    index.apply_slice(SliceInfo::from(&s));
                     slices.insert(*n, s);
                 }
                 Op::DeleteSlice(n) => {
