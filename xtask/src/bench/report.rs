@@ -1361,6 +1361,144 @@ VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint c
 }
 
 /// Targets of issue 10 (the control plane), evaluated on this run's numbers.
+/// Issue 11's targets: bpf_stats ns per call and service-sized map bytes,
+/// each against its limit; what this run did not measure says so.
+pub fn datapath_targets(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "| target | measured | verdict |");
+    let _ = writeln!(md, "|---|---|---|");
+    let row = |md: &mut String, what: String, measured: Option<(f64, String)>, limit: f64| {
+        let (value, verdict) = match measured {
+            Some((x, shown)) if x <= limit => (shown, "**met**".to_owned()),
+            Some((x, shown)) => (shown, format!("**missed** ({:.1}× the target)", x / limit)),
+            None => ("not measured in this run".to_owned(), "–".to_owned()),
+        };
+        let _ = writeln!(md, "| {what} | {value} | {verdict} |");
+    };
+    let ns = |n: u32, variant: &str, mode: &str| {
+        rows.iter()
+            .find(|r| {
+                r.n == n
+                    && r.datapath == "socket-lb"
+                    && r.variant == variant
+                    && r.mode == mode
+                    && r.rounds > 0
+            })
+            .and_then(|r| r.bpf_ns)
+    };
+    let shown = |x: f64| (x, format!("{} ns", int(x)));
+    for (n, limit) in [(10_000, 600.0), (100_000, 800.0)] {
+        row(
+            &mut md,
+            format!(
+                "translated connect4, random service among {} ≤ {} ns",
+                int(f64::from(n)),
+                int(limit)
+            ),
+            ns(n, "random", "connect").map(shown),
+            limit,
+        );
+    }
+    // The release-time program's cost per socket, median over rounds.
+    let release = |n: u32| {
+        let mut v: Vec<f64> = res
+            .runs
+            .iter()
+            .filter(|r| {
+                r.n == n
+                    && r.datapath == Dp::SocketLb
+                    && r.variant == "random"
+                    && r.mode == "connect"
+            })
+            .filter_map(|r| r.release_ns_per_call)
+            .collect();
+        median(&mut v)
+    };
+    row(
+        &mut md,
+        "whole per-connection cost (connect4 + sock_release), random service among 10,000 ≤ 700 ns"
+            .into(),
+        ns(10_000, "random", "connect")
+            .zip(release(10_000))
+            .map(|(c, r)| {
+                (
+                    c + r,
+                    format!("{} ns ({} + {})", int(c + r), int(c), int(r)),
+                )
+            }),
+        700.0,
+    );
+    let misses: Vec<(u32, f64)> = rows
+        .iter()
+        .filter(|r| {
+            r.datapath == "socket-lb" && r.variant == "podIP" && r.mode == "connect" && r.rounds > 0
+        })
+        .filter_map(|r| Some((r.n, r.bpf_ns?)))
+        .collect();
+    let worst = misses
+        .iter()
+        .map(|m| m.1)
+        .fold(None, |w: Option<f64>, x| Some(w.map_or(x, |w| w.max(x))));
+    row(
+        &mut md,
+        "connect4 to a destination that is not a service, every N ≤ 150 ns".into(),
+        worst.map(|w| {
+            (
+                w,
+                misses
+                    .iter()
+                    .map(|(n, x)| format!("N={}: {} ns", int(f64::from(*n)), int(*x)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        }),
+        150.0,
+    );
+    for n in [10_000, 100_000] {
+        let per = ctl
+            .iter()
+            .find(|c| c.n == n)
+            .filter(|c| !c.map_bytes.is_empty())
+            .map(|c| c.per_service_bytes() as f64 / f64::from(n));
+        row(
+            &mut md,
+            format!(
+                "service-sized BPF map memory per service with 10 endpoints, N = {} ≤ 600 B",
+                int(f64::from(n))
+            ),
+            per.map(|b| (b, format!("{} B", int(b)))),
+            600.0,
+        );
+    }
+    let sendmsg: Vec<(u32, f64)> = rows
+        .iter()
+        .filter(|r| {
+            r.datapath == "socket-lb" && r.variant == "first" && r.mode == "udp" && r.rounds > 0
+        })
+        .filter_map(|r| Some((r.n, r.bpf_ns?)))
+        .collect();
+    let worst = sendmsg
+        .iter()
+        .map(|m| m.1)
+        .fold(None, |w: Option<f64>, x| Some(w.map_or(x, |w| w.max(x))));
+    row(
+        &mut md,
+        "sendmsg4 per datagram on a long-lived unconnected socket ≤ 400 ns".into(),
+        worst.map(|w| {
+            (
+                w,
+                sendmsg
+                    .iter()
+                    .map(|(n, x)| format!("N={}: {} ns", int(f64::from(*n)), int(*x)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        }),
+        400.0,
+    );
+    md
+}
+
 pub fn control_targets(ctl: &[Control]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "| target | measured | verdict |");
@@ -1546,6 +1684,11 @@ pub fn write_all(root: &Path, res: &Results) -> anyhow::Result<()> {
         control_targets(&ctl),
         memory_breakdown(&ctl)
     );
+    let _ = writeln!(
+        results_md,
+        "## Datapath targets (issue 11)\n\n{}",
+        datapath_targets(res, &rows, &ctl)
+    );
     results_md.push_str(&tables);
     fs::write(dir.join("results.md"), &results_md)?;
     plot(&dir.join("connect_p50.svg"), &rows)?;
@@ -1618,6 +1761,11 @@ fn benchmarks_md(res: &Results, tables: &str, targets: &str) -> String {
         "## Control-plane targets (issue 10)\n\n{}{}",
         control_targets(&control(res)),
         memory_breakdown(&control(res))
+    );
+    let _ = writeln!(
+        md,
+        "## Datapath targets (issue 11)\n\n{}",
+        datapath_targets(res, &rows(res), &control(res))
     );
     md.push_str(&analysis(res, &rows(res), &control(res)));
     let _ = writeln!(md, "## Results\n\n{tables}");
