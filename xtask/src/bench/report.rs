@@ -1428,30 +1428,10 @@ pub fn datapath_targets(res: &Results, rows: &[Row], ctl: &[Control]) -> String 
             }),
         700.0,
     );
-    let misses: Vec<(u32, f64)> = rows
-        .iter()
-        .filter(|r| {
-            r.datapath == "socket-lb" && r.variant == "podIP" && r.mode == "connect" && r.rounds > 0
-        })
-        .filter_map(|r| Some((r.n, r.bpf_ns?)))
-        .collect();
-    let worst = misses
-        .iter()
-        .map(|m| m.1)
-        .fold(None, |w: Option<f64>, x| Some(w.map_or(x, |w| w.max(x))));
     row(
         &mut md,
         "connect4 to a destination that is not a service, every N ≤ 150 ns".into(),
-        worst.map(|w| {
-            (
-                w,
-                misses
-                    .iter()
-                    .map(|(n, x)| format!("N={}: {} ns", int(f64::from(*n)), int(*x)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        }),
+        worst_over_n(rows, "podIP", "connect"),
         150.0,
     );
     for n in [10_000, 100_000] {
@@ -1470,33 +1450,32 @@ pub fn datapath_targets(res: &Results, rows: &[Row], ctl: &[Control]) -> String 
             600.0,
         );
     }
-    let sendmsg: Vec<(u32, f64)> = rows
-        .iter()
-        .filter(|r| {
-            r.datapath == "socket-lb" && r.variant == "first" && r.mode == "udp" && r.rounds > 0
-        })
-        .filter_map(|r| Some((r.n, r.bpf_ns?)))
-        .collect();
-    let worst = sendmsg
-        .iter()
-        .map(|m| m.1)
-        .fold(None, |w: Option<f64>, x| Some(w.map_or(x, |w| w.max(x))));
     row(
         &mut md,
         "sendmsg4 per datagram on a long-lived unconnected socket ≤ 400 ns".into(),
-        worst.map(|w| {
-            (
-                w,
-                sendmsg
-                    .iter()
-                    .map(|(n, x)| format!("N={}: {} ns", int(f64::from(*n)), int(*x)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        }),
+        worst_over_n(rows, "first", "udp"),
         400.0,
     );
     md
+}
+
+/// The socket-LB's bpf_stats ns per call for `variant`/`mode` at every N:
+/// the worst, and each N's figure to show.
+fn worst_over_n(rows: &[Row], variant: &str, mode: &str) -> Option<(f64, String)> {
+    let per_n: Vec<(u32, f64)> = rows
+        .iter()
+        .filter(|r| {
+            r.datapath == "socket-lb" && r.variant == variant && r.mode == mode && r.rounds > 0
+        })
+        .filter_map(|r| Some((r.n, r.bpf_ns?)))
+        .collect();
+    let worst = per_n.iter().map(|m| m.1).reduce(f64::max)?;
+    let shown = per_n
+        .iter()
+        .map(|(n, x)| format!("N={}: {} ns", int(f64::from(*n)), int(*x)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some((worst, shown))
 }
 
 pub fn control_targets(ctl: &[Control]) -> String {

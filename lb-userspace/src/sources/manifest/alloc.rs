@@ -517,35 +517,18 @@ impl ClusterIpAllocator {
                     continue;
                 }
             };
-            if let Some((pos, ip, holder)) = plan
-                .given
-                .iter()
-                .enumerate()
-                .find_map(|(pos, (ip, _))| Some((pos, ip, held.get(ip)?)))
-                .filter(|(_, _, holder)| **holder != key)
-            {
-                keep[i] = false;
-                diags.push(diag(
-                    svc.source.clone(),
-                    format!("Service {}/{}", key.0, key.1),
-                    if pos == 0 {
-                        "spec.clusterIP".to_owned()
-                    } else {
-                        format!("spec.clusterIPs[{pos}]")
-                    },
-                    format!(
-                        "{ip} is already allocated to Service {}/{}; the service is ignored",
-                        holder.0, holder.1
-                    ),
-                ));
-                continue;
-            }
-            if let Some((pos, ip, holder)) =
-                plan.given.iter().enumerate().find_map(|(pos, (ip, _))| {
-                    let (first, holder) = named_by.get(ip)?;
-                    (*first != i).then_some((pos, ip, holder))
-                })
-            {
+            // A given address another service holds: allocated to it by
+            // this allocator, or named by it first.
+            let conflict = plan.given.iter().enumerate().find_map(|(pos, (ip, _))| {
+                let holder = held.get(ip).filter(|h| **h != key).or_else(|| {
+                    named_by
+                        .get(ip)
+                        .filter(|(first, _)| *first != i)
+                        .map(|(_, h)| h)
+                })?;
+                Some((pos, ip, holder))
+            });
+            if let Some((pos, ip, holder)) = conflict {
                 keep[i] = false;
                 diags.push(diag(
                     svc.source.clone(),
