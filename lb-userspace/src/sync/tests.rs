@@ -46,8 +46,8 @@ fn driver(dp: MemoryDatapath) -> Driver<MemoryDatapath> {
     )
 }
 
-/// a (2 endpoints) and b (2 endpoints), both sources complete.
-fn feed_a_and_b(d: &Driver<MemoryDatapath>) {
+/// a (2 endpoints) and b (2 endpoints), sources not yet complete.
+fn apply_a_and_b(d: &Driver<MemoryDatapath>) {
     d.input().update(Instant::now(), false, |index| {
         index.apply_service(svc("a", "10.96.0.1"));
         index.apply_service(svc("b", "10.96.0.2"));
@@ -55,6 +55,11 @@ fn feed_a_and_b(d: &Driver<MemoryDatapath>) {
         index.apply_slice(slice("b-1", "b", &["10.244.2.1", "10.244.2.2"]));
         true
     });
+}
+
+/// [`apply_a_and_b`], both sources complete.
+fn feed_a_and_b(d: &Driver<MemoryDatapath>) {
+    apply_a_and_b(d);
     d.input().set_complete();
 }
 
@@ -220,13 +225,7 @@ fn owners_are_seeded_oldest_first() {
 async fn a_held_back_frontend_is_not_retried_in_a_loop() {
     let mut d = driver(MemoryDatapath::with_limits(1, 64));
     // Not complete: a gets in, b does not fit.
-    d.input().update(Instant::now(), false, |index| {
-        index.apply_service(svc("a", "10.96.0.1"));
-        index.apply_service(svc("b", "10.96.0.2"));
-        index.apply_slice(slice("a-1", "a", &["10.244.1.1", "10.244.1.2"]));
-        index.apply_slice(slice("b-1", "b", &["10.244.2.1", "10.244.2.2"]));
-        true
-    });
+    apply_a_and_b(&d);
     step(&mut d).await;
     assert_eq!(d.syncer().failed(), [fe("10.96.0.2")].into());
     // b goes: its removal waits for the first complete sync.
