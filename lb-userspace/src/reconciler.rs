@@ -233,40 +233,48 @@ impl<D: Datapath> Reconciler<D> {
         prune: Prune,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
-        for (fe, want) in changes {
-            match want {
-                Some(want) => self.apply_with_report(fe, want, prune, &mut report),
-                None if prune == Prune::Yes && self.installed.contains_key(fe) => {
-                    self.remove_with_report(fe, &mut report);
-                }
-                None => {}
-            }
+        if prune == Prune::Yes {
+            let gone: Vec<Frontend> = changes
+                .iter()
+                .filter(|(fe, want)| want.is_none() && self.installed.contains_key(fe))
+                .map(|(fe, _)| *fe)
+                .collect();
+            self.remove_all(&gone, &mut report);
         }
+        let wants = changes
+            .iter()
+            .filter_map(|(fe, want)| want.as_ref().map(|w| (*fe, w)));
+        self.write_all(wants, prune, &mut report);
         if prune == Prune::Yes {
             self.delete_orphans(&mut report);
         }
         report
     }
 
-    /// One frontend to `want` unless the maps already hold it; a failure is
-    /// recorded and that frontend keeps what it had.
-    fn apply_with_report(
-        &mut self,
-        fe: &Frontend,
-        want: &DesiredService,
-        prune: Prune,
-        report: &mut ApplyReport,
-    ) {
-        if self.up_to_date(fe, want) {
-            return;
+    /// Brings the maps to `desired`, in make-before-break order.
+    pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        if prune == Prune::Yes {
+            let gone: Vec<Frontend> = self
+                .installed
+                .keys()
+                .filter(|fe| !desired.contains_key(fe))
+                .copied()
+                .collect();
+            self.remove_all(&gone, &mut report);
         }
-        if let Err(source) = self.apply_frontend(fe, want, prune, report) {
-            report.errors.push(ReconcileError {
-                namespace: want.service.namespace.clone(),
-                name: want.service.name.clone(),
-                frontend: *fe,
-                source,
-            });
+        self.write_all(desired.iter().map(|(fe, w)| (*fe, w)), prune, &mut report);
+        if prune == Prune::Yes {
+            self.delete_orphans(&mut report);
+        }
+        report
+    }
+
+    /// Removals go first, so the room they free is there for what is
+    /// written next.
+    fn remove_all(&mut self, gone: &[Frontend], report: &mut ApplyReport) {
+        for fe in gone {
+            self.remove_with_report(fe, report);
         }
     }
 
@@ -282,27 +290,6 @@ impl<D: Datapath> Reconciler<D> {
                 source,
             });
         }
-    }
-
-    /// Brings the maps to `desired`, in make-before-break order.
-    pub fn apply(&mut self, desired: &DesiredState, prune: Prune) -> ApplyReport {
-        let mut report = ApplyReport::default();
-        for (fe, want) in desired {
-            self.apply_with_report(fe, want, prune, &mut report);
-        }
-        if prune == Prune::Yes {
-            let gone: Vec<Frontend> = self
-                .installed
-                .keys()
-                .filter(|fe| !desired.contains_key(fe))
-                .copied()
-                .collect();
-            for fe in gone {
-                self.remove_with_report(&fe, &mut report);
-            }
-            self.delete_orphans(&mut report);
-        }
-        report
     }
 
     /// The maps already hold exactly `want` for `fe`: nothing to write, in
@@ -322,16 +309,70 @@ impl<D: Datapath> Reconciler<D> {
             }
     }
 
-    fn apply_frontend(
+    /// Every frontend of `wants` that the maps do not hold yet, written in
+    /// make-before-break order for each, and in three batches for all:
+    /// every new range, then every meta entry, then every master. A
+    /// connect() meanwhile finds each master with its old range (not
+    /// released until all masters are written) or its new one (written
+    /// before any master). A failure is recorded per frontend, which keeps
+    /// what it had; the batch goes on with the next entry.
+    fn write_all<'a>(
         &mut self,
-        fe: &Frontend,
-        want: &DesiredService,
+        wants: impl Iterator<Item = (Frontend, &'a DesiredService)>,
         prune: Prune,
         report: &mut ApplyReport,
-    ) -> Result<(), DatapathError> {
+    ) {
+        let mut staged: Vec<Staged<'a>> = Vec::new();
+        for (fe, want) in wants {
+            if self.up_to_date(&fe, want) {
+                continue;
+            }
+            let result = match self.stage(fe, want, prune) {
+                // The ranges the staged frontends leave are released only
+                // once they are written: when the array is that tight, write
+                // them now, and this one may fit after a grace period.
+                Err(e) if no_room(&e) && staged.iter().any(Staged::releases) => {
+                    self.write_staged(std::mem::take(&mut staged), report);
+                    self.stage(fe, want, prune)
+                }
+                result => result,
+            };
+            match result {
+                Ok(s) => staged.push(s),
+                Err(source) => report.errors.push(reconcile_error(fe, want, source)),
+            }
+        }
+        self.write_staged(staged, report);
+    }
+
+    /// The three batches of [`Self::write_all`], then each frontend's record.
+    fn write_staged(&mut self, mut staged: Vec<Staged<'_>>, report: &mut ApplyReport) {
+        if staged.is_empty() {
+            return;
+        }
+        self.write_ranges(&mut staged, report);
+        self.write_metas(&mut staged, report);
+        self.write_masters(&mut staged, report);
+        for s in staged {
+            // Recorded even on failure: the next apply resumes from it.
+            self.installed.insert(s.fe, s.inst);
+            if let Some(source) = s.error {
+                report.errors.push(reconcile_error(s.fe, s.want, source));
+            }
+        }
+    }
+
+    /// What `fe` needs written, with its new range allocated; nothing is
+    /// written yet. A frontend refused here has nothing written.
+    fn stage<'a>(
+        &mut self,
+        fe: Frontend,
+        want: &'a DesiredService,
+        prune: Prune,
+    ) -> Result<Staged<'a>, DatapathError> {
         // Refused whole, before anything is written.
         check_slots(want.backends.len())?;
-        let old = self.installed.get(fe);
+        let old = self.installed.get(&fe);
         let wanted = match (prune, old) {
             // Never shrink before the sources are complete: keep what is there.
             (Prune::No, Some(o)) if o.complete => {
@@ -340,7 +381,7 @@ impl<D: Datapath> Reconciler<D> {
             _ => sorted(want.backends.iter().copied()),
         };
         // Kept ones on top of the wanted ones may overflow too.
-        check_slots(wanted.len())?;
+        let count = check_slots(wanted.len())?;
         let svc_id = match old {
             Some(o) => o.svc_id,
             None => {
@@ -355,7 +396,7 @@ impl<D: Datapath> Reconciler<D> {
                 id
             }
         };
-        let mut inst = old.cloned().unwrap_or(Installed {
+        let inst = old.cloned().unwrap_or(Installed {
             svc_id,
             service: want.service.clone(),
             slots: Vec::new(),
@@ -363,74 +404,46 @@ impl<D: Datapath> Reconciler<D> {
             backends: Vec::new(),
             complete: false,
         });
-        let result = self.write_frontend(fe, want, wanted, &mut inst, report);
-        // Record what was written even on failure: the next apply resumes.
-        self.installed.insert(*fe, inst);
-        result
-    }
-
-    /// A new range, meta, then the master; the old range is released.
-    /// Keeps `inst` equal to the maps.
-    fn write_frontend(
-        &mut self,
-        fe: &Frontend,
-        want: &DesiredService,
-        wanted: Vec<SocketAddr>,
-        inst: &mut Installed,
-        report: &mut ApplyReport,
-    ) -> Result<(), DatapathError> {
-        let same_backends = inst.complete && inst.backends == wanted;
-        let range = if same_backends {
+        let range = if inst.complete && inst.backends == wanted {
             None
         } else {
-            let encoded: Vec<Backend> = wanted
-                .iter()
-                .map(|addr| encode_backend(*addr, fe.proto))
-                .collect();
-            let base = self.write_range(&encoded)?;
-            report.writes += encoded.len();
-            Some((base, wanted))
-        };
-        if !inst.complete || inst.service != want.service {
-            if let Err(e) = self
-                .dp
-                .put_meta(inst.svc_id, &encode_meta(fe, &want.service))
-            {
-                self.unwrite_range(range.as_ref());
-                return Err(e);
+            match self.allocate_range(u32::from(count)) {
+                Ok(base) => Some(NewRange {
+                    base,
+                    count,
+                    encoded: wanted
+                        .iter()
+                        .map(|addr| encode_backend(*addr, fe.proto))
+                        .collect(),
+                    addrs: wanted,
+                }),
+                Err(e) => {
+                    // Its id stays taken, as for any frontend whose first
+                    // write failed.
+                    self.installed.insert(fe, inst);
+                    return Err(e);
+                }
             }
-            inst.service = want.service.clone();
-            report.writes += 1;
-        }
-        let Some((base, wanted)) = range else {
-            return Ok(());
         };
-        let count = check_slots(wanted.len())?;
-        let master = ServiceValue::new(base, count, inst.svc_id);
-        if let Err(e) = self.dp.put_service(&frontend_key(fe), &master) {
-            self.unwrite_range(Some(&(base, wanted)));
-            return Err(e);
-        }
-        report.writes += 1;
-        if inst.complete {
-            self.ranges.release(inst.base(), u32::from(inst.count));
-        }
-        inst.slots = (base..base + u32::from(count)).collect();
-        inst.count = count;
-        inst.backends = wanted;
-        inst.complete = true;
-        Ok(())
+        let meta = !inst.complete || inst.service != want.service;
+        Ok(Staged {
+            fe,
+            want,
+            inst,
+            range,
+            meta,
+            error: None,
+        })
     }
 
-    /// Writes `backends` to a fresh range (one batch); returns its base.
-    /// Waits for a grace period first if only released space would fit.
-    fn write_range(&mut self, backends: &[Backend]) -> Result<u32, DatapathError> {
-        let n = backends.len() as u32;
+    /// Room for `n` slots; waits for a grace period first if only released
+    /// space would fit.
+    fn allocate_range(&mut self, n: u32) -> Result<u32, DatapathError> {
         if n == 0 {
             return Ok(0);
         }
-        let base = match self.ranges.allocate(n) {
-            Some(base) => base,
+        match self.ranges.allocate(n) {
+            Some(base) => Ok(base),
             None if self.ranges.has_released() => {
                 self.dp.grace()?;
                 self.ranges.reclaim();
@@ -438,11 +451,19 @@ impl<D: Datapath> Reconciler<D> {
                     slots = n,
                     "grace period passed: released backend ranges reused"
                 );
-                self.ranges.allocate(n).ok_or_else(backends_full)?
+                self.ranges.allocate(n).ok_or_else(backends_full)
             }
-            None => return Err(backends_full()),
-        };
-        if let Err(e) = self.dp.put_backends(base, backends) {
+            None => Err(backends_full()),
+        }
+    }
+
+    /// Writes `backends` to a fresh range (one batch); returns its base.
+    fn write_range(&mut self, backends: &[Backend]) -> Result<u32, DatapathError> {
+        let n = backends.len() as u32;
+        let base = self.allocate_range(n)?;
+        if n > 0
+            && let Err(e) = self.dp.put_backends(base, backends)
+        {
             // No master reaches it: free at once.
             self.ranges.free(base, n);
             return Err(e);
@@ -450,12 +471,113 @@ impl<D: Datapath> Reconciler<D> {
         Ok(base)
     }
 
-    /// A range written for a master that was then not written: no reader
-    /// can have seen it.
-    fn unwrite_range(&mut self, range: Option<&(u32, Vec<SocketAddr>)>) {
-        if let Some((base, backends)) = range {
-            self.ranges.free(*base, backends.len() as u32);
+    /// Every new range, while no master reaches it.
+    fn write_ranges(&mut self, staged: &mut [Staged<'_>], report: &mut ApplyReport) {
+        let todo: Vec<usize> = (0..staged.len())
+            .filter(|&i| staged[i].range.as_ref().is_some_and(|r| r.count > 0))
+            .collect();
+        let batch: Vec<(u32, &[Backend])> = todo
+            .iter()
+            .filter_map(|&i| staged[i].range.as_ref())
+            .map(|r| (r.base, r.encoded.as_slice()))
+            .collect();
+        let failed = batch_each(&batch, |rest| self.dp.put_backend_ranges(rest));
+        drop(batch);
+        for &i in &todo {
+            if let Some(r) = &staged[i].range {
+                report.writes += r.encoded.len();
+            }
         }
+        for (k, e) in failed {
+            let s = &mut staged[todo[k]];
+            if let Some(r) = s.range.take() {
+                report.writes -= r.encoded.len();
+                // No master reaches it: free at once.
+                self.ranges.free(r.base, u32::from(r.count));
+            }
+            s.error = Some(e);
+        }
+    }
+
+    fn write_metas(&mut self, staged: &mut [Staged<'_>], report: &mut ApplyReport) {
+        let written = self.write_batch(
+            staged,
+            |s| {
+                s.meta
+                    .then(|| (s.inst.svc_id, encode_meta(&s.fe, &s.want.service)))
+            },
+            |dp, batch| dp.put_metas(batch),
+        );
+        for i in written {
+            let s = &mut staged[i];
+            s.inst.service = s.want.service.clone();
+            report.writes += 1;
+        }
+    }
+
+    /// Each master switched to its new range; the old ranges are released
+    /// only after all of them.
+    fn write_masters(&mut self, staged: &mut [Staged<'_>], report: &mut ApplyReport) {
+        let written = self.write_batch(
+            staged,
+            |s| {
+                let r = s.range.as_ref()?;
+                let master = ServiceValue::new(r.base, r.count, s.inst.svc_id);
+                Some((frontend_key(&s.fe), master))
+            },
+            |dp, batch| dp.put_services(batch),
+        );
+        for i in written {
+            let s = &mut staged[i];
+            let Some(r) = s.range.take() else {
+                continue;
+            };
+            report.writes += 1;
+            let inst = &mut s.inst;
+            if inst.complete {
+                self.ranges.release(inst.base(), u32::from(inst.count));
+            }
+            inst.slots = (r.base..r.base + u32::from(r.count)).collect();
+            inst.count = r.count;
+            inst.backends = r.addrs;
+            inst.complete = true;
+        }
+    }
+
+    /// One batch of the entries `entry` gives for the staged frontends not
+    /// failed so far; a frontend whose entry is refused fails. Returns the
+    /// indices (in `staged`) of the frontends whose entry was written.
+    fn write_batch<T>(
+        &mut self,
+        staged: &mut [Staged<'_>],
+        entry: impl Fn(&Staged<'_>) -> Option<T>,
+        write: impl Fn(&mut D, &[T]) -> crate::datapath::BatchResult,
+    ) -> Vec<usize> {
+        let (todo, batch): (Vec<usize>, Vec<T>) = staged
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.error.is_none())
+            .filter_map(|(i, s)| Some((i, entry(s)?)))
+            .unzip();
+        let failed = batch_each(&batch, |rest| write(&mut self.dp, rest));
+        let mut ok = vec![true; todo.len()];
+        for (k, e) in failed {
+            ok[k] = false;
+            self.fail(&mut staged[todo[k]], e);
+        }
+        todo.into_iter()
+            .zip(ok)
+            .filter_map(|(i, ok)| ok.then_some(i))
+            .collect()
+    }
+
+    /// A staged frontend whose write failed before its master: its new
+    /// range was never reachable, so it is free at once.
+    fn fail(&mut self, s: &mut Staged<'_>, e: DatapathError) {
+        if let Some(r) = s.range.take() {
+            self.ranges.free(r.base, u32::from(r.count));
+        }
+        s.error = Some(e);
     }
 
     /// Master, then meta. The record goes only once both are gone: after a
@@ -514,6 +636,68 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
+}
+
+/// One frontend's writes, prepared by `Reconciler::stage`.
+struct Staged<'a> {
+    fe: Frontend,
+    want: &'a DesiredService,
+    /// Its record, updated as its writes succeed.
+    inst: Installed,
+    /// The new range its master is to reach (`None`: same backends).
+    range: Option<NewRange>,
+    /// Its meta entry is missing or names another service.
+    meta: bool,
+    error: Option<DatapathError>,
+}
+
+impl Staged<'_> {
+    /// Its master leaves a range, released once the master is written.
+    fn releases(&self) -> bool {
+        self.inst.complete && self.inst.count > 0 && self.range.is_some()
+    }
+}
+
+/// The backend array has no room in a row for a range.
+fn no_room(e: &DatapathError) -> bool {
+    matches!(e, DatapathError::MapFull { map, .. } if *map == lb_common::maps::BACKENDS)
+}
+
+struct NewRange {
+    base: u32,
+    count: u16,
+    /// In slot order.
+    addrs: Vec<SocketAddr>,
+    encoded: Vec<Backend>,
+}
+
+fn reconcile_error(fe: Frontend, want: &DesiredService, source: DatapathError) -> ReconcileError {
+    ReconcileError {
+        namespace: want.service.namespace.clone(),
+        name: want.service.name.clone(),
+        frontend: fe,
+        source,
+    }
+}
+
+/// Writes `items` with `write`, resuming after each entry that fails;
+/// returns the failures (index in `items`, error).
+fn batch_each<T>(
+    items: &[T],
+    mut write: impl FnMut(&[T]) -> crate::datapath::BatchResult,
+) -> Vec<(usize, DatapathError)> {
+    let mut failed = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        match write(&items[start..]) {
+            Ok(()) => break,
+            Err((i, e)) => {
+                failed.push((start + i, e));
+                start += i + 1;
+            }
+        }
+    }
+    failed
 }
 
 /// Deduplicated, in slot order.

@@ -16,7 +16,7 @@ use nix::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, MapType, PerCpuArray, PerCpuValues},
+    maps::{HashMap, IterableMap as _, MapData, MapError, MapType, PerCpuArray, PerCpuValues},
     programs::{
         CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
@@ -28,7 +28,7 @@ use lb_common::{
     SockReverse, maps, stats,
 };
 
-use super::{Datapath, DatapathError, Result, Snapshot, backends_full, sys};
+use super::{BatchResult, Datapath, DatapathError, Result, Snapshot, backends_full, sys};
 
 /// The object with every socket-LB program, built by `build.rs`.
 static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sock"));
@@ -946,6 +946,32 @@ fn occupancy<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+/// Elements per batched syscall: enough that the syscall's own cost
+/// vanishes, few enough that the copies stay small (192 KiB of slots).
+const BATCH: usize = 8192;
+
+/// `entries` in [`BATCH`]-sized `BPF_MAP_UPDATE_BATCH` calls.
+fn hash_update_batch<K: Copy, V: Copy>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    map: &'static str,
+    entries: &[(K, V)],
+) -> BatchResult {
+    let mut written = 0;
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
+        let values: Vec<V> = chunk.iter().map(|e| e.1).collect();
+        sys::update_batch(fd, &keys, &values).map_err(|(done, io_error)| {
+            let source = MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            });
+            (written + done, map_err("batch update", map, source))
+        })?;
+        written += chunk.len();
+    }
+    Ok(())
+}
+
 impl Datapath for BpfDatapath {
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
@@ -1019,6 +1045,54 @@ impl Datapath for BpfDatapath {
             Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICE_META, e)),
             _ => Ok(()),
         }
+    }
+
+    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> BatchResult {
+        let fd = self.backends.fd().as_fd();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        // The ranges in the chunk being built: (index in `ranges`, offset
+        // of its first slot in the chunk).
+        let mut starts: Vec<(usize, usize)> = Vec::new();
+        let flush = |keys: &mut Vec<u32>, values: &mut Vec<Backend>, starts: &mut Vec<_>| {
+            let result = sys::update_batch(fd, keys, values).map_err(|(done, e)| {
+                // The range holding the slot that failed.
+                let failed = starts
+                    .iter()
+                    .rev()
+                    .find(|&&(_, offset)| offset <= done)
+                    .map_or(0, |&(i, _)| i);
+                let base = ranges[failed].0;
+                (
+                    failed,
+                    DatapathError::Other(format!("writing {} slots {base}..: {e}", maps::BACKENDS)),
+                )
+            });
+            keys.clear();
+            values.clear();
+            starts.clear();
+            result
+        };
+        for (i, (base, backends)) in ranges.iter().enumerate() {
+            if u64::from(*base) + backends.len() as u64 > u64::from(self.backend_capacity) {
+                flush(&mut keys, &mut values, &mut starts)?;
+                return Err((i, backends_full()));
+            }
+            if !keys.is_empty() && keys.len() + backends.len() > BATCH {
+                flush(&mut keys, &mut values, &mut starts)?;
+            }
+            starts.push((i, keys.len()));
+            keys.extend((0..backends.len() as u32).map(|k| base + k));
+            values.extend_from_slice(backends);
+        }
+        flush(&mut keys, &mut values, &mut starts)
+    }
+
+    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> BatchResult {
+        hash_update_batch(self.meta.map().fd().as_fd(), maps::SERVICE_META, entries)
+    }
+
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> BatchResult {
+        hash_update_batch(self.services.map().fd().as_fd(), maps::SERVICES, entries)
     }
 
     fn count_map_full(&mut self, n: u64) -> Result<()> {

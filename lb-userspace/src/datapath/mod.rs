@@ -72,7 +72,40 @@ pub trait Datapath {
     fn delete_meta(&mut self, svc_id: u32) -> Result<()>;
     /// Records writes refused because a map was full, where `list` shows them.
     fn count_map_full(&mut self, n: u64) -> Result<()>;
+
+    /// Several [`Datapath::put_backends`] at once (the BPF maps take them
+    /// in a few batched syscalls). On failure, `Err((i, e))`: the ranges
+    /// before `i` were written, range `i` failed with `e` (and may be
+    /// written in part), none after it was tried.
+    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> BatchResult {
+        for (i, (base, backends)) in ranges.iter().enumerate() {
+            self.put_backends(*base, backends).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Several [`Datapath::put_meta`] at once, each atomic; errors as
+    /// [`Datapath::put_backend_ranges`].
+    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> BatchResult {
+        for (i, (svc_id, meta)) in entries.iter().enumerate() {
+            self.put_meta(*svc_id, meta).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Several [`Datapath::put_service`] at once, each atomic, in order;
+    /// errors as [`Datapath::put_backend_ranges`].
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> BatchResult {
+        for (i, (key, value)) in entries.iter().enumerate() {
+            self.put_service(key, value).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
+
+/// A batch's outcome: on failure, the index of the entry that failed (the
+/// ones before it were written, none after it was tried) and its error.
+pub type BatchResult = std::result::Result<(), (usize, DatapathError)>;
 
 mod encode;
 

@@ -64,12 +64,29 @@ pub fn array_update_batch<V>(
     values: &[V],
 ) -> Result<(), (usize, io::Error)> {
     let keys: Vec<u32> = (0..values.len() as u32).map(|i| base + i).collect();
+    update_batch(map, &keys, values)
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (any map type; each element is its own update,
+/// in order, as `BPF_MAP_UPDATE_ELEM` with `BPF_ANY` would do it). `K` and
+/// `V` must be the map's key and value layouts. Returns how many were
+/// written with the error if not all were.
+pub fn update_batch<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    debug_assert_eq!(keys.len(), values.len());
+    let count = keys.len().min(values.len());
+    if count == 0 {
+        return Ok(());
+    }
     let mut attr = Attr::default();
     // struct batch: in_batch, out_batch, keys, values (u64 each), count,
     // map_fd (u32 each), elem_flags, flags (u64 each).
     attr.u64(4, keys.as_ptr() as u64)
         .u64(6, values.as_ptr() as u64)
-        .u32(8, values.len() as u32)
+        .u32(8, count as u32)
         .u32(9, map.as_raw_fd() as u32);
     match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
         Ok(_) => Ok(()),

@@ -308,12 +308,10 @@ fn exhausted_ids_fail_cleanly_until_one_is_freed() {
     assert!(!r.installed().contains_key(&fe(4)));
     assert_consistent(&r);
 
-    // b goes: its id is free for d from the next apply on (removals come
-    // after additions within one apply).
+    // b goes: removals come first within one apply, so its id is free
+    // for d at once.
     let b_id = r.installed()[&fe(2)].svc_id;
     entries.remove(1);
-    let report = r.apply(&desired(&entries), Prune::Yes);
-    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     let report = r.apply(&desired(&entries), Prune::Yes);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(r.installed()[&fe(4)].svc_id, b_id);
@@ -406,4 +404,52 @@ fn a_failed_range_write_leaks_nothing() {
     assert!(r.apply(&d, Prune::Yes).errors.is_empty());
     assert_eq!(backends_of(&r.datapath().state, &fe(1)).len(), 4);
     assert_consistent(&r);
+}
+
+/// Many frontends are written in three batches (ranges, meta, masters); a
+/// failure in the middle of a batch fails that frontend only: those before
+/// and after it are complete, its range is not leaked (the array is sized
+/// for exactly the three), and the next apply completes it.
+#[test]
+fn a_failure_inside_a_batch_fails_that_frontend_only() {
+    for kind in [OpKind::PutBackends, OpKind::PutMeta, OpKind::PutService] {
+        let mut r = Reconciler::adopt(MemoryDatapath::with_limits(8, 6)).unwrap();
+        r.datapath_mut().fail_nth(kind, 2);
+        let d = desired(&[
+            (fe(1), "a", vec![be(1, 80), be(2, 80)]),
+            (fe(2), "b", vec![be(3, 80), be(4, 80)]),
+            (fe(3), "c", vec![be(5, 80), be(6, 80)]),
+        ]);
+        let report = r.apply(&d, Prune::Yes);
+        let failed: Vec<&str> = report.errors.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(failed, ["b"], "{kind:?}");
+        assert_consistent(&r);
+        let state = &r.datapath().state;
+        assert!(master(state, &fe(2)).is_none(), "{kind:?}");
+        for f in [fe(1), fe(3)] {
+            assert_eq!(backends_of(state, &f).len(), 2, "{kind:?} {f}");
+        }
+        let writes: Vec<&Op> = r
+            .datapath()
+            .log
+            .iter()
+            .filter(|op| !matches!(op, Op::Grace))
+            .collect();
+        let first_meta = writes.iter().position(|op| matches!(op, Op::PutMeta(_)));
+        let last_range = writes
+            .iter()
+            .rposition(|op| matches!(op, Op::PutBackends(..)));
+        let first_master = writes
+            .iter()
+            .position(|op| matches!(op, Op::PutService(..)));
+        assert!(
+            last_range < first_meta && first_meta < first_master,
+            "{writes:?}"
+        );
+
+        let report = r.apply(&d, Prune::Yes);
+        assert!(report.errors.is_empty(), "{kind:?}: {:?}", report.errors);
+        assert_eq!(backends_of(&r.datapath().state, &fe(2)).len(), 2);
+        assert_consistent(&r);
+    }
 }
