@@ -519,6 +519,16 @@ impl AgentProc {
                     .env("RUST_LOG", "info,lb_userspace::sync=debug");
             }
         }
+        // For allocator experiments (`LD_PRELOAD=...`, `GLIBC_TUNABLES=...`):
+        // `LB_BENCH_AGENT_ENV="K=V K2=V2"` reaches the agent only, and not
+        // under heaptrack, which preloads its own.
+        if wrapper.is_empty()
+            && let Ok(extra) = std::env::var("LB_BENCH_AGENT_ENV")
+        {
+            for (k, v) in extra.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+                c.env(k, v);
+            }
+        }
         let spawned = Instant::now();
         let child = c
             .arg("--bpffs")
@@ -1017,7 +1027,14 @@ pub struct HeapProfile {
 }
 
 /// Components of the agent's heap, in report order.
-pub const HEAP_COMPONENTS: [&str; 5] = ["index", "sync", "reconciler", "decode", "other"];
+pub const HEAP_COMPONENTS: [&str; 6] = [
+    "index",
+    "sync",
+    "reconciler",
+    "decode",
+    "manifest source",
+    "other",
+];
 
 /// Which component a call site's allocations belong to, from its
 /// backtrace (innermost frame first): the first frame of the agent's own
@@ -1027,7 +1044,8 @@ pub const HEAP_COMPONENTS: [&str; 5] = ["index", "sync", "reconciler", "decode",
 pub fn heap_component(frames: &[String]) -> &'static str {
     for f in frames {
         let f = f.replace("..", "::");
-        if !f.contains("lb_userspace::") {
+        // A derived `Clone` of a model type is charged to whoever cloned.
+        if !f.contains("lb_userspace::") || f.contains("core::clone::Clone") {
             continue;
         }
         return if f.contains("lb_userspace::reconciler") || f.contains("lb_userspace::datapath") {
@@ -1042,6 +1060,10 @@ pub fn heap_component(frames: &[String]) -> &'static str {
             "index"
         } else if f.contains("lb_userspace::sources::kube") {
             "decode"
+        } else if f.contains("lb_userspace::sources::manifest")
+            || f.contains("lb_userspace::sources::dir_watch")
+        {
+            "manifest source"
         } else {
             "other"
         };

@@ -44,6 +44,9 @@ pub struct Opts {
     pub ns: Option<Vec<u32>>,
     /// Only re-render the reports from `bench/results/results.json`.
     pub report_only: bool,
+    /// Only the socket-LB's control plane (cold starts, endpoint changes,
+    /// heap profile): no client runs, no other datapath.
+    pub control_plane: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -170,11 +173,14 @@ pub struct ApiLoadRecord {
     pub error: Option<String>,
 }
 
-/// One more cold start of the API source at N, under heaptrack: where the
-/// agent's heap goes at its peak.
+/// One more cold start at N, under heaptrack: where the agent's heap goes
+/// at its peak.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HeapProfileRecord {
     pub n: u32,
+    /// `manifests`, or `api` (empty in older results).
+    #[serde(default)]
+    pub source: String,
     pub profile: lab::HeapProfile,
 }
 
@@ -271,6 +277,8 @@ struct Plan {
     incr_changes: u32,
     /// N at which connect4 is profiled (round 1).
     profile_n: Option<u32>,
+    /// See [`Opts::control_plane`].
+    control_plane: bool,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -321,7 +329,9 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     ]))?;
     let dir = target.join("release");
     let bins = Bins {
-        agent: dir.join("lb-agent"),
+        // Another build of the agent, to compare against (a "before").
+        agent: std::env::var_os("LB_BENCH_AGENT")
+            .map_or_else(|| dir.join("lb-agent"), PathBuf::from),
         server: dir.join("lb-benchserver"),
         client: dir.join("lb-benchclient"),
         apiserver: dir.join("fake-apiserver"),
@@ -342,6 +352,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             api_changes: 20,
             incr_changes: 2,
             profile_n: None,
+            control_plane: opts.control_plane,
         }
     } else {
         Plan {
@@ -362,11 +373,15 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             api_changes: 30,
             incr_changes: 4,
             profile_n: None,
+            control_plane: opts.control_plane,
         }
     };
     // connect4 is profiled at the largest N up to 10,000 (the N).
     let mut plan = plan;
     plan.profile_n = plan.ns.iter().copied().filter(|&n| n <= 10_000).max();
+    if plan.control_plane {
+        plan.profile_n = None;
+    }
 
     let _lock = lb_tests::PrivilegedLock::acquire()?;
     lab::cleanup_leftovers();
@@ -456,14 +471,14 @@ fn bench(
                 bytes,
             },
         ));
-        if n <= plan.ipt_max {
+        if n <= plan.ipt_max && !plan.control_plane {
             let s = config::write_iptables(&work.path().join(format!("ipt-{n}.rules")), n)?;
             results.rulesets.push((n, "iptables".into(), s));
             for remove in [true, false] {
                 config::write_iptables_change(&ipt_change_file(work.path(), n, remove), n, remove)?;
             }
         }
-        if n <= plan.nft_max {
+        if n <= plan.nft_max && !plan.control_plane {
             let s = config::write_nft(&work.path().join(format!("nft-{n}.nft")), n)?;
             results.rulesets.push((n, "nftables".into(), s));
         }
@@ -511,6 +526,7 @@ fn bench(
             for dp in Dp::ALL {
                 check()?;
                 let enabled = match dp {
+                    _ if plan.control_plane && dp != Dp::SocketLb => false,
                     Dp::Direct => true,
                     Dp::SocketLb => n <= plan.lb_max,
                     // One `nft -f` of more than 1,000 services takes a minute
@@ -700,13 +716,17 @@ fn api_slot(
     r?;
     if round == 1 && n > 1 {
         check()?;
-        match api_heap_profile(lab, work, n) {
+        match heap_profile(lab, work, n, false) {
             Ok(profile) => {
                 println!(
                     "bench:   API cold start under heaptrack: heap peak {:.1} MiB",
                     profile.peak_bytes as f64 / 1_048_576.0
                 );
-                results.heap_profiles.push(HeapProfileRecord { n, profile });
+                results.heap_profiles.push(HeapProfileRecord {
+                    n,
+                    source: "api".into(),
+                    profile,
+                });
             }
             Err(e) => results
                 .notes
@@ -716,22 +736,42 @@ fn api_slot(
     Ok(())
 }
 
-/// The API slot's cold start once more, under heaptrack (no changes): the
-/// heap at its peak by component, for the memory breakdown.
-fn api_heap_profile(lab: &Lab, work: &Path, n: u32) -> anyhow::Result<lab::HeapProfile> {
-    let api = ApiServerProc::start(&lab.bins.apiserver, &work.join(format!("api-{n}.json")))?;
-    let bpffs = lb_bpffs("heap-", 1, n);
-    let out = work.join(format!("heaptrack-api-{n}"));
+/// A slot's cold start once more (the API source's, or the manifest
+/// source's), under heaptrack (no changes): the heap at its peak by
+/// component, for the memory breakdown.
+fn heap_profile(
+    lab: &Lab,
+    work: &Path,
+    n: u32,
+    manifests: bool,
+) -> anyhow::Result<lab::HeapProfile> {
+    let tag = if manifests { "manifests" } else { "api" };
+    let api = if manifests {
+        None
+    } else {
+        Some(ApiServerProc::start(
+            &lab.bins.apiserver,
+            &work.join(format!("api-{n}.json")),
+        )?)
+    };
+    let mdir = work.join(format!("manifests-{n}"));
+    let source = match &api {
+        Some(api) => Source::Api(&api.url),
+        None => Source::Manifests(&mdir),
+    };
+    let bpffs = lb_bpffs(&format!("heap-{tag}-"), 1, n);
+    let out = work.join(format!("heaptrack-{tag}-{n}"));
     let out_arg = out.to_string_lossy().into_owned();
     let mut a = AgentProc::start_under(
         &["heaptrack", "-o", &out_arg],
         &lab.bins.agent,
-        Source::Api(&api.url),
+        source,
         &bpffs,
         &lab.cgroup,
-        &work.join(format!("agent-api-heap-n{n}.log")),
+        &work.join(format!("agent-{tag}-heap-n{n}.log")),
         max_services(n),
-        1024,
+        // Both sources' agents get the slot's map sizes.
+        max_backends(n),
         max_frontends(n),
     )?;
     // Allocation tracking slows the agent down a few times over.
@@ -745,7 +785,7 @@ fn api_heap_profile(lab: &Lab, work: &Path, n: u32) -> anyhow::Result<lab::HeapP
         .find(|p| {
             p.file_name()
                 .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with(&format!("heaptrack-api-{n}.")))
+                .is_some_and(|f| f.starts_with(&format!("heaptrack-{tag}-{n}.")))
         })
         .context("heaptrack wrote no recording")?;
     let profile = lab::heap_profile(&recording);
@@ -899,6 +939,7 @@ fn datapath_slot(
             ("first", "udp-conn"),
         ]
     };
+    let variants = if plan.control_plane { &[] } else { variants };
     for &(variant, mode) in variants {
         check()?;
         let rec = client_run(lab, plan, round, n, dp, variant, mode, &progs, None);
@@ -937,6 +978,25 @@ fn datapath_slot(
             config::service_yaml(0, 0),
         )?;
         r?;
+        if round == 1 && n > 1 {
+            check()?;
+            match heap_profile(lab, work, n, true) {
+                Ok(profile) => {
+                    println!(
+                        "bench:   manifest cold start under heaptrack: heap peak {:.1} MiB",
+                        profile.peak_bytes as f64 / 1_048_576.0
+                    );
+                    results.heap_profiles.push(HeapProfileRecord {
+                        n,
+                        source: "manifests".into(),
+                        profile,
+                    });
+                }
+                Err(e) => results
+                    .notes
+                    .push(format!("N={n}, heap profile of the manifest source: {e:#}")),
+            }
+        }
     }
     Ok(())
 }
