@@ -14,13 +14,14 @@
 //! restarts "seen first" is recovered from the maps ([`Index::seed`]).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions,
+    DesiredService, DesiredState, Diagnostic, Frontend, ServiceRef, ServiceType, TranslateOptions,
     input::{ServiceInfo, SliceInfo},
     labels::SERVICE_NAME,
     translate::{diag, port_field, service_frontends},
@@ -98,13 +99,85 @@ struct Rank {
 
 #[derive(Debug)]
 struct ServiceEntry {
-    info: ServiceInfo,
+    /// Shared (`Arc`): the manifest source keeps the same infos.
+    info: Arc<ServiceInfo>,
     seen: u64,
     /// As of the last translation: the rank its claims are filed under,
     /// its frontends (in port, then address order) and its problems.
     claimed: Rank,
-    frontends: Vec<(Frontend, DesiredService)>,
+    frontends: Vec<(Frontend, Serves)>,
     diags: Vec<Diagnostic>,
+}
+
+/// What one frontend of a service serves, as the index keeps it until a
+/// sync asks ([`Index::served`] builds the [`DesiredService`]): the
+/// service's namespace and name are its key, so they are not copied per
+/// frontend, and backends take 8 bytes per IPv4 address, not 32.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Serves {
+    port_name: Box<str>,
+    svc_type: ServiceType,
+    backends: Backends,
+}
+
+/// A frontend's backends, all of its family (as translation makes them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backends {
+    V4(Box<[SocketAddrV4]>),
+    V6(Box<[SocketAddrV6]>),
+    /// Never made by translation; kept as given rather than dropped.
+    Mixed(Box<[SocketAddr]>),
+}
+
+impl From<DesiredService> for Serves {
+    fn from(d: DesiredService) -> Self {
+        let v4: Option<Box<[SocketAddrV4]>> = d
+            .backends
+            .iter()
+            .map(|b| match b {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        let v6 = || -> Option<Box<[SocketAddrV6]>> {
+            d.backends
+                .iter()
+                .map(|b| match b {
+                    SocketAddr::V6(a) => Some(*a),
+                    SocketAddr::V4(_) => None,
+                })
+                .collect()
+        };
+        let backends = match (v4, v6()) {
+            (Some(v4), _) => Backends::V4(v4),
+            (None, Some(v6)) => Backends::V6(v6),
+            (None, None) => Backends::Mixed(d.backends.into_boxed_slice()),
+        };
+        Self {
+            port_name: d.service.port_name.into_boxed_str(),
+            svc_type: d.service.svc_type,
+            backends,
+        }
+    }
+}
+
+impl Serves {
+    fn desired(&self, (namespace, name): &Key) -> DesiredService {
+        let backends = match &self.backends {
+            Backends::V4(b) => b.iter().map(|a| SocketAddr::V4(*a)).collect(),
+            Backends::V6(b) => b.iter().map(|a| SocketAddr::V6(*a)).collect(),
+            Backends::Mixed(b) => b.to_vec(),
+        };
+        DesiredService {
+            service: ServiceRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: self.port_name.to_string(),
+                svc_type: self.svc_type,
+            },
+            backends,
+        }
+    }
 }
 
 impl ServiceEntry {
@@ -116,7 +189,7 @@ impl ServiceEntry {
         }
     }
 
-    fn wants(&self, fe: &Frontend) -> Option<&DesiredService> {
+    fn wants(&self, fe: &Frontend) -> Option<&Serves> {
         self.frontends
             .iter()
             .find(|(f, _)| f == fe)
@@ -193,11 +266,14 @@ impl Index {
         self.seeds = HashMap::new();
     }
 
-    pub fn apply_service(&mut self, info: ServiceInfo) -> bool {
+    /// Takes a service (or one shared with its source: `Arc<ServiceInfo>`).
+    pub fn apply_service(&mut self, info: impl Into<Arc<ServiceInfo>>) -> bool {
+        let info: Arc<ServiceInfo> = info.into();
         let key = (info.namespace.clone(), info.name.clone());
         match self.services.entry(key) {
             Entry::Occupied(mut e) => {
-                if e.get().info == info {
+                let old = &e.get().info;
+                if Arc::ptr_eq(old, &info) || **old == *info {
                     return false;
                 }
                 e.get_mut().info = info;
@@ -295,7 +371,7 @@ impl Index {
         let changes = self
             .translate_dirty()
             .into_iter()
-            .map(|fe| (fe, self.served(&fe).cloned()))
+            .map(|fe| (fe, self.served(&fe)))
             .collect();
         Checkout {
             changes,
@@ -311,6 +387,16 @@ impl Index {
     pub fn checkout_full(&mut self) -> Vec<Diagnostic> {
         self.translate_dirty();
         self.diagnostics()
+    }
+
+    /// A check-out that copies nothing out: the frontends whose desired
+    /// state may differ from the last check-out, in order (the caller
+    /// reads [`Index::served`] a part at a time, so a large change, such as
+    /// the first list arriving, is never copied out whole), and every
+    /// current problem.
+    pub fn checkout_frontends(&mut self) -> (Vec<Frontend>, Vec<Diagnostic>) {
+        let touched = self.translate_dirty().into_iter().collect();
+        (touched, self.diagnostics())
     }
 
     /// Every frontend served as of the last check-out, in order.
@@ -337,16 +423,21 @@ impl Index {
 
     /// What `fe` should serve as of the last check-out: the claim of its
     /// owner.
-    pub fn served(&self, fe: &Frontend) -> Option<&DesiredService> {
+    pub fn served(&self, fe: &Frontend) -> Option<DesiredService> {
         let (_, owner) = self.claims.get(fe)?.first()?;
-        self.services.get(owner)?.wants(fe)
+        Some(self.services.get(owner)?.wants(fe)?.desired(owner))
+    }
+
+    /// Whether anything serves `fe` (as of the last check-out).
+    pub fn is_served(&self, fe: &Frontend) -> bool {
+        self.claims.contains_key(fe)
     }
 
     /// Everything, as of the last check-out.
     pub fn desired(&self) -> DesiredState {
         self.claims
             .keys()
-            .filter_map(|fe| Some((*fe, self.served(fe)?.clone())))
+            .filter_map(|fe| Some((*fe, self.served(fe)?)))
             .collect()
     }
 
@@ -474,7 +565,11 @@ impl Index {
             .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
-        let mut frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        let mut frontends: Vec<(Frontend, Serves)> =
+            service_frontends(&entry.info, &own, &self.opts, &mut diags)
+                .into_iter()
+                .map(|(fe, want)| (fe, Serves::from(want)))
+                .collect();
         // Kept until the next change: no growth slack (a one-port service
         // would hold room for four).
         frontends.shrink_to_fit();
