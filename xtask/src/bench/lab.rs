@@ -644,7 +644,11 @@ impl AgentProc {
         let mut todo = vec![self.pid()?];
         while let Some(pid) = todo.pop() {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "lb-agent" {
+            // comm is the file name cut to 15 bytes (LB_BENCH_AGENT may
+            // name another build).
+            let name = self.bin.file_name().map(|n| n.to_string_lossy());
+            let want = name.as_deref().unwrap_or("lb-agent");
+            if comm.trim() == want.get(..15).unwrap_or(want) {
                 return Some(pid);
             }
             let children =
