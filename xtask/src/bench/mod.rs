@@ -404,7 +404,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     if let Err(e) = &outcome {
         results.notes.push(format!("the run stopped early: {e:#}"));
     }
-    if !results.runs.is_empty() {
+    if !results.runs.is_empty() || !results.loads.is_empty() {
         report::write_all(Path::new("."), &results)?;
     }
     if interrupted.load(Ordering::SeqCst) {
@@ -707,6 +707,12 @@ fn api_slot(
         )
     })();
     rec.agent_vm_hwm_kib = a.vm_hwm_kib().or(rec.agent_vm_hwm_kib);
+    println!(
+        "bench:   API slot VmHWM {:.1} MiB (after the initial sync: RssFile {:.1}, RssAnon {:.1} MiB)",
+        rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0,
+        rec.agent_rss_file_kib.unwrap_or(0) as f64 / 1024.0,
+        rec.agent_rss_anon_kib.unwrap_or(0) as f64 / 1024.0
+    );
     a.stop();
     // SIGTERM made the agent log its latency figures once more.
     rec.agent_latency = lab::agent_latency_line(&a.log_text());
@@ -857,6 +863,11 @@ fn datapath_slot(
                 rec.map_bytes.insert(name.clone(), bytes);
                 rec.map_max_entries.insert(name, max);
             }
+            println!(
+                "bench:   manifest cold start {:.3} s, VmHWM {:.1} MiB",
+                rec.wall_s,
+                rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0
+            );
             let bad = rec.error.clone();
             results.loads.push(rec);
             if let Some(e) = bad {
@@ -970,6 +981,10 @@ fn datapath_slot(
             .find(|l| l.datapath == Dp::SocketLb)
         {
             rec.agent_vm_hwm_kib = a.vm_hwm_kib().or(rec.agent_vm_hwm_kib);
+            println!(
+                "bench:   manifest slot VmHWM {:.1} MiB",
+                rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0
+            );
         }
         a.stop();
         // Leave service 0 as generated for the next round's cold start.
