@@ -613,16 +613,16 @@ impl<D: Datapath> Driver<D> {
                 let diags = sh.index.checkout_full();
                 (Work::Full(sh.index.frontends()), diags)
             } else {
-                let out = sh.index.checkout();
-                let mut changes = out.changes;
+                let (mut changes, diags) = sh.index.checkout_frontends();
                 // What failed before (a full map that since got room, say)
                 // is tried again once its timer is due.
-                for fe in self.syncer.due(TimerInstant::now()) {
-                    changes
-                        .entry(fe)
-                        .or_insert_with(|| sh.index.served(&fe).cloned());
+                let due = self.syncer.due(TimerInstant::now());
+                if !due.is_empty() {
+                    changes.extend(due);
+                    changes.sort_unstable();
+                    changes.dedup();
                 }
-                (Work::Changes(changes), out.diagnostics)
+                (Work::Changes(changes), diags)
             };
             let diags: BTreeSet<Diagnostic> =
                 sh.source_diags.iter().cloned().chain(index_diags).collect();
@@ -640,13 +640,13 @@ impl<D: Datapath> Driver<D> {
                 .syncer
                 .failed
                 .keys()
-                .filter(|fe| !c.contains_key(fe))
+                .filter(|fe| c.binary_search(fe).is_err())
                 .copied()
                 .collect(),
         };
         let mut stats = match work {
             Work::Full(frontends) => self.apply_full(&frontends, prune),
-            Work::Changes(changes) => self.syncer.apply_changes(changes, prune),
+            Work::Changes(changes) => self.apply_parts(&changes, prune),
         };
         if stats.deletes > 0 && !waiting.is_empty() {
             // Room was freed: what was waiting for its retry may fit now.
@@ -654,7 +654,7 @@ impl<D: Datapath> Driver<D> {
                 let sh = self.input.lock();
                 waiting
                     .iter()
-                    .map(|fe| (*fe, sh.index.served(fe).cloned()))
+                    .map(|fe| (*fe, sh.index.served(fe)))
                     .collect()
             };
             stats += self.syncer.apply_changes(retry, prune);
@@ -700,21 +700,29 @@ impl<D: Datapath> Driver<D> {
         }
     }
 
-    /// Brings the maps to the whole index (`frontends`: all it serves): in
-    /// parts of [`FULL_PASS_PART`] frontends, each copied out of the index
-    /// only for its reconciler call, then what is installed (or waiting for
-    /// a retry) and served no more goes.
-    fn apply_full(&mut self, frontends: &[Frontend], prune: Prune) -> SyncStats {
+    /// Brings `frontends` to what the index serves, in parts of
+    /// [`FULL_PASS_PART`], each copied out of the index only for its
+    /// reconciler call: a cold start changes every frontend, and one copy
+    /// of them all would be the agent's peak. The index may take objects
+    /// between parts; whatever they change is handed out by the next
+    /// check-out, so a part never writes anything older than the last one.
+    fn apply_parts(&mut self, frontends: &[Frontend], prune: Prune) -> SyncStats {
         let mut stats = SyncStats::default();
         for part in frontends.chunks(FULL_PASS_PART) {
             let changes = {
                 let sh = self.input.lock();
-                part.iter()
-                    .map(|fe| (*fe, sh.index.served(fe).cloned()))
-                    .collect()
+                part.iter().map(|fe| (*fe, sh.index.served(fe))).collect()
             };
             stats += self.syncer.apply_changes(changes, prune);
         }
+        stats
+    }
+
+    /// Brings the maps to the whole index (`frontends`: all it serves) in
+    /// parts, then what is installed (or waiting for a retry) and served no
+    /// more goes.
+    fn apply_full(&mut self, frontends: &[Frontend], prune: Prune) -> SyncStats {
+        let mut stats = self.apply_parts(frontends, prune);
         let held: BTreeSet<Frontend> = self
             .syncer
             .reconciler
@@ -726,7 +734,7 @@ impl<D: Datapath> Driver<D> {
         let gone = {
             let sh = self.input.lock();
             held.into_iter()
-                .filter(|fe| sh.index.served(fe).is_none())
+                .filter(|fe| !sh.index.is_served(fe))
                 .map(|fe| (fe, None))
                 .collect()
         };
@@ -795,5 +803,6 @@ pub fn owners_oldest_first<D: Datapath>(reconciler: &Reconciler<D>) -> Vec<(Stri
 enum Work {
     /// Every frontend the index serves, for a pass over everything.
     Full(Vec<Frontend>),
-    Changes(BTreeMap<Frontend, Option<DesiredService>>),
+    /// The frontends that changed (or whose retry is due), sorted.
+    Changes(Vec<Frontend>),
 }

@@ -57,6 +57,11 @@ enum Task {
         /// Only re-render results.md, the plot and BENCHMARKS.md from bench/results/results.json.
         #[arg(long)]
         report: bool,
+        /// Only the agent's control plane: socket-LB cold starts from manifests and from the
+        /// fake API server (RSS, sync time, endpoint changes, heap profile); no client runs and
+        /// no other datapath, for quick memory and latency iterations.
+        #[arg(long)]
+        control_plane: bool,
     },
 }
 
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
             nft_max,
             ns,
             report,
+            control_plane,
         } => {
             if !report {
                 setup::setup()?;
@@ -91,6 +97,7 @@ fn main() -> anyhow::Result<()> {
                 nft_max,
                 ns,
                 report_only: report,
+                control_plane,
             })
         }
     }

@@ -14,13 +14,15 @@
 //! restarts "seen first" is recovered from the maps ([`Index::seed`]).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use smol_str::SmolStr;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, TranslateOptions,
+    DesiredService, DesiredState, Diagnostic, Frontend, ServiceRef, ServiceType, TranslateOptions,
     input::{ServiceInfo, SliceInfo},
     labels::SERVICE_NAME,
     translate::{diag, port_field, service_frontends},
@@ -28,6 +30,19 @@ use super::{
 
 /// (namespace, name).
 pub type Key = (String, String);
+
+/// The index's own (namespace, name): inline up to 23 bytes (almost every
+/// Kubernetes name) and shared when longer, so the several maps keyed by
+/// a service or slice cost no allocation per key.
+type IKey = (SmolStr, SmolStr);
+
+fn ikey(namespace: &str, name: &str) -> IKey {
+    (SmolStr::new(namespace), SmolStr::new(name))
+}
+
+fn to_key((namespace, name): &IKey) -> Key {
+    (namespace.to_string(), name.to_string())
+}
 
 /// kubert's seam: one `apply` and one `delete` per kind.
 pub trait IndexNamespaced<T> {
@@ -98,13 +113,85 @@ struct Rank {
 
 #[derive(Debug)]
 struct ServiceEntry {
-    info: ServiceInfo,
+    /// Shared (`Arc`): the manifest source keeps the same infos.
+    info: Arc<ServiceInfo>,
     seen: u64,
     /// As of the last translation: the rank its claims are filed under,
     /// its frontends (in port, then address order) and its problems.
     claimed: Rank,
-    frontends: Vec<(Frontend, DesiredService)>,
+    frontends: Vec<(Frontend, Serves)>,
     diags: Vec<Diagnostic>,
+}
+
+/// What one frontend of a service serves, as the index keeps it until a
+/// sync asks ([`Index::served`] builds the [`DesiredService`]): the
+/// service's namespace and name are its key, so they are not copied per
+/// frontend, and backends take 8 bytes per IPv4 address, not 32.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Serves {
+    port_name: Box<str>,
+    svc_type: ServiceType,
+    backends: Backends,
+}
+
+/// A frontend's backends, all of its family (as translation makes them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backends {
+    V4(Box<[SocketAddrV4]>),
+    V6(Box<[SocketAddrV6]>),
+    /// Never made by translation; kept as given rather than dropped.
+    Mixed(Box<[SocketAddr]>),
+}
+
+impl From<DesiredService> for Serves {
+    fn from(d: DesiredService) -> Self {
+        let v4: Option<Box<[SocketAddrV4]>> = d
+            .backends
+            .iter()
+            .map(|b| match b {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        let v6 = || -> Option<Box<[SocketAddrV6]>> {
+            d.backends
+                .iter()
+                .map(|b| match b {
+                    SocketAddr::V6(a) => Some(*a),
+                    SocketAddr::V4(_) => None,
+                })
+                .collect()
+        };
+        let backends = match (v4, v6()) {
+            (Some(v4), _) => Backends::V4(v4),
+            (None, Some(v6)) => Backends::V6(v6),
+            (None, None) => Backends::Mixed(d.backends.into_boxed_slice()),
+        };
+        Self {
+            port_name: d.service.port_name.into_boxed_str(),
+            svc_type: d.service.svc_type,
+            backends,
+        }
+    }
+}
+
+impl Serves {
+    fn desired(&self, (namespace, name): &IKey) -> DesiredService {
+        let backends = match &self.backends {
+            Backends::V4(b) => b.iter().map(|a| SocketAddr::V4(*a)).collect(),
+            Backends::V6(b) => b.iter().map(|a| SocketAddr::V6(*a)).collect(),
+            Backends::Mixed(b) => b.to_vec(),
+        };
+        DesiredService {
+            service: ServiceRef {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                port_name: self.port_name.to_string(),
+                svc_type: self.svc_type,
+            },
+            backends,
+        }
+    }
 }
 
 impl ServiceEntry {
@@ -116,7 +203,7 @@ impl ServiceEntry {
         }
     }
 
-    fn wants(&self, fe: &Frontend) -> Option<&DesiredService> {
+    fn wants(&self, fe: &Frontend) -> Option<&Serves> {
         self.frontends
             .iter()
             .find(|(f, _)| f == fe)
@@ -129,29 +216,29 @@ pub struct Index {
     opts: TranslateOptions,
     /// Boxed, so the tables hold pointers: half-empty buckets and a resize
     /// (old and new table at once) cost little.
-    services: HashMap<Key, Box<ServiceEntry>>,
+    services: HashMap<IKey, Box<ServiceEntry>>,
     /// Shared (`Arc`): the manifest source's cache holds the same slices.
-    slices: HashMap<Key, Arc<SliceInfo>>,
+    slices: HashMap<IKey, Arc<SliceInfo>>,
     /// (namespace, service) → names of the slices labelled for it, sorted
     /// (the order endpoints are deduplicated in).
-    by_service: HashMap<Key, SortedVec<String>>,
+    by_service: HashMap<IKey, SortedVec<SmolStr>>,
     /// Slices without the service-name label (each is a diagnostic).
-    unlabeled: BTreeSet<Key>,
+    unlabeled: BTreeSet<IKey>,
     /// Frontend → the services claiming it, the owner first.
-    claims: HashMap<Frontend, SortedVec<(Rank, Key)>>,
+    claims: HashMap<Frontend, SortedVec<(Rank, IKey)>>,
     /// Frontends with more than one claim.
     contested: BTreeSet<Frontend>,
     /// Services whose translation reported problems.
-    with_diags: BTreeSet<Key>,
+    with_diags: BTreeSet<IKey>,
     /// Services to translate again at the next check-out.
-    dirty: BTreeSet<Key>,
+    dirty: BTreeSet<IKey>,
     /// Frontends to hand out at the next check-out.
     touched: BTreeSet<Frontend>,
     /// A slice's missing label came or went since the last check-out.
     unlabeled_changed: bool,
     next_seen: u64,
     /// Services that held frontends before a restart, oldest first.
-    seeds: HashMap<Key, u64>,
+    seeds: HashMap<IKey, u64>,
 }
 
 impl Index {
@@ -180,7 +267,7 @@ impl Index {
     /// before anything applied later. Call before the first apply.
     pub fn seed(&mut self, oldest_first: impl IntoIterator<Item = Key>) {
         for key in oldest_first {
-            if let Entry::Vacant(e) = self.seeds.entry(key) {
+            if let Entry::Vacant(e) = self.seeds.entry(ikey(&key.0, &key.1)) {
                 e.insert(self.next_seen);
                 self.next_seen += 1;
             }
@@ -193,11 +280,14 @@ impl Index {
         self.seeds = HashMap::new();
     }
 
-    pub fn apply_service(&mut self, info: ServiceInfo) -> bool {
-        let key = (info.namespace.clone(), info.name.clone());
+    /// Takes a service (or one shared with its source: `Arc<ServiceInfo>`).
+    pub fn apply_service(&mut self, info: impl Into<Arc<ServiceInfo>>) -> bool {
+        let info: Arc<ServiceInfo> = info.into();
+        let key = ikey(&info.namespace, &info.name);
         match self.services.entry(key) {
             Entry::Occupied(mut e) => {
-                if e.get().info == info {
+                let old = &e.get().info;
+                if Arc::ptr_eq(old, &info) || **old == *info {
                     return false;
                 }
                 e.get_mut().info = info;
@@ -227,7 +317,7 @@ impl Index {
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
-        let key = (namespace.to_owned(), name.to_owned());
+        let key = ikey(namespace, name);
         let Some(old) = self.services.remove(&key) else {
             return false;
         };
@@ -243,7 +333,7 @@ impl Index {
     /// Takes a slice (or one shared with its source: `Arc<SliceInfo>`).
     pub fn apply_slice(&mut self, info: impl Into<Arc<SliceInfo>>) -> bool {
         let info: Arc<SliceInfo> = info.into();
-        let key = (info.namespace.clone(), info.name.clone());
+        let key = ikey(&info.namespace, &info.name);
         if self
             .slices
             .get(&key)
@@ -260,7 +350,7 @@ impl Index {
             }
             if let Some(svc) = &owner {
                 self.by_service
-                    .entry((key.0.clone(), svc.clone()))
+                    .entry((key.0.clone(), SmolStr::new(svc)))
                     .or_default()
                     .insert(key.1.clone());
             }
@@ -271,20 +361,20 @@ impl Index {
             self.unlabeled.insert(key.clone())
         };
         for svc in [old_owner, owner].into_iter().flatten() {
-            self.mark((key.0.clone(), svc));
+            self.mark((key.0.clone(), SmolStr::new(svc)));
         }
         true
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
-        let key = (namespace.to_owned(), name.to_owned());
+        let key = ikey(namespace, name);
         let Some(old) = self.slices.remove(&key) else {
             return false;
         };
         self.unlabeled_changed |= self.unlabeled.remove(&key);
         if let Some(svc) = old.service.clone() {
             self.unlink(&key, &svc);
-            self.mark((key.0, svc));
+            self.mark((key.0, SmolStr::new(svc)));
         }
         true
     }
@@ -295,7 +385,7 @@ impl Index {
         let changes = self
             .translate_dirty()
             .into_iter()
-            .map(|fe| (fe, self.served(&fe).cloned()))
+            .map(|fe| (fe, self.served(&fe)))
             .collect();
         Checkout {
             changes,
@@ -311,6 +401,16 @@ impl Index {
     pub fn checkout_full(&mut self) -> Vec<Diagnostic> {
         self.translate_dirty();
         self.diagnostics()
+    }
+
+    /// A check-out that copies nothing out: the frontends whose desired
+    /// state may differ from the last check-out, in order (the caller
+    /// reads [`Index::served`] a part at a time, so a large change, such as
+    /// the first list arriving, is never copied out whole), and every
+    /// current problem.
+    pub fn checkout_frontends(&mut self) -> (Vec<Frontend>, Vec<Diagnostic>) {
+        let touched = self.translate_dirty().into_iter().collect();
+        (touched, self.diagnostics())
     }
 
     /// Every frontend served as of the last check-out, in order.
@@ -337,16 +437,21 @@ impl Index {
 
     /// What `fe` should serve as of the last check-out: the claim of its
     /// owner.
-    pub fn served(&self, fe: &Frontend) -> Option<&DesiredService> {
+    pub fn served(&self, fe: &Frontend) -> Option<DesiredService> {
         let (_, owner) = self.claims.get(fe)?.first()?;
-        self.services.get(owner)?.wants(fe)
+        Some(self.services.get(owner)?.wants(fe)?.desired(owner))
+    }
+
+    /// Whether anything serves `fe` (as of the last check-out).
+    pub fn is_served(&self, fe: &Frontend) -> bool {
+        self.claims.contains_key(fe)
     }
 
     /// Everything, as of the last check-out.
     pub fn desired(&self) -> DesiredState {
         self.claims
             .keys()
-            .filter_map(|fe| Some((*fe, self.served(fe)?.clone())))
+            .filter_map(|fe| Some((*fe, self.served(fe)?)))
             .collect()
     }
 
@@ -377,14 +482,15 @@ impl Index {
                 )
             })
             .collect();
-        let losers: BTreeSet<&Key> = self
+        let losers: BTreeSet<&IKey> = self
             .contested
             .iter()
             .flat_map(|fe| self.claims[fe].iter().skip(1).map(|(_, key)| key))
             .collect();
         let mut per_service: BTreeMap<Key, Vec<Diagnostic>> = BTreeMap::new();
         for key in self.with_diags.iter().chain(losers) {
-            if per_service.contains_key(key) {
+            let k = to_key(key);
+            if per_service.contains_key(&k) {
                 continue;
             }
             let entry = &self.services[key];
@@ -407,17 +513,17 @@ impl Index {
                     ));
                 }
             }
-            per_service.insert(key.clone(), group);
+            per_service.insert(k, group);
         }
         (slices, per_service)
     }
 
     pub fn service_keys(&self) -> Vec<Key> {
-        self.services.keys().cloned().collect()
+        self.services.keys().map(to_key).collect()
     }
 
     pub fn slice_keys(&self) -> Vec<Key> {
-        self.slices.keys().cloned().collect()
+        self.slices.keys().map(to_key).collect()
     }
 
     /// How many services and slices it holds.
@@ -429,14 +535,14 @@ impl Index {
         self.services.is_empty() && self.slices.is_empty()
     }
 
-    fn mark(&mut self, service: Key) {
+    fn mark(&mut self, service: IKey) {
         if self.services.contains_key(&service) {
             self.dirty.insert(service);
         }
     }
 
-    fn unlink(&mut self, slice: &Key, service: &str) {
-        let owner = (slice.0.clone(), service.to_owned());
+    fn unlink(&mut self, slice: &IKey, service: &str) {
+        let owner = (slice.0.clone(), SmolStr::new(service));
         if let Some(set) = self.by_service.get_mut(&owner) {
             set.remove(&slice.1);
             if set.is_empty() {
@@ -445,7 +551,7 @@ impl Index {
         }
     }
 
-    fn unclaim(&mut self, fe: &Frontend, rank: &Rank, key: &Key) {
+    fn unclaim(&mut self, fe: &Frontend, rank: &Rank, key: &IKey) {
         if let Some(set) = self.claims.get_mut(fe) {
             set.remove(&(rank.clone(), key.clone()));
             match set.len() {
@@ -461,7 +567,7 @@ impl Index {
         }
     }
 
-    fn retranslate(&mut self, key: Key) {
+    fn retranslate(&mut self, key: IKey) {
         let Some(entry) = self.services.get(&key) else {
             return;
         };
@@ -474,7 +580,11 @@ impl Index {
             .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
-        let mut frontends = service_frontends(&entry.info, &own, &self.opts, &mut diags);
+        let mut frontends: Vec<(Frontend, Serves)> =
+            service_frontends(&entry.info, &own, &self.opts, &mut diags)
+                .into_iter()
+                .map(|(fe, want)| (fe, Serves::from(want)))
+                .collect();
         // Kept until the next change: no growth slack (a one-port service
         // would hold room for four).
         frontends.shrink_to_fit();

@@ -558,13 +558,18 @@ impl DirCache {
             objects.merge(&file.objects, &mut merge_diags);
         }
         objects.log_ignored();
+        // The merge's record of who defined what (a source string per
+        // object) is not needed by the build, which holds its objects.
+        objects.shrink();
         let built = build(objects, alloc, merge_diags);
         let mut next = Fed {
             build_diags: built.diagnostics,
             ..Fed::default()
         };
-        for svc in &built.services {
-            let info = ServiceInfo::from(svc);
+        // Each full object goes as soon as its slim info is taken.
+        for svc in built.services {
+            let info = ServiceInfo::from(&svc);
+            drop(svc);
             next.services
                 .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
         }
@@ -574,8 +579,9 @@ impl DirCache {
             next.given_from.insert(key.clone(), file.to_owned());
             next.slices.insert(key, slice);
         }
-        for slice in &built.slices {
-            let info = SliceInfo::from(slice);
+        for slice in built.slices {
+            let info = SliceInfo::from(&slice);
+            drop(slice);
             next.slices
                 .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
         }
@@ -726,7 +732,8 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
             let mut changed = false;
             for change in services {
                 changed |= match change {
-                    Change::Apply(s) => index.apply(Arc::unwrap_or_clone(s)),
+                    // Shared with the cache, not copied.
+                    Change::Apply(s) => index.apply_service(s),
                     Change::Delete { namespace, name } => {
                         IndexNamespaced::<ServiceInfo>::delete(index, &namespace, &name)
                     }

@@ -519,6 +519,16 @@ impl AgentProc {
                     .env("RUST_LOG", "info,lb_userspace::sync=debug");
             }
         }
+        // For allocator experiments (`LD_PRELOAD=...`, `GLIBC_TUNABLES=...`):
+        // `LB_BENCH_AGENT_ENV="K=V K2=V2"` reaches the agent only, and not
+        // under heaptrack, which preloads its own.
+        if wrapper.is_empty()
+            && let Ok(extra) = std::env::var("LB_BENCH_AGENT_ENV")
+        {
+            for (k, v) in extra.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+                c.env(k, v);
+            }
+        }
         let spawned = Instant::now();
         let child = c
             .arg("--bpffs")
@@ -634,7 +644,11 @@ impl AgentProc {
         let mut todo = vec![self.pid()?];
         while let Some(pid) = todo.pop() {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "lb-agent" {
+            // comm is the file name cut to 15 bytes (LB_BENCH_AGENT may
+            // name another build).
+            let name = self.bin.file_name().map(|n| n.to_string_lossy());
+            let want = name.as_deref().unwrap_or("lb-agent");
+            if comm.trim() == want.get(..15).unwrap_or(want) {
                 return Some(pid);
             }
             let children =
@@ -1017,31 +1031,61 @@ pub struct HeapProfile {
 }
 
 /// Components of the agent's heap, in report order.
-pub const HEAP_COMPONENTS: [&str; 5] = ["index", "sync", "reconciler", "decode", "other"];
+pub const HEAP_COMPONENTS: [&str; 6] = [
+    "index",
+    "sync",
+    "reconciler",
+    "decode",
+    "manifest source",
+    "other",
+];
 
 /// Which component a call site's allocations belong to, from its
-/// backtrace (innermost frame first): the first frame of the agent's own
-/// code decides; the slim objects the watch decodes are kept by the index,
-/// everything else the watch allocates (HTTP bodies, pages of items,
-/// per-object scratch) is a decode buffer.
+/// backtrace (innermost frame first; a frame is `name`, or `name @ path`
+/// when heaptrack has its source line, as it has for every frame inlined
+/// into another): the first frame of the agent's own code decides; the
+/// slim objects the watch decodes are kept by the index, everything else
+/// the watch allocates (HTTP bodies, pages of items, per-object scratch)
+/// is a decode buffer; what the index builds for the sync to write is the
+/// sync's copy.
 pub fn heap_component(frames: &[String]) -> &'static str {
     for f in frames {
-        let f = f.replace("..", "::");
-        if !f.contains("lb_userspace::") {
+        let (name, path) = f.split_once(" @ ").unwrap_or((f.as_str(), ""));
+        let name = name.replace("..", "::");
+        if !name.contains("lb_userspace::") && !path.starts_with("lb-userspace/src/") {
             continue;
         }
-        return if f.contains("lb_userspace::reconciler") || f.contains("lb_userspace::datapath") {
-            "reconciler"
-        } else if f.contains("lb_userspace::sources::kube::wire") && f.contains("convert::From") {
-            "index"
-        } else if f.contains("lb_userspace::model::index::Index::desired")
-            || f.contains("lb_userspace::sync")
+        // A derived `Clone` of a model type is charged to whoever cloned.
+        if name.contains("core::clone::Clone")
+            || (path.starts_with("lb-userspace/src/model/") && name == "clone")
         {
-            "sync"
-        } else if f.contains("lb_userspace::model") {
+            continue;
+        }
+        let is = |module: &str, file: &str| {
+            name.contains(&format!("lb_userspace::{module}"))
+                || path.starts_with(&format!("lb-userspace/src/{file}"))
+        };
+        let copy_out = name.contains("lb_userspace::model::index::Index::desired")
+            || name.contains("lb_userspace::model::index::Index::served")
+            || (path.starts_with("lb-userspace/src/model/index")
+                && matches!(name.as_str(), "desired" | "served" | "checkout"));
+        return if is("reconciler", "reconciler") || is("datapath", "datapath") {
+            "reconciler"
+        } else if (name.contains("lb_userspace::sources::kube::wire")
+            && name.contains("convert::From"))
+            || path.starts_with("lb-userspace/src/sources/kube/wire")
+        {
             "index"
-        } else if f.contains("lb_userspace::sources::kube") {
+        } else if copy_out || is("sync", "sync") {
+            "sync"
+        } else if is("model", "model") {
+            "index"
+        } else if is("sources::kube", "sources/kube") {
             "decode"
+        } else if is("sources::manifest", "sources/manifest")
+            || is("sources::dir_watch", "sources/dir_watch")
+        {
+            "manifest source"
         } else {
             "other"
         };
@@ -1130,7 +1174,16 @@ fn parse_heap_profile(text: &str) -> anyhow::Result<HeapProfile> {
             in_peaks = false;
         } else if let Some((_, frames)) = &mut site {
             let f = line.trim();
-            if !f.is_empty() && !f.starts_with("in ") && !f.starts_with("at ") {
+            if let Some(at) = f.strip_prefix("at ") {
+                // The source line of the frame above (`path:line`).
+                let path = at.rsplit_once(':').map_or(at, |(p, _)| p);
+                if let Some(last) = frames.last_mut()
+                    && !last.contains(" @ ")
+                {
+                    last.push_str(" @ ");
+                    last.push_str(path);
+                }
+            } else if !f.is_empty() && !f.starts_with("in ") {
                 frames.push(f.to_owned());
             }
         }
@@ -1163,6 +1216,20 @@ PEAK MEMORY CONSUMERS\n\
   lb_userspace::sync::Driver::sync::h5\n\
 3.44M peak memory consumed over 9 calls from\n\
   lb_userspace::reconciler::Reconciler::apply_changes::h6\n\
+1.5M peak memory consumed over 3 calls from\n\
+  alloc::raw_vec::RawVec::grow_one::h9\n\
+    in /x/lb-agent\n\
+  clone\n\
+    at lb-userspace/src/model/mod.rs:90\n\
+  desired\n\
+    at lb-userspace/src/model/index.rs:170\n\
+  sync\n\
+    at lb-userspace/src/sync.rs:650\n\
+2.5M peak memory consumed over 3 calls from\n\
+  alloc::raw_vec::RawVec::grow_one::h9\n\
+  retranslate\n\
+    at lb-userspace/src/model/index.rs:600\n\
+    in /x/lb-agent\n\
 835.58K peak memory consumed over 2 calls from\n\
   bytes::bytes_mut::BytesMut::reserve_inner::h7\n\
   hyper::proto::h1::io::Buffered::poll_read_from_io::h8\n\
@@ -1174,9 +1241,9 @@ calls to allocation functions: 1799355 (316231/s)\n\
 peak heap memory consumption: 59.34M\n";
         let p = parse_heap_profile(text).unwrap();
         assert_eq!(p.peak_bytes, 59_340_000);
-        assert_eq!(p.components["index"], 11_190_000);
+        assert_eq!(p.components["index"], 11_190_000 + 2_500_000);
         assert_eq!(p.components["decode"], 2_240_000 + 835_580);
-        assert_eq!(p.components["sync"], 7_170_000);
+        assert_eq!(p.components["sync"], 7_170_000 + 1_500_000);
         assert_eq!(p.components["reconciler"], 3_440_000);
         assert_eq!(p.components["other"], 10_000);
     }

@@ -44,6 +44,9 @@ pub struct Opts {
     pub ns: Option<Vec<u32>>,
     /// Only re-render the reports from `bench/results/results.json`.
     pub report_only: bool,
+    /// Only the socket-LB's control plane (cold starts, endpoint changes,
+    /// heap profile): no client runs, no other datapath.
+    pub control_plane: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -170,11 +173,14 @@ pub struct ApiLoadRecord {
     pub error: Option<String>,
 }
 
-/// One more cold start of the API source at N, under heaptrack: where the
-/// agent's heap goes at its peak.
+/// One more cold start at N, under heaptrack: where the agent's heap goes
+/// at its peak.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HeapProfileRecord {
     pub n: u32,
+    /// `manifests`, or `api` (empty in older results).
+    #[serde(default)]
+    pub source: String,
     pub profile: lab::HeapProfile,
 }
 
@@ -271,6 +277,8 @@ struct Plan {
     incr_changes: u32,
     /// N at which connect4 is profiled (round 1).
     profile_n: Option<u32>,
+    /// See [`Opts::control_plane`].
+    control_plane: bool,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -321,7 +329,9 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     ]))?;
     let dir = target.join("release");
     let bins = Bins {
-        agent: dir.join("lb-agent"),
+        // Another build of the agent, to compare against (a "before").
+        agent: std::env::var_os("LB_BENCH_AGENT")
+            .map_or_else(|| dir.join("lb-agent"), PathBuf::from),
         server: dir.join("lb-benchserver"),
         client: dir.join("lb-benchclient"),
         apiserver: dir.join("fake-apiserver"),
@@ -342,6 +352,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             api_changes: 20,
             incr_changes: 2,
             profile_n: None,
+            control_plane: opts.control_plane,
         }
     } else {
         Plan {
@@ -362,11 +373,15 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             api_changes: 30,
             incr_changes: 4,
             profile_n: None,
+            control_plane: opts.control_plane,
         }
     };
     // connect4 is profiled at the largest N up to 10,000 (the N).
     let mut plan = plan;
     plan.profile_n = plan.ns.iter().copied().filter(|&n| n <= 10_000).max();
+    if plan.control_plane {
+        plan.profile_n = None;
+    }
 
     let _lock = lb_tests::PrivilegedLock::acquire()?;
     lab::cleanup_leftovers();
@@ -389,7 +404,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     if let Err(e) = &outcome {
         results.notes.push(format!("the run stopped early: {e:#}"));
     }
-    if !results.runs.is_empty() {
+    if !results.runs.is_empty() || !results.loads.is_empty() {
         report::write_all(Path::new("."), &results)?;
     }
     if interrupted.load(Ordering::SeqCst) {
@@ -456,14 +471,14 @@ fn bench(
                 bytes,
             },
         ));
-        if n <= plan.ipt_max {
+        if n <= plan.ipt_max && !plan.control_plane {
             let s = config::write_iptables(&work.path().join(format!("ipt-{n}.rules")), n)?;
             results.rulesets.push((n, "iptables".into(), s));
             for remove in [true, false] {
                 config::write_iptables_change(&ipt_change_file(work.path(), n, remove), n, remove)?;
             }
         }
-        if n <= plan.nft_max {
+        if n <= plan.nft_max && !plan.control_plane {
             let s = config::write_nft(&work.path().join(format!("nft-{n}.nft")), n)?;
             results.rulesets.push((n, "nftables".into(), s));
         }
@@ -511,6 +526,7 @@ fn bench(
             for dp in Dp::ALL {
                 check()?;
                 let enabled = match dp {
+                    _ if plan.control_plane && dp != Dp::SocketLb => false,
                     Dp::Direct => true,
                     Dp::SocketLb => n <= plan.lb_max,
                     // One `nft -f` of more than 1,000 services takes a minute
@@ -691,6 +707,12 @@ fn api_slot(
         )
     })();
     rec.agent_vm_hwm_kib = a.vm_hwm_kib().or(rec.agent_vm_hwm_kib);
+    println!(
+        "bench:   API slot VmHWM {:.1} MiB (after the initial sync: RssFile {:.1}, RssAnon {:.1} MiB)",
+        rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0,
+        rec.agent_rss_file_kib.unwrap_or(0) as f64 / 1024.0,
+        rec.agent_rss_anon_kib.unwrap_or(0) as f64 / 1024.0
+    );
     a.stop();
     // SIGTERM made the agent log its latency figures once more.
     rec.agent_latency = lab::agent_latency_line(&a.log_text());
@@ -698,15 +720,19 @@ fn api_slot(
     results.api_loads.push(rec);
     drop(api);
     r?;
-    if round == 1 && n > 1 {
+    if round == 1 && n > 1 && !allocator_experiment() {
         check()?;
-        match api_heap_profile(lab, work, n) {
+        match heap_profile(lab, work, n, false) {
             Ok(profile) => {
                 println!(
                     "bench:   API cold start under heaptrack: heap peak {:.1} MiB",
                     profile.peak_bytes as f64 / 1_048_576.0
                 );
-                results.heap_profiles.push(HeapProfileRecord { n, profile });
+                results.heap_profiles.push(HeapProfileRecord {
+                    n,
+                    source: "api".into(),
+                    profile,
+                });
             }
             Err(e) => results
                 .notes
@@ -716,22 +742,48 @@ fn api_slot(
     Ok(())
 }
 
-/// The API slot's cold start once more, under heaptrack (no changes): the
-/// heap at its peak by component, for the memory breakdown.
-fn api_heap_profile(lab: &Lab, work: &Path, n: u32) -> anyhow::Result<lab::HeapProfile> {
-    let api = ApiServerProc::start(&lab.bins.apiserver, &work.join(format!("api-{n}.json")))?;
-    let bpffs = lb_bpffs("heap-", 1, n);
-    let out = work.join(format!("heaptrack-api-{n}"));
+/// `LB_BENCH_AGENT_ENV` is set: heaptrack would replace the allocator
+/// under test, so its profile would be the default allocator's again.
+fn allocator_experiment() -> bool {
+    std::env::var_os("LB_BENCH_AGENT_ENV").is_some()
+}
+
+/// A slot's cold start once more (the API source's, or the manifest
+/// source's), under heaptrack (no changes): the heap at its peak by
+/// component, for the memory breakdown.
+fn heap_profile(
+    lab: &Lab,
+    work: &Path,
+    n: u32,
+    manifests: bool,
+) -> anyhow::Result<lab::HeapProfile> {
+    let tag = if manifests { "manifests" } else { "api" };
+    let api = if manifests {
+        None
+    } else {
+        Some(ApiServerProc::start(
+            &lab.bins.apiserver,
+            &work.join(format!("api-{n}.json")),
+        )?)
+    };
+    let mdir = work.join(format!("manifests-{n}"));
+    let source = match &api {
+        Some(api) => Source::Api(&api.url),
+        None => Source::Manifests(&mdir),
+    };
+    let bpffs = lb_bpffs(&format!("heap-{tag}-"), 1, n);
+    let out = work.join(format!("heaptrack-{tag}-{n}"));
     let out_arg = out.to_string_lossy().into_owned();
     let mut a = AgentProc::start_under(
         &["heaptrack", "-o", &out_arg],
         &lab.bins.agent,
-        Source::Api(&api.url),
+        source,
         &bpffs,
         &lab.cgroup,
-        &work.join(format!("agent-api-heap-n{n}.log")),
+        &work.join(format!("agent-{tag}-heap-n{n}.log")),
         max_services(n),
-        1024,
+        // Both sources' agents get the slot's map sizes.
+        max_backends(n),
         max_frontends(n),
     )?;
     // Allocation tracking slows the agent down a few times over.
@@ -745,7 +797,7 @@ fn api_heap_profile(lab: &Lab, work: &Path, n: u32) -> anyhow::Result<lab::HeapP
         .find(|p| {
             p.file_name()
                 .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with(&format!("heaptrack-api-{n}.")))
+                .is_some_and(|f| f.starts_with(&format!("heaptrack-{tag}-{n}.")))
         })
         .context("heaptrack wrote no recording")?;
     let profile = lab::heap_profile(&recording);
@@ -817,6 +869,11 @@ fn datapath_slot(
                 rec.map_bytes.insert(name.clone(), bytes);
                 rec.map_max_entries.insert(name, max);
             }
+            println!(
+                "bench:   manifest cold start {:.3} s, VmHWM {:.1} MiB",
+                rec.wall_s,
+                rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0
+            );
             let bad = rec.error.clone();
             results.loads.push(rec);
             if let Some(e) = bad {
@@ -899,6 +956,7 @@ fn datapath_slot(
             ("first", "udp-conn"),
         ]
     };
+    let variants = if plan.control_plane { &[] } else { variants };
     for &(variant, mode) in variants {
         check()?;
         let rec = client_run(lab, plan, round, n, dp, variant, mode, &progs, None);
@@ -929,6 +987,10 @@ fn datapath_slot(
             .find(|l| l.datapath == Dp::SocketLb)
         {
             rec.agent_vm_hwm_kib = a.vm_hwm_kib().or(rec.agent_vm_hwm_kib);
+            println!(
+                "bench:   manifest slot VmHWM {:.1} MiB",
+                rec.agent_vm_hwm_kib.unwrap_or(0) as f64 / 1024.0
+            );
         }
         a.stop();
         // Leave service 0 as generated for the next round's cold start.
@@ -937,6 +999,25 @@ fn datapath_slot(
             config::service_yaml(0, 0),
         )?;
         r?;
+        if round == 1 && n > 1 && !allocator_experiment() {
+            check()?;
+            match heap_profile(lab, work, n, true) {
+                Ok(profile) => {
+                    println!(
+                        "bench:   manifest cold start under heaptrack: heap peak {:.1} MiB",
+                        profile.peak_bytes as f64 / 1_048_576.0
+                    );
+                    results.heap_profiles.push(HeapProfileRecord {
+                        n,
+                        source: "manifests".into(),
+                        profile,
+                    });
+                }
+                Err(e) => results
+                    .notes
+                    .push(format!("N={n}, heap profile of the manifest source: {e:#}")),
+            }
+        }
     }
     Ok(())
 }

@@ -174,6 +174,9 @@ pub fn machine_meta(opts: &Opts, rounds: u32, warmup: u64, iters: u64, ns: &[u32
         let list: Vec<String> = ns.iter().map(u32::to_string).collect();
         let _ = write!(command, " --ns {}", list.join(","));
     }
+    if opts.control_plane {
+        command.push_str(" --control-plane");
+    }
     Meta {
         command,
         quick: opts.quick,
@@ -398,6 +401,8 @@ pub struct Control {
     pub api_rss_anon_mib: Option<f64>,
     /// The API source's heap at its peak, by component (heaptrack).
     pub api_heap: Option<super::lab::HeapProfile>,
+    /// The same for the manifest source.
+    pub manifest_heap: Option<super::lab::HeapProfile>,
     pub api_server_load_s: Option<f64>,
     pub api_changes: usize,
     pub api_change_e2e_ms_p50: Option<f64>,
@@ -519,7 +524,13 @@ pub fn control(res: &Results) -> Vec<Control> {
                     .heap_profiles
                     .iter()
                     .rev()
-                    .find(|h| h.n == n)
+                    .find(|h| h.n == n && h.source != "manifests")
+                    .map(|h| h.profile.clone()),
+                manifest_heap: res
+                    .heap_profiles
+                    .iter()
+                    .rev()
+                    .find(|h| h.n == n && h.source == "manifests")
                     .map(|h| h.profile.clone()),
                 api_server_load_s: api_med(&|l| Some(l.server_load_s)),
                 api_changes: api_e2e.len(),
@@ -1325,14 +1336,18 @@ VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint c
         md,
         "| N | VmHWM | binary & libraries | anonymous | heap peak |"
     );
-    for c in super::lab::HEAP_COMPONENTS {
+    let parts: Vec<&str> = super::lab::HEAP_COMPONENTS
+        .into_iter()
+        .filter(|c| *c != "manifest source")
+        .collect();
+    for c in &parts {
         let _ = write!(md, " {c} |");
     }
     let _ = writeln!(md, " allocator & stacks |");
     let _ = writeln!(
         md,
         "|---|---|---|---|---|{}---|",
-        "---|".repeat(super::lab::HEAP_COMPONENTS.len())
+        "---|".repeat(parts.len())
     );
     for c in rows {
         let heap = c.api_heap.as_ref();
@@ -1346,8 +1361,8 @@ VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint c
             cell(c.api_rss_anon_mib),
             cell(peak),
         );
-        for k in super::lab::HEAP_COMPONENTS {
-            let v = heap.map(|h| mib(h.components.get(k).copied().unwrap_or(0)));
+        for k in &parts {
+            let v = heap.map(|h| mib(h.components.get(*k).copied().unwrap_or(0)));
             let _ = write!(md, " {} |", cell(v));
         }
         let slack = match (c.api_rss_anon_mib, peak) {
@@ -1355,6 +1370,51 @@ VmHWM is the agent's peak RSS over its API slot (cold start, then the endpoint c
             _ => None,
         };
         let _ = writeln!(md, " {} |", cell(slack));
+    }
+    md.push('\n');
+    md.push_str(&manifest_memory(ctl));
+    md
+}
+
+/// The manifest source's peak RSS and its heap at the peak, by component
+/// (a second cold start under heaptrack).
+fn manifest_memory(ctl: &[Control]) -> String {
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    let cell = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{x:.1}"));
+    let rows: Vec<&Control> = ctl.iter().filter(|c| c.manifest_heap.is_some()).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<&str> = super::lab::HEAP_COMPONENTS
+        .into_iter()
+        .filter(|c| *c != "decode")
+        .collect();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Manifest source: where the agent's memory goes (MiB)\n\n\
+VmHWM is the agent's peak RSS over its socket-LB slot (cold start from the manifest directory, then the endpoint changes). The heap columns come from one more cold start under heaptrack, grouped as above; *manifest source*: the per-file cache of parsed objects and what each load builds from it (the hand-written EndpointSlices it parses are shared with the index but counted here, where they were allocated).\n"
+    );
+    let _ = write!(md, "| N | VmHWM | heap peak |");
+    for c in &parts {
+        let _ = write!(md, " {c} |");
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(md, "|---|---|---|{}", "---|".repeat(parts.len()));
+    for c in rows {
+        let heap = c.manifest_heap.as_ref();
+        let _ = write!(
+            md,
+            "| {} | {} | {} |",
+            int(f64::from(c.n)),
+            cell(c.agent_vm_hwm_mib),
+            cell(heap.map(|h| mib(h.peak_bytes))),
+        );
+        for k in &parts {
+            let v = heap.map(|h| mib(h.components.get(*k).copied().unwrap_or(0)));
+            let _ = write!(md, " {} |", cell(v));
+        }
+        let _ = writeln!(md);
     }
     md.push('\n');
     md

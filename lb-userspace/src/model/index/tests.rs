@@ -56,11 +56,11 @@ fn a_no_op_update_is_dropped_before_any_sync() {
         Some("web"),
         json!([{"addresses": ["10.1.0.1"]}]),
     );
-    assert!(index.apply_service((&s).into()));
+    assert!(index.apply_service(ServiceInfo::from(&s)));
     assert!(index.apply_slice(SliceInfo::from(&sl)));
     assert_eq!(index.checkout().changes.len(), 1);
     // The same objects again (a relist, a resync of the watch): nothing.
-    assert!(!index.apply_service((&s).into()));
+    assert!(!index.apply_service(ServiceInfo::from(&s)));
     assert!(!index.apply_slice(SliceInfo::from(&sl)));
     assert!(!index.has_changes());
     // A change that does not alter what is served: translated, not handed out.
@@ -106,11 +106,11 @@ fn an_endpoint_is_kept_in_56_bytes() {
 fn a_newcomer_never_takes_a_running_services_frontend() {
     let mut index = Index::default();
     let a = svc("default", "zeta", "10.0.0.1", json!([{"port": 80}]), None);
-    index.apply_service((&a).into());
+    index.apply_service(ServiceInfo::from(&a));
     index.checkout();
     // "alpha" sorts first, but zeta was there first.
     let b = svc("default", "alpha", "10.0.0.1", json!([{"port": 80}]), None);
-    index.apply_service((&b).into());
+    index.apply_service(ServiceInfo::from(&b));
     let out = index.checkout();
     assert_eq!(owner(&index, &fe("10.0.0.1", 80)).as_deref(), Some("zeta"));
     // Nothing to write: zeta's frontend is as it was.
@@ -152,8 +152,8 @@ fn seeds_from_the_maps_keep_the_owner_across_a_restart() {
     index.seed([("default".to_owned(), "zeta".to_owned())]);
     let b = svc("default", "alpha", "10.0.0.1", json!([{"port": 80}]), None);
     let a = svc("default", "zeta", "10.0.0.1", json!([{"port": 80}]), None);
-    index.apply_service((&b).into());
-    index.apply_service((&a).into());
+    index.apply_service(ServiceInfo::from(&b));
+    index.apply_service(ServiceInfo::from(&a));
     index.checkout();
     assert_eq!(owner(&index, &fe("10.0.0.1", 80)).as_deref(), Some("zeta"));
     index.end_seeding();
@@ -165,7 +165,7 @@ fn seeds_from_the_maps_keep_the_owner_across_a_restart() {
         json!([{"port": 80}]),
         Some("2020-01-01T00:00:00Z"),
     );
-    index.apply_service((&older).into());
+    index.apply_service(ServiceInfo::from(&older));
     let out = index.checkout();
     assert_eq!(owner(&index, &fe("10.0.0.1", 80)).as_deref(), Some("alpha"));
     assert!(out.changes.contains_key(&fe("10.0.0.1", 80)));
@@ -175,7 +175,7 @@ fn seeds_from_the_maps_keep_the_owner_across_a_restart() {
 fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
     let mut index = Index::default();
     let s = svc("default", "big", "10.0.0.1", json!([{"port": 80}]), None);
-    index.apply_service((&s).into());
+    index.apply_service(ServiceInfo::from(&s));
     let n = u32::from(MAX_SLOTS) + 10;
     let endpoints = (0..n)
         .map(|i| EndpointInfo {
@@ -223,7 +223,13 @@ fn a_slice_moving_between_services_updates_both() {
     let mut index = Index::default();
     for name in ["a", "b"] {
         let ip = if name == "a" { "10.0.0.1" } else { "10.0.0.2" };
-        index.apply_service((&svc("default", name, ip, json!([{"port": 80}]), None)).into());
+        index.apply_service(ServiceInfo::from(&svc(
+            "default",
+            name,
+            ip,
+            json!([{"port": 80}]),
+            None,
+        )));
     }
     let eps = json!([{"addresses": ["10.1.0.1"]}]);
     index.apply_slice(SliceInfo::from(&slice(
@@ -360,7 +366,7 @@ proptest! {
             match op {
                 Op::ApplyService { n, .. } => {
                     let s = service_of(op);
-                    index.apply_service((&s).into());
+                    index.apply_service(ServiceInfo::from(&s));
                     match services.iter_mut().find(|o| o.metadata.name.as_deref() == Some(NAMES[*n])) {
                         Some(o) => *o = s,
                         None => services.push(s),
