@@ -50,6 +50,9 @@ pub mod maps {
     /// Reverse map of connected sockets (connect): socket cookie →
     /// [`SockReverse`]; deleted by `sock_release`.
     pub const SOCK_REVERSE: &str = "LB_REVERSE_SOCK";
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) of connected
+    /// sockets: [`SockReverse`] per socket, freed with the socket.
+    pub const SOCK: &str = "LB_SOCK";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -281,6 +284,31 @@ pub mod stats {
 /// on (non-zero). Fixed when the agent loads the programs, so the verifier
 /// drops the logging code of a program loaded without it.
 pub const DEBUG_LOG_GLOBAL: &str = "LB_DEBUG_LOG";
+
+/// Name of the programs' read-only global of [`ablate`] bits: parts of the
+/// translation a benchmark switches off to measure what each costs. Zero
+/// (everything on) unless the agent is started with `LB_BENCH_ABLATE`.
+pub const ABLATE_GLOBAL: &str = "LB_ABLATE";
+
+/// Bits of [`ABLATE_GLOBAL`]. Fixed at load, so the verifier drops the code
+/// a bit switches off and a variant costs what a build without it would.
+/// A variant translates without recording (or with a stand-in socket key),
+/// so it is for measuring only, never for serving.
+pub mod ablate {
+    /// connect and sendmsg record no reverse entry.
+    pub const NO_REVERSE: u32 = 1;
+    /// No socket cookie: connect keys its reverse entry by 0, sendmsg picks
+    /// by random and keys by 0.
+    pub const NO_COOKIE: u32 = 2;
+    /// No stats bump on a translation.
+    pub const NO_STATS: u32 = 4;
+    /// Connected sockets' reverse entry in socket-local storage (`LB_SOCK`)
+    /// instead of the `LB_REVERSE_SOCK` hash.
+    pub const SK_STORAGE: u32 = 8;
+    /// connect and sendmsg return at once: the floor every call pays
+    /// (program dispatch and bpf_stats' own clock reads).
+    pub const EMPTY: u32 = 16;
+}
 
 #[cfg(feature = "user")]
 mod pod {

@@ -57,6 +57,9 @@ enum Task {
         /// Only re-render results.md, the plot and BENCHMARKS.md from bench/results/results.json.
         #[arg(long)]
         report: bool,
+        /// Only the socket-LB ablation (programs with parts switched off, ns/call of each) at each N.
+        #[arg(long)]
+        ablation_only: bool,
     },
 }
 
@@ -80,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             nft_max,
             ns,
             report,
+            ablation_only,
         } => {
             if !report {
                 setup::setup()?;
@@ -91,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 nft_max,
                 ns,
                 report_only: report,
+                ablation_only,
             })
         }
     }

@@ -1,8 +1,11 @@
 //! The maps every socket-LB program shares, and small typed accessors. All
 //! programs live in one object, so the agent creates (or re-opens) each map
 //! once and every program's relocation points at the same pinned map.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type, bpf_sock},
+    helpers::generated::bpf_sk_storage_get,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -57,6 +60,109 @@ static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAUL
 #[map(name = "LB_REVERSE_SOCK")]
 static SOCK_REVERSE: HashMap<u64, SockReverse> =
     HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// A BTF map definition of socket-local storage, pinned by name. aya-ebpf's
+/// `btf_maps::SkStorage` has no `pinning` member, and the agent must find
+/// the same map again after a restart or upgrade (sockets translated before
+/// keep their storage in it); aya-obj reads `pinning` as libbpf does. Every
+/// member is a pointer whose pointee's type encodes the value (BTF only).
+#[repr(C)]
+pub struct SkStorageDef<V> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const V,
+    /// Socket storage has no size of its own: 0.
+    max_entries: *const [i32; 0],
+    /// Required by the kernel for socket storage.
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: never dereferenced; the loader reads its BTF and relocates uses.
+unsafe impl<V> Sync for SkStorageDef<V> {}
+
+impl<V> SkStorageDef<V> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// Connected sockets' translation, in the socket itself: created by connect,
+/// read by recvmsg and getpeername, freed by the kernel with the socket (no
+/// release-time program, no table to fill with dead sockets). Issue 12's
+/// termination finds the sockets translated through a frontend by dumping
+/// this map with sock_diag (`INET_DIAG_REQ_SK_BPF_STORAGES` names the map
+/// id, each socket's record comes back with its cookie) and matching
+/// `addr`/`port`/`svc_id`, or by iterating it with a `bpf_iter__bpf_sk_storage_map`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "LB_SOCK")]
+static SOCK: SkStorageDef<SockReverse> = SkStorageDef::new();
+
+#[inline(always)]
+fn sock_storage(sk: *mut bpf_sock, init: *mut SockReverse, flags: u64) -> *mut SockReverse {
+    // SAFETY: `sk` is the context's socket (never null in sock_addr
+    // programs); `init` is null or a stack value of the map's value size.
+    unsafe { bpf_sk_storage_get(SOCK.as_ptr(), sk.cast(), init.cast(), flags) }.cast()
+}
+
+/// Records a connected socket's translation in its storage: a lookup
+/// first (no allocation when the socket reconnects), created only on a
+/// miss, overwritten on a reconnect.
+#[inline(always)]
+pub fn remember_sock_storage(sk: *mut bpf_sock, value: &SockReverse) {
+    let existing = sock_storage(sk, core::ptr::null_mut(), 0);
+    if !existing.is_null() {
+        // SAFETY: a storage pointer is valid for this program run.
+        unsafe { *existing = *value };
+        return;
+    }
+    let mut init = *value;
+    let created = sock_storage(sk, &mut init, u64::from(BPF_SK_STORAGE_GET_F_CREATE));
+    if created.is_null() {
+        bump(stats::REVERSE_WRITE_FAILED);
+    }
+}
+
+/// A connected socket's translation, if it has one.
+#[inline(always)]
+pub fn sock_storage_get(sk: *mut bpf_sock) -> Option<SockReverse> {
+    let ptr = sock_storage(sk, core::ptr::null_mut(), 0);
+    // SAFETY: as above.
+    (!ptr.is_null()).then(|| unsafe { *ptr })
+}
+
+/// Drops a socket's storage (its translation went stale).
+#[inline(always)]
+pub fn forget_sock_storage(sk: *mut bpf_sock) {
+    // SAFETY: as for `sock_storage`.
+    let _ = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_delete(SOCK.as_ptr(), sk.cast())
+    };
+}
+
+/// Benchmark-only [`lb_common::ablate`] bits; 0 in service.
+#[unsafe(no_mangle)]
+static LB_ABLATE: u32 = 0;
+
+/// Whether ablation bit `bit` is set (known to the verifier: dead code goes).
+#[inline(always)]
+pub fn ablated(bit: u32) -> bool {
+    // SAFETY: as for `debug_enabled`.
+    unsafe { core::ptr::read_volatile(&LB_ABLATE) & bit != 0 }
+}
 
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<ServiceValue> {

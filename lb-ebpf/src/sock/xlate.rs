@@ -16,10 +16,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
-    ServiceKey, SockReverse, as_v4, stats, v4_mapped,
+    ServiceKey, SockReverse, ablate, as_v4, stats, v4_mapped,
 };
 
-use crate::maps::{self, bump};
+use crate::maps::{self, ablated, bump};
 
 /// What the calling hook should return.
 pub enum Verdict {
@@ -105,6 +105,9 @@ fn write_addr<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) ->
 /// and records the translation in the reverse map.
 #[inline(always)]
 pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    if ablated(ablate::EMPTY) {
+        return Verdict::Pass;
+    }
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = handled_proto(sa) else {
@@ -119,10 +122,18 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    let cookie = socket_cookie(ctx);
+    let cookie = if ablated(ablate::NO_COOKIE) {
+        0
+    } else {
+        socket_cookie(ctx)
+    };
     let pick = match hook {
         // SAFETY: the helper has no preconditions.
         Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count),
+        Hook::Sendmsg if ablated(ablate::NO_COOKIE) => {
+            // SAFETY: as above.
+            (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count)
+        }
         Hook::Sendmsg => (cookie % u64::from(master.count)) as u32,
     };
     // The range is complete for as long as this program runs (the agent
@@ -135,34 +146,44 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    match hook {
-        Hook::Connect => maps::remember_sock(
-            cookie,
-            &SockReverse {
-                backend: backend.addr,
-                backend_port: backend.port,
-                port,
-                svc_id: master.svc_id,
-                addr,
-            },
-        ),
-        Hook::Sendmsg => maps::remember(
-            &ReverseKey::new(cookie, backend.addr, backend.port),
-            &ReverseValue {
-                addr,
-                port,
-                _pad: 0,
-                svc_id: master.svc_id,
-            },
-        ),
+    if !ablated(ablate::NO_REVERSE) {
+        match hook {
+            Hook::Connect => {
+                let value = SockReverse {
+                    backend: backend.addr,
+                    backend_port: backend.port,
+                    port,
+                    svc_id: master.svc_id,
+                    addr,
+                };
+                if ablated(ablate::SK_STORAGE) {
+                    // SAFETY: the context's socket, a field every sock_addr
+                    // program may read.
+                    maps::remember_sock_storage(unsafe { sa.__bindgen_anon_1.sk }, &value);
+                } else {
+                    maps::remember_sock(cookie, &value);
+                }
+            }
+            Hook::Sendmsg => maps::remember(
+                &ReverseKey::new(cookie, backend.addr, backend.port),
+                &ReverseValue {
+                    addr,
+                    port,
+                    _pad: 0,
+                    svc_id: master.svc_id,
+                },
+            ),
+        }
     }
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
     }
-    bump(match hook {
-        Hook::Connect => stats::TRANSLATED,
-        Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
-    });
+    if !ablated(ablate::NO_STATS) {
+        bump(match hook {
+            Hook::Connect => stats::TRANSLATED,
+            Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
+        });
+    }
     Verdict::Pass
 }
 
@@ -240,7 +261,14 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     let cookie = socket_cookie(ctx);
     let peer = read_addr::<V6>(sa);
     let peer_port = sa.user_port as u16;
-    let sock = maps::sock_reverse(cookie)
+    // SAFETY: as in `forward`.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let stored = if ablated(ablate::SK_STORAGE) {
+        maps::sock_storage_get(sk)
+    } else {
+        maps::sock_reverse(cookie)
+    };
+    let sock = stored
         .filter(|s| s.backend == peer && s.backend_port == peer_port)
         .map(|s| ReverseValue {
             addr: s.addr,
@@ -259,7 +287,9 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     let live = maps::service(&ServiceKey::new(front.addr, front.port, proto))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
-        if connected {
+        if connected && ablated(ablate::SK_STORAGE) {
+            maps::forget_sock_storage(sk);
+        } else if connected {
             maps::forget_sock(cookie);
         } else {
             maps::forget(&key);

@@ -24,7 +24,7 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
+    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
     SockReverse, maps, stats,
 };
 
@@ -91,6 +91,12 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         maps::SOCK_REVERSE,
         MapType::Hash,
         size_of::<u64>(),
+        size_of::<SockReverse>(),
+    ),
+    (
+        maps::SOCK,
+        MapType::SkStorage,
+        size_of::<i32>(),
         size_of::<SockReverse>(),
     ),
 ];
@@ -514,6 +520,7 @@ fn load_and_attach(
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
         .map_max_entries(maps::SOCK_REVERSE, sizes.max_sockets)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
+        .override_global(ABLATE_GLOBAL, &ablation(), true)
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -554,6 +561,23 @@ fn load_and_attach(
     }
     swap_links(&staged)?;
     Ok((ebpf, link_pins, Vec::new()))
+}
+
+/// Environment variable of `cargo xtask bench`'s ablation: `lb_common::ablate`
+/// bits to load the programs with. A variant does not serve correctly (it
+/// skips what it measures), so this is for the bench's own cgroup only.
+pub const ABLATE_ENV: &str = "LB_BENCH_ABLATE";
+
+/// The ablation bits of [`ABLATE_ENV`] (0, everything on, if unset or not a number).
+fn ablation() -> u32 {
+    let bits = std::env::var(ABLATE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if bits != 0 {
+        tracing::warn!(bits, "{ABLATE_ENV} set: programs loaded with parts switched off, for benchmarking only");
+    }
+    bits
 }
 
 /// Renames each staging pin over its link pin. rename(2) replaces the old

@@ -1747,8 +1747,101 @@ fn benchmarks_md(res: &Results, tables: &str, targets: &str) -> String {
         datapath_targets(res, &rows(res), &control(res))
     );
     md.push_str(&analysis(res, &rows(res), &control(res)));
+    if !res.ablations.is_empty() {
+        let _ = writeln!(md, "## Ablation (issue 11)\n\n{}", ablation_table(res));
+    }
     let _ = writeln!(md, "## Results\n\n{tables}");
     md.push_str(CAVEATS);
+    md
+}
+
+/// The ablation: each variant's ns/call (mean of its passes) per N and
+/// case, and the difference to the program as built, which is what the
+/// switched-off part costs.
+pub fn ablation_table(res: &Results) -> String {
+    let mut ns: Vec<u32> = res.ablations.iter().map(|a| a.n).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    let cases = [
+        ("random", "connect4, translated (random service)"),
+        ("podIP", "connect4, not a service"),
+        ("udp", "sendmsg4 per datagram"),
+    ];
+    let mean = |n: u32, variant: &str, case: &str| -> Option<f64> {
+        let v: Vec<f64> = res
+            .ablations
+            .iter()
+            .filter(|a| a.n == n && a.variant == variant && a.case == case)
+            .filter_map(|a| a.ns_per_call)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut variants: Vec<&str> = Vec::new();
+    for a in &res.ablations {
+        if !variants.contains(&a.variant.as_str()) {
+            variants.push(&a.variant);
+        }
+    }
+    let passes = res.ablations.iter().map(|a| a.pass).max().unwrap_or(0);
+    let mut md = format!(
+        "bpf_stats ns per call of the hook, mean of {passes} passes; each variant is the same object loaded with parts switched off (`lb_common::ablate` bits, fixed at load so the verifier removes that code), into the same node, cgroup and client as above, one after another (`cargo xtask bench --ablation-only` runs only this). In brackets: the difference to the program as built (the first row), i.e. what the switched-off part costs. Variants do not serve correctly (a reply of an unrecorded socket shows the backend), so they exist only here.\n\n| variant |"
+    );
+    for &n in &ns {
+        for (_, label) in cases {
+            let _ = write!(md, " N={}: {label} |", int(f64::from(n)));
+        }
+    }
+    md.push_str("\n|---|");
+    for _ in &ns {
+        for _ in cases {
+            md.push_str("---:|");
+        }
+    }
+    md.push('\n');
+    let base = variants.first().copied().unwrap_or_default();
+    for v in &variants {
+        let _ = write!(md, "| {v} |");
+        for &n in &ns {
+            for (case, _) in cases {
+                match (mean(n, v, case), mean(n, base, case)) {
+                    (Some(x), Some(b)) if v != &base => {
+                        let _ = write!(md, " {} ({:+.0}) |", int(x), x - b);
+                    }
+                    (Some(x), _) => {
+                        let _ = write!(md, " {} |", int(x));
+                    }
+                    _ => md.push_str(" — |"),
+                }
+            }
+        }
+        md.push('\n');
+    }
+    let release: Vec<String> = ns
+        .iter()
+        .filter_map(|&n| {
+            let v: Vec<f64> = res
+                .ablations
+                .iter()
+                .filter(|a| a.n == n && a.variant == base && a.case == "random")
+                .filter_map(|a| a.release_ns_per_call)
+                .collect();
+            (!v.is_empty()).then(|| {
+                format!(
+                    "N={}: {:.0} ns",
+                    int(f64::from(n)),
+                    v.iter().sum::<f64>() / v.len() as f64
+                )
+            })
+        })
+        .collect();
+    if !release.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nsock_release per close under the random-service client ({}): {}.",
+            base,
+            release.join(", ")
+        );
+    }
     md
 }
 
