@@ -1,7 +1,8 @@
 //! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
 //! the socket-LB programs (connect, sendmsg, recvmsg and getpeername, each
-//! for IPv4 and IPv6, and sock_release) attached while no agent runs.
+//! for IPv4 and IPv6) attached while no agent runs.
 use std::{
+    collections::{HashMap as StdHashMap, HashSet},
     fs,
     io::ErrorKind,
     os::fd::AsFd as _,
@@ -24,8 +25,8 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
-    SockReverse, maps, stats,
+    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey, ReverseValue, ServiceKey,
+    ServiceMeta, ServiceValue, SockState, filter_bit, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Result, Snapshot, backends_full, sys};
@@ -38,10 +39,8 @@ pub const LINK_PIN: &str = "link_connect4";
 
 /// Every program of the object and the pin of its cgroup link. Attached in
 /// this order: the reverse hooks first, so replies of a socket are already
-/// translated back (and its reverse entry deleted at close) when the
-/// forward hooks start translating it.
+/// translated back when the forward hooks start translating it.
 pub const PROGRAMS: &[(&str, &str)] = &[
-    ("lb_sock_release", "link_sock_release"),
     ("lb_recvmsg4", "link_recvmsg4"),
     ("lb_getpeername4", "link_getpeername4"),
     ("lb_recvmsg6", "link_recvmsg6"),
@@ -88,22 +87,31 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         size_of::<ReverseValue>(),
     ),
     (
-        maps::SOCK_REVERSE,
-        MapType::Hash,
+        maps::FILTER,
+        MapType::Array,
+        size_of::<u32>(),
         size_of::<u64>(),
-        size_of::<SockReverse>(),
     ),
     (
         maps::SOCK,
         MapType::SkStorage,
         size_of::<i32>(),
-        size_of::<SockReverse>(),
+        size_of::<SockState>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
 /// removed once the new programs are attached (the old programs hold their
 /// own references until their links go).
-const LEGACY_MAPS: &[&str] = &[maps::LEGACY_REVERSE4, maps::LEGACY_CONFIG];
+const LEGACY_MAPS: &[&str] = &[
+    maps::LEGACY_REVERSE4,
+    maps::LEGACY_CONFIG,
+    maps::LEGACY_SOCK_REVERSE,
+];
+/// Link pins of programs earlier versions attached and this one does not
+/// have: detached when the new links are swapped in (until then the old
+/// programs work as a set). `sock_release` deleted `LB_REVERSE_SOCK`
+/// entries at every close; socket storage needs nothing at close.
+const LEGACY_LINKS: &[&str] = &["link_sock_release"];
 
 /// Suffix of a link's staging pin (bpffs rejects '.' in names).
 const STAGING_SUFFIX: &str = "_new";
@@ -155,9 +163,6 @@ pub struct MapSizes {
     /// Entries of the LRU reverse map (`LB_REVERSE`) of unconnected UDP
     /// sockets: (socket, backend) pairs. Preallocated.
     pub max_reverse: u32,
-    /// Entries of `LB_REVERSE_SOCK`: live translated TCP and connected UDP
-    /// sockets. Allocated on demand.
-    pub max_sockets: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -194,7 +199,6 @@ impl MapSizes {
             ("--max-backends", self.max_backends),
             ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
-            ("--max-sockets", self.max_sockets),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -309,6 +313,9 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 fn known_pin(name: &str) -> bool {
     MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
         || LEGACY_MAPS.contains(&name)
+        || LEGACY_LINKS
+            .iter()
+            .any(|pin| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
         || PROGRAMS
             .iter()
             .any(|(_, pin)| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
@@ -511,14 +518,17 @@ fn load_and_attach(
     let unfinished = PROGRAMS
         .iter()
         .any(|(_, pin)| dir.join(format!("{pin}{STAGING_SUFFIX}")).exists());
-    let replaced = drop_incompatible_pins(dir)? || unfinished;
+    // A filter created now over services pinned already (an upgrade from a
+    // version without it) is empty until the agent fills it: the new
+    // programs would pass every service by. Deferred like a replaced map.
+    let new_filter = !dir.join(maps::FILTER).exists() && dir.join(maps::SERVICES).exists();
+    let replaced = drop_incompatible_pins(dir)? || unfinished || new_filter;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
-        .map_max_entries(maps::SOCK_REVERSE, sizes.max_sockets)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
         .override_global(ABLATE_GLOBAL, &ablation(), true)
         .load(SOCK_OBJ)?;
@@ -575,7 +585,10 @@ fn ablation() -> u32 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     if bits != 0 {
-        tracing::warn!(bits, "{ABLATE_ENV} set: programs loaded with parts switched off, for benchmarking only");
+        tracing::warn!(
+            bits,
+            "{ABLATE_ENV} set: programs loaded with parts switched off, for benchmarking only"
+        );
     }
     bits
 }
@@ -583,12 +596,26 @@ fn ablation() -> u32 {
 /// Renames each staging pin over its link pin. rename(2) replaces the old
 /// pin atomically; the old link detaches when its last reference (the old
 /// pin) goes, and the new program is attached already.
+/// Then detaches the links of programs this version no longer has.
 pub fn swap_links(staged: &[(PathBuf, PathBuf)]) -> Result<(), LoadError> {
     for (staging, link_pin) in staged {
         fs::rename(staging, link_pin).map_err(|e| LoadError::Pin {
             path: link_pin.clone(),
             source: e.into(),
         })?;
+    }
+    if let Some(dir) = staged.first().and_then(|(_, pin)| pin.parent()) {
+        for legacy in LEGACY_LINKS {
+            let path = dir.join(legacy);
+            if path.exists() {
+                let _ = sys::detach_pinned_link(&path);
+                let _ = fs::remove_file(&path);
+                tracing::info!(
+                    link = legacy,
+                    "detached a program this version no longer has"
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -781,7 +808,9 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
     let links = PROGRAMS
         .iter()
         .rev()
-        .flat_map(|(_, pin)| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
+        .map(|(_, pin)| *pin)
+        .chain(LEGACY_LINKS.iter().copied())
+        .flat_map(|pin| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
     let maps = MAP_LAYOUTS
         .iter()
         .map(|(name, ..)| *name)
@@ -839,7 +868,6 @@ fn size_flag(map: &str) -> &'static str {
         maps::BACKENDS => "max-backends",
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
-        maps::SOCK_REVERSE => "max-sockets",
         _ => "max-services",
     }
 }
@@ -867,8 +895,55 @@ pub struct BpfDatapath {
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
     reverse: Option<WithMax<ReverseKey, ReverseValue>>,
-    /// Absent in pins made before connected sockets had a map of their own.
-    sock_reverse: Option<WithMax<u64, SockReverse>>,
+    /// Absent in pins made before the frontend filter existed.
+    filter: Option<Filter>,
+}
+
+/// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
+/// and how many sit on each bit, so a bit is cleared only when its last
+/// key is gone. Built from the services map on first use.
+struct Filter {
+    map: MapData,
+    state: Option<FilterState>,
+}
+
+struct FilterState {
+    keys: HashSet<ServiceKey>,
+    counts: StdHashMap<u32, u32>,
+    words: Vec<u64>,
+}
+
+impl Filter {
+    /// Recounts from `keys` (the services map's) and writes every word:
+    /// bits of keys no longer present (an agent stopped between a delete
+    /// and the clear) go, and a filter created empty is filled.
+    fn rebuild(&mut self, keys: HashSet<ServiceKey>) -> Result<()> {
+        let mut counts: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut words = vec![0u64; FILTER_WORDS as usize];
+        for key in &keys {
+            let bit = filter_bit(key);
+            *counts.entry(bit).or_default() += 1;
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        sys::array_update_batch(self.map.fd().as_fd(), 0, &words).map_err(|(done, e)| {
+            DatapathError::Other(format!("writing {}: {e} after {done} words", maps::FILTER))
+        })?;
+        self.state = Some(FilterState {
+            keys,
+            counts,
+            words,
+        });
+        Ok(())
+    }
+
+    /// Writes word `index` as the state has it (one 8-byte element: a
+    /// program reads the old word or the new one).
+    fn write_word(&self, state: &FilterState, index: usize) -> Result<()> {
+        let value = state.words[index];
+        sys::array_update_batch(self.map.fd().as_fd(), index as u32, &[value]).map_err(|(_, e)| {
+            DatapathError::Other(format!("writing {} word {index}: {e}", maps::FILTER))
+        })
+    }
 }
 
 /// A hash map and its `max_entries`.
@@ -907,8 +982,88 @@ impl BpfDatapath {
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
             reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
-            sock_reverse: open_optional(dir, maps::SOCK_REVERSE, aya::maps::Map::HashMap)?,
+            filter: MapData::from_pin(dir.join(maps::FILTER))
+                .ok()
+                .map(|map| Filter { map, state: None }),
         })
+    }
+
+    /// Counts the frontend filter's bits from the services map and writes
+    /// it whole. `run` calls it before the first sync (a filter created by
+    /// an upgrade is empty; the new links wait for that sync); put and
+    /// delete call it on first use otherwise.
+    pub fn rebuild_filter(&mut self) -> Result<()> {
+        if self.filter.is_none() {
+            return Ok(());
+        }
+        let mut keys = HashSet::new();
+        for key in self.services.keys() {
+            keys.insert(key.map_err(|e| map_err("iterate", maps::SERVICES, e))?);
+        }
+        match &mut self.filter {
+            Some(f) => f.rebuild(keys),
+            None => Ok(()),
+        }
+    }
+
+    fn filter_ready(&mut self) -> Result<()> {
+        if self.filter.as_ref().is_some_and(|f| f.state.is_none()) {
+            self.rebuild_filter()?;
+        }
+        Ok(())
+    }
+
+    /// Sets `key`'s bit if it is new (before the key goes in: a program
+    /// never finds a frontend's bit clear).
+    fn filter_add(&mut self, key: &ServiceKey) -> Result<()> {
+        self.filter_ready()?;
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        let Some(state) = f.state.as_mut() else {
+            return Ok(());
+        };
+        if !state.keys.insert(*key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key);
+        let count = state.counts.entry(bit).or_default();
+        *count += 1;
+        if *count == 1 {
+            let index = (bit >> 6) as usize;
+            state.words[index] |= 1 << (bit & 63);
+            let state = f.state.as_ref().expect("just set");
+            f.write_word(state, index)?;
+        }
+        Ok(())
+    }
+
+    /// Clears `key`'s bit once no other key sits on it (after the key is
+    /// gone).
+    fn filter_remove(&mut self, key: &ServiceKey) -> Result<()> {
+        self.filter_ready()?;
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        let Some(state) = f.state.as_mut() else {
+            return Ok(());
+        };
+        if !state.keys.remove(key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key);
+        let Some(count) = state.counts.get_mut(&bit) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            state.counts.remove(&bit);
+            let index = (bit >> 6) as usize;
+            state.words[index] &= !(1 << (bit & 63));
+            let state = f.state.as_ref().expect("just set");
+            f.write_word(state, index)?;
+        }
+        Ok(())
     }
 
     /// Entries in the LRU reverse map of unconnected UDP sockets (a key
@@ -916,15 +1071,6 @@ impl BpfDatapath {
     /// map), or `None` if the installation has none.
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
         Ok(self.reverse.as_ref().map(|(map, max)| occupancy(map, *max)))
-    }
-
-    /// Entries in the connected-socket reverse map (a key walk), or `None`
-    /// if the installation has none.
-    pub fn sock_reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
-        Ok(self
-            .sock_reverse
-            .as_ref()
-            .map(|(map, max)| occupancy(map, *max)))
     }
 
     /// Per-counter sums over CPUs, indexed by `lb_common::stats`. A counter
@@ -1020,15 +1166,23 @@ impl Datapath for BpfDatapath {
     }
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        self.services
+        self.filter_add(key)?;
+        let r = self
+            .services
             .insert(key, value, 0)
-            .map_err(|e| map_err("insert", maps::SERVICES, e))
+            .map_err(|e| map_err("insert", maps::SERVICES, e));
+        if r.is_err() && self.services.get(key, 0).is_err() {
+            // Not in the map after all: its bit would only cost a lookup,
+            // but the count must match the map.
+            self.filter_remove(key)?;
+        }
+        r
     }
 
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
             Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICES, e)),
-            _ => Ok(()),
+            _ => self.filter_remove(key),
         }
     }
 
@@ -1073,7 +1227,6 @@ mod tests {
         assert_eq!(size_flag(maps::BACKENDS), "max-backends");
         assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
         assert_eq!(size_flag(maps::REVERSE), "max-reverse");
-        assert_eq!(size_flag(maps::SOCK_REVERSE), "max-sockets");
     }
 
     /// Pins of earlier versions, and every link pin (the release hook's
@@ -1084,6 +1237,8 @@ mod tests {
             "LB_CONFIG",
             "LB_REVERSE4",
             "LB_SVC_META",
+            "LB_REVERSE_SOCK",
+            "LB_SOCK",
             "link_sock_release",
             "link_sock_release_new",
             "link_connect4",

@@ -7,7 +7,8 @@
 //!
 //! Modes:
 //! - default: one TCP connect + HTTP GET per attempt;
-//! - `--udp`: one connected UDP socket per attempt;
+//! - `--udp`: one connected UDP socket per attempt (with `--reconnect ADDR`,
+//!   connected again to ADDR before it sends);
 //! - `--udp-unconnected [--sockets N]`: N unbound-peer sockets, each sending
 //!   `--count` datagrams with sendto() and reading replies with recvfrom();
 //! - `--session`: one unconnected UDP socket for the whole run; every stdin
@@ -84,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     let mut bind: Option<SocketAddr> = None;
     let mut probe_kind: Option<String> = None;
     let mut storage: Option<String> = None;
+    let mut reconnect: Option<SocketAddr> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -103,6 +105,9 @@ fn main() -> anyhow::Result<()> {
             "--resolv" => resolv = args.next(),
             "--bind" => bind = Some(args.next().context("--bind ADDR")?.parse()?),
             "--sk-storage" => storage = args.next(),
+            "--reconnect" => {
+                reconnect = Some(args.next().context("--reconnect ADDR")?.parse()?);
+            }
             "--probe" => probe_kind = Some(args.next().context("--probe KIND")?),
             "--exec" => {
                 exec = args.by_ref().collect();
@@ -155,7 +160,7 @@ fn main() -> anyhow::Result<()> {
             report.base.attempts += 1;
             let answer = match mode {
                 Mode::Tcp => request(target, storage.as_ref()),
-                _ => request_udp(target, bind, storage.as_ref()),
+                _ => request_udp(target, reconnect, bind, storage.as_ref()),
             };
             match answer {
                 Ok((name, peer, stored)) => {
@@ -231,12 +236,16 @@ fn request(target: SocketAddr, storage: Option<&sys::PinnedMap>) -> std::io::Res
 /// out, the backend's name back.
 fn request_udp(
     target: SocketAddr,
+    reconnect: Option<SocketAddr>,
     bind: SocketAddr,
     storage: Option<&sys::PinnedMap>,
 ) -> std::io::Result<Answer> {
     use std::os::fd::AsRawFd as _;
     let s = UdpSocket::bind(bind)?;
     s.connect(target)?;
+    if let Some(again) = reconnect {
+        s.connect(again)?;
+    }
     let peer = s.peer_addr()?;
     let record = stored(storage, s.as_raw_fd());
     s.set_read_timeout(Some(Duration::from_secs(1)))?;

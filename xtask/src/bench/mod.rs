@@ -121,7 +121,8 @@ pub const ABLATIONS: &[(&str, u32)] = &[
     ("no reverse record", lb_common::ablate::NO_REVERSE),
     ("no socket cookie", lb_common::ablate::NO_COOKIE),
     ("no stats bump", lb_common::ablate::NO_STATS),
-    ("socket storage", lb_common::ablate::SK_STORAGE),
+    ("no frontend filter", lb_common::ablate::NO_FILTER),
+    ("sendmsg: no socket cache", lb_common::ablate::NO_SOCK_CACHE),
     ("empty program", lb_common::ablate::EMPTY),
 ];
 
@@ -683,6 +684,11 @@ fn ablation(
                 ("podIP", "podIP", "connect"),
                 ("udp", "first", "udp"),
             ] {
+                // An empty program translates nothing: only destinations
+                // that are no service are reachable, and they are its floor.
+                if bits == lb_common::ablate::EMPTY && case != "podIP" {
+                    continue;
+                }
                 check()?;
                 let r = client_run(lab, plan, pass, n, Dp::SocketLb, target, mode, &progs, None);
                 results.ablations.push(AblationRecord {
