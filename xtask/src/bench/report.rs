@@ -1788,7 +1788,7 @@ pub fn ablation_table(res: &Results) -> String {
     }
     let passes = res.ablations.iter().map(|a| a.pass).max().unwrap_or(0);
     let mut md = format!(
-        "bpf_stats ns per call of the hook, mean of {passes} passes; each variant is the same object loaded with parts switched off (`lb_common::ablate` bits, fixed at load so the verifier removes that code), into the same node, cgroup and client as above, one after another (`cargo xtask bench --ablation-only` runs only this). In brackets: the difference to the program as built (the first row), i.e. what the switched-off part costs. Variants do not serve correctly (a reply of an unrecorded socket shows the backend), so they exist only here.\n\n| variant |"
+        "bpf_stats ns per call of the hook, mean of {passes} passes; each variant is the same object loaded with parts switched off (`lb_common::ablate` bits, fixed at load so the verifier removes that code), into the same node, cgroup and client as above, one after another (`cargo xtask bench --ablation-only` runs only this). In brackets: the difference to the program as built (the first row), i.e. what the switched-off part costs. Variants do not serve correctly (a reply of an unrecorded socket shows the backend), so they exist only here. connect records in the socket's storage and uses no cookie, so \"no socket cookie\" changes sendmsg only; the empty program translates nothing, so it is measured on destinations that are no service only: the floor every call pays (dispatch and bpf_stats' clock reads).\n\n| variant |"
     );
     for &n in &ns {
         for (_, label) in cases {
