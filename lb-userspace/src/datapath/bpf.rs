@@ -659,6 +659,12 @@ fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
             maps::SERVICES
         });
     }
+    // The filter describes the service entries: kept while they are
+    // replaced, the new agent would rewrite it from its new, still empty
+    // map under the previous programs, which read it too.
+    if stale.contains(&maps::SERVICES) && !stale.contains(&maps::FILTER) {
+        stale.push(maps::FILTER);
+    }
     for name in &stale {
         let path = dir.join(name);
         match fs::remove_file(&path) {
