@@ -47,9 +47,16 @@ pub mod maps {
     /// LRU reverse map of both families for unconnected UDP (sendmsg):
     /// [`ReverseKey`] → [`ReverseValue`].
     pub const REVERSE: &str = "LB_REVERSE";
-    /// Reverse map of connected sockets (connect): socket cookie →
-    /// [`SockReverse`]; deleted by `sock_release`.
-    pub const SOCK_REVERSE: &str = "LB_REVERSE_SOCK";
+    /// The connected-socket reverse hash of earlier versions (socket cookie
+    /// → [`SockReverse`], deleted by a `sock_release` program); removed on
+    /// install, its link `link_sock_release` after the new links are in.
+    pub const LEGACY_SOCK_REVERSE: &str = "LB_REVERSE_SOCK";
+    /// The frontend filter: an array of [`FILTER_WORDS`] 64-bit words, bit
+    /// [`filter_bit`] set for every key in `LB_SERVICES`.
+    pub const FILTER: &str = "LB_FILTER";
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a [`SockState`]
+    /// in each translated socket, freed by the kernel with the socket.
+    pub const SOCK: &str = "LB_SOCK";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -86,10 +93,27 @@ pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
 /// entries cost about 30 MiB of kernel memory (Cilium's default for its
 /// `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
-/// Entries of the connected-socket reverse map: live TCP and connected UDP
-/// sockets translated to a service (`sock_release` deletes each at close).
-/// Not preallocated: 4 MiB of buckets on an empty node.
-pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+
+/// log2 of the frontend filter's bits: 2^20 bits (128 KiB, fixed whatever
+/// the number of services). A destination whose bit is clear is not a
+/// frontend, and connect returns without hashing the 20-byte key and
+/// walking a bucket of `LB_SERVICES`; a set bit is a false positive for
+/// about 1 % of other destinations at 10,000 frontends, 9 % at 100,000.
+pub const FILTER_BITS_LOG2: u32 = 20;
+/// 64-bit words of `LB_FILTER`.
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+
+/// The frontend filter's bit for a service key: a multiplicative hash of
+/// address, port and protocol (every address word counts, so IPv6
+/// frontends spread as well as IPv4 ones). Both sides compute it from the
+/// same bytes: the program from the destination, the agent from the key.
+#[inline(always)]
+pub const fn filter_bit(key: &ServiceKey) -> u32 {
+    let lo = key.addr[3] as u64 | ((key.port as u64) << 32) | ((key.proto as u64) << 48);
+    let hi = (key.addr[0] ^ key.addr[1] ^ key.addr[2]) as u64;
+    let x = (lo ^ hi.wrapping_mul(0xff51_afd7_ed55_8ccd)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> (64 - FILTER_BITS_LOG2)) as u32
+}
 
 /// Backends one frontend can balance over (the master's count is 16 bits).
 /// The model caps a service's endpoints here (with a diagnostic).
@@ -203,12 +227,11 @@ pub struct ReverseValue {
     pub svc_id: u32,
 }
 
-/// Value of the connected-socket reverse map, keyed by socket cookie: a
-/// connected socket has one peer, so the cookie alone is the key, and
-/// `sock_release` deletes it without reading the peer (a failed connect has
-/// already cleared the peer's port by then). Written by connect4/6, read by
-/// recvmsg4/6 and getpeername4/6, which use it only while the peer is still
-/// `backend` and the frontend is live with the same `svc_id`.
+/// One translation a socket's storage remembers: which backend a frontend
+/// went to. Read by recvmsg4/6 and getpeername4/6, which use it only while
+/// the peer is still `backend` and the frontend is live with the same
+/// `svc_id`. Empty (all zero, `backend_port` 0: no backend has port 0)
+/// until written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockReverse {
@@ -222,6 +245,20 @@ pub struct SockReverse {
     pub svc_id: u32,
     /// Frontend address (IPv4-mapped for IPv4), network byte order.
     pub addr: Addr,
+}
+
+/// Value of `LB_SOCK`, the storage the kernel keeps in each socket a
+/// program translated and frees with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    /// connect4/6: the socket's one peer (TCP or connected UDP); a
+    /// reconnect overwrites it.
+    pub conn: SockReverse,
+    /// sendmsg4/6: the last (frontend, backend) an unconnected datagram
+    /// went to, also recorded in `LB_REVERSE`: the next datagram to the
+    /// same pair needs no LRU lookup, and replies from it are found here.
+    pub dgram: SockReverse,
 }
 
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
@@ -282,6 +319,34 @@ pub mod stats {
 /// drops the logging code of a program loaded without it.
 pub const DEBUG_LOG_GLOBAL: &str = "LB_DEBUG_LOG";
 
+/// Name of the programs' read-only global of [`ablate`] bits: parts of the
+/// translation a benchmark switches off to measure what each costs. Zero
+/// (everything on) unless the agent is started with `LB_BENCH_ABLATE`.
+pub const ABLATE_GLOBAL: &str = "LB_ABLATE";
+
+/// Bits of [`ABLATE_GLOBAL`]. Fixed at load, so the verifier drops the code
+/// a bit switches off and a variant costs what a build without it would.
+/// A variant translates without recording (or with a stand-in socket key),
+/// so it is for measuring only, never for serving.
+pub mod ablate {
+    /// connect and sendmsg record nothing (no socket storage, no LRU entry).
+    pub const NO_REVERSE: u32 = 1;
+    /// No socket cookie: sendmsg picks at random and keys its LRU entry
+    /// by 0 (connect needs no cookie).
+    pub const NO_COOKIE: u32 = 2;
+    /// No stats bump on a translation.
+    pub const NO_STATS: u32 = 4;
+    /// sendmsg ignores the socket's storage: the LRU lookup on every
+    /// datagram, as before the storage remembered the last pair.
+    pub const NO_SOCK_CACHE: u32 = 8;
+    /// connect and sendmsg return at once: the floor every call pays
+    /// (program dispatch and bpf_stats' own clock reads).
+    pub const EMPTY: u32 = 16;
+    /// No frontend filter: every destination goes to the `LB_SERVICES`
+    /// lookup.
+    pub const NO_FILTER: u32 = 32;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -293,6 +358,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for SockReverse {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 #[cfg(test)]
@@ -317,6 +383,7 @@ mod tests {
         assert_eq!(size_of::<ReverseValue>(), 24);
         assert_eq!(offset_of!(ReverseValue, svc_id), 20);
         assert_eq!(size_of::<SockReverse>(), 40);
+        assert_eq!(size_of::<SockState>(), 80);
         assert_eq!(offset_of!(SockReverse, svc_id), 20);
         assert_eq!(offset_of!(SockReverse, addr), 24);
         assert_eq!(

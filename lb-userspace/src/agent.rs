@@ -226,7 +226,10 @@ fn attach(
     if !install.deferred.is_empty() {
         tokio::spawn(swap_links_when_synced(install.deferred, health.clone()));
     }
-    let reconciler = Reconciler::adopt(BpfDatapath::open(bpffs)?)?;
+    let mut datapath = BpfDatapath::open(bpffs)?;
+    // Before the first sync: a filter the install just created is empty.
+    datapath.rebuild_filter()?;
+    let reconciler = Reconciler::adopt(datapath)?;
     let adopted = reconciler.installed().len();
     if adopted > 0 {
         info!(frontends = adopted, "re-adopted pinned state");

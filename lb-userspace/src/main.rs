@@ -114,11 +114,10 @@ struct RunArgs {
     /// in replies (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
     max_reverse: u32,
-    /// Reverse-map entries of connected sockets (allocated on demand): one per live TCP or
-    /// connected UDP socket translated to a service, deleted when it closes; past it, a new
-    /// socket's getpeername() and replies show the backend (only used when the map is created).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
-    max_sockets: u32,
+    /// Ignored: connected sockets keep their translation in their own storage (no map to size).
+    /// Accepted so command lines of earlier versions keep working.
+    #[arg(long, hide = true)]
+    max_sockets: Option<u32>,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -261,7 +260,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
-        max_sockets,
+        max_sockets: _,
         bpf_log,
         allow_foreign_pins,
         node_name,
@@ -274,7 +273,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
-        max_sockets,
     };
     let translate = TranslateOptions {
         node_name,
@@ -374,10 +372,6 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "mapFull": counter(stats::MAP_FULL),
                 },
                 "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
-                    "entries": o.entries,
-                    "maxEntries": o.max_entries,
-                })),
-                "socketReverseMap": dp.sock_reverse_occupancy()?.map(|o| serde_json::json!({
                     "entries": o.entries,
                     "maxEntries": o.max_entries,
                 })),

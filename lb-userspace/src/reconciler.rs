@@ -25,8 +25,8 @@ use lb_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue};
 
 use crate::{
     datapath::{
-        Datapath, DatapathError, backend_addr, backends_full, decode_meta, encode_backend,
-        encode_meta, frontend_key, key_frontend,
+        Datapath, DatapathError, Failures, backend_addr, backends_full, decode_meta,
+        encode_backend, encode_meta, frontend_key, key_frontend,
     },
     model::{DesiredService, DesiredState, Frontend, ServiceRef},
 };
@@ -481,7 +481,7 @@ impl<D: Datapath> Reconciler<D> {
             .filter_map(|&i| staged[i].range.as_ref())
             .map(|r| (r.base, r.encoded.as_slice()))
             .collect();
-        let failed = batch_each(&batch, |rest| self.dp.put_backend_ranges(rest));
+        let failed = self.dp.put_backend_ranges(&batch);
         drop(batch);
         for &i in &todo {
             if let Some(r) = &staged[i].range {
@@ -551,7 +551,7 @@ impl<D: Datapath> Reconciler<D> {
         &mut self,
         staged: &mut [Staged<'_>],
         entry: impl Fn(&Staged<'_>) -> Option<T>,
-        write: impl Fn(&mut D, &[T]) -> crate::datapath::BatchResult,
+        write: impl Fn(&mut D, &[T]) -> Failures,
     ) -> Vec<usize> {
         let (todo, batch): (Vec<usize>, Vec<T>) = staged
             .iter()
@@ -559,7 +559,7 @@ impl<D: Datapath> Reconciler<D> {
             .filter(|(_, s)| s.error.is_none())
             .filter_map(|(i, s)| Some((i, entry(s)?)))
             .unzip();
-        let failed = batch_each(&batch, |rest| write(&mut self.dp, rest));
+        let failed = write(&mut self.dp, &batch);
         let mut ok = vec![true; todo.len()];
         for (k, e) in failed {
             ok[k] = false;
@@ -678,26 +678,6 @@ fn reconcile_error(fe: Frontend, want: &DesiredService, source: DatapathError) -
         frontend: fe,
         source,
     }
-}
-
-/// Writes `items` with `write`, resuming after each entry that fails;
-/// returns the failures (index in `items`, error).
-fn batch_each<T>(
-    items: &[T],
-    mut write: impl FnMut(&[T]) -> crate::datapath::BatchResult,
-) -> Vec<(usize, DatapathError)> {
-    let mut failed = Vec::new();
-    let mut start = 0;
-    while start < items.len() {
-        match write(&items[start..]) {
-            Ok(()) => break,
-            Err((i, e)) => {
-                failed.push((start + i, e));
-                start += i + 1;
-            }
-        }
-    }
-    failed
 }
 
 /// Deduplicated, in slot order.

@@ -109,3 +109,82 @@ pub fn errno_name(errno: i32) -> String {
     }
     .to_owned()
 }
+
+/// A pinned BPF map, opened with bpf(2) directly (the tests' binaries do
+/// not link aya).
+pub struct PinnedMap(i32);
+
+impl PinnedMap {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::ffi::OsStrExt as _;
+        const BPF_OBJ_GET: libc::c_long = 7;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        #[repr(C)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let attr = ObjGet {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        };
+        // SAFETY: attr is a valid BPF_OBJ_GET attribute for the call's duration.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &raw const attr,
+                size_of::<ObjGet>() as u32,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "BPF_OBJ_GET {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self(fd as i32))
+    }
+
+    /// The value under `key` (of the map's value size `N`), `None` if absent.
+    /// For socket storage the key is a socket's fd.
+    pub fn lookup<K, const N: usize>(&self, key: &K) -> Option<[u8; N]> {
+        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+        #[repr(C)]
+        struct Lookup {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut value = [0u8; N];
+        let attr = Lookup {
+            map_fd: self.0 as u32,
+            _pad: 0,
+            key: (key as *const K) as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: key and value point at objects of the map's key and value sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &raw const attr,
+                size_of::<Lookup>() as u32,
+            )
+        };
+        (rc == 0).then_some(value)
+    }
+}
+
+impl Drop for PinnedMap {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.0) };
+    }
+}

@@ -545,3 +545,58 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     assert_eq!(report.ok(), 30, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");
 }
+
+/// An upgrade from an agent before the frontend filter and socket storage:
+/// its pins have no `LB_FILTER` (the new one starts empty: programs
+/// reading it would pass every service by) and have the connected-socket
+/// hash `LB_REVERSE_SOCK`. The new links wait for the first complete sync
+/// (which fills the filter), so no connect fails or goes untranslated
+/// during the upgrade, and the hash is unpinned.
+#[test]
+fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    let during = lab
+        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.agent.stop().unwrap();
+    let filter = lab.agent.bpffs.join("LB_FILTER");
+    let legacy_sock = lab.agent.bpffs.join("LB_REVERSE_SOCK");
+    std::fs::remove_file(&filter).unwrap();
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&legacy_sock)
+        .args("type hash key 8 value 40 entries 1024 name LB_REVERSE_SOCK flags 1".split(' ')))
+    .unwrap();
+    lab.agent.start().unwrap();
+    lab.agent
+        .wait_for("back-end re-adopted", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+        })
+        .unwrap();
+    let report = wait_client(during).unwrap();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+    let deadline = Instant::now() + SYNC;
+    while !lab
+        .agent
+        .log_text()
+        .contains("previous programs are detached")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent.log_text();
+    assert!(
+        log.contains("previous programs stay attached until the first complete sync")
+            && log.contains("previous programs are detached"),
+        "{log}"
+    );
+    assert!(filter.exists(), "a new filter is pinned");
+    assert!(!legacy_sock.exists(), "the connected-socket hash is gone");
+    // The new programs alone now: every connect to the ClusterIP is
+    // translated, so the filter holds its bit.
+    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
+    assert_eq!(report.ok(), 30, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+}

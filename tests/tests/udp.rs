@@ -185,12 +185,19 @@ fn getpeername_returns_the_cluster_ip_for_tcp_and_connected_udp() {
     );
 }
 
-/// Entries of both reverse maps (unconnected UDP, connected sockets), as
-/// `lb-agent list` counts them.
-fn reverse_occupancy(lab: &Lab) -> (u64, u64) {
+/// Entries of the LRU reverse map of unconnected UDP, as `lb-agent list`
+/// counts them.
+fn reverse_occupancy(lab: &Lab) -> u64 {
     let doc = lab.agent.list_json().expect("list");
-    let entries = |map: &str| doc[map]["entries"].as_u64().expect(map);
-    (entries("reverseMap"), entries("socketReverseMap"))
+    doc["reverseMap"]["entries"].as_u64().expect("reverseMap")
+}
+
+/// `lb_common::maps::SOCK`: the socket storage map, pinned by name.
+const SOCK_PIN: &str = "LB_SOCK";
+
+/// `stored` of a client report: each socket's storage, `FRONTEND -> BACKEND`.
+fn stored(report: &Value) -> Vec<(String, u64)> {
+    map_of(&report["stored"])
 }
 
 /// A TCP service in front of the same pods on a port nothing listens on.
@@ -211,15 +218,14 @@ spec:
     )
 }
 
-/// `sock_release` deletes a closed socket's reverse entry, whatever the
-/// family of the socket: after 10,000 short-lived TCP connections, some
-/// through an IPv6 socket to the v4-mapped ClusterIP, connected UDP
-/// sockets, and connects the backend refused (the kernel has cleared such
-/// a socket's peer port by the time it is closed), both maps hold what
-/// they held before. Every socket had its entry while open: getpeername()
-/// returned the frontend.
+/// A TCP or connected UDP socket's translation lives in the socket's own
+/// storage (`LB_SOCK`), whichever family the socket is: read back through
+/// the socket's fd, it holds the frontend the socket asked for and the
+/// backend it reached. Nothing goes to a map (the LRU of unconnected UDP
+/// stays as it was) and no program runs at close: the kernel frees the
+/// storage with the socket. A connect the backend refuses fails as before.
 #[test]
-fn closed_sockets_leave_no_reverse_entries() {
+fn connected_sockets_keep_their_translation_in_their_own_storage() {
     let (mut lab, ip) = lab_with_services();
     lab.write_manifest("refuse.yaml", &refused_manifest())
         .unwrap();
@@ -228,18 +234,44 @@ fn closed_sockets_leave_no_reverse_entries() {
             endpoints(d, "default", "refuse", 81).len() == 3
         })
         .unwrap();
+    let pin = lab.agent.bpffs.join(SOCK_PIN);
+    let pin = pin.to_str().expect("utf-8 path");
     let start = reverse_occupancy(&lab);
+    let backends: BTreeSet<String> = PODS
+        .iter()
+        .map(|(_, o)| format!("{}:80", pod_ip(*o)))
+        .collect();
+    let check = |report: &Value, frontend: &str, count: u64| {
+        let stored = stored(report);
+        assert_eq!(
+            stored.iter().map(|(_, n)| n).sum::<u64>(),
+            count,
+            "{report}"
+        );
+        for (record, _) in &stored {
+            let (front, back) = record.split_once(" -> ").expect("FRONTEND -> BACKEND");
+            assert_eq!(front, frontend, "{report}");
+            assert!(backends.contains(back), "{record} {report}");
+        }
+        assert!(stored.len() > 1, "one backend only: {report}");
+    };
     let frontend = format!("{ip}:80");
-    let tcp = client(&lab, &frontend, &["--count", "10000"]);
+    let tcp = client(&lab, &frontend, &["--count", "2000", "--sk-storage", pin]);
     assert_eq!(tcp["errors"], serde_json::json!({}), "{tcp}");
-    assert_eq!(map_of(&tcp["backends"]).len(), 3, "{tcp}");
-    assert_eq!(map_of(&tcp["peers"]), [(frontend, 10_000)], "{tcp}");
+    assert_eq!(map_of(&tcp["peers"]), [(frontend.clone(), 2000)], "{tcp}");
+    check(&tcp, &frontend, 2000);
     let mapped = format!("[::ffff:{ip}]:80");
-    let v6 = client(&lab, &mapped, &["--count", "200"]);
+    let v6 = client(&lab, &mapped, &["--count", "200", "--sk-storage", pin]);
     assert_eq!(map_of(&v6["peers"]), [(mapped, 200)], "{v6}");
+    check(&v6, &frontend, 200);
     let echo = format!("{ECHO_IP}:{ECHO_PORT}");
-    let udp = client(&lab, &echo, &["--udp", "--count", "200"]);
-    assert_eq!(map_of(&udp["peers"]), [(echo, 200)], "{udp}");
+    let udp = client(
+        &lab,
+        &echo,
+        &["--udp", "--count", "200", "--sk-storage", pin],
+    );
+    assert_eq!(map_of(&udp["peers"]), [(echo.clone(), 200)], "{udp}");
+    check(&udp, &echo, 200);
     let refused = client(&lab, &format!("{REFUSE_IP}:81"), &["--count", "20"]);
     assert!(
         refused["errors"].to_string().contains("ECONNREFUSED"),
@@ -247,10 +279,72 @@ fn closed_sockets_leave_no_reverse_entries() {
     );
     let doc = lab.agent.list_json().unwrap();
     assert!(
-        doc["counters"]["translated"].as_u64() >= Some(10_420),
+        doc["counters"]["translated"].as_u64() >= Some(2_420),
         "{doc}"
     );
+    assert_eq!(doc["counters"]["reverseWriteFailed"], 0, "{doc}");
     assert_eq!(reverse_occupancy(&lab), start, "{doc}");
+    assert!(
+        !lab.agent.bpffs.join("link_sock_release").exists(),
+        "no program runs at close"
+    );
+}
+
+/// A second UDP service in front of the same pods.
+const ECHO2_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 4);
+fn echo2_manifest() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: echo2
+spec:
+  clusterIP: {ECHO2_IP}
+  selector:
+    app: myapp
+  ports:
+    - port: {ECHO_PORT}
+      protocol: UDP
+      targetPort: 80
+"
+    )
+}
+
+/// A connected UDP socket that connects again, to another frontend, has
+/// its storage overwritten: getpeername() and the storage show the second
+/// frontend, and the reply (from a backend of the second) arrives.
+#[test]
+fn a_reconnected_socket_overwrites_its_storage() {
+    let (mut lab, _) = lab_with_services();
+    lab.write_manifest("echo2.yaml", &echo2_manifest()).unwrap();
+    lab.agent
+        .wait_for("echo2 programmed", SYNC, |d| {
+            endpoints(d, "default", "echo2", ECHO_PORT).len() == 3
+        })
+        .unwrap();
+    let pin = lab.agent.bpffs.join(SOCK_PIN);
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let echo2 = format!("{ECHO2_IP}:{ECHO_PORT}");
+    let report = client(
+        &lab,
+        &echo,
+        &[
+            "--udp",
+            "--count",
+            "50",
+            "--reconnect",
+            &echo2,
+            "--sk-storage",
+            pin.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert_eq!(map_of(&report["peers"]), [(echo2.clone(), 50)], "{report}");
+    let stored = stored(&report);
+    assert_eq!(stored.iter().map(|(_, n)| n).sum::<u64>(), 50, "{report}");
+    for (record, _) in &stored {
+        assert!(record.starts_with(&format!("{echo2} -> ")), "{report}");
+    }
 }
 
 /// `echo` as a selectorless service with one hand-written endpoint.

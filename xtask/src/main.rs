@@ -62,6 +62,9 @@ enum Task {
         /// no other datapath, for quick memory and latency iterations.
         #[arg(long)]
         control_plane: bool,
+        /// Only the socket-LB ablation (programs with parts switched off, ns/call of each) at each N.
+        #[arg(long)]
+        ablation_only: bool,
     },
 }
 
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             ns,
             report,
             control_plane,
+            ablation_only,
         } => {
             if !report {
                 setup::setup()?;
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                 ns,
                 report_only: report,
                 control_plane,
+                ablation_only,
             })
         }
     }

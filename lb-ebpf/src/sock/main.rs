@@ -7,9 +7,11 @@
 //!   backend chosen by socket cookie, so a socket sticks to its backend;
 //! - `cgroup/recvmsg`: datagrams from that backend appear to come from the
 //!   frontend (resolvers drop replies from an address they did not ask);
-//! - `cgroup/getpeername`: `getpeername()` returns the frontend;
-//! - `cgroup/sock_release` (one for both families): a closing socket's
-//!   reverse entry is deleted, so the reverse map holds live sockets only.
+//! - `cgroup/getpeername`: `getpeername()` returns the frontend.
+//!
+//! What a socket was translated to lives in the socket's own storage
+//! (`LB_SOCK`), which the kernel frees with the socket: no program runs at
+//! close.
 #![no_std]
 #![no_main]
 
@@ -17,14 +19,12 @@ mod maps;
 mod xlate;
 
 use aya_ebpf::{
-    helpers::generated::bpf_set_retval,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use xlate::{Hook, Verdict};
 
 const ECONNREFUSED: i32 = 111;
-/// Verdicts. recvmsg, getpeername and sock_release must always allow.
+/// Verdicts. recvmsg and getpeername must always allow.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -82,12 +82,6 @@ pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<true>(&ctx);
-    ALLOW
-}
-
-#[cgroup_sock(sock_release)]
-pub fn lb_sock_release(ctx: SockContext) -> i32 {
-    xlate::release(&ctx);
     ALLOW
 }
 

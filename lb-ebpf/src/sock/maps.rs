@@ -1,15 +1,18 @@
 //! The maps every socket-LB program shares, and small typed accessors. All
 //! programs live in one object, so the agent creates (or re-opens) each map
 //! once and every program's relocation points at the same pinned map.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type, bpf_sock},
+    helpers::generated::bpf_sk_storage_get,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, ReverseKey, ReverseValue, ServiceKey, ServiceMeta,
-    ServiceValue, SockReverse, stats,
+    DEFAULT_MAX_SERVICES, FILTER_WORDS, ReverseKey, ReverseValue, ServiceKey, ServiceMeta,
+    ServiceValue, SockState, filter_bit, stats,
 };
 
 /// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
@@ -24,6 +27,14 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// computation, no hashing), and a slot costs 24 B.
 #[map(name = "LB_BACKENDS")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// The frontend filter: bit `filter_bit(key)` is set for every key of
+/// `SERVICES` (the agent sets it before inserting the key and clears it
+/// only after the last key on it is deleted), so a clear bit proves the
+/// destination is no frontend. An array: the verifier inlines its lookup,
+/// and a word read costs no hashing.
+#[map(name = "LB_FILTER")]
+static FILTER: Array<u64> = Array::pinned(FILTER_WORDS, 0);
 
 /// Read only by the agent (names for `lb-agent list` and ID re-adoption); it
 /// lives here so it is created and pinned with the maps it describes. One
@@ -45,18 +56,110 @@ static LB_DEBUG_LOG: u32 = 0;
 /// (sendmsg), for recvmsg. Such a socket may send to many backends and has
 /// no peer to delete by at close, so this is an LRU: a full map evicts
 /// instead of refusing. LRU maps are always preallocated (NO_PREALLOC is
-/// refused).
+/// refused). The socket's storage holds its last pair too, so a datagram
+/// to the same pair as the one before costs no lookup here.
 #[map(name = "LB_REVERSE")]
 static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
 
-/// Socket cookie → backend and frontend of a connected socket (connect),
-/// for getpeername and recvmsg. A plain hash, not an LRU: an insert is an
-/// allocation from a per-CPU cache and a bucket lock, where an LRU insert
-/// pops a node off the shared LRU lists; `sock_release` deletes each entry
-/// at close, so it holds live sockets only, and nothing is preallocated.
-#[map(name = "LB_REVERSE_SOCK")]
-static SOCK_REVERSE: HashMap<u64, SockReverse> =
-    HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+/// A BTF map definition of socket-local storage, pinned by name. aya-ebpf's
+/// `btf_maps::SkStorage` has no `pinning` member, and the agent must find
+/// the same map again after a restart or upgrade (sockets translated before
+/// keep their storage in it); aya-obj reads `pinning` as libbpf does. Every
+/// member is a pointer whose pointee's type encodes the value (BTF only).
+#[repr(C)]
+pub struct SkStorageDef<V> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const V,
+    /// Socket storage has no size of its own: 0.
+    max_entries: *const [i32; 0],
+    /// Required by the kernel for socket storage.
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: never dereferenced; the loader reads its BTF and relocates uses.
+unsafe impl<V> Sync for SkStorageDef<V> {}
+
+impl<V> SkStorageDef<V> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// Each translated socket's [`SockState`], in the socket itself: written
+/// by connect and sendmsg, read by recvmsg and getpeername, freed by the
+/// kernel with the socket (no release-time program, no table that fills
+/// with dead sockets, no cookie to key it by).
+///
+/// Issue 12 (terminating sockets of a removed backend) finds the sockets
+/// translated through a frontend here: sock_diag dumps each socket's
+/// storage of the maps it names (`INET_DIAG_REQ_SK_BPF_STORAGES` with this
+/// map's fd; the reply carries `INET_DIAG_BPF_SK_STORAGES` next to the
+/// socket's cookie), or a `bpf_iter__bpf_sk_storage_map` program walks
+/// it; a socket matches by `conn` (`addr`, `port`, `svc_id`, `backend`).
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "LB_SOCK")]
+static SOCK: SkStorageDef<SockState> = SkStorageDef::new();
+
+/// The socket's storage, created from `init` if `init` is not null.
+#[inline(always)]
+fn sock_storage(sk: *mut bpf_sock, init: *mut SockState, flags: u64) -> *mut SockState {
+    // SAFETY: `sk` is the context's socket (never null in sock_addr
+    // programs); `init` is null or a stack value of the map's value size.
+    unsafe { bpf_sk_storage_get(SOCK.as_ptr(), sk.cast(), init.cast(), flags) }.cast()
+}
+
+/// The socket's storage if it has one (a lookup, no allocation).
+#[inline(always)]
+pub fn sock_state(sk: *mut bpf_sock) -> *mut SockState {
+    sock_storage(sk, core::ptr::null_mut(), 0)
+}
+
+/// Creates the socket's storage holding `init`: only after [`sock_state`]
+/// missed, so a socket allocates once however often it is translated.
+#[inline(always)]
+pub fn create_sock_state(sk: *mut bpf_sock, init: &SockState) {
+    let mut init = *init;
+    if sock_storage(sk, &mut init, u64::from(BPF_SK_STORAGE_GET_F_CREATE)).is_null() {
+        bump(stats::REVERSE_WRITE_FAILED);
+    }
+}
+
+/// Benchmark-only [`lb_common::ablate`] bits; 0 in service.
+#[unsafe(no_mangle)]
+static LB_ABLATE: u32 = 0;
+
+/// Whether ablation bit `bit` is set (known to the verifier: dead code goes).
+#[inline(always)]
+pub fn ablated(bit: u32) -> bool {
+    // SAFETY: as for `debug_enabled`.
+    unsafe { core::ptr::read_volatile(&LB_ABLATE) & bit != 0 }
+}
+
+/// Whether `key` may be a frontend (`false`: it is not).
+#[inline(always)]
+pub fn maybe_service(key: &ServiceKey) -> bool {
+    let bit = filter_bit(key);
+    match FILTER.get_ptr(bit >> 6) {
+        // SAFETY: as for `service`.
+        Some(word) => (unsafe { *word } >> (bit & 63)) & 1 != 0,
+        None => true,
+    }
+}
 
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
@@ -100,30 +203,6 @@ pub fn remember(key: &ReverseKey, value: &ReverseValue) {
 #[inline(always)]
 pub fn forget(key: &ReverseKey) {
     let _ = REVERSE.remove(key);
-}
-
-/// Records a connected socket's translation (a reconnect replaces it).
-#[inline(always)]
-pub fn remember_sock(cookie: u64, value: &SockReverse) {
-    if SOCK_REVERSE.insert(cookie, value, 0).is_err() {
-        bump(stats::REVERSE_WRITE_FAILED);
-    }
-}
-
-#[inline(always)]
-pub fn sock_reverse(cookie: u64) -> Option<SockReverse> {
-    let ptr = SOCK_REVERSE.get_ptr(cookie)?;
-    // SAFETY: as above.
-    Some(unsafe { *ptr })
-}
-
-/// Deletes a socket's entry if it has one: the lookup takes no lock, so
-/// the many sockets that never were translated cost no bucket lock.
-#[inline(always)]
-pub fn forget_sock(cookie: u64) {
-    if SOCK_REVERSE.get_ptr(cookie).is_some() {
-        let _ = SOCK_REVERSE.remove(cookie);
-    }
 }
 
 #[inline(always)]

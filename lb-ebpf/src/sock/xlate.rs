@@ -11,15 +11,15 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockContext},
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
-    ServiceKey, SockReverse, as_v4, stats, v4_mapped,
+    ServiceKey, SockReverse, SockState, ablate, as_v4, stats, v4_mapped,
 };
 
-use crate::maps::{self, bump};
+use crate::maps::{self, ablated, bump};
 
 /// What the calling hook should return.
 pub enum Verdict {
@@ -105,6 +105,9 @@ fn write_addr<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) ->
 /// and records the translation in the reverse map.
 #[inline(always)]
 pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    if ablated(ablate::EMPTY) {
+        return Verdict::Pass;
+    }
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = handled_proto(sa) else {
@@ -112,18 +115,25 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     let addr = read_addr::<V6>(sa);
     let port = sa.user_port as u16;
-    let Some(master) = maps::service(&ServiceKey::new(addr, port, proto)) else {
+    let key = ServiceKey::new(addr, port, proto);
+    if !ablated(ablate::NO_FILTER) && !maps::maybe_service(&key) {
+        return Verdict::Pass;
+    }
+    let Some(master) = maps::service(&key) else {
         return Verdict::Pass;
     };
     if master.count == 0 {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    let cookie = socket_cookie(ctx);
     let pick = match hook {
         // SAFETY: the helper has no preconditions.
         Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count),
-        Hook::Sendmsg => (cookie % u64::from(master.count)) as u32,
+        Hook::Sendmsg if ablated(ablate::NO_COOKIE) => {
+            // SAFETY: as above.
+            (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count)
+        }
+        Hook::Sendmsg => (socket_cookie(ctx) % u64::from(master.count)) as u32,
     };
     // The range is complete for as long as this program runs (the agent
     // reuses a range only after an RCU grace period), so one lookup.
@@ -135,35 +145,98 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    match hook {
-        Hook::Connect => maps::remember_sock(
-            cookie,
-            &SockReverse {
-                backend: backend.addr,
-                backend_port: backend.port,
-                port,
-                svc_id: master.svc_id,
-                addr,
-            },
-        ),
-        Hook::Sendmsg => maps::remember(
-            &ReverseKey::new(cookie, backend.addr, backend.port),
-            &ReverseValue {
-                addr,
-                port,
-                _pad: 0,
-                svc_id: master.svc_id,
-            },
-        ),
+    if !ablated(ablate::NO_REVERSE) {
+        let record = SockReverse {
+            backend: backend.addr,
+            backend_port: backend.port,
+            port,
+            svc_id: master.svc_id,
+            addr,
+        };
+        // SAFETY: the context's socket, a field every sock_addr program may read.
+        let sk = unsafe { sa.__bindgen_anon_1.sk };
+        match hook {
+            Hook::Connect => remember_conn(sk, &record),
+            Hook::Sendmsg => remember_dgram(ctx, sk, &record),
+        }
     }
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
     }
-    bump(match hook {
-        Hook::Connect => stats::TRANSLATED,
-        Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
-    });
+    if !ablated(ablate::NO_STATS) {
+        bump(match hook {
+            Hook::Connect => stats::TRANSLATED,
+            Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
+        });
+    }
     Verdict::Pass
+}
+
+/// A connected socket's one translation, in its storage: overwritten on a
+/// reconnect, created (once per socket) on a miss.
+#[inline(always)]
+fn remember_conn(sk: *mut bpf_sock, record: &SockReverse) {
+    let state = maps::sock_state(sk);
+    if state.is_null() {
+        maps::create_sock_state(
+            sk,
+            &SockState {
+                conn: *record,
+                dgram: SockReverse::default(),
+            },
+        );
+    } else {
+        // SAFETY: a storage pointer is valid for this program run.
+        unsafe { (*state).conn = *record };
+    }
+}
+
+/// An unconnected datagram's translation: in the LRU (recvmsg finds a reply
+/// from any backend the socket sent to), unless the socket's storage says
+/// its last datagram went to the same pair, which is then recorded already.
+/// Replies from that last pair are found in the storage even if the LRU
+/// has evicted it since.
+#[inline(always)]
+fn remember_dgram(ctx: &SockAddrContext, sk: *mut bpf_sock, record: &SockReverse) {
+    let cached = !ablated(ablate::NO_SOCK_CACHE);
+    let state = if cached {
+        maps::sock_state(sk)
+    } else {
+        core::ptr::null_mut()
+    };
+    // SAFETY: as in `remember_conn`.
+    if !state.is_null() && unsafe { (*state).dgram } == *record {
+        return;
+    }
+    let cookie = if ablated(ablate::NO_COOKIE) {
+        0
+    } else {
+        socket_cookie(ctx)
+    };
+    maps::remember(
+        &ReverseKey::new(cookie, record.backend, record.backend_port),
+        &ReverseValue {
+            addr: record.addr,
+            port: record.port,
+            _pad: 0,
+            svc_id: record.svc_id,
+        },
+    );
+    if !cached {
+        return;
+    }
+    if state.is_null() {
+        maps::create_sock_state(
+            sk,
+            &SockState {
+                conn: SockReverse::default(),
+                dgram: *record,
+            },
+        );
+    } else {
+        // SAFETY: as above.
+        unsafe { (*state).dgram = *record };
+    }
 }
 
 #[inline(always)]
@@ -224,12 +297,23 @@ fn to_bytes(addr: &Addr) -> [u8; 16] {
     out
 }
 
+/// Where a reverse hook found the frontend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// The socket's storage, its connected peer.
+    Conn,
+    /// The socket's storage, its last unconnected pair.
+    Dgram,
+    /// The LRU of unconnected datagrams.
+    Lru,
+}
+
 /// Rewrites a backend address (a datagram's source for recvmsg, the peer
 /// for getpeername) back to the frontend this socket asked for, if the
 /// socket was translated to that backend and the service is still the one
-/// it was translated for. A stale entry is deleted and the address left.
-/// Connected sockets' entries (by cookie) are looked up first; unconnected
-/// UDP sockets' (by cookie and backend) after a miss there.
+/// it was translated for. A stale record is cleared and the address left.
+/// The socket's own storage is read first (connected peer, then last
+/// unconnected pair); the LRU (by cookie and backend) only after a miss.
 #[inline(always)]
 pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -237,32 +321,43 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     let Some(proto) = handled_proto(sa) else {
         return;
     };
-    let cookie = socket_cookie(ctx);
     let peer = read_addr::<V6>(sa);
     let peer_port = sa.user_port as u16;
-    let sock = maps::sock_reverse(cookie)
-        .filter(|s| s.backend == peer && s.backend_port == peer_port)
-        .map(|s| ReverseValue {
-            addr: s.addr,
-            port: s.port,
-            _pad: 0,
-            svc_id: s.svc_id,
-        });
-    let key = ReverseKey::new(cookie, peer, peer_port);
-    let (front, connected) = match sock {
-        Some(front) => (front, true),
-        None => match maps::reverse(&key) {
-            Some(front) => (front, false),
-            None => return,
-        },
+    // SAFETY: as in `forward`.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let state = maps::sock_state(sk);
+    let is_peer = |r: &SockReverse| r.backend_port == peer_port && r.backend == peer;
+    let as_front = |r: &SockReverse| ReverseValue {
+        addr: r.addr,
+        port: r.port,
+        _pad: 0,
+        svc_id: r.svc_id,
+    };
+    let mut key = None;
+    // SAFETY: a storage pointer is valid for this program run.
+    let (front, found) = match unsafe { state.as_ref() } {
+        Some(s) if is_peer(&s.conn) => (as_front(&s.conn), Found::Conn),
+        Some(s) if is_peer(&s.dgram) => (as_front(&s.dgram), Found::Dgram),
+        _ => {
+            let k = ReverseKey::new(socket_cookie(ctx), peer, peer_port);
+            let Some(front) = maps::reverse(&k) else {
+                return;
+            };
+            key = Some(k);
+            (front, Found::Lru)
+        }
     };
     let live = maps::service(&ServiceKey::new(front.addr, front.port, proto))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
-        if connected {
-            maps::forget_sock(cookie);
-        } else {
-            maps::forget(&key);
+        // SAFETY: as above; `state` is not null when found in it.
+        match found {
+            Found::Conn => unsafe { (*state).conn = SockReverse::default() },
+            Found::Dgram => unsafe { (*state).dgram = SockReverse::default() },
+            Found::Lru => {}
+        }
+        if let Some(k) = &key {
+            maps::forget(k);
         }
         bump(stats::REVERSE_STALE);
         return;
@@ -270,18 +365,4 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     if write_addr::<V6>(sa, &front.addr, front.port) {
         bump(stats::REVERSE_TRANSLATED);
     }
-}
-
-/// Deletes a closing socket's connected-socket reverse entry, by cookie
-/// alone: whatever its peer is by now (a failed connect has cleared it).
-/// Unconnected UDP sockets' entries (one per backend they sent to) stay in
-/// the LRU until evicted.
-#[inline(always)]
-pub fn release(ctx: &SockContext) {
-    // SAFETY: the kernel hands every sock program a valid context.
-    let sk: &bpf_sock = unsafe { &*ctx.sock };
-    if handled(sk.type_, sk.protocol).is_none() {
-        return;
-    }
-    maps::forget_sock(socket_cookie(ctx));
 }

@@ -1,7 +1,8 @@
 //! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
 //! the socket-LB programs (connect, sendmsg, recvmsg and getpeername, each
-//! for IPv4 and IPv6, and sock_release) attached while no agent runs.
+//! for IPv4 and IPv6) attached while no agent runs.
 use std::{
+    collections::{HashMap as StdHashMap, HashSet},
     fs,
     io::ErrorKind,
     os::fd::AsFd as _,
@@ -24,11 +25,11 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    Backend, DEBUG_LOG_GLOBAL, ReverseKey, ReverseValue, ServiceKey, ServiceMeta, ServiceValue,
-    SockReverse, maps, stats,
+    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey, ReverseValue, ServiceKey,
+    ServiceMeta, ServiceValue, SockState, filter_bit, maps, stats,
 };
 
-use super::{BatchResult, Datapath, DatapathError, Result, Snapshot, backends_full, sys};
+use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
 
 /// The object with every socket-LB program, built by `build.rs`.
 static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sock"));
@@ -38,10 +39,8 @@ pub const LINK_PIN: &str = "link_connect4";
 
 /// Every program of the object and the pin of its cgroup link. Attached in
 /// this order: the reverse hooks first, so replies of a socket are already
-/// translated back (and its reverse entry deleted at close) when the
-/// forward hooks start translating it.
+/// translated back when the forward hooks start translating it.
 pub const PROGRAMS: &[(&str, &str)] = &[
-    ("lb_sock_release", "link_sock_release"),
     ("lb_recvmsg4", "link_recvmsg4"),
     ("lb_getpeername4", "link_getpeername4"),
     ("lb_recvmsg6", "link_recvmsg6"),
@@ -88,16 +87,31 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         size_of::<ReverseValue>(),
     ),
     (
-        maps::SOCK_REVERSE,
-        MapType::Hash,
+        maps::FILTER,
+        MapType::Array,
+        size_of::<u32>(),
         size_of::<u64>(),
-        size_of::<SockReverse>(),
+    ),
+    (
+        maps::SOCK,
+        MapType::SkStorage,
+        size_of::<i32>(),
+        size_of::<SockState>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
 /// removed once the new programs are attached (the old programs hold their
 /// own references until their links go).
-const LEGACY_MAPS: &[&str] = &[maps::LEGACY_REVERSE4, maps::LEGACY_CONFIG];
+const LEGACY_MAPS: &[&str] = &[
+    maps::LEGACY_REVERSE4,
+    maps::LEGACY_CONFIG,
+    maps::LEGACY_SOCK_REVERSE,
+];
+/// Link pins of programs earlier versions attached and this one does not
+/// have: detached when the new links are swapped in (until then the old
+/// programs work as a set). `sock_release` deleted `LB_REVERSE_SOCK`
+/// entries at every close; socket storage needs nothing at close.
+const LEGACY_LINKS: &[&str] = &["link_sock_release"];
 
 /// Suffix of a link's staging pin (bpffs rejects '.' in names).
 const STAGING_SUFFIX: &str = "_new";
@@ -149,9 +163,6 @@ pub struct MapSizes {
     /// Entries of the LRU reverse map (`LB_REVERSE`) of unconnected UDP
     /// sockets: (socket, backend) pairs. Preallocated.
     pub max_reverse: u32,
-    /// Entries of `LB_REVERSE_SOCK`: live translated TCP and connected UDP
-    /// sockets. Allocated on demand.
-    pub max_sockets: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -188,7 +199,6 @@ impl MapSizes {
             ("--max-backends", self.max_backends),
             ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
-            ("--max-sockets", self.max_sockets),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -303,6 +313,9 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 fn known_pin(name: &str) -> bool {
     MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
         || LEGACY_MAPS.contains(&name)
+        || LEGACY_LINKS
+            .iter()
+            .any(|pin| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
         || PROGRAMS
             .iter()
             .any(|(_, pin)| name == *pin || name.strip_suffix(STAGING_SUFFIX) == Some(*pin))
@@ -505,15 +518,19 @@ fn load_and_attach(
     let unfinished = PROGRAMS
         .iter()
         .any(|(_, pin)| dir.join(format!("{pin}{STAGING_SUFFIX}")).exists());
-    let replaced = drop_incompatible_pins(dir)? || unfinished;
+    // A filter created now over services pinned already (an upgrade from a
+    // version without it) is empty until the agent fills it: the new
+    // programs would pass every service by. Deferred like a replaced map.
+    let new_filter = !dir.join(maps::FILTER).exists() && dir.join(maps::SERVICES).exists();
+    let replaced = drop_incompatible_pins(dir)? || unfinished || new_filter;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
-        .map_max_entries(maps::SOCK_REVERSE, sizes.max_sockets)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
+        .override_global(ABLATE_GLOBAL, &ablation(), true)
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -556,15 +573,49 @@ fn load_and_attach(
     Ok((ebpf, link_pins, Vec::new()))
 }
 
+/// Environment variable of `cargo xtask bench`'s ablation: `lb_common::ablate`
+/// bits to load the programs with. A variant does not serve correctly (it
+/// skips what it measures), so this is for the bench's own cgroup only.
+pub const ABLATE_ENV: &str = "LB_BENCH_ABLATE";
+
+/// The ablation bits of [`ABLATE_ENV`] (0, everything on, if unset or not a number).
+fn ablation() -> u32 {
+    let bits = std::env::var(ABLATE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if bits != 0 {
+        tracing::warn!(
+            bits,
+            "{ABLATE_ENV} set: programs loaded with parts switched off, for benchmarking only"
+        );
+    }
+    bits
+}
+
 /// Renames each staging pin over its link pin. rename(2) replaces the old
 /// pin atomically; the old link detaches when its last reference (the old
 /// pin) goes, and the new program is attached already.
+/// Then detaches the links of programs this version no longer has.
 pub fn swap_links(staged: &[(PathBuf, PathBuf)]) -> Result<(), LoadError> {
     for (staging, link_pin) in staged {
         fs::rename(staging, link_pin).map_err(|e| LoadError::Pin {
             path: link_pin.clone(),
             source: e.into(),
         })?;
+    }
+    if let Some(dir) = staged.first().and_then(|(_, pin)| pin.parent()) {
+        for legacy in LEGACY_LINKS {
+            let path = dir.join(legacy);
+            if path.exists() {
+                let _ = sys::detach_pinned_link(&path);
+                let _ = fs::remove_file(&path);
+                tracing::info!(
+                    link = legacy,
+                    "detached a program this version no longer has"
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -607,6 +658,12 @@ fn drop_incompatible_pins(dir: &Path) -> Result<bool, LoadError> {
         } else {
             maps::SERVICES
         });
+    }
+    // The filter describes the service entries: kept while they are
+    // replaced, the new agent would rewrite it from its new, still empty
+    // map under the previous programs, which read it too.
+    if stale.contains(&maps::SERVICES) && !stale.contains(&maps::FILTER) {
+        stale.push(maps::FILTER);
     }
     for name in &stale {
         let path = dir.join(name);
@@ -757,7 +814,9 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
     let links = PROGRAMS
         .iter()
         .rev()
-        .flat_map(|(_, pin)| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
+        .map(|(_, pin)| *pin)
+        .chain(LEGACY_LINKS.iter().copied())
+        .flat_map(|pin| [pin.to_string(), format!("{pin}{STAGING_SUFFIX}")]);
     let maps = MAP_LAYOUTS
         .iter()
         .map(|(name, ..)| *name)
@@ -815,7 +874,6 @@ fn size_flag(map: &str) -> &'static str {
         maps::BACKENDS => "max-backends",
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
-        maps::SOCK_REVERSE => "max-sockets",
         _ => "max-services",
     }
 }
@@ -843,8 +901,55 @@ pub struct BpfDatapath {
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
     reverse: Option<WithMax<ReverseKey, ReverseValue>>,
-    /// Absent in pins made before connected sockets had a map of their own.
-    sock_reverse: Option<WithMax<u64, SockReverse>>,
+    /// Absent in pins made before the frontend filter existed.
+    filter: Option<Filter>,
+}
+
+/// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
+/// and how many sit on each bit, so a bit is cleared only when its last
+/// key is gone. Built from the services map on first use.
+struct Filter {
+    map: MapData,
+    state: Option<FilterState>,
+}
+
+struct FilterState {
+    keys: HashSet<ServiceKey>,
+    counts: StdHashMap<u32, u32>,
+    words: Vec<u64>,
+}
+
+impl Filter {
+    /// Recounts from `keys` (the services map's) and writes every word:
+    /// bits of keys no longer present (an agent stopped between a delete
+    /// and the clear) go, and a filter created empty is filled.
+    fn rebuild(&mut self, keys: HashSet<ServiceKey>) -> Result<()> {
+        let mut counts: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut words = vec![0u64; FILTER_WORDS as usize];
+        for key in &keys {
+            let bit = filter_bit(key);
+            *counts.entry(bit).or_default() += 1;
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        sys::array_update_batch(self.map.fd().as_fd(), 0, &words).map_err(|(done, e)| {
+            DatapathError::Other(format!("writing {}: {e} after {done} words", maps::FILTER))
+        })?;
+        self.state = Some(FilterState {
+            keys,
+            counts,
+            words,
+        });
+        Ok(())
+    }
+
+    /// Writes word `index` as the state has it (one 8-byte element: a
+    /// program reads the old word or the new one).
+    fn write_word(&self, state: &FilterState, index: usize) -> Result<()> {
+        let value = state.words[index];
+        sys::array_update_batch(self.map.fd().as_fd(), index as u32, &[value]).map_err(|(_, e)| {
+            DatapathError::Other(format!("writing {} word {index}: {e}", maps::FILTER))
+        })
+    }
 }
 
 /// A hash map and its `max_entries`.
@@ -883,8 +988,126 @@ impl BpfDatapath {
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
             reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
-            sock_reverse: open_optional(dir, maps::SOCK_REVERSE, aya::maps::Map::HashMap)?,
+            filter: MapData::from_pin(dir.join(maps::FILTER))
+                .ok()
+                .map(|map| Filter { map, state: None }),
         })
+    }
+
+    /// Counts the frontend filter's bits from the services map and writes
+    /// it whole. `run` calls it before the first sync (a filter created by
+    /// an upgrade is empty; the new links wait for that sync); put and
+    /// delete call it on first use otherwise.
+    pub fn rebuild_filter(&mut self) -> Result<()> {
+        if self.filter.is_none() {
+            return Ok(());
+        }
+        let mut keys = HashSet::new();
+        for key in self.services.keys() {
+            keys.insert(key.map_err(|e| map_err("iterate", maps::SERVICES, e))?);
+        }
+        match &mut self.filter {
+            Some(f) => f.rebuild(keys),
+            None => Ok(()),
+        }
+    }
+
+    fn filter_ready(&mut self) -> Result<()> {
+        if self.filter.as_ref().is_some_and(|f| f.state.is_none()) {
+            self.rebuild_filter()?;
+        }
+        Ok(())
+    }
+
+    /// Sets `key`'s bit if it is new (before the key goes in: a program
+    /// never finds a frontend's bit clear).
+    fn filter_add(&mut self, key: &ServiceKey) -> Result<()> {
+        self.filter_ready()?;
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        let Some(state) = f.state.as_mut() else {
+            return Ok(());
+        };
+        if !state.keys.insert(*key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key);
+        let count = state.counts.entry(bit).or_default();
+        *count += 1;
+        if *count == 1 {
+            let index = (bit >> 6) as usize;
+            state.words[index] |= 1 << (bit & 63);
+            let state = f.state.as_ref().expect("just set");
+            if let Err(e) = f.write_word(state, index) {
+                // Recounted and written whole on next use.
+                f.state = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::filter_add`] of many keys: the words that change are
+    /// written in one batch.
+    fn filter_add_all<'k>(&mut self, keys: impl Iterator<Item = &'k ServiceKey>) -> Result<()> {
+        self.filter_ready()?;
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        let Some(state) = f.state.as_mut() else {
+            return Ok(());
+        };
+        let mut changed: Vec<u32> = Vec::new();
+        for key in keys {
+            if !state.keys.insert(*key) {
+                continue;
+            }
+            let bit = filter_bit(key);
+            let count = state.counts.entry(bit).or_default();
+            *count += 1;
+            if *count == 1 {
+                state.words[(bit >> 6) as usize] |= 1 << (bit & 63);
+                changed.push(bit >> 6);
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        let words: Vec<u64> = changed.iter().map(|&i| state.words[i as usize]).collect();
+        sys::update_batch(f.map.fd().as_fd(), &changed, &words).map_err(|(done, e)| {
+            // The state is ahead of the map: recounted from the services
+            // map and written whole on next use.
+            f.state = None;
+            DatapathError::Other(format!("writing {}: {e} after {done} words", maps::FILTER))
+        })
+    }
+
+    /// Clears `key`'s bit once no other key sits on it (after the key is
+    /// gone).
+    fn filter_remove(&mut self, key: &ServiceKey) -> Result<()> {
+        self.filter_ready()?;
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        let Some(state) = f.state.as_mut() else {
+            return Ok(());
+        };
+        if !state.keys.remove(key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key);
+        let Some(count) = state.counts.get_mut(&bit) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            state.counts.remove(&bit);
+            let index = (bit >> 6) as usize;
+            state.words[index] &= !(1 << (bit & 63));
+            let state = f.state.as_ref().expect("just set");
+            f.write_word(state, index)?;
+        }
+        Ok(())
     }
 
     /// Entries in the LRU reverse map of unconnected UDP sockets (a key
@@ -892,15 +1115,6 @@ impl BpfDatapath {
     /// map), or `None` if the installation has none.
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
         Ok(self.reverse.as_ref().map(|(map, max)| occupancy(map, *max)))
-    }
-
-    /// Entries in the connected-socket reverse map (a key walk), or `None`
-    /// if the installation has none.
-    pub fn sock_reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
-        Ok(self
-            .sock_reverse
-            .as_ref()
-            .map(|(map, max)| occupancy(map, *max)))
     }
 
     /// Per-counter sums over CPUs, indexed by `lb_common::stats`. A counter
@@ -950,12 +1164,13 @@ fn occupancy<K: aya::Pod, V: aya::Pod>(
 /// vanishes, few enough that the copies stay small (192 KiB of slots).
 const BATCH: usize = 8192;
 
-/// `entries` in [`BATCH`]-sized `BPF_MAP_UPDATE_BATCH` calls.
+/// `entries` in [`BATCH`]-sized `BPF_MAP_UPDATE_BATCH` calls, up to the
+/// first that fails (its index and error).
 fn hash_update_batch<K: Copy, V: Copy>(
     fd: std::os::fd::BorrowedFd<'_>,
     map: &'static str,
     entries: &[(K, V)],
-) -> BatchResult {
+) -> std::result::Result<(), (usize, DatapathError)> {
     let mut written = 0;
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
@@ -970,6 +1185,51 @@ fn hash_update_batch<K: Copy, V: Copy>(
         written += chunk.len();
     }
     Ok(())
+}
+
+/// `ranges` in [`BATCH`]-slot `BPF_MAP_UPDATE_BATCH` calls of the
+/// backend array, up to the first range that fails (its index and error).
+fn write_ranges(
+    fd: std::os::fd::BorrowedFd<'_>,
+    capacity: u32,
+    ranges: &[(u32, &[Backend])],
+) -> std::result::Result<(), (usize, DatapathError)> {
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    // The ranges in the chunk being built: (index in `ranges`, offset of
+    // its first slot in the chunk).
+    let mut starts: Vec<(usize, usize)> = Vec::new();
+    let flush = |keys: &mut Vec<u32>, values: &mut Vec<Backend>, starts: &mut Vec<_>| {
+        let result = sys::update_batch(fd, keys, values).map_err(|(done, e)| {
+            // The range holding the slot that failed.
+            let failed = starts
+                .iter()
+                .rev()
+                .find(|&&(_, offset)| offset <= done)
+                .map_or(0, |&(i, _)| i);
+            let base = ranges[failed].0;
+            (
+                failed,
+                DatapathError::Other(format!("writing {} slots {base}..: {e}", maps::BACKENDS)),
+            )
+        });
+        keys.clear();
+        values.clear();
+        starts.clear();
+        result
+    };
+    for (i, (base, backends)) in ranges.iter().enumerate() {
+        if u64::from(*base) + backends.len() as u64 > u64::from(capacity) {
+            flush(&mut keys, &mut values, &mut starts)?;
+            return Err((i, backends_full()));
+        }
+        if !keys.is_empty() && keys.len() + backends.len() > BATCH {
+            flush(&mut keys, &mut values, &mut starts)?;
+        }
+        starts.push((i, keys.len()));
+        keys.extend((0..backends.len() as u32).map(|k| base + k));
+        values.extend_from_slice(backends);
+    }
+    flush(&mut keys, &mut values, &mut starts)
 }
 
 impl Datapath for BpfDatapath {
@@ -1022,15 +1282,23 @@ impl Datapath for BpfDatapath {
     }
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        self.services
+        self.filter_add(key)?;
+        let r = self
+            .services
             .insert(key, value, 0)
-            .map_err(|e| map_err("insert", maps::SERVICES, e))
+            .map_err(|e| map_err("insert", maps::SERVICES, e));
+        if r.is_err() && self.services.get(key, 0).is_err() {
+            // Not in the map after all: its bit would only cost a lookup,
+            // but the count must match the map.
+            self.filter_remove(key)?;
+        }
+        r
     }
 
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
             Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICES, e)),
-            _ => Ok(()),
+            _ => self.filter_remove(key),
         }
     }
 
@@ -1047,52 +1315,38 @@ impl Datapath for BpfDatapath {
         }
     }
 
-    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> BatchResult {
-        let fd = self.backends.fd().as_fd();
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        // The ranges in the chunk being built: (index in `ranges`, offset
-        // of its first slot in the chunk).
-        let mut starts: Vec<(usize, usize)> = Vec::new();
-        let flush = |keys: &mut Vec<u32>, values: &mut Vec<Backend>, starts: &mut Vec<_>| {
-            let result = sys::update_batch(fd, keys, values).map_err(|(done, e)| {
-                // The range holding the slot that failed.
-                let failed = starts
-                    .iter()
-                    .rev()
-                    .find(|&&(_, offset)| offset <= done)
-                    .map_or(0, |&(i, _)| i);
-                let base = ranges[failed].0;
-                (
-                    failed,
-                    DatapathError::Other(format!("writing {} slots {base}..: {e}", maps::BACKENDS)),
-                )
-            });
-            keys.clear();
-            values.clear();
-            starts.clear();
-            result
-        };
-        for (i, (base, backends)) in ranges.iter().enumerate() {
-            if u64::from(*base) + backends.len() as u64 > u64::from(self.backend_capacity) {
-                flush(&mut keys, &mut values, &mut starts)?;
-                return Err((i, backends_full()));
-            }
-            if !keys.is_empty() && keys.len() + backends.len() > BATCH {
-                flush(&mut keys, &mut values, &mut starts)?;
-            }
-            starts.push((i, keys.len()));
-            keys.extend((0..backends.len() as u32).map(|k| base + k));
-            values.extend_from_slice(backends);
+    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> Failures {
+        let (fd, capacity) = (self.backends.fd().as_fd(), self.backend_capacity);
+        resume(ranges, |rest| write_ranges(fd, capacity, rest))
+    }
+
+    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> Failures {
+        let fd = self.meta.map().fd().as_fd();
+        resume(entries, |rest| {
+            hash_update_batch(fd, maps::SERVICE_META, rest)
+        })
+    }
+
+    /// The filter's bits of every new key first (one batch of words), then
+    /// the entries; a key that then is not in the map gives its bit back.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Failures {
+        if let Err(e) = self.filter_add_all(entries.iter().map(|(k, _)| k)) {
+            let e = e.to_string();
+            return (0..entries.len())
+                .map(|i| (i, DatapathError::Other(e.clone())))
+                .collect();
         }
-        flush(&mut keys, &mut values, &mut starts)
-    }
-
-    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> BatchResult {
-        hash_update_batch(self.meta.map().fd().as_fd(), maps::SERVICE_META, entries)
-    }
-
-    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> BatchResult {
-        hash_update_batch(self.services.map().fd().as_fd(), maps::SERVICES, entries)
+        let fd = self.services.map().fd().as_fd();
+        let mut failed = resume(entries, |rest| hash_update_batch(fd, maps::SERVICES, rest));
+        for (i, e) in &mut failed {
+            let key = &entries[*i].0;
+            if self.services.get(key, 0).is_err()
+                && let Err(filter) = self.filter_remove(key)
+            {
+                *e = filter;
+            }
+        }
+        failed
     }
 
     fn count_map_full(&mut self, n: u64) -> Result<()> {
@@ -1123,7 +1377,6 @@ mod tests {
         assert_eq!(size_flag(maps::BACKENDS), "max-backends");
         assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
         assert_eq!(size_flag(maps::REVERSE), "max-reverse");
-        assert_eq!(size_flag(maps::SOCK_REVERSE), "max-sockets");
     }
 
     /// Pins of earlier versions, and every link pin (the release hook's
@@ -1134,6 +1387,8 @@ mod tests {
             "LB_CONFIG",
             "LB_REVERSE4",
             "LB_SVC_META",
+            "LB_REVERSE_SOCK",
+            "LB_SOCK",
             "link_sock_release",
             "link_sock_release_new",
             "link_connect4",

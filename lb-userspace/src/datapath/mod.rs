@@ -74,38 +74,63 @@ pub trait Datapath {
     fn count_map_full(&mut self, n: u64) -> Result<()>;
 
     /// Several [`Datapath::put_backends`] at once (the BPF maps take them
-    /// in a few batched syscalls). On failure, `Err((i, e))`: the ranges
-    /// before `i` were written, range `i` failed with `e` (and may be
-    /// written in part), none after it was tried.
-    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> BatchResult {
-        for (i, (base, backends)) in ranges.iter().enumerate() {
-            self.put_backends(*base, backends).map_err(|e| (i, e))?;
-        }
-        Ok(())
+    /// in a few batched syscalls). Every range is tried; returns the ones
+    /// that failed (index in `ranges`, error), which may be written in part.
+    fn put_backend_ranges(&mut self, ranges: &[(u32, &[Backend])]) -> Failures {
+        resume(ranges, |rest| {
+            for (i, (base, backends)) in rest.iter().enumerate() {
+                self.put_backends(*base, backends).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        })
     }
 
-    /// Several [`Datapath::put_meta`] at once, each atomic; errors as
+    /// Several [`Datapath::put_meta`] at once, each atomic; failures as
     /// [`Datapath::put_backend_ranges`].
-    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> BatchResult {
-        for (i, (svc_id, meta)) in entries.iter().enumerate() {
-            self.put_meta(*svc_id, meta).map_err(|e| (i, e))?;
-        }
-        Ok(())
+    fn put_metas(&mut self, entries: &[(u32, ServiceMeta)]) -> Failures {
+        resume(entries, |rest| {
+            for (i, (svc_id, meta)) in rest.iter().enumerate() {
+                self.put_meta(*svc_id, meta).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        })
     }
 
     /// Several [`Datapath::put_service`] at once, each atomic, in order;
-    /// errors as [`Datapath::put_backend_ranges`].
-    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> BatchResult {
-        for (i, (key, value)) in entries.iter().enumerate() {
-            self.put_service(key, value).map_err(|e| (i, e))?;
-        }
-        Ok(())
+    /// failures as [`Datapath::put_backend_ranges`].
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Failures {
+        resume(entries, |rest| {
+            for (i, (key, value)) in rest.iter().enumerate() {
+                self.put_service(key, value).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        })
     }
 }
 
-/// A batch's outcome: on failure, the index of the entry that failed (the
-/// ones before it were written, none after it was tried) and its error.
-pub type BatchResult = std::result::Result<(), (usize, DatapathError)>;
+/// The entries of a batch that failed: (index in the batch, error).
+pub type Failures = Vec<(usize, DatapathError)>;
+
+/// Runs `write` over `items`, which stops at the first entry that fails
+/// (`Err((index in what it was given, error))`, as `BPF_MAP_UPDATE_BATCH`
+/// does), and resumes after that entry until every entry was tried.
+pub fn resume<T>(
+    items: &[T],
+    mut write: impl FnMut(&[T]) -> std::result::Result<(), (usize, DatapathError)>,
+) -> Failures {
+    let mut failed = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        match write(&items[start..]) {
+            Ok(()) => break,
+            Err((i, e)) => {
+                failed.push((start + i, e));
+                start += i + 1;
+            }
+        }
+    }
+    failed
+}
 
 mod encode;
 

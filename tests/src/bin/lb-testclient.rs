@@ -7,7 +7,8 @@
 //!
 //! Modes:
 //! - default: one TCP connect + HTTP GET per attempt;
-//! - `--udp`: one connected UDP socket per attempt;
+//! - `--udp`: one connected UDP socket per attempt (with `--reconnect ADDR`,
+//!   connected again to ADDR before it sends);
 //! - `--udp-unconnected [--sockets N]`: N unbound-peer sockets, each sending
 //!   `--count` datagrams with sendto() and reading replies with recvfrom();
 //! - `--session`: one unconnected UDP socket for the whole run; every stdin
@@ -27,7 +28,10 @@
 //!
 //! Besides `ClientReport`'s fields the JSON holds `peers` (getpeername() of
 //! TCP and connected UDP sockets), `sources` (recvfrom() addresses) and
-//! `perSocket` (backends each unconnected socket reached).
+//! `perSocket` (backends each unconnected socket reached). With
+//! `--sk-storage PIN` (the agent's pinned `LB_SOCK`), `stored` counts what
+//! each TCP or connected UDP socket's own storage held once connected
+//! (`FRONTEND -> BACKEND`, or `none`).
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, Read as _, Write as _},
@@ -55,6 +59,9 @@ struct Report {
     /// `--probe`: call (`socket`, `sendto`, `connect`) → `ok` or errno name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     probe: BTreeMap<String, String>,
+    /// `--sk-storage`: a connected socket's storage → count.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    stored: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,6 +84,8 @@ fn main() -> anyhow::Result<()> {
     let mut exec: Vec<String> = Vec::new();
     let mut bind: Option<SocketAddr> = None;
     let mut probe_kind: Option<String> = None;
+    let mut storage: Option<String> = None;
+    let mut reconnect: Option<SocketAddr> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -95,6 +104,10 @@ fn main() -> anyhow::Result<()> {
             "--session" => session = true,
             "--resolv" => resolv = args.next(),
             "--bind" => bind = Some(args.next().context("--bind ADDR")?.parse()?),
+            "--sk-storage" => storage = args.next(),
+            "--reconnect" => {
+                reconnect = Some(args.next().context("--reconnect ADDR")?.parse()?);
+            }
             "--probe" => probe_kind = Some(args.next().context("--probe KIND")?),
             "--exec" => {
                 exec = args.by_ref().collect();
@@ -122,6 +135,9 @@ fn main() -> anyhow::Result<()> {
     }
     let target = target.context("--target ADDR is required")?;
     let bind = bind.unwrap_or_else(|| unspecified(target));
+    let storage = storage
+        .map(|p| sys::PinnedMap::open(Path::new(&p)))
+        .transpose()?;
     let mut report = Report::default();
     let start = Instant::now();
     if let Some(kind) = probe_kind {
@@ -143,11 +159,14 @@ fn main() -> anyhow::Result<()> {
             }
             report.base.attempts += 1;
             let answer = match mode {
-                Mode::Tcp => request(target),
-                _ => request_udp(target, bind),
+                Mode::Tcp => request(target, storage.as_ref()),
+                _ => request_udp(target, reconnect, bind, storage.as_ref()),
             };
             match answer {
-                Ok((name, peer)) => {
+                Ok((name, peer, stored)) => {
+                    if let Some(s) = stored {
+                        *report.stored.entry(s).or_default() += 1;
+                    }
                     *report.base.backends.entry(name).or_default() += 1;
                     *report.peers.entry(peer.to_string()).or_default() += 1;
                 }
@@ -175,10 +194,33 @@ fn count_error(report: &mut ClientReport, e: &std::io::Error) {
     *report.errors.entry(errno).or_default() += 1;
 }
 
+/// The backend's name, getpeername(), and what the socket's storage held.
+type Answer = (String, SocketAddr, Option<String>);
+
+/// `FRONTEND -> BACKEND` from a socket's `LB_SOCK` record (`SockReverse`:
+/// backend address, backend port, frontend port, svc id, frontend address;
+/// addresses 16 bytes, IPv4 ones v4-mapped; ports in network order).
+fn stored(map: Option<&sys::PinnedMap>, fd: i32) -> Option<String> {
+    let map = map?;
+    let Some(v) = map.lookup::<i32, 40>(&fd) else {
+        return Some("none".into());
+    };
+    let addr = |b: &[u8]| -> std::net::IpAddr {
+        let a = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes"));
+        a.to_ipv4_mapped().map_or(a.into(), Into::into)
+    };
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let backend = SocketAddr::new(addr(&v[0..16]), port(&v[16..18]));
+    let frontend = SocketAddr::new(addr(&v[24..40]), port(&v[18..20]));
+    Some(format!("{frontend} -> {backend}"))
+}
+
 /// One connect + HTTP GET; the backend's name is the response body.
-fn request(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+fn request(target: SocketAddr, storage: Option<&sys::PinnedMap>) -> std::io::Result<Answer> {
+    use std::os::fd::AsRawFd as _;
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     let peer = s.peer_addr()?;
+    let record = stored(storage, s.as_raw_fd());
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut resp = String::new();
@@ -187,15 +229,25 @@ fn request(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     if body.is_empty() {
         return Err(std::io::Error::other("empty response"));
     }
-    Ok((body.to_owned(), peer))
+    Ok((body.to_owned(), peer, record))
 }
 
 /// One connected UDP socket: connect (where connect4 rewrites), one datagram
 /// out, the backend's name back.
-fn request_udp(target: SocketAddr, bind: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+fn request_udp(
+    target: SocketAddr,
+    reconnect: Option<SocketAddr>,
+    bind: SocketAddr,
+    storage: Option<&sys::PinnedMap>,
+) -> std::io::Result<Answer> {
+    use std::os::fd::AsRawFd as _;
     let s = UdpSocket::bind(bind)?;
     s.connect(target)?;
+    if let Some(again) = reconnect {
+        s.connect(again)?;
+    }
     let peer = s.peer_addr()?;
+    let record = stored(storage, s.as_raw_fd());
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.send(b"ping")?;
     let mut buf = [0u8; 512];
@@ -204,7 +256,7 @@ fn request_udp(target: SocketAddr, bind: SocketAddr) -> std::io::Result<(String,
     if name.is_empty() {
         return Err(std::io::Error::other("empty reply"));
     }
-    Ok((name, peer))
+    Ok((name, peer, record))
 }
 
 /// One datagram with sendto() on an unconnected socket, its reply with

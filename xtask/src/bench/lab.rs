@@ -474,6 +474,7 @@ impl AgentProc {
     ) -> anyhow::Result<Self> {
         Self::start_under(
             &[],
+            &[],
             bin,
             source,
             bpffs,
@@ -486,10 +487,12 @@ impl AgentProc {
     }
 
     /// [`AgentProc::start`] with the agent's command line after `wrapper`
-    /// (a profiler); then [`AgentProc::agent_pid`] is the agent's own pid.
+    /// (a profiler), then [`AgentProc::agent_pid`] is the agent's own pid,
+    /// and with `env` added to its environment.
     #[allow(clippy::too_many_arguments)]
     pub fn start_under(
         wrapper: &[&str],
+        env: &[(&str, String)],
         bin: &Path,
         source: Source<'_>,
         bpffs: &Path,
@@ -539,6 +542,7 @@ impl AgentProc {
             .args(["--max-backends", &max_backends.to_string()])
             .args(["--max-frontends", &max_frontends.to_string()])
             .args(["--health-addr", "none"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)

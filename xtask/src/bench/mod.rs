@@ -47,6 +47,8 @@ pub struct Opts {
     /// Only the socket-LB's control plane (cold starts, endpoint changes,
     /// heap profile): no client runs, no other datapath.
     pub control_plane: bool,
+    /// Only the socket-LB ablation (no other datapath, no control plane).
+    pub ablation_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -95,6 +97,40 @@ pub struct RunRecord {
     #[serde(default)]
     pub release_ns_per_call: Option<f64>,
 }
+
+/// One ablation measurement: the programs loaded with some parts switched
+/// off (`lb_common::ablate` bits), one client run, the hook's ns/call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AblationRecord {
+    /// Passes alternate the variants, so drift of the machine spreads
+    /// over all of them.
+    pub pass: u32,
+    pub n: u32,
+    pub variant: String,
+    pub bits: u32,
+    /// random (a translated connect4), podIP (connect4 that is not a
+    /// service), udp (sendmsg4 per datagram, long-lived unconnected socket).
+    pub case: String,
+    pub ns_per_call: Option<f64>,
+    pub calls: Option<u64>,
+    pub release_ns_per_call: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// The ablation's variants: (name, `lb_common::ablate` bits). The first
+/// is the program as it serves.
+pub const ABLATIONS: &[(&str, u32)] = &[
+    ("as built", 0),
+    ("no reverse record", lb_common::ablate::NO_REVERSE),
+    ("no socket cookie", lb_common::ablate::NO_COOKIE),
+    ("no stats bump", lb_common::ablate::NO_STATS),
+    ("no frontend filter", lb_common::ablate::NO_FILTER),
+    ("sendmsg: no socket cache", lb_common::ablate::NO_SOCK_CACHE),
+    ("empty program", lb_common::ablate::EMPTY),
+];
+
+/// Passes over [`ABLATIONS`] per N.
+const ABLATION_PASSES: u32 = 2;
 
 /// One load of a datapath's configuration for N services × 10 endpoints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -245,6 +281,8 @@ pub struct Results {
     pub profiles: Vec<ProfileRecord>,
     #[serde(default)]
     pub heap_profiles: Vec<HeapProfileRecord>,
+    #[serde(default)]
+    pub ablations: Vec<AblationRecord>,
     /// (N, kind) → size of the generated configuration.
     pub rulesets: Vec<(u32, String, config::RulesetSize)>,
     pub skipped: Vec<String>,
@@ -279,6 +317,8 @@ struct Plan {
     profile_n: Option<u32>,
     /// See [`Opts::control_plane`].
     control_plane: bool,
+    /// Only the ablation.
+    ablation_only: bool,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -353,6 +393,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             incr_changes: 2,
             profile_n: None,
             control_plane: opts.control_plane,
+            ablation_only: opts.ablation_only,
         }
     } else {
         Plan {
@@ -374,6 +415,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             incr_changes: 4,
             profile_n: None,
             control_plane: opts.control_plane,
+            ablation_only: opts.ablation_only,
         }
     };
     // connect4 is profiled at the largest N up to 10,000 (the N).
@@ -406,6 +448,9 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     }
     if !results.runs.is_empty() || !results.loads.is_empty() {
         report::write_all(Path::new("."), &results)?;
+    } else if !results.ablations.is_empty() {
+        // Only the ablation ran: printed, BENCHMARKS.md left as it is.
+        println!("\n{}", report::ablation_table(&results));
     }
     if interrupted.load(Ordering::SeqCst) {
         bail!("interrupted; partial results written, everything the bench created was removed");
@@ -521,6 +566,13 @@ fn bench(
     let mut lab = Lab::new(bins.clone())?;
     let mut rng = report::Rng::new();
     let t_run = Instant::now();
+    if plan.ablation_only {
+        for &n in &plan.ns {
+            lab.fresh_node()?;
+            ablation(&lab, plan, results, work.path(), n, &check)?;
+        }
+        return Ok(());
+    }
     for round in 1..=plan.rounds {
         for &n in &plan.ns {
             for dp in Dp::ALL {
@@ -566,6 +618,22 @@ fn bench(
                         .push(format!("round {round}, N={n}, {}: {e:#}", dp.label()));
                 }
             }
+            // The ablation once per N, on the node the rulesets left clean.
+            if round == 1 && n <= plan.lb_max && ablated_n(plan, n) && !plan.control_plane {
+                check()?;
+                println!(
+                    "bench: [{:>4.0} s] N={n} socket-lb ablation",
+                    t_run.elapsed().as_secs_f64()
+                );
+                lab.fresh_node()?;
+                if let Err(e) = ablation(&lab, plan, results, work.path(), n, &check) {
+                    if interrupted.load(Ordering::SeqCst) {
+                        return Err(e);
+                    }
+                    println!("bench: the ablation at N={n} failed: {e:#}");
+                    results.notes.push(format!("ablation, N={n}: {e:#}"));
+                }
+            }
             check()?;
             if n <= plan.lb_max && (n <= API_EVERY_ROUND || round == 1) {
                 println!(
@@ -588,6 +656,82 @@ fn bench(
         }
     }
     Ok(())
+}
+
+/// The N of the figures ablated in a full run: the smallest N
+/// run (1 by default) and 10,000 (about 5 minutes each).
+fn ablated_n(plan: &Plan, n: u32) -> bool {
+    plan.ns.iter().min() == Some(&n) || n == 10_000
+}
+
+/// Each [`ABLATIONS`] variant in turn, [`ABLATION_PASSES`] times: the agent
+/// loaded with its bits (`LB_BENCH_ABLATE`) in a bpffs of its own, the
+/// random-service, pod-IP and unconnected-UDP clients, the hook's ns/call
+/// from bpf_stats. Same node, cgroup and client as the main runs, so only
+/// the program differs between variants.
+fn ablation(
+    lab: &Lab,
+    plan: &Plan,
+    results: &mut Results,
+    work: &Path,
+    n: u32,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mdir = work.join(format!("manifests-{n}"));
+    for pass in 1..=ABLATION_PASSES {
+        for &(variant, bits) in ABLATIONS {
+            check()?;
+            println!("bench:   ablation pass {pass}, N={n}: {variant}");
+            let bpffs = lb_bpffs(&format!("ab{bits}-"), pass, n);
+            let mut a = AgentProc::start_under(
+                &[],
+                &[(lb_userspace_ablate_env(), bits.to_string())],
+                &lab.bins.agent,
+                Source::Manifests(&mdir),
+                &bpffs,
+                &lab.cgroup,
+                &work.join(format!("agent-ablate{bits}-p{pass}-n{n}.log")),
+                max_services(n),
+                max_backends(n),
+                max_frontends(n),
+            )?;
+            let timeout = Duration::from_secs(30 + u64::from(n) / 500);
+            a.wait_sync(1, a.spawned, timeout)?;
+            let progs = lab::pinned_programs(&bpffs);
+            for (case, target, mode) in [
+                ("random", "random", "connect"),
+                ("podIP", "podIP", "connect"),
+                ("udp", "first", "udp"),
+            ] {
+                // An empty program translates nothing: only destinations
+                // that are no service are reachable, and they are its floor.
+                if bits == lb_common::ablate::EMPTY && case != "podIP" {
+                    continue;
+                }
+                check()?;
+                let r = client_run(lab, plan, pass, n, Dp::SocketLb, target, mode, &progs, None);
+                results.ablations.push(AblationRecord {
+                    pass,
+                    n,
+                    variant: variant.to_owned(),
+                    bits,
+                    case: case.to_owned(),
+                    ns_per_call: r.bpf_ns_per_call,
+                    calls: r.bpf_calls,
+                    release_ns_per_call: r.release_ns_per_call,
+                    error: r.error,
+                });
+            }
+            a.stop();
+        }
+    }
+    Ok(())
+}
+
+/// The agent's ablation variable (`lb_userspace::datapath::bpf::ABLATE_ENV`;
+/// xtask does not link the agent's crate).
+fn lb_userspace_ablate_env() -> &'static str {
+    "LB_BENCH_ABLATE"
 }
 
 fn ipt_change_file(work: &Path, n: u32, remove: bool) -> PathBuf {
@@ -776,6 +920,7 @@ fn heap_profile(
     let out_arg = out.to_string_lossy().into_owned();
     let mut a = AgentProc::start_under(
         &["heaptrack", "-o", &out_arg],
+        &[],
         &lab.bins.agent,
         source,
         &bpffs,
