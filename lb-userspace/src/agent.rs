@@ -97,7 +97,7 @@ pub async fn run_manifests(
         .filter(|(_, i)| !i.service.name.is_empty())
         .map(|(fe, i)| {
             (
-                (i.service.namespace.clone(), i.service.name.clone()),
+                (i.service.namespace.to_string(), i.service.name.to_string()),
                 fe.addr.ip(),
             )
         });

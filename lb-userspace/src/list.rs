@@ -43,9 +43,9 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
         let svc = snap.meta.get(&master.svc_id).map(decode_meta);
         let (namespace, name, port_name, svc_type) = match &svc {
             Some(s) => (
-                s.namespace.clone(),
-                s.name.clone(),
-                s.port_name.clone(),
+                s.namespace.to_string(),
+                s.name.to_string(),
+                s.port_name.to_string(),
                 s.svc_type.as_str(),
             ),
             None => (
@@ -200,7 +200,7 @@ mod tests {
                 service: ServiceRef {
                     namespace: "default".into(),
                     name: "empty".into(),
-                    port_name: String::new(),
+                    port_name: Default::default(),
                     svc_type: ServiceType::NodePort,
                 },
                 backends: vec![],
@@ -226,7 +226,7 @@ mod tests {
         let svc = ServiceRef {
             namespace: "default".into(),
             name: "web".into(),
-            port_name: String::new(),
+            port_name: Default::default(),
             svc_type: ServiceType::ClusterIP,
         };
         for (ip, be) in [

@@ -49,9 +49,10 @@ pub enum Prune {
 pub struct Installed {
     pub svc_id: u32,
     pub service: ServiceRef,
-    /// The backend-array slots of its range, in order (`base..base + count`).
-    pub slots: Vec<u32>,
-    /// The master's count (at most `MAX_SLOTS`): `slots.len()`.
+    /// First backend-array slot of its range (0 when it has none).
+    pub base: u32,
+    /// The master's count (at most `MAX_SLOTS`): its range is
+    /// `base..base + count`.
     pub count: u16,
     /// What the slots hold, in slot order (sorted by address).
     pub backends: Vec<SocketAddr>,
@@ -64,13 +65,13 @@ pub struct Installed {
 }
 
 impl Installed {
-    /// First slot of its range (0 when it has none).
-    pub fn base(&self) -> u32 {
-        self.slots.first().copied().unwrap_or(0)
+    /// The backend-array slots of its range, in order.
+    pub fn slots(&self) -> std::ops::Range<u32> {
+        self.base..self.base + u32::from(self.count)
     }
 
     fn master(&self) -> ServiceValue {
-        ServiceValue::new(self.base(), self.count, self.svc_id)
+        ServiceValue::new(self.base, self.count, self.svc_id)
     }
 }
 
@@ -150,19 +151,17 @@ impl<D: Datapath> Reconciler<D> {
                 strays.insert(*key, if fits { (value.base, count) } else { (0, 0) });
                 continue;
             };
-            let (slots, backends) = if fits {
-                let slots: Vec<u32> = (value.base..value.base + count).collect();
-                let backends = slots
-                    .iter()
+            let (base, backends): (u32, Vec<SocketAddr>) = if fits {
+                let backends = (value.base..value.base + count)
                     .map(|i| {
                         snap.backends
-                            .get(i)
+                            .get(&i)
                             .map_or_else(unset_backend, backend_addr)
                     })
                     .collect();
-                (slots, backends)
+                (value.base, backends)
             } else {
-                (Vec::new(), Vec::new())
+                (0, Vec::new())
             };
             let service = snap
                 .meta
@@ -173,8 +172,8 @@ impl<D: Datapath> Reconciler<D> {
                 Installed {
                     svc_id: value.svc_id,
                     service,
-                    count: slots.len() as u16,
-                    slots,
+                    base,
+                    count: backends.len() as u16,
                     backends,
                     complete: true,
                 },
@@ -284,8 +283,8 @@ impl<D: Datapath> Reconciler<D> {
         };
         if let Err(source) = self.remove_frontend(fe, report) {
             report.errors.push(ReconcileError {
-                namespace: service.namespace,
-                name: service.name,
+                namespace: service.namespace.to_string(),
+                name: service.name.to_string(),
                 frontend: *fe,
                 source,
             });
@@ -399,7 +398,7 @@ impl<D: Datapath> Reconciler<D> {
         let inst = old.cloned().unwrap_or(Installed {
             svc_id,
             service: want.service.clone(),
-            slots: Vec::new(),
+            base: 0,
             count: 0,
             backends: Vec::new(),
             complete: false,
@@ -535,9 +534,9 @@ impl<D: Datapath> Reconciler<D> {
             report.writes += 1;
             let inst = &mut s.inst;
             if inst.complete {
-                self.ranges.release(inst.base(), u32::from(inst.count));
+                self.ranges.release(inst.base, u32::from(inst.count));
             }
-            inst.slots = (r.base..r.base + u32::from(r.count)).collect();
+            inst.base = r.base;
             inst.count = r.count;
             inst.backends = r.addrs;
             inst.complete = true;
@@ -595,11 +594,11 @@ impl<D: Datapath> Reconciler<D> {
             return Ok(());
         };
         if inst.complete {
-            self.ranges.release(inst.base(), u32::from(inst.count));
+            self.ranges.release(inst.base, u32::from(inst.count));
         }
         // No master any more: if a later step fails and the frontend
         // comes back, its master must be written again.
-        inst.slots.clear();
+        inst.base = 0;
         inst.count = 0;
         inst.backends.clear();
         inst.complete = false;
@@ -673,8 +672,8 @@ struct NewRange {
 
 fn reconcile_error(fe: Frontend, want: &DesiredService, source: DatapathError) -> ReconcileError {
     ReconcileError {
-        namespace: want.service.namespace.clone(),
-        name: want.service.name.clone(),
+        namespace: want.service.namespace.to_string(),
+        name: want.service.name.to_string(),
         frontend: fe,
         source,
     }
@@ -696,9 +695,9 @@ fn unset_backend() -> SocketAddr {
 /// The name of a frontend whose meta entry is missing.
 fn unknown_service() -> ServiceRef {
     ServiceRef {
-        namespace: String::new(),
-        name: String::new(),
-        port_name: String::new(),
+        namespace: Default::default(),
+        name: Default::default(),
+        port_name: Default::default(),
         svc_type: crate::model::ServiceType::ClusterIP,
     }
 }

@@ -792,7 +792,7 @@ pub fn owners_oldest_first<D: Datapath>(reconciler: &Reconciler<D>) -> Vec<(Stri
         .map(|i| {
             (
                 i.svc_id,
-                (i.service.namespace.clone(), i.service.name.clone()),
+                (i.service.namespace.to_string(), i.service.name.to_string()),
             )
         })
         .collect();

@@ -102,9 +102,9 @@ fn programmed(d: &Driver<MemoryDatapath>) -> BTreeMap<IpAddr, Vec<IpAddr>> {
     r.installed()
         .iter()
         .map(|(fe, i)| {
-            let mut b: Vec<IpAddr> = i.slots[..i.count as usize]
-                .iter()
-                .map(|id| backend_addr(&backends[id]).ip())
+            let mut b: Vec<IpAddr> = i
+                .slots()
+                .map(|id| backend_addr(&backends[&id]).ip())
                 .collect();
             b.sort();
             (fe.addr.ip(), b)

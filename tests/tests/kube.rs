@@ -434,9 +434,9 @@ fn pinned_state(bpffs: &std::path::Path) -> BTreeMap<String, (String, Vec<Socket
     r.installed()
         .iter()
         .map(|(fe, i)| {
-            let mut b: Vec<SocketAddr> = i.slots[..i.count as usize]
-                .iter()
-                .map(|id| backend_addr(&snap.backends[id]))
+            let mut b: Vec<SocketAddr> = i
+                .slots()
+                .map(|id| backend_addr(&snap.backends[&id]))
                 .collect();
             b.sort();
             (

@@ -106,9 +106,9 @@ pub fn encode_meta(fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
 
 pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
     ServiceRef {
-        namespace: get_str(&meta.namespace),
-        name: get_str(&meta.name),
-        port_name: get_str(&meta.port_name),
+        namespace: get_str(&meta.namespace).into(),
+        name: get_str(&meta.name).into(),
+        port_name: get_str(&meta.port_name).into(),
         svc_type: match meta.svc_type {
             SVC_TYPE_NODE_PORT => ServiceType::NodePort,
             SVC_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,

@@ -168,7 +168,7 @@ impl From<DesiredService> for Serves {
             (None, None) => Backends::Mixed(d.backends.into_boxed_slice()),
         };
         Self {
-            port_name: d.service.port_name.into_boxed_str(),
+            port_name: Box::from(d.service.port_name.as_str()),
             svc_type: d.service.svc_type,
             backends,
         }
@@ -184,9 +184,9 @@ impl Serves {
         };
         DesiredService {
             service: ServiceRef {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                port_name: self.port_name.to_string(),
+                namespace: SmolStr::new(namespace),
+                name: SmolStr::new(name),
+                port_name: SmolStr::new(&self.port_name),
                 svc_type: self.svc_type,
             },
             backends,

@@ -11,6 +11,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use smol_str::SmolStr;
+
 pub mod index;
 pub mod input;
 mod translate;
@@ -89,13 +91,15 @@ impl ServiceType {
     }
 }
 
-/// Which Kubernetes service port a frontend came from.
+/// Which Kubernetes service port a frontend came from. Names are stored
+/// inline up to 23 bytes (Kubernetes names rarely exceed that): the
+/// reconciler keeps one per installed frontend.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: SmolStr,
+    pub name: SmolStr,
     /// Service port name; empty for the unnamed port.
-    pub port_name: String,
+    pub port_name: SmolStr,
     pub svc_type: ServiceType,
 }
 

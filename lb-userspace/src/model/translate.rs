@@ -10,6 +10,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::MAX_SLOTS;
+use smol_str::SmolStr;
 
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, Index, Proto, ServiceRef, ServiceType,
@@ -236,9 +237,9 @@ pub(super) fn service_frontends(
                 fe,
                 DesiredService {
                     service: ServiceRef {
-                        namespace: svc.namespace.clone(),
-                        name: svc.name.clone(),
-                        port_name: port.name.to_owned(),
+                        namespace: SmolStr::new(&svc.namespace),
+                        name: SmolStr::new(&svc.name),
+                        port_name: SmolStr::new(port.name),
                         svc_type,
                     },
                     backends,

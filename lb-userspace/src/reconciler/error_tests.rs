@@ -26,10 +26,10 @@ pub(super) fn assert_consistent(r: &Reconciler<MemoryDatapath>) {
             continue;
         }
         assert_eq!(m, Some(inst.master()), "{f}");
-        assert_eq!(inst.slots.len(), inst.backends.len(), "{f}");
-        for (slot, addr) in inst.slots.iter().zip(&inst.backends) {
+        assert_eq!(inst.slots().len(), inst.backends.len(), "{f}");
+        for (slot, addr) in inst.slots().zip(&inst.backends) {
             assert_eq!(
-                state.backends.get(slot),
+                state.backends.get(&slot),
                 Some(&encode_backend(*addr, f.proto)),
                 "{f} slot {slot}"
             );

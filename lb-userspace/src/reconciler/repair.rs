@@ -132,10 +132,9 @@ impl<D: Datapath> Reconciler<D> {
             .map(|a| encode_backend(*a, fe.proto))
             .collect();
         let drifted = inst
-            .slots
-            .iter()
+            .slots()
             .zip(&want)
-            .filter(|(slot, b)| snap.backends.get(slot) != Some(b))
+            .filter(|(slot, b)| snap.backends.get(slot) != Some(*b))
             .count();
         // Adopted without meta: nothing to write it from until an apply names it.
         if !inst.service.name.is_empty() {
@@ -153,9 +152,9 @@ impl<D: Datapath> Reconciler<D> {
                 self.ranges.free(base, u32::from(count));
                 return Err(e);
             }
-            self.ranges.release(inst.base(), u32::from(count));
+            self.ranges.release(inst.base, u32::from(count));
             if let Some(i) = self.installed.get_mut(fe) {
-                i.slots = (base..base + u32::from(count)).collect();
+                i.base = base;
             }
             report.backends += drifted;
             report.slots += 1;

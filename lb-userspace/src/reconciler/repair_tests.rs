@@ -30,7 +30,7 @@ fn installed_pair() -> Reconciler<MemoryDatapath> {
 /// meta entry.
 fn drift(r: &mut Reconciler<MemoryDatapath>) {
     let api = r.installed()[&fe(2)].svc_id;
-    let web_base = r.installed()[&fe(1)].base();
+    let web_base = r.installed()[&fe(1)].base;
     let state = &mut r.datapath_mut().state;
     state.services.remove(&frontend_key(&fe(1)));
     if let Some(m) = state.services.get_mut(&frontend_key(&fe(3))) {
@@ -51,7 +51,7 @@ fn drift(r: &mut Reconciler<MemoryDatapath>) {
 #[test]
 fn repair_puts_back_every_kind_of_drift() {
     let mut r = installed_pair();
-    let old_web = r.installed()[&fe(1)].base();
+    let old_web = r.installed()[&fe(1)].base;
     drift(&mut r);
     let before = r.datapath().state.clone();
     let start = r.datapath().log.len();

@@ -12,7 +12,7 @@ pub(super) fn svc(name: &str) -> ServiceRef {
     ServiceRef {
         namespace: "default".into(),
         name: name.into(),
-        port_name: String::new(),
+        port_name: Default::default(),
         svc_type: ServiceType::ClusterIP,
     }
 }

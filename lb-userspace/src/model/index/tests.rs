@@ -43,7 +43,7 @@ fn fe(ip: &str, port: u16) -> Frontend {
 }
 
 fn owner(index: &Index, f: &Frontend) -> Option<String> {
-    index.served(f).map(|d| d.service.name.clone())
+    index.served(f).map(|d| d.service.name.to_string())
 }
 
 #[test]

@@ -127,10 +127,10 @@ fn backends(d: &Driver<MemoryDatapath>, fe: &Frontend) -> Vec<std::net::IpAddr> 
     let Some(inst) = r.installed().get(fe) else {
         return Vec::new();
     };
-    let mut out: Vec<std::net::IpAddr> = inst.slots[..inst.count as usize]
-        .iter()
+    let mut out: Vec<std::net::IpAddr> = inst
+        .slots()
         .map(|id| {
-            crate::datapath::backend_addr(&snap.backends[id])
+            crate::datapath::backend_addr(&snap.backends[&id])
                 .ip()
                 .to_owned()
         })
@@ -632,11 +632,7 @@ async fn incremental_translation_equals_a_full_one() {
             assert_eq!(d.syncer().diagnostics(), &want_diags, "round {round}");
             // The masters reach exactly the slots the record says.
             let r = d.syncer().reconciler();
-            let used: BTreeSet<u32> = r
-                .installed()
-                .values()
-                .flat_map(|i| i.slots.iter().copied())
-                .collect();
+            let used: BTreeSet<u32> = r.installed().values().flat_map(|i| i.slots()).collect();
             let reached: BTreeSet<u32> = r
                 .datapath()
                 .state
@@ -650,14 +646,17 @@ async fn incremental_translation_equals_a_full_one() {
                 .reconciler()
                 .installed()
                 .iter()
-                .map(|(fe, i)| (*fe, (i.service.name.clone(), backends(&d, fe))))
+                .map(|(fe, i)| (*fe, (i.service.name.to_string(), backends(&d, fe))))
                 .collect();
             let want: BTreeMap<Frontend, (String, Vec<std::net::IpAddr>)> = want
                 .into_iter()
                 .map(|(fe, w)| {
                     (
                         fe,
-                        (w.service.name, w.backends.iter().map(|b| b.ip()).collect()),
+                        (
+                            w.service.name.to_string(),
+                            w.backends.iter().map(|b| b.ip()).collect(),
+                        ),
                     )
                 })
                 .collect();
