@@ -2024,7 +2024,7 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
     if !prog.is_empty() {
         let _ = writeln!(
             md,
-            "- **Cold programming**: {}. The sync reads and parses every YAML file (serde_yaml), translates, and writes one element per bpf(2) call (no batch updates). The agent logs one elapsed time for the whole sync, so this run does not split parsing from map writes; the per-element syscalls alone put a floor of roughly 1–2 µs per write, and batched updates (BPF_MAP_UPDATE_BATCH) or a source that hands over typed objects (the Kubernetes API) are the levers.",
+            "- **Cold programming**: {}. The sync reads and parses every YAML file (serde_yaml, the files spread over both cores), translates, and writes the frontends in three batches (every new backend range, then every name record, then every service entry; `BPF_MAP_UPDATE_BATCH`, up to 8,192 entries a call), so the time per write is mostly parsing: the API source programs the same objects from memory in the time given under *Cold programming from the API server*.",
             prog.join("; ")
         );
     }
@@ -2043,7 +2043,7 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
     if !ch.is_empty() {
         let _ = writeln!(
             md,
-            "- **Endpoint change, manifest source**: {}. The map write itself is two bpf(2) calls (the service's new backend range in one batch, then its LB_SERVICES entry); what dominates is the manifest source: an edit is noticed through inotify and only its file is parsed again, but every load still re-assembles the whole directory from the per-file cache (deep copies of every object), re-runs ClusterIP allocation and the EndpointSlice controller emulation over all of it and converts it for the index (which then drops what did not change), so the sync still grows with N.",
+            "- **Endpoint change, manifest source**: {}. The map write itself is two bpf(2) calls (the service's new backend range in one batch, then its LB_SERVICES entry); an edit is noticed through inotify and only its file is parsed again, and since only its EndpointSlice changed, the slice goes to the index without the ClusterIP allocator or the controller emulation running over the directory, so the agent's sync stays about flat in N; the rest is the rename, inotify's wake-up and the bench's map poller.",
             ch.join("; ")
         );
     }
@@ -2179,7 +2179,7 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
     if let Some(c) = ctl.iter().rev().find(|c| c.agent_vm_hwm_mib.is_some()) {
         let _ = writeln!(
             md,
-            "- **Agent peak RSS** at N={}: {:.0} MiB, for the manifest source (its per-file cache keeps every parsed object, and each load copies them), next to the API source's figure in the targets above (slim types only); not broken down further by this run.",
+            "- **Agent peak RSS** at N={}: {:.0} MiB, for the manifest source (its per-file cache keeps the parsed objects: see its heap table above), next to the API source's figure in the targets above (slim types only).",
             int(f64::from(c.n)),
             c.agent_vm_hwm_mib.unwrap_or(0.0)
         );
