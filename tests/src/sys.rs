@@ -152,6 +152,18 @@ impl PinnedMap {
     /// The value under `key` (of the map's value size `N`), `None` if absent.
     /// For socket storage the key is a socket's fd.
     pub fn lookup<K, const N: usize>(&self, key: &K) -> Option<[u8; N]> {
+        let mut value = [0u8; N];
+        self.lookup_into(key, &mut value).then_some(value)
+    }
+
+    /// The value under `key` as a `V` (the map's value layout), `None` if
+    /// absent.
+    pub fn get<K, V: Default>(&self, key: &K) -> Option<V> {
+        let mut value = V::default();
+        self.lookup_into(key, &mut value).then_some(value)
+    }
+
+    fn lookup_into<K, V>(&self, key: &K, value: &mut V) -> bool {
         const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
         #[repr(C)]
         struct Lookup {
@@ -161,12 +173,11 @@ impl PinnedMap {
             value: u64,
             flags: u64,
         }
-        let mut value = [0u8; N];
         let attr = Lookup {
             map_fd: self.0 as u32,
             _pad: 0,
             key: (key as *const K) as u64,
-            value: value.as_mut_ptr() as u64,
+            value: (value as *mut V) as u64,
             flags: 0,
         };
         // SAFETY: key and value point at objects of the map's key and value sizes.
@@ -178,7 +189,7 @@ impl PinnedMap {
                 size_of::<Lookup>() as u32,
             )
         };
-        (rc == 0).then_some(value)
+        rc == 0
     }
 }
 

@@ -1022,30 +1022,7 @@ impl BpfDatapath {
     /// Sets `key`'s bit if it is new (before the key goes in: a program
     /// never finds a frontend's bit clear).
     fn filter_add(&mut self, key: &ServiceKey) -> Result<()> {
-        self.filter_ready()?;
-        let Some(f) = &mut self.filter else {
-            return Ok(());
-        };
-        let Some(state) = f.state.as_mut() else {
-            return Ok(());
-        };
-        if !state.keys.insert(*key) {
-            return Ok(());
-        }
-        let bit = filter_bit(key);
-        let count = state.counts.entry(bit).or_default();
-        *count += 1;
-        if *count == 1 {
-            let index = (bit >> 6) as usize;
-            state.words[index] |= 1 << (bit & 63);
-            let state = f.state.as_ref().expect("just set");
-            if let Err(e) = f.write_word(state, index) {
-                // Recounted and written whole on next use.
-                f.state = None;
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.filter_add_all(std::iter::once(key))
     }
 
     /// [`Self::filter_add`] of many keys: the words that change are

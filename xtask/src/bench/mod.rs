@@ -28,7 +28,7 @@ mod config;
 mod lab;
 mod report;
 
-use lab::{AgentProc, ApiServerProc, Bins, ClientResult, Lab, MemCgroup, PinnedFd, Source};
+use lab::{AgentProc, ApiServerProc, Bins, ClientResult, Lab, MemCgroup, Source};
 
 /// Options of `cargo xtask bench`.
 #[derive(Clone, Debug)]
@@ -1418,7 +1418,7 @@ fn endpoint_changes(
     check: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mdir = work.join(format!("manifests-{n}"));
-    let map = PinnedFd::open(&agent.bpffs.join(lb_common::maps::SERVICES))?;
+    let map = lb_tests::sys::PinnedMap::open(&agent.bpffs.join(lb_common::maps::SERVICES))?;
     let key = lb_common::ServiceKey::new(
         lb_common::v4_mapped(u32::from_ne_bytes(config::vip(0).octets())),
         config::SVC_PORT.to_be(),
@@ -1452,7 +1452,7 @@ fn endpoint_changes(
             t0
         };
         let e2e = loop {
-            let v: Option<lb_common::ServiceValue> = map.lookup(&key);
+            let v: Option<lb_common::ServiceValue> = map.get(&key);
             if v.is_some_and(|v| u32::from(v.count) == want) {
                 break t0.elapsed();
             }
