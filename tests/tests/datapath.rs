@@ -525,21 +525,7 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     let report = wait_client(during).unwrap();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");
-    let deadline = Instant::now() + SYNC;
-    while !lab
-        .agent
-        .log_text()
-        .contains("previous programs are detached")
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = lab.agent.log_text();
-    assert!(
-        log.contains("previous programs stay attached until the first complete sync")
-            && log.contains("previous programs are detached"),
-        "{log}"
-    );
+    assert_old_programs_kept_until_synced(&lab);
     assert!(!lab.agent.bpffs.join("link_connect4_new").exists());
     let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
     assert_eq!(report.ok(), 30, "{report:?}");
@@ -577,6 +563,19 @@ fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
     let report = wait_client(during).unwrap();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");
+    assert_old_programs_kept_until_synced(&lab);
+    assert!(filter.exists(), "a new filter is pinned");
+    assert!(!legacy_sock.exists(), "the connected-socket hash is gone");
+    // The new programs alone now: every connect to the ClusterIP is
+    // translated, so the filter holds its bit.
+    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
+    assert_eq!(report.ok(), 30, "{report:?}");
+    assert_eq!(report.backends.len(), 3, "{report:?}");
+}
+
+/// An upgrade kept the previous programs attached until the first complete
+/// sync, then detached them (waits for the second log line).
+fn assert_old_programs_kept_until_synced(lab: &Lab) {
     let deadline = Instant::now() + SYNC;
     while !lab
         .agent
@@ -592,11 +591,4 @@ fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
             && log.contains("previous programs are detached"),
         "{log}"
     );
-    assert!(filter.exists(), "a new filter is pinned");
-    assert!(!legacy_sock.exists(), "the connected-socket hash is gone");
-    // The new programs alone now: every connect to the ClusterIP is
-    // translated, so the filter holds its bit.
-    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
-    assert_eq!(report.ok(), 30, "{report:?}");
-    assert_eq!(report.backends.len(), 3, "{report:?}");
 }
