@@ -449,15 +449,10 @@ fn bpf_log_reports_each_translation_only_when_asked() {
 
 #[test]
 fn pins_of_an_older_layout_are_replaced_not_misread() {
-    let (mut lab, ip) = lab_with_back_end([true; 3]);
     // Connects all through the upgrade: the running programs keep their
     // own maps while the pins are replaced, and stay attached until the
     // new agent has filled the new maps.
-    let during = lab
-        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    lab.agent.stop().unwrap();
+    let (mut lab, ip, during) = stopped_with_client_running();
     // What an agent from before the IPv6 maps left: a 12-byte LB_SERVICES
     // key (IPv4 address) and the IPv4-only reverse map; the backend hash of
     // agents before the backend array (same key and value sizes, another
@@ -540,12 +535,7 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
 /// during the upgrade, and the hash is unpinned.
 #[test]
 fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
-    let (mut lab, ip) = lab_with_back_end([true; 3]);
-    let during = lab
-        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    lab.agent.stop().unwrap();
+    let (mut lab, ip, during) = stopped_with_client_running();
     let filter = lab.agent.bpffs.join("LB_FILTER");
     let legacy_sock = lab.agent.bpffs.join("LB_REVERSE_SOCK");
     std::fs::remove_file(&filter).unwrap();
@@ -571,6 +561,18 @@ fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
     let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
     assert_eq!(report.ok(), 30, "{report:?}");
     assert_eq!(report.backends.len(), 3, "{report:?}");
+}
+
+/// A lab whose agent is stopped while a client connects to its service
+/// for 4 s (the first 0.5 s before the stop): the start of an upgrade.
+fn stopped_with_client_running() -> (Lab, Ipv4Addr, std::process::Child) {
+    let (mut lab, ip) = lab_with_back_end([true; 3]);
+    let during = lab
+        .spawn_client(&format!("{ip}:80"), &["--duration-ms", "4000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.agent.stop().unwrap();
+    (lab, ip, during)
 }
 
 /// An upgrade kept the previous programs attached until the first complete

@@ -203,17 +203,23 @@ fn stored(report: &Value) -> Vec<(String, u64)> {
 /// A TCP service in front of the same pods on a port nothing listens on.
 const REFUSE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 3);
 fn refused_manifest() -> String {
+    service_manifest("refuse", REFUSE_IP, "- port: 81")
+}
+
+/// A Service named `name` at `ip` selecting the lab's
+/// pods, with the given port list entry.
+fn service_manifest(name: &str, ip: Ipv4Addr, port: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Service
 metadata:
-  name: refuse
+  name: {name}
 spec:
-  clusterIP: {REFUSE_IP}
+  clusterIP: {ip}
   selector:
     app: myapp
   ports:
-    - port: 81
+    {port}
 "
     )
 }
@@ -293,20 +299,10 @@ fn connected_sockets_keep_their_translation_in_their_own_storage() {
 /// A second UDP service in front of the same pods.
 const ECHO2_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 53, 4);
 fn echo2_manifest() -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: echo2
-spec:
-  clusterIP: {ECHO2_IP}
-  selector:
-    app: myapp
-  ports:
-    - port: {ECHO_PORT}
-      protocol: UDP
-      targetPort: 80
-"
+    service_manifest(
+        "echo2",
+        ECHO2_IP,
+        &format!("- port: {ECHO_PORT}\n      protocol: UDP\n      targetPort: 80"),
     )
 }
 
