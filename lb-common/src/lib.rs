@@ -54,9 +54,15 @@ pub mod maps {
     /// The frontend filter: an array of [`FILTER_WORDS`] 64-bit words, bit
     /// [`filter_bit`] set for every key in `LB_SERVICES`.
     pub const FILTER: &str = "LB_FILTER";
-    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a [`SockState`]
-    /// in each translated socket, freed by the kernel with the socket.
+    /// Translated sockets' records: an array of [`SockSlot`], slot
+    /// `cookie & mask` (see [`SOCK_MASK_GLOBAL`]), released by the
+    /// `sock_release` program. Socket-local storage
+    /// (`BPF_MAP_TYPE_SK_STORAGE`) of the same name in earlier versions; a
+    /// pin of that type is replaced.
     pub const SOCK: &str = "LB_SOCK";
+    /// Connected sockets whose [`SOCK`] slot another live socket holds:
+    /// socket cookie → [`SockReverse`], deleted by `sock_release`.
+    pub const SOCK_SPILL: &str = "LB_SOCK_SPILL";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -93,6 +99,22 @@ pub const DEFAULT_MAX_FRONTENDS: u32 = 32_768;
 /// entries cost about 30 MiB of kernel memory (Cilium's default for its
 /// `lb4_reverse_sk` is the same count).
 pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
+/// Slots of `LB_SOCK`, one per translated socket open at a time (a power
+/// of two: a socket's slot is its cookie masked). Preallocated: 65,536
+/// slots of 96 B are 6 MiB. A socket whose slot a live socket holds goes
+/// to `LB_SOCK_SPILL` (a hash of as many entries, at least 4,096,
+/// allocated on use), so collisions cost speed, not correctness.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Name of the programs' read-only global holding `LB_SOCK`'s size minus
+/// one (its size is a power of two): a socket's slot is `cookie & mask`.
+/// Set by the agent at load from the pinned map's size, or from
+/// `--max-sockets` for a new one.
+pub const SOCK_MASK_GLOBAL: &str = "LB_SOCK_MASK";
+
+/// [`SockSlot::cookie`] of a slot a program is filling: no socket has this
+/// cookie, so readers skip the slot until the owner's cookie is stored.
+pub const SLOT_CLAIMING: u64 = u64::MAX;
 
 /// log2 of the frontend filter's bits: 2^20 bits (128 KiB, fixed whatever
 /// the number of services). A destination whose bit is clear is not a
@@ -247,8 +269,7 @@ pub struct SockReverse {
     pub addr: Addr,
 }
 
-/// Value of `LB_SOCK`, the storage the kernel keeps in each socket a
-/// program translated and frees with it.
+/// What a translated socket's record holds, in its [`SockSlot`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
@@ -259,6 +280,21 @@ pub struct SockState {
     /// went to, also recorded in `LB_REVERSE`: the next datagram to the
     /// same pair needs no LRU lookup, and replies from it are found here.
     pub dgram: SockReverse,
+}
+
+/// One slot of `LB_SOCK`. A program claims a free slot (`cookie` 0) with a
+/// compare-and-swap to [`SLOT_CLAIMING`], fills `state`, then stores its
+/// socket's cookie; `sock_release` stores 0 again. Readers use `state` only
+/// under their own cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockSlot {
+    /// The owning socket's cookie; 0 when free.
+    pub cookie: u64,
+    /// Sockets of this slot's cookies recorded in `LB_SOCK_SPILL` instead,
+    /// because the slot was held: while 0, no reader or release looks there.
+    pub spill: u64,
+    pub state: SockState,
 }
 
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
@@ -311,7 +347,11 @@ pub mod stats {
     /// Reverse-map writes that failed; the forward translation still happened,
     /// but that socket's replies and getpeername show the backend.
     pub const REVERSE_WRITE_FAILED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Connected sockets recorded in `LB_SOCK_SPILL` because their
+    /// `LB_SOCK` slot was held by another live socket (many: raise
+    /// `--max-sockets`).
+    pub const SOCK_SPILLED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Name of the programs' read-only global that turns aya-log debug records
@@ -329,15 +369,15 @@ pub const ABLATE_GLOBAL: &str = "LB_ABLATE";
 /// A variant translates without recording (or with a stand-in socket key),
 /// so it is for measuring only, never for serving.
 pub mod ablate {
-    /// connect and sendmsg record nothing (no socket storage, no LRU entry).
+    /// connect and sendmsg record nothing (no socket slot, no LRU entry).
     pub const NO_REVERSE: u32 = 1;
     /// No socket cookie: sendmsg picks at random and keys its LRU entry
-    /// by 0 (connect needs no cookie).
+    /// by 0 (connect keys its record by the cookie whatever this says).
     pub const NO_COOKIE: u32 = 2;
     /// No stats bump on a translation.
     pub const NO_STATS: u32 = 4;
-    /// sendmsg ignores the socket's storage: the LRU lookup on every
-    /// datagram, as before the storage remembered the last pair.
+    /// sendmsg ignores the socket's slot: the LRU lookup on every
+    /// datagram, as before the slot remembered the last pair.
     pub const NO_SOCK_CACHE: u32 = 8;
     /// connect and sendmsg return at once: the floor every call pays
     /// (program dispatch and bpf_stats' own clock reads).
@@ -359,6 +399,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for SockReverse {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for SockSlot {}
 }
 
 #[cfg(test)]
@@ -384,6 +425,9 @@ mod tests {
         assert_eq!(offset_of!(ReverseValue, svc_id), 20);
         assert_eq!(size_of::<SockReverse>(), 40);
         assert_eq!(size_of::<SockState>(), 80);
+        assert_eq!(size_of::<SockSlot>(), 96);
+        assert_eq!(offset_of!(SockSlot, spill), 8);
+        assert_eq!(offset_of!(SockSlot, state), 16);
         assert_eq!(offset_of!(SockReverse, svc_id), 20);
         assert_eq!(offset_of!(SockReverse, addr), 24);
         assert_eq!(

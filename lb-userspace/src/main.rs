@@ -114,10 +114,12 @@ struct RunArgs {
     /// in replies (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REVERSE)]
     max_reverse: u32,
-    /// Ignored: connected sockets keep their translation in their own storage (no map to size).
-    /// Accepted so command lines of earlier versions keep working.
-    #[arg(long, hide = true)]
-    max_sockets: Option<u32>,
+    /// Translated sockets open at once that keep their record in the slot array `LB_SOCK`
+    /// (rounded up to a power of two; preallocated, 96 B per slot). A socket whose slot another
+    /// live socket holds goes to a spill hash of as many entries (at least 4,096) instead, a little slower; the
+    /// counter `sockSpilled` of `list -o json` counts them (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
+    max_sockets: u32,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -260,7 +262,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
-        max_sockets: _,
+        max_sockets,
         bpf_log,
         allow_foreign_pins,
         node_name,
@@ -273,6 +275,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backends,
         max_frontends,
         max_reverse,
+        max_sockets,
     };
     let translate = TranslateOptions {
         node_name,
@@ -370,7 +373,13 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "reverseStale": counter(stats::REVERSE_STALE),
                     "reverseWriteFailed": counter(stats::REVERSE_WRITE_FAILED),
                     "mapFull": counter(stats::MAP_FULL),
+                    "sockSpilled": counter(stats::SOCK_SPILLED),
                 },
+                "sockets": bpf::socket_occupancy(&pins.bpffs)?.map(|o| serde_json::json!({
+                    "slots": o.slots,
+                    "maxSlots": o.max_slots,
+                    "spilled": o.spilled,
+                })),
                 "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
                     "entries": o.entries,
                     "maxEntries": o.max_entries,

@@ -149,8 +149,42 @@ impl PinnedMap {
         Ok(Self(fd as i32))
     }
 
+    /// The map's `max_entries` (BPF_OBJ_GET_INFO_BY_FD).
+    pub fn max_entries(&self) -> anyhow::Result<u32> {
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        #[repr(C)]
+        struct GetInfo {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        // struct bpf_map_info starts: type, id, key_size, value_size,
+        // max_entries (u32 each); the kernel fills as much as we give.
+        let mut info = [0u32; 22];
+        let attr = GetInfo {
+            bpf_fd: self.0 as u32,
+            info_len: size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        // SAFETY: attr points at a buffer of info_len bytes for the call's duration.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &raw const attr,
+                size_of::<GetInfo>() as u32,
+            )
+        };
+        if rc < 0 {
+            bail!(
+                "BPF_OBJ_GET_INFO_BY_FD: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(info[4])
+    }
+
     /// The value under `key` (of the map's value size `N`), `None` if absent.
-    /// For socket storage the key is a socket's fd.
     pub fn lookup<K, const N: usize>(&self, key: &K) -> Option<[u8; N]> {
         let mut value = [0u8; N];
         self.lookup_into(key, &mut value).then_some(value)
@@ -191,6 +225,26 @@ impl PinnedMap {
         };
         rc == 0
     }
+}
+
+/// A socket's cookie (`SO_COOKIE`): the key the programs record it by.
+pub fn socket_cookie(fd: i32) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the call; the kernel writes 8 bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 impl Drop for PinnedMap {

@@ -74,9 +74,17 @@ spec:
 }
 
 fn lab_with_services() -> (Lab, Ipv4Addr) {
+    lab_with_services_and(&[])
+}
+
+/// [`lab_with_services`] with more `lb-agent run` flags.
+fn lab_with_services_and(flags: &[&str]) -> (Lab, Ipv4Addr) {
     let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
     lab.write_manifest("services.yaml", &services_manifest())
         .expect("manifest");
+    lab.agent
+        .extra_args
+        .extend(flags.iter().map(|f| (*f).to_owned()));
     lab.agent.start().expect("agent start");
     let doc = lab
         .agent
@@ -192,10 +200,20 @@ fn reverse_occupancy(lab: &Lab) -> u64 {
     doc["reverseMap"]["entries"].as_u64().expect("reverseMap")
 }
 
-/// `lb_common::maps::SOCK`: the socket storage map, pinned by name.
+/// `lb_common::maps::SOCK`: the slot array of translated sockets.
 const SOCK_PIN: &str = "LB_SOCK";
 
-/// `stored` of a client report: each socket's storage, `FRONTEND -> BACKEND`.
+/// `list -o json`'s `sockets`: slots held and spilled records.
+fn socket_records(lab: &Lab) -> (u64, u64) {
+    let doc = lab.agent.list_json().expect("list");
+    let s = &doc["sockets"];
+    (
+        s["slots"].as_u64().expect("sockets.slots"),
+        s["spilled"].as_u64().expect("sockets.spilled"),
+    )
+}
+
+/// `stored` of a client report: each socket's record, `FRONTEND -> BACKEND`.
 fn stored(report: &Value) -> Vec<(String, u64)> {
     map_of(&report["stored"])
 }
@@ -224,14 +242,15 @@ spec:
     )
 }
 
-/// A TCP or connected UDP socket's translation lives in the socket's own
-/// storage (`LB_SOCK`), whichever family the socket is: read back through
-/// the socket's fd, it holds the frontend the socket asked for and the
-/// backend it reached. Nothing goes to a map (the LRU of unconnected UDP
-/// stays as it was) and no program runs at close: the kernel frees the
-/// storage with the socket. A connect the backend refuses fails as before.
+/// A TCP or connected UDP socket's translation is recorded in its slot of
+/// `LB_SOCK` (by socket cookie), whichever family the socket is: read back
+/// by the socket's cookie, it holds the frontend the socket asked for and
+/// the backend it reached. Nothing goes to the LRU of unconnected UDP, and
+/// `sock_release` frees each slot at close: after 2,420 short-lived
+/// sockets the array holds what it held before. A connect the backend
+/// refuses fails as before.
 #[test]
-fn connected_sockets_keep_their_translation_in_their_own_storage() {
+fn connected_sockets_are_recorded_in_a_slot_freed_at_close() {
     let (mut lab, ip) = lab_with_services();
     lab.write_manifest("refuse.yaml", &refused_manifest())
         .unwrap();
@@ -243,6 +262,7 @@ fn connected_sockets_keep_their_translation_in_their_own_storage() {
     let pin = lab.agent.bpffs.join(SOCK_PIN);
     let pin = pin.to_str().expect("utf-8 path");
     let start = reverse_occupancy(&lab);
+    let records = socket_records(&lab);
     let backends: BTreeSet<String> = PODS
         .iter()
         .map(|(_, o)| format!("{}:80", pod_ip(*o)))
@@ -262,19 +282,19 @@ fn connected_sockets_keep_their_translation_in_their_own_storage() {
         assert!(stored.len() > 1, "one backend only: {report}");
     };
     let frontend = format!("{ip}:80");
-    let tcp = client(&lab, &frontend, &["--count", "2000", "--sk-storage", pin]);
+    let tcp = client(&lab, &frontend, &["--count", "2000", "--sock-slots", pin]);
     assert_eq!(tcp["errors"], serde_json::json!({}), "{tcp}");
     assert_eq!(map_of(&tcp["peers"]), [(frontend.clone(), 2000)], "{tcp}");
     check(&tcp, &frontend, 2000);
     let mapped = format!("[::ffff:{ip}]:80");
-    let v6 = client(&lab, &mapped, &["--count", "200", "--sk-storage", pin]);
+    let v6 = client(&lab, &mapped, &["--count", "200", "--sock-slots", pin]);
     assert_eq!(map_of(&v6["peers"]), [(mapped, 200)], "{v6}");
     check(&v6, &frontend, 200);
     let echo = format!("{ECHO_IP}:{ECHO_PORT}");
     let udp = client(
         &lab,
         &echo,
-        &["--udp", "--count", "200", "--sk-storage", pin],
+        &["--udp", "--count", "200", "--sock-slots", pin],
     );
     assert_eq!(map_of(&udp["peers"]), [(echo.clone(), 200)], "{udp}");
     check(&udp, &echo, 200);
@@ -290,10 +310,43 @@ fn connected_sockets_keep_their_translation_in_their_own_storage() {
     );
     assert_eq!(doc["counters"]["reverseWriteFailed"], 0, "{doc}");
     assert_eq!(reverse_occupancy(&lab), start, "{doc}");
-    assert!(
-        !lab.agent.bpffs.join("link_sock_release").exists(),
-        "no program runs at close"
-    );
+    assert_eq!(socket_records(&lab), records, "{doc}");
+}
+
+/// With 2 slots, sockets open at once collide: each one whose slot another
+/// live socket holds is recorded in the spill hash instead, and is served
+/// the same (getpeername() shows the frontend; the counter `sockSpilled`
+/// counts them). At close every slot and spilled record goes.
+#[test]
+fn sockets_whose_slot_is_held_spill_and_are_freed_at_close() {
+    let (lab, ip) = lab_with_services_and(&["--max-sockets", "2"]);
+    let pin = lab.agent.bpffs.join(SOCK_PIN);
+    let pin = pin.to_str().expect("utf-8 path");
+    let records = socket_records(&lab);
+    let frontend = format!("{ip}:80");
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    for (target, flags) in [(&frontend, &[][..]), (&echo, &["--udp"][..])] {
+        let args = [flags, &["--count", "40", "--hold", "--sock-slots", pin]].concat();
+        let report = client(&lab, target, &args);
+        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+        assert_eq!(map_of(&report["peers"]), [(target.clone(), 40)], "{report}");
+        let stored = stored(&report);
+        assert_eq!(stored.iter().map(|(_, n)| n).sum::<u64>(), 40, "{report}");
+        let spilled: u64 = stored
+            .iter()
+            .filter(|(r, _)| r.ends_with(" (spilled)"))
+            .map(|(_, n)| n)
+            .sum();
+        // 40 sockets open at once over 2 slots: at most 2 hold a slot.
+        assert!(spilled >= 38, "{report}");
+        for (record, _) in &stored {
+            assert!(record.starts_with(&format!("{target} -> ")), "{report}");
+        }
+    }
+    let doc = lab.agent.list_json().unwrap();
+    assert!(doc["counters"]["sockSpilled"].as_u64() >= Some(76), "{doc}");
+    assert_eq!(doc["sockets"]["maxSlots"], 2, "{doc}");
+    assert_eq!(socket_records(&lab), records, "{doc}");
 }
 
 /// A second UDP service in front of the same pods.
@@ -307,10 +360,10 @@ fn echo2_manifest() -> String {
 }
 
 /// A connected UDP socket that connects again, to another frontend, has
-/// its storage overwritten: getpeername() and the storage show the second
+/// its record overwritten: getpeername() and the record show the second
 /// frontend, and the reply (from a backend of the second) arrives.
 #[test]
-fn a_reconnected_socket_overwrites_its_storage() {
+fn a_reconnected_socket_overwrites_its_record() {
     let (mut lab, _) = lab_with_services();
     lab.write_manifest("echo2.yaml", &echo2_manifest()).unwrap();
     lab.agent
@@ -330,7 +383,7 @@ fn a_reconnected_socket_overwrites_its_storage() {
             "50",
             "--reconnect",
             &echo2,
-            "--sk-storage",
+            "--sock-slots",
             pin.to_str().expect("utf-8 path"),
         ],
     );

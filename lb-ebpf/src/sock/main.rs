@@ -9,22 +9,29 @@
 //!   frontend (resolvers drop replies from an address they did not ask);
 //! - `cgroup/getpeername`: `getpeername()` returns the frontend.
 //!
-//! What a socket was translated to lives in the socket's own storage
-//! (`LB_SOCK`), which the kernel frees with the socket: no program runs at
-//! close.
+//! - `cgroup/sock_release` (one for both families): a closing socket's
+//!   record goes, so `LB_SOCK` holds live sockets only.
+//!
+//! What a socket was translated to lives in its slot of `LB_SOCK`.
 #![no_std]
+// Atomics on map values (compare-and-swap, add): the BPF target offers no
+// `AtomicU64::compare_exchange`, but LLVM emits BPF_ATOMIC instructions.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 #![no_main]
 
 mod maps;
 mod xlate;
 
 use aya_ebpf::{
-    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::generated::bpf_set_retval,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use xlate::{Hook, Verdict};
 
 const ECONNREFUSED: i32 = 111;
-/// Verdicts. recvmsg and getpeername must always allow.
+/// Verdicts. recvmsg, getpeername and sock_release must always allow.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -82,6 +89,12 @@ pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<true>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    xlate::release(&ctx);
     ALLOW
 }
 

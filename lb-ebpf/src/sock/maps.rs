@@ -1,18 +1,18 @@
 //! The maps every socket-LB program shares, and small typed accessors. All
 //! programs live in one object, so the agent creates (or re-opens) each map
 //! once and every program's relocation points at the same pinned map.
-use core::ffi::c_void;
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg, atomic_xsub};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type, bpf_sock},
-    helpers::generated::bpf_sk_storage_get,
+    bindings::{BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
-    DEFAULT_MAX_SERVICES, FILTER_WORDS, ReverseKey, ReverseValue, ServiceKey, ServiceMeta,
-    ServiceValue, SockState, filter_bit, stats,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, FILTER_WORDS, ReverseKey, ReverseValue,
+    SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SockState,
+    filter_bit, stats,
 };
 
 /// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
@@ -56,86 +56,121 @@ static LB_DEBUG_LOG: u32 = 0;
 /// (sendmsg), for recvmsg. Such a socket may send to many backends and has
 /// no peer to delete by at close, so this is an LRU: a full map evicts
 /// instead of refusing. LRU maps are always preallocated (NO_PREALLOC is
-/// refused). The socket's storage holds its last pair too, so a datagram
-/// to the same pair as the one before costs no lookup here.
+/// refused). The socket's `LB_SOCK` slot holds its last pair too, so a
+/// datagram to the same pair as the one before costs no lookup here.
 #[map(name = "LB_REVERSE")]
 static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(DEFAULT_MAX_REVERSE, 0);
 
-/// A BTF map definition of socket-local storage, pinned by name. aya-ebpf's
-/// `btf_maps::SkStorage` has no `pinning` member, and the agent must find
-/// the same map again after a restart or upgrade (sockets translated before
-/// keep their storage in it); aya-obj reads `pinning` as libbpf does. Every
-/// member is a pointer whose pointee's type encodes the value (BTF only).
-#[repr(C)]
-pub struct SkStorageDef<V> {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const V,
-    /// Socket storage has no size of its own: 0.
-    max_entries: *const [i32; 0],
-    /// Required by the kernel for socket storage.
-    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
-    /// `LIBBPF_PIN_BY_NAME`.
-    pinning: *const [i32; 1],
+/// Translated sockets' records, slot `cookie & LB_SOCK_MASK`: written by
+/// connect and sendmsg, read by recvmsg and getpeername, released by
+/// `sock_release`. An array, so recording a socket is an inlined address
+/// computation and a compare-and-swap on a slot: no hashing, no allocation,
+/// no lock (socket-local storage allocated and charged memory per socket,
+/// about 1.4 µs a connect; a hash insert and delete about 0.45 µs each).
+/// Cookies come from one counter, so live sockets' slots rarely collide; a
+/// socket whose slot another one holds goes to `SOCK_SPILL`.
+#[map(name = "LB_SOCK")]
+static SOCK: Array<SockSlot> = Array::pinned(DEFAULT_MAX_SOCKETS, 0);
+
+/// Connected sockets whose slot was held: cookie → record, deleted by
+/// `sock_release`. Looked at only while the slot's `spill` count is non-zero.
+#[map(name = "LB_SOCK_SPILL")]
+static SOCK_SPILL: HashMap<u64, SockReverse> =
+    HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// `LB_SOCK`'s size minus one, set by the agent at load (a read-only global).
+#[unsafe(no_mangle)]
+static LB_SOCK_MASK: u32 = DEFAULT_MAX_SOCKETS - 1;
+
+/// The slot of the socket with `cookie`.
+#[inline(always)]
+pub fn sock_slot(cookie: u64) -> Option<*mut SockSlot> {
+    // SAFETY: a plain read of a read-only global (volatile: see `debug_enabled`).
+    let mask = unsafe { core::ptr::read_volatile(&LB_SOCK_MASK) };
+    SOCK.get_ptr_mut(cookie as u32 & mask)
 }
 
-// SAFETY: never dereferenced; the loader reads its BTF and relocates uses.
-unsafe impl<V> Sync for SkStorageDef<V> {}
+/// The slot's owner, read once.
+#[inline(always)]
+pub fn slot_owner(slot: *mut SockSlot) -> u64 {
+    // SAFETY: a map value pointer is valid for this program run.
+    unsafe { core::ptr::read_volatile(&(*slot).cookie) }
+}
 
-impl<V> SkStorageDef<V> {
-    const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-            pinning: core::ptr::null(),
-        }
+/// Claims a free slot for `cookie` and fills it with `state`; `false` if
+/// another socket holds it (or claimed it first).
+#[inline(always)]
+pub fn claim_slot(slot: *mut SockSlot, cookie: u64, state: &SockState) -> bool {
+    // SAFETY: an aligned u64 inside a map value, valid for this program
+    // run; other programs change it only with atomics (BPF_CMPXCHG,
+    // BPF_STX stores of a whole word).
+    let owner = unsafe { &raw mut (*slot).cookie };
+    let (_, claimed) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            owner,
+            0,
+            SLOT_CLAIMING,
+        )
+    };
+    if !claimed {
+        return false;
     }
-
-    #[inline(always)]
-    fn as_ptr(&self) -> *mut c_void {
-        core::ptr::from_ref(self).cast_mut().cast()
+    // SAFETY: as above; the slot is ours until its cookie is stored.
+    unsafe {
+        (*slot).state = *state;
+        // An exchange, not a store-release (BPF has that only from cpu v4):
+        // fully ordered, so the state is written before the cookie shows.
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(owner, cookie);
     }
+    true
 }
 
-/// Each translated socket's [`SockState`], in the socket itself: written
-/// by connect and sendmsg, read by recvmsg and getpeername, freed by the
-/// kernel with the socket (no release-time program, no table that fills
-/// with dead sockets, no cookie to key it by).
-///
-/// Issue 12 (terminating sockets of a removed backend) finds the sockets
-/// translated through a frontend here: sock_diag dumps each socket's
-/// storage of the maps it names (`INET_DIAG_REQ_SK_BPF_STORAGES` with this
-/// map's fd; the reply carries `INET_DIAG_BPF_SK_STORAGES` next to the
-/// socket's cookie), or a `bpf_iter__bpf_sk_storage_map` program walks
-/// it; a socket matches by `conn` (`addr`, `port`, `svc_id`, `backend`).
-#[unsafe(link_section = ".maps")]
-#[unsafe(export_name = "LB_SOCK")]
-static SOCK: SkStorageDef<SockState> = SkStorageDef::new();
-
-/// The socket's storage, created from `init` if `init` is not null.
+/// Frees the slot of `cookie`'s socket (release-time).
 #[inline(always)]
-fn sock_storage(sk: *mut bpf_sock, init: *mut SockState, flags: u64) -> *mut SockState {
-    // SAFETY: `sk` is the context's socket (never null in sock_addr
-    // programs); `init` is null or a stack value of the map's value size.
-    unsafe { bpf_sk_storage_get(SOCK.as_ptr(), sk.cast(), init.cast(), flags) }.cast()
+pub fn release_slot(slot: *mut SockSlot) {
+    // SAFETY: as in `claim_slot`.
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*slot).cookie, 0) };
 }
 
-/// The socket's storage if it has one (a lookup, no allocation).
+/// Whether sockets of this slot's cookies may be in `SOCK_SPILL`.
 #[inline(always)]
-pub fn sock_state(sk: *mut bpf_sock) -> *mut SockState {
-    sock_storage(sk, core::ptr::null_mut(), 0)
+pub fn slot_spilled(slot: *mut SockSlot) -> bool {
+    // SAFETY: as in `slot_owner`.
+    unsafe { core::ptr::read_volatile(&(*slot).spill) != 0 }
 }
 
-/// Creates the socket's storage holding `init`: only after [`sock_state`]
-/// missed, so a socket allocates once however often it is translated.
+/// Records a connected socket whose slot another socket holds.
 #[inline(always)]
-pub fn create_sock_state(sk: *mut bpf_sock, init: &SockState) {
-    let mut init = *init;
-    if sock_storage(sk, &mut init, u64::from(BPF_SK_STORAGE_GET_F_CREATE)).is_null() {
+pub fn spill(slot: *mut SockSlot, cookie: u64, record: &SockReverse) {
+    if SOCK_SPILL
+        .insert(cookie, record, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        // SAFETY: as in `claim_slot`.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*slot).spill, 1) };
+        bump(stats::SOCK_SPILLED);
+    } else if SOCK_SPILL
+        .insert(cookie, record, u64::from(BPF_EXIST))
+        .is_err()
+    {
         bump(stats::REVERSE_WRITE_FAILED);
+    }
+}
+
+/// A spilled socket's record.
+#[inline(always)]
+pub fn spilled(cookie: u64) -> Option<SockReverse> {
+    let ptr = SOCK_SPILL.get_ptr(cookie)?;
+    // SAFETY: as for `service`.
+    Some(unsafe { *ptr })
+}
+
+/// Deletes a spilled socket's record (release-time).
+#[inline(always)]
+pub fn unspill(slot: *mut SockSlot, cookie: u64) {
+    if SOCK_SPILL.remove(cookie).is_ok() {
+        // SAFETY: as in `claim_slot`.
+        unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*slot).spill, 1) };
     }
 }
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
@@ -153,11 +153,9 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             svc_id: master.svc_id,
             addr,
         };
-        // SAFETY: the context's socket, a field every sock_addr program may read.
-        let sk = unsafe { sa.__bindgen_anon_1.sk };
         match hook {
-            Hook::Connect => remember_conn(sk, &record),
-            Hook::Sendmsg => remember_dgram(ctx, sk, &record),
+            Hook::Connect => remember_conn(socket_cookie(ctx), &record),
+            Hook::Sendmsg => remember_dgram(ctx, &record),
         }
     }
     if maps::debug_enabled() {
@@ -172,47 +170,51 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     Verdict::Pass
 }
 
-/// A connected socket's one translation, in its storage: overwritten on a
-/// reconnect, created (once per socket) on a miss.
+/// A connected socket's one translation, in its slot: overwritten on a
+/// reconnect, claimed if free, else in the spill hash.
 #[inline(always)]
-fn remember_conn(sk: *mut bpf_sock, record: &SockReverse) {
-    let state = maps::sock_state(sk);
-    if state.is_null() {
-        maps::create_sock_state(
-            sk,
-            &SockState {
-                conn: *record,
-                dgram: SockReverse::default(),
-            },
-        );
-    } else {
-        // SAFETY: a storage pointer is valid for this program run.
-        unsafe { (*state).conn = *record };
+fn remember_conn(cookie: u64, record: &SockReverse) {
+    let Some(slot) = maps::sock_slot(cookie) else {
+        return;
+    };
+    if maps::slot_owner(slot) == cookie {
+        // SAFETY: a map value pointer is valid for this program run, and
+        // the slot is this socket's.
+        unsafe { (*slot).state.conn = *record };
+        return;
+    }
+    let state = SockState {
+        conn: *record,
+        dgram: SockReverse::default(),
+    };
+    if !maps::claim_slot(slot, cookie, &state) {
+        maps::spill(slot, cookie, record);
     }
 }
 
 /// An unconnected datagram's translation: in the LRU (recvmsg finds a reply
-/// from any backend the socket sent to), unless the socket's storage says
-/// its last datagram went to the same pair, which is then recorded already.
-/// Replies from that last pair are found in the storage even if the LRU
-/// has evicted it since.
+/// from any backend the socket sent to), unless the socket's slot says its
+/// last datagram went to the same pair, which is then recorded already.
+/// Replies from that last pair are found in the slot even if the LRU has
+/// evicted it since. A socket whose slot another holds just has no cache.
 #[inline(always)]
-fn remember_dgram(ctx: &SockAddrContext, sk: *mut bpf_sock, record: &SockReverse) {
-    let cached = !ablated(ablate::NO_SOCK_CACHE);
-    let state = if cached {
-        maps::sock_state(sk)
-    } else {
-        core::ptr::null_mut()
-    };
-    // SAFETY: as in `remember_conn`.
-    if !state.is_null() && unsafe { (*state).dgram } == *record {
-        return;
-    }
+fn remember_dgram(ctx: &SockAddrContext, record: &SockReverse) {
     let cookie = if ablated(ablate::NO_COOKIE) {
         0
     } else {
         socket_cookie(ctx)
     };
+    // Cookie 0 (the no-cookie variant) would match every free slot.
+    let slot = if ablated(ablate::NO_SOCK_CACHE) || ablated(ablate::NO_COOKIE) {
+        None
+    } else {
+        maps::sock_slot(cookie)
+    };
+    let owned = slot.filter(|s| maps::slot_owner(*s) == cookie);
+    // SAFETY: a map value pointer is valid for this program run.
+    if owned.is_some_and(|s| unsafe { (*s).state.dgram } == *record) {
+        return;
+    }
     maps::remember(
         &ReverseKey::new(cookie, record.backend, record.backend_port),
         &ReverseValue {
@@ -222,20 +224,43 @@ fn remember_dgram(ctx: &SockAddrContext, sk: *mut bpf_sock, record: &SockReverse
             svc_id: record.svc_id,
         },
     );
-    if !cached {
+    match (slot, owned) {
+        // SAFETY: as above; the slot is this socket's.
+        (_, Some(s)) => unsafe { (*s).state.dgram = *record },
+        (Some(s), None) => {
+            let _ = maps::claim_slot(
+                s,
+                cookie,
+                &SockState {
+                    conn: SockReverse::default(),
+                    dgram: *record,
+                },
+            );
+        }
+        (None, None) => {}
+    }
+}
+
+/// A closing socket's record goes: its slot is freed, or its spilled entry
+/// deleted. One slot read for a socket that was never translated.
+#[inline(always)]
+pub fn release(ctx: &SockContext) {
+    // SAFETY: the kernel hands every sock program a valid context.
+    let sk: &bpf_sock = unsafe { &*ctx.sock };
+    if handled(sk.type_, sk.protocol).is_none() {
         return;
     }
-    if state.is_null() {
-        maps::create_sock_state(
-            sk,
-            &SockState {
-                conn: SockReverse::default(),
-                dgram: *record,
-            },
-        );
-    } else {
-        // SAFETY: as above.
-        unsafe { (*state).dgram = *record };
+    let cookie = socket_cookie(ctx);
+    let Some(slot) = maps::sock_slot(cookie) else {
+        return;
+    };
+    if maps::slot_owner(slot) == cookie {
+        maps::release_slot(slot);
+    }
+    // A socket spilled once may own its slot after a reconnect: look in the
+    // spill hash whenever the slot has spilled sockets.
+    if maps::slot_spilled(slot) {
+        maps::unspill(slot, cookie);
     }
 }
 
@@ -300,10 +325,12 @@ fn to_bytes(addr: &Addr) -> [u8; 16] {
 /// Where a reverse hook found the frontend.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Found {
-    /// The socket's storage, its connected peer.
+    /// The socket's slot, its connected peer.
     Conn,
-    /// The socket's storage, its last unconnected pair.
+    /// The socket's slot, its last unconnected pair.
     Dgram,
+    /// The spill hash of connected sockets whose slot was held.
+    Spill,
     /// The LRU of unconnected datagrams.
     Lru,
 }
@@ -312,8 +339,9 @@ enum Found {
 /// for getpeername) back to the frontend this socket asked for, if the
 /// socket was translated to that backend and the service is still the one
 /// it was translated for. A stale record is cleared and the address left.
-/// The socket's own storage is read first (connected peer, then last
-/// unconnected pair); the LRU (by cookie and backend) only after a miss.
+/// The socket's slot is read first (connected peer, then last unconnected
+/// pair), then the spill hash if the slot has spilled sockets, then the
+/// LRU (by cookie and backend).
 #[inline(always)]
 pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -323,9 +351,10 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     };
     let peer = read_addr::<V6>(sa);
     let peer_port = sa.user_port as u16;
-    // SAFETY: as in `forward`.
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    let state = maps::sock_state(sk);
+    let cookie = socket_cookie(ctx);
+    let Some(slot) = maps::sock_slot(cookie) else {
+        return;
+    };
     let is_peer = |r: &SockReverse| r.backend_port == peer_port && r.backend == peer;
     let as_front = |r: &SockReverse| ReverseValue {
         addr: r.addr,
@@ -333,28 +362,36 @@ pub fn reverse<const V6: bool>(ctx: &SockAddrContext) {
         _pad: 0,
         svc_id: r.svc_id,
     };
+    let owned = maps::slot_owner(slot) == cookie;
+    // SAFETY: a map value pointer is valid for this program run.
+    let state = unsafe { &mut (*slot).state };
+    let spilled = if !owned && maps::slot_spilled(slot) {
+        maps::spilled(cookie).filter(is_peer)
+    } else {
+        None
+    };
     let mut key = None;
-    // SAFETY: a storage pointer is valid for this program run.
-    let (front, found) = match unsafe { state.as_ref() } {
-        Some(s) if is_peer(&s.conn) => (as_front(&s.conn), Found::Conn),
-        Some(s) if is_peer(&s.dgram) => (as_front(&s.dgram), Found::Dgram),
-        _ => {
-            let k = ReverseKey::new(socket_cookie(ctx), peer, peer_port);
-            let Some(front) = maps::reverse(&k) else {
-                return;
-            };
-            key = Some(k);
-            (front, Found::Lru)
-        }
+    let (front, found) = if owned && is_peer(&state.conn) {
+        (as_front(&state.conn), Found::Conn)
+    } else if owned && is_peer(&state.dgram) {
+        (as_front(&state.dgram), Found::Dgram)
+    } else if let Some(r) = spilled {
+        (as_front(&r), Found::Spill)
+    } else {
+        let k = ReverseKey::new(cookie, peer, peer_port);
+        let Some(front) = maps::reverse(&k) else {
+            return;
+        };
+        key = Some(k);
+        (front, Found::Lru)
     };
     let live = maps::service(&ServiceKey::new(front.addr, front.port, proto))
         .is_some_and(|m| m.svc_id == front.svc_id && m.count > 0);
     if !live {
-        // SAFETY: as above; `state` is not null when found in it.
         match found {
-            Found::Conn => unsafe { (*state).conn = SockReverse::default() },
-            Found::Dgram => unsafe { (*state).dgram = SockReverse::default() },
-            Found::Lru => {}
+            Found::Conn => state.conn = SockReverse::default(),
+            Found::Dgram => state.dgram = SockReverse::default(),
+            Found::Spill | Found::Lru => {}
         }
         if let Some(k) = &key {
             maps::forget(k);

@@ -25,8 +25,9 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey, ReverseValue, ServiceKey,
-    ServiceMeta, ServiceValue, SockState, filter_bit, maps, stats,
+    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey, ReverseValue,
+    SOCK_MASK_GLOBAL, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, filter_bit,
+    maps, stats,
 };
 
 use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
@@ -49,6 +50,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lb_sendmsg6", "link_sendmsg6"),
     ("lb_connect6", "link_connect6"),
     ("lb_connect4", LINK_PIN),
+    // Last: a socket translated by the new programs is released by them.
+    ("lb_sock_release", "link_sock_release"),
 ];
 
 /// Every map the object declares, with the type, key and value sizes this
@@ -94,9 +97,15 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
     ),
     (
         maps::SOCK,
-        MapType::SkStorage,
-        size_of::<i32>(),
-        size_of::<SockState>(),
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<SockSlot>(),
+    ),
+    (
+        maps::SOCK_SPILL,
+        MapType::Hash,
+        size_of::<u64>(),
+        size_of::<SockReverse>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
@@ -109,9 +118,8 @@ const LEGACY_MAPS: &[&str] = &[
 ];
 /// Link pins of programs earlier versions attached and this one does not
 /// have: detached when the new links are swapped in (until then the old
-/// programs work as a set). `sock_release` deleted `LB_REVERSE_SOCK`
-/// entries at every close; socket storage needs nothing at close.
-const LEGACY_LINKS: &[&str] = &["link_sock_release"];
+/// programs work as a set).
+const LEGACY_LINKS: &[&str] = &[];
 
 /// Suffix of a link's staging pin (bpffs rejects '.' in names).
 const STAGING_SUFFIX: &str = "_new";
@@ -163,6 +171,10 @@ pub struct MapSizes {
     /// Entries of the LRU reverse map (`LB_REVERSE`) of unconnected UDP
     /// sockets: (socket, backend) pairs. Preallocated.
     pub max_reverse: u32,
+    /// Slots of `LB_SOCK` (translated sockets open at once), rounded up to
+    /// a power of two; also the entries of its spill hash (at least
+    /// 4,096). The slots are preallocated.
+    pub max_sockets: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -199,6 +211,7 @@ impl MapSizes {
             ("--max-backends", self.max_backends),
             ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
+            ("--max-sockets", self.max_sockets),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -523,12 +536,19 @@ fn load_and_attach(
     // programs would pass every service by. Deferred like a replaced map.
     let new_filter = !dir.join(maps::FILTER).exists() && dir.join(maps::SERVICES).exists();
     let replaced = drop_incompatible_pins(dir)? || unfinished || new_filter;
+    // The programs mask cookies by the slot array's size: a pinned array
+    // keeps its size whatever the flag says now.
+    let sock_slots =
+        pinned_entries(dir, maps::SOCK).unwrap_or_else(|| sizes.max_sockets.next_power_of_two());
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
+        .map_max_entries(maps::SOCK, sock_slots)
+        .map_max_entries(maps::SOCK_SPILL, sock_slots.max(MIN_SOCK_SPILL))
+        .override_global(SOCK_MASK_GLOBAL, &(sock_slots - 1), true)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
         .override_global(ABLATE_GLOBAL, &ablation(), true)
         .load(SOCK_OBJ)?;
@@ -591,6 +611,16 @@ fn ablation() -> u32 {
         );
     }
     bits
+}
+
+/// Least entries of `LB_SOCK_SPILL` (allocated on use, so only its bucket
+/// array, 16 B an entry, is paid up front): a small slot array spills often.
+const MIN_SOCK_SPILL: u32 = 4_096;
+
+/// `max_entries` of a pinned map, if there is one.
+fn pinned_entries(dir: &Path, name: &str) -> Option<u32> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    data.info().ok().map(|i| i.max_entries())
 }
 
 /// Renames each staging pin over its link pin. rename(2) replaces the old
@@ -874,6 +904,7 @@ fn size_flag(map: &str) -> &'static str {
         maps::BACKENDS => "max-backends",
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
+        maps::SOCK | maps::SOCK_SPILL => "max-sockets",
         _ => "max-services",
     }
 }
@@ -1105,6 +1136,49 @@ impl BpfDatapath {
             })
             .collect()
     }
+}
+
+/// What `LB_SOCK` and its spill hash hold: the translated sockets open now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOccupancy {
+    /// Slots held by a socket (or being filled).
+    pub slots: u64,
+    pub max_slots: u32,
+    /// Connected sockets in the spill hash (their slot was held).
+    pub spilled: u64,
+}
+
+/// Reads every slot of `LB_SOCK` and walks the spill hash (one syscall per
+/// slot: about 50 ms for the default 65,536), or `None` if the
+/// installation has no slot array (an older version's pins).
+pub fn socket_occupancy(dir: &Path) -> Result<Option<SocketOccupancy>> {
+    let Ok(data) = MapData::from_pin(dir.join(maps::SOCK)) else {
+        return Ok(None);
+    };
+    let info = data.info().map_err(|e| map_err("info", maps::SOCK, e))?;
+    if !info.map_type().is_ok_and(|t| t == MapType::Array) {
+        return Ok(None);
+    }
+    let slots: aya::maps::Array<MapData, SockSlot> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| map_err("open", maps::SOCK, e))?;
+    let mut held = 0;
+    for i in 0..info.max_entries() {
+        let slot = slots
+            .get(&i, 0)
+            .map_err(|e| map_err("read", maps::SOCK, e))?;
+        held += u64::from(slot.cookie != 0);
+    }
+    let spilled =
+        match open_optional::<u64, SockReverse>(dir, maps::SOCK_SPILL, aya::maps::Map::HashMap)? {
+            Some((map, max)) => occupancy(&map, max).entries,
+            None => 0,
+        };
+    Ok(Some(SocketOccupancy {
+        slots: held,
+        max_slots: info.max_entries(),
+        spilled,
+    }))
 }
 
 /// A pinned map that older installations may lack, with its `max_entries`.
@@ -1354,6 +1428,7 @@ mod tests {
         assert_eq!(size_flag(maps::BACKENDS), "max-backends");
         assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
         assert_eq!(size_flag(maps::REVERSE), "max-reverse");
+        assert_eq!(size_flag(maps::SOCK), "max-sockets");
     }
 
     /// Pins of earlier versions, and every link pin (the release hook's
@@ -1366,6 +1441,7 @@ mod tests {
             "LB_SVC_META",
             "LB_REVERSE_SOCK",
             "LB_SOCK",
+            "LB_SOCK_SPILL",
             "link_sock_release",
             "link_sock_release_new",
             "link_connect4",

@@ -29,14 +29,16 @@
 //! Besides `ClientReport`'s fields the JSON holds `peers` (getpeername() of
 //! TCP and connected UDP sockets), `sources` (recvfrom() addresses) and
 //! `perSocket` (backends each unconnected socket reached). With
-//! `--sk-storage PIN` (the agent's pinned `LB_SOCK`), `stored` counts what
-//! each TCP or connected UDP socket's own storage held once connected
-//! (`FRONTEND -> BACKEND`, or `none`).
+//! `--sock-slots PIN` (the agent's pinned `LB_SOCK`), `stored` counts what
+//! each TCP or connected UDP socket's record held once connected
+//! (`FRONTEND -> BACKEND`, with ` (spilled)` if it was in `LB_SOCK_SPILL`
+//! because another socket held its slot, or `none`). `--hold` keeps every
+//! TCP or connected UDP socket open until the client exits.
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    os::unix::process::CommandExt as _,
+    os::{fd::OwnedFd, unix::process::CommandExt as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -59,7 +61,7 @@ struct Report {
     /// `--probe`: call (`socket`, `sendto`, `connect`) → `ok` or errno name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     probe: BTreeMap<String, String>,
-    /// `--sk-storage`: a connected socket's storage → count.
+    /// `--sock-slots`: a connected socket's record → count.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     stored: BTreeMap<String, u64>,
 }
@@ -85,6 +87,7 @@ fn main() -> anyhow::Result<()> {
     let mut bind: Option<SocketAddr> = None;
     let mut probe_kind: Option<String> = None;
     let mut storage: Option<String> = None;
+    let mut hold = false;
     let mut reconnect: Option<SocketAddr> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -104,7 +107,8 @@ fn main() -> anyhow::Result<()> {
             "--session" => session = true,
             "--resolv" => resolv = args.next(),
             "--bind" => bind = Some(args.next().context("--bind ADDR")?.parse()?),
-            "--sk-storage" => storage = args.next(),
+            "--sock-slots" => storage = args.next(),
+            "--hold" => hold = true,
             "--reconnect" => {
                 reconnect = Some(args.next().context("--reconnect ADDR")?.parse()?);
             }
@@ -136,8 +140,9 @@ fn main() -> anyhow::Result<()> {
     let target = target.context("--target ADDR is required")?;
     let bind = bind.unwrap_or_else(|| unspecified(target));
     let storage = storage
-        .map(|p| sys::PinnedMap::open(Path::new(&p)))
+        .map(|p| SockRecords::open(Path::new(&p)))
         .transpose()?;
+    let mut held = Vec::new();
     let mut report = Report::default();
     let start = Instant::now();
     if let Some(kind) = probe_kind {
@@ -163,7 +168,10 @@ fn main() -> anyhow::Result<()> {
                 _ => request_udp(target, reconnect, bind, storage.as_ref()),
             };
             match answer {
-                Ok((name, peer, stored)) => {
+                Ok((name, peer, stored, socket)) => {
+                    if hold {
+                        held.push(socket);
+                    }
                     if let Some(s) = stored {
                         *report.stored.entry(s).or_default() += 1;
                     }
@@ -175,6 +183,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     report.base.elapsed_ms = start.elapsed().as_millis() as u64;
+    drop(held);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -194,33 +203,60 @@ fn count_error(report: &mut ClientReport, e: &std::io::Error) {
     *report.errors.entry(errno).or_default() += 1;
 }
 
-/// The backend's name, getpeername(), and what the socket's storage held.
-type Answer = (String, SocketAddr, Option<String>);
+/// The backend's name, getpeername(), what the socket's record held, and
+/// the socket (closed when dropped).
+type Answer = (String, SocketAddr, Option<String>, OwnedFd);
 
-/// `FRONTEND -> BACKEND` from a socket's `LB_SOCK` record (`SockReverse`:
-/// backend address, backend port, frontend port, svc id, frontend address;
-/// addresses 16 bytes, IPv4 ones v4-mapped; ports in network order).
-fn stored(map: Option<&sys::PinnedMap>, fd: i32) -> Option<String> {
-    let map = map?;
-    let Some(v) = map.lookup::<i32, 40>(&fd) else {
-        return Some("none".into());
-    };
-    let addr = |b: &[u8]| -> std::net::IpAddr {
-        let a = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes"));
-        a.to_ipv4_mapped().map_or(a.into(), Into::into)
-    };
-    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let backend = SocketAddr::new(addr(&v[0..16]), port(&v[16..18]));
-    let frontend = SocketAddr::new(addr(&v[24..40]), port(&v[18..20]));
-    Some(format!("{frontend} -> {backend}"))
+/// The agent's pinned `LB_SOCK` (slot `cookie & (size - 1)`) and
+/// `LB_SOCK_SPILL` (by cookie).
+struct SockRecords {
+    slots: sys::PinnedMap,
+    mask: u64,
+    spill: sys::PinnedMap,
+}
+
+impl SockRecords {
+    fn open(pin: &Path) -> anyhow::Result<Self> {
+        let slots = sys::PinnedMap::open(pin)?;
+        let mask = u64::from(slots.max_entries()?) - 1;
+        let spill = sys::PinnedMap::open(&pin.with_file_name("LB_SOCK_SPILL"))?;
+        Ok(Self { slots, mask, spill })
+    }
+
+    /// `FRONTEND -> BACKEND` from a socket's record (`SockReverse`:
+    /// backend address, backend port, frontend port, svc id, frontend
+    /// address; addresses 16 bytes, IPv4 ones v4-mapped; ports in network
+    /// order), found by the socket's cookie.
+    fn stored(&self, fd: i32) -> String {
+        let Ok(cookie) = sys::socket_cookie(fd) else {
+            return "no cookie".into();
+        };
+        let slot = self
+            .slots
+            .lookup::<u32, 96>(&((cookie & self.mask) as u32))
+            .filter(|v| u64::from_ne_bytes(v[0..8].try_into().expect("8 bytes")) == cookie);
+        let (v, suffix) = match (slot, self.spill.lookup::<u64, 40>(&cookie)) {
+            (Some(v), _) => (v[16..56].to_vec(), ""),
+            (None, Some(v)) => (v.to_vec(), " (spilled)"),
+            (None, None) => return "none".into(),
+        };
+        let addr = |b: &[u8]| -> std::net::IpAddr {
+            let a = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes"));
+            a.to_ipv4_mapped().map_or(a.into(), Into::into)
+        };
+        let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+        let backend = SocketAddr::new(addr(&v[0..16]), port(&v[16..18]));
+        let frontend = SocketAddr::new(addr(&v[24..40]), port(&v[18..20]));
+        format!("{frontend} -> {backend}{suffix}")
+    }
 }
 
 /// One connect + HTTP GET; the backend's name is the response body.
-fn request(target: SocketAddr, storage: Option<&sys::PinnedMap>) -> std::io::Result<Answer> {
+fn request(target: SocketAddr, storage: Option<&SockRecords>) -> std::io::Result<Answer> {
     use std::os::fd::AsRawFd as _;
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     let peer = s.peer_addr()?;
-    let record = stored(storage, s.as_raw_fd());
+    let record = storage.map(|r| r.stored(s.as_raw_fd()));
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut resp = String::new();
@@ -229,7 +265,7 @@ fn request(target: SocketAddr, storage: Option<&sys::PinnedMap>) -> std::io::Res
     if body.is_empty() {
         return Err(std::io::Error::other("empty response"));
     }
-    Ok((body.to_owned(), peer, record))
+    Ok((body.to_owned(), peer, record, s.into()))
 }
 
 /// One connected UDP socket: connect (where connect4 rewrites), one datagram
@@ -238,7 +274,7 @@ fn request_udp(
     target: SocketAddr,
     reconnect: Option<SocketAddr>,
     bind: SocketAddr,
-    storage: Option<&sys::PinnedMap>,
+    storage: Option<&SockRecords>,
 ) -> std::io::Result<Answer> {
     use std::os::fd::AsRawFd as _;
     let s = UdpSocket::bind(bind)?;
@@ -247,7 +283,7 @@ fn request_udp(
         s.connect(again)?;
     }
     let peer = s.peer_addr()?;
-    let record = stored(storage, s.as_raw_fd());
+    let record = storage.map(|r| r.stored(s.as_raw_fd()));
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.send(b"ping")?;
     let mut buf = [0u8; 512];
@@ -256,7 +292,7 @@ fn request_udp(
     if name.is_empty() {
         return Err(std::io::Error::other("empty reply"));
     }
-    Ok((name, peer, record))
+    Ok((name, peer, record, s.into()))
 }
 
 /// One datagram with sendto() on an unconnected socket, its reply with
