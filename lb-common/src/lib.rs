@@ -379,8 +379,8 @@ pub mod ablate {
     /// sendmsg ignores the socket's slot: the LRU lookup on every
     /// datagram, as before the slot remembered the last pair.
     pub const NO_SOCK_CACHE: u32 = 8;
-    /// connect and sendmsg return at once: the floor every call pays
-    /// (program dispatch and bpf_stats' own clock reads).
+    /// connect, sendmsg and sock_release return at once: the floor every
+    /// call pays (program dispatch and bpf_stats' own clock reads).
     pub const EMPTY: u32 = 16;
     /// No frontend filter: every destination goes to the `LB_SERVICES`
     /// lookup.

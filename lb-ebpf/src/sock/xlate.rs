@@ -245,6 +245,9 @@ fn remember_dgram(ctx: &SockAddrContext, record: &SockReverse) {
 /// deleted. One slot read for a socket that was never translated.
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
+    if ablated(ablate::EMPTY) {
+        return;
+    }
     // SAFETY: the kernel hands every sock program a valid context.
     let sk: &bpf_sock = unsafe { &*ctx.sock };
     if handled(sk.type_, sk.protocol).is_none() {

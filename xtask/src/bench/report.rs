@@ -1880,30 +1880,44 @@ pub fn ablation_table(res: &Results) -> String {
         }
         md.push('\n');
     }
-    let release: Vec<String> = ns
-        .iter()
-        .filter_map(|&n| {
-            let v: Vec<f64> = res
-                .ablations
-                .iter()
-                .filter(|a| a.n == n && a.variant == base && a.case == "random")
-                .filter_map(|a| a.release_ns_per_call)
-                .collect();
-            (!v.is_empty()).then(|| {
-                format!(
-                    "N={}: {:.0} ns",
-                    int(f64::from(n)),
-                    v.iter().sum::<f64>() / v.len() as f64
-                )
+    // sock_release per close: of sockets connect4 translated (their slot
+    // freed) and of sockets it never translated (one slot read), as built
+    // and as the empty program (its floor: dispatch and bpf_stats' clock).
+    let release_mean = |n: u32, variant: &str, case: &str| {
+        let v: Vec<f64> = res
+            .ablations
+            .iter()
+            .filter(|a| a.n == n && a.variant == variant && a.case == case)
+            .filter_map(|a| a.release_ns_per_call)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let release_cases = [
+        ("random", "translated socket"),
+        ("podIP", "socket never translated"),
+    ];
+    let mut release = String::new();
+    for v in [base, "empty program"] {
+        let cells: Vec<String> = ns
+            .iter()
+            .flat_map(|&n| {
+                release_cases
+                    .iter()
+                    .map(move |(case, label)| (n, *case, *label))
             })
-        })
-        .collect();
+            .filter_map(|(n, case, label)| {
+                release_mean(n, v, case)
+                    .map(|x| format!("N={} {label}: {}", int(f64::from(n)), int(x)))
+            })
+            .collect();
+        if !cells.is_empty() {
+            let _ = write!(release, "\n- {v}: {}", cells.join(", "));
+        }
+    }
     if !release.is_empty() {
         let _ = writeln!(
             md,
-            "\nsock_release per close under the random-service client ({}): {}.",
-            base,
-            release.join(", ")
+            "\nsock_release per close, ns (it frees a translated socket's LB_SOCK slot; for every other TCP or UDP socket of the cgroup it reads one slot; the empty program returns at once, its floor):{release}"
         );
     }
     md
