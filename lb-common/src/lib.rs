@@ -63,6 +63,10 @@ pub mod maps {
     /// Connected sockets whose [`SOCK`] slot another live socket holds:
     /// socket cookie → [`SockReverse`], deleted by `sock_release`.
     pub const SOCK_SPILL: &str = "LB_SOCK_SPILL";
+    /// Sockets the agent destroyed because their backend left their
+    /// frontend (`--terminate-sockets`): service id → count. Written and
+    /// read by userspace only; pinned so `lb-agent list` can show it.
+    pub const TERMINATED: &str = "LB_TERMINATED";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }

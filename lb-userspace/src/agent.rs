@@ -1,21 +1,25 @@
 //! The composition root: wires a source into the model's index, the sync
 //! loop, the reconciler and the datapath, and runs them until shutdown.
 //!
-//! `sources` → `model::Index` → `sync::Driver` → `reconciler` → `datapath`.
+//! `sources` → `model::Index` → `sync::Driver` → `reconciler` → `datapath`;
+//! after a sync that changed the maps, `datapath::terminate` destroys the
+//! sockets whose backend is gone.
 use std::{
     future::Future,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     datapath::{
         DatapathError,
         bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
+        sockdiag::SockDiag,
+        terminate::{self, Terminator},
     },
     health::{self, Health},
     model::{Index, TranslateOptions},
@@ -61,6 +65,8 @@ pub struct CommonConfig {
     /// `--resync-period`: how often the maps are compared with the whole
     /// desired state and repaired; `None`: never.
     pub resync_period: Option<Duration>,
+    /// `--terminate-sockets`.
+    pub terminate: terminate::Mode,
 }
 
 /// Everything `lb-agent run --manifests` needs.
@@ -210,6 +216,7 @@ fn attach(
         Some(c) => c.to_owned(),
         None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
+    start_terminator(cfg.terminate, bpffs, &cgroup, health);
     let install = bpf::install(
         bpffs,
         &cgroup,
@@ -235,6 +242,61 @@ fn attach(
         info!(frontends = adopted, "re-adopted pinned state");
     }
     Ok((reconciler, install.lock))
+}
+
+/// Destroys the sockets whose backend left their frontend after every sync
+/// that changed the maps, off the sync loop (a pass reads the socket
+/// records and enters namespaces). Off, with one warning, on a kernel
+/// without `SOCK_DESTROY`.
+fn start_terminator(mode: terminate::Mode, bpffs: &Path, cgroup: &Path, health: &Arc<Health>) {
+    if mode == terminate::Mode::None {
+        return;
+    }
+    let destroyer = match SockDiag::probe(cgroup) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(
+                error = %e,
+                "socket termination off: this kernel cannot destroy sockets (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY)"
+            );
+            return;
+        }
+    };
+    let health = health.clone();
+    let bpffs = bpffs.to_owned();
+    tokio::spawn(async move {
+        let mut terminator = None;
+        loop {
+            health.maps_changed().await;
+            // Opened on first use: the maps exist once the programs are loaded.
+            let t = match terminator.take() {
+                Some(t) => t,
+                None => match Terminator::open(&bpffs, destroyer.clone()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(error = %e, "socket termination: opening the maps");
+                        continue;
+                    }
+                },
+            };
+            let Ok((t, result)) = tokio::task::spawn_blocking(move || {
+                let mut t = t;
+                let r = t.pass();
+                (t, r)
+            })
+            .await
+            else {
+                warn!("socket termination pass panicked");
+                continue;
+            };
+            match result {
+                Ok(0) => {}
+                Ok(n) => info!(sockets = n, "destroyed sockets whose backend is gone"),
+                Err(e) => warn!(error = %e, "socket termination pass"),
+            }
+            terminator = Some(t);
+        }
+    });
 }
 
 /// Swaps the new links in (detaching the previous programs) once the first

@@ -46,6 +46,9 @@ pub struct Health {
     iteration: Mutex<Option<Instant>>,
     /// Frontends the last sync could not program (a full map, a refused write).
     failing: Mutex<Vec<String>>,
+    /// Woken after a sync that wrote or deleted map entries (one stored
+    /// wake-up: changes while nobody waits coalesce into one).
+    maps_changed: tokio::sync::Notify,
 }
 
 impl Health {
@@ -57,7 +60,18 @@ impl Health {
             stall_timeout,
             iteration: Mutex::new(None),
             failing: Mutex::new(Vec::new()),
+            maps_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// A sync wrote or deleted map entries.
+    pub fn note_maps_changed(&self) {
+        self.maps_changed.notify_one();
+    }
+
+    /// Until a sync has changed the maps since the last call returned.
+    pub async fn maps_changed(&self) {
+        self.maps_changed.notified().await;
     }
 
     pub fn set_ready(&self) {

@@ -31,6 +31,8 @@ pub struct PortRow {
     pub svc_id: u32,
     /// Active backends in slot order; empty means connects are refused.
     pub endpoints: Vec<String>,
+    /// Sockets destroyed because their backend left this frontend.
+    pub terminated_sockets: u64,
 }
 
 /// Rows sorted by namespace and name.
@@ -82,6 +84,7 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
             cluster_ip: ip,
             svc_id: master.svc_id,
             endpoints,
+            terminated_sockets: snap.terminated.get(&master.svc_id).copied().unwrap_or(0),
         });
     }
     by_service.into_values().collect()

@@ -120,6 +120,11 @@ struct RunArgs {
     /// counter `sockSpilled` of `list -o json` counts them (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
     max_sockets: u32,
+    /// Which translated sockets are destroyed when their backend leaves their service's
+    /// frontend, so the application sees ECONNABORTED and reconnects: `udp`, connected UDP
+    /// sockets (kube-proxy flushes their conntrack entries); `none`.
+    #[arg(long, value_enum, default_value = "udp")]
+    terminate_sockets: TerminateSockets,
     /// Log every translated connect from the eBPF program (debug level).
     #[arg(long)]
     bpf_log: bool,
@@ -188,6 +193,22 @@ fn parse_health_addr(s: &str) -> Result<HealthAddr, String> {
     s.parse()
         .map(|a| HealthAddr(Some(a)))
         .map_err(|e| format!("{e} (expected IP:PORT or none)"))
+}
+
+/// `--terminate-sockets`.
+#[derive(Clone, Copy, ValueEnum)]
+enum TerminateSockets {
+    Udp,
+    None,
+}
+
+impl From<TerminateSockets> for lb_userspace::datapath::terminate::Mode {
+    fn from(t: TerminateSockets) -> Self {
+        match t {
+            TerminateSockets::Udp => Self::Udp,
+            TerminateSockets::None => Self::None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -263,6 +284,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_frontends,
         max_reverse,
         max_sockets,
+        terminate_sockets,
         bpf_log,
         allow_foreign_pins,
         node_name,
@@ -298,6 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         health_addr: health_addr.0,
         stall_timeout,
         resync_period: resync_period.0,
+        terminate: terminate_sockets.into(),
     };
     match manifests {
         Some(manifests) => {

@@ -763,6 +763,9 @@ impl<D: Datapath> Driver<D> {
         if step.first_complete {
             health.set_ready();
         }
+        if step.stats.writes + step.stats.deletes > 0 {
+            health.note_maps_changed();
+        }
         health.iteration_finished();
         step
     }

@@ -963,12 +963,20 @@ impl UdpSession {
 
     /// Sends one datagram to `target`; the reply's sender and body.
     pub fn send(&mut self, target: &str) -> anyhow::Result<serde_json::Value> {
+        self.command(target)
+    }
+
+    /// One line of the session protocol: `TARGET` (a datagram from the
+    /// unconnected socket), `udp NAME TARGET` or `tcp NAME TARGET` (a new
+    /// connected socket; `{"peer"}`), `send NAME` (one exchange on it;
+    /// `{"name"}`); `{"error": ERRNO}` if the call failed.
+    pub fn command(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
         use std::io::{BufRead as _, Write as _};
-        writeln!(self.stdin, "{target}")?;
+        writeln!(self.stdin, "{line}")?;
         self.stdin.flush()?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("session reply {line:?}"))
+        let mut reply = String::new();
+        self.stdout.read_line(&mut reply)?;
+        serde_json::from_str(&reply).with_context(|| format!("session reply {reply:?} to {line:?}"))
     }
 }
 

@@ -105,6 +105,8 @@ pub fn errno_name(errno: i32) -> String {
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
         libc::EAGAIN => "EAGAIN",
         libc::EINPROGRESS => "EINPROGRESS",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EDESTADDRREQ => "EDESTADDRREQ",
         _ => return format!("errno {errno}"),
     }
     .to_owned()

@@ -40,8 +40,16 @@ fn pod_ip(octet: u8) -> Ipv4Addr {
 /// `back-end` (TCP 80, the textbook pods), `echo` (UDP 5300 → 80 on the
 /// same pods) and `empty` (UDP, selects nothing).
 fn services_manifest() -> String {
-    let pods: Vec<(&str, Ipv4Addr, bool)> =
-        PODS.iter().map(|(n, o)| (*n, pod_ip(*o), true)).collect();
+    services_manifest_ready([true; 3])
+}
+
+/// [`services_manifest`] with each pod ready or not.
+fn services_manifest_ready(ready: [bool; 3]) -> String {
+    let pods: Vec<(&str, Ipv4Addr, bool)> = PODS
+        .iter()
+        .zip(ready)
+        .map(|((n, o), r)| (*n, pod_ip(*o), r))
+        .collect();
     format!(
         "{}---
 apiVersion: v1
@@ -347,6 +355,119 @@ fn sockets_whose_slot_is_held_spill_and_are_freed_at_close() {
     assert!(doc["counters"]["sockSpilled"].as_u64() >= Some(76), "{doc}");
     assert_eq!(doc["sockets"]["maxSlots"], 2, "{doc}");
     assert_eq!(socket_records(&lab), records, "{doc}");
+}
+
+/// `terminatedSockets` of the `echo` frontend in `list -o json`.
+fn echo_terminated(doc: &Value) -> u64 {
+    find_service(doc, "default", "echo")
+        .and_then(|s| s["ports"].as_array())
+        .into_iter()
+        .flatten()
+        .find(|p| p["port"] == ECHO_PORT)
+        .and_then(|p| p["terminatedSockets"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Connected UDP and TCP sockets to `echo` and `back-end`, and the backend
+/// of each UDP socket; one UDP socket connected straight to the pod the
+/// first UDP socket reached; then that pod is marked not ready.
+/// Returns the session, the UDP sockets' backends and the pod taken out.
+fn sockets_then_backend_removed(
+    lab: &mut Lab,
+    ip: Ipv4Addr,
+) -> (UdpSession, Vec<String>, &'static str) {
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let mut s = UdpSession::start(lab, &[]).unwrap();
+    let mut backends = Vec::new();
+    for i in 0..12 {
+        let open = s.command(&format!("udp u{i} {echo}")).unwrap();
+        assert_eq!(open["peer"], echo.as_str(), "{open}");
+        let r = s.command(&format!("send u{i}")).unwrap();
+        backends.push(r["name"].as_str().expect("a reply").to_owned());
+    }
+    for i in 0..6 {
+        let open = s.command(&format!("tcp t{i} {ip}:80")).unwrap();
+        assert_eq!(open["peer"], format!("{ip}:80").as_str(), "{open}");
+    }
+    let (index, (gone, octet)) = PODS
+        .iter()
+        .enumerate()
+        .find(|(_, (n, _))| *n == backends[0])
+        .expect("a pod's name");
+    let direct = format!("{}:80", pod_ip(*octet));
+    let open = s.command(&format!("udp direct {direct}")).unwrap();
+    assert_eq!(open["peer"], direct.as_str(), "{open}");
+    let mut ready = [true; 3];
+    ready[index] = false;
+    lab.write_manifest("services.yaml", &services_manifest_ready(ready))
+        .unwrap();
+    lab.agent
+        .wait_for("echo without the pod", SYNC, |d| {
+            endpoints(d, "default", "echo", ECHO_PORT).len() == 2
+        })
+        .unwrap();
+    (s, backends, gone)
+}
+
+/// The default `--terminate-sockets udp`: when a backend leaves `echo`,
+/// the connected UDP sockets translated to it through `echo` are destroyed
+/// (their next call fails: the send, as the socket is disconnected, or the
+/// receive with ECONNABORTED) and counted on the frontend; the others keep
+/// their backend. A new socket reaches a live backend. Untouched: TCP
+/// connections (even to that pod), a UDP socket connected straight to the
+/// pod, and the unconnected socket (it picks again on its next datagram).
+#[test]
+fn connected_udp_sockets_of_a_removed_backend_are_destroyed() {
+    let (mut lab, ip) = lab_with_services();
+    let (mut s, backends, gone) = sockets_then_backend_removed(&mut lab, ip);
+    let on_gone = backends.iter().filter(|b| *b == gone).count() as u64;
+    let doc = lab
+        .agent
+        .wait_for("sockets destroyed", SYNC, |d| echo_terminated(d) >= on_gone)
+        .unwrap();
+    assert_eq!(echo_terminated(&doc), on_gone, "{doc}");
+    for (i, before) in backends.iter().enumerate() {
+        let r = s.command(&format!("send u{i}")).unwrap();
+        if before == gone {
+            let err = r["error"].as_str().unwrap_or_default();
+            assert!(
+                err == "ECONNABORTED" || err == "EDESTADDRREQ",
+                "u{i} on {before}: {r}"
+            );
+        } else {
+            assert_eq!(r["name"], before.as_str(), "u{i}: {r}");
+        }
+    }
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    s.command(&format!("udp fresh {echo}")).unwrap();
+    let fresh = s.command("send fresh").unwrap();
+    assert!(fresh["name"].as_str().is_some_and(|n| n != gone), "{fresh}");
+    let direct = s.command("send direct").unwrap();
+    assert_eq!(direct["name"], gone, "{direct}");
+    for i in 0..6 {
+        let r = s.command(&format!("send t{i}")).unwrap();
+        assert!(r["name"].as_str().is_some(), "t{i}: {r}");
+    }
+    let unconnected = s.send(&echo).unwrap();
+    assert_eq!(unconnected["from"], echo.as_str(), "{unconnected}");
+    assert_ne!(unconnected["name"], gone, "{unconnected}");
+}
+
+/// `--terminate-sockets none`: the sockets on a removed backend stay and
+/// keep talking to it (its server still answers).
+#[test]
+fn with_termination_off_sockets_keep_their_backend() {
+    let (mut lab, ip) = lab_with_services_and(&["--terminate-sockets", "none"]);
+    let (mut s, backends, gone) = sockets_then_backend_removed(&mut lab, ip);
+    // A later sync has happened once the endpoints changed; a termination
+    // pass would have run right after it.
+    for (i, before) in backends.iter().enumerate() {
+        let r = s.command(&format!("send u{i}")).unwrap();
+        assert_eq!(r["name"], before.as_str(), "u{i}: {r}");
+    }
+    assert!(backends.iter().any(|b| b == gone));
+    let doc = lab.agent.list_json().unwrap();
+    assert_eq!(echo_terminated(&doc), 0, "{doc}");
 }
 
 /// A second UDP service in front of the same pods.

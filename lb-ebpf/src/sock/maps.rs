@@ -78,6 +78,12 @@ static SOCK: Array<SockSlot> = Array::pinned(DEFAULT_MAX_SOCKETS, 0);
 static SOCK_SPILL: HashMap<u64, SockReverse> =
     HashMap::pinned(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
+/// Sockets the agent destroyed, per service id: written and read by the
+/// agent only (`lb-agent list` shows it); here so it is created and pinned
+/// with the maps it counts for.
+#[map(name = "LB_TERMINATED")]
+static TERMINATED: HashMap<u32, u64> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
 /// `LB_SOCK`'s size minus one, set by the agent at load (a read-only global).
 #[unsafe(no_mangle)]
 static LB_SOCK_MASK: u32 = DEFAULT_MAX_SOCKETS - 1;

@@ -107,6 +107,12 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         size_of::<u64>(),
         size_of::<SockReverse>(),
     ),
+    (
+        maps::TERMINATED,
+        MapType::Hash,
+        size_of::<u32>(),
+        size_of::<u64>(),
+    ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
 /// removed once the new programs are attached (the old programs hold their
@@ -546,6 +552,7 @@ fn load_and_attach(
         .map_max_entries(maps::SERVICE_META, sizes.max_frontends)
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
+        .map_max_entries(maps::TERMINATED, sizes.max_frontends)
         .map_max_entries(maps::SOCK, sock_slots)
         .map_max_entries(maps::SOCK_SPILL, sock_slots.max(MIN_SOCK_SPILL))
         .override_global(SOCK_MASK_GLOBAL, &(sock_slots - 1), true)
@@ -880,12 +887,12 @@ pub fn attached_program(dir: &Path) -> Option<u32> {
     fd.info().ok().map(|i| i.program_id())
 }
 
-fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+pub(super) fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     let path = dir.join(name);
     MapData::from_pin(&path).map_err(|source| map_err("open pin", name, source))
 }
 
-fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathError {
+pub(super) fn map_err(op: &'static str, map: &'static str, source: MapError) -> DatapathError {
     if let MapError::SyscallError(SyscallError { io_error, .. }) = &source
         && io_error.raw_os_error() == Some(libc::E2BIG)
     {
@@ -905,6 +912,7 @@ fn size_flag(map: &str) -> &'static str {
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
         maps::SOCK | maps::SOCK_SPILL => "max-sockets",
+        maps::TERMINATED => "max-frontends",
         _ => "max-services",
     }
 }
@@ -932,6 +940,8 @@ pub struct BpfDatapath {
     stats: PerCpuArray<MapData, u64>,
     /// Absent in pins made before the reverse map existed.
     reverse: Option<WithMax<ReverseKey, ReverseValue>>,
+    /// Sockets destroyed per service id; absent in older pins.
+    terminated: Option<HashMap<MapData, u32, u64>>,
     /// Absent in pins made before the frontend filter existed.
     filter: Option<Filter>,
 }
@@ -1019,6 +1029,8 @@ impl BpfDatapath {
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pin(dir, maps::STATS)?))
                 .map_err(|e| map_err("open", maps::STATS, e))?,
             reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
+            terminated: open_optional(dir, maps::TERMINATED, aya::maps::Map::HashMap)?
+                .map(|(m, _)| m),
             filter: MapData::from_pin(dir.join(maps::FILTER))
                 .ok()
                 .map(|map| Filter { map, state: None }),
@@ -1301,6 +1313,9 @@ impl Datapath for BpfDatapath {
         for item in self.meta.iter() {
             let (k, v) = item.map_err(|e| map_err("iterate", maps::SERVICE_META, e))?;
             snap.meta.insert(k, v);
+        }
+        if let Some(t) = &self.terminated {
+            snap.terminated = t.iter().filter_map(std::result::Result::ok).collect();
         }
         Ok(snap)
     }

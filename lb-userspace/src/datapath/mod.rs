@@ -6,7 +6,9 @@ use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 pub mod bpf;
 pub mod memory;
+pub mod sockdiag;
 mod sys;
+pub mod terminate;
 
 pub use memory::MemoryDatapath;
 
@@ -49,6 +51,8 @@ pub struct Snapshot {
     /// zeroes is left out), by index.
     pub backends: BTreeMap<u32, Backend>,
     pub meta: BTreeMap<u32, ServiceMeta>,
+    /// Sockets the agent destroyed per service id (`--terminate-sockets`).
+    pub terminated: BTreeMap<u32, u64>,
 }
 
 /// Map access. Each call but [`Datapath::put_backends`] is one atomic map

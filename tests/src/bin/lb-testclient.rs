@@ -340,21 +340,107 @@ fn run_unconnected(
 fn run_session(bind: SocketAddr) -> anyhow::Result<()> {
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut named: BTreeMap<String, Named> = BTreeMap::new();
     let stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         let line = line?;
-        let target: SocketAddr = line.trim().parse().with_context(|| format!("{line:?}"))?;
-        let out = match exchange(&s, target) {
-            Ok((name, from)) => serde_json::json!({"name": name, "from": from.to_string()}),
-            Err(e) => serde_json::json!({
-                "error": e.raw_os_error().map_or_else(|| e.kind().to_string(), sys::errno_name)
-            }),
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = match words.as_slice() {
+            [target] => {
+                let target: SocketAddr = target.parse().with_context(|| format!("{line:?}"))?;
+                reply(exchange(&s, target).map(
+                    |(name, from)| serde_json::json!({"name": name, "from": from.to_string()}),
+                ))
+            }
+            ["udp", name, target] => reply(open_named(false, target, bind).map(|n| {
+                let peer = n.peer();
+                named.insert((*name).to_owned(), n);
+                serde_json::json!({"peer": peer})
+            })),
+            ["tcp", name, target] => reply(open_named(true, target, bind).map(|n| {
+                let peer = n.peer();
+                named.insert((*name).to_owned(), n);
+                serde_json::json!({"peer": peer})
+            })),
+            ["send", name] => match named.get_mut(*name) {
+                Some(n) => reply(n.request().map(|name| serde_json::json!({"name": name}))),
+                None => anyhow::bail!("no socket {name}"),
+            },
+            _ => anyhow::bail!("unknown session command {line:?}"),
         };
         let mut out_lock = stdout.lock();
         writeln!(out_lock, "{out}")?;
         out_lock.flush()?;
     }
     Ok(())
+}
+
+/// A session's named socket: a connected UDP socket or a TCP connection.
+enum Named {
+    Udp(UdpSocket),
+    Tcp(TcpStream),
+}
+
+fn open_named(tcp: bool, target: &str, bind: SocketAddr) -> std::io::Result<Named> {
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
+    if tcp {
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Named::Tcp(s))
+    } else {
+        let s = UdpSocket::bind(bind)?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        Ok(Named::Udp(s))
+    }
+}
+
+impl Named {
+    fn peer(&self) -> String {
+        match self {
+            Self::Udp(s) => s.peer_addr(),
+            Self::Tcp(s) => s.peer_addr(),
+        }
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+    }
+
+    /// One exchange on the socket: a datagram and its reply, or (TCP) one
+    /// HTTP request whose response the server sends before it closes.
+    fn request(&mut self) -> std::io::Result<String> {
+        let name = match self {
+            Self::Udp(s) => {
+                s.send(b"ping")?;
+                let mut buf = [0u8; 512];
+                let n = s.recv(&mut buf)?;
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+            }
+            Self::Tcp(s) => {
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut resp = String::new();
+                s.read_to_string(&mut resp)?;
+                resp.split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            }
+        };
+        if name.is_empty() {
+            return Err(std::io::Error::other("empty reply"));
+        }
+        Ok(name)
+    }
+}
+
+/// A session reply: the value, or `{"error": ERRNO}`.
+fn reply(r: std::io::Result<serde_json::Value>) -> serde_json::Value {
+    r.unwrap_or_else(|e| {
+        serde_json::json!({
+            "error": e.raw_os_error().map_or_else(|| e.kind().to_string(), sys::errno_name)
+        })
+    })
 }
 
 /// `--probe`: a socket no program may touch (not a TCP stream or UDP
