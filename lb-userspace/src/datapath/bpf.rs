@@ -1160,8 +1160,8 @@ pub struct SocketOccupancy {
     pub spilled: u64,
 }
 
-/// Reads every slot of `LB_SOCK` and walks the spill hash (one syscall per
-/// slot: about 50 ms for the default 65,536), or `None` if the
+/// Reads every slot of `LB_SOCK` (batch lookups of 8,192 slots) and walks
+/// the spill hash, or `None` if the
 /// installation has no slot array (an older version's pins).
 pub fn socket_occupancy(dir: &Path) -> Result<Option<SocketOccupancy>> {
     let Ok(data) = MapData::from_pin(dir.join(maps::SOCK)) else {
@@ -1171,16 +1171,9 @@ pub fn socket_occupancy(dir: &Path) -> Result<Option<SocketOccupancy>> {
     if !info.map_type().is_ok_and(|t| t == MapType::Array) {
         return Ok(None);
     }
-    let slots: aya::maps::Array<MapData, SockSlot> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data))
-            .map_err(|e| map_err("open", maps::SOCK, e))?;
-    let mut held = 0;
-    for i in 0..info.max_entries() {
-        let slot = slots
-            .get(&i, 0)
-            .map_err(|e| map_err("read", maps::SOCK, e))?;
-        held += u64::from(slot.cookie != 0);
-    }
+    let slots: Vec<SockSlot> = sys::array_lookup_all(data.fd().as_fd(), info.max_entries())
+        .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::SOCK)))?;
+    let held = slots.iter().filter(|s| s.cookie != 0).count() as u64;
     let spilled =
         match open_optional::<u64, SockReverse>(dir, maps::SOCK_SPILL, aya::maps::Map::HashMap)? {
             Some((map, max)) => occupancy(&map, max).entries,
