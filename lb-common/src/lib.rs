@@ -303,8 +303,9 @@ pub struct SockSlot {
 
 /// Longest namespace or name kept in the metadata map (DNS labels are ≤ 63).
 pub const META_NAME_LEN: usize = 64;
-/// Longest service port name (IANA_SVC_NAME is ≤ 15).
-pub const META_PORT_NAME_LEN: usize = 16;
+/// Longest service port name (IANA_SVC_NAME is ≤ 15; the field needs no
+/// terminator).
+pub const META_PORT_NAME_LEN: usize = 15;
 
 /// Service type codes stored in [`ServiceMeta::svc_type`].
 pub const SVC_TYPE_CLUSTER_IP: u8 = 0;
@@ -313,7 +314,9 @@ pub const SVC_TYPE_LOAD_BALANCER: u8 = 2;
 
 /// Human-facing description of a frontend, keyed by `svc_id`. Only userspace
 /// reads it: it lets `lb-agent list` and a restarted agent name what the
-/// maps hold without the sources that wrote them.
+/// maps hold without the sources that wrote them. The frontend itself is
+/// the key of the `LB_SERVICES` entry with this `svc_id`, not repeated:
+/// 144 bytes, a multiple of 8, so the hash element wastes nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceMeta {
@@ -323,10 +326,6 @@ pub struct ServiceMeta {
     pub name: [u8; META_NAME_LEN],
     /// NUL-padded UTF-8; empty for an unnamed port.
     pub port_name: [u8; META_PORT_NAME_LEN],
-    /// Frontend, same encoding as [`ServiceKey`].
-    pub addr: Addr,
-    pub port: u16,
-    pub proto: u8,
     pub svc_type: u8,
 }
 
@@ -436,8 +435,9 @@ mod tests {
         assert_eq!(offset_of!(SockReverse, addr), 24);
         assert_eq!(
             size_of::<ServiceMeta>(),
-            2 * META_NAME_LEN + META_PORT_NAME_LEN + 20
+            2 * META_NAME_LEN + META_PORT_NAME_LEN + 1
         );
+        assert_eq!(size_of::<ServiceMeta>(), 144);
     }
 
     #[test]

@@ -88,14 +88,12 @@ fn get_str(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-pub fn encode_meta(fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
+/// `_fe`: the frontend is the key of the entry this describes, not repeated.
+pub fn encode_meta(_fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
     ServiceMeta {
         namespace: put_str::<META_NAME_LEN>(&svc.namespace),
         name: put_str::<META_NAME_LEN>(&svc.name),
         port_name: put_str::<META_PORT_NAME_LEN>(&svc.port_name),
-        addr: ip_be(fe.addr.ip()),
-        port: port_be(fe.addr.port()),
-        proto: fe.proto.number(),
         svc_type: match svc.svc_type {
             ServiceType::ClusterIP => SVC_TYPE_CLUSTER_IP,
             ServiceType::NodePort => SVC_TYPE_NODE_PORT,
