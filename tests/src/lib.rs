@@ -215,6 +215,16 @@ impl Topology {
         Ok(t)
     }
 
+    /// Another client namespace on the bridge (`<prefix>-client<n>`,
+    /// 10.244.1.<100 + n>), for tests that need clients in two namespaces.
+    pub fn add_client(&mut self, n: u8) -> anyhow::Result<String> {
+        let netns = format!("{}{n}", self.client);
+        self.add_netns(&netns)?;
+        let octet = 100 + n;
+        self.plug(&netns, &format!("vc{n}"), pod_ip(octet), pod_ip6(octet))?;
+        Ok(netns)
+    }
+
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         ip(&["netns", "add", name])?;
         self.created.push(name.to_owned());
@@ -944,8 +954,17 @@ pub struct UdpSession {
 impl UdpSession {
     /// `args`: extra client flags, e.g. `["--bind", "[::]:0"]` for an IPv6 socket.
     pub fn start(lab: &Lab, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = lab
-            .client_command(true)
+        Self::start_in(lab, &lab.topo.client, args)
+    }
+
+    /// [`Self::start`] in the client namespace `netns` (see
+    /// [`Topology::add_client`]), in the attached cgroup.
+    pub fn start_in(lab: &Lab, netns: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(&lab.bins.client)
+            .arg("--netns")
+            .arg(netns)
+            .arg("--cgroup")
+            .arg(&lab.cgroup.path)
             .arg("--session")
             .args(args)
             .stdin(Stdio::piped())

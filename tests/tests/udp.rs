@@ -368,6 +368,46 @@ fn echo_terminated(doc: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens connected UDP socket `name` of session `s` to `echo` and returns
+/// the backend its first exchange reached.
+fn udp_to_echo(s: &mut UdpSession, name: &str) -> String {
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let open = s.command(&format!("udp {name} {echo}")).unwrap();
+    assert_eq!(open["peer"], echo.as_str(), "{open}");
+    let r = s.command(&format!("send {name}")).unwrap();
+    r["name"].as_str().expect("a reply").to_owned()
+}
+
+/// Marks pod `gone` not ready and waits until `echo` has the two others.
+fn take_out(lab: &mut Lab, gone: &str) {
+    let ready: [bool; 3] = std::array::from_fn(|i| PODS[i].0 != gone);
+    lab.write_manifest("services.yaml", &services_manifest_ready(ready))
+        .unwrap();
+    lab.agent
+        .wait_for("echo without the pod", SYNC, |d| {
+            endpoints(d, "default", "echo", ECHO_PORT).len() == 2
+        })
+        .unwrap();
+}
+
+/// Each UDP socket `{prefix}{i}` of `s` whose backend was `gone` fails its
+/// next exchange (the send, as the socket is disconnected, or the receive
+/// with ECONNABORTED); the others reach the backend they had.
+fn assert_destroyed_only_on(s: &mut UdpSession, prefix: &str, backends: &[String], gone: &str) {
+    for (i, before) in backends.iter().enumerate() {
+        let r = s.command(&format!("send {prefix}{i}")).unwrap();
+        if before == gone {
+            let err = r["error"].as_str().unwrap_or_default();
+            assert!(
+                err == "ECONNABORTED" || err == "EDESTADDRREQ",
+                "{prefix}{i} on {before}: {r}"
+            );
+        } else {
+            assert_eq!(r["name"], before.as_str(), "{prefix}{i}: {r}");
+        }
+    }
+}
+
 /// Connected UDP and TCP sockets to `echo` and `back-end`, and the backend
 /// of each UDP socket; one UDP socket connected straight to the pod the
 /// first UDP socket reached; then that pod is marked not ready.
@@ -376,36 +416,22 @@ fn sockets_then_backend_removed(
     lab: &mut Lab,
     ip: Ipv4Addr,
 ) -> (UdpSession, Vec<String>, &'static str) {
-    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
     let mut s = UdpSession::start(lab, &[]).unwrap();
-    let mut backends = Vec::new();
-    for i in 0..12 {
-        let open = s.command(&format!("udp u{i} {echo}")).unwrap();
-        assert_eq!(open["peer"], echo.as_str(), "{open}");
-        let r = s.command(&format!("send u{i}")).unwrap();
-        backends.push(r["name"].as_str().expect("a reply").to_owned());
-    }
+    let backends: Vec<String> = (0..12)
+        .map(|i| udp_to_echo(&mut s, &format!("u{i}")))
+        .collect();
     for i in 0..6 {
         let open = s.command(&format!("tcp t{i} {ip}:80")).unwrap();
         assert_eq!(open["peer"], format!("{ip}:80").as_str(), "{open}");
     }
-    let (index, (gone, octet)) = PODS
+    let (gone, octet) = *PODS
         .iter()
-        .enumerate()
-        .find(|(_, (n, _))| *n == backends[0])
+        .find(|(n, _)| *n == backends[0])
         .expect("a pod's name");
-    let direct = format!("{}:80", pod_ip(*octet));
+    let direct = format!("{}:80", pod_ip(octet));
     let open = s.command(&format!("udp direct {direct}")).unwrap();
     assert_eq!(open["peer"], direct.as_str(), "{open}");
-    let mut ready = [true; 3];
-    ready[index] = false;
-    lab.write_manifest("services.yaml", &services_manifest_ready(ready))
-        .unwrap();
-    lab.agent
-        .wait_for("echo without the pod", SYNC, |d| {
-            endpoints(d, "default", "echo", ECHO_PORT).len() == 2
-        })
-        .unwrap();
+    take_out(lab, gone);
     (s, backends, gone)
 }
 
@@ -426,18 +452,7 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed() {
         .wait_for("sockets destroyed", SYNC, |d| echo_terminated(d) >= on_gone)
         .unwrap();
     assert_eq!(echo_terminated(&doc), on_gone, "{doc}");
-    for (i, before) in backends.iter().enumerate() {
-        let r = s.command(&format!("send u{i}")).unwrap();
-        if before == gone {
-            let err = r["error"].as_str().unwrap_or_default();
-            assert!(
-                err == "ECONNABORTED" || err == "EDESTADDRREQ",
-                "u{i} on {before}: {r}"
-            );
-        } else {
-            assert_eq!(r["name"], before.as_str(), "u{i}: {r}");
-        }
-    }
+    assert_destroyed_only_on(&mut s, "u", &backends, gone);
     let echo = format!("{ECHO_IP}:{ECHO_PORT}");
     s.command(&format!("udp fresh {echo}")).unwrap();
     let fresh = s.command("send fresh").unwrap();
@@ -468,6 +483,39 @@ fn with_termination_off_sockets_keep_their_backend() {
     assert!(backends.iter().any(|b| b == gone));
     let doc = lab.agent.list_json().unwrap();
     assert_eq!(echo_terminated(&doc), 0, "{doc}");
+}
+
+/// Clients in two network namespaces of the attached cgroup: the connected
+/// UDP sockets on the removed backend are destroyed in both.
+#[test]
+fn sockets_in_two_client_namespaces_are_both_destroyed() {
+    let (mut lab, _) = lab_with_services();
+    let second = lab.topo.add_client(1).unwrap();
+    let mut a = UdpSession::start(&lab, &[]).unwrap();
+    let mut b = UdpSession::start_in(&lab, &second, &[]).unwrap();
+    let in_a: Vec<String> = (0..6)
+        .map(|i| udp_to_echo(&mut a, &format!("a{i}")))
+        .collect();
+    let gone = PODS
+        .iter()
+        .map(|(n, _)| *n)
+        .find(|n| *n == in_a[0])
+        .expect("a pod's name");
+    // Sockets in b until one reaches the same pod (1 in 3 each).
+    let mut in_b = Vec::new();
+    while !in_b.iter().any(|n| n == gone) {
+        assert!(in_b.len() < 40, "no socket of b reached {gone}: {in_b:?}");
+        in_b.push(udp_to_echo(&mut b, &format!("b{}", in_b.len())));
+    }
+    take_out(&mut lab, gone);
+    let on_gone = in_a.iter().chain(&in_b).filter(|n| *n == gone).count() as u64;
+    let doc = lab
+        .agent
+        .wait_for("sockets destroyed", SYNC, |d| echo_terminated(d) >= on_gone)
+        .unwrap();
+    assert_eq!(echo_terminated(&doc), on_gone, "{doc}");
+    assert_destroyed_only_on(&mut a, "a", &in_a, gone);
+    assert_destroyed_only_on(&mut b, "b", &in_b, gone);
 }
 
 /// A second UDP service in front of the same pods.
