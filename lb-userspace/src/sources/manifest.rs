@@ -19,6 +19,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use smol_str::SmolStr;
+
 use crate::{
     model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
@@ -383,7 +385,13 @@ pub struct DirCache {
     fed: Option<Fed>,
 }
 
-type Key = (String, String);
+/// (namespace, name), inline up to 23 bytes each (almost every Kubernetes
+/// name): the maps below hold one per object and allocate nothing per key.
+type Key = (SmolStr, SmolStr);
+
+fn key(namespace: &str, name: &str) -> Key {
+    (SmolStr::new(namespace), SmolStr::new(name))
+}
 
 /// The directory's meaning as last given to the index.
 #[derive(Debug, Default)]
@@ -391,7 +399,7 @@ struct Fed {
     services: HashMap<Key, Arc<ServiceInfo>>,
     slices: HashMap<Key, Arc<SliceInfo>>,
     /// The file whose definition of a hand-written slice won.
-    given_from: HashMap<Key, String>,
+    given_from: HashMap<Key, SmolStr>,
     /// What merging, allocation and the controllers reported.
     build_diags: Vec<Diagnostic>,
 }
@@ -533,8 +541,8 @@ impl DirCache {
         let mut delta = Delta::default();
         for name in edited {
             for slice in &files[name].objects.slices {
-                let key = (slice.namespace.clone(), slice.name.clone());
-                if fed.given_from.get(&key) != Some(name) {
+                let key = key(&slice.namespace, &slice.name);
+                if fed.given_from.get(&key).map(SmolStr::as_str) != Some(name.as_str()) {
                     continue;
                 }
                 let old = fed.slices.insert(key, slice.clone());
@@ -571,19 +579,19 @@ impl DirCache {
             let info = ServiceInfo::from(&svc);
             drop(svc);
             next.services
-                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+                .insert(key(&info.namespace, &info.name), Arc::new(info));
         }
         for slice in built.given {
-            let key = (slice.namespace.clone(), slice.name.clone());
+            let key = key(&slice.namespace, &slice.name);
             let file = slice.source.split('#').next().unwrap_or_default();
-            next.given_from.insert(key.clone(), file.to_owned());
+            next.given_from.insert(key.clone(), SmolStr::new(file));
             next.slices.insert(key, slice);
         }
         for slice in built.slices {
             let info = SliceInfo::from(&slice);
             drop(slice);
             next.slices
-                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+                .insert(key(&info.namespace, &info.name), Arc::new(info));
         }
         let previous = self.fed.take().unwrap_or_default();
         let delta = Delta {
@@ -709,8 +717,8 @@ fn diff<T: PartialEq>(old: &HashMap<Key, Arc<T>>, new: &HashMap<Key, Arc<T>>) ->
             changes.push((
                 key,
                 Change::Delete {
-                    namespace: key.0.clone(),
-                    name: key.1.clone(),
+                    namespace: key.0.to_string(),
+                    name: key.1.to_string(),
                 },
             ));
         }
