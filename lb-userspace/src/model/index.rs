@@ -81,13 +81,13 @@ pub trait Named {
 
 impl Named for ServiceInfo {
     fn key(&self) -> Key {
-        (self.namespace.clone(), self.name.clone())
+        (self.namespace.to_string(), self.name.to_string())
     }
 }
 
 impl Named for SliceInfo {
     fn key(&self) -> Key {
-        (self.namespace.clone(), self.name.clone())
+        (self.namespace.to_string(), self.name.to_string())
     }
 }
 
