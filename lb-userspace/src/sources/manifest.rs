@@ -318,7 +318,7 @@ impl ClusterIpAllocator {
 pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) -> Manifests {
     let mut diagnostics = Vec::new();
     let objects = parse::read_dir(dir, max_file_size, &mut diagnostics);
-    build(objects, alloc, diagnostics)
+    build(objects, alloc, diagnostics).into()
 }
 
 /// What the API server and the controllers would make of the objects.
@@ -326,7 +326,7 @@ fn build(
     objects: parse::Objects,
     alloc: &mut ClusterIpAllocator,
     mut diagnostics: Vec<Diagnostic>,
-) -> Manifests {
+) -> Built {
     let parse::Objects {
         mut services,
         pods,
@@ -336,7 +336,7 @@ fn build(
     } = objects;
 
     let keep = alloc.allocate(&mut services, &mut diagnostics);
-    let services: Vec<Sourced<Service>> = services
+    let services: Vec<Sourced<slim::SlimService>> = services
         .into_iter()
         .zip(keep)
         .filter_map(|(s, keep)| keep.then_some(s))
@@ -352,11 +352,35 @@ fn build(
         &mut diagnostics,
     );
 
-    Manifests {
+    Built {
         services: services.into_iter().map(Sourced::annotated).collect(),
         slices,
         given,
         diagnostics,
+    }
+}
+
+/// What [`build`] made: [`Manifests`] with the Services as the cache keeps
+/// them.
+struct Built {
+    services: Vec<slim::SlimService>,
+    slices: Vec<EndpointSlice>,
+    given: Vec<Arc<SliceInfo>>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl From<Built> for Manifests {
+    fn from(b: Built) -> Self {
+        Manifests {
+            services: b
+                .services
+                .into_iter()
+                .map(slim::SlimService::into_service)
+                .collect(),
+            slices: b.slices,
+            given: b.given,
+            diagnostics: b.diagnostics,
+        }
     }
 }
 
@@ -576,7 +600,7 @@ impl DirCache {
         };
         // Each full object goes as soon as its slim info is taken.
         for svc in built.services {
-            let info = ServiceInfo::from(&svc);
+            let info = svc.info();
             drop(svc);
             next.services
                 .insert(key(&info.namespace, &info.name), Arc::new(info));
@@ -793,7 +817,7 @@ macro_rules! has_meta {
     )*};
 }
 
-has_meta!(Service, EndpointSlice, Pod, Endpoints);
+has_meta!(Service, slim::SlimService, EndpointSlice, Pod, Endpoints);
 
 impl<T: HasMeta + Clone> Sourced<T> {
     /// The object with its source recorded, so diagnostics computed later

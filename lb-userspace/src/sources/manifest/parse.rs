@@ -23,7 +23,7 @@ use crate::model::{Diagnostic, SliceInfo};
 /// most once.
 #[derive(Clone, Default)]
 pub(super) struct Objects {
-    pub services: Vec<Sourced<Service>>,
+    pub services: Vec<Sourced<slim::SlimService>>,
     pub pods: Vec<Sourced<Pod>>,
     pub endpoints: Vec<Sourced<Endpoints>>,
     /// Hand-written EndpointSlices, slim from the start (with their source):
