@@ -31,8 +31,10 @@ use crate::{
     model::{DesiredService, DesiredState, Frontend, ServiceRef},
 };
 
+mod addrs;
 mod ranges;
 
+pub use addrs::Addrs;
 use ranges::Ranges;
 
 /// Whether frontends and backends absent from the desired state may be removed.
@@ -55,7 +57,7 @@ pub struct Installed {
     /// `base..base + count`.
     pub count: u16,
     /// What the slots hold, in slot order (sorted by address).
-    pub backends: Vec<SocketAddr>,
+    pub backends: Addrs,
     /// Meta and master are in the maps. False for a new frontend whose
     /// first write failed before its master, and from the moment a removal
     /// has deleted the master until it has finished (a failed removal
@@ -174,7 +176,7 @@ impl<D: Datapath> Reconciler<D> {
                     service,
                     base,
                     count: backends.len() as u16,
-                    backends,
+                    backends: Addrs::from(backends),
                     complete: true,
                 },
             );
@@ -375,7 +377,7 @@ impl<D: Datapath> Reconciler<D> {
         let wanted = match (prune, old) {
             // Never shrink before the sources are complete: keep what is there.
             (Prune::No, Some(o)) if o.complete => {
-                sorted(want.backends.iter().chain(&o.backends).copied())
+                sorted(want.backends.iter().copied().chain(o.backends.iter()))
             }
             _ => sorted(want.backends.iter().copied()),
         };
@@ -400,7 +402,7 @@ impl<D: Datapath> Reconciler<D> {
             service: want.service.clone(),
             base: 0,
             count: 0,
-            backends: Vec::new(),
+            backends: Addrs::default(),
             complete: false,
         });
         let range = if inst.complete && inst.backends == wanted {
@@ -538,7 +540,7 @@ impl<D: Datapath> Reconciler<D> {
             }
             inst.base = r.base;
             inst.count = r.count;
-            inst.backends = r.addrs;
+            inst.backends = Addrs::from(r.addrs);
             inst.complete = true;
         }
     }

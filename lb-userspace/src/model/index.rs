@@ -13,7 +13,7 @@
 //! younger than any with one (only hand-written manifests lack it). Across
 //! restarts "seen first" is recovered from the maps ([`Index::seed`]).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashSet, hash_map::Entry},
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
@@ -30,6 +30,11 @@ use super::{
 
 /// (namespace, name).
 pub type Key = (String, String);
+
+/// The index's tables hash with foldhash (seeded per process), not SipHash:
+/// every apply and every check-out hashes (namespace, name) keys and
+/// frontends several times.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The index's own (namespace, name): inline up to 23 bytes (almost every
 /// Kubernetes name) and shared when longer, so the several maps keyed by
@@ -81,13 +86,13 @@ pub trait Named {
 
 impl Named for ServiceInfo {
     fn key(&self) -> Key {
-        (self.namespace.clone(), self.name.clone())
+        (self.namespace.to_string(), self.name.to_string())
     }
 }
 
 impl Named for SliceInfo {
     fn key(&self) -> Key {
-        (self.namespace.clone(), self.name.clone())
+        (self.namespace.to_string(), self.name.to_string())
     }
 }
 
@@ -277,7 +282,7 @@ impl Index {
     /// The sources are complete: a seeded service not seen by now is gone,
     /// and if it comes back it is a newcomer.
     pub fn end_seeding(&mut self) {
-        self.seeds = HashMap::new();
+        self.seeds = HashMap::default();
     }
 
     /// Takes a service (or one shared with its source: `Arc<ServiceInfo>`).

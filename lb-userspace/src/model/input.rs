@@ -8,6 +8,8 @@
 //! there are many of them and the rules for them need nothing else.
 use std::net::IpAddr;
 
+use smol_str::SmolStr;
+
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort},
@@ -25,9 +27,9 @@ use super::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
     /// `default` when unset, as kubectl would.
-    pub namespace: String,
+    pub namespace: SmolStr,
     /// Empty when missing (reported by translation).
-    pub name: String,
+    pub name: SmolStr,
     /// Where it came from, for diagnostics (`file.yaml#2`); empty for the API.
     pub source: String,
     /// `metadata.creationTimestamp`: the older of two Services claiming one
@@ -43,29 +45,29 @@ pub struct ServiceInfo {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpecInfo {
-    pub type_: Option<String>,
-    pub cluster_ip: Option<String>,
-    pub cluster_ips: Option<Vec<String>>,
+    pub type_: Option<SmolStr>,
+    pub cluster_ip: Option<SmolStr>,
+    pub cluster_ips: Option<Vec<SmolStr>>,
     pub ports: Vec<ServicePortInfo>,
-    pub internal_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<SmolStr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePortInfo {
     /// Empty for the unnamed port.
-    pub name: String,
-    pub protocol: Option<String>,
+    pub name: SmolStr,
+    pub protocol: Option<SmolStr>,
     pub port: i32,
 }
 
 /// An EndpointSlice as translation sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: SmolStr,
+    pub name: SmolStr,
     pub source: String,
     /// The `kubernetes.io/service-name` label; `None` when missing or empty.
-    pub service: Option<String>,
+    pub service: Option<SmolStr>,
     /// `None`: an FQDN (or unknown) slice, which kube-proxy ignores; its
     /// endpoints are not kept.
     pub family: Option<Family>,
@@ -93,7 +95,7 @@ impl Family {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortInfo {
     /// Empty for the unnamed port.
-    pub name: String,
+    pub name: SmolStr,
     pub proto: Proto,
     /// `None`: nil, 0 or out of range, which makes the port unusable.
     pub port: Option<u16>,
@@ -132,12 +134,13 @@ pub enum Address {
 }
 
 /// Objects without a namespace are taken as `default`, as kubectl would.
-fn namespace_of(meta: &ObjectMeta) -> String {
-    meta.namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default")
-        .to_owned()
+fn namespace_of(meta: &ObjectMeta) -> SmolStr {
+    SmolStr::new(
+        meta.namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default"),
+    )
 }
 
 fn source_of(meta: &ObjectMeta) -> String {
@@ -155,9 +158,12 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 impl From<&Service> for ServiceInfo {
     fn from(svc: &Service) -> Self {
         let spec = svc.spec.as_ref().map(|spec| ServiceSpecInfo {
-            type_: spec.type_.clone(),
-            cluster_ip: spec.cluster_ip.clone(),
-            cluster_ips: spec.cluster_ips.clone(),
+            type_: spec.type_.as_deref().map(SmolStr::new),
+            cluster_ip: spec.cluster_ip.as_deref().map(SmolStr::new),
+            cluster_ips: spec
+                .cluster_ips
+                .as_ref()
+                .map(|ips| ips.iter().map(SmolStr::new).collect()),
             ports: spec
                 .ports
                 .as_deref()
@@ -165,7 +171,7 @@ impl From<&Service> for ServiceInfo {
                 .iter()
                 .map(ServicePortInfo::from)
                 .collect(),
-            internal_traffic_policy: spec.internal_traffic_policy.clone(),
+            internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
         });
         Self::from_parts(&svc.metadata, spec)
     }
@@ -178,7 +184,7 @@ impl ServiceInfo {
     pub fn from_parts(meta: &ObjectMeta, spec: Option<ServiceSpecInfo>) -> Self {
         Self {
             namespace: namespace_of(meta),
-            name: meta.name.clone().unwrap_or_default(),
+            name: SmolStr::new(meta.name.as_deref().unwrap_or_default()),
             source: source_of(meta),
             created: meta.creation_timestamp.clone(),
             headless_label: label(meta, HEADLESS).is_some(),
@@ -197,8 +203,8 @@ impl From<&ServicePort> for ServicePortInfo {
 impl ServicePortInfo {
     pub fn new(name: Option<String>, protocol: Option<String>, port: i32) -> Self {
         Self {
-            name: name.unwrap_or_default(),
-            protocol,
+            name: name.map(SmolStr::from).unwrap_or_default(),
+            protocol: protocol.map(SmolStr::from),
             port,
         }
     }
@@ -238,11 +244,11 @@ impl SliceInfo {
     ) -> Self {
         Self {
             namespace: namespace_of(meta),
-            name: meta.name.clone().unwrap_or_default(),
+            name: SmolStr::new(meta.name.as_deref().unwrap_or_default()),
             source: source_of(meta),
             service: label(meta, SERVICE_NAME)
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned),
+                .map(SmolStr::new),
             family,
             ports,
             endpoints,
@@ -266,7 +272,7 @@ impl SlicePortInfo {
     /// never matches a service port).
     pub fn new(name: Option<String>, protocol: Option<&str>, port: Option<i32>) -> Option<Self> {
         Some(Self {
-            name: name.unwrap_or_default(),
+            name: name.map(SmolStr::from).unwrap_or_default(),
             proto: super::translate::parse_proto(protocol).ok()?,
             port: port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0),
         })

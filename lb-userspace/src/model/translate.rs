@@ -33,7 +33,7 @@ pub fn translate(
     opts: &TranslateOptions,
 ) -> (DesiredState, Vec<Diagnostic>) {
     let mut index = Index::new(opts.clone());
-    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut seen: HashSet<(SmolStr, SmolStr)> = HashSet::new();
     let mut duplicates: Vec<ServiceInfo> = Vec::new();
     for svc in services {
         let info = ServiceInfo::from(svc);
@@ -44,7 +44,7 @@ pub fn translate(
         }
     }
     duplicates.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let mut slice_keys: HashSet<(String, String)> = HashSet::new();
+    let mut slice_keys: HashSet<(SmolStr, SmolStr)> = HashSet::new();
     for slice in slices {
         let info = SliceInfo::from(slice);
         // As for Services, the first of two copies is used.
@@ -57,11 +57,11 @@ pub fn translate(
     // A duplicate is reported right after its Service's own problems.
     let mut duplicates = duplicates.into_iter().peekable();
     for (key, group) in per_service {
-        while let Some(dup) = duplicates.next_if(|d| (&d.namespace, &d.name) < (&key.0, &key.1)) {
+        while let Some(dup) = duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) < (&key.0, &key.1)) {
             diags.push(duplicate(&dup));
         }
         diags.extend(group.iter().cloned());
-        while let Some(dup) = duplicates.next_if(|d| (&d.namespace, &d.name) == (&key.0, &key.1)) {
+        while let Some(dup) = duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) == (&key.0, &key.1)) {
             diags.push(duplicate(&dup));
         }
     }

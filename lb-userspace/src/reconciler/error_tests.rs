@@ -27,10 +27,10 @@ pub(super) fn assert_consistent(r: &Reconciler<MemoryDatapath>) {
         }
         assert_eq!(m, Some(inst.master()), "{f}");
         assert_eq!(inst.slots().len(), inst.backends.len(), "{f}");
-        for (slot, addr) in inst.slots().zip(&inst.backends) {
+        for (slot, addr) in inst.slots().zip(inst.backends.iter()) {
             assert_eq!(
                 state.backends.get(&slot),
-                Some(&encode_backend(*addr, f.proto)),
+                Some(&encode_backend(addr, f.proto)),
                 "{f} slot {slot}"
             );
         }

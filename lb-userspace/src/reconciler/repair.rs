@@ -129,7 +129,7 @@ impl<D: Datapath> Reconciler<D> {
         let want: Vec<Backend> = inst
             .backends
             .iter()
-            .map(|a| encode_backend(*a, fe.proto))
+            .map(|a| encode_backend(a, fe.proto))
             .collect();
         let drifted = inst
             .slots()

@@ -19,6 +19,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use smol_str::SmolStr;
+
 use crate::{
     model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
@@ -316,7 +318,7 @@ impl ClusterIpAllocator {
 pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) -> Manifests {
     let mut diagnostics = Vec::new();
     let objects = parse::read_dir(dir, max_file_size, &mut diagnostics);
-    build(objects, alloc, diagnostics)
+    build(objects, alloc, diagnostics).into()
 }
 
 /// What the API server and the controllers would make of the objects.
@@ -324,7 +326,7 @@ fn build(
     objects: parse::Objects,
     alloc: &mut ClusterIpAllocator,
     mut diagnostics: Vec<Diagnostic>,
-) -> Manifests {
+) -> Built {
     let parse::Objects {
         mut services,
         pods,
@@ -334,7 +336,7 @@ fn build(
     } = objects;
 
     let keep = alloc.allocate(&mut services, &mut diagnostics);
-    let services: Vec<Sourced<Service>> = services
+    let services: Vec<Sourced<slim::SlimService>> = services
         .into_iter()
         .zip(keep)
         .filter_map(|(s, keep)| keep.then_some(s))
@@ -350,11 +352,35 @@ fn build(
         &mut diagnostics,
     );
 
-    Manifests {
+    Built {
         services: services.into_iter().map(Sourced::annotated).collect(),
         slices,
         given,
         diagnostics,
+    }
+}
+
+/// What [`build`] made: [`Manifests`] with the Services as the cache keeps
+/// them.
+struct Built {
+    services: Vec<slim::SlimService>,
+    slices: Vec<EndpointSlice>,
+    given: Vec<Arc<SliceInfo>>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl From<Built> for Manifests {
+    fn from(b: Built) -> Self {
+        Manifests {
+            services: b
+                .services
+                .into_iter()
+                .map(slim::SlimService::into_service)
+                .collect(),
+            slices: b.slices,
+            given: b.given,
+            diagnostics: b.diagnostics,
+        }
     }
 }
 
@@ -383,7 +409,13 @@ pub struct DirCache {
     fed: Option<Fed>,
 }
 
-type Key = (String, String);
+/// (namespace, name), inline up to 23 bytes each (almost every Kubernetes
+/// name): the maps below hold one per object and allocate nothing per key.
+type Key = (SmolStr, SmolStr);
+
+fn key(namespace: &str, name: &str) -> Key {
+    (SmolStr::new(namespace), SmolStr::new(name))
+}
 
 /// The directory's meaning as last given to the index.
 #[derive(Debug, Default)]
@@ -391,7 +423,7 @@ struct Fed {
     services: HashMap<Key, Arc<ServiceInfo>>,
     slices: HashMap<Key, Arc<SliceInfo>>,
     /// The file whose definition of a hand-written slice won.
-    given_from: HashMap<Key, String>,
+    given_from: HashMap<Key, SmolStr>,
     /// What merging, allocation and the controllers reported.
     build_diags: Vec<Diagnostic>,
 }
@@ -533,8 +565,8 @@ impl DirCache {
         let mut delta = Delta::default();
         for name in edited {
             for slice in &files[name].objects.slices {
-                let key = (slice.namespace.clone(), slice.name.clone());
-                if fed.given_from.get(&key) != Some(name) {
+                let key = key(&slice.namespace, &slice.name);
+                if fed.given_from.get(&key).map(SmolStr::as_str) != Some(name.as_str()) {
                     continue;
                 }
                 let old = fed.slices.insert(key, slice.clone());
@@ -568,22 +600,22 @@ impl DirCache {
         };
         // Each full object goes as soon as its slim info is taken.
         for svc in built.services {
-            let info = ServiceInfo::from(&svc);
+            let info = svc.info();
             drop(svc);
             next.services
-                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+                .insert(key(&info.namespace, &info.name), Arc::new(info));
         }
         for slice in built.given {
-            let key = (slice.namespace.clone(), slice.name.clone());
+            let key = key(&slice.namespace, &slice.name);
             let file = slice.source.split('#').next().unwrap_or_default();
-            next.given_from.insert(key.clone(), file.to_owned());
+            next.given_from.insert(key.clone(), SmolStr::new(file));
             next.slices.insert(key, slice);
         }
         for slice in built.slices {
             let info = SliceInfo::from(&slice);
             drop(slice);
             next.slices
-                .insert((info.namespace.clone(), info.name.clone()), Arc::new(info));
+                .insert(key(&info.namespace, &info.name), Arc::new(info));
         }
         let previous = self.fed.take().unwrap_or_default();
         let delta = Delta {
@@ -709,8 +741,8 @@ fn diff<T: PartialEq>(old: &HashMap<Key, Arc<T>>, new: &HashMap<Key, Arc<T>>) ->
             changes.push((
                 key,
                 Change::Delete {
-                    namespace: key.0.clone(),
-                    name: key.1.clone(),
+                    namespace: key.0.to_string(),
+                    name: key.1.to_string(),
                 },
             ));
         }
@@ -785,7 +817,7 @@ macro_rules! has_meta {
     )*};
 }
 
-has_meta!(Service, EndpointSlice, Pod, Endpoints);
+has_meta!(Service, slim::SlimService, EndpointSlice, Pod, Endpoints);
 
 impl<T: HasMeta + Clone> Sourced<T> {
     /// The object with its source recorded, so diagnostics computed later

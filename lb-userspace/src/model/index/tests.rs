@@ -194,7 +194,7 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
         service: Some("big".into()),
         family: Some(Family::V4),
         ports: vec![SlicePortInfo {
-            name: String::new(),
+            name: Default::default(),
             proto: Proto::Tcp,
             port: Some(8080),
         }],

@@ -5,6 +5,7 @@
 //! never holds full `k8s-openapi` objects. The rules that turn the fields
 //! into [`ServiceInfo`] and [`SliceInfo`] are the model's, shared with the
 //! manifest source's `From<&Service>` and `From<&EndpointSlice>`.
+use smol_str::SmolStr;
 use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::{
@@ -212,9 +213,11 @@ impl From<WireService> for SlimService {
     fn from(w: WireService) -> Self {
         let metadata = ObjectMeta::from(w.metadata.unwrap_or_default());
         let spec = w.spec.map(|s| ServiceSpecInfo {
-            type_: s.type_,
-            cluster_ip: s.cluster_ip,
-            cluster_ips: s.cluster_ips.map(|ips| kept(ips, Some)),
+            type_: s.type_.map(SmolStr::from),
+            cluster_ip: s.cluster_ip.map(SmolStr::from),
+            cluster_ips: s
+                .cluster_ips
+                .map(|ips| kept(ips, |ip| Some(SmolStr::from(ip)))),
             ports: kept(s.ports.unwrap_or_default(), |p| {
                 Some(ServicePortInfo::new(
                     p.name,
@@ -222,7 +225,7 @@ impl From<WireService> for SlimService {
                     p.port.unwrap_or_default(),
                 ))
             }),
-            internal_traffic_policy: s.internal_traffic_policy,
+            internal_traffic_policy: s.internal_traffic_policy.map(SmolStr::from),
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
         Self { metadata, info }

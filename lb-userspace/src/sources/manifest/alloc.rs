@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use super::slim::{SlimService, SlimServiceSpec};
 
 use super::{
     CidrRange, ClusterIpAllocator, FamilyIps, IpFamily, ServiceCidr, ServiceCidrError, Sourced,
@@ -208,7 +208,7 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
 
 /// kube-apiserver's IP-family defaulting and validation for a created
 /// Service (not ExternalName). Every problem names its field.
-fn plan(spec: &ServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>> {
+fn plan(spec: &SlimServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>> {
     let mut problems = Vec::new();
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
     let listed: &[String] = spec.cluster_ips.as_deref().unwrap_or_default();
@@ -427,7 +427,7 @@ impl ClusterIpAllocator {
     /// when a range is full, each with a diagnostic.
     pub(super) fn allocate(
         &mut self,
-        services: &mut [Sourced<Service>],
+        services: &mut [Sourced<SlimService>],
         diags: &mut Vec<Diagnostic>,
     ) -> Vec<bool> {
         let mut keep = vec![true; services.len()];

@@ -88,10 +88,10 @@ impl Fed {
             }
         }
         one(&mut self.services, &delta.services, |s| {
-            (s.namespace.clone(), s.name.clone())
+            (s.namespace.to_string(), s.name.to_string())
         });
         one(&mut self.slices, &delta.slices, |s| {
-            (s.namespace.clone(), s.name.clone())
+            (s.namespace.to_string(), s.name.to_string())
         });
     }
 

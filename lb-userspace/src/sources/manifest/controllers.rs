@@ -10,14 +10,17 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, EndpointAddress, Endpoints, ObjectReference, Pod, Service, ServicePort,
+            Container, EndpointAddress, Endpoints, ObjectReference, Pod, ServicePort,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::{FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source};
+use super::{
+    FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source,
+    slim::SlimService,
+};
 use crate::model::{
     Diagnostic,
     labels::{HEADLESS as HEADLESS_LABEL, SERVICE_NAME as SERVICE_NAME_LABEL},
@@ -30,7 +33,7 @@ const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// Slices for `services` from `pods` and `endpoints`. `given` names the
 /// hand-written slices (namespace, name), so derived ones never shadow them.
 pub(super) fn derive_slices<'g>(
-    services: &[Sourced<Service>],
+    services: &[Sourced<SlimService>],
     pods: &[Sourced<Pod>],
     endpoints: &[Sourced<Endpoints>],
     given: impl IntoIterator<Item = (&'g str, &'g str)>,
@@ -50,7 +53,7 @@ pub(super) fn derive_slices<'g>(
         }
     }
 
-    let by_key: HashMap<(&str, &str), &Service> = services
+    let by_key: HashMap<(&str, &str), &SlimService> = services
         .iter()
         .map(|s| {
             (
@@ -87,7 +90,7 @@ pub(super) fn derive_slices<'g>(
 
 /// A non-empty selector on a Service the endpoint controller serves. An empty
 /// map is no selector: the API server stores it as absent.
-fn selector_of(svc: &Service) -> Option<&BTreeMap<String, String>> {
+fn selector_of(svc: &SlimService) -> Option<&BTreeMap<String, String>> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
@@ -271,7 +274,7 @@ fn pod_info<'a>(p: &'a Sourced<Pod>, diags: &mut Vec<Diagnostic>) -> Option<PodI
 /// The address types the endpointslice controller writes for `svc`
 /// (`GetAddressTypesForService`): its `ipFamilies`; without them the
 /// ClusterIP's family, and both for a headless service.
-fn address_types(svc: &Service) -> Vec<IpFamily> {
+fn address_types(svc: &SlimService) -> Vec<IpFamily> {
     let Some(spec) = svc.spec.as_ref() else {
         return vec![IpFamily::V4, IpFamily::V6];
     };
@@ -302,7 +305,7 @@ type PortKey = (String, i32, String, Option<String>);
 /// The endpointslice controller: one slice per address type of the service
 /// and distinct resolved port list, with each Pod's address of that type.
 fn from_pods(
-    svc: &Sourced<Service>,
+    svc: &Sourced<SlimService>,
     selector: &BTreeMap<String, String>,
     index: &PodIndex<'_>,
     names: &mut SliceNames,
@@ -356,7 +359,7 @@ fn from_pods(
 /// port without endpoints (its connects are refused), as in a cluster; that
 /// is valid but rarely meant, so it is a notice, cleared once a Pod has it.
 fn unresolved_named_ports(
-    svc: &Sourced<Service>,
+    svc: &Sourced<SlimService>,
     svc_ports: &[ServicePort],
     selected: &[(&PodInfo<'_>, Vec<PortKey>)],
     diags: &mut Vec<Diagnostic>,
@@ -491,7 +494,7 @@ fn endpoint_port((name, port, protocol, app_protocol): PortKey) -> EndpointPort 
 /// The controllers' labels: the owner's labels (minus reserved ones), the
 /// service name, the manager, and the headless marker for headless services.
 fn slice_labels(
-    svc: &Service,
+    svc: &SlimService,
     owner_labels: Option<&BTreeMap<String, String>>,
 ) -> BTreeMap<String, String> {
     let mut labels: BTreeMap<String, String> = owner_labels
@@ -520,7 +523,7 @@ fn slice_labels(
 /// there.
 fn mirror(
     ep: &Sourced<Endpoints>,
-    svc: &Service,
+    svc: &SlimService,
     names: &mut SliceNames,
     diags: &mut Vec<Diagnostic>,
     out: &mut Vec<EndpointSlice>,

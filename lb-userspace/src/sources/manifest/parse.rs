@@ -14,6 +14,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde_yaml::Value;
+use smol_str::SmolStr;
 
 use super::{Sourced, diag, read::read_manifest, slim, validate};
 use crate::model::{Diagnostic, SliceInfo};
@@ -22,14 +23,14 @@ use crate::model::{Diagnostic, SliceInfo};
 /// most once.
 #[derive(Clone, Default)]
 pub(super) struct Objects {
-    pub services: Vec<Sourced<Service>>,
+    pub services: Vec<Sourced<slim::SlimService>>,
     pub pods: Vec<Sourced<Pod>>,
     pub endpoints: Vec<Sourced<Endpoints>>,
     /// Hand-written EndpointSlices, slim from the start (with their source):
     /// nothing but translation reads them, and they are most of the bytes.
     pub slices: Vec<std::sync::Arc<SliceInfo>>,
     /// (kind, namespace, name) → source of the definition that won.
-    seen: HashMap<(&'static str, String, String), String>,
+    seen: HashMap<(&'static str, SmolStr, SmolStr), String>,
     /// (kind, file) of objects of kinds the agent does not read: an ordinary
     /// application directory is full of them, so they are not problems.
     ignored: BTreeSet<(String, String)>,
@@ -125,7 +126,7 @@ impl Objects {
     /// defined here is reported and skipped, as within one file.
     pub(super) fn merge(&mut self, other: &Objects, diags: &mut Vec<Diagnostic>) {
         fn add<T: Clone + super::HasMeta>(
-            seen: &mut HashMap<(&'static str, String, String), String>,
+            seen: &mut HashMap<(&'static str, SmolStr, SmolStr), String>,
             into: &mut Vec<Sourced<T>>,
             from: &[Sourced<T>],
             kind: &'static str,
@@ -136,7 +137,7 @@ impl Objects {
                 let namespace = meta.namespace.clone().unwrap_or_default();
                 let name = meta.name.clone().unwrap_or_default();
                 let object = object_label(kind, &namespace, &name);
-                let key = (kind, namespace, name);
+                let key = (kind, SmolStr::from(namespace), SmolStr::from(name));
                 if let Some(first) = seen.get(&key) {
                     diags.push(diag(
                         o.source.clone(),
@@ -391,7 +392,7 @@ impl Objects {
             ));
             return;
         }
-        let key = (kind, namespace, name);
+        let key = (kind, SmolStr::from(namespace), SmolStr::from(name));
         if let Some(first) = self.seen.get(&key) {
             diags.push(diag(
                 source,

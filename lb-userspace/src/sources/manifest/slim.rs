@@ -5,9 +5,20 @@
 //!
 //! Applied after validation, so every diagnostic still sees the object as
 //! written.
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
-    api::core::v1::{Container, Endpoints, Pod, PodCondition, PodSpec, PodStatus, Service},
+    api::core::v1::{
+        Container, Endpoints, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
+        ServiceSpec,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use smol_str::SmolStr;
+
+use crate::model::{
+    ServiceInfo,
+    input::{ServicePortInfo, ServiceSpecInfo},
 };
 
 /// Identity, labels (selectors, the proxy labels), and the timestamps that
@@ -24,11 +35,87 @@ fn meta(m: ObjectMeta) -> ObjectMeta {
     }
 }
 
-pub(super) fn service(s: Service) -> Service {
-    Service {
+/// A Service as the cache keeps it: the fields of `spec` the allocator,
+/// the controllers and translation read, under their Kubernetes names, so
+/// the code reads `svc.spec.cluster_ip` either way. A `ServiceSpec` has
+/// some twenty more fields, never read here, each taking room in every
+/// cached Service even when unset.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct SlimService {
+    pub metadata: ObjectMeta,
+    pub spec: Option<SlimServiceSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct SlimServiceSpec {
+    pub type_: Option<String>,
+    pub cluster_ip: Option<String>,
+    pub cluster_ips: Option<Vec<String>>,
+    pub ip_families: Option<Vec<String>>,
+    pub ip_family_policy: Option<String>,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub ports: Option<Vec<ServicePort>>,
+    pub publish_not_ready_addresses: Option<bool>,
+    pub internal_traffic_policy: Option<String>,
+}
+
+pub(super) fn service(s: Service) -> SlimService {
+    SlimService {
         metadata: meta(s.metadata),
-        spec: s.spec,
-        status: None,
+        spec: s.spec.map(|s| SlimServiceSpec {
+            type_: s.type_,
+            cluster_ip: s.cluster_ip,
+            cluster_ips: s.cluster_ips,
+            ip_families: s.ip_families,
+            ip_family_policy: s.ip_family_policy,
+            selector: s.selector,
+            ports: s.ports,
+            publish_not_ready_addresses: s.publish_not_ready_addresses,
+            internal_traffic_policy: s.internal_traffic_policy,
+        }),
+    }
+}
+
+impl SlimService {
+    /// As a `Service` again, with every field it kept.
+    pub(super) fn into_service(self) -> Service {
+        Service {
+            metadata: self.metadata,
+            spec: self.spec.map(|s| ServiceSpec {
+                type_: s.type_,
+                cluster_ip: s.cluster_ip,
+                cluster_ips: s.cluster_ips,
+                ip_families: s.ip_families,
+                ip_family_policy: s.ip_family_policy,
+                selector: s.selector,
+                ports: s.ports,
+                publish_not_ready_addresses: s.publish_not_ready_addresses,
+                internal_traffic_policy: s.internal_traffic_policy,
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// What translation takes of it (as `ServiceInfo::from(&Service)`).
+    pub(super) fn info(&self) -> ServiceInfo {
+        let spec = self.spec.as_ref().map(|spec| ServiceSpecInfo {
+            type_: spec.type_.as_deref().map(SmolStr::new),
+            cluster_ip: spec.cluster_ip.as_deref().map(SmolStr::new),
+            cluster_ips: spec
+                .cluster_ips
+                .as_ref()
+                .map(|ips| ips.iter().map(SmolStr::new).collect()),
+            ports: spec
+                .ports
+                .as_deref()
+                .unwrap_or(&[])
+                .iter()
+                .map(ServicePortInfo::from)
+                .collect(),
+            internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
+        });
+        ServiceInfo::from_parts(&self.metadata, spec)
     }
 }
 
@@ -90,6 +177,60 @@ pub(super) fn pod(p: Pod) -> Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_keeps_what_the_allocator_controllers_and_translation_read() {
+        let yaml = r#"
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web, service.kubernetes.io/service-proxy-name: other}
+  creationTimestamp: "2026-01-02T03:04:05Z"
+  annotations: {note: dropped}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: web}
+  publishNotReadyAddresses: true
+  internalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  externalIPs: [192.0.2.1]
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: http, nodePort: 30080}
+status:
+  loadBalancer: {}
+"#;
+        let full: Service = serde_yaml::from_str(yaml).unwrap();
+        let kept = service(full.clone());
+        assert_eq!(kept.info(), ServiceInfo::from(&full));
+        let back = kept.clone().into_service();
+        assert_eq!(back.status, None);
+        assert_eq!(back.metadata.annotations, None);
+        assert_eq!(back.metadata.labels, full.metadata.labels);
+        assert_eq!(
+            back.metadata.creation_timestamp,
+            full.metadata.creation_timestamp
+        );
+        let (spec, was) = (back.spec.unwrap(), full.spec.unwrap());
+        assert_eq!(spec.session_affinity, None);
+        assert_eq!(spec.external_ips, None);
+        assert_eq!(
+            spec,
+            ServiceSpec {
+                session_affinity: None,
+                external_ips: None,
+                ..was
+            }
+        );
+        assert_eq!(service(back_again(&kept)), kept);
+    }
+
+    fn back_again(s: &SlimService) -> Service {
+        s.clone().into_service()
+    }
 
     #[test]
     fn a_pod_keeps_what_the_controllers_read() {

@@ -565,7 +565,7 @@ endpoints:
     assert_eq!(
         s.ports,
         vec![SlicePortInfo {
-            name: String::new(),
+            name: Default::default(),
             proto: Proto::Tcp,
             port: Some(8080)
         }]
