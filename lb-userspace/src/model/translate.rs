@@ -57,11 +57,15 @@ pub fn translate(
     // A duplicate is reported right after its Service's own problems.
     let mut duplicates = duplicates.into_iter().peekable();
     for (key, group) in per_service {
-        while let Some(dup) = duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) < (&key.0, &key.1)) {
+        while let Some(dup) =
+            duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) < (&key.0, &key.1))
+        {
             diags.push(duplicate(&dup));
         }
         diags.extend(group.iter().cloned());
-        while let Some(dup) = duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) == (&key.0, &key.1)) {
+        while let Some(dup) =
+            duplicates.next_if(|d| (d.namespace.as_str(), d.name.as_str()) == (&key.0, &key.1))
+        {
             diags.push(duplicate(&dup));
         }
     }

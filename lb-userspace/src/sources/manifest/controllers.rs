@@ -9,17 +9,14 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Container, EndpointAddress, Endpoints, ObjectReference, Pod, ServicePort,
-        },
+        core::v1::{Container, EndpointAddress, Endpoints, ObjectReference, Pod, ServicePort},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use super::{
-    FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source,
-    slim::SlimService,
+    FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source, slim::SlimService,
 };
 use crate::model::{
     Diagnostic,
