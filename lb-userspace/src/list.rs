@@ -194,6 +194,7 @@ mod tests {
                         svc_type: ServiceType::ClusterIP,
                     },
                     backends: vec![SocketAddr::from((Ipv4Addr::new(10, 244, 0, 5), 53))],
+                    affinity: 0,
                 },
             );
         }
@@ -207,6 +208,7 @@ mod tests {
                     svc_type: ServiceType::NodePort,
                 },
                 backends: vec![],
+                affinity: 0,
             },
         );
         let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
@@ -241,6 +243,7 @@ mod tests {
                 DesiredService {
                     service: svc.clone(),
                     backends: vec![be.parse().unwrap()],
+                    affinity: 0,
                 },
             );
         }

@@ -137,6 +137,8 @@ struct Serves {
     port_name: Box<str>,
     svc_type: ServiceType,
     backends: Backends,
+    /// Session affinity timeout in seconds; 0: none.
+    affinity: u32,
 }
 
 /// A frontend's backends, all of its family (as translation makes them).
@@ -176,6 +178,7 @@ impl From<DesiredService> for Serves {
             port_name: Box::from(d.service.port_name.as_str()),
             svc_type: d.service.svc_type,
             backends,
+            affinity: d.affinity,
         }
     }
 }
@@ -195,6 +198,7 @@ impl Serves {
                 svc_type: self.svc_type,
             },
             backends,
+            affinity: self.affinity,
         }
     }
 }

@@ -111,6 +111,9 @@ pub struct DesiredService {
     /// Empty means the service exists but connects are refused. Always of
     /// the frontend's family.
     pub backends: Vec<SocketAddr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (1–86400); 0
+    /// when the Service has no session affinity.
+    pub affinity: u32,
 }
 
 /// Everything the maps should hold, keyed by frontend.

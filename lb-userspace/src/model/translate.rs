@@ -247,6 +247,7 @@ pub(super) fn service_frontends(
                         svc_type,
                     },
                     backends,
+                    affinity: 0,
                 },
             ));
         }

@@ -189,6 +189,7 @@ fn one(f: Frontend, name: &str, backends: Vec<SocketAddr>) -> DesiredState {
         DesiredService {
             service: svc(name),
             backends,
+            affinity: 0,
         },
     )])
 }

@@ -37,6 +37,7 @@ pub(super) fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredS
                 DesiredService {
                     service: svc(name),
                     backends,
+                    affinity: 0,
                 },
             )
         })

@@ -149,6 +149,7 @@ fn desired(
             svc_type: ty,
         },
         backends: addrs(backends),
+        affinity: 0,
     }
 }
 
