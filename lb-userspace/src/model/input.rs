@@ -12,7 +12,7 @@ use smol_str::SmolStr;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort},
+        core::v1::{Service, ServicePort, SessionAffinityConfig},
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -50,6 +50,12 @@ pub struct ServiceSpecInfo {
     pub cluster_ips: Option<Vec<SmolStr>>,
     pub ports: Vec<ServicePortInfo>,
     pub internal_traffic_policy: Option<SmolStr>,
+    /// `spec.sessionAffinity` as written (raw, so an unknown value can be
+    /// reported); `None` when unset.
+    pub session_affinity: Option<SmolStr>,
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, unchecked
+    /// (translation reports a value out of range).
+    pub session_affinity_timeout: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -172,9 +178,16 @@ impl From<&Service> for ServiceInfo {
                 .map(ServicePortInfo::from)
                 .collect(),
             internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
+            session_affinity: spec.session_affinity.as_deref().map(SmolStr::new),
+            session_affinity_timeout: affinity_timeout(spec.session_affinity_config.as_ref()),
         });
         Self::from_parts(&svc.metadata, spec)
     }
+}
+
+/// `clientIP.timeoutSeconds` of a `sessionAffinityConfig`, as written.
+pub fn affinity_timeout(config: Option<&SessionAffinityConfig>) -> Option<i32> {
+    config?.client_ip.as_ref()?.timeout_seconds
 }
 
 impl ServiceInfo {

@@ -197,6 +197,7 @@ pub(super) fn service_frontends(
             false
         }
     };
+    let affinity = session_affinity(svc, diags);
 
     let parsed = parse_slices(slices, diags);
     let mut out = Vec::with_capacity(ips.len() * ports.len());
@@ -247,12 +248,58 @@ pub(super) fn service_frontends(
                         svc_type,
                     },
                     backends,
-                    affinity: 0,
+                    affinity,
                 },
             ));
         }
     }
     out
+}
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset: the API
+/// server's default (three hours).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The largest timeout the API server accepts (a day).
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// The session affinity timeout of every frontend of the Service (0: none),
+/// as kube-proxy takes it. A setting the API server would refuse is
+/// reported and the Service served without affinity: balancing without
+/// stickiness is closer to what was meant than not serving at all.
+fn session_affinity(svc: &ServiceInfo, diags: &mut Vec<Diagnostic>) -> u32 {
+    let Some(spec) = svc.spec.as_ref() else {
+        return 0;
+    };
+    match spec.session_affinity.as_deref() {
+        // The API server defaults an empty value to None.
+        None | Some("" | "None") => 0,
+        Some("ClientIP") => match spec.session_affinity_timeout {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(t) => match u32::try_from(t) {
+                Ok(secs @ 1..=MAX_AFFINITY_TIMEOUT) => secs,
+                _ => {
+                    diags.push(service_diag(
+                        svc,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!(
+                            "timeout {t} is outside 1-{MAX_AFFINITY_TIMEOUT} seconds; served without session affinity"
+                        ),
+                    ));
+                    0
+                }
+            },
+        },
+        Some(other) => {
+            diags.push(service_diag(
+                svc,
+                "spec.sessionAffinity",
+                format!(
+                    "unknown session affinity {other:?} (only None and ClientIP); served without session affinity"
+                ),
+            ));
+            0
+        }
+    }
 }
 
 /// kube-proxy's informer label selector: no headless label, and the proxy

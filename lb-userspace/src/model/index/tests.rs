@@ -1,6 +1,9 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{ClientIPConfig, Service, SessionAffinityConfig},
+    discovery::v1::EndpointSlice,
+};
 use lb_common::MAX_SLOTS;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -82,6 +85,80 @@ fn a_no_op_update_is_dropped_before_any_sync() {
         out.changes[&fe("10.0.0.1", 80)].as_ref().unwrap().backends,
         vec!["10.1.0.2:8080".parse().unwrap()]
     );
+}
+
+/// `s` with `sessionAffinity: ClientIP` and the timeout given (`None`: unset).
+fn client_ip(mut s: Service, timeout: Option<i32>) -> Service {
+    let spec = s.spec.get_or_insert_default();
+    spec.session_affinity = Some("ClientIP".into());
+    spec.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(t),
+        }),
+    });
+    s
+}
+
+#[test]
+fn an_affinity_change_alone_is_a_change_of_what_is_served() {
+    let mut index = Index::default();
+    let plain = svc(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80}, {"port": 53, "protocol": "UDP"}]),
+        None,
+    );
+    let sl = slice(
+        "default",
+        "web-1",
+        Some("web"),
+        json!([{"addresses": ["10.1.0.1"]}]),
+    );
+    index.apply_service(ServiceInfo::from(&plain));
+    index.apply_slice(SliceInfo::from(&sl));
+    index.checkout();
+    let udp = frontend(
+        "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+        53,
+        Proto::Udp,
+    );
+    let affinity_of = |out: &Checkout| -> Vec<(Frontend, u32)> {
+        out.changes
+            .iter()
+            .map(|(fe, want)| (*fe, want.as_ref().unwrap().affinity))
+            .collect()
+    };
+    // On: both frontends change, and nothing else about them.
+    let on = client_ip(plain.clone(), None);
+    assert!(index.apply_service(ServiceInfo::from(&on)));
+    let out = index.checkout();
+    assert_eq!(
+        affinity_of(&out),
+        vec![(udp, 10_800), (fe("10.0.0.1", 80), 10_800)]
+    );
+    assert_eq!(
+        out.changes[&fe("10.0.0.1", 80)].as_ref().unwrap().backends,
+        vec!["10.1.0.1:8080".parse().unwrap()]
+    );
+    // The same again: dropped before any translation.
+    assert!(!index.apply_service(ServiceInfo::from(&on)));
+    assert!(!index.has_changes());
+    // Another timeout.
+    assert!(index.apply_service(ServiceInfo::from(&client_ip(plain.clone(), Some(60)))));
+    let out = index.checkout();
+    assert_eq!(affinity_of(&out), vec![(udp, 60), (fe("10.0.0.1", 80), 60)]);
+    // The default written out is what was served before: translated, not
+    // handed out.
+    assert!(index.apply_service(ServiceInfo::from(&on)));
+    index.checkout();
+    assert!(index.apply_service(ServiceInfo::from(&client_ip(plain.clone(), Some(10_800)))));
+    assert!(index.checkout().changes.is_empty());
+    // Off.
+    assert!(index.apply_service(ServiceInfo::from(&plain)));
+    let out = index.checkout();
+    assert_eq!(affinity_of(&out), vec![(udp, 0), (fe("10.0.0.1", 80), 0)]);
+    assert_eq!(index.served(&udp).unwrap().affinity, 0);
 }
 
 /// Endpoints are most of what the index holds: ten or more per service.
@@ -264,6 +341,9 @@ enum Op {
         ip: u8,
         ports: Vec<u16>,
         created: Option<u8>,
+        /// 0: none; 1: ClientIP, default timeout; 2: ClientIP, 5 s;
+        /// 3: ClientIP, out of range (reported).
+        affinity: u8,
     },
     DeleteService(usize),
     ApplySlice {
@@ -279,8 +359,8 @@ const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..6usize, 1..4u8, prop::collection::vec(prop::sample::select(vec![80u16, 81, 82]), 0..3), prop::option::of(0..3u8))
-            .prop_map(|(n, ip, ports, created)| Op::ApplyService { n, ip, ports, created }),
+        3 => (0..6usize, 1..4u8, prop::collection::vec(prop::sample::select(vec![80u16, 81, 82]), 0..3), prop::option::of(0..3u8), 0..4u8)
+            .prop_map(|(n, ip, ports, created, affinity)| Op::ApplyService { n, ip, ports, created, affinity }),
         1 => (0..6usize).prop_map(Op::DeleteService),
         4 => (0..8usize, prop::option::weighted(0.9, 0..6usize), prop::collection::vec((0..6u8, any::<bool>(), any::<bool>()), 0..4))
             .prop_map(|(n, owner, eps)| Op::ApplySlice { n, owner, eps }),
@@ -295,6 +375,7 @@ fn service_of(op: &Op) -> Service {
         ip,
         ports,
         created,
+        affinity,
     } = op
     else {
         unreachable!()
@@ -307,13 +388,19 @@ fn service_of(op: &Op) -> Service {
     } else {
         "other"
     };
-    svc(
+    let s = svc(
         ns,
         NAMES[*n],
         &format!("10.0.0.{ip}"),
         Value::Array(ports),
         created.as_deref(),
-    )
+    );
+    match affinity {
+        1 => client_ip(s, None),
+        2 => client_ip(s, Some(5)),
+        3 => client_ip(s, Some(0)),
+        _ => s,
+    }
 }
 
 fn slice_of(op: &Op) -> EndpointSlice {

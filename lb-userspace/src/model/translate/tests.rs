@@ -1283,6 +1283,195 @@ fn unknown_itp_is_reported_and_treated_as_cluster() {
     );
 }
 
+// ---------- sessionAffinity ----------
+
+/// `d` with session affinity `secs`.
+fn sticky(mut d: DesiredService, secs: u32) -> DesiredService {
+    d.affinity = secs;
+    d
+}
+
+/// `default/web` on 10.0.0.1:80 with one ready endpoint and `spec` merged
+/// in: its frontend and the diagnostics.
+fn web_affinity(spec: Value) -> (DesiredService, Vec<Diagnostic>) {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        tcp(80),
+        json!({ "spec": spec }),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.1")]),
+    );
+    let (mut st, diags) = run(&[s], &[sl]);
+    assert_eq!(st.len(), 1);
+    let want = st
+        .remove(&fe("10.0.0.1", 80, Proto::Tcp))
+        .expect("frontend present");
+    (want, diags)
+}
+
+#[test]
+fn client_ip_affinity_defaults_to_three_hours_on_every_frontend() {
+    let s = svc_with(
+        "default",
+        "ds",
+        "fd00::10",
+        json!([{"port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]),
+        json!({"spec": {"clusterIPs": ["fd00::10", "10.0.0.10"], "sessionAffinity": "ClientIP"}}),
+    );
+    let ports = json!([
+        {"name": "", "port": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 5353, "protocol": "UDP"}
+    ]);
+    let v4 = slice(
+        "default",
+        "ds-v4",
+        "ds",
+        ports.clone(),
+        json!([ep("10.1.0.1")]),
+    );
+    let v6 = slice_with(
+        "default",
+        "ds-v6",
+        "ds",
+        ports,
+        json!([ep("fd01::1")]),
+        json!({"addressType": "IPv6"}),
+    );
+    let (st, diags) = run(&[s], &[v4, v6]);
+    assert_eq!(diags, vec![]);
+    let h = super::DEFAULT_AFFINITY_TIMEOUT;
+    assert_eq!(h, 10_800);
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.10", 80, Proto::Tcp),
+                sticky(cip("default", "ds", "", &["10.1.0.1:8080"]), h)
+            ),
+            (
+                fe("10.0.0.10", 53, Proto::Udp),
+                sticky(cip("default", "ds", "dns", &["10.1.0.1:5353"]), h)
+            ),
+            (
+                fe("fd00::10", 80, Proto::Tcp),
+                sticky(cip("default", "ds", "", &["[fd01::1]:8080"]), h)
+            ),
+            (
+                fe("fd00::10", 53, Proto::Udp),
+                sticky(cip("default", "ds", "dns", &["[fd01::1]:5353"]), h)
+            ),
+        ])
+    );
+}
+
+#[test]
+fn client_ip_affinity_takes_the_timeout_given() {
+    for secs in [1, 5, 86_400] {
+        let (want, diags) = web_affinity(json!({
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}},
+        }));
+        assert_eq!(diags, vec![]);
+        assert_eq!(
+            want,
+            sticky(cip("default", "web", "", &["10.1.0.1:8080"]), secs)
+        );
+    }
+    // A config without a timeout: the default, as the API server fills it.
+    for config in [
+        json!({}),
+        json!({"clientIP": {}}),
+        json!({"clientIP": null}),
+    ] {
+        let (want, diags) =
+            web_affinity(json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": config}));
+        assert_eq!(diags, vec![]);
+        assert_eq!(want.affinity, 10_800);
+    }
+}
+
+#[test]
+fn no_affinity_unless_client_ip() {
+    for spec in [
+        json!({}),
+        json!({"sessionAffinity": "None"}),
+        // The API server defaults an empty value to None.
+        json!({"sessionAffinity": ""}),
+        // A timeout alone asks for nothing.
+        json!({"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}}),
+    ] {
+        let (want, diags) = web_affinity(spec.clone());
+        assert_eq!(diags, vec![], "{spec}");
+        assert_eq!(
+            want,
+            cip("default", "web", "", &["10.1.0.1:8080"]),
+            "{spec}"
+        );
+    }
+}
+
+#[test]
+fn an_affinity_timeout_out_of_range_is_reported_and_served_without_affinity() {
+    for secs in [0, 86_401, -1, i32::MAX, i32::MIN] {
+        let (want, diags) = web_affinity(json!({
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}},
+        }));
+        assert_eq!(
+            diags,
+            vec![d(
+                "Service default/web",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                &format!(
+                    "timeout {secs} is outside 1-86400 seconds; served without session affinity"
+                ),
+            )]
+        );
+        assert_eq!(want, cip("default", "web", "", &["10.1.0.1:8080"]));
+    }
+}
+
+#[test]
+fn an_unknown_session_affinity_is_reported_and_served_without_affinity() {
+    let (want, diags) = web_affinity(json!({
+        "sessionAffinity": "clientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}},
+    }));
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "spec.sessionAffinity",
+            "unknown session affinity \"clientIP\" (only None and ClientIP); served without session affinity"
+        )]
+    );
+    assert_eq!(want, cip("default", "web", "", &["10.1.0.1:8080"]));
+}
+
+#[test]
+fn affinity_is_not_reported_for_services_not_served() {
+    let bad = json!({"sessionAffinity": "Sticky"});
+    let headless = svc_with("default", "h", "None", tcp(80), json!({ "spec": bad }));
+    let external = svc_with(
+        "default",
+        "x",
+        "",
+        tcp(80),
+        json!({"spec": {"type": "ExternalName", "sessionAffinity": "Sticky"}}),
+    );
+    assert_eq!(
+        run(&[headless, external], &[]),
+        (DesiredState::new(), vec![])
+    );
+}
+
 // ---------- topology ----------
 
 #[test]

@@ -200,6 +200,20 @@ struct WireServiceSpec {
     cluster_ips: Option<Vec<String>>,
     ports: Option<Vec<WireServicePort>>,
     internal_traffic_policy: Option<String>,
+    session_affinity: Option<String>,
+    session_affinity_config: Option<WireAffinityConfig>,
+}
+
+#[derive(Deserialize)]
+struct WireAffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: Option<WireClientIp>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireClientIp {
+    timeout_seconds: Option<i32>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +240,11 @@ impl From<WireService> for SlimService {
                 ))
             }),
             internal_traffic_policy: s.internal_traffic_policy.map(SmolStr::from),
+            session_affinity: s.session_affinity.map(SmolStr::from),
+            session_affinity_timeout: s
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
         Self { metadata, info }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         Container, Endpoints, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
-        ServiceSpec,
+        ServiceSpec, SessionAffinityConfig,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -18,7 +18,7 @@ use smol_str::SmolStr;
 
 use crate::model::{
     ServiceInfo,
-    input::{ServicePortInfo, ServiceSpecInfo},
+    input::{ServicePortInfo, ServiceSpecInfo, affinity_timeout},
 };
 
 /// Identity, labels (selectors, the proxy labels), and the timestamps that
@@ -57,6 +57,8 @@ pub(super) struct SlimServiceSpec {
     pub ports: Option<Vec<ServicePort>>,
     pub publish_not_ready_addresses: Option<bool>,
     pub internal_traffic_policy: Option<String>,
+    pub session_affinity: Option<String>,
+    pub session_affinity_config: Option<SessionAffinityConfig>,
 }
 
 pub(super) fn service(s: Service) -> SlimService {
@@ -72,6 +74,8 @@ pub(super) fn service(s: Service) -> SlimService {
             ports: s.ports,
             publish_not_ready_addresses: s.publish_not_ready_addresses,
             internal_traffic_policy: s.internal_traffic_policy,
+            session_affinity: s.session_affinity,
+            session_affinity_config: s.session_affinity_config,
         }),
     }
 }
@@ -91,6 +95,8 @@ impl SlimService {
                 ports: s.ports,
                 publish_not_ready_addresses: s.publish_not_ready_addresses,
                 internal_traffic_policy: s.internal_traffic_policy,
+                session_affinity: s.session_affinity,
+                session_affinity_config: s.session_affinity_config,
                 ..ServiceSpec::default()
             }),
             status: None,
@@ -114,6 +120,8 @@ impl SlimService {
                 .map(ServicePortInfo::from)
                 .collect(),
             internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
+            session_affinity: spec.session_affinity.as_deref().map(SmolStr::new),
+            session_affinity_timeout: affinity_timeout(spec.session_affinity_config.as_ref()),
         });
         ServiceInfo::from_parts(&self.metadata, spec)
     }
@@ -197,6 +205,7 @@ spec:
   publishNotReadyAddresses: true
   internalTrafficPolicy: Local
   sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}
   externalIPs: [192.0.2.1]
   ports:
   - {name: http, port: 80, protocol: TCP, targetPort: http, nodePort: 30080}
@@ -215,12 +224,13 @@ status:
             full.metadata.creation_timestamp
         );
         let (spec, was) = (back.spec.unwrap(), full.spec.unwrap());
-        assert_eq!(spec.session_affinity, None);
+        assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+        let info = kept.info().spec.unwrap();
+        assert_eq!(info.session_affinity_timeout, Some(5));
         assert_eq!(spec.external_ips, None);
         assert_eq!(
             spec,
             ServiceSpec {
-                session_affinity: None,
                 external_ips: None,
                 ..was
             }

@@ -1965,6 +1965,43 @@ fn dual_stack_manifest_translates_to_one_frontend_per_family() {
     );
 }
 
+/// `sessionAffinity: ClientIP` with its timeout, from a manifest to what is
+/// served: through the full objects and through the cache's slim ones.
+#[test]
+fn session_affinity_from_a_manifest_is_served() {
+    use crate::model::{Index, TranslateOptions, translate};
+    let extra =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n";
+    let text = docs(&[
+        &svc_yaml("web", "web", extra),
+        &pod_yaml("web-1", "web", "10.244.0.1", true, ""),
+    ]);
+    let files = [("web.yaml", text.as_str())];
+    let m = load(&files);
+    assert_eq!(m.diagnostics, vec![]);
+    let (state, diags) = translate(&m.services, &m.slices, &TranslateOptions::default());
+    assert_eq!(diags, vec![]);
+    assert_eq!(state.len(), 1);
+    let want = state.values().next().unwrap();
+    assert_eq!(want.affinity, 5);
+    assert_eq!(want.backends, vec!["10.244.0.1:8080".parse().unwrap()]);
+
+    let dir = TempDir::new().unwrap();
+    write_files(dir.path(), &files);
+    let mut cache = super::DirCache::new(dir.path(), DEFAULT_MAX_FILE_SIZE);
+    cache.load(&mut ClusterIpAllocator::new(cidr(), []));
+    let (services, slices) = cache.current();
+    let mut index = Index::default();
+    services.into_iter().for_each(|s| {
+        index.apply_service(s);
+    });
+    slices.into_iter().for_each(|s| {
+        index.apply_slice(s);
+    });
+    index.checkout();
+    assert_eq!(index.desired().values().next().unwrap().affinity, 5);
+}
+
 #[test]
 fn objects_the_api_server_would_refuse_are_reported_and_skipped() {
     let endpoints: String = (0..1001)

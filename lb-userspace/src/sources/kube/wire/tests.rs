@@ -92,15 +92,28 @@ fn service() -> impl Strategy<Value = Value> {
         maybe(Just(json!(["10.96.0.1", "fd00::1"]))),
         maybe(proptest::collection::vec(port, 0..3).prop_map(Value::from)),
         maybe(Just(json!("Local"))),
+        maybe(prop_oneof![
+            Just(json!("None")),
+            Just(json!("ClientIP")),
+            Just(json!("Sticky"))
+        ]),
+        maybe(
+            maybe(
+                maybe((-1i32..3).prop_map(Value::from))
+                    .prop_map(|t| object(vec![("timeoutSeconds", t)])),
+            )
+            .prop_map(|c| object(vec![("clientIP", c)])),
+        ),
     )
-        .prop_map(|(t, ip, ips, ports, itp)| {
+        .prop_map(|(t, ip, ips, ports, itp, affinity, config)| {
             object(vec![
                 ("type", t),
                 ("clusterIP", ip),
                 ("clusterIPs", ips),
                 ("ports", ports),
                 ("internalTrafficPolicy", itp),
-                ("sessionAffinity", Some(json!("None"))),
+                ("sessionAffinity", affinity),
+                ("sessionAffinityConfig", config),
             ])
         });
     (maybe(metadata()), maybe(spec)).prop_map(|(m, s)| {
@@ -229,4 +242,33 @@ fn a_list_page_decodes_from_bytes() {
         <SlimService as kube::Resource>::url_path(&(), Some("ns")),
         "/api/v1/namespaces/ns/services"
     );
+}
+
+/// `sessionAffinity` and its timeout come through the slim decode, and the
+/// index serves them.
+#[test]
+fn session_affinity_decodes_into_what_is_served() {
+    let svc = json!({
+        "metadata": {"name": "web", "namespace": "ns", "resourceVersion": "3"},
+        "spec": {
+            "clusterIP": "10.96.0.5",
+            "ports": [{"port": 80}],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}},
+        },
+    });
+    let slim: SlimService = serde_json::from_slice(&serde_json::to_vec(&svc).unwrap()).unwrap();
+    let spec = slim.info.spec.as_ref().unwrap();
+    assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+    assert_eq!(spec.session_affinity_timeout, Some(5));
+    let mut index = crate::model::Index::default();
+    index.apply_service(slim.info);
+    let out = index.checkout();
+    assert_eq!(out.diagnostics, vec![]);
+    let fe = crate::model::frontend(
+        "10.96.0.5".parse::<std::net::IpAddr>().unwrap(),
+        80,
+        crate::model::Proto::Tcp,
+    );
+    assert_eq!(out.changes[&fe].as_ref().unwrap().affinity, 5);
 }
