@@ -67,6 +67,9 @@ pub mod maps {
     /// frontend (`--terminate-sockets`): service id → count. Written and
     /// read by userspace only; pinned so `lb-agent list` can show it.
     pub const TERMINATED: &str = "LB_TERMINATED";
+    /// Session affinity (`sessionAffinity: ClientIP`): (client network
+    /// namespace, service id) → [`AffinityValue`], an LRU.
+    pub const AFFINITY: &str = "LB_AFFINITY";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -109,6 +112,18 @@ pub const DEFAULT_MAX_REVERSE: u32 = 262_144;
 /// to `LB_SOCK_SPILL` (a hash of as many entries, at least 4,096,
 /// allocated on use), so collisions cost speed, not correctness.
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Entries of the LRU `LB_AFFINITY`: one per (client network namespace,
+/// frontend with session affinity) seen within the timeout. LRU maps are
+/// preallocated: 16,384 entries are about 1.6 MiB; a full map evicts the
+/// least recently used client, which then picks anew.
+pub const DEFAULT_MAX_AFFINITY: u32 = 16_384;
+
+/// Slots of a frontend's range a connect looks through for its client's
+/// backend when that backend is no longer at the slot the entry remembers
+/// (the range was rewritten). Past it, a client of a bigger frontend whose
+/// backend moved picks anew.
+pub const AFFINITY_SCAN: u32 = 256;
 
 /// Name of the programs' read-only global holding `LB_SOCK`'s size minus
 /// one (its size is a power of two): a socket's slot is `cookie & mask`.
@@ -184,6 +199,9 @@ pub struct ServiceValue {
     pub flags: u16,
     /// Service (frontend) id, stable across agent restarts.
     pub svc_id: u32,
+    /// Session affinity timeout in seconds (`sessionAffinity: ClientIP`);
+    /// 0: none, every connect picks at random.
+    pub affinity: u32,
 }
 
 impl ServiceValue {
@@ -194,8 +212,53 @@ impl ServiceValue {
             count,
             flags: 0,
             svc_id,
+            affinity: 0,
         }
     }
+
+    /// The same, with a session affinity timeout in seconds (0: none).
+    pub const fn with_affinity(self, affinity: u32) -> Self {
+        Self { affinity, ..self }
+    }
+}
+
+/// Key of `LB_AFFINITY`: one client of one frontend. The client is the
+/// socket's network namespace (`bpf_get_netns_cookie`): the source address
+/// is not chosen yet at `connect()`, and one pod is one namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub netns: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+
+impl AffinityKey {
+    pub const fn new(netns: u64, svc_id: u32) -> Self {
+        Self {
+            netns,
+            svc_id,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `LB_AFFINITY`: the client's backend. Used only while that
+/// backend is in the frontend's live range (checked at `slot`, else looked
+/// for in the first [`AFFINITY_SCAN`] slots) and `last_used` is younger
+/// than the frontend's timeout; refreshed on every use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub backend: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Where in the frontend's range the backend was last found.
+    pub slot: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last use.
+    pub last_used: u64,
 }
 
 /// A backend address: one slot of the backend array `LB_BACKENDS`. A slot
@@ -388,6 +451,10 @@ pub mod ablate {
     /// No frontend filter: every destination goes to the `LB_SERVICES`
     /// lookup.
     pub const NO_FILTER: u32 = 32;
+    /// Not a part switched off but one switched on: every frontend is
+    /// served as with `sessionAffinity: ClientIP` (timeout 10800 s), so the
+    /// benchmark measures what affinity costs a connect.
+    pub const ALL_AFFINITY: u32 = 64;
 }
 
 #[cfg(feature = "user")]
@@ -398,6 +465,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for SockReverse {}
@@ -416,10 +485,15 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(offset_of!(ServiceKey, port), 16);
         assert_eq!(offset_of!(ServiceKey, proto), 18);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(offset_of!(ServiceValue, base), 0);
         assert_eq!(offset_of!(ServiceValue, count), 4);
         assert_eq!(offset_of!(ServiceValue, svc_id), 8);
+        assert_eq!(offset_of!(ServiceValue, affinity), 12);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 32);
+        assert_eq!(offset_of!(AffinityValue, slot), 20);
+        assert_eq!(offset_of!(AffinityValue, last_used), 24);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<ReverseKey>(), 32);
         assert_eq!(offset_of!(ReverseKey, addr), 8);

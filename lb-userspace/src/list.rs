@@ -33,6 +33,8 @@ pub struct PortRow {
     pub endpoints: Vec<String>,
     /// Sockets destroyed because their backend left this frontend.
     pub terminated_sockets: u64,
+    /// Session affinity timeout in seconds; 0: none.
+    pub affinity_seconds: u32,
 }
 
 /// Rows sorted by namespace and name.
@@ -85,6 +87,7 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
             svc_id: master.svc_id,
             endpoints,
             terminated_sockets: snap.terminated.get(&master.svc_id).copied().unwrap_or(0),
+            affinity_seconds: master.affinity,
         });
     }
     by_service.into_values().collect()

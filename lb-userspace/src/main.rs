@@ -98,11 +98,13 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR[,CIDR]", default_value = manifest::DEFAULT_SERVICE_CIDR,
           value_parser = parse_service_cidr)]
     service_cidr: Box<ServiceCidr>,
-    /// Service map entries: one per frontend (service port) plus one per endpoint of it; the
-    /// default holds 11,915 one-port services of 10 endpoints (only used when the map is created).
+    /// Entries of the service map `LB_SERVICES`: one per frontend (each ClusterIP family and port
+    /// of a Service); allocated on use (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
-    /// Backend map entries: one per distinct backend address, port and protocol (only used when the map is created).
+    /// Slots of the backend array `LB_BACKENDS`: one per endpoint of each frontend, plus room for
+    /// the new range of a frontend being changed; preallocated, 24 B per slot (only used when the
+    /// map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
     /// Frontends (service ports, one per ClusterIP family and port) whose names the agent keeps
@@ -120,6 +122,11 @@ struct RunArgs {
     /// counter `sockSpilled` of `list -o json` counts them (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCKETS)]
     max_sockets: u32,
+    /// Session affinity entries (LRU, preallocated, about 100 B each): one per client network
+    /// namespace and frontend with `sessionAffinity: ClientIP` used within its timeout; when full,
+    /// the least recently used client picks anew (only used when the map is created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
+    max_affinity: u32,
     /// Which translated sockets are destroyed when their backend leaves their service's
     /// frontend, so the application sees ECONNABORTED and reconnects: `udp`, connected UDP
     /// sockets (kube-proxy flushes their conntrack entries); `none`.
@@ -284,6 +291,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_frontends,
         max_reverse,
         max_sockets,
+        max_affinity,
         terminate_sockets,
         bpf_log,
         allow_foreign_pins,
@@ -298,6 +306,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_frontends,
         max_reverse,
         max_sockets,
+        max_affinity,
     };
     let translate = TranslateOptions {
         node_name,
@@ -404,6 +413,10 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "spilled": o.spilled,
                 })),
                 "reverseMap": dp.reverse_occupancy()?.map(|o| serde_json::json!({
+                    "entries": o.entries,
+                    "maxEntries": o.max_entries,
+                })),
+                "affinity": dp.affinity_occupancy().map(|o| serde_json::json!({
                     "entries": o.entries,
                     "maxEntries": o.max_entries,
                 })),

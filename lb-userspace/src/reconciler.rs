@@ -58,6 +58,8 @@ pub struct Installed {
     pub count: u16,
     /// What the slots hold, in slot order (sorted by address).
     pub backends: Addrs,
+    /// The master's session affinity timeout in seconds (0: none).
+    pub affinity: u32,
     /// Meta and master are in the maps. False for a new frontend whose
     /// first write failed before its master, and from the moment a removal
     /// has deleted the master until it has finished (a failed removal
@@ -73,7 +75,7 @@ impl Installed {
     }
 
     fn master(&self) -> ServiceValue {
-        ServiceValue::new(self.base, self.count, self.svc_id)
+        ServiceValue::new(self.base, self.count, self.svc_id).with_affinity(self.affinity)
     }
 }
 
@@ -122,6 +124,10 @@ pub struct Reconciler<D> {
     /// Service ids of `installed`, so allocation skips them in O(1).
     svc_ids: HashSet<u32>,
     svc_id_alloc: IdAllocator,
+    /// `LB_AFFINITY` may hold entries of a service id that is gone or
+    /// lost its affinity: swept by the next pruning apply. Set on adoption
+    /// (a previous agent may have stopped before its sweep).
+    affinity_dirty: bool,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -177,6 +183,7 @@ impl<D: Datapath> Reconciler<D> {
                     base,
                     count: backends.len() as u16,
                     backends: Addrs::from(backends),
+                    affinity: value.affinity,
                     complete: true,
                 },
             );
@@ -202,6 +209,7 @@ impl<D: Datapath> Reconciler<D> {
             stray_meta,
             svc_ids,
             svc_id_alloc: IdAllocator::after(max_svc_id),
+            affinity_dirty: true,
         })
     }
 
@@ -248,6 +256,7 @@ impl<D: Datapath> Reconciler<D> {
         self.write_all(wants, prune, &mut report);
         if prune == Prune::Yes {
             self.delete_orphans(&mut report);
+            self.sweep_affinity(&mut report);
         }
         report
     }
@@ -267,6 +276,7 @@ impl<D: Datapath> Reconciler<D> {
         self.write_all(desired.iter().map(|(fe, w)| (*fe, w)), prune, &mut report);
         if prune == Prune::Yes {
             self.delete_orphans(&mut report);
+            self.sweep_affinity(&mut report);
         }
         report
     }
@@ -303,6 +313,7 @@ impl<D: Datapath> Reconciler<D> {
         };
         inst.complete
             && inst.service == want.service
+            && inst.affinity == want.affinity
             && if want.backends.is_sorted_by(|a, b| a < b) {
                 inst.backends == want.backends
             } else {
@@ -403,6 +414,7 @@ impl<D: Datapath> Reconciler<D> {
             base: 0,
             count: 0,
             backends: Addrs::default(),
+            affinity: want.affinity,
             complete: false,
         });
         let range = if inst.complete && inst.backends == wanted {
@@ -522,18 +534,28 @@ impl<D: Datapath> Reconciler<D> {
         let written = self.write_batch(
             staged,
             |s| {
-                let r = s.range.as_ref()?;
-                let master = ServiceValue::new(r.base, r.count, s.inst.svc_id);
-                Some((frontend_key(&s.fe), master))
+                let master = match &s.range {
+                    Some(r) => ServiceValue::new(r.base, r.count, s.inst.svc_id),
+                    // Same backends, another affinity: the same range.
+                    None if s.inst.complete && s.inst.affinity != s.want.affinity => {
+                        s.inst.master()
+                    }
+                    None => return None,
+                };
+                Some((frontend_key(&s.fe), master.with_affinity(s.want.affinity)))
             },
             |dp, batch| dp.put_services(batch),
         );
         for i in written {
             let s = &mut staged[i];
+            report.writes += 1;
+            if s.inst.affinity != 0 && s.want.affinity == 0 {
+                self.affinity_dirty = true;
+            }
+            s.inst.affinity = s.want.affinity;
             let Some(r) = s.range.take() else {
                 continue;
             };
-            report.writes += 1;
             let inst = &mut s.inst;
             if inst.complete {
                 self.ranges.release(inst.base, u32::from(inst.count));
@@ -604,12 +626,37 @@ impl<D: Datapath> Reconciler<D> {
         inst.count = 0;
         inst.backends.clear();
         inst.complete = false;
+        if inst.affinity != 0 {
+            self.affinity_dirty = true;
+        }
         let svc_id = inst.svc_id;
         self.dp.delete_meta(svc_id)?;
         report.deletes += 1;
         self.installed.remove(fe);
         self.svc_ids.remove(&svc_id);
         Ok(())
+    }
+
+    /// Deletes the affinity entries of every service id that is not an
+    /// installed frontend with affinity. A failure is retried by the next
+    /// pruning apply.
+    fn sweep_affinity(&mut self, report: &mut ApplyReport) {
+        if !self.affinity_dirty {
+            return;
+        }
+        let keep: HashSet<u32> = self
+            .installed
+            .values()
+            .filter(|i| i.affinity != 0)
+            .map(|i| i.svc_id)
+            .collect();
+        match self.dp.retain_affinity(&keep) {
+            Ok(n) => {
+                report.deletes += n;
+                self.affinity_dirty = false;
+            }
+            Err(e) => report.other_errors.push(e),
+        }
     }
 
     /// Stray masters, then stray meta.

@@ -932,6 +932,25 @@ impl Lab {
         serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
     }
 
+    /// [`Self::client_json`] from another client namespace (see
+    /// [`Topology::add_client`]), in the attached cgroup.
+    pub fn client_json_in(
+        &self,
+        netns: &str,
+        target: &str,
+        args: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let out = run(Command::new(&self.bins.client)
+            .arg("--netns")
+            .arg(netns)
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--target")
+            .arg(target)
+            .args(args))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+    }
+
     pub fn client_command(&self, in_cgroup: bool) -> Command {
         let mut c = Command::new(&self.bins.client);
         c.arg("--netns").arg(&self.topo.client);
@@ -960,11 +979,21 @@ impl UdpSession {
     /// [`Self::start`] in the client namespace `netns` (see
     /// [`Topology::add_client`]), in the attached cgroup.
     pub fn start_in(lab: &Lab, netns: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut cgroup = vec!["--cgroup".as_ref(), lab.cgroup.path.as_os_str()];
+        cgroup.extend(args.iter().map(std::ffi::OsStr::new));
+        Self::spawn(lab, netns, &cgroup)
+    }
+
+    /// A session in `netns` but outside the attached cgroup: the programs
+    /// never see its sockets.
+    pub fn start_outside_cgroup(lab: &Lab, netns: &str) -> anyhow::Result<Self> {
+        Self::spawn(lab, netns, &[])
+    }
+
+    fn spawn(lab: &Lab, netns: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
         let mut child = Command::new(&lab.bins.client)
             .arg("--netns")
             .arg(netns)
-            .arg("--cgroup")
-            .arg(&lab.cgroup.path)
             .arg("--session")
             .args(args)
             .stdin(Stdio::piped())

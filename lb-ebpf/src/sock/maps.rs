@@ -9,10 +9,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, FILTER_WORDS, ReverseKey, ReverseValue,
-    SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SockState,
-    filter_bit, stats,
+    AffinityKey, AffinityValue, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
+    FILTER_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue,
+    SockReverse, SockSlot, SockState, filter_bit, stats,
 };
 
 /// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
@@ -83,6 +83,14 @@ static SOCK_SPILL: HashMap<u64, SockReverse> =
 /// with the maps it counts for.
 #[map(name = "LB_TERMINATED")]
 static TERMINATED: HashMap<u32, u64> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+/// Session affinity: (client network namespace, service id) → the
+/// client's backend. An LRU: a full map evicts the least recently used
+/// client, which then picks anew; the agent deletes the entries of a
+/// service id that is gone or lost its affinity.
+#[map(name = "LB_AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
 
 /// `LB_SOCK`'s size minus one, set by the agent at load (a read-only global).
 #[unsafe(no_mangle)]
@@ -215,6 +223,19 @@ pub fn backend(index: u32) -> Option<Backend> {
     let ptr = BACKENDS.get_ptr(index)?;
     // SAFETY: as above.
     Some(unsafe { *ptr })
+}
+
+/// The client's affinity entry, to read and refresh in place.
+#[inline(always)]
+pub fn affinity(key: &AffinityKey) -> Option<*mut AffinityValue> {
+    AFFINITY.get_ptr_mut(key)
+}
+
+/// Records the client's backend. A failed write leaves the client without
+/// affinity until its next connect; nothing else depends on it.
+#[inline(always)]
+pub fn set_affinity(key: &AffinityKey, value: &AffinityValue) {
+    let _ = AFFINITY.insert(key, value, 0);
 }
 
 #[inline(always)]

@@ -10,13 +10,17 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_prandom_u32, generated::bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_prandom_u32,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    },
     programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    Addr, Backend, PROTO_TCP, PROTO_UDP, ReverseKey, ReverseValue, SOCK_DGRAM, SOCK_STREAM,
-    ServiceKey, SockReverse, SockState, ablate, as_v4, stats, v4_mapped,
+    AFFINITY_SCAN, Addr, AffinityKey, AffinityValue, Backend, PROTO_TCP, PROTO_UDP, ReverseKey,
+    ReverseValue, SOCK_DGRAM, SOCK_STREAM, ServiceKey, ServiceValue, SockReverse, SockState,
+    ablate, as_v4, stats, v4_mapped,
 };
 
 use crate::maps::{self, ablated, bump};
@@ -126,18 +130,24 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         bump(stats::NO_BACKEND);
         return Verdict::Refuse;
     }
-    let pick = match hook {
-        // SAFETY: the helper has no preconditions.
-        Hook::Connect => (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count),
-        Hook::Sendmsg if ablated(ablate::NO_COOKIE) => {
-            // SAFETY: as above.
-            (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count)
-        }
-        Hook::Sendmsg => (socket_cookie(ctx) % u64::from(master.count)) as u32,
+    let mut master = master;
+    if ablated(ablate::ALL_AFFINITY) {
+        master.affinity = 10_800;
+    }
+    let chosen = if master.affinity != 0 {
+        affine_backend(ctx, &master)
+    } else {
+        let pick = match hook {
+            Hook::Connect => random_slot(&master),
+            Hook::Sendmsg if ablated(ablate::NO_COOKIE) => random_slot(&master),
+            Hook::Sendmsg => (socket_cookie(ctx) % u64::from(master.count)) as u32,
+        };
+        // The range is complete for as long as this program runs (the
+        // agent reuses a range only after an RCU grace period), so one
+        // lookup.
+        maps::backend(master.base.wrapping_add(pick))
     };
-    // The range is complete for as long as this program runs (the agent
-    // reuses a range only after an RCU grace period), so one lookup.
-    let Some(backend) = maps::backend(master.base.wrapping_add(pick)) else {
+    let Some(backend) = chosen else {
         bump(stats::SLOT_FALLBACK);
         return Verdict::Refuse;
     };
@@ -168,6 +178,80 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         });
     }
     Verdict::Pass
+}
+
+#[inline(always)]
+fn random_slot(master: &ServiceValue) -> u32 {
+    // SAFETY: the helper has no preconditions.
+    (unsafe { bpf_get_prandom_u32() }) % u32::from(master.count)
+}
+
+/// Session affinity (connect and unconnected sendmsg alike): the backend
+/// the client's entry names, while that backend is in the frontend's live
+/// range and the entry was used within the timeout (the use refreshes it);
+/// otherwise one at random, which the entry then names. The client is the
+/// socket's network namespace. `None` only if the range is not readable.
+#[inline(always)]
+fn affine_backend(ctx: &SockAddrContext, master: &ServiceValue) -> Option<Backend> {
+    // SAFETY: a sock_addr context is a valid argument for these helpers.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: no preconditions. Coarse (jiffies): timeouts are seconds.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = AffinityKey::new(netns, master.svc_id);
+    if let Some(entry) = maps::affinity(&key) {
+        // SAFETY: a map value pointer is valid for this program run. Two
+        // connects of one client may refresh it at once: either write is
+        // a valid entry.
+        let entry = unsafe { &mut *entry };
+        let timeout_ns = u64::from(master.affinity) * 1_000_000_000;
+        if now.saturating_sub(entry.last_used) <= timeout_ns
+            && let Some((slot, backend)) = find_in_range(master, entry)
+        {
+            entry.slot = slot;
+            entry.last_used = now;
+            return Some(backend);
+        }
+    }
+    let slot = random_slot(master);
+    let backend = maps::backend(master.base.wrapping_add(slot))?;
+    maps::set_affinity(
+        &key,
+        &AffinityValue {
+            backend: backend.addr,
+            port: backend.port,
+            _pad: 0,
+            slot,
+            last_used: now,
+        },
+    );
+    Some(backend)
+}
+
+/// Where the entry's backend is in the frontend's live range: at the slot
+/// it was last found at (the range is unchanged), else among the first
+/// [`AFFINITY_SCAN`] slots (the range was rewritten: a backend came or
+/// went). Only a backend read from the live range is ever used, so an
+/// entry never sends a client to a backend that left the frontend.
+#[inline(always)]
+fn find_in_range(master: &ServiceValue, entry: &AffinityValue) -> Option<(u32, Backend)> {
+    let is_it = |b: &Backend| b.port == entry.port && b.addr == entry.backend;
+    let count = u32::from(master.count);
+    if entry.slot < count
+        && let Some(b) = maps::backend(master.base.wrapping_add(entry.slot))
+        && is_it(&b)
+    {
+        return Some((entry.slot, b));
+    }
+    let mut i = 0;
+    while i < AFFINITY_SCAN && i < count {
+        if let Some(b) = maps::backend(master.base.wrapping_add(i))
+            && is_it(&b)
+        {
+            return Some((i, b));
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A connected socket's one translation, in its slot: overwritten on a

@@ -25,9 +25,9 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    ABLATE_GLOBAL, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey, ReverseValue,
-    SOCK_MASK_GLOBAL, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, filter_bit,
-    maps, stats,
+    ABLATE_GLOBAL, AffinityKey, AffinityValue, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey,
+    ReverseValue, SOCK_MASK_GLOBAL, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot,
+    filter_bit, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
@@ -113,6 +113,12 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         size_of::<u32>(),
         size_of::<u64>(),
     ),
+    (
+        maps::AFFINITY,
+        MapType::LruHash,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
 /// removed once the new programs are attached (the old programs hold their
@@ -181,6 +187,9 @@ pub struct MapSizes {
     /// a power of two; also the entries of its spill hash (at least
     /// 4,096). The slots are preallocated.
     pub max_sockets: u32,
+    /// Entries of the LRU `LB_AFFINITY`: (client network namespace,
+    /// frontend with session affinity) pairs. Preallocated.
+    pub max_affinity: u32,
 }
 
 /// The first cgroup2 mount in `/proc/mounts`: the host's cgroup v2 root.
@@ -218,6 +227,7 @@ impl MapSizes {
             ("--max-frontends", self.max_frontends),
             ("--max-reverse", self.max_reverse),
             ("--max-sockets", self.max_sockets),
+            ("--max-affinity", self.max_affinity),
         ] {
             if !(1..=MAX_MAP_ENTRIES).contains(&value) {
                 return Err(LoadError::Invalid(format!(
@@ -553,6 +563,7 @@ fn load_and_attach(
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
         .map_max_entries(maps::TERMINATED, sizes.max_frontends)
+        .map_max_entries(maps::AFFINITY, sizes.max_affinity)
         .map_max_entries(maps::SOCK, sock_slots)
         .map_max_entries(maps::SOCK_SPILL, sock_slots.max(MIN_SOCK_SPILL))
         .override_global(SOCK_MASK_GLOBAL, &(sock_slots - 1), true)
@@ -913,6 +924,7 @@ fn size_flag(map: &str) -> &'static str {
         maps::REVERSE => "max-reverse",
         maps::SOCK | maps::SOCK_SPILL => "max-sockets",
         maps::TERMINATED => "max-frontends",
+        maps::AFFINITY => "max-affinity",
         _ => "max-services",
     }
 }
@@ -942,6 +954,8 @@ pub struct BpfDatapath {
     reverse: Option<WithMax<ReverseKey, ReverseValue>>,
     /// Sockets destroyed per service id; absent in older pins.
     terminated: Option<HashMap<MapData, u32, u64>>,
+    /// Session affinity entries; absent in older pins.
+    affinity: Option<WithMax<AffinityKey, AffinityValue>>,
     /// Absent in pins made before the frontend filter existed.
     filter: Option<Filter>,
 }
@@ -1031,6 +1045,7 @@ impl BpfDatapath {
             reverse: open_optional(dir, maps::REVERSE, aya::maps::Map::LruHashMap)?,
             terminated: open_optional(dir, maps::TERMINATED, aya::maps::Map::HashMap)?
                 .map(|(m, _)| m),
+            affinity: open_optional(dir, maps::AFFINITY, aya::maps::Map::LruHashMap)?,
             filter: MapData::from_pin(dir.join(maps::FILTER))
                 .ok()
                 .map(|map| Filter { map, state: None }),
@@ -1133,6 +1148,13 @@ impl BpfDatapath {
     /// Entries in the LRU reverse map of unconnected UDP sockets (a key
     /// walk: at most `max_entries` syscalls, about 0.3 s for a full 256 Ki
     /// map), or `None` if the installation has none.
+    /// How full `LB_AFFINITY` is (`None` in older pins).
+    pub fn affinity_occupancy(&self) -> Option<ReverseOccupancy> {
+        self.affinity
+            .as_ref()
+            .map(|(map, max)| occupancy(map, *max))
+    }
+
     pub fn reverse_occupancy(&self) -> Result<Option<ReverseOccupancy>> {
         Ok(self.reverse.as_ref().map(|(map, max)| occupancy(map, *max)))
     }
@@ -1422,6 +1444,31 @@ impl Datapath for BpfDatapath {
         self.stats
             .set(stats::MAP_FULL, values, 0)
             .map_err(|e| map_err("write", maps::STATS, e))
+    }
+
+    fn retain_affinity(&mut self, keep: &HashSet<u32>) -> Result<usize> {
+        let Some((map, _)) = &mut self.affinity else {
+            return Ok(0);
+        };
+        // Keys first, deletes after: deleting during the walk would restart it.
+        let mut doomed = Vec::new();
+        for key in map.keys() {
+            match key {
+                Ok(k) if !keep.contains(&k.svc_id) => doomed.push(k),
+                Ok(_) => {}
+                // The sweep stays due: the next pruning apply retries.
+                Err(e) => return Err(map_err("iterate", maps::AFFINITY, e)),
+            }
+        }
+        let mut deleted = 0;
+        for key in &doomed {
+            match map.remove(key) {
+                Ok(()) => deleted += 1,
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(map_err("delete", maps::AFFINITY, e)),
+            }
+        }
+        Ok(deleted)
     }
 }
 

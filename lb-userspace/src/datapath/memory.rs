@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
+use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 use super::{Datapath, DatapathError, Result, Snapshot};
 
@@ -128,6 +128,8 @@ pub struct MemoryDatapath {
     /// Meta entries (frontends), as `--max-frontends`.
     pub max_frontends: usize,
     pub map_full: u64,
+    /// `LB_AFFINITY` (the programs write it; tests stand in for them).
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     /// Calls attempted per kind, failed ones included.
     calls: BTreeMap<OpKind, usize>,
     /// `snapshot` takes `&self`, so its calls are counted apart.
@@ -154,6 +156,7 @@ impl Default for MemoryDatapath {
             max_backends: DEFAULT_CAPACITY,
             max_frontends: usize::MAX,
             map_full: 0,
+            affinity: BTreeMap::new(),
             calls: BTreeMap::new(),
             snapshots: SnapshotCount::default(),
             faults: Vec::new(),
@@ -343,6 +346,12 @@ impl Datapath for MemoryDatapath {
     fn count_map_full(&mut self, n: u64) -> Result<()> {
         self.map_full += n;
         Ok(())
+    }
+
+    fn retain_affinity(&mut self, keep: &std::collections::HashSet<u32>) -> Result<usize> {
+        let before = self.affinity.len();
+        self.affinity.retain(|k, _| keep.contains(&k.svc_id));
+        Ok(before - self.affinity.len())
     }
 }
 

@@ -76,6 +76,9 @@ pub trait Datapath {
     fn delete_meta(&mut self, svc_id: u32) -> Result<()>;
     /// Records writes refused because a map was full, where `list` shows them.
     fn count_map_full(&mut self, n: u64) -> Result<()>;
+    /// Deletes every session affinity entry whose service id is not in
+    /// `keep`; returns how many went.
+    fn retain_affinity(&mut self, keep: &std::collections::HashSet<u32>) -> Result<usize>;
 
     /// Several [`Datapath::put_backends`] at once (the BPF maps take them
     /// in a few batched syscalls). Every range is tried; returns the ones

@@ -318,3 +318,91 @@ fn a_backend_shared_by_two_services_survives_removal_of_one() {
     r.apply(&desired(&[(fe(2), "b", vec![be(1, 80)])]), Prune::Yes);
     assert_eq!(backends_of(&r.datapath().state, &fe(2)), vec![be(1, 80)]);
 }
+
+fn with_affinity(mut d: DesiredState, fe: &Frontend, secs: u32) -> DesiredState {
+    if let Some(w) = d.get_mut(fe) {
+        w.affinity = secs;
+    }
+    d
+}
+
+/// An entry the programs would have written for a client of `svc_id`.
+fn client_of(dp: &mut MemoryDatapath, netns: u64, svc_id: u32) {
+    dp.affinity.insert(
+        lb_common::AffinityKey::new(netns, svc_id),
+        lb_common::AffinityValue::default(),
+    );
+}
+
+fn affinity_ids(dp: &MemoryDatapath) -> Vec<u32> {
+    dp.affinity.keys().map(|k| k.svc_id).collect()
+}
+
+/// Affinity is in the master; a change of affinity alone rewrites the
+/// master over the same range, and turning it off sweeps the service's
+/// entries, not those of another service.
+#[test]
+fn affinity_is_in_the_master_and_turning_it_off_sweeps_its_entries() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let d = desired(&[
+        (fe(1), "web", vec![be(1, 80), be(2, 80)]),
+        (fe(2), "api", vec![be(3, 80)]),
+    ]);
+    let d = with_affinity(with_affinity(d, &fe(1), 10800), &fe(2), 60);
+    assert!(r.apply(&d, Prune::Yes).errors.is_empty());
+    let m1 = master(&r.datapath().state, &fe(1)).unwrap();
+    let m2 = master(&r.datapath().state, &fe(2)).unwrap();
+    assert_eq!((m1.affinity, m2.affinity), (10800, 60));
+    client_of(r.datapath_mut(), 7, m1.svc_id);
+    client_of(r.datapath_mut(), 8, m1.svc_id);
+    client_of(r.datapath_mut(), 7, m2.svc_id);
+
+    // Same backends, shorter timeout: one master write, same range, entries kept.
+    let start = r.datapath().log.len();
+    let d2 = with_affinity(d.clone(), &fe(1), 5);
+    assert!(r.apply(&d2, Prune::Yes).errors.is_empty());
+    assert_eq!(kinds(&r.datapath().log[start..]), ["master"]);
+    let m = master(&r.datapath().state, &fe(1)).unwrap();
+    assert_eq!((m.base, m.count, m.affinity), (m1.base, m1.count, 5));
+    assert_eq!(affinity_ids(r.datapath()).len(), 3);
+    // Applying the same again writes nothing.
+    let start = r.datapath().log.len();
+    r.apply(&d2, Prune::Yes);
+    assert_eq!(r.datapath().log.len(), start);
+
+    // Off: its entries go, the other service's stay.
+    let d3 = with_affinity(d2, &fe(1), 0);
+    let report = r.apply(&d3, Prune::Yes);
+    assert!(report.errors.is_empty());
+    assert_eq!(master(&r.datapath().state, &fe(1)).unwrap().affinity, 0);
+    assert_eq!(affinity_ids(r.datapath()), vec![m2.svc_id]);
+
+    // Deleting the other service takes its entries with it.
+    let d4: DesiredState = d3.into_iter().filter(|(f, _)| *f == fe(1)).collect();
+    assert!(r.apply(&d4, Prune::Yes).errors.is_empty());
+    assert!(r.datapath().affinity.is_empty());
+}
+
+/// A restarted agent reads affinity back from the masters, keeps the
+/// entries of services that still have it and sweeps those of ids no
+/// frontend has (a previous agent stopped before its sweep).
+#[test]
+fn adoption_keeps_affinity_and_sweeps_entries_of_unknown_ids() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let d = with_affinity(desired(&[(fe(1), "web", vec![be(1, 80)])]), &fe(1), 30);
+    r.apply(&d, Prune::Yes);
+    let id = master(&r.datapath().state, &fe(1)).unwrap().svc_id;
+    let mut dp = r.datapath().clone();
+    client_of(&mut dp, 1, id);
+    client_of(&mut dp, 1, id + 100);
+
+    let mut r = Reconciler::adopt(dp).unwrap();
+    assert_eq!(r.installed()[&fe(1)].affinity, 30);
+    // Still syncing: nothing is swept yet.
+    r.apply(&d, Prune::No);
+    assert_eq!(affinity_ids(r.datapath()).len(), 2);
+    let start = r.datapath().log.len();
+    r.apply(&d, Prune::Yes);
+    assert_eq!(r.datapath().log.len(), start, "the master is up to date");
+    assert_eq!(affinity_ids(r.datapath()), vec![id]);
+}
