@@ -290,10 +290,11 @@ fn connected_sockets_are_recorded_in_a_slot_freed_at_close() {
         assert!(stored.len() > 1, "one backend only: {report}");
     };
     let frontend = format!("{ip}:80");
-    let tcp = client(&lab, &frontend, &["--count", "2000", "--sock-slots", pin]);
+    // 9,600 + 200 + 200 short-lived translated sockets: 10,000 in all.
+    let tcp = client(&lab, &frontend, &["--count", "9600", "--sock-slots", pin]);
     assert_eq!(tcp["errors"], serde_json::json!({}), "{tcp}");
-    assert_eq!(map_of(&tcp["peers"]), [(frontend.clone(), 2000)], "{tcp}");
-    check(&tcp, &frontend, 2000);
+    assert_eq!(map_of(&tcp["peers"]), [(frontend.clone(), 9600)], "{tcp}");
+    check(&tcp, &frontend, 9600);
     let mapped = format!("[::ffff:{ip}]:80");
     let v6 = client(&lab, &mapped, &["--count", "200", "--sock-slots", pin]);
     assert_eq!(map_of(&v6["peers"]), [(mapped, 200)], "{v6}");
@@ -313,7 +314,7 @@ fn connected_sockets_are_recorded_in_a_slot_freed_at_close() {
     );
     let doc = lab.agent.list_json().unwrap();
     assert!(
-        doc["counters"]["translated"].as_u64() >= Some(2_420),
+        doc["counters"]["translated"].as_u64() >= Some(10_020),
         "{doc}"
     );
     assert_eq!(doc["counters"]["reverseWriteFailed"], 0, "{doc}");
@@ -486,11 +487,14 @@ fn with_termination_off_sockets_keep_their_backend() {
 }
 
 /// Clients in two network namespaces of the attached cgroup: the connected
-/// UDP sockets on the removed backend are destroyed in both.
+/// UDP sockets on the removed backend are destroyed in both. A socket of a
+/// namespace outside the cgroup, connected to that pod, is untouched.
 #[test]
 fn sockets_in_two_client_namespaces_are_both_destroyed() {
     let (mut lab, _) = lab_with_services();
     let second = lab.topo.add_client(1).unwrap();
+    let outsider = lab.topo.add_client(2).unwrap();
+    let mut outside = UdpSession::start_outside_cgroup(&lab, &outsider).unwrap();
     let mut a = UdpSession::start(&lab, &[]).unwrap();
     let mut b = UdpSession::start_in(&lab, &second, &[]).unwrap();
     let in_a: Vec<String> = (0..6)
@@ -507,6 +511,10 @@ fn sockets_in_two_client_namespaces_are_both_destroyed() {
         assert!(in_b.len() < 40, "no socket of b reached {gone}: {in_b:?}");
         in_b.push(udp_to_echo(&mut b, &format!("b{}", in_b.len())));
     }
+    let octet = PODS.iter().find(|(n, _)| *n == gone).unwrap().1;
+    let direct = format!("{}:80", pod_ip(octet));
+    let open = outside.command(&format!("udp o {direct}")).unwrap();
+    assert_eq!(open["peer"], direct.as_str(), "{open}");
     take_out(&mut lab, gone);
     let on_gone = in_a.iter().chain(&in_b).filter(|n| *n == gone).count() as u64;
     let doc = lab
@@ -516,6 +524,8 @@ fn sockets_in_two_client_namespaces_are_both_destroyed() {
     assert_eq!(echo_terminated(&doc), on_gone, "{doc}");
     assert_destroyed_only_on(&mut a, "a", &in_a, gone);
     assert_destroyed_only_on(&mut b, "b", &in_b, gone);
+    let r = outside.command("send o").unwrap();
+    assert_eq!(r["name"], gone, "outside the cgroup: {r}");
 }
 
 /// A second UDP service in front of the same pods.
