@@ -127,6 +127,10 @@ pub const ABLATIONS: &[(&str, u32)] = &[
     ("no frontend filter", lb_common::ablate::NO_FILTER),
     ("sendmsg: no socket cache", lb_common::ablate::NO_SOCK_CACHE),
     ("empty program", lb_common::ablate::EMPTY),
+    (
+        "session affinity on every service",
+        lb_common::ablate::ALL_AFFINITY,
+    ),
 ];
 
 /// Passes over [`ABLATIONS`] per N.
