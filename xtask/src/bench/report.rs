@@ -1953,7 +1953,7 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
         .collect();
     let _ = writeln!(
         md,
-        "- **connect4 per call** (ns, bpf_stats): {}. A destination that is not a service costs one word of the LB_FILTER bit array (a hash of address, port and protocol; an inlined array read), and only if its bit is set (a false positive, about 1 % at 10,000 frontends) the LB_SERVICES lookup. A translated connect does, in the program as built: the filter word, the frontend's LB_SERVICES lookup (one entry per frontend: service id, base and count of its backends' range), a random pick, **one lookup in the LB_BACKENDS array** (inlined by the verifier: a bounds check and an address computation, no hashing, no bucket walk), the record of the translation in the socket's slot of the LB_SOCK array (slot = socket cookie masked by the array's size: an inlined array address, one compare-and-swap to claim the slot, the 80-byte record written, the cookie published with an exchange; no hashing, no allocation, no lock; a socket whose slot another live socket holds goes to a spill hash instead) and a stats bump; at close, `sock_release` frees the slot (one read and one exchange on the line connect wrote). Socket-local storage, tried before, allocated and charged memory per socket: about 1.4 µs a connect; a cookie-keyed hash cost about 0.45 µs to insert and again to delete; the ablation below says what each of these costs. Earlier builds did three hash lookups here (master, slot, backend id); a random service's entries are rarely in the CPU caches at large N, so each lookup removed is a likely cache miss removed. This bench measures per-call averages with bpf_stats; for the instruction-level view it runs `bpftool prog profile` (cycles, instructions, LLC misses) on connect4 under the random-service client: {}",
+        "- **connect4 per call** (ns, bpf_stats): {}. A destination that is not a service costs one word of the LB_FILTER bit array (a hash of address, port and protocol; an inlined array read), and only if its bit is set (a false positive, about 1 % at 10,000 frontends) the LB_SERVICES lookup. A translated connect does, in the program as built: the filter word, the frontend's LB_SERVICES lookup (one entry per frontend: service id, base and count of its backends' range), a random pick, **one lookup in the LB_BACKENDS array** (inlined by the verifier: a bounds check and an address computation, no hashing, no bucket walk), the record of the translation in the socket's slot of the LB_SOCK array (slot = socket cookie masked by the array's size: an inlined array address, one compare-and-swap to claim the slot, the 80-byte record written, the cookie published with an exchange; no hashing, no allocation, no lock; a socket whose slot another live socket holds goes to a spill hash instead) and a stats bump; at close, `sock_release` frees the slot (one read and one exchange on the line connect wrote). Socket-local storage, tried before, allocated and charged memory per socket, and a cookie-keyed hash paid an insert at connect and a delete at close; both cost more than the slot in earlier runs of this bench (see the history of this file); the ablation below says what each part of the program as built costs. Earlier builds did three hash lookups here (master, slot, backend id); a random service's entries are rarely in the CPU caches at large N, so each lookup removed is a likely cache miss removed. This bench measures per-call averages with bpf_stats; for the instruction-level view it runs `bpftool prog profile` (cycles, instructions, LLC misses) on connect4 under the random-service client: {}",
         cells.join("; "),
         res.profiles.first().map_or_else(
             || "not run in this run.".to_owned(),
@@ -1986,11 +1986,52 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
         })
         .collect();
     if !gap.is_empty() {
-        let _ = writeln!(
-            md,
-            "- **socket-LB vs direct**: {}. The p50 gap to direct is of the order of the program's own per-call cost (plus noise of ±1 µs between runs on this busy VM), which is why the ratio to direct moves by a few percent from run to run: at ~29 µs per connect, 5 % is 1.4 µs, and a translated connect spends 0.8–1.8 µs in connect4. Connections to pod IPs from inside the attached cgroup (`podIP`, the miss path) stay within 1–3 % of direct.",
-            gap.join("; ")
+        let find = |n: u32, dp: &str, variant: Option<&str>| {
+            rows.iter().find(|r| {
+                r.n == n
+                    && r.datapath == dp
+                    && variant.is_none_or(|v| r.variant == v)
+                    && r.mode == "connect"
+                    && r.rounds > 0
+            })
+        };
+        let direct: Vec<f64> = ns
+            .iter()
+            .filter_map(|&n| find(n, "direct", None).map(|r| r.p50))
+            .collect();
+        let xlate: Vec<f64> = ns.iter().filter_map(|&n| lb(n, "random")).collect();
+        let pod_ratio: Vec<f64> = ns
+            .iter()
+            .filter_map(|&n| {
+                Some(find(n, "socket-lb", Some("podIP"))?.p50 / find(n, "direct", None)?.p50)
+            })
+            .collect();
+        let span = |v: &[f64], scale: f64, digits: usize| -> String {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min) * scale;
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max) * scale;
+            format!("{lo:.digits$}–{hi:.digits$}")
+        };
+        let mut why = String::from(
+            "The p50 gap to direct is of the order of the program's own per-call cost plus the run-to-run noise of this VM, which is why the ratio to direct moves by a few percent from run to run",
         );
+        if !direct.is_empty() && !xlate.is_empty() {
+            let mean = direct.iter().sum::<f64>() / direct.len() as f64;
+            let _ = write!(
+                why,
+                ": a direct connect took {} µs at p50 in this run, so 5 % is {:.2} µs, and a translated connect spends {} µs in connect4",
+                span(&direct, 1.0, 1),
+                mean * 0.05,
+                span(&xlate, 1e-3, 2)
+            );
+        }
+        if !pod_ratio.is_empty() {
+            let _ = write!(
+                why,
+                ". Connections to pod IPs from inside the attached cgroup (`podIP`, the miss path) measured {} of direct",
+                span(&pod_ratio, 1.0, 2)
+            );
+        }
+        let _ = writeln!(md, "- **socket-LB vs direct**: {}. {why}.", gap.join("; "));
     }
     if let Some(c) = ctl.iter().rev().find(|c| !c.map_bytes.is_empty()) {
         let svc = c.map_bytes.get("LB_SERVICES").copied().unwrap_or(0);
@@ -2003,13 +2044,16 @@ fn analysis(res: &Results, rows: &[Row], ctl: &[Control]) -> String {
         let entries = u64::from(c.n);
         let _ = writeln!(
             md,
-            "- **Map memory at N={}**: LB_SERVICES {} for {} entries ({:.0} B per entry: a 20-byte key and 12-byte value (the key holds a 16-byte address, IPv4 stored v4-mapped, so both families share the maps), the kernel's hash element header and the bucket array sized from max_entries); LB_SVC_META {} ({:.0} B per service; a 144-byte names record (namespace, name, port name, type; the frontend is not repeated, it is the LB_SERVICES key), read only by userspace); LB_REVERSE {} whatever N is (preallocated LRU); LB_SOCK (the translated sockets' records, 96 B a slot, preallocated whatever N is) is not service-sized and not counted here. LB_BACKENDS is an array, preallocated at 24 B per slot of `--max-backends` (here N × 10 + 1,024: every endpoint once, plus room for new ranges), whatever is in use. The services-sized maps come to {:.0} B per service with 10 endpoints; of that the names record is the largest part, so the next step down is moving the metadata out of the kernel.",
+            "- **Map memory at N={}**: LB_SERVICES {} for {} entries ({:.0} B per entry: a {}-byte key and {}-byte value (base, count and service id of the backend range, and the session affinity timeout; the key holds a 16-byte address, IPv4 stored v4-mapped, so both families share the maps), the kernel's hash element header and the bucket array sized from max_entries); LB_SVC_META {} ({:.0} B per service; a {}-byte names record (namespace, name, port name, type; the frontend is not repeated, it is the LB_SERVICES key), read only by userspace); LB_REVERSE {} whatever N is (preallocated LRU); LB_SOCK (the translated sockets' records, 96 B a slot, preallocated whatever N is) is not service-sized and not counted here. LB_BACKENDS is an array, preallocated at 24 B per slot of `--max-backends` (here N × 10 + 1,024: every endpoint once, plus room for new ranges), whatever is in use. The services-sized maps come to {:.0} B per service with 10 endpoints; of that the names record is the largest part, so the next step down is moving the metadata out of the kernel.",
             int(f64::from(c.n)),
             kib(svc),
             int(entries as f64),
             svc as f64 / entries as f64,
+            size_of::<lb_common::ServiceKey>(),
+            size_of::<lb_common::ServiceValue>(),
             kib(meta),
             meta as f64 / f64::from(c.n.max(1)),
+            size_of::<lb_common::ServiceMeta>(),
             kib(rev),
             c.per_service_bytes() as f64 / f64::from(c.n.max(1))
         );
