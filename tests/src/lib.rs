@@ -667,6 +667,36 @@ spec:
     y
 }
 
+/// A hand-written EndpointSlice (a `---` document) of `service`, its
+/// `addressType` from the addresses' family, with every address a ready
+/// endpoint on two ports: `http` (TCP) and `echo` (UDP), both to `port`.
+pub fn http_echo_slice(name: &str, service: &str, addrs: &[IpAddr], port: u16) -> String {
+    let family = if addrs[0].is_ipv6() { "IPv6" } else { "IPv4" };
+    let endpoints: String = addrs
+        .iter()
+        .map(|a| format!("  - addresses: [\"{a}\"]\n    conditions:\n      ready: true\n"))
+        .collect();
+    format!(
+        "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: {family}
+ports:
+  - name: http
+    port: {port}
+    protocol: TCP
+  - name: echo
+    port: {port}
+    protocol: UDP
+endpoints:
+{endpoints}"
+    )
+}
+
 /// One running Pod as the manifest source reads it (a `---` document):
 /// `containers` is the YAML list under `spec.containers`, indented by four;
 /// the status carries `podIP` and the Ready condition, which a cluster's

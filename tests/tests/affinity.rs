@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{Bins, Lab, endpoints, find_service, pod_ip, pod_ip6};
+use lb_tests::{Bins, Lab, endpoints, find_service, http_echo_slice, pod_ip, pod_ip6};
 use serde_json::Value;
 
 const SYNC: Duration = Duration::from_secs(10);
@@ -58,32 +58,9 @@ fn client_ip(timeout: u32) -> String {
     )
 }
 
-/// A ready EndpointSlice of `sticky` on the pods with these octets.
+/// A ready EndpointSlice of `sticky` on `addrs`.
 fn slice(name: &str, addrs: &[IpAddr]) -> String {
-    let family = if addrs[0].is_ipv6() { "IPv6" } else { "IPv4" };
-    let endpoints: String = addrs
-        .iter()
-        .map(|a| format!("  - addresses: [\"{a}\"]\n    conditions:\n      ready: true\n"))
-        .collect();
-    format!(
-        "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}
-  labels:
-    kubernetes.io/service-name: sticky
-addressType: {family}
-ports:
-  - name: http
-    port: {HTTP}
-    protocol: TCP
-  - name: echo
-    port: {HTTP}
-    protocol: UDP
-endpoints:
-{endpoints}"
-    )
+    http_echo_slice(name, "sticky", addrs, HTTP)
 }
 
 /// The Service with `affinity` and endpoints on the pods of `octets`, both families.

@@ -13,8 +13,8 @@ use std::{
 };
 
 use lb_tests::{
-    Bins, Lab, UdpSession, endpoints, find_service, pod_ip, pod_ip6, pod_manifest_ips, run,
-    service_ips,
+    Bins, Lab, UdpSession, endpoints, find_service, http_echo_slice, pod_ip, pod_ip6,
+    pod_manifest_ips, run, service_ips,
 };
 use serde_json::Value;
 
@@ -80,33 +80,10 @@ spec:
     )
 }
 
-/// A hand-written EndpointSlice of `service` (`addressType` from the
-/// addresses' family) with ready endpoints on `http` and `echo`.
+/// A hand-written EndpointSlice of `service` with ready endpoints on
+/// `http` and `echo`.
 fn slice(name: &str, service: &str, addrs: &[IpAddr]) -> String {
-    let family = if addrs[0].is_ipv6() { "IPv6" } else { "IPv4" };
-    let endpoints: String = addrs
-        .iter()
-        .map(|a| format!("  - addresses: [\"{a}\"]\n    conditions:\n      ready: true\n"))
-        .collect();
-    format!(
-        "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}
-  labels:
-    kubernetes.io/service-name: {service}
-addressType: {family}
-ports:
-  - name: http
-    port: {HTTP}
-    protocol: TCP
-  - name: echo
-    port: {HTTP}
-    protocol: UDP
-endpoints:
-{endpoints}"
-    )
+    http_echo_slice(name, service, addrs, HTTP)
 }
 
 fn v4(octets: &[u8]) -> Vec<IpAddr> {
