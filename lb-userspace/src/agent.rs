@@ -19,7 +19,7 @@ use crate::{
         DatapathError,
         bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
         sockdiag::SockDiag,
-        terminate::{self, Terminator},
+        terminate::{self, Spared, Terminator},
     },
     health::{self, Health},
     model::{Index, TranslateOptions},
@@ -94,7 +94,7 @@ pub async fn run_manifests(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
-    let (reconciler, _lock) = attach(&cfg.common, &health)?;
+    let Attached(reconciler, _lock, spared) = attach(&cfg.common, &health)?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -112,6 +112,7 @@ pub async fn run_manifests(
         reconciler,
         cfg.common.translate.clone(),
         cfg.common.resync_period,
+        spared,
     );
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
@@ -181,17 +182,23 @@ fn driver(
     reconciler: Reconciler<BpfDatapath>,
     opts: TranslateOptions,
     resync_period: Option<Duration>,
+    spared: Option<Arc<Spared>>,
 ) -> Driver<BpfDatapath> {
     let mut index = Index::new(opts);
     index.seed(sync::owners_oldest_first(&reconciler));
     let mut driver = Driver::new(
-        Syncer::new(reconciler),
+        Syncer::new(reconciler).with_spared(spared),
         Input::new(index),
         Coalesce::default(),
     );
     driver.set_resync_period(resync_period);
     driver
 }
+
+/// What `attach` hands the sync loop: the reconciler over the adopted maps,
+/// the claim on the pin directory, and (`--terminate-sockets all`) the
+/// spared endpoints' list.
+struct Attached(Reconciler<BpfDatapath>, DirLock, Option<Arc<Spared>>);
 
 /// Serves the probes in the background (if asked); not ready yet.
 fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health> {
@@ -206,17 +213,17 @@ fn start_health(addr: Option<SocketAddr>, stall_timeout: Duration) -> Arc<Health
 /// are: nothing is flushed, whatever the sources will say later. If maps
 /// were replaced (an upgrade), the new links are swapped in only after the
 /// first complete sync has filled them.
-/// The returned lock is the agent's claim on `bpffs`: hold it while running.
-fn attach(
-    cfg: &CommonConfig,
-    health: &Arc<Health>,
-) -> Result<(Reconciler<BpfDatapath>, DirLock), AgentError> {
+/// The returned lock is the agent's claim on `bpffs`: hold it while
+/// running. With `--terminate-sockets all`, also the spared endpoints' list
+/// the sync loop keeps for the terminator.
+fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentError> {
     let bpffs = &cfg.bpffs;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.to_owned(),
         None => bpf::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
-    start_terminator(cfg.terminate, bpffs, &cgroup, health);
+    let spared = (cfg.terminate == terminate::Mode::All).then(Spared::new);
+    start_terminator(cfg.terminate, bpffs, &cgroup, health, spared.clone());
     let install = bpf::install(
         bpffs,
         &cgroup,
@@ -241,14 +248,20 @@ fn attach(
     if adopted > 0 {
         info!(frontends = adopted, "re-adopted pinned state");
     }
-    Ok((reconciler, install.lock))
+    Ok(Attached(reconciler, install.lock, spared))
 }
 
 /// Destroys the sockets whose backend left their frontend after every sync
 /// that changed the maps, off the sync loop (a pass reads the socket
 /// records and enters namespaces). Off, with one warning, on a kernel
 /// without `SOCK_DESTROY`.
-fn start_terminator(mode: terminate::Mode, bpffs: &Path, cgroup: &Path, health: &Arc<Health>) {
+fn start_terminator(
+    mode: terminate::Mode,
+    bpffs: &Path,
+    cgroup: &Path,
+    health: &Arc<Health>,
+    spared: Option<Arc<Spared>>,
+) {
     if mode == terminate::Mode::None {
         return;
     }
@@ -271,7 +284,7 @@ fn start_terminator(mode: terminate::Mode, bpffs: &Path, cgroup: &Path, health: 
             // Opened on first use: the maps exist once the programs are loaded.
             let t = match terminator.take() {
                 Some(t) => t,
-                None => match Terminator::open(&bpffs, destroyer.clone()) {
+                None => match Terminator::open(&bpffs, destroyer.clone(), spared.clone()) {
                     Ok(t) => t,
                     Err(e) => {
                         warn!(error = %e, "socket termination: opening the maps");
@@ -322,9 +335,9 @@ pub async fn run_kube(
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
     let client = kube_source::client(&cfg.client).await?;
-    let (reconciler, _lock) = attach(&cfg.common, &health)?;
+    let Attached(reconciler, _lock, spared) = attach(&cfg.common, &health)?;
     let mut opts = cfg.common.translate.clone();
-    let mut driver = driver(reconciler, opts.clone(), cfg.common.resync_period);
+    let mut driver = driver(reconciler, opts.clone(), cfg.common.resync_period, spared);
     let signals = Signals::new(driver.input().clone());
     if opts.zone.is_none()
         && let Some(node) = opts.node_name.clone()

@@ -198,6 +198,7 @@ mod tests {
                     },
                     backends: vec![SocketAddr::from((Ipv4Addr::new(10, 244, 0, 5), 53))],
                     affinity: 0,
+                    spared: vec![],
                 },
             );
         }
@@ -212,6 +213,7 @@ mod tests {
                 },
                 backends: vec![],
                 affinity: 0,
+                spared: vec![],
             },
         );
         let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
@@ -247,6 +249,7 @@ mod tests {
                     service: svc.clone(),
                     backends: vec![be.parse().unwrap()],
                     affinity: 0,
+                    spared: vec![],
                 },
             );
         }

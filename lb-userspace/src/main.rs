@@ -129,7 +129,9 @@ struct RunArgs {
     max_affinity: u32,
     /// Which translated sockets are destroyed when their backend leaves their service's
     /// frontend, so the application sees ECONNABORTED and reconnects: `udp`, connected UDP
-    /// sockets (kube-proxy flushes their conntrack entries); `none`.
+    /// sockets (kube-proxy flushes their conntrack entries); `all`, TCP connections too, once
+    /// their endpoint is gone from the Service or no longer serving (a terminating endpoint
+    /// that still serves keeps its connections); `none`.
     #[arg(long, value_enum, default_value = "udp")]
     terminate_sockets: TerminateSockets,
     /// Log every translated connect from the eBPF program (debug level).
@@ -206,6 +208,7 @@ fn parse_health_addr(s: &str) -> Result<HealthAddr, String> {
 #[derive(Clone, Copy, ValueEnum)]
 enum TerminateSockets {
     Udp,
+    All,
     None,
 }
 
@@ -213,6 +216,7 @@ impl From<TerminateSockets> for lb_userspace::datapath::terminate::Mode {
     fn from(t: TerminateSockets) -> Self {
         match t {
             TerminateSockets::Udp => Self::Udp,
+            TerminateSockets::All => Self::All,
             TerminateSockets::None => Self::None,
         }
     }

@@ -19,7 +19,7 @@ use tokio::{sync::Notify, time::Instant as TimerInstant};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, encode_backend, frontend_key, terminate::Spared},
     health::Health,
     model::{DesiredService, Diagnostic, Frontend, Index, Severity},
     reconciler::{ApplyReport, Installed, Prune, Reconciler},
@@ -41,6 +41,9 @@ pub struct SyncStats {
     pub writes: usize,
     pub deletes: usize,
     pub errors: usize,
+    /// Frontends whose spared endpoints changed (`--terminate-sockets
+    /// all`): no map write, but a termination pass is due.
+    pub spared: usize,
 }
 
 impl std::ops::AddAssign for SyncStats {
@@ -49,6 +52,7 @@ impl std::ops::AddAssign for SyncStats {
         self.writes += other.writes;
         self.deletes += other.deletes;
         self.errors += other.errors;
+        self.spared += other.spared;
     }
 }
 
@@ -67,6 +71,9 @@ pub struct Syncer<D> {
     reconciler: Reconciler<D>,
     reported: BTreeSet<Diagnostic>,
     failed: BTreeMap<Frontend, Retry>,
+    /// `--terminate-sockets all`: each frontend's spared endpoints, kept
+    /// for the terminator.
+    spared: Option<Arc<Spared>>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -75,7 +82,43 @@ impl<D: Datapath> Syncer<D> {
             reconciler,
             reported: BTreeSet::new(),
             failed: BTreeMap::new(),
+            spared: None,
         }
+    }
+
+    /// Keeps `spared` up to date with every change applied.
+    pub fn with_spared(mut self, spared: Option<Arc<Spared>>) -> Self {
+        self.spared = spared;
+        self
+    }
+
+    /// Records each changed frontend's spared endpoints (the model's, not
+    /// held back like map writes: they are never written); how many
+    /// frontends' lists changed.
+    fn note_spared(
+        &self,
+        changes: &BTreeMap<Frontend, Option<DesiredService>>,
+        prune: Prune,
+    ) -> usize {
+        let Some(spared) = &self.spared else {
+            return 0;
+        };
+        let mut changed = 0;
+        for (fe, want) in changes {
+            let set = want
+                .iter()
+                .flat_map(|w| &w.spared)
+                .map(|a| {
+                    let b = encode_backend(*a, fe.proto);
+                    (b.addr, b.port)
+                })
+                .collect();
+            changed += usize::from(spared.set(frontend_key(fe), set));
+        }
+        if prune == Prune::Yes {
+            spared.set_complete();
+        }
+        changed
     }
 
     pub fn reconciler(&self) -> &Reconciler<D> {
@@ -131,6 +174,7 @@ impl<D: Datapath> Syncer<D> {
         // the sources are complete is brought in line by the first full
         // sync, not by a retry timer.
         let attempted = changes.keys().copied().collect();
+        let spared = self.note_spared(&changes, prune);
         if prune == Prune::No {
             // Nothing removed until the sources are complete either.
             let installed = self.reconciler.installed();
@@ -140,7 +184,10 @@ impl<D: Datapath> Syncer<D> {
             });
         }
         let report = self.reconciler.apply_changes(&changes, prune);
-        self.finish(&report, attempted)
+        SyncStats {
+            spared,
+            ..self.finish(&report, attempted)
+        }
     }
 
     fn finish(&mut self, report: &ApplyReport, attempted: BTreeSet<Frontend>) -> SyncStats {
@@ -183,6 +230,7 @@ impl<D: Datapath> Syncer<D> {
             writes: report.writes,
             deletes: report.deletes,
             errors: report.errors.len() + report.other_errors.len(),
+            spared: 0,
         }
     }
 }
@@ -763,7 +811,7 @@ impl<D: Datapath> Driver<D> {
         if step.first_complete {
             health.set_ready();
         }
-        if step.stats.writes + step.stats.deletes > 0 {
+        if step.stats.writes + step.stats.deletes + step.stats.spared > 0 {
             health.note_maps_changed();
         }
         health.iteration_finished();

@@ -19,6 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use lb_common::{PROTO_TCP, PROTO_UDP};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -34,8 +35,13 @@ use nix::{
     },
 };
 
-/// What to destroy: a socket cookie and the IP protocol of its socket.
+/// What to destroy: a socket cookie and the IP protocol of its socket
+/// ([`ANY_PROTO`]: TCP or UDP, whichever it is).
 pub type Targets = HashMap<u64, u8>;
+
+/// A target whose protocol is not known (its frontend is gone): looked
+/// for among TCP and UDP sockets (a cookie is unique across both).
+pub const ANY_PROTO: u8 = 0;
 
 /// Destroys sockets by cookie; returns the cookies it destroyed.
 pub trait SocketDestroyer: Send {
@@ -69,7 +75,13 @@ impl SockDiag {
 
 impl SocketDestroyer for SockDiag {
     fn destroy(&mut self, targets: &Targets) -> io::Result<HashSet<u64>> {
-        let mut protocols: Vec<u8> = targets.values().copied().collect();
+        let mut protocols: Vec<u8> = targets
+            .values()
+            .flat_map(|&p| match p {
+                ANY_PROTO => vec![PROTO_TCP, PROTO_UDP],
+                p => vec![p],
+            })
+            .collect();
         protocols.sort_unstable();
         protocols.dedup();
         let namespaces = namespaces(&self.cgroup);
@@ -84,7 +96,10 @@ impl SocketDestroyer for SockDiag {
                     for &proto in &protocols {
                         for family in [AF_INET, AF_INET6] {
                             for (cookie, id) in dump(&nl, family, proto)? {
-                                if targets.get(&cookie) != Some(&proto) {
+                                if !targets
+                                    .get(&cookie)
+                                    .is_some_and(|&p| p == proto || p == ANY_PROTO)
+                                {
                                     continue;
                                 }
                                 match destroy_one(&nl, family, proto, id) {

@@ -9,11 +9,15 @@
 //! entry in `LB_SERVICES` and its range of `LB_BACKENDS` say which backends
 //! it uses now. So a socket connected straight to a pod (no record), an
 //! unconnected UDP socket (no connected peer in its record) and a socket of
-//! another frontend of the same backend are never chosen.
+//! another frontend of the same backend are never chosen. With `all`, TCP
+//! connections go too, except those to an endpoint that is still serving
+//! (terminating, or left out by policy): the maps do not hold those, so the
+//! sync loop hands the model's list over in [`Spared`].
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     os::fd::AsFd as _,
     path::Path,
+    sync::{Arc, Mutex},
 };
 
 use aya::maps::{Array, HashMap as BpfHash, Map, MapData};
@@ -25,7 +29,7 @@ use lb_common::{
 use super::{
     DatapathError, Result,
     bpf::{map_err, open_pin},
-    sockdiag::{SocketDestroyer, Targets},
+    sockdiag::{ANY_PROTO, SocketDestroyer, Targets},
     sys,
 };
 
@@ -34,8 +38,61 @@ use super::{
 pub enum Mode {
     /// Connected UDP sockets (the default).
     Udp,
+    /// Connected UDP sockets, and TCP connections whose endpoint is gone
+    /// from the Service or no longer serving.
+    All,
     /// None.
     None,
+}
+
+/// A frontend's backends as the records name them: (address, port), both
+/// in network order.
+pub type BackendSet = HashSet<(Addr, u16)>;
+
+/// The endpoints whose TCP connections `--terminate-sockets all` spares,
+/// per frontend: still serving, but not used for new sockets, so not in
+/// the maps. Written by the sync loop from the model, read by the
+/// terminator; no TCP connection is judged before the first complete sync.
+#[derive(Debug, Default)]
+pub struct Spared {
+    state: Mutex<SparedState>,
+}
+
+#[derive(Debug, Default)]
+struct SparedState {
+    complete: bool,
+    by_frontend: HashMap<ServiceKey, BackendSet>,
+}
+
+impl Spared {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Sets `key`'s spared endpoints (none: forgets it); whether that
+    /// changed anything.
+    pub fn set(&self, key: ServiceKey, backends: BackendSet) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if backends.is_empty() {
+            s.by_frontend.remove(&key).is_some()
+        } else {
+            s.by_frontend.insert(key, backends.clone()) != Some(backends)
+        }
+    }
+
+    /// The sources have synced once: the list is whole.
+    pub fn set_complete(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .complete = true;
+    }
+
+    /// A copy of the lists, once they are whole.
+    pub fn snapshot(&self) -> Option<HashMap<ServiceKey, BackendSet>> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.complete.then(|| s.by_frontend.clone())
+    }
 }
 
 /// One translated socket's record: its cookie and what it was sent to.
@@ -56,26 +113,42 @@ pub struct Live {
 
 /// The sockets to destroy (cookie → protocol): connected UDP sockets whose
 /// frontend is gone, belongs to another service now (same address, new
-/// id), or no longer has the socket's backend. `live(addr, port, svc_id)`
-/// finds the frontend the record names.
-pub fn stale(records: &[Record], mut live: impl FnMut(&Addr, u16, u32) -> Option<Live>) -> Targets {
+/// id), or no longer has the socket's backend; with `tcp` (`--terminate-sockets
+/// all`, the spared lists once whole), TCP connections of a frontend that
+/// is gone, or whose backend it neither uses nor spares.
+/// `live(addr, port, svc_id)` finds the frontend the record names.
+pub fn stale(
+    records: &[Record],
+    mut live: impl FnMut(&Addr, u16, u32) -> Option<Live>,
+    tcp: Option<&HashMap<ServiceKey, BackendSet>>,
+) -> Targets {
     let mut frontends: HashMap<(Addr, u16, u32), Option<Live>> = HashMap::new();
     let mut targets = Targets::new();
     for r in records {
         let c = &r.conn;
+        let backend = (c.backend, c.backend_port);
         let found = frontends
             .entry((c.addr, c.port, c.svc_id))
             .or_insert_with(|| live(&c.addr, c.port, c.svc_id));
-        let gone = match found {
-            // A TCP socket: not ours to destroy in this mode.
-            Some(l) if l.proto == PROTO_TCP => continue,
-            Some(l) => !l.backends.contains(&(c.backend, c.backend_port)),
+        let proto = match (found, tcp) {
+            (Some(l), None) if l.proto == PROTO_TCP => continue,
+            (Some(l), Some(spared)) if l.proto == PROTO_TCP => {
+                let key = ServiceKey::new(c.addr, c.port, PROTO_TCP);
+                if l.backends.contains(&backend)
+                    || spared.get(&key).is_some_and(|s| s.contains(&backend))
+                {
+                    continue;
+                }
+                PROTO_TCP
+            }
+            (Some(l), _) if l.backends.contains(&backend) => continue,
+            (Some(_), _) => PROTO_UDP,
             // No frontend with this address and id: deleted or replaced.
-            None => true,
+            // The record does not say its protocol.
+            (None, None) => PROTO_UDP,
+            (None, Some(_)) => ANY_PROTO,
         };
-        if gone {
-            targets.insert(r.cookie, PROTO_UDP);
-        }
+        targets.insert(r.cookie, proto);
     }
     targets
 }
@@ -92,10 +165,13 @@ pub struct Terminator<D> {
     /// `LB_TERMINATED`: sockets destroyed per service id.
     counts: BpfHash<MapData, u32, u64>,
     destroyer: D,
+    /// `--terminate-sockets all`: what TCP connections are spared.
+    spared: Option<Arc<Spared>>,
 }
 
 impl<D: SocketDestroyer> Terminator<D> {
-    pub fn open(dir: &Path, destroyer: D) -> Result<Self> {
+    /// `spared`: `Some` for `--terminate-sockets all` (TCP too).
+    pub fn open(dir: &Path, destroyer: D, spared: Option<Arc<Spared>>) -> Result<Self> {
         let services = BpfHash::try_from(Map::HashMap(open_pin(dir, maps::SERVICES)?))
             .map_err(|e| map_err("open", maps::SERVICES, e))?;
         let backends = open_pin(dir, maps::BACKENDS)?;
@@ -123,6 +199,7 @@ impl<D: SocketDestroyer> Terminator<D> {
             counts: BpfHash::try_from(Map::HashMap(open_pin(dir, maps::TERMINATED)?))
                 .map_err(|e| map_err("open", maps::TERMINATED, e))?,
             destroyer,
+            spared,
         })
     }
 
@@ -194,7 +271,8 @@ impl<D: SocketDestroyer> Terminator<D> {
     /// how many sockets were destroyed.
     pub fn pass(&mut self) -> Result<u64> {
         let records = self.records()?;
-        let targets = stale(&records, |a, p, id| self.live(a, p, id));
+        let spared = self.spared.as_ref().and_then(|s| s.snapshot());
+        let targets = stale(&records, |a, p, id| self.live(a, p, id), spared.as_ref());
         let mut n = 0;
         if !targets.is_empty() {
             let destroyed = self
@@ -293,7 +371,7 @@ mod tests {
             record(103, 3, 3, 11),
             record(104, 4, 9, 11),
         ];
-        let targets = stale(&records, live);
+        let targets = stale(&records, live, None);
         let mut cookies: Vec<u64> = targets.keys().copied().collect();
         cookies.sort_unstable();
         assert_eq!(cookies, [101, 103, 104]);
@@ -304,11 +382,61 @@ mod tests {
     fn a_frontend_is_looked_up_once_per_pass() {
         let records: Vec<Record> = (0..50).map(|c| record(c, 1, 1, 12)).collect();
         let mut lookups = 0;
-        let targets = stale(&records, |a, p, id| {
-            lookups += 1;
-            live(a, p, id)
-        });
+        let targets = stale(
+            &records,
+            |a, p, id| {
+                lookups += 1;
+                live(a, p, id)
+            },
+            None,
+        );
         assert_eq!(lookups, 1);
         assert_eq!(targets.len(), 50);
+    }
+
+    /// `all`: a TCP connection goes when its frontend is gone or its
+    /// backend is neither used nor spared; one to a spared (terminating
+    /// but serving) backend stays. UDP is judged as before.
+    #[test]
+    fn all_destroys_tcp_connections_unless_their_endpoint_still_serves() {
+        let records = [
+            record(200, 2, 2, 11),
+            record(201, 2, 2, 12),
+            record(202, 2, 2, 13),
+            record(203, 3, 3, 11),
+            record(204, 1, 1, 12),
+        ];
+        let mut spared = HashMap::new();
+        spared.insert(
+            ServiceKey::new(addr(2), 53u16.to_be(), PROTO_TCP),
+            [(addr(13), 80u16.to_be())]
+                .into_iter()
+                .collect::<BackendSet>(),
+        );
+        let targets = stale(&records, live, Some(&spared));
+        let mut got: Vec<(u64, u8)> = targets.into_iter().collect();
+        got.sort_unstable();
+        // .12 of the TCP frontend: gone; .13: spared; frontend .3: gone
+        // (protocol unknown); the UDP socket on .12: as in `udp`.
+        assert_eq!(got, [(201, PROTO_TCP), (203, ANY_PROTO), (204, PROTO_UDP)]);
+    }
+
+    /// Before the first complete sync the spared lists are not whole: no
+    /// TCP connection is judged.
+    #[test]
+    fn spared_lists_count_only_once_whole() {
+        let s = Spared::new();
+        let key = ServiceKey::new(addr(2), 53u16.to_be(), PROTO_TCP);
+        let set: BackendSet = [(addr(13), 80u16.to_be())].into_iter().collect();
+        assert!(s.set(key, set.clone()));
+        assert!(
+            !s.set(key, set.clone()),
+            "the same list again changes nothing"
+        );
+        assert!(s.snapshot().is_none());
+        s.set_complete();
+        assert_eq!(s.snapshot().unwrap()[&key], set);
+        assert!(s.set(key, BackendSet::new()));
+        assert!(s.snapshot().unwrap().is_empty());
     }
 }

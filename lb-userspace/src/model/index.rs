@@ -139,6 +139,8 @@ struct Serves {
     backends: Backends,
     /// Session affinity timeout in seconds; 0: none.
     affinity: u32,
+    /// Serving endpoints not used for new sockets (usually none: no allocation).
+    spared: Box<[SocketAddr]>,
 }
 
 /// A frontend's backends, all of its family (as translation makes them).
@@ -179,6 +181,7 @@ impl From<DesiredService> for Serves {
             svc_type: d.service.svc_type,
             backends,
             affinity: d.affinity,
+            spared: d.spared.into_boxed_slice(),
         }
     }
 }
@@ -199,6 +202,7 @@ impl Serves {
             },
             backends,
             affinity: self.affinity,
+            spared: self.spared.to_vec(),
         }
     }
 }

@@ -114,6 +114,12 @@ pub struct DesiredService {
     /// `sessionAffinity: ClientIP`: its timeout in seconds (1–86400); 0
     /// when the Service has no session affinity.
     pub affinity: u32,
+    /// Endpoints of the frontend's family that are still `serving` but not
+    /// among `backends` (terminating ones while ready ones exist, or ones
+    /// the traffic policy or topology leaves out), sorted. Never in the
+    /// maps: `--terminate-sockets all` spares their TCP connections (a
+    /// graceful shutdown keeps its connections).
+    pub spared: Vec<SocketAddr>,
 }
 
 /// Everything the maps should hold, keyed by frontend.

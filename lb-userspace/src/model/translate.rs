@@ -216,10 +216,10 @@ pub(super) fn service_frontends(
             .any(IpAddr::is_ipv6)
             .then(|| choose_backends(&v6, local_only, opts));
         for ip in &ips {
-            let backends = if ip.is_ipv4() {
-                &v4_backends
+            let (backends, family) = if ip.is_ipv4() {
+                (&v4_backends, &v4)
             } else {
-                &v6_backends
+                (&v6_backends, &v6)
             };
             let fe = Frontend {
                 addr: SocketAddr::new(*ip, port.port),
@@ -238,6 +238,7 @@ pub(super) fn service_frontends(
                 ));
                 backends.truncate(usize::from(MAX_SLOTS));
             }
+            let spared = spared(family, &backends);
             out.push((
                 fe,
                 DesiredService {
@@ -249,11 +250,25 @@ pub(super) fn service_frontends(
                     },
                     backends,
                     affinity,
+                    spared,
                 },
             ));
         }
     }
     out
+}
+
+/// The endpoints still serving (ready counts as serving) that `backends`
+/// leaves out, in address order.
+fn spared(
+    endpoints: &BTreeMap<SocketAddr, ParsedEndpoint<'_>>,
+    backends: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    endpoints
+        .iter()
+        .filter(|(a, e)| (e.ep.serving || e.ep.ready) && backends.binary_search(a).is_err())
+        .map(|(a, _)| *a)
+        .collect()
 }
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset: the API

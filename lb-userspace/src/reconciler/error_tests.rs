@@ -190,6 +190,7 @@ fn one(f: Frontend, name: &str, backends: Vec<SocketAddr>) -> DesiredState {
             service: svc(name),
             backends,
             affinity: 0,
+            spared: vec![],
         },
     )])
 }

@@ -38,6 +38,7 @@ pub(super) fn desired(entries: &[(Frontend, &str, Vec<SocketAddr>)]) -> DesiredS
                     service: svc(name),
                     backends,
                     affinity: 0,
+                    spared: vec![],
                 },
             )
         })

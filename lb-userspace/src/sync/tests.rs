@@ -236,3 +236,55 @@ async fn a_held_back_frontend_is_not_retried_in_a_loop() {
     assert!(d.syncer().failed().is_empty());
     assert_eq!(d.syncer().next_retry(), None);
 }
+
+/// `--terminate-sockets all`: an endpoint that turns terminating (still
+/// serving) leaves the maps and enters the spared list, a sync with no
+/// other change counts it (so a termination pass runs), and once it is
+/// gone from the slice it leaves the list again.
+#[tokio::test]
+async fn spared_endpoints_follow_the_model_and_count_as_a_change() {
+    let spared = crate::datapath::terminate::Spared::new();
+    let mut d = Driver::new(
+        Syncer::new(Reconciler::adopt(MemoryDatapath::default()).unwrap())
+            .with_spared(Some(spared.clone())),
+        Input::new(Index::new(TranslateOptions::default())),
+        Coalesce::default(),
+    );
+    feed_a_and_b(&d);
+    step(&mut d).await;
+    let key = crate::datapath::frontend_key(&fe("10.96.0.1"));
+    assert!(
+        spared
+            .snapshot()
+            .expect("whole after the first full sync")
+            .is_empty()
+    );
+
+    let terminating = |index: &mut Index| {
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "a-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "a"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.1"]},
+                {"addresses": ["10.244.1.2"],
+                 "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ],
+            "ports": [{"port": 8080}],
+        }))
+        .unwrap();
+        index.apply_slice(SliceInfo::from(&s))
+    };
+    assert!(d.input().update(Instant::now(), true, terminating));
+    let s = step(&mut d).await;
+    assert_eq!(s.stats.spared, 1, "{:?}", s.stats);
+    let b = crate::datapath::encode_backend("10.244.1.2:8080".parse().unwrap(), Proto::Tcp);
+    assert!(spared.snapshot().unwrap()[&key].contains(&(b.addr, b.port)));
+
+    assert!(d.input().update(Instant::now(), true, |index| {
+        index.apply_slice(slice("a-1", "a", &["10.244.1.1"]))
+    }));
+    let s = step(&mut d).await;
+    assert_eq!((s.stats.spared, s.stats.writes), (1, 0), "{:?}", s.stats);
+    assert!(spared.snapshot().unwrap().is_empty());
+}

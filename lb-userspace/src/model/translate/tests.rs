@@ -150,6 +150,7 @@ fn desired(
         },
         backends: addrs(backends),
         affinity: 0,
+        spared: vec![],
     }
 }
 
@@ -587,6 +588,43 @@ fn serving_terminating_fallback_only_when_no_ready() {
     );
 }
 
+/// The serving endpoints a frontend leaves out are its `spared` ones (for
+/// `--terminate-sockets all`); not serving, or used, they are not.
+#[test]
+fn serving_endpoints_left_out_are_spared() {
+    let o = TranslateOptions::default();
+    let s = svc_with("default", "web", "10.0.0.1", tcp(80), json!({}));
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([
+            ep("10.1.0.1"),
+            ep_cond("10.1.0.8", Some(false), Some(false), Some(true)),
+            ep_cond("10.1.0.9", Some(false), Some(true), Some(true)),
+        ]),
+    );
+    let (st, diags) = translate(&[s], &[sl], &o);
+    assert_eq!(diags, vec![]);
+    let d = &st[&fe("10.0.0.1", 80, Proto::Tcp)];
+    assert_eq!(d.backends, addrs(&["10.1.0.1:8080"]));
+    assert_eq!(d.spared, addrs(&["10.1.0.9:8080"]));
+    // No ready endpoint left: the terminating one is used, nothing is spared.
+    let s = svc_with("default", "web", "10.0.0.1", tcp(80), json!({}));
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep_cond("10.1.0.9", Some(false), Some(true), Some(true))]),
+    );
+    let (st, _) = translate(&[s], &[sl], &o);
+    let d = &st[&fe("10.0.0.1", 80, Proto::Tcp)];
+    assert_eq!(d.backends, addrs(&["10.1.0.9:8080"]));
+    assert!(d.spared.is_empty());
+}
+
 #[test]
 fn terminating_but_not_serving_excluded() {
     let o = TranslateOptions::default();
@@ -998,12 +1036,16 @@ fn ipv6_service_balances_over_ipv6_slices() {
         st,
         state(vec![(
             fe("fd00:96::1", 80, Proto::Tcp),
-            cip(
-                "default",
-                "v6",
-                "",
-                &["[fd00:244::1]:8080", "[fd00:244::2]:8080"]
-            ),
+            DesiredService {
+                // Serving but not ready: left out, and spared.
+                spared: addrs(&["[fd00:244::3]:8080"]),
+                ..cip(
+                    "default",
+                    "v6",
+                    "",
+                    &["[fd00:244::1]:8080", "[fd00:244::2]:8080"],
+                )
+            },
         )])
     );
 }
