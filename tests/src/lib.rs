@@ -1046,7 +1046,7 @@ impl UdpSession {
 
     /// One line of the session protocol: `TARGET` (a datagram from the
     /// unconnected socket), `udp NAME TARGET` or `tcp NAME TARGET` (a new
-    /// connected socket; `{"peer"}`), `send NAME` (one exchange on it;
+    /// connected socket; `{"peer"}`, TCP also `{"local"}`), `send NAME` (one exchange on it;
     /// `{"name"}`); `{"error": ERRNO}` if the call failed.
     pub fn command(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
         use std::io::{BufRead as _, Write as _};

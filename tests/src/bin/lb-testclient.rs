@@ -359,8 +359,9 @@ fn run_session(bind: SocketAddr) -> anyhow::Result<()> {
             })),
             ["tcp", name, target] => reply(open_named(true, target, bind).map(|n| {
                 let peer = n.peer();
+                let local = n.local();
                 named.insert((*name).to_owned(), n);
-                serde_json::json!({"peer": peer})
+                serde_json::json!({"peer": peer, "local": local})
             })),
             ["send", name] => match named.get_mut(*name) {
                 Some(n) => reply(n.request().map(|name| serde_json::json!({"name": name}))),
@@ -398,6 +399,16 @@ fn open_named(tcp: bool, target: &str, bind: SocketAddr) -> std::io::Result<Name
 }
 
 impl Named {
+    /// The socket's own address (for matching it in `ss`, which shows the
+    /// real peer where getpeername() shows the frontend).
+    fn local(&self) -> String {
+        match self {
+            Self::Udp(s) => s.local_addr(),
+            Self::Tcp(s) => s.local_addr(),
+        }
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+    }
+
     fn peer(&self) -> String {
         match self {
             Self::Udp(s) => s.peer_addr(),
