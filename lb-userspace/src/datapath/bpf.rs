@@ -1193,9 +1193,15 @@ pub fn socket_occupancy(dir: &Path) -> Result<Option<SocketOccupancy>> {
     if !info.map_type().is_ok_and(|t| t == MapType::Array) {
         return Ok(None);
     }
-    let slots: Vec<SockSlot> = sys::array_lookup_all(data.fd().as_fd(), info.max_entries())
-        .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::SOCK)))?;
-    let held = slots.iter().filter(|s| s.cookie != 0).count() as u64;
+    let mut held = 0u64;
+    sys::array_lookup_each(
+        data.fd().as_fd(),
+        info.max_entries(),
+        |chunk: &[SockSlot]| {
+            held += chunk.iter().filter(|s| s.cookie != 0).count() as u64;
+        },
+    )
+    .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::SOCK)))?;
     let spilled =
         match open_optional::<u64, SockReverse>(dir, maps::SOCK_SPILL, aya::maps::Map::HashMap)? {
             Some((map, max)) => occupancy(&map, max).entries,

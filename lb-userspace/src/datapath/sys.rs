@@ -96,12 +96,26 @@ pub fn update_batch<K, V>(
 
 /// Every slot of an array of `len` slots, in chunks of one syscall each.
 pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<V>> {
-    const CHUNK: u32 = 8192;
     let mut out: Vec<V> = Vec::with_capacity(len as usize);
-    let mut keys = vec![0u32; CHUNK as usize];
-    let mut values = vec![V::default(); CHUNK as usize];
+    array_lookup_each(map, len, |chunk| out.extend_from_slice(chunk))?;
+    Ok(out)
+}
+
+/// Every slot of an array of `len` slots, handed to `each` one chunk (one
+/// syscall) at a time: a caller that keeps a few slots of a large array
+/// (the socket records: 6 MiB at 65,536 slots) never holds it all.
+pub fn array_lookup_each<V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    len: u32,
+    mut each: impl FnMut(&[V]),
+) -> io::Result<()> {
+    const CHUNK: u32 = 8192;
+    let chunk = CHUNK.min(len.max(1));
+    let mut keys = vec![0u32; chunk as usize];
+    let mut values = vec![V::default(); chunk as usize];
     let (mut in_batch, mut out_batch) = (0u32, 0u32);
     let mut first = true;
+    let mut seen = 0usize;
     loop {
         let mut attr = Attr::default();
         attr.u64(
@@ -115,23 +129,24 @@ pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: u32) -> io:
         .u64(2, &mut out_batch as *mut u32 as u64)
         .u64(4, keys.as_mut_ptr() as u64)
         .u64(6, values.as_mut_ptr() as u64)
-        .u32(8, CHUNK)
+        .u32(8, chunk)
         .u32(9, map.as_raw_fd() as u32);
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = attr.0[8] as usize;
-        out.extend_from_slice(&values[..got.min(values.len())]);
+        let got = (attr.0[8] as usize).min(values.len());
+        each(&values[..got]);
+        seen += got;
         match result {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
         }
-        if out.len() >= len as usize {
+        if seen >= len as usize {
             break;
         }
         in_batch = out_batch;
         first = false;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A one-slot array of maps: an update of it returns only after an RCU

@@ -205,16 +205,23 @@ impl<D: SocketDestroyer> Terminator<D> {
 
     /// Every connected socket's record (slots and spill hash).
     pub fn records(&self) -> Result<Vec<Record>> {
-        let slots: Vec<SockSlot> = sys::array_lookup_all(self.slots.fd().as_fd(), self.slot_count)
-            .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::SOCK)))?;
-        let mut out: Vec<Record> = slots
-            .iter()
-            .filter(|s| s.cookie != 0 && s.cookie != SLOT_CLAIMING)
-            .map(|s| Record {
-                cookie: s.cookie,
-                conn: s.state.conn,
-            })
-            .collect();
+        let mut out: Vec<Record> = Vec::new();
+        sys::array_lookup_each(
+            self.slots.fd().as_fd(),
+            self.slot_count,
+            |chunk: &[SockSlot]| {
+                out.extend(
+                    chunk
+                        .iter()
+                        .filter(|s| s.cookie != 0 && s.cookie != SLOT_CLAIMING)
+                        .map(|s| Record {
+                            cookie: s.cookie,
+                            conn: s.state.conn,
+                        }),
+                );
+            },
+        )
+        .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::SOCK)))?;
         if let Some(spill) = &self.spill {
             out.extend(
                 spill
