@@ -75,8 +75,11 @@ impl Spared {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if backends.is_empty() {
             s.by_frontend.remove(&key).is_some()
+        } else if s.by_frontend.get(&key) == Some(&backends) {
+            false
         } else {
-            s.by_frontend.insert(key, backends.clone()) != Some(backends)
+            s.by_frontend.insert(key, backends);
+            true
         }
     }
 

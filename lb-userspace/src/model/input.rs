@@ -163,31 +163,56 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 
 impl From<&Service> for ServiceInfo {
     fn from(svc: &Service) -> Self {
-        let spec = svc.spec.as_ref().map(|spec| ServiceSpecInfo {
-            type_: spec.type_.as_deref().map(SmolStr::new),
-            cluster_ip: spec.cluster_ip.as_deref().map(SmolStr::new),
-            cluster_ips: spec
-                .cluster_ips
-                .as_ref()
-                .map(|ips| ips.iter().map(SmolStr::new).collect()),
-            ports: spec
-                .ports
-                .as_deref()
-                .unwrap_or(&[])
-                .iter()
-                .map(ServicePortInfo::from)
-                .collect(),
-            internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
-            session_affinity: spec.session_affinity.as_deref().map(SmolStr::new),
-            session_affinity_timeout: affinity_timeout(spec.session_affinity_config.as_ref()),
+        let spec = svc.spec.as_ref().map(|s| {
+            ServiceSpecInfo::from_fields(SpecFields {
+                type_: s.type_.as_deref(),
+                cluster_ip: s.cluster_ip.as_deref(),
+                cluster_ips: s.cluster_ips.as_deref(),
+                ports: s.ports.as_deref(),
+                internal_traffic_policy: s.internal_traffic_policy.as_deref(),
+                session_affinity: s.session_affinity.as_deref(),
+                session_affinity_config: s.session_affinity_config.as_ref(),
+            })
         });
         Self::from_parts(&svc.metadata, spec)
     }
 }
 
-/// `clientIP.timeoutSeconds` of a `sessionAffinityConfig`, as written.
-pub fn affinity_timeout(config: Option<&SessionAffinityConfig>) -> Option<i32> {
-    config?.client_ip.as_ref()?.timeout_seconds
+/// The spec fields translation reads, borrowed from a full `ServiceSpec`
+/// or from the manifest source's slim copy of one.
+pub struct SpecFields<'a> {
+    pub type_: Option<&'a str>,
+    pub cluster_ip: Option<&'a str>,
+    pub cluster_ips: Option<&'a [String]>,
+    pub ports: Option<&'a [ServicePort]>,
+    pub internal_traffic_policy: Option<&'a str>,
+    pub session_affinity: Option<&'a str>,
+    pub session_affinity_config: Option<&'a SessionAffinityConfig>,
+}
+
+impl ServiceSpecInfo {
+    /// The one place a spec's fields are taken for translation.
+    pub fn from_fields(f: SpecFields<'_>) -> Self {
+        Self {
+            type_: f.type_.map(SmolStr::new),
+            cluster_ip: f.cluster_ip.map(SmolStr::new),
+            cluster_ips: f
+                .cluster_ips
+                .map(|ips| ips.iter().map(SmolStr::new).collect()),
+            ports: f
+                .ports
+                .unwrap_or(&[])
+                .iter()
+                .map(ServicePortInfo::from)
+                .collect(),
+            internal_traffic_policy: f.internal_traffic_policy.map(SmolStr::new),
+            session_affinity: f.session_affinity.map(SmolStr::new),
+            // `clientIP.timeoutSeconds`, as written.
+            session_affinity_timeout: f
+                .session_affinity_config
+                .and_then(|c| c.client_ip.as_ref()?.timeout_seconds),
+        }
+    }
 }
 
 impl ServiceInfo {

@@ -14,11 +14,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use smol_str::SmolStr;
 
 use crate::model::{
     ServiceInfo,
-    input::{ServicePortInfo, ServiceSpecInfo, affinity_timeout},
+    input::{ServiceSpecInfo, SpecFields},
 };
 
 /// Identity, labels (selectors, the proxy labels), and the timestamps that
@@ -105,23 +104,16 @@ impl SlimService {
 
     /// What translation takes of it (as `ServiceInfo::from(&Service)`).
     pub(super) fn info(&self) -> ServiceInfo {
-        let spec = self.spec.as_ref().map(|spec| ServiceSpecInfo {
-            type_: spec.type_.as_deref().map(SmolStr::new),
-            cluster_ip: spec.cluster_ip.as_deref().map(SmolStr::new),
-            cluster_ips: spec
-                .cluster_ips
-                .as_ref()
-                .map(|ips| ips.iter().map(SmolStr::new).collect()),
-            ports: spec
-                .ports
-                .as_deref()
-                .unwrap_or(&[])
-                .iter()
-                .map(ServicePortInfo::from)
-                .collect(),
-            internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(SmolStr::new),
-            session_affinity: spec.session_affinity.as_deref().map(SmolStr::new),
-            session_affinity_timeout: affinity_timeout(spec.session_affinity_config.as_ref()),
+        let spec = self.spec.as_ref().map(|s| {
+            ServiceSpecInfo::from_fields(SpecFields {
+                type_: s.type_.as_deref(),
+                cluster_ip: s.cluster_ip.as_deref(),
+                cluster_ips: s.cluster_ips.as_deref(),
+                ports: s.ports.as_deref(),
+                internal_traffic_policy: s.internal_traffic_policy.as_deref(),
+                session_affinity: s.session_affinity.as_deref(),
+                session_affinity_config: s.session_affinity_config.as_ref(),
+            })
         });
         ServiceInfo::from_parts(&self.metadata, spec)
     }
