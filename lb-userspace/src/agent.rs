@@ -94,7 +94,17 @@ pub async fn run_manifests(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let health = start_health(cfg.common.health_addr, cfg.common.stall_timeout);
-    let Attached(reconciler, _lock, spared) = attach(&cfg.common, &health)?;
+    let mut files = DirCache::new(&cfg.manifests, cfg.max_manifest_size);
+    // Parsing the directory needs nothing from the datapath: it runs on a
+    // second CPU while the programs are loaded and verified.
+    let Attached(reconciler, _lock, spared) = std::thread::scope(|s| {
+        let parsing = s.spawn(|| files.prefetch());
+        let attached = attach(&cfg.common, &health);
+        if parsing.join().is_err() {
+            warn!("reading the manifests ahead failed; the first read does it again");
+        }
+        attached
+    })?;
     // Addresses a previous agent allocated stay with their services, per
     // family (the allocator keeps those inside its ranges).
     let previous = reconciler
@@ -116,7 +126,6 @@ pub async fn run_manifests(
     );
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
-    let mut files = DirCache::new(&cfg.manifests, cfg.max_manifest_size);
 
     tokio::pin!(shutdown);
     // One task reads the directory and syncs, so a read that never returns

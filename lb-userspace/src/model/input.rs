@@ -6,7 +6,7 @@
 //! Values a rule may report on stay raw (a bad ClusterIP is reported as
 //! written); endpoint addresses and conditions are resolved here, since
 //! there are many of them and the rules for them need nothing else.
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use smol_str::SmolStr;
 
@@ -215,18 +215,51 @@ impl ServiceSpecInfo {
     }
 }
 
+/// The metadata fields translation reads, borrowed from a full
+/// `ObjectMeta` or from the manifest source's slim copy of one.
+pub struct MetaFields<'a> {
+    pub namespace: Option<&'a str>,
+    pub name: Option<&'a str>,
+    /// `file.yaml#2`; `None` for the API.
+    pub source: Option<&'a str>,
+    pub created: Option<&'a Time>,
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
 impl ServiceInfo {
-    /// From the metadata and the spec already taken: the one place the
-    /// metadata rules live, for full objects and for the API source's slim
-    /// decode alike.
+    /// From the metadata and the spec already taken, for full objects and
+    /// for the API source's slim decode alike (see [`Self::from_meta`]).
     pub fn from_parts(meta: &ObjectMeta, spec: Option<ServiceSpecInfo>) -> Self {
+        let source = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_ANNOTATION));
+        Self::from_meta(
+            MetaFields {
+                namespace: meta.namespace.as_deref(),
+                name: meta.name.as_deref(),
+                source: source.map(String::as_str),
+                created: meta.creation_timestamp.as_ref(),
+                labels: meta.labels.as_ref(),
+            },
+            spec,
+        )
+    }
+
+    /// The one place the metadata rules live.
+    pub fn from_meta(meta: MetaFields<'_>, spec: Option<ServiceSpecInfo>) -> Self {
+        let label = |key: &str| meta.labels.and_then(|l| l.get(key));
         Self {
-            namespace: namespace_of(meta),
-            name: SmolStr::new(meta.name.as_deref().unwrap_or_default()),
-            source: source_of(meta),
-            created: meta.creation_timestamp.clone(),
-            headless_label: label(meta, HEADLESS).is_some(),
-            proxy_name: label(meta, SERVICE_PROXY_NAME).map(str::to_owned),
+            namespace: SmolStr::new(
+                meta.namespace
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("default"),
+            ),
+            name: SmolStr::new(meta.name.unwrap_or_default()),
+            source: meta.source.unwrap_or_default().to_owned(),
+            created: meta.created.cloned(),
+            headless_label: label(HEADLESS).is_some(),
+            proxy_name: label(SERVICE_PROXY_NAME).cloned(),
             spec,
         }
     }
@@ -251,13 +284,15 @@ impl ServicePortInfo {
 impl From<&EndpointSlice> for SliceInfo {
     fn from(slice: &EndpointSlice) -> Self {
         let family = Family::from_address_type(&slice.address_type);
-        let ports = slice
-            .ports
-            .as_deref()
-            .unwrap_or(&[])
-            .iter()
-            .filter_map(|p| SlicePortInfo::new(p.name.clone(), p.protocol.as_deref(), p.port))
-            .collect();
+        let given = slice.ports.as_deref().unwrap_or(&[]);
+        // Sized to the ports read: a `filter_map` collect would leave room
+        // for four, and the index keeps every slice.
+        let mut ports = Vec::with_capacity(given.len());
+        ports.extend(
+            given
+                .iter()
+                .filter_map(|p| SlicePortInfo::new(p.name.clone(), p.protocol.as_deref(), p.port)),
+        );
         let endpoints = match family {
             Some(family) => slice
                 .endpoints

@@ -21,12 +21,14 @@ use k8s_openapi::{
 
 use smol_str::SmolStr;
 
+use self::by_name::{ByName, Named};
 use crate::{
     model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
 };
 
 mod alloc;
+mod by_name;
 #[cfg(test)]
 mod cache_tests;
 mod controllers;
@@ -279,7 +281,7 @@ pub struct ClusterIpAllocator {
     /// Which service held each ClusterIP after the last allocation (seeded
     /// from the maps): of two manifests naming one address, the holder
     /// keeps it, as the API server refuses the second Service.
-    holders: HashMap<IpAddr, (String, String)>,
+    holders: HashMap<IpAddr, Key>,
 }
 
 impl ClusterIpAllocator {
@@ -295,7 +297,9 @@ impl ClusterIpAllocator {
         let mut holders = HashMap::new();
         for (key, ip) in previous {
             let ip = ip.to_canonical();
-            holders.entry(ip).or_insert_with(|| key.clone());
+            holders
+                .entry(ip)
+                .or_insert_with(|| self::key(&key.0, &key.1));
             let family = IpFamily::of(ip);
             let usable = cidr.range(family).is_some_and(|r| r.is_usable(ip));
             let slot = assigned.entry(key).or_default();
@@ -353,7 +357,7 @@ fn build(
     );
 
     Built {
-        services: services.into_iter().map(Sourced::annotated).collect(),
+        services,
         slices,
         given,
         diagnostics,
@@ -363,7 +367,7 @@ fn build(
 /// What [`build`] made: [`Manifests`] with the Services as the cache keeps
 /// them.
 struct Built {
-    services: Vec<slim::SlimService>,
+    services: Vec<Sourced<slim::SlimService>>,
     slices: Vec<EndpointSlice>,
     given: Vec<Arc<SliceInfo>>,
     diagnostics: Vec<Diagnostic>,
@@ -375,7 +379,11 @@ impl From<Built> for Manifests {
             services: b
                 .services
                 .into_iter()
-                .map(slim::SlimService::into_service)
+                .map(|s| {
+                    let mut svc = std::sync::Arc::unwrap_or_clone(s.obj).into_service();
+                    set_source(&mut svc.metadata, s.source);
+                    svc
+                })
                 .collect(),
             slices: b.slices,
             given: b.given,
@@ -420,10 +428,8 @@ fn key(namespace: &str, name: &str) -> Key {
 /// The directory's meaning as last given to the index.
 #[derive(Debug, Default)]
 struct Fed {
-    services: HashMap<Key, Arc<ServiceInfo>>,
-    slices: HashMap<Key, Arc<SliceInfo>>,
-    /// The file whose definition of a hand-written slice won.
-    given_from: HashMap<Key, SmolStr>,
+    services: ByName<ServiceInfo>,
+    slices: ByName<SliceInfo>,
     /// What merging, allocation and the controllers reported.
     build_diags: Vec<Diagnostic>,
 }
@@ -507,6 +513,25 @@ impl DirCache {
         self.builds
     }
 
+    /// Parses the directory's files into the cache without building
+    /// anything, so the agent can read its manifests on one CPU while it
+    /// loads its programs (the verifier's work) on another; the next
+    /// [`load`](Self::load) finds them parsed. Problems are reported by
+    /// that load.
+    pub fn prefetch(&mut self) {
+        let Some(files) = parse::list_files(&self.dir, &mut Vec::new()) else {
+            return;
+        };
+        let generation = self.next_seen;
+        self.next_seen += 1;
+        for (name, path) in files {
+            let cached = self.files.remove(&name);
+            let (file, _, parsed) = refresh(self.max_file_size, &name, &path, cached, generation);
+            self.parses += u64::from(parsed);
+            self.files.insert(name, file);
+        }
+    }
+
     /// Reads what changed since the last load. An unreadable directory
     /// keeps the last good state.
     pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Delta {
@@ -565,11 +590,16 @@ impl DirCache {
         let mut delta = Delta::default();
         for name in edited {
             for slice in &files[name].objects.slices {
-                let key = key(&slice.namespace, &slice.name);
-                if fed.given_from.get(&key).map(SmolStr::as_str) != Some(name.as_str()) {
+                // The definition that won is the one the index was given
+                // (a derived slice never takes a hand-written one's name).
+                let defined_here = fed
+                    .slices
+                    .get(&slice.namespace, &slice.name)
+                    .is_some_and(|s| file_of(&s.source) == name.as_str());
+                if !defined_here {
                     continue;
                 }
-                let old = fed.slices.insert(key, slice.clone());
+                let old = fed.slices.insert(slice.clone());
                 if old.is_none_or(|old| *old != **slice) {
                     delta.slices.push(Change::Apply(slice.clone()));
                 }
@@ -600,22 +630,17 @@ impl DirCache {
         };
         // Each full object goes as soon as its slim info is taken.
         for svc in built.services {
-            let info = svc.info();
+            let info = svc.obj.info(&svc.source);
             drop(svc);
-            next.services
-                .insert(key(&info.namespace, &info.name), Arc::new(info));
+            next.services.insert(Arc::new(info));
         }
         for slice in built.given {
-            let key = key(&slice.namespace, &slice.name);
-            let file = slice.source.split('#').next().unwrap_or_default();
-            next.given_from.insert(key.clone(), SmolStr::new(file));
-            next.slices.insert(key, slice);
+            next.slices.insert(slice);
         }
         for slice in built.slices {
             let info = SliceInfo::from(&slice);
             drop(slice);
-            next.slices
-                .insert(key(&info.namespace, &info.name), Arc::new(info));
+            next.slices.insert(Arc::new(info));
         }
         let previous = self.fed.take().unwrap_or_default();
         let delta = Delta {
@@ -633,13 +658,10 @@ impl DirCache {
         let Some(fed) = &self.fed else {
             return Default::default();
         };
-        let mut services: Vec<ServiceInfo> = fed
-            .services
-            .values()
-            .map(|s| ServiceInfo::clone(s))
-            .collect();
+        let mut services: Vec<ServiceInfo> =
+            fed.services.iter().map(|s| ServiceInfo::clone(s)).collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let mut slices: Vec<SliceInfo> = fed.slices.values().map(|s| SliceInfo::clone(s)).collect();
+        let mut slices: Vec<SliceInfo> = fed.slices.iter().map(|s| SliceInfo::clone(s)).collect();
         slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         (services, slices)
     }
@@ -728,28 +750,30 @@ fn refresh_all(
 }
 
 /// The changes that turn `old` into `new`, in key order.
-fn diff<T: PartialEq>(old: &HashMap<Key, Arc<T>>, new: &HashMap<Key, Arc<T>>) -> Vec<Change<T>> {
-    let mut changes: Vec<(&Key, Change<T>)> = Vec::new();
-    for (key, obj) in new {
+fn diff<T: PartialEq + Named>(old: &ByName<T>, new: &ByName<T>) -> Vec<Change<T>> {
+    let mut changes: Vec<((&str, &str), Change<T>)> = Vec::new();
+    for obj in new.iter() {
+        let (namespace, name) = obj.names();
         if old
-            .get(key)
+            .get(namespace, name)
             .is_none_or(|o| !Arc::ptr_eq(o, obj) && **o != **obj)
         {
-            changes.push((key, Change::Apply(obj.clone())));
+            changes.push(((namespace, name), Change::Apply(obj.clone())));
         }
     }
-    for key in old.keys() {
-        if !new.contains_key(key) {
+    for obj in old.iter() {
+        let (namespace, name) = obj.names();
+        if !new.contains(namespace, name) {
             changes.push((
-                key,
+                (namespace, name),
                 Change::Delete {
-                    namespace: key.0.to_string(),
-                    name: key.1.to_string(),
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
                 },
             ));
         }
     }
-    changes.sort_by(|a, b| a.0.cmp(b.0));
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
     changes.into_iter().map(|(_, c)| c).collect()
 }
 
@@ -800,20 +824,17 @@ struct Sourced<T> {
     source: String,
 }
 
-/// Objects that carry `metadata`, so the source annotation can be set generically.
+/// Objects filed under (namespace, name): full objects and the cache's
+/// slim Services alike.
 trait HasMeta {
-    fn meta(&self) -> &ObjectMeta;
-    fn meta_mut(&mut self) -> &mut ObjectMeta;
+    fn names(&self) -> &dyn MetaNames;
 }
 
 macro_rules! has_meta {
     ($($t:ty),*) => {$(
         impl HasMeta for $t {
-            fn meta(&self) -> &ObjectMeta {
+            fn names(&self) -> &dyn MetaNames {
                 &self.metadata
-            }
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
             }
         }
     )*};
@@ -821,13 +842,22 @@ macro_rules! has_meta {
 
 has_meta!(Service, slim::SlimService, EndpointSlice, Pod, Endpoints);
 
-impl<T: HasMeta + Clone> Sourced<T> {
-    /// The object with its source recorded, so diagnostics computed later
-    /// (in the model) can still point at the file.
-    fn annotated(self) -> T {
-        let mut obj = std::sync::Arc::unwrap_or_clone(self.obj);
-        set_source(obj.meta_mut(), self.source);
-        obj
+/// `metadata.namespace` and `metadata.name` of a full `ObjectMeta` or of
+/// the cache's slim copy.
+trait MetaNames {
+    /// After defaulting (always set by the parser).
+    fn namespace(&self) -> &str;
+    /// Empty when missing (the parser rejects objects without one).
+    fn name(&self) -> &str;
+}
+
+impl MetaNames for ObjectMeta {
+    fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
     }
 }
 
@@ -838,13 +868,18 @@ fn set_source(meta: &mut ObjectMeta, source: String) {
 }
 
 /// `metadata.namespace` after defaulting (always set by the parser).
-fn namespace_of(meta: &ObjectMeta) -> &str {
-    meta.namespace.as_deref().unwrap_or("default")
+fn namespace_of<M: MetaNames + ?Sized>(meta: &M) -> &str {
+    meta.namespace()
 }
 
 /// `metadata.name` (the parser rejects objects without one).
-fn name_of(meta: &ObjectMeta) -> &str {
-    meta.name.as_deref().unwrap_or_default()
+fn name_of<M: MetaNames + ?Sized>(meta: &M) -> &str {
+    meta.name()
+}
+
+/// The file part of a source (`file.yaml` of `file.yaml#2`).
+fn file_of(source: &str) -> &str {
+    source.split('#').next().unwrap_or_default()
 }
 
 /// Deterministic across runs and builds (std's hasher is randomly seeded),

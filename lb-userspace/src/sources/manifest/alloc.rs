@@ -660,7 +660,7 @@ impl ClusterIpAllocator {
             );
             for ip in spec.cluster_ips.iter().flatten() {
                 if let Ok(ip) = ip.parse::<IpAddr>() {
-                    self.holders.insert(ip, key.clone());
+                    self.holders.insert(ip, super::key(&key.0, &key.1));
                 }
             }
         }

@@ -133,9 +133,9 @@ impl Objects {
             diags: &mut Vec<Diagnostic>,
         ) {
             for o in from {
-                let meta = o.obj.meta();
-                let namespace = meta.namespace.clone().unwrap_or_default();
-                let name = meta.name.clone().unwrap_or_default();
+                let meta = o.obj.names();
+                let namespace = meta.namespace().to_owned();
+                let name = meta.name().to_owned();
                 let object = object_label(kind, &namespace, &name);
                 let key = (kind, SmolStr::from(namespace), SmolStr::from(name));
                 if let Some(first) = seen.get(&key) {
@@ -283,7 +283,7 @@ impl Objects {
             Some(known) => (Some(known), known.api_version()),
             None if kind == "List" => (None, "v1"),
             None => {
-                let file = source.split('#').next().unwrap_or_default().to_owned();
+                let file = super::file_of(&source).to_owned();
                 self.ignored.insert((kind, file));
                 return;
             }
