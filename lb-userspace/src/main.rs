@@ -48,6 +48,9 @@ enum Command {
         #[command(flatten)]
         pins: Pins,
     },
+    /// Mount a bpffs at /sys/fs/bpf if none is there, and exit (needs CAP_SYS_ADMIN: the
+    /// DaemonSet's init container runs it, so the agent's own container needs no such capability).
+    MountBpffs,
 }
 
 /// Where an installation lives; the same on every subcommand so several
@@ -262,6 +265,14 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(*args),
         Command::List { pins, output } => list_cmd(&pins, output),
         Command::Uninstall { pins } => uninstall(&pins),
+        Command::MountBpffs => {
+            if bpf::mount_sys_bpffs()? {
+                println!("mounted bpffs at /sys/fs/bpf");
+            } else {
+                println!("bpffs already mounted at /sys/fs/bpf");
+            }
+            Ok(())
+        }
     }
 }
 

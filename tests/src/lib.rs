@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 pub mod dns;
+pub mod image;
 pub mod sys;
 
 /// Prefix of every namespace, cgroup and pin the fixtures create, so a
@@ -838,6 +839,8 @@ fn held_by_an_ancestor(file: &std::fs::File) -> bool {
 /// Removes namespaces, cgroups and pins left by a run that was killed
 /// before its `Drop`s ran.
 pub fn cleanup_leftovers() {
+    // First: a leftover agent container would keep its pins and programs.
+    image::cleanup_leftovers();
     if let Ok(out) = run(Command::new("ip").args(["netns", "list"])) {
         for line in out.lines() {
             let name = line.split_whitespace().next().unwrap_or("");

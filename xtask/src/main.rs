@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | image`.
 //!
 //! `test` and `demo` run `setup` first, so each is complete on a fresh
 //! machine (as root) from a clean clone.
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 
 #[derive(Parser)]
@@ -37,6 +38,9 @@ enum Task {
     },
     /// Build, then show ClusterIP connects balanced over three pods in isolated namespaces.
     Demo,
+    /// Build the container image: a static lb-agent in an empty image, tagged
+    /// localhost/lb-agent:<version>, and its OCI archive under target/image/.
+    Image,
     /// Measure the socket-LB against direct, iptables and nftables datapaths and the control plane; writes bench/results/ and BENCHMARKS.md.
     Bench {
         /// Reduced run for development (N = 1 and 1,000, fewer connections, 2 rounds; under 3 minutes).
@@ -80,6 +84,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::setup()?;
             demo::run()
+        }
+        Task::Image => {
+            setup::setup()?;
+            image::build()
         }
         Task::Bench {
             quick,
@@ -250,6 +258,10 @@ fn test(e2e_only: bool, filter: &[String]) -> anyhow::Result<()> {
         // Privileged suites: fresh namespaces and cgroups per test, one at a
         // time because they share the kernel.
         exec(cmd("cargo").args(["build", "--package", "lb-userspace", "--bin", "lb-agent"]))?;
+        // The image suite (tests named image_*) runs the image this builds.
+        if filter.is_empty() || filter.iter().any(|f| f.contains("image")) {
+            image::build()?;
+        }
         let _lock = lb_tests::PrivilegedLock::acquire()?;
         lb_tests::cleanup_leftovers();
         let mut args = vec!["--package", "lb-tests", "--", "--test-threads=1"];

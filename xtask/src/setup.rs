@@ -1,6 +1,8 @@
 //! Installs what building the eBPF programs needs, idempotently: a nightly
 //! with rust-src, the LLVM development package of the nightly's LLVM major,
-//! and bpf-linker built against it. Takes a few seconds when all is present.
+//! and bpf-linker built against it; and what the container image needs: the
+//! musl target (a static agent), musl-gcc (ring's C code), buildah and
+//! podman. Takes a few seconds when all is present.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -12,6 +14,8 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM majors bpf-linker 0.13 has a feature for.
 const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
+/// The static agent in the container image is built for this target.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// What later steps need to know about the set-up.
 #[derive(Clone, Debug)]
@@ -46,6 +50,8 @@ pub fn setup() -> anyhow::Result<Env> {
         "rustfmt",
     ]))?;
     exec(cmd("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    // A no-op when present; the image's agent is linked statically against musl.
+    exec(cmd("rustup").args(["target", "add", MUSL_TARGET]))?;
     let llvm = llvm_major(&nightly)?;
     if !BPF_LINKER_LLVM.contains(&llvm) {
         bail!(
@@ -65,6 +71,13 @@ pub fn setup() -> anyhow::Result<Env> {
         ("dig", "bind9-dnsutils"),
         // The UDP suite and the benchmark read map and program state with it.
         ("bpftool", "bpftool"),
+        // The container image: ring's C code for the musl target, the
+        // image built from scratch, and the image suite's container runtime.
+        ("musl-gcc", "musl-tools"),
+        ("buildah", "buildah"),
+        ("podman", "podman"),
+        // crun 1.8 (podman's default here) refuses hybrid cgroup hosts.
+        ("runc", "runc"),
     ] {
         if which(bin).is_none() {
             packages.push(package.to_owned());

@@ -435,26 +435,39 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
         path: dir.to_owned(),
         message,
     };
-    let sys_bpf = Path::new(SYS_BPF);
-    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
-        fs::create_dir_all(sys_bpf).map_err(|e| err(e.to_string()))?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(sys_bpf)
-            .status()
-            .map_err(|e| err(format!("running mount: {e}")))?;
-        if !status.success() {
-            return Err(err(format!(
-                "mount -t bpf bpf /sys/fs/bpf failed: {status}"
-            )));
-        }
-        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    if dir.starts_with(SYS_BPF) {
+        mount_sys_bpffs()?;
     }
     let parent = dir.parent().unwrap_or(dir);
     if !is_bpffs(dir) && !is_bpffs(parent) {
         return Err(err("not on a bpffs (mount -t bpf bpf <dir>)".into()));
     }
     fs::create_dir_all(dir).map_err(|e| err(e.to_string()))
+}
+
+/// Mounts a bpffs at /sys/fs/bpf unless one is there; true if it mounted.
+/// With mount(2) itself, not mount(8): the agent's image has no other file.
+/// Needs CAP_SYS_ADMIN (only the DaemonSet's init container has it).
+pub fn mount_sys_bpffs() -> Result<bool, LoadError> {
+    let sys_bpf = Path::new(SYS_BPF);
+    if is_bpffs(sys_bpf) {
+        return Ok(false);
+    }
+    let err = |message: String| LoadError::Path {
+        path: sys_bpf.to_owned(),
+        message,
+    };
+    fs::create_dir_all(sys_bpf).map_err(|e| err(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        sys_bpf,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| err(format!("mount -t bpf bpf /sys/fs/bpf: {e}")))?;
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(true)
 }
 
 /// The loaded, attached and pinned programs.
