@@ -771,19 +771,17 @@ impl<D: Datapath> Driver<D> {
     /// more goes.
     fn apply_full(&mut self, frontends: &[Frontend], prune: Prune) -> SyncStats {
         let mut stats = self.apply_parts(frontends, prune);
-        let held: BTreeSet<Frontend> = self
-            .syncer
-            .reconciler
-            .installed()
-            .keys()
-            .chain(self.syncer.failed.keys())
-            .copied()
-            .collect();
+        // Straight from what is held: a copy of every held frontend would
+        // be the largest allocation of a full sync.
         let gone = {
             let sh = self.input.lock();
-            held.into_iter()
+            self.syncer
+                .reconciler
+                .installed()
+                .keys()
+                .chain(self.syncer.failed.keys())
                 .filter(|fe| !sh.index.is_served(fe))
-                .map(|fe| (fe, None))
+                .map(|fe| (*fe, None))
                 .collect()
         };
         stats += self.syncer.apply_changes(gone, prune);

@@ -31,7 +31,7 @@ pub struct ServiceInfo {
     /// Empty when missing (reported by translation).
     pub name: SmolStr,
     /// Where it came from, for diagnostics (`file.yaml#2`); empty for the API.
-    pub source: String,
+    pub source: SmolStr,
     /// `metadata.creationTimestamp`: the older of two Services claiming one
     /// frontend keeps it, as the API server's allocator would have decided.
     pub created: Option<Time>,
@@ -71,7 +71,7 @@ pub struct ServicePortInfo {
 pub struct SliceInfo {
     pub namespace: SmolStr,
     pub name: SmolStr,
-    pub source: String,
+    pub source: SmolStr,
     /// The `kubernetes.io/service-name` label; `None` when missing or empty.
     pub service: Option<SmolStr>,
     /// `None`: an FQDN (or unknown) slice, which kube-proxy ignores; its
@@ -149,11 +149,11 @@ fn namespace_of(meta: &ObjectMeta) -> SmolStr {
     )
 }
 
-fn source_of(meta: &ObjectMeta) -> String {
+fn source_of(meta: &ObjectMeta) -> SmolStr {
     meta.annotations
         .as_ref()
         .and_then(|a| a.get(SOURCE_ANNOTATION))
-        .cloned()
+        .map(SmolStr::new)
         .unwrap_or_default()
 }
 
@@ -220,8 +220,8 @@ impl ServiceSpecInfo {
 pub struct MetaFields<'a> {
     pub namespace: Option<&'a str>,
     pub name: Option<&'a str>,
-    /// `file.yaml#2`; `None` for the API.
-    pub source: Option<&'a str>,
+    /// `file.yaml#2`; empty for the API.
+    pub source: SmolStr,
     pub created: Option<&'a Time>,
     pub labels: Option<&'a BTreeMap<String, String>>,
 }
@@ -238,7 +238,7 @@ impl ServiceInfo {
             MetaFields {
                 namespace: meta.namespace.as_deref(),
                 name: meta.name.as_deref(),
-                source: source.map(String::as_str),
+                source: source.map(SmolStr::new).unwrap_or_default(),
                 created: meta.creation_timestamp.as_ref(),
                 labels: meta.labels.as_ref(),
             },
@@ -256,7 +256,7 @@ impl ServiceInfo {
                     .unwrap_or("default"),
             ),
             name: SmolStr::new(meta.name.unwrap_or_default()),
-            source: meta.source.unwrap_or_default().to_owned(),
+            source: meta.source,
             created: meta.created.cloned(),
             headless_label: label(HEADLESS).is_some(),
             proxy_name: label(SERVICE_PROXY_NAME).cloned(),

@@ -381,7 +381,7 @@ impl From<Built> for Manifests {
                 .into_iter()
                 .map(|s| {
                     let mut svc = std::sync::Arc::unwrap_or_clone(s.obj).into_service();
-                    set_source(&mut svc.metadata, s.source);
+                    set_source(&mut svc.metadata, &s.source);
                     svc
                 })
                 .collect(),
@@ -630,7 +630,7 @@ impl DirCache {
         };
         // Each full object goes as soon as its slim info is taken.
         for svc in built.services {
-            let info = svc.obj.info(&svc.source);
+            let info = svc.obj.info(svc.source.clone());
             drop(svc);
             next.services.insert(Arc::new(info));
         }
@@ -821,7 +821,7 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
 /// copied on write.
 struct Sourced<T> {
     obj: std::sync::Arc<T>,
-    source: String,
+    source: SmolStr,
 }
 
 /// Objects filed under (namespace, name): full objects and the cache's
@@ -861,10 +861,10 @@ impl MetaNames for ObjectMeta {
     }
 }
 
-fn set_source(meta: &mut ObjectMeta, source: String) {
+fn set_source(meta: &mut ObjectMeta, source: &str) {
     meta.annotations
         .get_or_insert_with(BTreeMap::new)
-        .insert(SOURCE_ANNOTATION.to_owned(), source);
+        .insert(SOURCE_ANNOTATION.to_owned(), source.to_owned());
 }
 
 /// `metadata.namespace` after defaulting (always set by the parser).

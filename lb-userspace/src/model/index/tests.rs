@@ -267,7 +267,7 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
     index.apply_slice(SliceInfo {
         namespace: "default".into(),
         name: "big-1".into(),
-        source: String::new(),
+        source: Default::default(),
         service: Some("big".into()),
         family: Some(Family::V4),
         ports: vec![SlicePortInfo {

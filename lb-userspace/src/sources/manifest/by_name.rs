@@ -89,7 +89,7 @@ mod tests {
         Arc::new(ServiceInfo {
             namespace: namespace.into(),
             name: name.into(),
-            source: source.to_owned(),
+            source: source.into(),
             created: None,
             headless_label: false,
             proxy_name: None,

@@ -346,7 +346,7 @@ fn from_pods(
                 endpoints,
                 ports: Some(ports.into_iter().map(endpoint_port).collect()),
             };
-            set_source(&mut slice.metadata, svc.source.clone());
+            set_source(&mut slice.metadata, &svc.source);
             out.push(slice);
         }
     }
@@ -585,7 +585,7 @@ fn mirror(
                 endpoints,
                 ports: Some(ports.iter().cloned().map(endpoint_port).collect()),
             };
-            set_source(&mut slice.metadata, ep.source.clone());
+            set_source(&mut slice.metadata, &ep.source);
             out.push(slice);
         }
     }

@@ -30,7 +30,7 @@ pub(super) struct Objects {
     /// nothing but translation reads them, and they are most of the bytes.
     pub slices: Vec<std::sync::Arc<SliceInfo>>,
     /// (kind, namespace, name) → source of the definition that won.
-    seen: HashMap<(&'static str, SmolStr, SmolStr), String>,
+    seen: HashMap<(&'static str, SmolStr, SmolStr), SmolStr>,
     /// (kind, file) of objects of kinds the agent does not read: an ordinary
     /// application directory is full of them, so they are not problems.
     ignored: BTreeSet<(String, String)>,
@@ -126,7 +126,7 @@ impl Objects {
     /// defined here is reported and skipped, as within one file.
     pub(super) fn merge(&mut self, other: &Objects, diags: &mut Vec<Diagnostic>) {
         fn add<T: Clone + super::HasMeta>(
-            seen: &mut HashMap<(&'static str, SmolStr, SmolStr), String>,
+            seen: &mut HashMap<(&'static str, SmolStr, SmolStr), SmolStr>,
             into: &mut Vec<Sourced<T>>,
             from: &[Sourced<T>],
             kind: &'static str,
@@ -402,6 +402,8 @@ impl Objects {
             ));
             return;
         }
+        // Shared by the object, the index's info of it and this record.
+        let source = SmolStr::from(source);
         self.seen.insert(key, source.clone());
         match obj {
             Decoded::Service(obj) => self.services.push(Sourced {

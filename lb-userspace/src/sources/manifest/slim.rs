@@ -150,7 +150,7 @@ impl SlimService {
 
     /// What translation takes of it (as `ServiceInfo::from(&Service)`),
     /// read from `source` (`file.yaml#2`).
-    pub(super) fn info(&self, source: &str) -> ServiceInfo {
+    pub(super) fn info(&self, source: SmolStr) -> ServiceInfo {
         let spec = self.spec.as_ref().map(|s| {
             ServiceSpecInfo::from_fields(SpecFields {
                 type_: s.type_.as_deref(),
@@ -167,7 +167,7 @@ impl SlimService {
             MetaFields {
                 namespace: Some(m.namespace()),
                 name: Some(&m.name),
-                source: Some(source),
+                source,
                 created: m.creation_timestamp.as_ref(),
                 labels: m.labels.as_ref(),
             },
@@ -263,7 +263,7 @@ status:
 "#;
         let full: Service = serde_yaml::from_str(yaml).unwrap();
         let kept = service(full.clone());
-        assert_eq!(kept.info(""), ServiceInfo::from(&full));
+        assert_eq!(kept.info(SmolStr::default()), ServiceInfo::from(&full));
         let back = kept.clone().into_service();
         assert_eq!(back.status, None);
         assert_eq!(back.metadata.annotations, None);
@@ -274,7 +274,7 @@ status:
         );
         let (spec, was) = (back.spec.unwrap(), full.spec.unwrap());
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
-        let info = kept.info("").spec.unwrap();
+        let info = kept.info(SmolStr::default()).spec.unwrap();
         assert_eq!(info.session_affinity_timeout, Some(5));
         assert_eq!(spec.external_ips, None);
         assert_eq!(
