@@ -99,10 +99,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
         ));
     }
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        let field = format!("endpoints[{i}].addresses");
+        // Named only when reported: slices are most of a directory's objects.
+        let field = || format!("endpoints[{i}].addresses");
         if ep.addresses.is_empty() || ep.addresses.len() > MAX_ENDPOINT_ADDRESSES {
             return Err(invalid(
-                field,
+                field(),
                 format!(
                     "{} addresses; an endpoint has 1 to {MAX_ENDPOINT_ADDRESSES}",
                     ep.addresses.len()
@@ -118,7 +119,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
             };
             if !ok {
                 return Err(invalid(
-                    format!("{field}[{j}]"),
+                    format!("{}[{j}]", field()),
                     format!("{a:?} is not an {} address", slice.address_type.as_str()),
                 ));
             }
