@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt, fs,
+    hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -706,7 +707,9 @@ fn refresh(
             return (file, Refreshed::Other, false);
         }
     };
-    let hash = fnv1a(text.as_bytes());
+    // Compared only within this process: any fast hash will do (FNV-1a
+    // reads a byte at a time; a cold start hashes the directory twice).
+    let hash = foldhash::quality::FixedState::with_seed(0).hash_one(text.as_bytes());
     if let Some(c) = cached.take_if(|c| c.hash == hash) {
         // Touched, not changed.
         return (CachedFile { size, mtime, ..c }, Refreshed::Same, false);
