@@ -366,6 +366,77 @@ fn multi_port_service_with_named_target_port_and_connected_udp() {
     assert_eq!(udp.backends.len(), 3, "{udp:?}");
 }
 
+/// Issue 11's sizing rule, as a new user meets it: with no sizing flag at
+/// all, 10,000 Services of 10 endpoints each (and the textbook one) are
+/// every one programmed, none waits for room, and connects are balanced.
+#[test]
+fn the_default_sizes_hold_ten_thousand_services_of_ten_endpoints() {
+    const SERVICES: u32 = 10_000;
+    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
+    lab.write_manifest("back-end.yaml", &back_end([true; 3]))
+        .unwrap();
+    let mut many = String::new();
+    for i in 0..SERVICES {
+        // Inside the default service CIDR, away from what it allocates
+        // first; endpoints that no client of this test reaches.
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 1)) + i);
+        let endpoints: String = (0..10u32)
+            .map(|k| {
+                let pod = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + i * 10 + k);
+                format!("  - addresses: [\"{pod}\"]\n")
+            })
+            .collect();
+        many.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: many-{i}
+spec:
+  clusterIP: {ip}
+  ports:
+    - port: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: many-{i}
+  labels:
+    kubernetes.io/service-name: many-{i}
+addressType: IPv4
+ports:
+  - port: 80
+endpoints:
+{endpoints}"
+        ));
+    }
+    lab.write_manifest("many.yaml", &many).unwrap();
+    assert!(lab.agent.extra_args.is_empty(), "no sizing flag");
+    lab.agent.start().unwrap();
+    let doc = lab
+        .agent
+        .wait_for("every service programmed", Duration::from_secs(60), |d| {
+            d["items"].as_array().map(Vec::len) == Some(SERVICES as usize + 1)
+        })
+        .unwrap();
+    assert_eq!(doc["counters"]["mapFull"], 0, "nothing waits for room");
+    let items = doc["items"].as_array().unwrap();
+    let short: Vec<&str> = items
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("many-")))
+        .filter(|s| s["ports"][0]["endpoints"].as_array().map(Vec::len) != Some(10))
+        .filter_map(|s| s["name"].as_str())
+        .take(5)
+        .collect();
+    assert!(
+        short.is_empty(),
+        "services without their 10 endpoints: {short:?}"
+    );
+    let ip = service_ip(&doc, "default", "back-end").unwrap();
+    let report = lab.client(&format!("{ip}:80"), &["--count", "30"]).unwrap();
+    assert_eq!(report.ok(), 30, "{report:?}");
+}
+
 #[test]
 fn a_full_map_is_an_error_and_a_counter_and_other_services_keep_working() {
     let mut lab = Lab::new(&bins(), PODS, 80).unwrap();

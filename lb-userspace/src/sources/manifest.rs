@@ -333,18 +333,18 @@ fn build(
     mut diagnostics: Vec<Diagnostic>,
 ) -> Built {
     let parse::Objects {
-        mut services,
+        services,
         pods,
         endpoints,
         slices: given,
         ..
     } = objects;
 
-    let keep = alloc.allocate(&mut services, &mut diagnostics);
-    let services: Vec<Sourced<slim::SlimService>> = services
+    let outcome = alloc.allocate(&services, &mut diagnostics);
+    let services: Vec<Allocated> = services
         .into_iter()
-        .zip(keep)
-        .filter_map(|(s, keep)| keep.then_some(s))
+        .zip(outcome)
+        .filter_map(|(svc, kept)| kept.map(|filled| Allocated { svc, filled }))
         .collect();
 
     let slices = controllers::derive_slices(
@@ -368,7 +368,7 @@ fn build(
 /// What [`build`] made: [`Manifests`] with the Services as the cache keeps
 /// them.
 struct Built {
-    services: Vec<Sourced<slim::SlimService>>,
+    services: Vec<Allocated>,
     slices: Vec<EndpointSlice>,
     given: Vec<Arc<SliceInfo>>,
     diagnostics: Vec<Diagnostic>,
@@ -380,9 +380,21 @@ impl From<Built> for Manifests {
             services: b
                 .services
                 .into_iter()
-                .map(|s| {
-                    let mut svc = std::sync::Arc::unwrap_or_clone(s.obj).into_service();
-                    set_source(&mut svc.metadata, &s.source);
+                .map(|a| {
+                    let mut svc = std::sync::Arc::unwrap_or_clone(a.svc.obj).into_service();
+                    if let (Some(spec), Some(filled)) = (svc.spec.as_mut(), a.filled) {
+                        spec.ip_family_policy = Some(filled.policy.to_owned());
+                        spec.ip_families = Some(
+                            filled
+                                .families
+                                .iter()
+                                .map(|f| f.as_str().to_owned())
+                                .collect(),
+                        );
+                        spec.cluster_ip = filled.cluster_ips.first().cloned();
+                        spec.cluster_ips = Some(filled.cluster_ips);
+                    }
+                    set_source(&mut svc.metadata, &a.svc.source);
                     svc
                 })
                 .collect(),
@@ -631,7 +643,10 @@ impl DirCache {
         };
         // Each full object goes as soon as its slim info is taken.
         for svc in built.services {
-            let info = svc.obj.info(svc.source.clone());
+            let info = svc
+                .svc
+                .obj
+                .info(svc.svc.source.clone(), svc.filled.as_ref());
             drop(svc);
             next.services.insert(Arc::new(info));
         }
@@ -825,6 +840,23 @@ pub fn feed(input: &Input, delta: Delta, arrived: Instant) {
 struct Sourced<T> {
     obj: std::sync::Arc<T>,
     source: SmolStr,
+}
+
+/// A Service the API server would have created, and what it filled in.
+struct Allocated {
+    svc: Sourced<slim::SlimService>,
+    /// `None`: nothing (an ExternalName Service, or one without a spec).
+    filled: Option<alloc::Filled>,
+}
+
+impl Allocated {
+    /// `spec.clusterIP` after the API server's defaulting.
+    fn cluster_ip(&self) -> Option<&str> {
+        match &self.filled {
+            Some(f) => f.cluster_ips.first().map(String::as_str),
+            None => self.svc.obj.spec.as_ref()?.cluster_ip.as_deref(),
+        }
+    }
 }
 
 /// Objects filed under (namespace, name): full objects and the cache's

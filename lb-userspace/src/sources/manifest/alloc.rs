@@ -187,6 +187,19 @@ impl Policy {
     }
 }
 
+/// What the API server fills in on a created Service (not ExternalName):
+/// kept beside the cached Service, which is shared, not copied to hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Filled {
+    /// `spec.ipFamilyPolicy`.
+    pub policy: &'static str,
+    /// `spec.ipFamilies`, primary first.
+    pub families: Vec<IpFamily>,
+    /// `spec.clusterIPs` (`["None"]` for a headless Service), as written
+    /// where given; `spec.clusterIP` is the first.
+    pub cluster_ips: Vec<String>,
+}
+
 /// What the API server decided for one service.
 #[derive(Debug)]
 struct Plan {
@@ -423,14 +436,18 @@ struct Needing {
 impl ClusterIpAllocator {
     /// Defaults `ipFamilyPolicy`, `ipFamilies`, `clusterIP` and `clusterIPs`
     /// as the API server would, allocating missing addresses. Returns, per
-    /// service, whether to keep it: false for invalid family settings and
-    /// when a range is full, each with a diagnostic.
+    /// service, `None` to drop it (invalid family settings, a full range,
+    /// an address another Service holds: each with a diagnostic), else what
+    /// the API server filled in (`Some(None)`: nothing, an ExternalName
+    /// Service). The Services themselves are not changed, so the cache's
+    /// copies are shared, never copied.
     pub(super) fn allocate(
         &mut self,
-        services: &mut [Sourced<SlimService>],
+        services: &[Sourced<SlimService>],
         diags: &mut Vec<Diagnostic>,
-    ) -> Vec<bool> {
+    ) -> Vec<Option<Option<Filled>>> {
         let mut keep = vec![true; services.len()];
+        let mut filled: Vec<Option<Filled>> = vec![None; services.len()];
         let mut taken: HashSet<IpAddr> = HashSet::new();
         // Addresses this allocator handed to services that are still here
         // and still ask for one: as the API server's allocator, a running
@@ -484,18 +501,12 @@ impl ClusterIpAllocator {
                     .or_insert((i, key));
             }
         }
-        let named_by: HashMap<IpAddr, (usize, (String, String))> = named_by
-            .into_iter()
-            .map(|(ip, (i, (ns, name)))| (ip, (i, (ns.to_owned(), name.to_owned()))))
-            .collect();
         // Sorted, so new services are placed in an order independent of files.
         let mut needing: BTreeMap<(String, String), Needing> = BTreeMap::new();
-        for (i, svc) in services.iter_mut().enumerate() {
-            let key = (
-                namespace_of(&svc.obj.metadata).to_owned(),
-                name_of(&svc.obj.metadata).to_owned(),
-            );
-            let Some(spec) = std::sync::Arc::make_mut(&mut svc.obj).spec.as_mut() else {
+        for (i, svc) in services.iter().enumerate() {
+            // Borrowed, as in `named_by`: the services are not changed.
+            let key = (namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
+            let Some(spec) = svc.obj.spec.as_ref() else {
                 continue;
             };
             if spec.type_.as_deref() == Some("ExternalName") {
@@ -520,12 +531,16 @@ impl ClusterIpAllocator {
             // A given address another service holds: allocated to it by
             // this allocator, or named by it first.
             let conflict = plan.given.iter().enumerate().find_map(|(pos, (ip, _))| {
-                let holder = held.get(ip).filter(|h| **h != key).or_else(|| {
-                    named_by
-                        .get(ip)
-                        .filter(|(first, _)| *first != i)
-                        .map(|(_, h)| h)
-                })?;
+                let holder = held
+                    .get(ip)
+                    .map(|(ns, name)| (ns.as_str(), name.as_str()))
+                    .filter(|h| *h != key)
+                    .or_else(|| {
+                        named_by
+                            .get(ip)
+                            .filter(|(first, _)| *first != i)
+                            .map(|(_, h)| *h)
+                    })?;
                 Some((pos, ip, holder))
             });
             if let Some((pos, ip, holder)) = conflict {
@@ -545,22 +560,19 @@ impl ClusterIpAllocator {
                 ));
                 continue;
             }
-            spec.ip_family_policy = Some(plan.policy.as_str().to_owned());
-            spec.ip_families = Some(
-                plan.families
-                    .iter()
-                    .map(|f| f.as_str().to_owned())
-                    .collect(),
-            );
+            let mut fill = Filled {
+                policy: plan.policy.as_str(),
+                families: plan.families.clone(),
+                cluster_ips: Vec::new(),
+            };
             if plan.headless {
-                spec.cluster_ip = Some("None".to_owned());
-                spec.cluster_ips = Some(vec!["None".to_owned()]);
+                fill.cluster_ips = vec!["None".to_owned()];
+                filled[i] = Some(fill);
                 continue;
             }
-            let written: Vec<String> = plan.given.iter().map(|(_, raw)| raw.clone()).collect();
+            fill.cluster_ips = plan.given.iter().map(|(_, raw)| raw.clone()).collect();
             taken.extend(plan.given.iter().map(|(ip, _)| *ip));
-            spec.cluster_ip = written.first().cloned();
-            spec.cluster_ips = Some(written);
+            filled[i] = Some(fill);
             let slots: Vec<(usize, IpFamily, Option<IpAddr>)> = plan
                 .families
                 .iter()
@@ -569,7 +581,10 @@ impl ClusterIpAllocator {
                 .map(|(pos, family)| (pos, *family, None))
                 .collect();
             if !slots.is_empty() {
-                needing.insert(key, Needing { index: i, slots });
+                needing.insert(
+                    (key.0.to_owned(), key.1.to_owned()),
+                    Needing { index: i, slots },
+                );
             }
         }
 
@@ -636,36 +651,37 @@ impl ClusterIpAllocator {
                 continue;
             }
             let mut ips = FamilyIps::default();
-            if let Some(spec) = std::sync::Arc::make_mut(&mut services[i].obj).spec.as_mut() {
-                let list = spec.cluster_ips.get_or_insert_with(Vec::new);
+            if let Some(fill) = filled[i].as_mut() {
                 for (_, _, found) in &need.slots {
                     if let Some(ip) = found {
-                        list.push(ip.to_string());
+                        fill.cluster_ips.push(ip.to_string());
                         ips.set(*ip);
                     }
                 }
-                spec.cluster_ip = list.first().cloned();
             }
             assigned.insert(key, ips);
         }
         // Who holds what now: every kept service's addresses.
         self.holders.clear();
-        for (svc, kept) in services.iter().zip(&keep) {
-            let Some(spec) = svc.obj.spec.as_ref().filter(|_| *kept) else {
+        for ((svc, kept), fill) in services.iter().zip(&keep).zip(&filled) {
+            let Some(fill) = fill.as_ref().filter(|_| *kept) else {
                 continue;
             };
             let key = (
                 namespace_of(&svc.obj.metadata).to_owned(),
                 name_of(&svc.obj.metadata).to_owned(),
             );
-            for ip in spec.cluster_ips.iter().flatten() {
+            for ip in &fill.cluster_ips {
                 if let Ok(ip) = ip.parse::<IpAddr>() {
                     self.holders.insert(ip, super::key(&key.0, &key.1));
                 }
             }
         }
         self.assigned = assigned;
-        keep
+        keep.into_iter()
+            .zip(filled)
+            .map(|(kept, fill)| kept.then_some(fill))
+            .collect()
     }
 }
 

@@ -16,7 +16,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source, slim::SlimService,
+    Allocated, FamilyIps, IpFamily, Sourced, diag, fnv1a, name_of, namespace_of, set_source,
+    slim::SlimService,
 };
 use crate::model::{
     Diagnostic,
@@ -30,7 +31,7 @@ const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// Slices for `services` from `pods` and `endpoints`. `given` names the
 /// hand-written slices (namespace, name), so derived ones never shadow them.
 pub(super) fn derive_slices<'g>(
-    services: &[Sourced<SlimService>],
+    services: &[Allocated],
     pods: &[Sourced<Pod>],
     endpoints: &[Sourced<Endpoints>],
     given: impl IntoIterator<Item = (&'g str, &'g str)>,
@@ -45,18 +46,16 @@ pub(super) fn derive_slices<'g>(
     let index = PodIndex::new(pods, diags);
     let mut out = Vec::new();
     for svc in services {
-        if let Some(selector) = selector_of(&svc.obj) {
+        if let Some(selector) = selector_of(&svc.svc.obj) {
             from_pods(svc, selector, &index, &mut names, &mut out, diags);
         }
     }
 
-    let by_key: HashMap<(&str, &str), &SlimService> = services
+    let by_key: HashMap<(&str, &str), &Allocated> = services
         .iter()
         .map(|s| {
-            (
-                (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)),
-                &*s.obj,
-            )
+            let meta = &s.svc.obj.metadata;
+            ((namespace_of(meta), name_of(meta)), s)
         })
         .collect();
     for ep in endpoints {
@@ -78,7 +77,7 @@ pub(super) fn derive_slices<'g>(
             .as_ref()
             .and_then(|l| l.get(SKIP_MIRROR_LABEL))
             .is_some_and(|v| v == "true");
-        if selector_of(svc).is_none() && !skip {
+        if selector_of(&svc.svc.obj).is_none() && !skip {
             mirror(ep, svc, &mut names, diags, &mut out);
         }
     }
@@ -271,15 +270,21 @@ fn pod_info<'a>(p: &'a Sourced<Pod>, diags: &mut Vec<Diagnostic>) -> Option<PodI
 /// The address types the endpointslice controller writes for `svc`
 /// (`GetAddressTypesForService`): its `ipFamilies`; without them the
 /// ClusterIP's family, and both for a headless service.
-fn address_types(svc: &SlimService) -> Vec<IpFamily> {
-    let Some(spec) = svc.spec.as_ref() else {
+fn address_types(svc: &Allocated) -> Vec<IpFamily> {
+    let Some(spec) = svc.svc.obj.spec.as_ref() else {
         return vec![IpFamily::V4, IpFamily::V6];
     };
     let mut families: Vec<IpFamily> = Vec::new();
-    for f in spec.ip_families.iter().flatten() {
-        let Some(f) = IpFamily::parse(f) else {
-            continue;
-        };
+    let written = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| IpFamily::parse(f));
+    let listed: Vec<IpFamily> = match &svc.filled {
+        Some(filled) => filled.families.clone(),
+        None => written.collect(),
+    };
+    for f in listed {
         if !families.contains(&f) {
             families.push(f);
         }
@@ -287,7 +292,7 @@ fn address_types(svc: &SlimService) -> Vec<IpFamily> {
     if !families.is_empty() {
         return families;
     }
-    match spec.cluster_ip.as_deref() {
+    match svc.cluster_ip() {
         Some(ip) if !ip.is_empty() && ip != "None" => {
             let v6 = ip.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6());
             vec![if v6 { IpFamily::V6 } else { IpFamily::V4 }]
@@ -302,13 +307,14 @@ type PortKey = (String, i32, String, Option<String>);
 /// The endpointslice controller: one slice per address type of the service
 /// and distinct resolved port list, with each Pod's address of that type.
 fn from_pods(
-    svc: &Sourced<SlimService>,
+    allocated: &Allocated,
     selector: &BTreeMap<String, String>,
     index: &PodIndex<'_>,
     names: &mut SliceNames,
     out: &mut Vec<EndpointSlice>,
     diags: &mut Vec<Diagnostic>,
 ) {
+    let svc = &allocated.svc;
     let meta = &svc.obj.metadata;
     let (ns, name) = (namespace_of(meta), name_of(meta));
     let Some(spec) = svc.obj.spec.as_ref() else {
@@ -322,7 +328,7 @@ fn from_pods(
         .map(|info| (info, pod_ports(info.pod, svc_ports)))
         .collect();
     unresolved_named_ports(svc, svc_ports, &selected, diags);
-    for family in address_types(&svc.obj) {
+    for family in address_types(allocated) {
         let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
         for (info, ports) in &selected {
             let Some(ip) = info.ips.get(family) else {
@@ -339,7 +345,7 @@ fn from_pods(
                 metadata: ObjectMeta {
                     name: Some(slice_name),
                     namespace: Some(ns.to_owned()),
-                    labels: Some(slice_labels(&svc.obj, meta.labels.as_ref())),
+                    labels: Some(slice_labels(allocated, meta.labels.as_ref())),
                     ..Default::default()
                 },
                 address_type: family.as_str().to_owned(),
@@ -491,7 +497,7 @@ fn endpoint_port((name, port, protocol, app_protocol): PortKey) -> EndpointPort 
 /// The controllers' labels: the owner's labels (minus reserved ones), the
 /// service name, the manager, and the headless marker for headless services.
 fn slice_labels(
-    svc: &SlimService,
+    svc: &Allocated,
     owner_labels: Option<&BTreeMap<String, String>>,
 ) -> BTreeMap<String, String> {
     let mut labels: BTreeMap<String, String> = owner_labels
@@ -500,7 +506,7 @@ fn slice_labels(
         .filter(|(k, _)| k.as_str() != SERVICE_NAME_LABEL && k.as_str() != MANAGED_BY_LABEL)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let headless = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    let headless = svc.cluster_ip() == Some("None");
     if headless {
         labels.insert(HEADLESS_LABEL.to_owned(), String::new());
     } else {
@@ -508,7 +514,7 @@ fn slice_labels(
     }
     labels.insert(
         SERVICE_NAME_LABEL.to_owned(),
-        name_of(&svc.metadata).to_owned(),
+        name_of(&svc.svc.obj.metadata).to_owned(),
     );
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
     labels
@@ -520,7 +526,7 @@ fn slice_labels(
 /// there.
 fn mirror(
     ep: &Sourced<Endpoints>,
-    svc: &SlimService,
+    svc: &Allocated,
     names: &mut SliceNames,
     diags: &mut Vec<Diagnostic>,
     out: &mut Vec<EndpointSlice>,

@@ -16,7 +16,7 @@ use k8s_openapi::{
 };
 use smol_str::SmolStr;
 
-use super::MetaNames;
+use super::{MetaNames, alloc::Filled};
 use crate::model::{
     ServiceInfo,
     input::{MetaFields, ServiceSpecInfo, SpecFields},
@@ -149,13 +149,21 @@ impl SlimService {
     }
 
     /// What translation takes of it (as `ServiceInfo::from(&Service)`),
-    /// read from `source` (`file.yaml#2`).
-    pub(super) fn info(&self, source: SmolStr) -> ServiceInfo {
+    /// read from `source` (`file.yaml#2`), with the ClusterIPs the API
+    /// server filled in (`filled`), if any.
+    pub(super) fn info(&self, source: SmolStr, filled: Option<&Filled>) -> ServiceInfo {
         let spec = self.spec.as_ref().map(|s| {
+            let (cluster_ip, cluster_ips) = match filled {
+                Some(f) => (
+                    f.cluster_ips.first().map(String::as_str),
+                    Some(f.cluster_ips.as_slice()),
+                ),
+                None => (s.cluster_ip.as_deref(), s.cluster_ips.as_deref()),
+            };
             ServiceSpecInfo::from_fields(SpecFields {
                 type_: s.type_.as_deref(),
-                cluster_ip: s.cluster_ip.as_deref(),
-                cluster_ips: s.cluster_ips.as_deref(),
+                cluster_ip,
+                cluster_ips,
                 ports: s.ports.as_deref(),
                 internal_traffic_policy: s.internal_traffic_policy.as_deref(),
                 session_affinity: s.session_affinity.as_deref(),
@@ -263,7 +271,10 @@ status:
 "#;
         let full: Service = serde_yaml::from_str(yaml).unwrap();
         let kept = service(full.clone());
-        assert_eq!(kept.info(SmolStr::default()), ServiceInfo::from(&full));
+        assert_eq!(
+            kept.info(SmolStr::default(), None),
+            ServiceInfo::from(&full)
+        );
         let back = kept.clone().into_service();
         assert_eq!(back.status, None);
         assert_eq!(back.metadata.annotations, None);
@@ -274,7 +285,7 @@ status:
         );
         let (spec, was) = (back.spec.unwrap(), full.spec.unwrap());
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
-        let info = kept.info(SmolStr::default()).spec.unwrap();
+        let info = kept.info(SmolStr::default(), None).spec.unwrap();
         assert_eq!(info.session_affinity_timeout, Some(5));
         assert_eq!(spec.external_ips, None);
         assert_eq!(
