@@ -374,6 +374,12 @@ pub const META_PORT_NAME_LEN: usize = 15;
 pub const SVC_TYPE_CLUSTER_IP: u8 = 0;
 pub const SVC_TYPE_NODE_PORT: u8 = 1;
 pub const SVC_TYPE_LOAD_BALANCER: u8 = 2;
+/// `ServiceMeta::svc_type` holds the Service type in its low four bits and
+/// which of its addresses the frontend is in the high four (0: a ClusterIP,
+/// so records written before NodePorts existed read as they were meant).
+pub const SVC_TYPE_MASK: u8 = 0x0f;
+/// The frontend is a node address on the Service's nodePort.
+pub const SVC_FRONTEND_NODE_PORT: u8 = 0x10;
 
 /// Human-facing description of a frontend, keyed by `svc_id`. Only userspace
 /// reads it: it lets `lb-agent list` and a restarted agent name what the

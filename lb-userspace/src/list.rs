@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{Snapshot, backend_addr, decode_meta, key_frontend},
-    model::Proto,
+    model::{FrontendKind, Proto},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -27,7 +27,12 @@ pub struct PortRow {
     pub name: String,
     pub port: u16,
     pub protocol: Proto,
-    pub cluster_ip: String,
+    /// The frontend's address: a ClusterIP, or (`nodeIp`) one of this
+    /// node's addresses, `port` being the nodePort.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<String>,
     pub svc_id: u32,
     /// Active backends in slot order; empty means connects are refused.
     pub endpoints: Vec<String>,
@@ -76,14 +81,23 @@ pub fn rows(snap: &Snapshot) -> Vec<ServiceRow> {
                 ports: Vec::new(),
             });
         let ip = fe.addr.ip().to_string();
-        if !row.cluster_ips.contains(&ip) {
+        let on_node = svc
+            .as_ref()
+            .is_some_and(|s| s.frontend == FrontendKind::NodePort);
+        if !on_node && !row.cluster_ips.contains(&ip) {
             row.cluster_ips.push(ip.clone());
         }
+        let (cluster_ip, node_ip) = if on_node {
+            (None, Some(ip))
+        } else {
+            (Some(ip), None)
+        };
         row.ports.push(PortRow {
             name: port_name,
             port: fe.addr.port(),
             protocol: fe.proto,
-            cluster_ip: ip,
+            cluster_ip,
+            node_ip,
             svc_id: master.svc_id,
             endpoints,
             terminated_sockets: snap.terminated.get(&master.svc_id).copied().unwrap_or(0),
@@ -106,10 +120,16 @@ pub fn table(rows: &[ServiceRow]) -> String {
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
     for r in rows {
         // A dual-stack service has one frontend per family on each port;
-        // kubectl shows the port once.
+        // kubectl shows the port once, with its nodePort (`80:30080/TCP`).
         let mut ports: Vec<String> = Vec::new();
-        for p in &r.ports {
-            let port = format!("{}/{}", p.port, p.protocol);
+        for p in r.ports.iter().filter(|p| p.cluster_ip.is_some()) {
+            let node_port = r
+                .ports
+                .iter()
+                .find(|n| n.node_ip.is_some() && n.name == p.name && n.protocol == p.protocol)
+                .map(|n| format!(":{}", n.port))
+                .unwrap_or_default();
+            let port = format!("{}{node_port}/{}", p.port, p.protocol);
             if !ports.contains(&port) {
                 ports.push(port);
             }
@@ -195,6 +215,7 @@ mod tests {
                         name: "kube-dns".into(),
                         port_name: name.into(),
                         svc_type: ServiceType::ClusterIP,
+                        frontend: FrontendKind::ClusterIP,
                     },
                     backends: vec![SocketAddr::from((Ipv4Addr::new(10, 244, 0, 5), 53))],
                     affinity: 0,
@@ -210,6 +231,7 @@ mod tests {
                     name: "empty".into(),
                     port_name: Default::default(),
                     svc_type: ServiceType::NodePort,
+                    frontend: FrontendKind::ClusterIP,
                 },
                 backends: vec![],
                 affinity: 0,
@@ -231,6 +253,62 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_show_as_kubectl_shows_them_and_not_as_cluster_ips() {
+        let mut desired = DesiredState::new();
+        let cluster = ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            svc_type: ServiceType::NodePort,
+            frontend: FrontendKind::ClusterIP,
+        };
+        let on_node = ServiceRef {
+            frontend: FrontendKind::NodePort,
+            ..cluster.clone()
+        };
+        let be = vec![SocketAddr::from((Ipv4Addr::new(10, 244, 0, 5), 8080))];
+        for (fe, svc) in [
+            (
+                frontend(Ipv4Addr::new(10, 96, 0, 40), 80, Proto::Tcp),
+                &cluster,
+            ),
+            (
+                frontend(Ipv4Addr::new(192, 168, 0, 10), 30080, Proto::Tcp),
+                &on_node,
+            ),
+            (
+                frontend(Ipv4Addr::new(192, 168, 1, 10), 30080, Proto::Tcp),
+                &on_node,
+            ),
+        ] {
+            desired.insert(
+                fe,
+                DesiredService {
+                    service: svc.clone(),
+                    backends: be.clone(),
+                    affinity: 0,
+                    spared: vec![],
+                },
+            );
+        }
+        let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+        r.apply(&desired, Prune::Yes);
+        let rows = rows(&r.datapath().state);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].cluster_ips, vec!["10.96.0.40".to_owned()]);
+        let node_ips: Vec<&str> = rows[0]
+            .ports
+            .iter()
+            .filter_map(|p| p.node_ip.as_deref())
+            .collect();
+        assert_eq!(node_ips, ["192.168.0.10", "192.168.1.10"]);
+        let t = table(&rows);
+        let line = t.lines().nth(1).unwrap();
+        assert!(line.contains("10.96.0.40   80:30080/TCP"), "{t}");
+        assert!(!line.contains("192.168"), "{t}");
+    }
+
+    #[test]
     fn dual_stack_rows_show_both_cluster_ips_and_each_port_once() {
         let mut desired = DesiredState::new();
         let svc = ServiceRef {
@@ -238,6 +316,7 @@ mod tests {
             name: "web".into(),
             port_name: Default::default(),
             svc_type: ServiceType::ClusterIP,
+            frontend: FrontendKind::ClusterIP,
         };
         for (ip, be) in [
             (IpAddr::from(Ipv4Addr::new(10, 96, 0, 30)), "10.244.0.5:80"),

@@ -150,6 +150,11 @@ struct RunArgs {
     /// This node's zone, for topology hints [default: the node's topology.kubernetes.io/zone label].
     #[arg(long)]
     zone: Option<String>,
+    /// This node's addresses, comma-separated (both families): a connect from the attached
+    /// cgroup to one of them on a Service's nodePort is balanced like its ClusterIP. Without
+    /// it, NodePorts are not translated.
+    #[arg(long, value_delimiter = ',', value_name = "IP[,IP...]")]
+    node_ip: Vec<std::net::IpAddr>,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -312,6 +317,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         allow_foreign_pins,
         node_name,
         zone,
+        node_ip,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -325,6 +331,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let translate = TranslateOptions {
         node_name,
+        // A v4-mapped address would alias an IPv4 frontend in the maps.
+        node_ips: node_ip.iter().map(|ip| ip.to_canonical()).collect(),
         zone,
         service_proxy_name,
     };

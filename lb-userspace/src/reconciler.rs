@@ -748,6 +748,7 @@ fn unknown_service() -> ServiceRef {
         name: Default::default(),
         port_name: Default::default(),
         svc_type: crate::model::ServiceType::ClusterIP,
+        frontend: Default::default(),
     }
 }
 

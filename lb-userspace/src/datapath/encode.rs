@@ -7,7 +7,7 @@ use lb_common::{
     SVC_TYPE_NODE_PORT, ServiceKey, ServiceMeta,
 };
 
-use crate::model::{Frontend, Proto, ServiceRef, ServiceType};
+use crate::model::{Frontend, FrontendKind, Proto, ServiceRef, ServiceType};
 
 /// The 16-byte map form of an address: IPv4 as `::ffff:a.b.c.d`.
 pub fn ip_be(ip: IpAddr) -> Addr {
@@ -98,6 +98,9 @@ pub fn encode_meta(_fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
             ServiceType::ClusterIP => SVC_TYPE_CLUSTER_IP,
             ServiceType::NodePort => SVC_TYPE_NODE_PORT,
             ServiceType::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
+        } | match svc.frontend {
+            FrontendKind::ClusterIP => 0,
+            FrontendKind::NodePort => lb_common::SVC_FRONTEND_NODE_PORT,
         },
     }
 }
@@ -107,10 +110,15 @@ pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
         namespace: get_str(&meta.namespace).into(),
         name: get_str(&meta.name).into(),
         port_name: get_str(&meta.port_name).into(),
-        svc_type: match meta.svc_type {
+        svc_type: match meta.svc_type & lb_common::SVC_TYPE_MASK {
             SVC_TYPE_NODE_PORT => ServiceType::NodePort,
             SVC_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,
             _ => ServiceType::ClusterIP,
+        },
+        frontend: if meta.svc_type & lb_common::SVC_FRONTEND_NODE_PORT != 0 {
+            FrontendKind::NodePort
+        } else {
+            FrontendKind::ClusterIP
         },
     }
 }
@@ -154,7 +162,18 @@ mod tests {
             name: "kube-dns".into(),
             port_name: "dns".into(),
             svc_type: ServiceType::NodePort,
+            frontend: FrontendKind::ClusterIP,
         };
         assert_eq!(decode_meta(&encode_meta(&fe, &svc)), svc);
+        let node = ServiceRef {
+            svc_type: ServiceType::LoadBalancer,
+            frontend: FrontendKind::NodePort,
+            ..svc
+        };
+        assert_eq!(decode_meta(&encode_meta(&fe, &node)), node);
+        // A record written before frontends had kinds.
+        let mut old = encode_meta(&fe, &node);
+        old.svc_type = SVC_TYPE_LOAD_BALANCER;
+        assert_eq!(decode_meta(&old).frontend, FrontendKind::ClusterIP);
     }
 }

@@ -22,7 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use smol_str::SmolStr;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, ServiceRef, ServiceType, TranslateOptions,
+    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, ServiceRef, ServiceType,
+    TranslateOptions,
     input::{ServiceInfo, SliceInfo},
     labels::SERVICE_NAME,
     translate::{diag, port_field, service_frontends},
@@ -136,6 +137,7 @@ struct ServiceEntry {
 struct Serves {
     port_name: Box<str>,
     svc_type: ServiceType,
+    frontend: FrontendKind,
     backends: Backends,
     /// Session affinity timeout in seconds; 0: none.
     affinity: u32,
@@ -179,6 +181,7 @@ impl From<DesiredService> for Serves {
         Self {
             port_name: Box::from(d.service.port_name.as_str()),
             svc_type: d.service.svc_type,
+            frontend: d.service.frontend,
             backends,
             affinity: d.affinity,
             spared: d.spared.into_boxed_slice(),
@@ -199,6 +202,7 @@ impl Serves {
                 name: SmolStr::new(name),
                 port_name: SmolStr::new(&self.port_name),
                 svc_type: self.svc_type,
+                frontend: self.frontend,
             },
             backends,
             affinity: self.affinity,

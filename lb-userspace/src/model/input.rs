@@ -64,6 +64,8 @@ pub struct ServicePortInfo {
     pub name: SmolStr,
     pub protocol: Option<SmolStr>,
     pub port: i32,
+    /// `nodePort`; 0 when unset.
+    pub node_port: i32,
 }
 
 /// An EndpointSlice as translation sees it.
@@ -268,6 +270,7 @@ impl ServiceInfo {
 impl From<&ServicePort> for ServicePortInfo {
     fn from(p: &ServicePort) -> Self {
         Self::new(p.name.clone(), p.protocol.clone(), p.port)
+            .with_node_port(p.node_port.unwrap_or_default())
     }
 }
 
@@ -277,7 +280,12 @@ impl ServicePortInfo {
             name: name.map(SmolStr::from).unwrap_or_default(),
             protocol: protocol.map(SmolStr::from),
             port,
+            node_port: 0,
         }
+    }
+
+    pub fn with_node_port(self, node_port: i32) -> Self {
+        Self { node_port, ..self }
     }
 }
 

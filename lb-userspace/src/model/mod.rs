@@ -101,6 +101,27 @@ pub struct ServiceRef {
     /// Service port name; empty for the unnamed port.
     pub port_name: SmolStr,
     pub svc_type: ServiceType,
+    /// Which of the Service's addresses this frontend is.
+    pub frontend: FrontendKind,
+}
+
+/// Which address of a Service a frontend is: what clients connect to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum FrontendKind {
+    /// A ClusterIP on a service port.
+    #[default]
+    ClusterIP,
+    /// One of this node's addresses (`--node-ip`) on the port's nodePort.
+    NodePort,
+}
+
+impl FrontendKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIP => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+        }
+    }
 }
 
 /// What one frontend should balance over.
@@ -185,6 +206,9 @@ impl fmt::Display for Diagnostic {
 pub struct TranslateOptions {
     /// This node's name: `internalTrafficPolicy: Local` keeps only endpoints with this `nodeName`.
     pub node_name: Option<String>,
+    /// This node's addresses (`--node-ip`): a NodePort is served on each,
+    /// for the Services of that address's family.
+    pub node_ips: Vec<IpAddr>,
     /// This node's zone, for topology hints (`hints.forZones`).
     pub zone: Option<String>,
     /// `--service-proxy-name`: serve only services whose

@@ -13,8 +13,8 @@ use lb_common::MAX_SLOTS;
 use smol_str::SmolStr;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, Index, Proto, ServiceRef, ServiceType,
-    TranslateOptions,
+    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, Index, Proto, ServiceRef,
+    ServiceType, TranslateOptions,
     input::{Address, EndpointInfo, ServiceInfo, SliceInfo},
 };
 
@@ -116,6 +116,16 @@ pub fn port_field(svc: &ServiceInfo, fe: &Frontend) -> String {
                 && parse_proto(p.protocol.as_deref()) == Ok(fe.proto)
         })
         .map(|i| format!("spec.ports[{i}]"))
+        .or_else(|| {
+            // A NodePort frontend: the port is the node port.
+            ports
+                .iter()
+                .position(|p| {
+                    p.node_port == i32::from(fe.addr.port())
+                        && parse_proto(p.protocol.as_deref()) == Ok(fe.proto)
+                })
+                .map(|i| format!("spec.ports[{i}].nodePort"))
+        })
         .unwrap_or_default()
 }
 
@@ -125,6 +135,8 @@ struct PortSpec<'a> {
     port: u16,
     proto: Proto,
     name: &'a str,
+    /// `nodePort`, if set and valid.
+    node_port: Option<u16>,
 }
 
 /// An endpoint with a usable address.
@@ -215,14 +227,34 @@ pub(super) fn service_frontends(
             .iter()
             .any(IpAddr::is_ipv6)
             .then(|| choose_backends(&v6, local_only, opts));
-        for ip in &ips {
-            let (backends, family) = if ip.is_ipv4() {
-                (&v4_backends, &v4)
-            } else {
-                (&v6_backends, &v6)
+        // kube-proxy sends in-node clients' NodePort connections to the
+        // cluster-wide endpoints whatever the traffic policies say:
+        // `externalTrafficPolicy: Local` short-circuits pod and host
+        // traffic to the cluster chain, and `internalTrafficPolicy` is for
+        // ClusterIPs only.
+        let node_port = port
+            .node_port
+            .filter(|_| svc_type != ServiceType::ClusterIP);
+        let cluster_v4 = (node_port.is_some() && local_only && ips.iter().any(IpAddr::is_ipv4))
+            .then(|| choose_backends(&v4, false, opts));
+        let cluster_v6 = (node_port.is_some() && local_only && ips.iter().any(IpAddr::is_ipv6))
+            .then(|| choose_backends(&v6, false, opts));
+        let node_frontends = node_port.into_iter().flat_map(|np| {
+            opts.node_ips
+                .iter()
+                .filter(|node| ips.iter().any(|ip| ip.is_ipv4() == node.is_ipv4()))
+                .map(move |node| (*node, np, true))
+        });
+        let cluster_frontends = ips.iter().map(|ip| (*ip, port.port, false));
+        for (ip, number, on_node) in cluster_frontends.chain(node_frontends) {
+            let (backends, family) = match (ip.is_ipv4(), on_node && local_only) {
+                (true, false) => (&v4_backends, &v4),
+                (false, false) => (&v6_backends, &v6),
+                (true, true) => (&cluster_v4, &v4),
+                (false, true) => (&cluster_v6, &v6),
             };
             let fe = Frontend {
-                addr: SocketAddr::new(*ip, port.port),
+                addr: SocketAddr::new(ip, number),
                 proto: port.proto,
             };
             let mut backends = backends.clone().unwrap_or_default();
@@ -247,6 +279,11 @@ pub(super) fn service_frontends(
                         name: SmolStr::new(&svc.name),
                         port_name: SmolStr::new(port.name),
                         svc_type,
+                        frontend: if on_node {
+                            FrontendKind::NodePort
+                        } else {
+                            FrontendKind::ClusterIP
+                        },
                     },
                     backends,
                     affinity,
@@ -407,11 +444,25 @@ fn service_ports<'a>(svc: &'a ServiceInfo, diags: &mut Vec<Diagnostic>) -> Vec<P
             ));
             continue;
         }
+        let node_port = match p.node_port {
+            0 => None,
+            n => match u16::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    diags.push(sdiag(
+                        &format!("spec.ports[{i}].nodePort"),
+                        format!("node port {n} is outside 1-65535; not served on node addresses"),
+                    ));
+                    None
+                }
+            },
+        };
         out.push(PortSpec {
             index: i,
             port,
             proto,
             name: &p.name,
+            node_port,
         });
     }
     out

@@ -14,6 +14,7 @@ pub(super) fn svc(name: &str) -> ServiceRef {
         name: name.into(),
         port_name: Default::default(),
         svc_type: ServiceType::ClusterIP,
+        frontend: Default::default(),
     }
 }
 

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::{translate, translate_service};
 use crate::model::{
-    DesiredService, DesiredState, Diagnostic, Frontend, Proto, SOURCE_ANNOTATION, ServiceRef,
-    ServiceType, TranslateOptions, frontend,
+    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, Proto, SOURCE_ANNOTATION,
+    ServiceRef, ServiceType, TranslateOptions, frontend,
 };
 
 // ---------- builders ----------
@@ -147,6 +147,7 @@ fn desired(
             name: name.into(),
             port_name: port_name.into(),
             svc_type: ty,
+            frontend: FrontendKind::ClusterIP,
         },
         backends: addrs(backends),
         affinity: 0,
@@ -180,7 +181,7 @@ fn opts(node: Option<&str>, zone: Option<&str>) -> TranslateOptions {
     TranslateOptions {
         node_name: node.map(Into::into),
         zone: zone.map(Into::into),
-        service_proxy_name: None,
+        ..TranslateOptions::default()
     }
 }
 
@@ -2137,4 +2138,166 @@ fn thousand_services_with_ten_endpoints_each() {
     assert_eq!(diags, vec![]);
     assert_eq!(st.len(), N as usize);
     assert!(st.values().all(|d| d.backends.len() == 10));
+}
+
+// ---------- NodePort (in-node clients) ----------
+
+fn node_opts(node: &str, node_ips: &[&str]) -> TranslateOptions {
+    TranslateOptions {
+        node_name: Some(node.into()),
+        node_ips: node_ips.iter().map(|s| ip(s)).collect(),
+        ..TranslateOptions::default()
+    }
+}
+
+#[test]
+fn a_node_port_is_served_on_every_node_address_of_the_services_family() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "nodePort": 30080}, {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]),
+        json!({"spec": {"type": "NodePort"}}),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        json!([{"port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+        json!([ep("10.1.0.2")]),
+    );
+    let o = node_opts("n1", &["192.168.0.10", "192.168.1.10", "fd00::10"]);
+    let (st, diags) = translate(&[s], &[sl], &o);
+    assert_eq!(diags, vec![]);
+    let cluster = |port_name: &str, b: &[&str]| {
+        desired("default", "web", port_name, ServiceType::NodePort, b)
+    };
+    let np = |port_name: &str, b: &[&str]| {
+        let mut d = cluster(port_name, b);
+        d.service.frontend = FrontendKind::NodePort;
+        d
+    };
+    assert_eq!(
+        st,
+        state(vec![
+            (
+                fe("10.0.0.1", 80, Proto::Tcp),
+                cluster("", &["10.1.0.2:8080"])
+            ),
+            (
+                fe("192.168.0.10", 30080, Proto::Tcp),
+                np("", &["10.1.0.2:8080"])
+            ),
+            (
+                fe("192.168.1.10", 30080, Proto::Tcp),
+                np("", &["10.1.0.2:8080"])
+            ),
+            (
+                fe("10.0.0.1", 53, Proto::Udp),
+                cluster("dns", &["10.1.0.2:5353"])
+            ),
+            (
+                fe("192.168.0.10", 30053, Proto::Udp),
+                np("dns", &["10.1.0.2:5353"])
+            ),
+            (
+                fe("192.168.1.10", 30053, Proto::Udp),
+                np("dns", &["10.1.0.2:5353"])
+            ),
+        ]),
+        "an IPv4 Service is not served on the IPv6 node address"
+    );
+}
+
+#[test]
+fn node_ports_follow_the_type_and_the_flag() {
+    let ports = json!([{"port": 80, "nodePort": 30080}]);
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.2")]),
+    );
+    let frontends = |ty: &str, o: &TranslateOptions| -> Vec<Frontend> {
+        let s = svc_with(
+            "default",
+            "web",
+            "10.0.0.1",
+            ports.clone(),
+            json!({"spec": {"type": ty}}),
+        );
+        translate(&[s], std::slice::from_ref(&sl), o)
+            .0
+            .into_keys()
+            .collect()
+    };
+    let o = node_opts("n1", &["192.168.0.10"]);
+    let on_node = fe("192.168.0.10", 30080, Proto::Tcp);
+    assert!(frontends("LoadBalancer", &o).contains(&on_node));
+    assert!(frontends("NodePort", &o).contains(&on_node));
+    // A nodePort left on a ClusterIP Service (the API server clears it) is not served.
+    assert_eq!(
+        frontends("ClusterIP", &o),
+        vec![fe("10.0.0.1", 80, Proto::Tcp)]
+    );
+    // Without --node-ip there is no node address to serve it on.
+    assert_eq!(
+        frontends("NodePort", &TranslateOptions::default()),
+        vec![fe("10.0.0.1", 80, Proto::Tcp)]
+    );
+}
+
+#[test]
+fn in_node_clients_of_a_node_port_use_every_endpoint_whatever_the_traffic_policies() {
+    // kube-proxy: externalTrafficPolicy: Local sends pod and host traffic
+    // to the cluster-wide endpoints; internalTrafficPolicy: Local narrows
+    // only the ClusterIP.
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "nodePort": 30080}]),
+        json!({"spec": {"type": "NodePort", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}}),
+    );
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep_node("10.1.0.2", "n1"), ep_node("10.1.0.3", "n2")]),
+    );
+    let (st, _) = translate(&[s], &[sl], &node_opts("n1", &["192.168.0.10"]));
+    assert_eq!(
+        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+        addrs(&["10.1.0.2:8080"])
+    );
+    assert_eq!(
+        st[&fe("192.168.0.10", 30080, Proto::Tcp)].backends,
+        addrs(&["10.1.0.2:8080", "10.1.0.3:8080"])
+    );
+}
+
+#[test]
+fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "nodePort": 70000}]),
+        json!({"spec": {"type": "NodePort"}}),
+    );
+    let (st, diags) = translate(&[s], &[], &node_opts("n1", &["192.168.0.10"]));
+    assert_eq!(
+        st.keys().copied().collect::<Vec<_>>(),
+        vec![fe("10.0.0.1", 80, Proto::Tcp)]
+    );
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "spec.ports[0].nodePort",
+            "node port 70000 is outside 1-65535; not served on node addresses"
+        )]
+    );
 }

@@ -217,10 +217,12 @@ struct WireClientIp {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct WireServicePort {
     name: Option<String>,
     protocol: Option<String>,
     port: Option<i32>,
+    node_port: Option<i32>,
 }
 
 impl From<WireService> for SlimService {
@@ -233,11 +235,10 @@ impl From<WireService> for SlimService {
                 .cluster_ips
                 .map(|ips| kept(ips, |ip| Some(SmolStr::from(ip)))),
             ports: kept(s.ports.unwrap_or_default(), |p| {
-                Some(ServicePortInfo::new(
-                    p.name,
-                    p.protocol,
-                    p.port.unwrap_or_default(),
-                ))
+                Some(
+                    ServicePortInfo::new(p.name, p.protocol, p.port.unwrap_or_default())
+                        .with_node_port(p.node_port.unwrap_or_default()),
+                )
             }),
             internal_traffic_policy: s.internal_traffic_policy.map(SmolStr::from),
             session_affinity: s.session_affinity.map(SmolStr::from),

@@ -74,12 +74,14 @@ fn service() -> impl Strategy<Value = Value> {
         maybe(name()),
         maybe(protocol()),
         maybe((-2i32..70_000).prop_map(Value::from)),
+        maybe((-2i32..70_000).prop_map(Value::from)),
     )
-        .prop_map(|(n, p, port)| {
+        .prop_map(|(n, p, port, node_port)| {
             object(vec![
                 ("name", n),
                 ("protocol", p),
                 ("port", port),
+                ("nodePort", node_port),
                 ("targetPort", Some(json!("http"))),
             ])
         });

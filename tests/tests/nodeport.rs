@@ -1,0 +1,164 @@
+//! End-to-end: NodePorts reached from inside the node (issue 13). The node
+//! addresses are ones this test gives with `--node-ip`; no namespace owns
+//! or routes them, so a connect that the program does not rewrite fails
+//! with ENETUNREACH in the client's namespace. Privileged: run by
+//! `cargo xtask test` with `--test-threads=1`.
+use std::time::Duration;
+
+use lb_tests::{Bins, Lab, endpoints, find_service, pod_ip, pod_manifest};
+
+const SYNC: Duration = Duration::from_secs(10);
+const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
+const NODE_IPS: [&str; 2] = ["10.250.0.1", "10.250.0.2"];
+
+fn bins() -> Bins {
+    lb_tests::test_bins!()
+}
+
+/// `web`: TCP and UDP on one service port number, both with node port
+/// 30080 (a nodePort is per protocol), or a plain ClusterIP Service.
+fn web(node_port: bool) -> String {
+    let (ty, np) = if node_port {
+        ("NodePort", "\n      nodePort: 30080")
+    } else {
+        ("ClusterIP", "")
+    };
+    let pods: String = PODS
+        .iter()
+        .map(|(name, octet)| {
+            pod_manifest(
+                &format!("web-{name}"),
+                "default",
+                &[("app", "web")],
+                "    - name: server
+      ports:
+        - containerPort: 80
+        - containerPort: 80
+          protocol: UDP
+",
+                pod_ip(*octet),
+                true,
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: {ty}
+  clusterIP: 10.96.7.7
+  selector:
+    app: web
+  ports:
+    - name: http
+      port: 8080
+      protocol: TCP
+      targetPort: 80{np}
+    - name: echo
+      port: 8080
+      protocol: UDP
+      targetPort: 80{np}
+{pods}"
+    )
+}
+
+/// The node-address frontends `list -o json` shows for `web`.
+fn node_frontends(doc: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = find_service(doc, "default", "web")
+        .and_then(|s| s["ports"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(format!(
+                "{}:{}/{}",
+                p["nodeIp"].as_str()?,
+                p["port"],
+                p["protocol"].as_str()?
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn lab_with_web(node_port: bool) -> Lab {
+    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
+    lab.agent.extra_args = vec!["--node-ip".into(), NODE_IPS.join(",")];
+    lab.write_manifest("web.yaml", &web(node_port)).unwrap();
+    lab.agent.start().unwrap();
+    lab.agent
+        .wait_for("web programmed", SYNC, |d| {
+            endpoints(d, "default", "web", 8080).len() == 6
+                && node_frontends(d).len() == if node_port { 4 } else { 0 }
+        })
+        .unwrap();
+    lab
+}
+
+#[test]
+fn a_node_port_is_balanced_on_every_node_address_for_tcp_and_udp() {
+    let lab = lab_with_web(true);
+    let doc = lab.agent.list_json().unwrap();
+    assert_eq!(
+        node_frontends(&doc),
+        [
+            "10.250.0.1:30080/TCP",
+            "10.250.0.1:30080/UDP",
+            "10.250.0.2:30080/TCP",
+            "10.250.0.2:30080/UDP"
+        ]
+    );
+    // Node addresses are not ClusterIPs.
+    assert_eq!(
+        find_service(&doc, "default", "web").unwrap()["clusterIps"],
+        serde_json::json!(["10.96.7.7"])
+    );
+    let table = lab.agent.list(&[]).unwrap();
+    assert!(table.contains("8080:30080/TCP,8080:30080/UDP"), "{table}");
+    for node in NODE_IPS {
+        let tcp = lab
+            .client(&format!("{node}:30080"), &["--count", "300"])
+            .unwrap();
+        assert_eq!(tcp.failed(), 0, "{node} {tcp:?}");
+        assert_eq!(tcp.backends.len(), 3, "{node} {tcp:?}");
+        let udp = lab
+            .client(&format!("{node}:30080"), &["--count", "300", "--udp"])
+            .unwrap();
+        assert_eq!(udp.failed(), 0, "{node} {udp:?}");
+        assert_eq!(udp.backends.len(), 3, "{node} {udp:?}");
+    }
+    // A node address on a port that is no NodePort is left alone.
+    let other = lab
+        .client(&format!("{}:30081", NODE_IPS[0]), &["--count", "5"])
+        .unwrap();
+    assert_eq!(other.errors.get("ENETUNREACH"), Some(&5), "{other:?}");
+}
+
+#[test]
+fn a_service_changed_back_to_cluster_ip_stops_answering_on_its_node_port() {
+    let mut lab = lab_with_web(true);
+    let before = lab
+        .client(&format!("{}:30080", NODE_IPS[1]), &["--count", "20"])
+        .unwrap();
+    assert_eq!(before.ok(), 20, "{before:?}");
+    lab.write_manifest("web.yaml", &web(false)).unwrap();
+    lab.agent
+        .wait_for("node ports gone", SYNC, |d| {
+            node_frontends(d).is_empty() && endpoints(d, "default", "web", 8080).len() == 6
+        })
+        .unwrap();
+    for node in NODE_IPS {
+        let after = lab
+            .client(&format!("{node}:30080"), &["--count", "5"])
+            .unwrap();
+        assert_eq!(
+            after.errors.get("ENETUNREACH"),
+            Some(&5),
+            "{node} {after:?}"
+        );
+    }
+    let cluster = lab.client("10.96.7.7:8080", &["--count", "20"]).unwrap();
+    assert_eq!(cluster.ok(), 20, "{cluster:?}");
+}
