@@ -199,7 +199,7 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) {
 /// Serves on an already bound listener (tests bind port 0).
 pub async fn serve_on(listener: TcpListener, health: Arc<Health>) {
     match listener.local_addr() {
-        Ok(addr) => info!(%addr, "health and metrics endpoints listening"),
+        Ok(addr) => info!(%addr, "health endpoints listening"),
         Err(e) => error!(error = %e, "health listener has no address"),
     }
     loop {
