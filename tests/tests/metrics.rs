@@ -48,7 +48,7 @@ spec:
     )
 }
 
-fn svc_labels<'a>(name: &'a str) -> [(&'a str, &'a str); 4] {
+fn svc_labels(name: &str) -> [(&str, &str); 4] {
     [
         ("namespace", "default"),
         ("service", name),
