@@ -30,6 +30,30 @@ use crate::datapath::{
 /// `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Every metric family `/metrics` exports (counters without `_total`,
+/// histograms without `_bucket`/`_sum`/`_count`), for the dashboard check.
+pub const FAMILIES: &[&str] = &[
+    "lb_sync_duration_seconds",
+    "lb_network_programming_duration_seconds",
+    "lb_frontends",
+    "lb_watch_restarts",
+    "lb_relists",
+    "lb_last_sync_timestamp_seconds",
+    "lb_diagnostics",
+    "lb_map_full_errors",
+    "lb_datapath_up",
+    "lb_service_translations",
+    "lb_service_refused",
+    "lb_service_sockets_terminated",
+    "lb_map_entries",
+    "lb_map_capacity",
+    "lb_reverse_translations",
+    "lb_reverse_stale",
+    "lb_reverse_write_failures",
+    "lb_slot_fallbacks",
+    "lb_sock_spilled",
+];
+
 /// The watched resources, as `resource` label values.
 pub const SERVICES: &str = "services";
 pub const ENDPOINT_SLICES: &str = "endpointslices";
@@ -416,5 +440,9 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split_whitespace().next().unwrap();
+            assert!(FAMILIES.contains(&name), "{name} is not in FAMILIES");
+        }
     }
 }
