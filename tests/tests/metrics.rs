@@ -204,6 +204,8 @@ fn metrics_count_translations_refusals_and_map_fill() {
         })
         .unwrap();
     let edited = scrape(health).unwrap();
+    // Shown with --nocapture, and in the output of a failure below.
+    println!("{}", lb_tests::http_get(health, "/metrics").unwrap().1);
     assert!(
         cp(
             &edited,
