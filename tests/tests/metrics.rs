@@ -14,6 +14,9 @@ const SYNC: Duration = Duration::from_secs(15);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 10);
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 20);
+/// UDP 5300 → 80 on the back-end pods (the test servers echo datagrams).
+const ECHO_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 40);
+const ECHO_PORT: u16 = 5300;
 
 fn bins() -> Bins {
     lb_tests::test_bins!()
@@ -31,7 +34,21 @@ fn manifests() -> String {
         &format!("spec:\n  clusterIP: {CLUSTER_IP}\n"),
         1,
     );
-    format!("{back_end}\n---\n{}", service("empty", EMPTY_IP, "nobody"))
+    let echo = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  clusterIP: {ECHO_IP}
+  selector: {{app: myapp}}
+  ports: [{{port: {ECHO_PORT}, protocol: UDP, targetPort: 80}}]
+"
+    );
+    format!(
+        "{back_end}\n---\n{}---\n{echo}",
+        service("empty", EMPTY_IP, "nobody")
+    )
 }
 
 fn service(name: &str, ip: Ipv4Addr, app: &str) -> String {
@@ -71,6 +88,7 @@ fn metrics_count_translations_refusals_and_map_fill() {
     lab.agent
         .wait_for("back-end and empty", SYNC, |d| {
             endpoints(d, "default", "back-end", 80).len() == 3
+                && endpoints(d, "default", "echo", ECHO_PORT).len() == 3
                 && find_service(d, "default", "empty").is_some()
         })
         .unwrap();
@@ -99,7 +117,45 @@ fn metrics_count_translations_refusals_and_map_fill() {
         "{refused:?}"
     );
 
+    // D datagrams from an unconnected UDP socket: D sendmsg translations;
+    // one connected UDP socket: one connect (its sends pass no address, so
+    // no sendmsg hook).
+    const D: usize = 6;
+    let echo = format!("{ECHO_IP}:{ECHO_PORT}");
+    let mut udp = lb_tests::UdpSession::start(&lab, &[]).unwrap();
+    for _ in 0..D {
+        let r = udp.send(&echo).unwrap();
+        assert_eq!(r["from"], echo.as_str(), "{r}");
+    }
+    let r = udp.command(&format!("udp c {echo}")).unwrap();
+    assert!(r["peer"].is_string(), "{r}");
+    let r = udp.command("send c").unwrap();
+    assert!(r["name"].is_string(), "{r}");
+    drop(udp);
+
     let after = scrape(health).unwrap();
+    let echo_labels = [
+        ("namespace", "default"),
+        ("service", "echo"),
+        ("port", "5300"),
+        ("protocol", "UDP"),
+    ];
+    assert_eq!(
+        metric(
+            &after,
+            "lb_service_translations_total",
+            &with(echo_labels, ("hook", "sendmsg"))
+        ),
+        Some(D as f64)
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "lb_service_translations_total",
+            &with(echo_labels, ("hook", "connect"))
+        ),
+        Some(1.0)
+    );
     let t1 = metric(&after, "lb_service_translations_total", &connects).unwrap();
     assert_eq!(t1 - t0, K as f64);
     let r1 = metric(&after, "lb_service_refused_total", &svc_labels("empty")).unwrap();
@@ -160,21 +216,21 @@ fn metrics_count_translations_refusals_and_map_fill() {
             "capacity of {name}"
         );
     }
-    // Two frontends, three backend slots in use.
+    // Three frontends, six backend slots in use.
     assert_eq!(
         metric(&after, "lb_map_entries", &[("map", "LB_SERVICES")]),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         metric(&after, "lb_map_entries", &[("map", "LB_BACKENDS")]),
-        Some(3.0)
+        Some(6.0)
     );
 
     // Control plane: there, and moving after an edit.
     let cp = |s: &[lb_tests::Sample], name: &str, labels: &[(&str, &str)]| {
         metric(s, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}"))
     };
-    assert_eq!(cp(&after, "lb_frontends", &[("state", "programmed")]), 2.0);
+    assert_eq!(cp(&after, "lb_frontends", &[("state", "programmed")]), 3.0);
     assert_eq!(cp(&after, "lb_frontends", &[("state", "failed")]), 0.0);
     assert_eq!(
         cp(&after, "lb_diagnostics", &[("severity", "warning")]),
@@ -200,7 +256,7 @@ fn metrics_count_translations_refusals_and_map_fill() {
     lab.agent
         .wait_for("the marker counted", SYNC, |_| {
             scrape(health)
-                .is_ok_and(|s| metric(&s, "lb_frontends", &[("state", "programmed")]) == Some(3.0))
+                .is_ok_and(|s| metric(&s, "lb_frontends", &[("state", "programmed")]) == Some(4.0))
         })
         .unwrap();
     let edited = scrape(health).unwrap();
@@ -216,7 +272,7 @@ fn metrics_count_translations_refusals_and_map_fill() {
     assert!(cp(&edited, "lb_sync_duration_seconds_count", &[]) > syncs);
     assert_eq!(
         cp(&edited, "lb_map_entries", &[("map", "LB_SERVICES")]),
-        3.0
+        4.0
     );
     // The probes still answer as before on the same server.
     assert_eq!(lb_tests::http_status(health, "/healthz").unwrap(), 200);
