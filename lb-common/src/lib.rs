@@ -70,6 +70,10 @@ pub mod maps {
     /// Session affinity (`sessionAffinity: ClientIP`): (client network
     /// namespace, service id) → [`AffinityValue`], an LRU.
     pub const AFFINITY: &str = "LB_AFFINITY";
+    /// Per-service datapath counters: a per-CPU array of [`SvcStats`]
+    /// indexed by service id (ids are `1..max_entries`), read by
+    /// `/metrics`. A slot is zeroed by the agent before its id is reused.
+    pub const SVC_STATS: &str = "LB_SVC_STATS";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
 }
@@ -398,6 +402,20 @@ pub struct ServiceMeta {
     pub svc_type: u8,
 }
 
+/// One service id's slot of the per-CPU `LB_SVC_STATS` array: what the
+/// programs did for that frontend. One slot per id, so a translated or
+/// refused call pays one per-CPU array lookup and one add.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcStats {
+    /// connect()s (TCP and connected UDP) rewritten to a backend.
+    pub connect: u64,
+    /// Unconnected UDP datagrams (sendmsg) rewritten to a backend.
+    pub sendmsg: u64,
+    /// connect()s and datagrams refused with ECONNREFUSED: no endpoint.
+    pub refused: u64,
+}
+
 /// Indexes into the per-CPU `LB_STATS` array.
 pub mod stats {
     /// connect()s rewritten to a backend.
@@ -446,7 +464,7 @@ pub mod ablate {
     /// No socket cookie: sendmsg picks at random and keys its LRU entry
     /// by 0 (connect keys its record by the cookie whatever this says).
     pub const NO_COOKIE: u32 = 2;
-    /// No stats bump on a translation.
+    /// No stats bump (global or per service) on a translation.
     pub const NO_STATS: u32 = 4;
     /// sendmsg ignores the socket's slot: the LRU lookup on every
     /// datagram, as before the slot remembered the last pair.
@@ -478,6 +496,7 @@ mod pod {
     unsafe impl aya::Pod for SockReverse {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockSlot {}
+    unsafe impl aya::Pod for SvcStats {}
 }
 
 #[cfg(test)]
@@ -518,6 +537,7 @@ mod tests {
             2 * META_NAME_LEN + META_PORT_NAME_LEN + 1
         );
         assert_eq!(size_of::<ServiceMeta>(), 144);
+        assert_eq!(size_of::<SvcStats>(), 24);
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub async fn run_manifests(
         cfg.common.resync_period,
         spared,
     );
+    driver.set_metrics(health.metrics().clone());
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
 
@@ -233,6 +234,7 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
     };
     let spared = (cfg.terminate == terminate::Mode::All).then(Spared::new);
     start_terminator(cfg.terminate, bpffs, &cgroup, health, spared.clone());
+    health.metrics().set_bpffs(bpffs);
     let install = bpf::install(
         bpffs,
         &cgroup,
@@ -347,7 +349,8 @@ pub async fn run_kube(
     let Attached(reconciler, _lock, spared) = attach(&cfg.common, &health)?;
     let mut opts = cfg.common.translate.clone();
     let mut driver = driver(reconciler, opts.clone(), cfg.common.resync_period, spared);
-    let signals = Signals::new(driver.input().clone());
+    driver.set_metrics(health.metrics().clone());
+    let signals = Signals::new(driver.input().clone()).with_metrics(health.metrics().clone());
     if opts.zone.is_none()
         && let Some(node) = opts.node_name.clone()
     {

@@ -1,8 +1,10 @@
-//! `/healthz` and `/livez` (the sync loop makes progress) and `/readyz` (the
+//! `/healthz` and `/livez` (the sync loop makes progress), `/readyz` (the
 //! programs are attached, every source has completed its initial sync and
-//! every frontend is programmed) over plain HTTP/1.1, for kubelet probes.
-//! Deliberately tiny: one request per connection, no keep-alive, bounded reads.
+//! every frontend is programmed) for kubelet probes, and `/metrics` for
+//! Prometheus, over HTTP/1.1 (hyper). One request per connection, headers
+//! bounded in size and time, request bodies never read.
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -11,11 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
+
+use crate::metrics::{self, Metrics};
 
 /// Default `--health-addr`. kube-proxy serves its healthz on 10256; we run
 /// alongside it (README), so we take a port no Kubernetes component uses
@@ -32,6 +42,10 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a probe may take to send its request line and headers.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may last in all (a scrape reads the maps).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head read (hyper's least allowed buffer).
+const MAX_HEAD: usize = 8192;
 /// Retry interval when the address is taken (the agent keeps working meanwhile).
 const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Frontends named in a `/readyz` body; the rest are counted.
@@ -49,6 +63,7 @@ pub struct Health {
     /// Woken after a sync that wrote or deleted map entries (one stored
     /// wake-up: changes while nobody waits coalesce into one).
     maps_changed: tokio::sync::Notify,
+    metrics: Arc<Metrics>,
 }
 
 impl Health {
@@ -61,7 +76,13 @@ impl Health {
             iteration: Mutex::new(None),
             failing: Mutex::new(Vec::new()),
             maps_changed: tokio::sync::Notify::new(),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// What `/metrics` serves; the sync loop and the sources update it.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// A sync wrote or deleted map entries.
@@ -186,8 +207,21 @@ pub async fn serve_on(listener: TcpListener, health: Arc<Health>) {
             Ok((stream, _)) => {
                 let health = health.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &health).await {
-                        debug!(error = %e, "health request");
+                    let service = service_fn(move |req| {
+                        let health = health.clone();
+                        async move { Ok::<_, Infallible>(answer(req, health).await) }
+                    });
+                    let mut builder = http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(READ_TIMEOUT)
+                        .max_buf_size(MAX_HEAD)
+                        .keep_alive(false);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(error = %e, "health request"),
+                        Err(_) => debug!("health connection timed out"),
                     }
                 });
             }
@@ -199,44 +233,46 @@ pub async fn serve_on(listener: TcpListener, health: Arc<Health>) {
     }
 }
 
-async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let read = async {
-        let mut chunk = [0u8; 512];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
+async fn answer(req: Request<Incoming>, health: Arc<Health>) -> Response<Full<Bytes>> {
+    let head = matches!(*req.method(), Method::GET | Method::HEAD);
+    if head && req.uri().path() == "/metrics" {
+        let h = health.clone();
+        return match tokio::task::spawn_blocking(move || h.metrics().render()).await {
+            Ok(body) => reply(StatusCode::OK, metrics::CONTENT_TYPE, body),
+            Err(e) => {
+                warn!(error = %e, "rendering /metrics");
+                reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    "metrics unavailable\n".into(),
+                )
             }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(READ_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request"))??;
-    let (status, body) = respond(&buf, health, Instant::now());
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+        };
+    }
+    let (status, body) = respond(req.method(), req.uri().path(), &health, Instant::now());
+    reply(status, TEXT, body)
 }
 
-/// Status line and body for a raw request.
-fn respond(request: &[u8], health: &Health, now: Instant) -> (&'static str, String) {
-    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next(), parts.next());
-    if !matches!(method, Some("GET" | "HEAD")) {
-        return ("405 Method Not Allowed", "method not allowed\n".into());
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Status and body of a probe.
+fn respond(method: &Method, path: &str, health: &Health, now: Instant) -> (StatusCode, String) {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
     }
-    const OK: &str = "200 OK";
-    const UNAVAILABLE: &str = "503 Service Unavailable";
-    let path = target.unwrap_or("/").split('?').next().unwrap_or("/");
+    const OK: StatusCode = StatusCode::OK;
+    const UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
     match path {
         "/healthz" | "/livez" => match health.stalled(now) {
             None => (OK, "ok\n".into()),
@@ -246,21 +282,37 @@ fn respond(request: &[u8], health: &Health, now: Instant) -> (&'static str, Stri
             None => (OK, "ok\n".into()),
             Some(reason) => (UNAVAILABLE, reason),
         },
-        _ => ("404 Not Found", "not found\n".into()),
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+
     use super::*;
 
+    /// A request line's status, as the old hand-written server reported it.
     fn status(health: &Health, path: &str, now: Instant) -> &'static str {
-        respond(
-            format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(),
-            health,
-            now,
-        )
-        .0
+        status_line(respond(&Method::GET, path.split('?').next().unwrap(), health, now).0)
+    }
+
+    fn status_line(code: StatusCode) -> &'static str {
+        match code {
+            StatusCode::OK => "200 OK",
+            StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable",
+            StatusCode::NOT_FOUND => "404 Not Found",
+            StatusCode::METHOD_NOT_ALLOWED => "405 Method Not Allowed",
+            _ => "other",
+        }
+    }
+
+    fn get(health: &Health, path: &str, now: Instant) -> (&'static str, String) {
+        let (code, body) = respond(&Method::GET, path, health, now);
+        (status_line(code), body)
     }
 
     #[test]
@@ -273,7 +325,7 @@ mod tests {
         assert_eq!(status(&health, "/readyz?verbose", now), "200 OK");
         assert_eq!(status(&health, "/x", now), "404 Not Found");
         assert_eq!(
-            respond(b"POST /readyz HTTP/1.1\r\n\r\n", &health, now).0,
+            status_line(respond(&Method::POST, "/readyz", &health, now).0),
             "405 Method Not Allowed"
         );
     }
@@ -288,7 +340,7 @@ mod tests {
         assert_eq!(status(&health, "/healthz", start), "200 OK");
         // An iteration that never ends fails both probes, with the reason.
         let later = start + Duration::from_secs(11);
-        let (code, body) = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &health, later);
+        let (code, body) = get(&health, "/healthz", later);
         assert_eq!(code, "503 Service Unavailable");
         assert!(body.contains("sync loop stalled"), "{body}");
         assert_eq!(status(&health, "/livez", later), "503 Service Unavailable");
@@ -305,7 +357,7 @@ mod tests {
         health.set_ready();
         let fes: Vec<String> = (0..25).map(|i| format!("10.96.0.{i}:80/TCP")).collect();
         health.set_failing(fes);
-        let (code, body) = respond(b"GET /readyz HTTP/1.1\r\n\r\n", &health, Instant::now());
+        let (code, body) = get(&health, "/readyz", Instant::now());
         assert_eq!(code, "503 Service Unavailable");
         assert!(body.contains("25 frontend(s) failed"), "{body}");
         assert!(body.contains("10.96.0.19:80/TCP"), "{body}");
@@ -336,5 +388,28 @@ mod tests {
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         health.set_ready();
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        health.metrics().set_frontends(3, 0);
+        let scraped = get("/metrics").await;
+        assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+        assert!(
+            scraped.contains("application/openmetrics-text"),
+            "{scraped}"
+        );
+        assert!(
+            scraped.contains("\nlb_frontends{state=\"programmed\"} 3\n"),
+            "{scraped}"
+        );
+        // A head larger than the bound is refused, not buffered.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let huge = format!(
+            "GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        let _ = s.write_all(huge.as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
     }
 }

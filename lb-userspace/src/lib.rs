@@ -6,6 +6,7 @@ pub mod agent;
 pub mod datapath;
 pub mod health;
 pub mod list;
+pub mod metrics;
 pub mod model;
 pub mod reconciler;
 pub mod sources;

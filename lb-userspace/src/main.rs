@@ -443,6 +443,7 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
                     "entries": o.entries,
                     "maxEntries": o.max_entries,
                 })),
+                "maps": bpf::map_fill(&pins.bpffs, &dp, &snapshot)?,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }

@@ -201,6 +201,7 @@ impl<D: Datapath> Reconciler<D> {
             .max()
             .copied()
             .unwrap_or(0);
+        let max_svc_id_slot = dp.max_svc_id();
         Ok(Self {
             dp,
             installed,
@@ -208,7 +209,7 @@ impl<D: Datapath> Reconciler<D> {
             strays,
             stray_meta,
             svc_ids,
-            svc_id_alloc: IdAllocator::after(max_svc_id),
+            svc_id_alloc: IdAllocator::after_up_to(max_svc_id, max_svc_id_slot),
             affinity_dirty: true,
         })
     }
@@ -405,6 +406,11 @@ impl<D: Datapath> Reconciler<D> {
                     })
                     .ok_or(DatapathError::IdsExhausted { kind: "service" })?;
                 self.svc_ids.insert(id);
+                // Before its master exists: the id's counters start at 0
+                // whoever had it before. Only the metrics depend on it.
+                if let Err(e) = self.dp.reset_svc_stats(id) {
+                    tracing::warn!(svc_id = id, error = %e, "resetting a reused id's counters");
+                }
                 id
             }
         };
@@ -763,11 +769,8 @@ struct IdAllocator {
 }
 
 impl IdAllocator {
-    /// Starts past `last`, the highest id in use (0 for none).
-    fn after(last: u32) -> Self {
-        Self::after_up_to(last, u32::MAX)
-    }
-
+    /// Starts past `last`, the highest id in use (0 for none), and hands
+    /// out ids up to `max`.
     fn after_up_to(last: u32, max: u32) -> Self {
         let max = max.max(1);
         let next = match last.checked_add(1) {

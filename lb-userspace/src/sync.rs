@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{Datapath, encode_backend, frontend_key, terminate::Spared},
     health::Health,
+    metrics::Metrics,
     model::{DesiredService, Diagnostic, Frontend, Index, Severity},
     reconciler::{ApplyReport, Installed, Prune, Reconciler},
 };
@@ -74,6 +75,8 @@ pub struct Syncer<D> {
     /// `--terminate-sockets all`: each frontend's spared endpoints, kept
     /// for the terminator.
     spared: Option<Arc<Spared>>,
+    /// Where map-full refusals are counted per map.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -83,6 +86,7 @@ impl<D: Datapath> Syncer<D> {
             reported: BTreeSet::new(),
             failed: BTreeMap::new(),
             spared: None,
+            metrics: None,
         }
     }
 
@@ -218,6 +222,13 @@ impl<D: Datapath> Syncer<D> {
                     delay,
                 },
             );
+        }
+        if let Some(m) = &self.metrics {
+            for e in &report.errors {
+                if let crate::datapath::DatapathError::MapFull { map, .. } = e.source {
+                    m.map_full(map);
+                }
+            }
         }
         let full = report.map_full();
         if full > 0
@@ -491,6 +502,8 @@ pub struct Driver<D> {
     /// When the last sync finished: decides between syncing at once and debouncing.
     last_sync: Option<Instant>,
     complete: bool,
+    /// Sync durations and change → map-write latencies go here, if set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<D: Datapath> Driver<D> {
@@ -507,7 +520,15 @@ impl<D: Datapath> Driver<D> {
             repaired: 0,
             last_sync: None,
             complete: false,
+            metrics: None,
         }
+    }
+
+    /// Reports syncs, latencies, map-full refusals and the frontends'
+    /// state to `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.syncer.metrics = Some(metrics.clone());
+        self.metrics = Some(metrics);
     }
 
     /// `None` or zero: never.
@@ -711,6 +732,21 @@ impl<D: Datapath> Driver<D> {
         self.syncs += 1;
         self.last_sync = Some(written);
         self.latency.add(&arrivals, written);
+        if let Some(m) = &self.metrics {
+            m.observe_sync(written - started, std::time::SystemTime::now());
+            // Each measured event (EndpointSlices) is one sample, as in
+            // kube-proxy; changes not measured one by one (Services,
+            // manifest files) give one sample from the first of them.
+            if arrivals.is_empty() {
+                if let Some(t) = first_arrival {
+                    m.observe_programming(written.saturating_duration_since(t));
+                }
+            } else {
+                for t in &arrivals {
+                    m.observe_programming(written.saturating_duration_since(*t));
+                }
+            }
+        }
         self.complete |= prune == Prune::Yes;
         debug!(
             wake = ?wake,
@@ -811,6 +847,23 @@ impl<D: Datapath> Driver<D> {
         }
         if step.stats.writes + step.stats.deletes + step.stats.spared > 0 {
             health.note_maps_changed();
+        }
+        if let Some(m) = &self.metrics {
+            let programmed = self
+                .syncer
+                .reconciler
+                .installed()
+                .values()
+                .filter(|i| i.complete)
+                .count();
+            m.set_frontends(programmed, self.syncer.failed.len());
+            let warnings = self
+                .syncer
+                .reported
+                .iter()
+                .filter(|d| d.severity == Severity::Warning)
+                .count();
+            m.set_diagnostics(warnings, self.syncer.reported.len() - warnings);
         }
         health.iteration_finished();
         step

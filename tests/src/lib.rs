@@ -1091,3 +1091,115 @@ pub fn counts(v: &serde_json::Value) -> Vec<(String, u64)> {
         })
         .unwrap_or_default()
 }
+
+/// `GET path` on `addr`: the status and body (at most 16 MiB read; the
+/// agent closes the connection after one response).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.take(16 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("bad HTTP response {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP status line {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// One sample of a Prometheus / OpenMetrics text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// The samples of a text exposition (comments skipped). Enough for what
+/// the agent writes: label values without escaped quotes, no timestamps.
+pub fn parse_metrics(text: &str) -> anyhow::Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("no value in {line:?}"))?;
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("bad value in {line:?}"))?;
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let rest = rest
+                    .strip_suffix('}')
+                    .with_context(|| format!("unclosed labels in {line:?}"))?;
+                let mut labels = BTreeMap::new();
+                for pair in rest.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .with_context(|| format!("bad label in {line:?}"))?;
+                    labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+                }
+                (name, labels)
+            }
+        };
+        out.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = samples.iter().filter(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    });
+    let first = found.next()?;
+    // Ambiguous label sets are a test bug, not a value.
+    found.next().is_none().then_some(first.value)
+}
+
+/// Scrapes `/metrics` on `addr` and parses it.
+pub fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Sample>> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}: {body}");
+    }
+    if !body.ends_with("# EOF\n") {
+        bail!("/metrics is cut short:\n{body}");
+    }
+    parse_metrics(&body)
+}
+
+#[cfg(test)]
+mod metrics_parser_tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels_and_values() {
+        let text = "# TYPE a counter\na_total{x=\"1\",y=\"b c\"} 5\nb 2.5\n# EOF\n";
+        let s = parse_metrics(text).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(metric(&s, "a_total", &[("y", "b c")]), Some(5.0));
+        assert_eq!(metric(&s, "a_total", &[("y", "d")]), None);
+        assert_eq!(metric(&s, "b", &[]), Some(2.5));
+        assert!(parse_metrics("c{x=\"1\" 3\n").is_err());
+    }
+}

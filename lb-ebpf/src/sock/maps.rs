@@ -12,7 +12,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
     FILTER_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue,
-    SockReverse, SockSlot, SockState, filter_bit, stats,
+    SockReverse, SockSlot, SockState, SvcStats, filter_bit, stats,
 };
 
 /// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
@@ -45,6 +45,12 @@ static SVC_META: HashMap<u32, ServiceMeta> =
 
 #[map(name = "LB_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// Per-service counters, indexed by service id (the agent hands out ids
+/// below `max_entries`, sized by `--max-frontends`). Per-CPU: an add with
+/// no atomic and no shared cache line.
+#[map(name = "LB_SVC_STATS")]
+static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::pinned(DEFAULT_MAX_FRONTENDS + 1, 0);
 
 /// Non-zero: emit aya-log debug records. A read-only global the agent sets
 /// at load (`lb_common::DEBUG_LOG_GLOBAL`): the verifier knows its value, so
@@ -272,6 +278,31 @@ pub fn bump(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Which of a service's counters [`bump_service`] adds to.
+#[derive(Clone, Copy)]
+pub enum SvcCounter {
+    Connect,
+    Sendmsg,
+    Refused,
+}
+
+/// Adds one to service `svc_id`'s counter: one per-CPU array lookup. An
+/// id past the array (adopted from an installation sized larger) counts
+/// nothing.
+#[inline(always)]
+pub fn bump_service(svc_id: u32, counter: SvcCounter) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            match counter {
+                SvcCounter::Connect => (*s).connect += 1,
+                SvcCounter::Sendmsg => (*s).sendmsg += 1,
+                SvcCounter::Refused => (*s).refused += 1,
+            }
+        }
     }
 }
 

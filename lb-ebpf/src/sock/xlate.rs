@@ -23,7 +23,7 @@ use lb_common::{
     ablate, as_v4, stats, v4_mapped,
 };
 
-use crate::maps::{self, ablated, bump};
+use crate::maps::{self, SvcCounter, ablated, bump, bump_service};
 
 /// What the calling hook should return.
 pub enum Verdict {
@@ -128,6 +128,7 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     if master.count == 0 {
         bump(stats::NO_BACKEND);
+        bump_service(master.svc_id, SvcCounter::Refused);
         return Verdict::Refuse;
     }
     let mut master = master;
@@ -176,6 +177,13 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             Hook::Connect => stats::TRANSLATED,
             Hook::Sendmsg => stats::SENDMSG_TRANSLATED,
         });
+        bump_service(
+            master.svc_id,
+            match hook {
+                Hook::Connect => SvcCounter::Connect,
+                Hook::Sendmsg => SvcCounter::Sendmsg,
+            },
+        );
     }
     Verdict::Pass
 }

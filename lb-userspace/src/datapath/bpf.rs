@@ -27,7 +27,7 @@ use aya::{
 use lb_common::{
     ABLATE_GLOBAL, AffinityKey, AffinityValue, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey,
     ReverseValue, SOCK_MASK_GLOBAL, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot,
-    filter_bit, maps, stats,
+    SvcStats, filter_bit, maps, stats,
 };
 
 use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
@@ -118,6 +118,12 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         MapType::LruHash,
         size_of::<AffinityKey>(),
         size_of::<AffinityValue>(),
+    ),
+    (
+        maps::SVC_STATS,
+        MapType::PerCpuArray,
+        size_of::<u32>(),
+        size_of::<SvcStats>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
@@ -569,6 +575,9 @@ fn load_and_attach(
     // keeps its size whatever the flag says now.
     let sock_slots =
         pinned_entries(dir, maps::SOCK).unwrap_or_else(|| sizes.max_sockets.next_power_of_two());
+    // One counter slot per service id, and ids go up to the frontends the
+    // name map holds (a pinned one keeps its size); slot 0 is never used.
+    let svc_ids = pinned_entries(dir, maps::SERVICE_META).unwrap_or(sizes.max_frontends);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::SERVICES, sizes.max_services)
@@ -577,6 +586,7 @@ fn load_and_attach(
         .map_max_entries(maps::REVERSE, sizes.max_reverse)
         .map_max_entries(maps::TERMINATED, sizes.max_frontends)
         .map_max_entries(maps::AFFINITY, sizes.max_affinity)
+        .map_max_entries(maps::SVC_STATS, svc_ids.saturating_add(1))
         .map_max_entries(maps::SOCK, sock_slots)
         .map_max_entries(maps::SOCK_SPILL, sock_slots.max(MIN_SOCK_SPILL))
         .override_global(SOCK_MASK_GLOBAL, &(sock_slots - 1), true)
@@ -936,7 +946,7 @@ fn size_flag(map: &str) -> &'static str {
         maps::SERVICE_META => "max-frontends",
         maps::REVERSE => "max-reverse",
         maps::SOCK | maps::SOCK_SPILL => "max-sockets",
-        maps::TERMINATED => "max-frontends",
+        maps::TERMINATED | maps::SVC_STATS => "max-frontends",
         maps::AFFINITY => "max-affinity",
         _ => "max-services",
     }
@@ -971,6 +981,8 @@ pub struct BpfDatapath {
     affinity: Option<WithMax<AffinityKey, AffinityValue>>,
     /// Absent in pins made before the frontend filter existed.
     filter: Option<Filter>,
+    /// Per-service counters and their slots; absent in older pins.
+    svc_stats: Option<(PerCpuArray<MapData, SvcStats>, u32)>,
 }
 
 /// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
@@ -1062,7 +1074,26 @@ impl BpfDatapath {
             filter: MapData::from_pin(dir.join(maps::FILTER))
                 .ok()
                 .map(|map| Filter { map, state: None }),
+            svc_stats: open_svc_stats(dir)?,
         })
+    }
+
+    /// Service `svc_id`'s counters summed over CPUs (`None`: no slot for it).
+    pub fn service_stats(&self, svc_id: u32) -> Result<Option<SvcStats>> {
+        let Some((map, _)) = &self.svc_stats else {
+            return Ok(None);
+        };
+        match map.get(&svc_id, 0) {
+            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(SvcStats::default(), |a, s| {
+                SvcStats {
+                    connect: a.connect + s.connect,
+                    sendmsg: a.sendmsg + s.sendmsg,
+                    refused: a.refused + s.refused,
+                }
+            }))),
+            Err(MapError::OutOfBounds { .. }) => Ok(None),
+            Err(e) => Err(map_err("read", maps::SVC_STATS, e)),
+        }
     }
 
     /// Counts the frontend filter's bits from the services map and writes
@@ -1225,6 +1256,20 @@ pub fn socket_occupancy(dir: &Path) -> Result<Option<SocketOccupancy>> {
         max_slots: info.max_entries(),
         spilled,
     }))
+}
+
+/// `LB_SVC_STATS` and its slots, if the installation has it.
+fn open_svc_stats(dir: &Path) -> Result<Option<(PerCpuArray<MapData, SvcStats>, u32)>> {
+    let Ok(data) = MapData::from_pin(dir.join(maps::SVC_STATS)) else {
+        return Ok(None);
+    };
+    let slots = data
+        .info()
+        .map_err(|e| map_err("info", maps::SVC_STATS, e))?
+        .max_entries();
+    let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|e| map_err("open", maps::SVC_STATS, e))?;
+    Ok(Some((map, slots)))
 }
 
 /// A pinned map that older installations may lack, with its `max_entries`.
@@ -1449,6 +1494,36 @@ impl Datapath for BpfDatapath {
         failed
     }
 
+    fn max_svc_id(&self) -> u32 {
+        match &self.svc_stats {
+            Some((_, slots)) => slots.saturating_sub(1).max(1),
+            None => u32::MAX,
+        }
+    }
+
+    /// Zeroes the id's counter slot on every CPU and its terminated-socket
+    /// count, so a frontend that gets a reused id starts from 0.
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()> {
+        if let Some(t) = &mut self.terminated {
+            match t.remove(&svc_id) {
+                Err(e) if !not_found(&e) => return Err(map_err("delete", maps::TERMINATED, e)),
+                _ => {}
+            }
+        }
+        let Some((map, slots)) = &mut self.svc_stats else {
+            return Ok(());
+        };
+        if svc_id >= *slots {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| DatapathError::Other(format!("counting CPUs: {e}")))?;
+        let zero = PerCpuValues::try_from(vec![SvcStats::default(); cpus])
+            .map_err(|e| DatapathError::Other(format!("{}: {e}", maps::SVC_STATS)))?;
+        map.set(svc_id, zero, 0)
+            .map_err(|e| map_err("write", maps::SVC_STATS, e))
+    }
+
     fn count_map_full(&mut self, n: u64) -> Result<()> {
         let current = self
             .stats
@@ -1524,4 +1599,83 @@ mod tests {
         }
         assert!(!known_pin("cilium_lb4_services_v2"));
     }
+}
+
+/// How full one pinned map is: what `list -o json` shows under `maps` and
+/// `/metrics` exports as `lb_map_entries` and `lb_map_capacity`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    /// Entries in use: keys of a hash, held slots of an array of records,
+    /// slots inside live ranges of the backend array, ids in use of the
+    /// per-service counters.
+    pub entries: u64,
+    /// What it can hold (its `max_entries`; the ids of the counters).
+    pub capacity: u64,
+}
+
+/// Fill of every map whose entries come and go; the fixed arrays (the
+/// frontend filter, the global counters) are always full and left out.
+/// `snap` is `dp`'s snapshot. Walks the LRU and spill hashes key by key.
+pub fn map_fill(dir: &Path, dp: &BpfDatapath, snap: &Snapshot) -> Result<Vec<MapFill>> {
+    let cap = |name| pinned_entries(dir, name).map_or(0, u64::from);
+    let mut out = vec![
+        MapFill {
+            map: maps::SERVICES,
+            entries: snap.services.len() as u64,
+            capacity: cap(maps::SERVICES),
+        },
+        MapFill {
+            map: maps::BACKENDS,
+            entries: snap.services.values().map(|m| u64::from(m.count)).sum(),
+            capacity: u64::from(dp.backend_capacity),
+        },
+        MapFill {
+            map: maps::SERVICE_META,
+            entries: snap.meta.len() as u64,
+            capacity: cap(maps::SERVICE_META),
+        },
+    ];
+    if dp.terminated.is_some() {
+        out.push(MapFill {
+            map: maps::TERMINATED,
+            entries: snap.terminated.len() as u64,
+            capacity: cap(maps::TERMINATED),
+        });
+    }
+    if let Some(o) = dp.reverse_occupancy()? {
+        out.push(MapFill {
+            map: maps::REVERSE,
+            entries: o.entries,
+            capacity: u64::from(o.max_entries),
+        });
+    }
+    if let Some(o) = dp.affinity_occupancy() {
+        out.push(MapFill {
+            map: maps::AFFINITY,
+            entries: o.entries,
+            capacity: u64::from(o.max_entries),
+        });
+    }
+    if let Some(o) = socket_occupancy(dir)? {
+        out.push(MapFill {
+            map: maps::SOCK,
+            entries: o.slots,
+            capacity: u64::from(o.max_slots),
+        });
+        out.push(MapFill {
+            map: maps::SOCK_SPILL,
+            entries: o.spilled,
+            capacity: cap(maps::SOCK_SPILL),
+        });
+    }
+    if let Some((_, slots)) = &dp.svc_stats {
+        let ids: HashSet<u32> = snap.services.values().map(|m| m.svc_id).collect();
+        out.push(MapFill {
+            map: maps::SVC_STATS,
+            entries: ids.iter().filter(|&&id| id > 0 && id < *slots).count() as u64,
+            capacity: u64::from(slots.saturating_sub(1)),
+        });
+    }
+    Ok(out)
 }

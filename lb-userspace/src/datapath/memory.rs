@@ -142,6 +142,10 @@ pub struct MemoryDatapath {
     held: Vec<(u32, u32)>,
     /// Writes refused because a reader may hold the slot: always a bug.
     pub live_slot_writes: usize,
+    /// `LB_SVC_STATS` by id (the programs count; tests stand in for them).
+    pub svc_stats: BTreeMap<u32, lb_common::SvcStats>,
+    /// The highest id `LB_SVC_STATS` has a slot for.
+    pub max_svc_id: u32,
 }
 
 /// Backend slots of a test datapath without limits.
@@ -163,6 +167,8 @@ impl Default for MemoryDatapath {
             full: Vec::new(),
             held: Vec::new(),
             live_slot_writes: 0,
+            svc_stats: BTreeMap::new(),
+            max_svc_id: u32::MAX,
         }
     }
 }
@@ -345,6 +351,16 @@ impl Datapath for MemoryDatapath {
 
     fn count_map_full(&mut self, n: u64) -> Result<()> {
         self.map_full += n;
+        Ok(())
+    }
+
+    fn max_svc_id(&self) -> u32 {
+        self.max_svc_id
+    }
+
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()> {
+        self.svc_stats.remove(&svc_id);
+        self.state.terminated.remove(&svc_id);
         Ok(())
     }
 

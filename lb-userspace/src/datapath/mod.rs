@@ -34,8 +34,9 @@ pub enum DatapathError {
     /// caller (the in-memory datapath checks it; the kernel cannot).
     #[error("backend slot {slot} written while a reader may hold it")]
     LiveSlot { slot: u32 },
-    /// Every id of a kind is in use (ids are 32 bits: in practice, never).
-    #[error("no free {kind} id")]
+    /// Every id of a kind is in use (one per frontend, up to the slots of
+    /// the per-service counters, sized by `--max-frontends`).
+    #[error("no free {kind} id (raise --max-frontends)")]
     IdsExhausted { kind: &'static str },
     #[error("{0}")]
     Other(String),
@@ -74,6 +75,16 @@ pub trait Datapath {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
     fn put_meta(&mut self, svc_id: u32, meta: &ServiceMeta) -> Result<()>;
     fn delete_meta(&mut self, svc_id: u32) -> Result<()>;
+    /// The highest service id the per-service counters have a slot for:
+    /// the reconciler hands out ids `1..=max_svc_id()`.
+    fn max_svc_id(&self) -> u32 {
+        u32::MAX
+    }
+    /// Zeroes the per-service counters of `svc_id` (about to be given to a
+    /// new frontend), so it does not inherit a removed service's counts.
+    fn reset_svc_stats(&mut self, _svc_id: u32) -> Result<()> {
+        Ok(())
+    }
     /// Records writes refused because a map was full, where `list` shows them.
     fn count_map_full(&mut self, n: u64) -> Result<()>;
     /// Deletes every session affinity entry whose service id is not in

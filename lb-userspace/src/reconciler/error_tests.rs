@@ -322,7 +322,7 @@ fn exhausted_ids_fail_cleanly_until_one_is_freed() {
 
 #[test]
 fn id_allocator_probes_once_in_the_common_case() {
-    let mut a = IdAllocator::after(u32::MAX - 1);
+    let mut a = IdAllocator::after_up_to(u32::MAX - 1, u32::MAX);
     let probes = std::cell::Cell::new(0);
     let taken = |id: u32| {
         probes.set(probes.get() + 1);
@@ -454,4 +454,42 @@ fn a_failure_inside_a_batch_fails_that_frontend_only() {
         assert_eq!(backends_of(&r.datapath().state, &fe(2)).len(), 2);
         assert_consistent(&r);
     }
+}
+
+/// Ids stay within the per-service counter array (`max_svc_id`), and a
+/// reused id's counters start at 0: a new service never inherits a removed
+/// one's translations or terminated sockets.
+#[test]
+fn a_reused_id_starts_with_zeroed_counters() {
+    let mut dp = MemoryDatapath::default();
+    dp.max_svc_id = 2;
+    let mut r = Reconciler::adopt(dp).unwrap();
+    let mut entries = vec![(fe(1), "a", vec![be(1, 80)]), (fe(2), "b", vec![be(2, 80)])];
+    assert!(r.apply(&desired(&entries), Prune::Yes).errors.is_empty());
+    let b_id = r.installed()[&fe(2)].svc_id;
+    assert!(b_id <= 2);
+    let counts = lb_common::SvcStats {
+        connect: 7,
+        sendmsg: 1,
+        refused: 2,
+    };
+    r.datapath_mut().svc_stats.insert(b_id, counts);
+    r.datapath_mut().state.terminated.insert(b_id, 3);
+    // A third service does not fit in two ids.
+    entries.push((fe(3), "c", vec![be(3, 80)]));
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    // b goes; c gets its id, with nothing of b's counts.
+    entries.remove(1);
+    let report = r.apply(&desired(&entries), Prune::Yes);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(r.installed()[&fe(3)].svc_id, b_id);
+    assert!(!r.datapath().svc_stats.contains_key(&b_id));
+    assert!(!r.datapath().state.terminated.contains_key(&b_id));
+    // An id kept by its frontend keeps its counts.
+    let a_id = r.installed()[&fe(1)].svc_id;
+    r.datapath_mut().svc_stats.insert(a_id, counts);
+    assert!(r.apply(&desired(&entries), Prune::Yes).errors.is_empty());
+    assert_eq!(r.datapath().svc_stats.get(&a_id), Some(&counts));
+    assert_consistent(&r);
 }

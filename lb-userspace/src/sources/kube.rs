@@ -32,6 +32,7 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    metrics::{self, Metrics},
     model::{
         Index, IndexNamespaced, Named, ServiceInfo, SliceInfo,
         index::Key,
@@ -195,6 +196,8 @@ pub struct Signals {
     input: Arc<Input>,
     services_synced: AtomicBool,
     slices_synced: AtomicBool,
+    /// Watch restarts and relists are counted here, if set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Signals {
@@ -203,7 +206,27 @@ impl Signals {
             input,
             services_synced: AtomicBool::new(false),
             slices_synced: AtomicBool::new(false),
+            metrics: None,
         })
+    }
+
+    /// The same, counting watch restarts and relists in `metrics`.
+    pub fn with_metrics(self: Arc<Self>, metrics: Arc<Metrics>) -> Arc<Self> {
+        metrics.watching(metrics::SERVICES);
+        metrics.watching(metrics::ENDPOINT_SLICES);
+        Arc::new(Self {
+            input: self.input.clone(),
+            services_synced: AtomicBool::new(self.synced(Kind::Services)),
+            slices_synced: AtomicBool::new(self.synced(Kind::EndpointSlices)),
+            metrics: Some(metrics),
+        })
+    }
+
+    fn resource(kind: Kind) -> &'static str {
+        match kind {
+            Kind::Services => metrics::SERVICES,
+            Kind::EndpointSlices => metrics::ENDPOINT_SLICES,
+        }
     }
 
     pub fn input(&self) -> &Arc<Input> {
@@ -292,6 +315,9 @@ where
                 });
                 if self.signals.synced_flag(kind).swap(true, Ordering::SeqCst) {
                     info!(%kind, vanished = gone.len(), "relisted");
+                    if let Some(m) = &self.signals.metrics {
+                        m.relisted(Signals::resource(kind));
+                    }
                 } else {
                     info!(%kind, "initial list complete");
                 }
@@ -311,7 +337,12 @@ where
                 });
             }
             // The backoff delays the retry; the index keeps its last state.
-            Err(e) => warn!(%kind, error = %e, "watch failed; retrying"),
+            Err(e) => {
+                warn!(%kind, error = %e, "watch failed; retrying");
+                if let Some(m) = &self.signals.metrics {
+                    m.watch_restarted(Signals::resource(kind));
+                }
+            }
         }
     }
 }

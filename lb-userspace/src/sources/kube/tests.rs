@@ -709,3 +709,62 @@ async fn sync_cost_of_one_change_among_many_services() {
         );
     }
 }
+
+/// The control-plane metrics follow the watches and the syncs: a relist
+/// and a watch failure are counted per resource, an EndpointSlice event
+/// that reaches the maps is one programming-latency sample, and the
+/// frontends are counted as programmed.
+#[tokio::test]
+async fn metrics_count_relists_restarts_and_programming() {
+    let metrics = Arc::new(Metrics::new());
+    let syncer = Syncer::new(Reconciler::adopt(MemoryDatapath::default()).unwrap());
+    let input = Input::new(Index::new(TranslateOptions::default()));
+    let signals = Signals::new(input.clone()).with_metrics(metrics.clone());
+    let mut services: Pump<SlimService> = Pump::new(signals.clone());
+    let mut slices: Pump<SlimSlice> = Pump::new(signals.clone());
+    let mut d = Driver::new(syncer, input, Coalesce::default());
+    d.set_metrics(metrics.clone());
+    let health = crate::health::Health::new(Duration::from_secs(60));
+    let has = |line: &str| {
+        let text = metrics.render();
+        text.lines().any(|l| l == line)
+    };
+    assert!(has("lb_relists_total{resource=\"services\"} 0"));
+    list(
+        &mut services,
+        &signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1")],
+    );
+    list(&mut slices, &signals, Kind::EndpointSlices, vec![]);
+    let wake = tokio::time::timeout(Duration::from_secs(5), d.wait())
+        .await
+        .expect("a wake-up");
+    d.iterate(wake, &health);
+    assert!(has("lb_relists_total{resource=\"services\"} 0"));
+    assert!(has("lb_frontends{state=\"programmed\"} 1"));
+    assert!(has("lb_sync_duration_seconds_count 1"));
+    // The initial list is one change, programmed by one sync: one sample.
+    assert!(has("lb_network_programming_duration_seconds_count 1"));
+    feed(
+        &mut slices,
+        &signals,
+        Kind::EndpointSlices,
+        Event::Apply(slice("a-1", "a", &["10.244.1.1"])),
+    );
+    step(&mut d).await;
+    assert!(has("lb_network_programming_duration_seconds_count 2"));
+    services.handle(Err(watcher::Error::NoResourceVersion));
+    assert!(has("lb_watch_restarts_total{resource=\"services\"} 1"));
+    assert!(has(
+        "lb_watch_restarts_total{resource=\"endpointslices\"} 0"
+    ));
+    list(
+        &mut services,
+        &signals,
+        Kind::Services,
+        vec![svc("a", "10.96.0.1")],
+    );
+    assert!(has("lb_relists_total{resource=\"services\"} 1"));
+    assert!(has("lb_relists_total{resource=\"endpointslices\"} 0"));
+}
