@@ -632,3 +632,75 @@ spec:
         assert_eq!(map_of(&tcp["peers"]), [(http, 60)], "{tcp}");
     }
 }
+
+/// Issue 13: a dual-stack NodePort Service reached through an IPv4 and an
+/// IPv6 node address (`--node-ip`, addresses no namespace owns): each
+/// family's node address balances over that family's endpoints, and
+/// getpeername() and unconnected replies show the node address and port.
+#[test]
+fn a_dual_stack_node_port_on_ipv4_and_ipv6_node_addresses() {
+    const NODE4: &str = "10.250.0.1";
+    const NODE6: &str = "fd00:250::1";
+    let mut lab = Lab::new(&bins(), PODS, HTTP).expect("lab");
+    lab.agent.extra_args = vec!["--node-ip".into(), format!("{NODE4},{NODE6}")];
+    let svc = service("dual", &[DUAL4.into(), DUAL6.into()])
+        .replace("  ports:\n", "  type: NodePort\n  ports:\n")
+        .replace(
+            &format!("      targetPort: {HTTP}\n    - name: echo"),
+            &format!("      targetPort: {HTTP}\n      nodePort: 30080\n    - name: echo"),
+        );
+    let svc = format!("{svc}      nodePort: 30053\n");
+    let manifest = [
+        svc,
+        slice("dual-v4", "dual", &v4(&[11, 12])),
+        slice("dual-v6", "dual", &v6(&[12, 13])),
+    ]
+    .concat();
+    lab.write_manifest("services.yaml", &manifest)
+        .expect("manifest");
+    lab.agent.start().expect("agent start");
+    let doc = lab
+        .agent
+        .wait_for("node ports programmed", SYNC, |d| {
+            endpoints(d, "default", "dual", 30080).len() == 4
+                && endpoints(d, "default", "dual", 30053).len() == 4
+        })
+        .expect("sync");
+    let mut node_frontends: Vec<String> = find_service(&doc, "default", "dual").unwrap()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some(format!("{} {}", p["nodeIp"].as_str()?, p["port"])))
+        .collect();
+    node_frontends.sort();
+    assert_eq!(
+        node_frontends,
+        [
+            "10.250.0.1 30053",
+            "10.250.0.1 30080",
+            "fd00:250::1 30053",
+            "fd00:250::1 30080"
+        ]
+    );
+
+    let http4 = format!("{NODE4}:30080");
+    let tcp4 = client(&lab, &http4, &["--count", "60"]);
+    all_ok(&tcp4, 60);
+    assert_eq!(names(&tcp4["backends"]), set(&["pod-1", "pod-2"]), "{tcp4}");
+    assert_eq!(map_of(&tcp4["peers"]), [(http4, 60)], "{tcp4}");
+
+    let http6 = format!("[{NODE6}]:30080");
+    let tcp6 = client(&lab, &http6, &["--count", "60"]);
+    all_ok(&tcp6, 60);
+    assert_eq!(names(&tcp6["backends"]), set(&["pod-2", "pod-3"]), "{tcp6}");
+    assert_eq!(map_of(&tcp6["peers"]), [(http6, 60)], "{tcp6}");
+
+    let echo6 = format!("[{NODE6}]:30053");
+    let udp6 = client(
+        &lab,
+        &echo6,
+        &["--udp-unconnected", "--sockets", "1", "--count", "20"],
+    );
+    all_ok(&udp6, 20);
+    assert_eq!(map_of(&udp6["sources"]), [(echo6, 20)], "{udp6}");
+}
