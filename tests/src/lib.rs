@@ -533,18 +533,7 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.current_log();
-            if let Some(addr) = log
-                .lines()
-                .filter(|l| l.contains("health endpoints listening"))
-                .find_map(|l| {
-                    l.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse()
-                        .ok()
-                })
-            {
+            if let Some(addr) = health_addr_in(&log) {
                 return Ok(addr);
             }
             if !self.is_running() || Instant::now() > deadline {
@@ -636,6 +625,44 @@ pub fn endpoints(doc: &serde_json::Value, namespace: &str, name: &str, port: u16
         .collect();
     eps.sort();
     eps
+}
+
+/// Where an agent's log says it serves `/healthz` and `/readyz`.
+pub fn health_addr_in(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("health endpoints listening"))
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+/// Pods `web-<name>` of the lab's pods, labelled `app: web`, each
+/// declaring TCP port 80 (named `web`) and UDP port 80: what the lab's
+/// servers answer on.
+pub fn web_pods(pods: &[(&str, u8)]) -> String {
+    pods.iter()
+        .map(|(name, octet)| {
+            pod_manifest(
+                &format!("web-{name}"),
+                "default",
+                &[("app", "web")],
+                "    - name: server
+      ports:
+        - name: web
+          containerPort: 80
+        - containerPort: 80
+          protocol: UDP
+",
+                pod_ip(*octet),
+                true,
+            )
+        })
+        .collect()
 }
 
 /// The textbook `back-end` Service and its Pods, with status.podIP added

@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    Bins, Lab, back_end_manifest, endpoints, pod_manifest, run, service_ip, wait_client,
-};
+use lb_tests::{Bins, Lab, back_end_manifest, endpoints, run, service_ip, wait_client};
 
 const SYNC: Duration = Duration::from_secs(10);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -318,24 +316,7 @@ spec:
 ";
 
 fn web_pods() -> String {
-    PODS.iter()
-        .map(|(name, octet)| {
-            pod_manifest(
-                &format!("web-{name}"),
-                "default",
-                &[("app", "web")],
-                "    - name: server
-      ports:
-        - name: web
-          containerPort: 80
-        - containerPort: 80
-          protocol: UDP
-",
-                pod_ip(*octet),
-                true,
-            )
-        })
-        .collect()
+    lb_tests::web_pods(PODS)
 }
 
 #[test]

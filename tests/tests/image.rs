@@ -92,19 +92,7 @@ fn image_agent_balances_from_a_container_and_its_pins_outlive_it() {
     agent
         .wait_log("synced manifests", SYNC)
         .expect("agent synced");
-    let addr = agent
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("health endpoints listening"))
-        .find_map(|l| {
-            l.split("addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("health address in the log");
+    let addr = lb_tests::health_addr_in(&agent.log_text()).expect("health address in the log");
     assert_eq!(http_status(addr, "/readyz").expect("readyz"), 200);
 
     // `list` from the image too, with the same capabilities.

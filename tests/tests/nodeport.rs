@@ -5,7 +5,7 @@
 //! `cargo xtask test` with `--test-threads=1`.
 use std::time::Duration;
 
-use lb_tests::{Bins, Lab, endpoints, find_service, pod_ip, pod_manifest};
+use lb_tests::{Bins, Lab, endpoints, find_service};
 
 const SYNC: Duration = Duration::from_secs(10);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -23,24 +23,7 @@ fn web(node_port: bool) -> String {
     } else {
         ("ClusterIP", "")
     };
-    let pods: String = PODS
-        .iter()
-        .map(|(name, octet)| {
-            pod_manifest(
-                &format!("web-{name}"),
-                "default",
-                &[("app", "web")],
-                "    - name: server
-      ports:
-        - containerPort: 80
-        - containerPort: 80
-          protocol: UDP
-",
-                pod_ip(*octet),
-                true,
-            )
-        })
-        .collect();
+    let pods = lb_tests::web_pods(PODS);
     format!(
         "apiVersion: v1
 kind: Service
