@@ -21,6 +21,10 @@ pub const MANIFESTS: &str = "/etc/lb/manifests";
 /// - runc: crun 1.8 (Debian 12's, podman's default) refuses to start any
 ///   container on a hybrid cgroup v1/v2 host whose v2 hierarchy lists a
 ///   controller ("cgroups in hybrid mode not supported"); runc does not.
+/// - `--cgroup-parent`: podman (cgroupfs manager) otherwise leaves an
+///   empty `libpod_parent` (and its `conmon` child) in every cgroup
+///   hierarchy after its containers are gone; under a parent of the
+///   suite's own they are removed by [`remove_cgroup_parent`].
 /// - Resource limits no higher than this process has: podman's default
 ///   (1048576 open files and processes for root) needs CAP_SYS_RESOURCE,
 ///   which root lacks on some VMs (this project's among them), and
@@ -46,9 +50,40 @@ pub fn podman_run_flags() -> Vec<String> {
     let nproc = hard(libc::RLIMIT_NPROC).min(pid_max);
     vec![
         "--runtime=runc".into(),
+        format!("--cgroup-parent=/{CGROUP_PARENT}"),
         format!("--ulimit=nofile={nofile}:{nofile}"),
         format!("--ulimit=nproc={nproc}:{nproc}"),
     ]
+}
+
+/// The cgroup, in every hierarchy, that podman puts the suite's
+/// containers (and their conmon) under.
+const CGROUP_PARENT: &str = "lbt-podman";
+
+/// Removes [`CGROUP_PARENT`] from every cgroup hierarchy, children first.
+/// Only empty cgroups go (rmdir): while a container of the suite still
+/// runs, its cgroups stay, and the last one's removal takes them.
+pub fn remove_cgroup_parent() {
+    fn remove_tree(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some(_), Some(dir), Some("cgroup" | "cgroup2")) = (f.next(), f.next(), f.next()) {
+            remove_tree(&Path::new(dir).join(CGROUP_PARENT));
+        }
+    }
 }
 
 /// Why podman cannot run containers here, if it cannot (the only reason
@@ -275,13 +310,15 @@ pub fn run_once(
     extra: &[&str],
     args: &[&str],
 ) -> anyhow::Result<String> {
-    run(Command::new("podman")
+    let out = run(Command::new("podman")
         .args(["run", "--rm"])
         .args(podman_run_flags())
         .args(&spec.flags)
         .args(extra)
         .arg(&image.tag)
-        .args(args))
+        .args(args));
+    remove_cgroup_parent();
+    out
 }
 
 /// A long-running agent container (`podman run --rm --name …`, attached,
@@ -363,6 +400,7 @@ impl Drop for Container {
             let _ = c.kill();
             let _ = c.wait();
         }
+        remove_cgroup_parent();
     }
 }
 
@@ -384,4 +422,5 @@ pub fn cleanup_leftovers() {
             let _ = run(Command::new("podman").args(["untag", tag, tag]));
         }
     }
+    remove_cgroup_parent();
 }

@@ -79,7 +79,9 @@ pub fn build() -> anyhow::Result<()> {
             .args(["run", "--rm", "--network=none"])
             .args(lb_tests::image::podman_run_flags())
             .args([&tag, "--version"]),
-    )?;
+    );
+    lb_tests::image::remove_cgroup_parent();
+    let version = version?;
     if version.trim() != format!("lb-agent {}", meta.version) {
         bail!("{tag} --version printed {version:?}");
     }
