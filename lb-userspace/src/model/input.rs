@@ -6,7 +6,10 @@
 //! Values a rule may report on stay raw (a bad ClusterIP is reported as
 //! written); endpoint addresses and conditions are resolved here, since
 //! there are many of them and the rules for them need nothing else.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use smol_str::SmolStr;
 
@@ -82,6 +85,11 @@ pub struct SliceInfo {
     /// Ports with a supported protocol (others never match a service port).
     pub ports: Vec<SlicePortInfo>,
     pub endpoints: Vec<EndpointInfo>,
+    /// The node names of its endpoints, each once (an endpoint refers to
+    /// its node by place): a slice's endpoints sit on a few nodes, and a
+    /// name per endpoint would be a million allocations at 100,000
+    /// services.
+    pub nodes: Box<[Box<str>]>,
 }
 
 /// The address family of an IP slice (`addressType`).
@@ -112,16 +120,27 @@ pub struct SlicePortInfo {
 /// One endpoint: its first address (kube-proxy uses no other), node, hints
 /// and the three conditions resolved (nil ready/serving count as true, nil
 /// terminating as false). There are ten or more per service, so it is kept
-/// at 56 bytes: boxed text, and the rarely set hints behind one pointer.
+/// at 32 bytes: the node is a place in its slice's [`SliceInfo::nodes`],
+/// and what is rarely set (hints, an invalid address's text) sits behind
+/// one pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: Address,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<Box<str>>,
-    /// `None` when it has no hint at all.
-    pub hints: Option<Box<Hints>>,
+    /// 1 + its node's place in [`SliceInfo::nodes`]; 0: no `nodeName`.
+    node: u32,
+    /// `None` when it has no hint and a valid (or missing) address.
+    extra: Option<Box<Extra>>,
+}
+
+/// What few endpoints have.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Extra {
+    hints: Hints,
+    /// An [`Address::Invalid`]'s text, for the diagnostic.
+    invalid: Option<Box<str>>,
 }
 
 /// An endpoint's topology hints (`hints.forNodes`, `hints.forZones`).
@@ -132,13 +151,14 @@ pub struct Hints {
 }
 
 /// An endpoint's first address, checked against the slice's family.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Address {
     Ip(IpAddr),
     Missing,
     /// Not an address of the slice's family (or v4-mapped, which would
-    /// alias an IPv4 backend in the maps); the raw text, for the diagnostic.
-    Invalid(Box<str>),
+    /// alias an IPv4 backend in the maps); its text is
+    /// [`EndpointInfo::invalid_text`].
+    Invalid,
 }
 
 /// Objects without a namespace are taken as `default`, as kubectl would.
@@ -301,14 +321,12 @@ impl From<&EndpointSlice> for SliceInfo {
                 .iter()
                 .filter_map(|p| SlicePortInfo::new(p.name.clone(), p.protocol.as_deref(), p.port)),
         );
-        let endpoints = match family {
-            Some(family) => slice
-                .endpoints
-                .iter()
-                .map(|ep| EndpointInfo::from_endpoint(ep, family))
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut endpoints = Endpoints::with_capacity(family.map_or(0, |_| slice.endpoints.len()));
+        if let Some(family) = family {
+            for ep in &slice.endpoints {
+                endpoints.push_endpoint(ep, family);
+            }
+        }
         Self::from_parts(&slice.metadata, family, ports, endpoints)
     }
 }
@@ -321,8 +339,9 @@ impl SliceInfo {
         meta: &ObjectMeta,
         family: Option<Family>,
         ports: Vec<SlicePortInfo>,
-        endpoints: Vec<EndpointInfo>,
+        endpoints: Endpoints,
     ) -> Self {
+        let (endpoints, nodes) = endpoints.into_parts();
         Self {
             namespace: namespace_of(meta),
             name: SmolStr::new(meta.name.as_deref().unwrap_or_default()),
@@ -333,7 +352,135 @@ impl SliceInfo {
             family,
             ports,
             endpoints,
+            nodes,
         }
+    }
+
+    /// The endpoint's `nodeName` (`ep` is one of this slice's endpoints).
+    pub fn node_of(&self, ep: &EndpointInfo) -> Option<&str> {
+        let place = usize::try_from(ep.node.checked_sub(1)?).ok()?;
+        self.nodes.get(place).map(|n| &**n)
+    }
+}
+
+/// A slice's endpoints as they are read, with their node names kept once.
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    endpoints: Vec<EndpointInfo>,
+    nodes: Vec<Box<str>>,
+    /// Node name → place, once the table outgrows a scan.
+    places: HashMap<Box<str>, u32>,
+}
+
+impl Endpoints {
+    /// Room for `n` endpoints and no more: the index keeps every slice.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            endpoints: Vec::with_capacity(n),
+            ..Self::default()
+        }
+    }
+
+    /// The endpoints and the node table they refer to.
+    pub fn into_parts(self) -> (Vec<EndpointInfo>, Box<[Box<str>]>) {
+        (self.endpoints, self.nodes.into_boxed_slice())
+    }
+
+    fn push_endpoint(&mut self, ep: &Endpoint, family: Family) {
+        let cond = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        self.push(
+            ep.addresses.first().map(String::as_str),
+            family,
+            [
+                cond.and_then(|c| c.ready),
+                cond.and_then(|c| c.serving),
+                cond.and_then(|c| c.terminating),
+            ],
+            ep.node_name.as_deref(),
+            hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|n| n.name.clone())
+                .collect(),
+            hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or(&[])
+                .iter()
+                .map(|z| z.name.clone())
+                .collect(),
+        );
+    }
+
+    /// Adds an endpoint: its first address checked against the slice's
+    /// family, and the conditions `[ready, serving, terminating]` as
+    /// written (nil ready/serving count as true, nil terminating as false).
+    pub fn push(
+        &mut self,
+        first_address: Option<&str>,
+        family: Family,
+        [ready, serving, terminating]: [Option<bool>; 3],
+        node_name: Option<&str>,
+        for_nodes: Vec<String>,
+        for_zones: Vec<String>,
+    ) {
+        let mut invalid = None;
+        let address = match first_address {
+            None => Address::Missing,
+            Some(raw) => match (family, raw.parse::<IpAddr>()) {
+                (Family::V4, Ok(ip @ IpAddr::V4(_))) => Address::Ip(ip),
+                (Family::V6, Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
+                    Address::Ip(IpAddr::V6(v6))
+                }
+                _ => {
+                    invalid = Some(raw.into());
+                    Address::Invalid
+                }
+            },
+        };
+        let hints = Hints {
+            for_nodes,
+            for_zones,
+        };
+        let extra = (invalid.is_some() || hints != Hints::default())
+            .then(|| Box::new(Extra { hints, invalid }));
+        let node = node_name.map_or(0, |name| self.node_place(name));
+        self.endpoints.push(EndpointInfo {
+            address,
+            ready: ready != Some(false),
+            serving: serving != Some(false),
+            terminating: terminating == Some(true),
+            node,
+            extra,
+        });
+    }
+
+    /// 1 + the node's place in the table, added if new. A slice's
+    /// endpoints usually sit on a few nodes, where a scan is cheapest; a
+    /// map takes over past `SCAN` names (a slice on thousands of nodes).
+    fn node_place(&mut self, name: &str) -> u32 {
+        const SCAN: usize = 16;
+        let found = if self.nodes.len() <= SCAN {
+            self.nodes.iter().position(|n| **n == *name)
+        } else {
+            if self.places.is_empty() {
+                self.places = (0..)
+                    .zip(&self.nodes)
+                    .map(|(place, n)| (n.clone(), place))
+                    .collect();
+            }
+            self.places.get(name).map(|p| *p as usize)
+        };
+        let place = found.unwrap_or_else(|| {
+            self.nodes.push(name.into());
+            let place = self.nodes.len() - 1;
+            if !self.places.is_empty() {
+                self.places.insert(name.into(), place as u32);
+            }
+            place
+        });
+        u32::try_from(place + 1).unwrap_or(u32::MAX)
     }
 }
 
@@ -361,78 +508,21 @@ impl SlicePortInfo {
 }
 
 impl EndpointInfo {
-    fn from_endpoint(ep: &Endpoint, family: Family) -> Self {
-        let cond = ep.conditions.as_ref();
-        let hints = ep.hints.as_ref();
-        Self::new(
-            ep.addresses.first().map(String::as_str),
-            family,
-            [
-                cond.and_then(|c| c.ready),
-                cond.and_then(|c| c.serving),
-                cond.and_then(|c| c.terminating),
-            ],
-            ep.node_name.clone(),
-            hints
-                .and_then(|h| h.for_nodes.as_deref())
-                .unwrap_or(&[])
-                .iter()
-                .map(|n| n.name.clone())
-                .collect(),
-            hints
-                .and_then(|h| h.for_zones.as_deref())
-                .unwrap_or(&[])
-                .iter()
-                .map(|z| z.name.clone())
-                .collect(),
-        )
-    }
-
-    /// Resolves an endpoint: its first address checked against the
-    /// slice's family, and the conditions `[ready, serving, terminating]`
-    /// as written (nil ready/serving count as true, nil terminating as
-    /// false).
-    pub fn new(
-        first_address: Option<&str>,
-        family: Family,
-        [ready, serving, terminating]: [Option<bool>; 3],
-        node_name: Option<String>,
-        for_nodes: Vec<String>,
-        for_zones: Vec<String>,
-    ) -> Self {
-        let address = match first_address {
-            None => Address::Missing,
-            Some(raw) => match (family, raw.parse::<IpAddr>()) {
-                (Family::V4, Ok(ip @ IpAddr::V4(_))) => Address::Ip(ip),
-                (Family::V6, Ok(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
-                    Address::Ip(IpAddr::V6(v6))
-                }
-                _ => Address::Invalid(raw.into()),
-            },
-        };
-        let hints = (!for_nodes.is_empty() || !for_zones.is_empty()).then(|| {
-            Box::new(Hints {
-                for_nodes,
-                for_zones,
-            })
-        });
-        Self {
-            address,
-            ready: ready != Some(false),
-            serving: serving != Some(false),
-            terminating: terminating == Some(true),
-            node_name: node_name.map(String::into_boxed_str),
-            hints,
-        }
+    /// An [`Address::Invalid`]'s text as written.
+    pub fn invalid_text(&self) -> &str {
+        self.extra
+            .as_deref()
+            .and_then(|e| e.invalid.as_deref())
+            .unwrap_or_default()
     }
 
     /// `hints.forNodes` (empty without hints).
     pub fn for_nodes(&self) -> &[String] {
-        self.hints.as_deref().map_or(&[], |h| &h.for_nodes)
+        self.extra.as_deref().map_or(&[], |e| &e.hints.for_nodes)
     }
 
     /// `hints.forZones` (empty without hints).
     pub fn for_zones(&self) -> &[String] {
-        self.hints.as_deref().map_or(&[], |h| &h.for_zones)
+        self.extra.as_deref().map_or(&[], |e| &e.hints.for_zones)
     }
 }

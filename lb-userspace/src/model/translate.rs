@@ -144,6 +144,7 @@ struct PortSpec<'a> {
 struct ParsedEndpoint<'a> {
     ip: IpAddr,
     ep: &'a EndpointInfo,
+    node: Option<&'a str>,
 }
 
 /// One usable (IPv4 or IPv6) slice with its usable endpoints.
@@ -508,15 +509,22 @@ fn parse_endpoints<'a>(
             )
         };
         match &ep.address {
-            Address::Ip(ip) => out.push(ParsedEndpoint { ip: *ip, ep }),
+            Address::Ip(ip) => out.push(ParsedEndpoint {
+                ip: *ip,
+                ep,
+                node: slice.node_of(ep),
+            }),
             // kube-proxy uses only the first address.
             Address::Missing => diags.push(edig(
                 format!("endpoints[{i}].addresses"),
                 "no address; endpoint skipped".to_owned(),
             )),
-            Address::Invalid(raw) => diags.push(edig(
+            Address::Invalid => diags.push(edig(
                 format!("endpoints[{i}].addresses[0]"),
-                format!("{raw:?} is not an {family} address; endpoint skipped"),
+                format!(
+                    "{:?} is not an {family} address; endpoint skipped",
+                    ep.invalid_text()
+                ),
             )),
         }
     }
@@ -564,23 +572,24 @@ fn choose_backends(
     local_only: bool,
     opts: &TranslateOptions,
 ) -> Vec<SocketAddr> {
-    let pick = |f: &dyn Fn(&EndpointInfo) -> bool| -> Vec<SocketAddr> {
+    let pick_where = |f: &dyn Fn(&ParsedEndpoint<'_>) -> bool| -> Vec<SocketAddr> {
         endpoints
             .iter()
-            .filter(|(_, e)| f(e.ep))
+            .filter(|(_, e)| f(e))
             .map(|(a, _)| *a)
             .collect()
     };
+    let pick = |f: &dyn Fn(&EndpointInfo) -> bool| pick_where(&|e| f(e.ep));
     let fallback = |e: &EndpointInfo| e.serving && e.terminating;
 
     if local_only {
         let node = opts.node_name.as_deref();
-        let is_local = |e: &EndpointInfo| node.is_some() && e.node_name.as_deref() == node;
-        let ready = pick(&|e| e.ready && is_local(e));
+        let is_local = |e: &ParsedEndpoint<'_>| node.is_some() && e.node == node;
+        let ready = pick_where(&|e| e.ep.ready && is_local(e));
         if !ready.is_empty() {
             return ready;
         }
-        return pick(&|e| fallback(e) && is_local(e));
+        return pick_where(&|e| fallback(e.ep) && is_local(e));
     }
 
     let ready = match topology_filter(endpoints, opts) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::model::{
     Proto, frontend,
-    input::{Address, EndpointInfo, Family, SlicePortInfo},
+    input::{EndpointInfo, Endpoints, Family, SlicePortInfo},
     translate,
 };
 
@@ -163,8 +163,8 @@ fn an_affinity_change_alone_is_a_change_of_what_is_served() {
 
 /// Endpoints are most of what the index holds: ten or more per service.
 #[test]
-fn an_endpoint_is_kept_in_56_bytes() {
-    assert!(std::mem::size_of::<EndpointInfo>() <= 56);
+fn an_endpoint_is_kept_in_32_bytes() {
+    assert!(std::mem::size_of::<EndpointInfo>() <= 32);
     let sl = slice(
         "default",
         "a-1",
@@ -176,7 +176,36 @@ fn an_endpoint_is_kept_in_56_bytes() {
     let info = SliceInfo::from(&sl);
     assert_eq!(info.endpoints[0].for_zones(), ["z1"]);
     assert!(info.endpoints[0].for_nodes().is_empty());
-    assert_eq!(info.endpoints[1].hints, None);
+    assert!(info.endpoints[1].for_zones().is_empty());
+    assert_eq!(info.node_of(&info.endpoints[0]), Some("n1"));
+    assert_eq!(info.node_of(&info.endpoints[1]), None);
+}
+
+#[test]
+fn a_slice_keeps_each_node_name_once() {
+    // Three endpoints on two nodes; then forty on forty nodes (past the
+    // scan, through the map), with repeats.
+    let few = slice(
+        "default",
+        "a-1",
+        Some("a"),
+        json!([{"addresses": ["10.244.1.1"], "nodeName": "n1"},
+               {"addresses": ["10.244.1.2"], "nodeName": "n2"},
+               {"addresses": ["10.244.1.3"], "nodeName": "n1"}]),
+    );
+    let info = SliceInfo::from(&few);
+    assert_eq!(&*info.nodes, [Box::from("n1"), Box::from("n2")]);
+    let nodes: Vec<_> = info.endpoints.iter().map(|e| info.node_of(e)).collect();
+    assert_eq!(nodes, [Some("n1"), Some("n2"), Some("n1")]);
+
+    let eps: Vec<_> = (0..80)
+        .map(|i| json!({"addresses": [format!("10.244.2.{i}")], "nodeName": format!("n{}", i % 40)}))
+        .collect();
+    let many = SliceInfo::from(&slice("default", "a-2", Some("a"), json!(eps)));
+    assert_eq!(many.nodes.len(), 40);
+    for (i, ep) in many.endpoints.iter().enumerate() {
+        assert_eq!(many.node_of(ep), Some(format!("n{}", i % 40).as_str()));
+    }
 }
 
 #[test]
@@ -254,16 +283,12 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
     let s = svc("default", "big", "10.0.0.1", json!([{"port": 80}]), None);
     index.apply_service(ServiceInfo::from(&s));
     let n = u32::from(MAX_SLOTS) + 10;
-    let endpoints = (0..n)
-        .map(|i| EndpointInfo {
-            address: Address::Ip(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()),
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-            hints: None,
-        })
-        .collect();
+    let mut endpoints = Endpoints::default();
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+        endpoints.push(Some(&ip), Family::V4, [None; 3], None, vec![], vec![]);
+    }
+    let endpoints = endpoints.into_parts();
     index.apply_slice(SliceInfo {
         namespace: "default".into(),
         name: "big-1".into(),
@@ -275,7 +300,8 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
             proto: Proto::Tcp,
             port: Some(8080),
         }],
-        endpoints,
+        endpoints: endpoints.0,
+        nodes: endpoints.1,
     });
     let out = index.checkout();
     let want = out.changes[&fe("10.0.0.1", 80)].as_ref().unwrap();

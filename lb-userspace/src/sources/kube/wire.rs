@@ -20,7 +20,7 @@ use serde::{
 
 use crate::model::{
     SOURCE_ANNOTATION, ServiceInfo, SliceInfo,
-    input::{EndpointInfo, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo},
+    input::{Endpoints, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo},
     labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
 };
 
@@ -320,13 +320,14 @@ impl From<WireSlice> for SlimSlice {
         let ports = kept(w.ports.unwrap_or_default(), |p| {
             SlicePortInfo::new(p.name, p.protocol.as_deref(), p.port)
         });
-        let endpoints = match family {
-            Some(family) => kept(w.endpoints.unwrap_or_default(), |ep| {
+        let decoded = w.endpoints.unwrap_or_default();
+        let mut endpoints = Endpoints::with_capacity(family.map_or(0, |_| decoded.len()));
+        if let Some(family) = family {
+            for ep in decoded {
                 let c = ep.conditions;
-                let hints = ep.hints;
                 let (for_nodes, for_zones) =
-                    hints.map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
-                Some(EndpointInfo::new(
+                    ep.hints.map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
+                endpoints.push(
                     ep.addresses.and_then(|a| a.0).as_deref(),
                     family,
                     [
@@ -334,13 +335,12 @@ impl From<WireSlice> for SlimSlice {
                         c.as_ref().and_then(|c| c.serving),
                         c.as_ref().and_then(|c| c.terminating),
                     ],
-                    ep.node_name,
+                    ep.node_name.as_deref(),
                     names(for_nodes),
                     names(for_zones),
-                ))
-            }),
-            None => Vec::new(),
-        };
+                );
+            }
+        }
         let info = SliceInfo::from_parts(&metadata, family, ports, endpoints);
         Self { metadata, info }
     }

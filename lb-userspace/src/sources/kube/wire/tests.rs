@@ -231,7 +231,7 @@ fn a_list_page_decodes_from_bytes() {
     assert_eq!((info.namespace.as_str(), info.name.as_str()), ("ns", "a-1"));
     assert_eq!(info.service.as_deref(), Some("a"));
     assert_eq!(info.endpoints.len(), 1);
-    assert_eq!(info.endpoints[0].node_name.as_deref(), Some("n1"));
+    assert_eq!(info.node_of(&info.endpoints[0]), Some("n1"));
     assert_eq!(
         list.items[0].metadata.resource_version.as_deref(),
         Some("5")
