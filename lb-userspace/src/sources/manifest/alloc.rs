@@ -224,7 +224,7 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
 fn plan(spec: &SlimServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>> {
     let mut problems = Vec::new();
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
-    let listed: &[String] = spec.cluster_ips.as_deref().unwrap_or_default();
+    let listed: &[String] = spec.cluster_ips().unwrap_or_default();
     // The API server copies clusterIP into an empty clusterIPs; errors then
     // name the field the manifest wrote.
     let only_singular = listed.is_empty() && !cluster_ip.is_empty();
@@ -252,7 +252,7 @@ fn plan(spec: &SlimServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>
     let headless = ips.first() == Some(&"None");
     let selectorless = spec.selector.as_ref().is_none_or(BTreeMap::is_empty);
 
-    let policy = match spec.ip_family_policy.as_deref() {
+    let policy = match spec.ip_family_policy() {
         None | Some("") if headless && selectorless => Policy::RequireDual,
         None | Some("") => Policy::Single,
         Some(raw) => Policy::parse(raw).unwrap_or_else(|| {
@@ -267,7 +267,7 @@ fn plan(spec: &SlimServiceSpec, cidr: &ServiceCidr) -> Result<Plan, Vec<Problem>
     };
 
     let mut families: Vec<IpFamily> = Vec::new();
-    for (i, raw) in spec.ip_families.iter().flatten().enumerate() {
+    for (i, raw) in spec.ip_families().into_iter().flatten().enumerate() {
         let field = format!("spec.ipFamilies[{i}]");
         match IpFamily::parse(raw) {
             None => problems.push(problem(
@@ -457,7 +457,7 @@ impl ClusterIpAllocator {
             .filter(|s| {
                 s.obj.spec.as_ref().is_some_and(|spec| {
                     spec.cluster_ip.as_deref().is_none_or(str::is_empty)
-                        && spec.cluster_ips.as_deref().is_none_or(<[String]>::is_empty)
+                        && spec.cluster_ips().is_none_or(<[String]>::is_empty)
                 })
             })
             .map(|s| (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)))

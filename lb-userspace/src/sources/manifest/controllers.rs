@@ -276,8 +276,8 @@ fn address_types(svc: &Allocated) -> Vec<IpFamily> {
     };
     let mut families: Vec<IpFamily> = Vec::new();
     let written = spec
-        .ip_families
-        .iter()
+        .ip_families()
+        .into_iter()
         .flatten()
         .filter_map(|f| IpFamily::parse(f));
     let listed: Vec<IpFamily> = match &svc.filled {
@@ -320,7 +320,7 @@ fn from_pods(
     let Some(spec) = svc.obj.spec.as_ref() else {
         return;
     };
-    let publish = spec.publish_not_ready_addresses.unwrap_or(false);
+    let publish = spec.publish_not_ready_addresses().unwrap_or(false);
     let svc_ports = spec.ports.as_deref().unwrap_or_default();
     let selected: Vec<(&PodInfo<'_>, Vec<PortKey>)> = index
         .select(ns, selector)

@@ -73,19 +73,59 @@ impl MetaNames for SlimMeta {
     }
 }
 
+/// The spec fields the allocator, the controllers and translation read.
+/// What most Services leave unset sits behind one pointer, and the
+/// ClusterIP is inline: every Service of the directory is cached.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct SlimServiceSpec {
-    pub type_: Option<String>,
-    pub cluster_ip: Option<String>,
-    pub cluster_ips: Option<Vec<String>>,
-    pub ip_families: Option<Vec<String>>,
-    pub ip_family_policy: Option<String>,
+    pub type_: Option<SmolStr>,
+    pub cluster_ip: Option<SmolStr>,
     pub selector: Option<BTreeMap<String, String>>,
     pub ports: Option<Vec<ServicePort>>,
-    pub publish_not_ready_addresses: Option<bool>,
-    pub internal_traffic_policy: Option<String>,
-    pub session_affinity: Option<String>,
-    pub session_affinity_config: Option<SessionAffinityConfig>,
+    rare: Option<Box<RareSpec>>,
+}
+
+/// Spec fields a hand-written Service seldom sets (an exported one sets
+/// most of them).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct RareSpec {
+    cluster_ips: Option<Vec<String>>,
+    ip_families: Option<Vec<String>>,
+    ip_family_policy: Option<String>,
+    publish_not_ready_addresses: Option<bool>,
+    internal_traffic_policy: Option<String>,
+    session_affinity: Option<String>,
+    session_affinity_config: Option<SessionAffinityConfig>,
+}
+
+impl SlimServiceSpec {
+    pub fn cluster_ips(&self) -> Option<&[String]> {
+        self.rare.as_ref()?.cluster_ips.as_deref()
+    }
+
+    pub fn ip_families(&self) -> Option<&[String]> {
+        self.rare.as_ref()?.ip_families.as_deref()
+    }
+
+    pub fn ip_family_policy(&self) -> Option<&str> {
+        self.rare.as_ref()?.ip_family_policy.as_deref()
+    }
+
+    pub fn publish_not_ready_addresses(&self) -> Option<bool> {
+        self.rare.as_ref()?.publish_not_ready_addresses
+    }
+
+    fn internal_traffic_policy(&self) -> Option<&str> {
+        self.rare.as_ref()?.internal_traffic_policy.as_deref()
+    }
+
+    fn session_affinity(&self) -> Option<&str> {
+        self.rare.as_ref()?.session_affinity.as_deref()
+    }
+
+    fn session_affinity_config(&self) -> Option<&SessionAffinityConfig> {
+        self.rare.as_ref()?.session_affinity_config.as_ref()
+    }
 }
 
 pub(super) fn service(s: Service) -> SlimService {
@@ -97,23 +137,28 @@ pub(super) fn service(s: Service) -> SlimService {
             labels: m.labels,
             creation_timestamp: m.creation_timestamp,
         },
-        spec: s.spec.map(|s| SlimServiceSpec {
-            type_: s.type_,
-            cluster_ip: s.cluster_ip,
-            cluster_ips: s.cluster_ips,
-            ip_families: s.ip_families,
-            ip_family_policy: s.ip_family_policy,
-            selector: s.selector,
-            // Without serde's growth slack (room for four ports when one
-            // was read): the cache keeps every Service.
-            ports: s.ports.map(|mut p| {
-                p.shrink_to_fit();
-                p
-            }),
-            publish_not_ready_addresses: s.publish_not_ready_addresses,
-            internal_traffic_policy: s.internal_traffic_policy,
-            session_affinity: s.session_affinity,
-            session_affinity_config: s.session_affinity_config,
+        spec: s.spec.map(|s| {
+            let rare = RareSpec {
+                cluster_ips: s.cluster_ips,
+                ip_families: s.ip_families,
+                ip_family_policy: s.ip_family_policy,
+                publish_not_ready_addresses: s.publish_not_ready_addresses,
+                internal_traffic_policy: s.internal_traffic_policy,
+                session_affinity: s.session_affinity,
+                session_affinity_config: s.session_affinity_config,
+            };
+            SlimServiceSpec {
+                type_: s.type_.map(SmolStr::from),
+                cluster_ip: s.cluster_ip.map(SmolStr::from),
+                selector: s.selector,
+                // Without serde's growth slack (room for four ports when one
+                // was read): the cache keeps every Service.
+                ports: s.ports.map(|mut p| {
+                    p.shrink_to_fit();
+                    p
+                }),
+                rare: (rare != RareSpec::default()).then(|| Box::new(rare)),
+            }
         }),
     }
 }
@@ -130,19 +175,22 @@ impl SlimService {
                 creation_timestamp: m.creation_timestamp,
                 ..ObjectMeta::default()
             },
-            spec: self.spec.map(|s| ServiceSpec {
-                type_: s.type_,
-                cluster_ip: s.cluster_ip,
-                cluster_ips: s.cluster_ips,
-                ip_families: s.ip_families,
-                ip_family_policy: s.ip_family_policy,
-                selector: s.selector,
-                ports: s.ports,
-                publish_not_ready_addresses: s.publish_not_ready_addresses,
-                internal_traffic_policy: s.internal_traffic_policy,
-                session_affinity: s.session_affinity,
-                session_affinity_config: s.session_affinity_config,
-                ..ServiceSpec::default()
+            spec: self.spec.map(|s| {
+                let rare = s.rare.map(|r| *r).unwrap_or_default();
+                ServiceSpec {
+                    type_: s.type_.map(String::from),
+                    cluster_ip: s.cluster_ip.map(String::from),
+                    cluster_ips: rare.cluster_ips,
+                    ip_families: rare.ip_families,
+                    ip_family_policy: rare.ip_family_policy,
+                    selector: s.selector,
+                    ports: s.ports,
+                    publish_not_ready_addresses: rare.publish_not_ready_addresses,
+                    internal_traffic_policy: rare.internal_traffic_policy,
+                    session_affinity: rare.session_affinity,
+                    session_affinity_config: rare.session_affinity_config,
+                    ..ServiceSpec::default()
+                }
             }),
             status: None,
         }
@@ -158,16 +206,16 @@ impl SlimService {
                     f.cluster_ips.first().map(String::as_str),
                     Some(f.cluster_ips.as_slice()),
                 ),
-                None => (s.cluster_ip.as_deref(), s.cluster_ips.as_deref()),
+                None => (s.cluster_ip.as_deref(), s.cluster_ips()),
             };
             ServiceSpecInfo::from_fields(SpecFields {
                 type_: s.type_.as_deref(),
                 cluster_ip,
                 cluster_ips,
                 ports: s.ports.as_deref(),
-                internal_traffic_policy: s.internal_traffic_policy.as_deref(),
-                session_affinity: s.session_affinity.as_deref(),
-                session_affinity_config: s.session_affinity_config.as_ref(),
+                internal_traffic_policy: s.internal_traffic_policy(),
+                session_affinity: s.session_affinity(),
+                session_affinity_config: s.session_affinity_config(),
             })
         });
         let m = &self.metadata;
