@@ -74,6 +74,8 @@ pub fn setup() -> anyhow::Result<Env> {
         // The container image: ring's C code for the musl target, the
         // image built from scratch, and the image suite's container runtime.
         ("musl-gcc", "musl-tools"),
+        // jemalloc, the agent's allocator, is built from its C sources.
+        ("make", "make"),
         ("buildah", "buildah"),
         ("podman", "podman"),
         // crun 1.8 (podman's default here) refuses hybrid cgroup hosts.
