@@ -90,6 +90,10 @@ pub struct SliceInfo {
     /// name per endpoint would be a million allocations at 100,000
     /// services.
     pub nodes: Box<[Box<str>]>,
+    /// What few endpoints have (hints, an invalid address's text), by
+    /// endpoint place, sorted: most slices have none, and a pointer per
+    /// endpoint would cost a third of its size.
+    extras: Box<[(u32, Extra)]>,
 }
 
 /// The address family of an IP slice (`addressType`).
@@ -117,12 +121,12 @@ pub struct SlicePortInfo {
     pub port: Option<u16>,
 }
 
-/// One endpoint: its first address (kube-proxy uses no other), node, hints
+/// One endpoint: its first address (kube-proxy uses no other), its node
 /// and the three conditions resolved (nil ready/serving count as true, nil
 /// terminating as false). There are ten or more per service, so it is kept
-/// at 32 bytes: the node is a place in its slice's [`SliceInfo::nodes`],
-/// and what is rarely set (hints, an invalid address's text) sits behind
-/// one pointer.
+/// at 24 bytes: the node is a place in its slice's [`SliceInfo::nodes`],
+/// and what is rarely set (hints, an invalid address's text) is in the
+/// slice's table of extras ([`SliceInfo::hints`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: Address,
@@ -131,8 +135,6 @@ pub struct EndpointInfo {
     pub terminating: bool,
     /// 1 + its node's place in [`SliceInfo::nodes`]; 0: no `nodeName`.
     node: u32,
-    /// `None` when it has no hint and a valid (or missing) address.
-    extra: Option<Box<Extra>>,
 }
 
 /// What few endpoints have.
@@ -157,7 +159,7 @@ pub enum Address {
     Missing,
     /// Not an address of the slice's family (or v4-mapped, which would
     /// alias an IPv4 backend in the maps); its text is
-    /// [`EndpointInfo::invalid_text`].
+    /// [`SliceInfo::invalid_text`].
     Invalid,
 }
 
@@ -341,7 +343,7 @@ impl SliceInfo {
         ports: Vec<SlicePortInfo>,
         endpoints: Endpoints,
     ) -> Self {
-        let (endpoints, nodes) = endpoints.into_parts();
+        let (endpoints, nodes, extras) = endpoints.into_parts();
         Self {
             namespace: namespace_of(meta),
             name: SmolStr::new(meta.name.as_deref().unwrap_or_default()),
@@ -353,7 +355,29 @@ impl SliceInfo {
             ports,
             endpoints,
             nodes,
+            extras,
         }
+    }
+
+    /// The hints of its endpoint at `place` (`None`: it has none).
+    pub fn hints(&self, place: usize) -> Option<&Hints> {
+        self.extra(place)
+            .map(|e| &e.hints)
+            .filter(|h| **h != Hints::default())
+    }
+
+    /// The text of its endpoint at `place` when that is an
+    /// [`Address::Invalid`].
+    pub fn invalid_text(&self, place: usize) -> &str {
+        self.extra(place)
+            .and_then(|e| e.invalid.as_deref())
+            .unwrap_or_default()
+    }
+
+    fn extra(&self, place: usize) -> Option<&Extra> {
+        let place = u32::try_from(place).ok()?;
+        let i = self.extras.binary_search_by_key(&place, |(p, _)| *p).ok()?;
+        Some(&self.extras[i].1)
     }
 
     /// The endpoint's `nodeName` (`ep` is one of this slice's endpoints).
@@ -368,6 +392,7 @@ impl SliceInfo {
 pub struct Endpoints {
     endpoints: Vec<EndpointInfo>,
     nodes: Vec<Box<str>>,
+    extras: Vec<(u32, Extra)>,
     /// Node name → place, once the table outgrows a scan.
     places: HashMap<Box<str>, u32>,
 }
@@ -381,9 +406,14 @@ impl Endpoints {
         }
     }
 
-    /// The endpoints and the node table they refer to.
-    pub fn into_parts(self) -> (Vec<EndpointInfo>, Box<[Box<str>]>) {
-        (self.endpoints, self.nodes.into_boxed_slice())
+    /// The endpoints and the tables they refer to.
+    #[allow(clippy::type_complexity)]
+    fn into_parts(self) -> (Vec<EndpointInfo>, Box<[Box<str>]>, Box<[(u32, Extra)]>) {
+        (
+            self.endpoints,
+            self.nodes.into_boxed_slice(),
+            self.extras.into_boxed_slice(),
+        )
     }
 
     fn push_endpoint(&mut self, ep: &Endpoint, family: Family) {
@@ -443,8 +473,10 @@ impl Endpoints {
             for_nodes,
             for_zones,
         };
-        let extra = (invalid.is_some() || hints != Hints::default())
-            .then(|| Box::new(Extra { hints, invalid }));
+        if invalid.is_some() || hints != Hints::default() {
+            let place = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
+            self.extras.push((place, Extra { hints, invalid }));
+        }
         let node = node_name.map_or(0, |name| self.node_place(name));
         self.endpoints.push(EndpointInfo {
             address,
@@ -452,7 +484,6 @@ impl Endpoints {
             serving: serving != Some(false),
             terminating: terminating == Some(true),
             node,
-            extra,
         });
     }
 
@@ -507,22 +538,3 @@ impl SlicePortInfo {
     }
 }
 
-impl EndpointInfo {
-    /// An [`Address::Invalid`]'s text as written.
-    pub fn invalid_text(&self) -> &str {
-        self.extra
-            .as_deref()
-            .and_then(|e| e.invalid.as_deref())
-            .unwrap_or_default()
-    }
-
-    /// `hints.forNodes` (empty without hints).
-    pub fn for_nodes(&self) -> &[String] {
-        self.extra.as_deref().map_or(&[], |e| &e.hints.for_nodes)
-    }
-
-    /// `hints.forZones` (empty without hints).
-    pub fn for_zones(&self) -> &[String] {
-        self.extra.as_deref().map_or(&[], |e| &e.hints.for_zones)
-    }
-}

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, Index, Proto, ServiceRef,
     ServiceType, TranslateOptions,
-    input::{Address, EndpointInfo, ServiceInfo, SliceInfo},
+    input::{Address, EndpointInfo, Hints, ServiceInfo, SliceInfo},
 };
 
 #[cfg(test)]
@@ -145,6 +145,17 @@ struct ParsedEndpoint<'a> {
     ip: IpAddr,
     ep: &'a EndpointInfo,
     node: Option<&'a str>,
+    hints: Option<&'a Hints>,
+}
+
+impl ParsedEndpoint<'_> {
+    fn for_nodes(&self) -> &[String] {
+        self.hints.map_or(&[], |h| &h.for_nodes)
+    }
+
+    fn for_zones(&self) -> &[String] {
+        self.hints.map_or(&[], |h| &h.for_zones)
+    }
 }
 
 /// One usable (IPv4 or IPv6) slice with its usable endpoints.
@@ -513,6 +524,7 @@ fn parse_endpoints<'a>(
                 ip: *ip,
                 ep,
                 node: slice.node_of(ep),
+                hints: slice.hints(i),
             }),
             // kube-proxy uses only the first address.
             Address::Missing => diags.push(edig(
@@ -523,7 +535,7 @@ fn parse_endpoints<'a>(
                 format!("endpoints[{i}].addresses[0]"),
                 format!(
                     "{:?} is not an {family} address; endpoint skipped",
-                    ep.invalid_text()
+                    slice.invalid_text(i)
                 ),
             )),
         }
@@ -594,8 +606,12 @@ fn choose_backends(
 
     let ready = match topology_filter(endpoints, opts) {
         None => pick(&|e| e.ready),
-        Some(Hint::Node(node)) => pick(&|e| e.ready && e.for_nodes().iter().any(|n| n == node)),
-        Some(Hint::Zone(zone)) => pick(&|e| e.ready && e.for_zones().iter().any(|z| z == zone)),
+        Some(Hint::Node(node)) => {
+            pick_where(&|e| e.ep.ready && e.for_nodes().iter().any(|n| n == node))
+        }
+        Some(Hint::Zone(zone)) => {
+            pick_where(&|e| e.ep.ready && e.for_zones().iter().any(|z| z == zone))
+        }
     };
     if !ready.is_empty() {
         return ready;
@@ -615,11 +631,7 @@ fn topology_filter<'o>(
     endpoints: &BTreeMap<SocketAddr, ParsedEndpoint<'_>>,
     opts: &'o TranslateOptions,
 ) -> Option<Hint<'o>> {
-    let ready: Vec<&EndpointInfo> = endpoints
-        .values()
-        .map(|e| e.ep)
-        .filter(|e| e.ready)
-        .collect();
+    let ready: Vec<&ParsedEndpoint<'_>> = endpoints.values().filter(|e| e.ep.ready).collect();
     if ready.is_empty() {
         return None;
     }

@@ -163,8 +163,8 @@ fn an_affinity_change_alone_is_a_change_of_what_is_served() {
 
 /// Endpoints are most of what the index holds: ten or more per service.
 #[test]
-fn an_endpoint_is_kept_in_32_bytes() {
-    assert!(std::mem::size_of::<EndpointInfo>() <= 32);
+fn an_endpoint_is_kept_in_24_bytes() {
+    assert!(std::mem::size_of::<EndpointInfo>() <= 24);
     let sl = slice(
         "default",
         "a-1",
@@ -174,9 +174,10 @@ fn an_endpoint_is_kept_in_32_bytes() {
                {"addresses": ["10.244.1.2"]}]),
     );
     let info = SliceInfo::from(&sl);
-    assert_eq!(info.endpoints[0].for_zones(), ["z1"]);
-    assert!(info.endpoints[0].for_nodes().is_empty());
-    assert!(info.endpoints[1].for_zones().is_empty());
+    let hints = info.hints(0).unwrap();
+    assert_eq!(hints.for_zones, ["z1"]);
+    assert!(hints.for_nodes.is_empty());
+    assert_eq!(info.hints(1), None);
     assert_eq!(info.node_of(&info.endpoints[0]), Some("n1"));
     assert_eq!(info.node_of(&info.endpoints[1]), None);
 }
@@ -288,21 +289,23 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
         endpoints.push(Some(&ip), Family::V4, [None; 3], None, vec![], vec![]);
     }
-    let endpoints = endpoints.into_parts();
-    index.apply_slice(SliceInfo {
-        namespace: "default".into(),
-        name: "big-1".into(),
-        source: Default::default(),
-        service: Some("big".into()),
-        family: Some(Family::V4),
-        ports: vec![SlicePortInfo {
-            name: Default::default(),
-            proto: Proto::Tcp,
-            port: Some(8080),
-        }],
-        endpoints: endpoints.0,
-        nodes: endpoints.1,
-    });
+    let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+        serde_json::from_value(json!({
+        "namespace": "default", "name": "big-1",
+        "labels": {"kubernetes.io/service-name": "big"},
+    }))
+    .unwrap();
+    let ports = vec![SlicePortInfo {
+        name: Default::default(),
+        proto: Proto::Tcp,
+        port: Some(8080),
+    }];
+    index.apply_slice(SliceInfo::from_parts(
+        &meta,
+        Some(Family::V4),
+        ports,
+        endpoints,
+    ));
     let out = index.checkout();
     let want = out.changes[&fe("10.0.0.1", 80)].as_ref().unwrap();
     assert_eq!(want.backends.len(), usize::from(MAX_SLOTS));
