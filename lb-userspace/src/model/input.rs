@@ -52,13 +52,55 @@ pub struct ServiceSpecInfo {
     pub cluster_ip: Option<SmolStr>,
     pub cluster_ips: Option<Vec<SmolStr>>,
     pub ports: Vec<ServicePortInfo>,
+    /// `None` when both policies are at their defaults (most Services):
+    /// every Service is kept, and three fields took a third of its spec.
+    pub policy: Option<Box<SpecPolicy>>,
+}
+
+/// A Service's internal traffic policy and session affinity, as written
+/// (raw, so an unknown value can be reported).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpecPolicy {
     pub internal_traffic_policy: Option<SmolStr>,
-    /// `spec.sessionAffinity` as written (raw, so an unknown value can be
-    /// reported); `None` when unset.
     pub session_affinity: Option<SmolStr>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, unchecked
     /// (translation reports a value out of range).
     pub session_affinity_timeout: Option<i32>,
+}
+
+impl SpecPolicy {
+    /// `None` for the defaults (`Cluster`, no affinity): the API server
+    /// sets them on every Service, and they mean what unset means.
+    pub fn new(
+        internal_traffic_policy: Option<&str>,
+        session_affinity: Option<&str>,
+        session_affinity_timeout: Option<i32>,
+    ) -> Option<Box<Self>> {
+        let itp = internal_traffic_policy.filter(|p| *p != "Cluster");
+        let affinity = session_affinity.filter(|a| !matches!(*a, "" | "None"));
+        (itp.is_some() || affinity.is_some()).then(|| {
+            Box::new(Self {
+                internal_traffic_policy: itp.map(SmolStr::new),
+                session_affinity: affinity.map(SmolStr::new),
+                session_affinity_timeout: affinity.and(session_affinity_timeout),
+            })
+        })
+    }
+}
+
+impl ServiceSpecInfo {
+    pub fn internal_traffic_policy(&self) -> Option<&str> {
+        self.policy.as_ref()?.internal_traffic_policy.as_deref()
+    }
+
+    /// `spec.sessionAffinity`; `None` when unset or `None`.
+    pub fn session_affinity(&self) -> Option<&str> {
+        self.policy.as_ref()?.session_affinity.as_deref()
+    }
+
+    pub fn session_affinity_timeout(&self) -> Option<i32> {
+        self.policy.as_ref()?.session_affinity_timeout
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -229,12 +271,13 @@ impl ServiceSpecInfo {
                 .iter()
                 .map(ServicePortInfo::from)
                 .collect(),
-            internal_traffic_policy: f.internal_traffic_policy.map(SmolStr::new),
-            session_affinity: f.session_affinity.map(SmolStr::new),
-            // `clientIP.timeoutSeconds`, as written.
-            session_affinity_timeout: f
-                .session_affinity_config
-                .and_then(|c| c.client_ip.as_ref()?.timeout_seconds),
+            policy: SpecPolicy::new(
+                f.internal_traffic_policy,
+                f.session_affinity,
+                // `clientIP.timeoutSeconds`, as written.
+                f.session_affinity_config
+                    .and_then(|c| c.client_ip.as_ref()?.timeout_seconds),
+            ),
         }
     }
 }

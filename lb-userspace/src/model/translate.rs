@@ -210,7 +210,7 @@ pub(super) fn service_frontends(
         return Vec::new();
     }
 
-    let local_only = match spec.internal_traffic_policy.as_deref() {
+    let local_only = match spec.internal_traffic_policy() {
         None | Some("Cluster") => false,
         Some("Local") => true,
         Some(other) => {
@@ -334,10 +334,10 @@ fn session_affinity(svc: &ServiceInfo, diags: &mut Vec<Diagnostic>) -> u32 {
     let Some(spec) = svc.spec.as_ref() else {
         return 0;
     };
-    match spec.session_affinity.as_deref() {
+    match spec.session_affinity() {
         // The API server defaults an empty value to None.
         None | Some("" | "None") => 0,
-        Some("ClientIP") => match spec.session_affinity_timeout {
+        Some("ClientIP") => match spec.session_affinity_timeout() {
             None => DEFAULT_AFFINITY_TIMEOUT,
             Some(t) => match u32::try_from(t) {
                 Ok(secs @ 1..=MAX_AFFINITY_TIMEOUT) => secs,

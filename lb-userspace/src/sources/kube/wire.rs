@@ -20,7 +20,7 @@ use serde::{
 
 use crate::model::{
     SOURCE_ANNOTATION, ServiceInfo, SliceInfo,
-    input::{Endpoints, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo},
+    input::{Endpoints, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo, SpecPolicy},
     labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
 };
 
@@ -240,12 +240,13 @@ impl From<WireService> for SlimService {
                         .with_node_port(p.node_port.unwrap_or_default()),
                 )
             }),
-            internal_traffic_policy: s.internal_traffic_policy.map(SmolStr::from),
-            session_affinity: s.session_affinity.map(SmolStr::from),
-            session_affinity_timeout: s
-                .session_affinity_config
-                .and_then(|c| c.client_ip)
-                .and_then(|c| c.timeout_seconds),
+            policy: SpecPolicy::new(
+                s.internal_traffic_policy.as_deref(),
+                s.session_affinity.as_deref(),
+                s.session_affinity_config
+                    .and_then(|c| c.client_ip)
+                    .and_then(|c| c.timeout_seconds),
+            ),
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
         Self { metadata, info }

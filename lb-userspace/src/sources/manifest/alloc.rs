@@ -13,6 +13,7 @@ use std::{
 use super::slim::{SlimService, SlimServiceSpec};
 
 use super::{
+    holder_id,
     CidrRange, ClusterIpAllocator, FamilyIps, IpFamily, ServiceCidr, ServiceCidrError, Sourced,
     diag, fnv1a, name_of, namespace_of,
 };
@@ -487,10 +488,7 @@ impl ClusterIpAllocator {
                 continue;
             };
             for (ip, _) in &plan.given {
-                let holds = self
-                    .holders
-                    .get(ip)
-                    .is_some_and(|(ns, name)| (ns.as_str(), name.as_str()) == key);
+                let holds = self.holders.get(ip) == Some(&holder_id(key.0, key.1));
                 named_by
                     .entry(*ip)
                     .and_modify(|first| {
@@ -667,13 +665,10 @@ impl ClusterIpAllocator {
             let Some(fill) = fill.as_ref().filter(|_| *kept) else {
                 continue;
             };
-            let key = (
-                namespace_of(&svc.obj.metadata).to_owned(),
-                name_of(&svc.obj.metadata).to_owned(),
-            );
+            let id = holder_id(namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
             for ip in &fill.cluster_ips {
                 if let Ok(ip) = ip.parse::<IpAddr>() {
-                    self.holders.insert(ip, super::key(&key.0, &key.1));
+                    self.holders.insert(ip, id);
                 }
             }
         }

@@ -334,7 +334,7 @@ status:
         let (spec, was) = (back.spec.unwrap(), full.spec.unwrap());
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
         let info = kept.info(SmolStr::default(), None).spec.unwrap();
-        assert_eq!(info.session_affinity_timeout, Some(5));
+        assert_eq!(info.session_affinity_timeout(), Some(5));
         assert_eq!(spec.external_ips, None);
         assert_eq!(
             spec,

@@ -261,8 +261,8 @@ fn session_affinity_decodes_into_what_is_served() {
     });
     let slim: SlimService = serde_json::from_slice(&serde_json::to_vec(&svc).unwrap()).unwrap();
     let spec = slim.info.spec.as_ref().unwrap();
-    assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
-    assert_eq!(spec.session_affinity_timeout, Some(5));
+    assert_eq!(spec.session_affinity(), Some("ClientIP"));
+    assert_eq!(spec.session_affinity_timeout(), Some(5));
     let mut index = crate::model::Index::default();
     index.apply_service(slim.info);
     let out = index.checkout();
