@@ -41,6 +41,8 @@ fn sysctl(netns: &str, settings: &[&str]) -> anyhow::Result<()> {
 #[derive(Clone, Debug)]
 pub struct Bins {
     pub agent: PathBuf,
+    /// The agent on the C library's malloc, for heaptrack.
+    pub heap_agent: PathBuf,
     pub server: PathBuf,
     pub client: PathBuf,
     pub apiserver: PathBuf,

@@ -371,11 +371,21 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         "--bin",
         "fake-apiserver",
     ]))?;
+    // The agent allocates with jemalloc, which heaptrack cannot see: the
+    // heap profiles run a build on the C library's malloc, in a target
+    // directory of its own (the same features in one directory would
+    // rebuild the agent each time). Live bytes per component are the
+    // same under either allocator.
+    let heap_target = target.join("heap-profile");
+    exec(cmd("cargo").args(["build", "--release", "--package", "lb-userspace"])
+        .args(["--bin", "lb-agent", "--no-default-features", "--target-dir"])
+        .arg(&heap_target))?;
     let dir = target.join("release");
+    let other = std::env::var_os("LB_BENCH_AGENT").map(PathBuf::from);
     let bins = Bins {
         // Another build of the agent, to compare against (a "before").
-        agent: std::env::var_os("LB_BENCH_AGENT")
-            .map_or_else(|| dir.join("lb-agent"), PathBuf::from),
+        agent: other.clone().unwrap_or_else(|| dir.join("lb-agent")),
+        heap_agent: other.unwrap_or_else(|| heap_target.join("release/lb-agent")),
         server: dir.join("lb-benchserver"),
         client: dir.join("lb-benchclient"),
         apiserver: dir.join("fake-apiserver"),
@@ -925,7 +935,7 @@ fn heap_profile(
     let mut a = AgentProc::start_under(
         &["heaptrack", "-o", &out_arg],
         &[],
-        &lab.bins.agent,
+        &lab.bins.heap_agent,
         source,
         &bpffs,
         &lab.cgroup,
