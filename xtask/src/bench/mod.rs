@@ -377,9 +377,12 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     // rebuild the agent each time). Live bytes per component are the
     // same under either allocator.
     let heap_target = target.join("heap-profile");
-    exec(cmd("cargo").args(["build", "--release", "--package", "lb-userspace"])
-        .args(["--bin", "lb-agent", "--no-default-features", "--target-dir"])
-        .arg(&heap_target))?;
+    exec(
+        cmd("cargo")
+            .args(["build", "--release", "--package", "lb-userspace"])
+            .args(["--bin", "lb-agent", "--no-default-features", "--target-dir"])
+            .arg(&heap_target),
+    )?;
     let dir = target.join("release");
     let other = std::env::var_os("LB_BENCH_AGENT").map(PathBuf::from);
     let bins = Bins {

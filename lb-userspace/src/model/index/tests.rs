@@ -200,7 +200,9 @@ fn a_slice_keeps_each_node_name_once() {
     assert_eq!(nodes, [Some("n1"), Some("n2"), Some("n1")]);
 
     let eps: Vec<_> = (0..80)
-        .map(|i| json!({"addresses": [format!("10.244.2.{i}")], "nodeName": format!("n{}", i % 40)}))
+        .map(
+            |i| json!({"addresses": [format!("10.244.2.{i}")], "nodeName": format!("n{}", i % 40)}),
+        )
         .collect();
     let many = SliceInfo::from(&slice("default", "a-2", Some("a"), json!(eps)));
     assert_eq!(many.nodes.len(), 40);
@@ -291,10 +293,10 @@ fn a_service_beyond_max_slots_is_capped_with_a_diagnostic() {
     }
     let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
         serde_json::from_value(json!({
-        "namespace": "default", "name": "big-1",
-        "labels": {"kubernetes.io/service-name": "big"},
-    }))
-    .unwrap();
+            "namespace": "default", "name": "big-1",
+            "labels": {"kubernetes.io/service-name": "big"},
+        }))
+        .unwrap();
     let ports = vec![SlicePortInfo {
         name: Default::default(),
         proto: Proto::Tcp,

@@ -326,8 +326,9 @@ impl From<WireSlice> for SlimSlice {
         if let Some(family) = family {
             for ep in decoded {
                 let c = ep.conditions;
-                let (for_nodes, for_zones) =
-                    ep.hints.map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
+                let (for_nodes, for_zones) = ep
+                    .hints
+                    .map_or_else(Default::default, |h| (h.for_nodes, h.for_zones));
                 endpoints.push(
                     ep.addresses.and_then(|a| a.0).as_deref(),
                     family,

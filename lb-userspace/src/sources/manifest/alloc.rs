@@ -13,9 +13,8 @@ use std::{
 use super::slim::{SlimService, SlimServiceSpec};
 
 use super::{
-    holder_id,
     CidrRange, ClusterIpAllocator, FamilyIps, IpFamily, ServiceCidr, ServiceCidrError, Sourced,
-    diag, fnv1a, name_of, namespace_of,
+    diag, fnv1a, holder_id, name_of, namespace_of,
 };
 use crate::model::Diagnostic;
 
