@@ -384,6 +384,12 @@ pub const SVC_TYPE_LOAD_BALANCER: u8 = 2;
 pub const SVC_TYPE_MASK: u8 = 0x0f;
 /// The frontend is a node address on the Service's nodePort.
 pub const SVC_FRONTEND_NODE_PORT: u8 = 0x10;
+/// The frontend is one of the Service's `spec.externalIPs` on a service port.
+pub const SVC_FRONTEND_EXTERNAL_IP: u8 = 0x20;
+/// The frontend is a LoadBalancer ingress IP on a service port.
+pub const SVC_FRONTEND_LOAD_BALANCER: u8 = 0x30;
+/// Which address kind, in the high four bits of `ServiceMeta::svc_type`.
+pub const SVC_FRONTEND_MASK: u8 = 0xf0;
 
 /// Human-facing description of a frontend, keyed by `svc_id`. Only userspace
 /// reads it: it lets `lb-agent list` and a restarted agent name what the

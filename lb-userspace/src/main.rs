@@ -10,7 +10,7 @@ use lb_userspace::{
         bpf::{self, BpfDatapath, MapSizes},
     },
     health, list,
-    model::TranslateOptions,
+    model::{ExternalIps, TranslateOptions},
     sources::{
         kube::ClientConfig,
         manifest::{self, ServiceCidr},
@@ -155,6 +155,11 @@ struct RunArgs {
     /// it, NodePorts are not translated.
     #[arg(long, value_delimiter = ',', value_name = "IP[,IP...]")]
     node_ip: Vec<std::net::IpAddr>,
+    /// Which spec.externalIPs are translated: `node`, only those that are one of --node-ip
+    /// (a Service cannot capture connects to an arbitrary address, CVE-2020-8554); `all`,
+    /// every one.
+    #[arg(long, value_enum, default_value = "node")]
+    external_ips: ExternalIpsArg,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -226,6 +231,22 @@ impl From<TerminateSockets> for lb_userspace::datapath::terminate::Mode {
             TerminateSockets::Udp => Self::Udp,
             TerminateSockets::All => Self::All,
             TerminateSockets::None => Self::None,
+        }
+    }
+}
+
+/// `--external-ips`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ExternalIpsArg {
+    Node,
+    All,
+}
+
+impl From<ExternalIpsArg> for ExternalIps {
+    fn from(a: ExternalIpsArg) -> Self {
+        match a {
+            ExternalIpsArg::Node => Self::Node,
+            ExternalIpsArg::All => Self::All,
         }
     }
 }
@@ -318,6 +339,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name,
         zone,
         node_ip,
+        external_ips,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -333,6 +355,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name,
         // A v4-mapped address would alias an IPv4 frontend in the maps.
         node_ips: node_ip.iter().map(|ip| ip.to_canonical()).collect(),
+        external_ips: external_ips.into(),
         zone,
         service_proxy_name,
     };

@@ -101,6 +101,8 @@ pub fn encode_meta(_fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
         } | match svc.frontend {
             FrontendKind::ClusterIP => 0,
             FrontendKind::NodePort => lb_common::SVC_FRONTEND_NODE_PORT,
+            FrontendKind::ExternalIP => lb_common::SVC_FRONTEND_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => lb_common::SVC_FRONTEND_LOAD_BALANCER,
         },
     }
 }
@@ -115,10 +117,11 @@ pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
             SVC_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,
             _ => ServiceType::ClusterIP,
         },
-        frontend: if meta.svc_type & lb_common::SVC_FRONTEND_NODE_PORT != 0 {
-            FrontendKind::NodePort
-        } else {
-            FrontendKind::ClusterIP
+        frontend: match meta.svc_type & lb_common::SVC_FRONTEND_MASK {
+            lb_common::SVC_FRONTEND_NODE_PORT => FrontendKind::NodePort,
+            lb_common::SVC_FRONTEND_EXTERNAL_IP => FrontendKind::ExternalIP,
+            lb_common::SVC_FRONTEND_LOAD_BALANCER => FrontendKind::LoadBalancer,
+            _ => FrontendKind::ClusterIP,
         },
     }
 }
@@ -171,6 +174,13 @@ mod tests {
             ..svc
         };
         assert_eq!(decode_meta(&encode_meta(&fe, &node)), node);
+        for frontend in [FrontendKind::ExternalIP, FrontendKind::LoadBalancer] {
+            let external = ServiceRef {
+                frontend,
+                ..node.clone()
+            };
+            assert_eq!(decode_meta(&encode_meta(&fe, &external)), external);
+        }
         // A record written before frontends had kinds.
         let mut old = encode_meta(&fe, &node);
         old.svc_type = SVC_TYPE_LOAD_BALANCER;

@@ -12,7 +12,7 @@ use smol_str::SmolStr;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, SessionAffinityConfig},
+        core::v1::{LoadBalancerIngress, Service, ServicePort, SessionAffinityConfig},
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -56,6 +56,37 @@ pub struct ServiceSpecInfo {
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, unchecked
     /// (translation reports a value out of range).
     pub session_affinity_timeout: Option<i32>,
+    /// `spec.externalIPs` as written (translation reports one that is no
+    /// address).
+    pub external_ips: Vec<SmolStr>,
+    /// `status.loadBalancer.ingress`, every entry, so a diagnostic's index
+    /// is the one written.
+    pub lb_ingress: Vec<LbIngressInfo>,
+}
+
+/// One `status.loadBalancer.ingress[]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbIngressInfo {
+    /// Empty for a hostname-only entry (nothing to serve).
+    pub ip: SmolStr,
+    /// `ipMode` as written: unset and `VIP` are served, `Proxy` is not
+    /// (KEP-1860: the load balancer, not the node, must see the traffic).
+    pub ip_mode: Option<SmolStr>,
+}
+
+impl From<&LoadBalancerIngress> for LbIngressInfo {
+    fn from(i: &LoadBalancerIngress) -> Self {
+        Self::new(i.ip.as_deref(), i.ip_mode.as_deref())
+    }
+}
+
+impl LbIngressInfo {
+    pub fn new(ip: Option<&str>, ip_mode: Option<&str>) -> Self {
+        Self {
+            ip: SmolStr::new(ip.unwrap_or_default()),
+            ip_mode: ip_mode.map(SmolStr::new),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -174,6 +205,11 @@ impl From<&Service> for ServiceInfo {
                 internal_traffic_policy: s.internal_traffic_policy.as_deref(),
                 session_affinity: s.session_affinity.as_deref(),
                 session_affinity_config: s.session_affinity_config.as_ref(),
+                external_ips: s.external_ips.as_deref(),
+                lb_ingress: svc
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref()?.ingress.as_deref()),
             })
         });
         Self::from_parts(&svc.metadata, spec)
@@ -190,6 +226,9 @@ pub struct SpecFields<'a> {
     pub internal_traffic_policy: Option<&'a str>,
     pub session_affinity: Option<&'a str>,
     pub session_affinity_config: Option<&'a SessionAffinityConfig>,
+    pub external_ips: Option<&'a [String]>,
+    /// `status.loadBalancer.ingress`.
+    pub lb_ingress: Option<&'a [LoadBalancerIngress]>,
 }
 
 impl ServiceSpecInfo {
@@ -213,6 +252,18 @@ impl ServiceSpecInfo {
             session_affinity_timeout: f
                 .session_affinity_config
                 .and_then(|c| c.client_ip.as_ref()?.timeout_seconds),
+            external_ips: f
+                .external_ips
+                .unwrap_or(&[])
+                .iter()
+                .map(SmolStr::new)
+                .collect(),
+            lb_ingress: f
+                .lb_ingress
+                .unwrap_or(&[])
+                .iter()
+                .map(LbIngressInfo::from)
+                .collect(),
         }
     }
 }

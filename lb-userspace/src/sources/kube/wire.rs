@@ -20,7 +20,7 @@ use serde::{
 
 use crate::model::{
     SOURCE_ANNOTATION, ServiceInfo, SliceInfo,
-    input::{EndpointInfo, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo},
+    input::{EndpointInfo, Family, LbIngressInfo, ServicePortInfo, ServiceSpecInfo, SlicePortInfo},
     labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
 };
 
@@ -187,6 +187,25 @@ impl<'de> Deserialize<'de> for First {
 struct WireService {
     metadata: Option<WireMeta>,
     spec: Option<WireServiceSpec>,
+    status: Option<WireServiceStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireServiceStatus {
+    load_balancer: Option<WireLbStatus>,
+}
+
+#[derive(Deserialize)]
+struct WireLbStatus {
+    ingress: Option<Vec<WireLbIngress>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireLbIngress {
+    ip: Option<String>,
+    ip_mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +221,8 @@ struct WireServiceSpec {
     internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     session_affinity_config: Option<WireAffinityConfig>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +249,10 @@ struct WireServicePort {
 impl From<WireService> for SlimService {
     fn from(w: WireService) -> Self {
         let metadata = ObjectMeta::from(w.metadata.unwrap_or_default());
+        let lb_ingress = w
+            .status
+            .and_then(|st| st.load_balancer?.ingress)
+            .unwrap_or_default();
         let spec = w.spec.map(|s| ServiceSpecInfo {
             type_: s.type_.map(SmolStr::from),
             cluster_ip: s.cluster_ip.map(SmolStr::from),
@@ -246,6 +271,12 @@ impl From<WireService> for SlimService {
                 .session_affinity_config
                 .and_then(|c| c.client_ip)
                 .and_then(|c| c.timeout_seconds),
+            external_ips: kept(s.external_ips.unwrap_or_default(), |ip| {
+                Some(SmolStr::from(ip))
+            }),
+            lb_ingress: kept(lb_ingress, |i| {
+                Some(LbIngressInfo::new(i.ip.as_deref(), i.ip_mode.as_deref()))
+            }),
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
         Self { metadata, info }

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Container, Endpoints, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
-        ServiceSpec, SessionAffinityConfig,
+        Container, Endpoints, LoadBalancerIngress, LoadBalancerStatus, Pod, PodCondition, PodSpec,
+        PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
@@ -45,6 +45,9 @@ fn meta(m: ObjectMeta) -> ObjectMeta {
 pub(super) struct SlimService {
     pub metadata: SlimMeta,
     pub spec: Option<SlimServiceSpec>,
+    /// `status.loadBalancer.ingress` as written: no controller here fills
+    /// it in, so the manifest's word is the load balancer's.
+    pub lb_ingress: Option<Vec<LoadBalancerIngress>>,
 }
 
 /// A Service's metadata as the cache keeps it: 88 bytes where an
@@ -86,6 +89,7 @@ pub(super) struct SlimServiceSpec {
     pub internal_traffic_policy: Option<String>,
     pub session_affinity: Option<String>,
     pub session_affinity_config: Option<SessionAffinityConfig>,
+    pub external_ips: Option<Vec<String>>,
 }
 
 pub(super) fn service(s: Service) -> SlimService {
@@ -114,7 +118,12 @@ pub(super) fn service(s: Service) -> SlimService {
             internal_traffic_policy: s.internal_traffic_policy,
             session_affinity: s.session_affinity,
             session_affinity_config: s.session_affinity_config,
+            external_ips: s.external_ips,
         }),
+        lb_ingress: s
+            .status
+            .and_then(|st| st.load_balancer?.ingress)
+            .filter(|i| !i.is_empty()),
     }
 }
 
@@ -142,9 +151,15 @@ impl SlimService {
                 internal_traffic_policy: s.internal_traffic_policy,
                 session_affinity: s.session_affinity,
                 session_affinity_config: s.session_affinity_config,
+                external_ips: s.external_ips,
                 ..ServiceSpec::default()
             }),
-            status: None,
+            status: self.lb_ingress.map(|ingress| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(ingress),
+                }),
+                ..ServiceStatus::default()
+            }),
         }
     }
 
@@ -168,6 +183,8 @@ impl SlimService {
                 internal_traffic_policy: s.internal_traffic_policy.as_deref(),
                 session_affinity: s.session_affinity.as_deref(),
                 session_affinity_config: s.session_affinity_config.as_ref(),
+                external_ips: s.external_ips.as_deref(),
+                lb_ingress: self.lb_ingress.as_deref(),
             })
         });
         let m = &self.metadata;
@@ -267,7 +284,9 @@ spec:
   ports:
   - {name: http, port: 80, protocol: TCP, targetPort: http, nodePort: 30080}
 status:
-  loadBalancer: {}
+  loadBalancer:
+    ingress: [{ip: 192.0.2.9, ipMode: Proxy}]
+  conditions: []
 "#;
         let full: Service = serde_yaml::from_str(yaml).unwrap();
         let kept = service(full.clone());
@@ -276,7 +295,9 @@ status:
             ServiceInfo::from(&full)
         );
         let back = kept.clone().into_service();
-        assert_eq!(back.status, None);
+        let ingress = back.status.as_ref().unwrap().load_balancer.as_ref();
+        assert_eq!(ingress, full.status.unwrap().load_balancer.as_ref());
+        assert_eq!(back.status.as_ref().unwrap().conditions, None);
         assert_eq!(back.metadata.annotations, None);
         assert_eq!(back.metadata.labels, full.metadata.labels);
         assert_eq!(
@@ -287,14 +308,7 @@ status:
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
         let info = kept.info(SmolStr::default(), None).spec.unwrap();
         assert_eq!(info.session_affinity_timeout, Some(5));
-        assert_eq!(spec.external_ips, None);
-        assert_eq!(
-            spec,
-            ServiceSpec {
-                external_ips: None,
-                ..was
-            }
-        );
+        assert_eq!(spec, was);
         assert_eq!(service(back_again(&kept)), kept);
     }
 
