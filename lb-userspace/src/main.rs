@@ -151,11 +151,13 @@ struct RunArgs {
     #[arg(long)]
     zone: Option<String>,
     /// This node's addresses, comma-separated (both families): a connect from the attached
-    /// cgroup to one of them on a Service's nodePort is balanced like its ClusterIP. Without
-    /// it, NodePorts are not translated.
+    /// cgroup to one of them on a Service's nodePort is balanced like its ClusterIP [default:
+    /// with the API, the InternalIP and ExternalIP addresses of the --node-name Node, followed
+    /// as it changes; with --manifests, the addresses of this network namespace's interfaces,
+    /// loopback and link-local left out].
     #[arg(long, value_delimiter = ',', value_name = "IP[,IP...]")]
     node_ip: Vec<std::net::IpAddr>,
-    /// Which spec.externalIPs are translated: `node`, only those that are one of --node-ip
+    /// Which spec.externalIPs are translated: `node`, only those that are this node's addresses
     /// (a Service cannot capture connects to an arbitrary address, CVE-2020-8554); `all`,
     /// every one.
     #[arg(long, value_enum, default_value = "node")]

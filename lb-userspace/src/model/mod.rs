@@ -111,7 +111,7 @@ pub enum FrontendKind {
     /// A ClusterIP on a service port.
     #[default]
     ClusterIP,
-    /// One of this node's addresses (`--node-ip`) on the port's nodePort.
+    /// One of this node's addresses on the port's nodePort.
     NodePort,
     /// One of `spec.externalIPs` on a service port.
     ExternalIP,
@@ -218,8 +218,9 @@ impl fmt::Display for Diagnostic {
 pub struct TranslateOptions {
     /// This node's name: `internalTrafficPolicy: Local` keeps only endpoints with this `nodeName`.
     pub node_name: Option<String>,
-    /// This node's addresses (`--node-ip`): a NodePort is served on each,
-    /// for the Services of that address's family.
+    /// This node's addresses (`--node-ip`, the Node object's or the
+    /// interfaces'): a NodePort is served on each, for the Services of
+    /// that address's family.
     pub node_ips: Vec<IpAddr>,
     /// Which `spec.externalIPs` are served (`--external-ips`).
     pub external_ips: ExternalIps,
