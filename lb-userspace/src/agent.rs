@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{
         DatapathError,
-        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
+        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes, ProgramOptions},
         sockdiag::SockDiag,
         terminate::{self, Spared, Terminator},
     },
@@ -53,7 +53,8 @@ pub struct CommonConfig {
     /// `None`: the host's cgroup v2 root from `/proc/mounts`.
     pub cgroup: Option<PathBuf>,
     pub sizes: MapSizes,
-    pub bpf_log: bool,
+    /// `--bpf-log`, `--host-netns-only`.
+    pub programs: ProgramOptions,
     /// Share `bpffs` with pins lb-agent did not create.
     pub allow_foreign_pins: bool,
     /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label
@@ -239,7 +240,7 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
         bpffs,
         &cgroup,
         cfg.sizes,
-        cfg.bpf_log,
+        cfg.programs,
         cfg.allow_foreign_pins,
     )?;
     info!(

@@ -7,7 +7,7 @@ use lb_userspace::{
     agent::{self, CommonConfig, KubeAgentConfig, ManifestAgentConfig},
     datapath::{
         Datapath as _,
-        bpf::{self, BpfDatapath, MapSizes},
+        bpf::{self, BpfDatapath, MapSizes, ProgramOptions},
     },
     health, list,
     model::{ExternalIps, TranslateOptions},
@@ -162,6 +162,14 @@ struct RunArgs {
     /// every one.
     #[arg(long, value_enum, default_value = "node")]
     external_ips: ExternalIpsArg,
+    /// Also translate 127.0.0.1:nodePort and [::1]:nodePort, for sockets of the host's network
+    /// namespace only (kube-proxy's iptables mode accepts localhost node ports too).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    localhost_node_ports: bool,
+    /// Translate sockets of the host's network namespace only (the agent's): pods are left to
+    /// another datapath, as service meshes and VM runtimes need.
+    #[arg(long)]
+    host_netns_only: bool,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -342,6 +350,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         zone,
         node_ip,
         external_ips,
+        localhost_node_ports,
+        host_netns_only,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -358,6 +368,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // A v4-mapped address would alias an IPv4 frontend in the maps.
         node_ips: node_ip.iter().map(|ip| ip.to_canonical()).collect(),
         external_ips: external_ips.into(),
+        localhost_node_ports,
         zone,
         service_proxy_name,
     };
@@ -371,7 +382,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bpffs: pins.bpffs,
         cgroup: pins.cgroup,
         sizes,
-        bpf_log,
+        programs: ProgramOptions {
+            bpf_log,
+            host_netns_only,
+        },
         allow_foreign_pins,
         translate,
         health_addr: health_addr.0,

@@ -156,7 +156,8 @@ fn a_load_balancer_ingress_ip_is_translated_unless_in_proxy_mode() {
         ),
     );
     let lab = lab(&[], &manifest, |d| {
-        addresses(d, "loadBalancerIp") == [LB_IP] && addresses(d, "nodeIp") == [NODE_IP]
+        addresses(d, "loadBalancerIp") == [LB_IP]
+            && addresses(d, "nodeIp") == [NODE_IP, "127.0.0.1"]
     });
     for udp in [false, true] {
         assert_balanced(&lab, &format!("{LB_IP}:8080"), udp);
@@ -246,7 +247,7 @@ fn in_node_clients_of_external_addresses_reach_every_endpoint_whatever_the_traff
         |d| {
             addresses(d, "externalIp") == [NODE_IP]
                 && addresses(d, "loadBalancerIp") == [LB_IP]
-                && addresses(d, "nodeIp") == [NODE_IP]
+                && addresses(d, "nodeIp") == [NODE_IP, "127.0.0.1"]
         },
     );
     let local = connects(&lab, "10.96.7.8:8080", 50, false);

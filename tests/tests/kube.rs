@@ -265,7 +265,7 @@ fn node_ports_follow_the_node_objects_addresses() {
     l.lab
         .agent
         .wait_for("node port on InternalIP", SYNC, |d| {
-            node_frontends(d) == ["10.250.0.1:30080"]
+            node_frontends(d) == ["10.250.0.1:30080", "127.0.0.1:30080"]
         })
         .unwrap();
     let r = l
@@ -288,7 +288,7 @@ fn node_ports_follow_the_node_objects_addresses() {
     l.lab
         .agent
         .wait_for("node ports moved", SYNC, |d| {
-            node_frontends(d) == ["10.250.0.2:30080", "10.250.0.3:30080"]
+            node_frontends(d) == ["10.250.0.2:30080", "10.250.0.3:30080", "127.0.0.1:30080"]
         })
         .unwrap();
     for ip in ["10.250.0.2", "10.250.0.3"] {

@@ -74,7 +74,7 @@ fn lab_with_web(node_port: bool) -> Lab {
     lab.agent
         .wait_for("web programmed", SYNC, |d| {
             endpoints(d, "default", "web", 8080).len() == 6
-                && node_frontends(d).len() == if node_port { 4 } else { 0 }
+                && node_frontends(d).len() == if node_port { 6 } else { 0 }
         })
         .unwrap();
     lab
@@ -90,7 +90,10 @@ fn a_node_port_is_balanced_on_every_node_address_for_tcp_and_udp() {
             "10.250.0.1:30080/TCP",
             "10.250.0.1:30080/UDP",
             "10.250.0.2:30080/TCP",
-            "10.250.0.2:30080/UDP"
+            "10.250.0.2:30080/UDP",
+            // For host-namespace sockets only (below).
+            "127.0.0.1:30080/TCP",
+            "127.0.0.1:30080/UDP"
         ]
     );
     // Node addresses are not ClusterIPs.
@@ -178,6 +181,8 @@ fn without_node_ip_the_interfaces_addresses_serve_node_ports() {
     lab.agent.start().unwrap();
     let mut want: Vec<String> = host_ipv4_addresses()
         .iter()
+        .map(String::as_str)
+        .chain(["127.0.0.1"])
         .flat_map(|ip| [format!("{ip}:30080/TCP"), format!("{ip}:30080/UDP")])
         .collect();
     want.sort();

@@ -158,6 +158,23 @@ mod tests {
     }
 
     #[test]
+    fn loopback_frontends_are_recognised_in_map_form() {
+        for (ip, loopback) in [
+            ("127.0.0.1", true),
+            ("127.3.2.1", true),
+            ("::1", true),
+            ("10.0.0.1", false),
+            ("1.0.0.127", false),
+            ("128.0.0.1", false),
+            ("::2", false),
+            ("fd00::1", false),
+        ] {
+            let addr = ip_be(ip.parse().unwrap());
+            assert_eq!(lb_common::is_loopback(&addr), loopback, "{ip}");
+        }
+    }
+
+    #[test]
     fn meta_round_trips() {
         let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 53, Proto::Udp);
         let svc = ServiceRef {

@@ -222,6 +222,9 @@ pub struct TranslateOptions {
     /// interfaces'): a NodePort is served on each, for the Services of
     /// that address's family.
     pub node_ips: Vec<IpAddr>,
+    /// Also serve each nodePort on `127.0.0.1` and `::1`, for sockets of the
+    /// host's network namespace only (the program checks).
+    pub localhost_node_ports: bool,
     /// Which `spec.externalIPs` are served (`--external-ips`).
     pub external_ips: ExternalIps,
     /// This node's zone, for topology hints (`hints.forZones`).

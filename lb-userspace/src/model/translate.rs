@@ -5,7 +5,7 @@
 //! [`translate`] is "apply everything to a fresh index, check out".
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -152,6 +152,12 @@ struct ParsedSlice<'a> {
     endpoints: Vec<ParsedEndpoint<'a>>,
 }
 
+/// Where a nodePort is also served with `localhost_node_ports`.
+const LOOPBACK: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+];
+
 /// One service's frontends. `slices` are its own, sorted by name (the
 /// deduplication order).
 pub(super) fn service_frontends(
@@ -231,9 +237,14 @@ pub(super) fn service_frontends(
         // In-node clients of a node port, an external IP or a load
         // balancer IP reach the cluster-wide endpoints whatever the traffic
         // policies say (see `external_frontends`).
-        let node_port = port
-            .node_port
-            .filter(|_| svc_type != ServiceType::ClusterIP && !opts.node_ips.is_empty());
+        let loopback: &[IpAddr] = if opts.localhost_node_ports {
+            &LOOPBACK
+        } else {
+            &[]
+        };
+        let node_port = port.node_port.filter(|_| {
+            svc_type != ServiceType::ClusterIP && !(opts.node_ips.is_empty() && loopback.is_empty())
+        });
         let external = node_port.is_some() || !externals.is_empty();
         let cluster_v4 = (external && local_only && ips.iter().any(IpAddr::is_ipv4))
             .then(|| choose_backends(&v4, false, opts));
@@ -242,6 +253,7 @@ pub(super) fn service_frontends(
         let node_frontends = node_port.into_iter().flat_map(|np| {
             opts.node_ips
                 .iter()
+                .chain(loopback)
                 .filter(|node| ips.iter().any(|ip| ip.is_ipv4() == node.is_ipv4()))
                 .map(move |node| (*node, np, FrontendKind::NodePort))
         });

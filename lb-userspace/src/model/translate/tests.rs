@@ -2255,36 +2255,6 @@ fn node_ports_follow_the_type_and_the_flag() {
 }
 
 #[test]
-fn in_node_clients_of_a_node_port_use_every_endpoint_whatever_the_traffic_policies() {
-    // kube-proxy: externalTrafficPolicy: Local sends pod and host traffic
-    // to the cluster-wide endpoints; internalTrafficPolicy: Local narrows
-    // only the ClusterIP.
-    let s = svc_with(
-        "default",
-        "web",
-        "10.0.0.1",
-        json!([{"port": 80, "nodePort": 30080}]),
-        json!({"spec": {"type": "NodePort", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}}),
-    );
-    let sl = slice(
-        "default",
-        "web-a",
-        "web",
-        sport(8080),
-        json!([ep_node("10.1.0.2", "n1"), ep_node("10.1.0.3", "n2")]),
-    );
-    let (st, _) = translate(&[s], &[sl], &node_opts("n1", &["192.168.0.10"]));
-    assert_eq!(
-        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
-        addrs(&["10.1.0.2:8080"])
-    );
-    assert_eq!(
-        st[&fe("192.168.0.10", 30080, Proto::Tcp)].backends,
-        addrs(&["10.1.0.2:8080", "10.1.0.3:8080"])
-    );
-}
-
-#[test]
 fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
     let s = svc_with(
         "default",
@@ -2459,4 +2429,30 @@ fn in_node_clients_of_external_addresses_use_every_endpoint_whatever_the_traffic
             assert_eq!(st[&external].backends, every, "{external} {etp}/{itp}");
         }
     }
+}
+
+#[test]
+fn localhost_node_ports_are_served_on_the_loopback_address_of_the_services_family() {
+    let s = svc_with(
+        "default",
+        "web",
+        "10.0.0.1",
+        json!([{"port": 80, "nodePort": 30080}]),
+        json!({"spec": {"type": "NodePort"}}),
+    );
+    let o = TranslateOptions {
+        localhost_node_ports: true,
+        ..TranslateOptions::default()
+    };
+    assert_eq!(
+        kinds(s, &o),
+        (
+            vec![
+                (fe("10.0.0.1", 80, Proto::Tcp), FrontendKind::ClusterIP),
+                (fe("127.0.0.1", 30080, Proto::Tcp), FrontendKind::NodePort),
+            ],
+            vec![]
+        ),
+        "no ::1 for an IPv4 Service; no node address needed"
+    );
 }
