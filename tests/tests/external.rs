@@ -182,15 +182,10 @@ fn a_load_balancer_ingress_ip_is_translated_unless_in_proxy_mode() {
 /// its endpoints (the lab's pods) on the nodes named in `nodes`; the agent
 /// is node `n1`.
 fn local_policies(nodes: [&str; 3]) -> String {
-    let endpoints: String = PODS
+    let endpoints: Vec<_> = PODS
         .iter()
         .zip(nodes)
-        .map(|((_, octet), node)| {
-            format!(
-                "  - addresses: [\"{}\"]\n    nodeName: {node}\n    conditions:\n      ready: true\n",
-                pod_ip(*octet)
-            )
-        })
+        .map(|((_, octet), node)| (pod_ip(*octet), Some(node)))
         .collect();
     format!(
         "apiVersion: v1
@@ -212,20 +207,8 @@ status:
   loadBalancer:
     ingress:
       - ip: {LB_IP}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  labels:
-    kubernetes.io/service-name: web
-addressType: IPv4
-ports:
-  - name: http
-    port: 80
-    protocol: TCP
-endpoints:
-{endpoints}"
+{slice}",
+        slice = lb_tests::http_slice("web-1", "web", 80, &endpoints)
     )
 }
 

@@ -66,6 +66,7 @@ impl Drop for HostServer {
 /// and `local` (ClusterIP 10.96.7.20:8090, nodePort 30090, its one
 /// endpoint the host server).
 fn manifest(host_port: u16) -> String {
+    let host: std::net::Ipv4Addr = HOST_SERVER_IP.parse().unwrap();
     format!(
         "apiVersion: v1
 kind: Service
@@ -93,23 +94,8 @@ spec:
     - name: http
       port: 8090
       nodePort: 30090
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: local-1
-  labels:
-    kubernetes.io/service-name: local
-addressType: IPv4
-ports:
-  - name: http
-    port: {host_port}
-    protocol: TCP
-endpoints:
-  - addresses: [\"{HOST_SERVER_IP}\"]
-    conditions:
-      ready: true
-{pods}",
+{slice}{pods}",
+        slice = lb_tests::http_slice("local-1", "local", host_port, &[(host, None)]),
         pods = lb_tests::web_pods(PODS)
     )
 }
@@ -150,6 +136,18 @@ fn host_client(lab: &Lab, port: u16, count: u32) -> ClientReport {
     serde_json::from_str(out.trim()).unwrap()
 }
 
+/// A host-namespace client reaches the `local` Service's endpoint (the
+/// host server) through `127.0.0.1:30090`, every connect.
+fn assert_host_reaches_its_server(lab: &Lab) {
+    let host = host_client(lab, 30090, 20);
+    assert_eq!(host.failed(), 0, "{host:?}");
+    assert_eq!(
+        host.backends.keys().collect::<Vec<_>>(),
+        ["host"],
+        "{host:?}"
+    );
+}
+
 fn pod_client(lab: &Lab, target: &str, count: u32) -> ClientReport {
     lab.client(target, &["--count", &count.to_string()])
         .unwrap()
@@ -160,13 +158,7 @@ fn pod_client(lab: &Lab, target: &str, count: u32) -> ClientReport {
 #[test]
 fn localhost_node_ports_answer_the_host_namespace_only() {
     let (first, server) = lab(&[]);
-    let host = host_client(&first, 30090, 20);
-    assert_eq!(host.failed(), 0, "{host:?}");
-    assert_eq!(
-        host.backends.keys().collect::<Vec<_>>(),
-        ["host"],
-        "{host:?}"
-    );
+    assert_host_reaches_its_server(&first);
 
     let pod = pod_client(&first, "127.0.0.1:30080", 5);
     assert_eq!((pod.ok(), pod.failed()), (0, 5), "{pod:?}");
@@ -192,11 +184,5 @@ fn with_host_netns_only_pods_are_left_alone() {
         let pod = pod_client(&lab, target, 5);
         assert_eq!(pod.errors.get("ENETUNREACH"), Some(&5), "{target} {pod:?}");
     }
-    let host = host_client(&lab, 30090, 20);
-    assert_eq!(host.failed(), 0, "{host:?}");
-    assert_eq!(
-        host.backends.keys().collect::<Vec<_>>(),
-        ["host"],
-        "{host:?}"
-    );
+    assert_host_reaches_its_server(&lab);
 }

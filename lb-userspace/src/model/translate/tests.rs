@@ -2254,15 +2254,25 @@ fn node_ports_follow_the_type_and_the_flag() {
     );
 }
 
-#[test]
-fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
-    let s = svc_with(
+/// `default/web` on 10.0.0.1:80 with `node_port`, `patch` merged in.
+fn web_with(node_port: i32, patch: Value) -> Service {
+    svc_with(
         "default",
         "web",
         "10.0.0.1",
-        json!([{"port": 80, "nodePort": 70000}]),
-        json!({"spec": {"type": "NodePort"}}),
-    );
+        json!([{"port": 80, "nodePort": node_port}]),
+        patch,
+    )
+}
+
+/// `default/web`, a NodePort Service on 10.0.0.1:80 with `node_port`.
+fn node_port_web(node_port: i32) -> Service {
+    web_with(node_port, json!({"spec": {"type": "NodePort"}}))
+}
+
+#[test]
+fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
+    let s = node_port_web(70000);
     let (st, diags) = translate(&[s], &[], &node_opts("n1", &["192.168.0.10"]));
     assert_eq!(
         st.keys().copied().collect::<Vec<_>>(),
@@ -2336,11 +2346,8 @@ fn external_ips_are_served_on_this_nodes_addresses_unless_all_are_allowed() {
 
 #[test]
 fn load_balancer_ingress_ips_are_served_unless_in_proxy_mode() {
-    let s = svc_with(
-        "default",
-        "web",
-        "10.0.0.1",
-        json!([{"port": 80, "nodePort": 30080}]),
+    let s = web_with(
+        30080,
         json!({
             "spec": {"type": "LoadBalancer", "externalIPs": ["198.51.100.2"]},
             "status": {"loadBalancer": {"ingress": [
@@ -2391,11 +2398,8 @@ fn in_node_clients_of_external_addresses_use_every_endpoint_whatever_the_traffic
         ("Cluster", "Local"),
         ("Cluster", "Cluster"),
     ] {
-        let s = svc_with(
-            "default",
-            "web",
-            "10.0.0.1",
-            json!([{"port": 80, "nodePort": 30080}]),
+        let s = web_with(
+            30080,
             json!({
                 "spec": {"type": "LoadBalancer", "externalTrafficPolicy": etp,
                          "internalTrafficPolicy": itp, "externalIPs": ["192.168.0.10"]},
@@ -2433,13 +2437,7 @@ fn in_node_clients_of_external_addresses_use_every_endpoint_whatever_the_traffic
 
 #[test]
 fn localhost_node_ports_are_served_on_the_loopback_address_of_the_services_family() {
-    let s = svc_with(
-        "default",
-        "web",
-        "10.0.0.1",
-        json!([{"port": 80, "nodePort": 30080}]),
-        json!({"spec": {"type": "NodePort"}}),
-    );
+    let s = node_port_web(30080);
     let o = TranslateOptions {
         localhost_node_ports: true,
         ..TranslateOptions::default()
