@@ -35,6 +35,30 @@ pub const fn as_v4(addr: &Addr) -> Option<u32> {
     }
 }
 
+/// Whether a frontend address is loopback (`127.0.0.0/8`, IPv4-mapped, or
+/// `::1`): such a frontend (a nodePort on `127.0.0.1`) answers sockets of
+/// the host's network namespace only (see [`HOST_NETNS_GLOBAL`]).
+#[inline(always)]
+pub const fn is_loopback(addr: &Addr) -> bool {
+    match as_v4(addr) {
+        Some(ip4) => ip4.to_ne_bytes()[0] == 127,
+        None => {
+            addr[0] == 0
+                && addr[1] == 0
+                && addr[2] == 0
+                && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+        }
+    }
+}
+
+/// Read-only global (u64) of the socket programs: the cookie of the host's
+/// network namespace (`SO_NETNS_COOKIE` of a socket the agent opens); 0:
+/// unknown, so no socket counts as the host's.
+pub const HOST_NETNS_GLOBAL: &str = "LB_HOST_NETNS";
+/// Read-only global (u32): non-zero: `--host-netns-only`, every frontend
+/// answers host-namespace sockets only (pods are left to another datapath).
+pub const HOST_NETNS_ONLY_GLOBAL: &str = "LB_HOST_NETNS_ONLY";
+
 /// Map names, shared so the agent finds the pins the program declares.
 pub mod maps {
     pub const SERVICES: &str = "LB_SERVICES";
@@ -384,6 +408,12 @@ pub const SVC_TYPE_LOAD_BALANCER: u8 = 2;
 pub const SVC_TYPE_MASK: u8 = 0x0f;
 /// The frontend is a node address on the Service's nodePort.
 pub const SVC_FRONTEND_NODE_PORT: u8 = 0x10;
+/// The frontend is one of the Service's `spec.externalIPs` on a service port.
+pub const SVC_FRONTEND_EXTERNAL_IP: u8 = 0x20;
+/// The frontend is a LoadBalancer ingress IP on a service port.
+pub const SVC_FRONTEND_LOAD_BALANCER: u8 = 0x30;
+/// Which address kind, in the high four bits of `ServiceMeta::svc_type`.
+pub const SVC_FRONTEND_MASK: u8 = 0xf0;
 
 /// Human-facing description of a frontend, keyed by `svc_id`. Only userspace
 /// reads it: it lets `lb-agent list` and a restarted agent name what the

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{
         DatapathError,
-        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes},
+        bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes, ProgramOptions},
         sockdiag::SockDiag,
         terminate::{self, Spared, Terminator},
     },
@@ -28,6 +28,7 @@ use crate::{
         dir_watch::DirWatcher,
         kube::{self as kube_source, ClientConfig, ClientError, Signals},
         manifest::{self, ClusterIpAllocator, DirCache, ServiceCidr},
+        node,
     },
     sync::{self, Coalesce, Driver, Input, Syncer},
 };
@@ -52,7 +53,8 @@ pub struct CommonConfig {
     /// `None`: the host's cgroup v2 root from `/proc/mounts`.
     pub cgroup: Option<PathBuf>,
     pub sizes: MapSizes,
-    pub bpf_log: bool,
+    /// `--bpf-log`, `--host-netns-only`.
+    pub programs: ProgramOptions,
     /// Share `bpffs` with pins lb-agent did not create.
     pub allow_foreign_pins: bool,
     /// `zone: None` means: read it from this node's `topology.kubernetes.io/zone` label
@@ -118,12 +120,11 @@ pub async fn run_manifests(
             )
         });
     let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
-    let mut driver = driver(
-        reconciler,
-        cfg.common.translate.clone(),
-        cfg.common.resync_period,
-        spared,
-    );
+    let mut opts = cfg.common.translate.clone();
+    if opts.node_ips.is_empty() {
+        opts.node_ips = interface_addresses();
+    }
+    let mut driver = driver(reconciler, opts, cfg.common.resync_period, spared);
     driver.set_metrics(health.metrics().clone());
     let input = driver.input().clone();
     let mut watcher = DirWatcher::new(&cfg.manifests);
@@ -239,7 +240,7 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
         bpffs,
         &cgroup,
         cfg.sizes,
-        cfg.bpf_log,
+        cfg.programs,
         cfg.allow_foreign_pins,
     )?;
     info!(
@@ -335,6 +336,26 @@ async fn swap_links_when_synced(staged: Vec<(PathBuf, PathBuf)>, health: Arc<Hea
     }
 }
 
+/// Without `--node-ip`, the manifest source's node addresses: those of the
+/// interfaces of the network namespace the agent runs in (the host's, for
+/// the DaemonSet), read once.
+fn interface_addresses() -> Vec<std::net::IpAddr> {
+    match node::from_interfaces() {
+        Ok(found) => {
+            let shown: Vec<String> = found.iter().map(|(i, ip)| format!("{ip} ({i})")).collect();
+            info!(
+                addresses = %shown.join(", "),
+                "no --node-ip: serving NodePorts on the interfaces' addresses (loopback and link-local left out)"
+            );
+            found.into_iter().map(|(_, ip)| ip).collect()
+        }
+        Err(e) => {
+            warn!(error = %e, "no --node-ip, and the interfaces' addresses cannot be read: NodePorts are not served");
+            Vec::new()
+        }
+    }
+}
+
 /// `lb-agent run` against the API server: attaches, re-adopts the pinned
 /// maps, then keeps them equal to the Services and EndpointSlices the two
 /// watches see until `shutdown`. While the API server is unreachable the maps
@@ -364,6 +385,13 @@ pub async fn run_kube(
             false
         });
     }
+    // Without --node-ip, the Node object's addresses, kept current.
+    let node_addresses = match &opts.node_name {
+        Some(node) if opts.node_ips.is_empty() => Some(tokio::spawn(
+            kube_source::watch_node_addresses(client.clone(), node.clone(), signals.clone()),
+        )),
+        _ => None,
+    };
     let selector = kube_source::label_selector(opts.service_proxy_name.as_deref());
     info!(
         selector,
@@ -382,6 +410,9 @@ pub async fn run_kube(
     driver.run(&health, shutdown).await;
     services.abort();
     slices.abort();
+    if let Some(task) = node_addresses {
+        task.abort();
+    }
     info!("stopping; the datapath stays attached through its pinned link");
     Ok(())
 }

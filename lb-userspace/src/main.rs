@@ -7,10 +7,10 @@ use lb_userspace::{
     agent::{self, CommonConfig, KubeAgentConfig, ManifestAgentConfig},
     datapath::{
         Datapath as _,
-        bpf::{self, BpfDatapath, MapSizes},
+        bpf::{self, BpfDatapath, MapSizes, ProgramOptions},
     },
     health, list,
-    model::TranslateOptions,
+    model::{ExternalIps, TranslateOptions},
     sources::{
         kube::ClientConfig,
         manifest::{self, ServiceCidr},
@@ -151,10 +151,25 @@ struct RunArgs {
     #[arg(long)]
     zone: Option<String>,
     /// This node's addresses, comma-separated (both families): a connect from the attached
-    /// cgroup to one of them on a Service's nodePort is balanced like its ClusterIP. Without
-    /// it, NodePorts are not translated.
+    /// cgroup to one of them on a Service's nodePort is balanced like its ClusterIP [default:
+    /// with the API, the InternalIP and ExternalIP addresses of the --node-name Node, followed
+    /// as it changes; with --manifests, the addresses of this network namespace's interfaces,
+    /// loopback and link-local left out].
     #[arg(long, value_delimiter = ',', value_name = "IP[,IP...]")]
     node_ip: Vec<std::net::IpAddr>,
+    /// Which spec.externalIPs are translated: `node`, only those that are this node's addresses
+    /// (a Service cannot capture connects to an arbitrary address, CVE-2020-8554); `all`,
+    /// every one.
+    #[arg(long, value_enum, default_value = "node")]
+    external_ips: ExternalIpsArg,
+    /// Also translate 127.0.0.1:nodePort and [::1]:nodePort, for sockets of the host's network
+    /// namespace only (kube-proxy's iptables mode accepts localhost node ports too).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    localhost_node_ports: bool,
+    /// Translate sockets of the host's network namespace only (the agent's): pods are left to
+    /// another datapath, as service meshes and VM runtimes need.
+    #[arg(long)]
+    host_netns_only: bool,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -226,6 +241,22 @@ impl From<TerminateSockets> for lb_userspace::datapath::terminate::Mode {
             TerminateSockets::Udp => Self::Udp,
             TerminateSockets::All => Self::All,
             TerminateSockets::None => Self::None,
+        }
+    }
+}
+
+/// `--external-ips`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ExternalIpsArg {
+    Node,
+    All,
+}
+
+impl From<ExternalIpsArg> for ExternalIps {
+    fn from(a: ExternalIpsArg) -> Self {
+        match a {
+            ExternalIpsArg::Node => Self::Node,
+            ExternalIpsArg::All => Self::All,
         }
     }
 }
@@ -323,6 +354,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name,
         zone,
         node_ip,
+        external_ips,
+        localhost_node_ports,
+        host_netns_only,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -338,6 +372,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name,
         // A v4-mapped address would alias an IPv4 frontend in the maps.
         node_ips: node_ip.iter().map(|ip| ip.to_canonical()).collect(),
+        external_ips: external_ips.into(),
+        localhost_node_ports,
         zone,
         service_proxy_name,
     };
@@ -350,7 +386,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bpffs: pins.bpffs,
         cgroup: pins.cgroup,
         sizes,
-        bpf_log,
+        programs: ProgramOptions {
+            bpf_log,
+            host_netns_only,
+        },
         allow_foreign_pins,
         translate,
         health_addr: health_addr.0,

@@ -700,9 +700,55 @@ spec:
 /// endpoint on two ports: `http` (TCP) and `echo` (UDP), both to `port`.
 pub fn http_echo_slice(name: &str, service: &str, addrs: &[IpAddr], port: u16) -> String {
     let family = if addrs[0].is_ipv6() { "IPv6" } else { "IPv4" };
-    let endpoints: String = addrs
+    let endpoints: Vec<(IpAddr, Option<&str>)> = addrs.iter().map(|a| (*a, None)).collect();
+    slice_doc(
+        name,
+        service,
+        family,
+        &format!(
+            "  - name: http\n    port: {port}\n    protocol: TCP\n  - name: echo\n    port: {port}\n    protocol: UDP\n"
+        ),
+        &endpoints,
+    )
+}
+
+/// A hand-written IPv4 EndpointSlice (a `---` document) of `service` with
+/// one TCP port, `http`, to `port`, and `endpoints` (address, `nodeName`
+/// if any), all ready.
+pub fn http_slice(
+    name: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(Ipv4Addr, Option<&str>)],
+) -> String {
+    let endpoints: Vec<(IpAddr, Option<&str>)> =
+        endpoints.iter().map(|(a, n)| ((*a).into(), *n)).collect();
+    slice_doc(
+        name,
+        service,
+        "IPv4",
+        &format!("  - name: http\n    port: {port}\n    protocol: TCP\n"),
+        &endpoints,
+    )
+}
+
+/// An EndpointSlice document: `ports` the YAML list under `ports:`, every
+/// endpoint ready.
+fn slice_doc(
+    name: &str,
+    service: &str,
+    family: &str,
+    ports: &str,
+    endpoints: &[(IpAddr, Option<&str>)],
+) -> String {
+    let endpoints: String = endpoints
         .iter()
-        .map(|a| format!("  - addresses: [\"{a}\"]\n    conditions:\n      ready: true\n"))
+        .map(|(a, node)| {
+            let node = node
+                .map(|n| format!("    nodeName: {n}\n"))
+                .unwrap_or_default();
+            format!("  - addresses: [\"{a}\"]\n{node}    conditions:\n      ready: true\n")
+        })
         .collect();
     format!(
         "---
@@ -714,13 +760,7 @@ metadata:
     kubernetes.io/service-name: {service}
 addressType: {family}
 ports:
-  - name: http
-    port: {port}
-    protocol: TCP
-  - name: echo
-    port: {port}
-    protocol: UDP
-endpoints:
+{ports}endpoints:
 {endpoints}"
     )
 }

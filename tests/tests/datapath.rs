@@ -259,6 +259,7 @@ fn list_prints_a_kubectl_like_table_with_or_without_the_agent() {
                 "NAME",
                 "TYPE",
                 "CLUSTER-IP",
+                "EXTERNAL-IP",
                 "PORT(S)",
                 "ENDPOINTS"
             ]
@@ -271,6 +272,7 @@ fn list_prints_a_kubectl_like_table_with_or_without_the_agent() {
                 "back-end",
                 "ClusterIP",
                 &ip.to_string(),
+                "<none>",
                 "80/TCP",
                 "10.244.1.11:80,10.244.1.12:80"
             ],

@@ -212,6 +212,97 @@ fn api_objects_reach_the_maps_and_every_change_the_next_connects() {
     assert_eq!(r.errors.get("ENETUNREACH"), Some(&5), "{r:?}");
 }
 
+/// This agent's Node (`node-a`) with `addresses` (type, address) as its
+/// `status.addresses`.
+fn node(addresses: &[(&str, &str)]) -> Value {
+    let addresses: Vec<Value> = addresses
+        .iter()
+        .map(|(t, a)| json!({"type": t, "address": a}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"kubernetes.io/hostname": "node-a"}},
+        "status": {"addresses": addresses},
+    })
+}
+
+/// The node addresses `list -o json` shows for `web`'s node port, sorted.
+fn node_frontends(doc: &Value) -> Vec<String> {
+    let mut ips: Vec<String> = lb_tests::find_service(doc, "default", "web")
+        .and_then(|s| s["ports"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some(format!("{}:{}", p["nodeIp"].as_str()?, p["port"])))
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// Without `--node-ip`, the agent serves NodePorts on its Node's
+/// `InternalIP` and `ExternalIP` addresses, and follows them when the Node
+/// changes: the old address stops being translated (no route:
+/// ENETUNREACH), the new ones answer.
+#[test]
+fn node_ports_follow_the_node_objects_addresses() {
+    let mut l = ApiLab::new();
+    let mut web = service("web", VIP);
+    web["spec"]["type"] = json!("NodePort");
+    web["spec"]["ports"][0]["nodePort"] = json!(30080);
+    l.api.apply("services", web).unwrap();
+    l.api
+        .apply(
+            "endpointslices",
+            slice("web-1", "web", &ready_pods(&[11, 12])),
+        )
+        .unwrap();
+    l.api
+        .apply(
+            "nodes",
+            node(&[("Hostname", "node-a"), ("InternalIP", "10.250.0.1")]),
+        )
+        .unwrap();
+    l.start_agent();
+    l.lab
+        .agent
+        .wait_for("node port on InternalIP", SYNC, |d| {
+            node_frontends(d) == ["10.250.0.1:30080", "127.0.0.1:30080"]
+        })
+        .unwrap();
+    let r = l
+        .lab
+        .client("10.250.0.1:30080", &["--count", "100"])
+        .unwrap();
+    assert_eq!(r.failed(), 0, "{r:?}");
+    assert_eq!(ApiLab::backends(&r), ["pod-1", "pod-2"], "{r:?}");
+
+    l.api
+        .apply(
+            "nodes",
+            node(&[
+                ("InternalIP", "10.250.0.2"),
+                ("ExternalIP", "10.250.0.3"),
+                ("InternalDNS", "node-a.internal"),
+            ]),
+        )
+        .unwrap();
+    l.lab
+        .agent
+        .wait_for("node ports moved", SYNC, |d| {
+            node_frontends(d) == ["10.250.0.2:30080", "10.250.0.3:30080", "127.0.0.1:30080"]
+        })
+        .unwrap();
+    for ip in ["10.250.0.2", "10.250.0.3"] {
+        let r = l
+            .lab
+            .client(&format!("{ip}:30080"), &["--count", "100"])
+            .unwrap();
+        assert_eq!(r.failed(), 0, "{ip} {r:?}");
+        assert_eq!(ApiLab::backends(&r), ["pod-1", "pod-2"], "{ip} {r:?}");
+    }
+    let old = l.lab.client("10.250.0.1:30080", &["--count", "5"]).unwrap();
+    assert_eq!(old.errors.get("ENETUNREACH"), Some(&5), "{old:?}");
+}
+
 #[test]
 fn an_object_deleted_behind_a_410_is_removed_after_the_relist() {
     let mut l = ApiLab::new();

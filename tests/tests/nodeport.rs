@@ -74,7 +74,7 @@ fn lab_with_web(node_port: bool) -> Lab {
     lab.agent
         .wait_for("web programmed", SYNC, |d| {
             endpoints(d, "default", "web", 8080).len() == 6
-                && node_frontends(d).len() == if node_port { 4 } else { 0 }
+                && node_frontends(d).len() == if node_port { 6 } else { 0 }
         })
         .unwrap();
     lab
@@ -90,7 +90,10 @@ fn a_node_port_is_balanced_on_every_node_address_for_tcp_and_udp() {
             "10.250.0.1:30080/TCP",
             "10.250.0.1:30080/UDP",
             "10.250.0.2:30080/TCP",
-            "10.250.0.2:30080/UDP"
+            "10.250.0.2:30080/UDP",
+            // For host-namespace sockets only (below).
+            "127.0.0.1:30080/TCP",
+            "127.0.0.1:30080/UDP"
         ]
     );
     // Node addresses are not ClusterIPs.
@@ -144,4 +147,56 @@ fn a_service_changed_back_to_cluster_ip_stops_answering_on_its_node_port() {
     }
     let cluster = lab.client("10.96.7.7:8080", &["--count", "20"]).unwrap();
     assert_eq!(cluster.ok(), 20, "{cluster:?}");
+}
+
+/// The host namespace's global IPv4 addresses (`ip -j -4 addr show scope
+/// global`: neither loopback nor link-local), sorted.
+fn host_ipv4_addresses() -> Vec<String> {
+    let out = lb_tests::run(
+        std::process::Command::new("ip").args(["-j", "-4", "addr", "show", "scope", "global"]),
+    )
+    .unwrap();
+    let links: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut ips: Vec<String> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| Some(a["local"].as_str()?.to_owned()))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Without `--node-ip`, the manifest source serves NodePorts on the
+/// addresses of the interfaces of the namespace the agent runs in (the
+/// host's here): exactly its global ones, each reached from the client pod
+/// (the client's namespace has no route to them, so only the program can
+/// make these connects succeed).
+#[test]
+fn without_node_ip_the_interfaces_addresses_serve_node_ports() {
+    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
+    lab.write_manifest("web.yaml", &web(true)).unwrap();
+    lab.agent.start().unwrap();
+    let mut want: Vec<String> = host_ipv4_addresses()
+        .iter()
+        .map(String::as_str)
+        .chain(["127.0.0.1"])
+        .flat_map(|ip| [format!("{ip}:30080/TCP"), format!("{ip}:30080/UDP")])
+        .collect();
+    want.sort();
+    assert!(!want.is_empty(), "the host has no global IPv4 address");
+    lab.agent
+        .wait_for("node ports on the interfaces", SYNC, |d| {
+            node_frontends(d) == want
+        })
+        .unwrap();
+    for ip in host_ipv4_addresses() {
+        let r = lab
+            .client(&format!("{ip}:30080"), &["--count", "60"])
+            .unwrap();
+        assert_eq!(r.failed(), 0, "{ip} {r:?}");
+        assert_eq!(r.backends.len(), 3, "{ip} {r:?}");
+    }
 }

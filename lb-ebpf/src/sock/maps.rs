@@ -194,6 +194,28 @@ pub fn unspill(slot: *mut SockSlot, cookie: u64) {
     }
 }
 
+/// `lb_common::HOST_NETNS_GLOBAL`: the host's network namespace cookie.
+#[unsafe(no_mangle)]
+static LB_HOST_NETNS: u64 = 0;
+
+/// `lb_common::HOST_NETNS_ONLY_GLOBAL`: non-zero with `--host-netns-only`.
+#[unsafe(no_mangle)]
+static LB_HOST_NETNS_ONLY: u32 = 0;
+
+/// The host's network namespace cookie; 0 if the agent could not tell.
+#[inline(always)]
+pub fn host_netns() -> u64 {
+    // SAFETY: as for `debug_enabled`.
+    unsafe { core::ptr::read_volatile(&LB_HOST_NETNS) }
+}
+
+/// Whether only host-namespace sockets are translated.
+#[inline(always)]
+pub fn host_netns_only() -> bool {
+    // SAFETY: as for `debug_enabled`.
+    unsafe { core::ptr::read_volatile(&LB_HOST_NETNS_ONLY) != 0 }
+}
+
 /// Benchmark-only [`lb_common::ablate`] bits; 0 in service.
 #[unsafe(no_mangle)]
 static LB_ABLATE: u32 = 0;

@@ -20,7 +20,7 @@ use aya_log_ebpf::debug;
 use lb_common::{
     AFFINITY_SCAN, Addr, AffinityKey, AffinityValue, Backend, PROTO_TCP, PROTO_UDP, ReverseKey,
     ReverseValue, SOCK_DGRAM, SOCK_STREAM, ServiceKey, ServiceValue, SockReverse, SockState,
-    ablate, as_v4, stats, v4_mapped,
+    ablate, as_v4, is_loopback, stats, v4_mapped,
 };
 
 use crate::maps::{self, SvcCounter, ablated, bump, bump_service};
@@ -126,6 +126,10 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     let Some(master) = maps::service(&key) else {
         return Verdict::Pass;
     };
+    // After the hit, so a destination that is no service pays nothing.
+    if (maps::host_netns_only() || is_loopback(&addr)) && !in_host_netns(ctx) {
+        return Verdict::Pass;
+    }
     if master.count == 0 {
         bump(stats::NO_BACKEND);
         bump_service(master.svc_id, SvcCounter::Refused);
@@ -186,6 +190,15 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         );
     }
     Verdict::Pass
+}
+
+/// Whether the socket belongs to the host's network namespace: loopback
+/// frontends (`127.0.0.1:nodePort`) and, with `--host-netns-only`, every
+/// frontend answer only those.
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a sock_addr context is a valid argument for this helper.
+    (unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) == maps::host_netns()
 }
 
 #[inline(always)]

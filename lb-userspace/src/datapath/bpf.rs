@@ -25,9 +25,10 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    ABLATE_GLOBAL, AffinityKey, AffinityValue, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS, ReverseKey,
-    ReverseValue, SOCK_MASK_GLOBAL, ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot,
-    SvcStats, filter_bit, maps, stats,
+    ABLATE_GLOBAL, AffinityKey, AffinityValue, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS,
+    HOST_NETNS_GLOBAL, HOST_NETNS_ONLY_GLOBAL, ReverseKey, ReverseValue, SOCK_MASK_GLOBAL,
+    ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SvcStats, filter_bit, maps,
+    stats,
 };
 
 use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
@@ -174,6 +175,62 @@ pub enum LoadError {
         dir.display()
     )]
     Locked { dir: PathBuf, holder: String },
+}
+
+/// What the programs are loaded with (read-only globals).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgramOptions {
+    /// Log every translated connect (aya-log, debug level).
+    pub bpf_log: bool,
+    /// `--host-netns-only`: translate sockets of the host's network
+    /// namespace only.
+    pub host_netns_only: bool,
+}
+
+/// The cookie of the network namespace the agent runs in (the host's, for
+/// the DaemonSet): loopback frontends, and with `--host-netns-only` every
+/// frontend, answer sockets of that namespace only. Unknown (0) means no
+/// socket matches, which `--host-netns-only` refuses, as it would then
+/// translate nothing.
+fn host_netns_cookie(required: bool) -> Result<u64, LoadError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let cookie = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|fd| {
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: `fd` is an open socket; the kernel writes at most `len`
+        // bytes into `cookie`.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(cookie)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    });
+    match cookie {
+        Ok(c) => Ok(c),
+        Err(e) if required => Err(LoadError::Invalid(format!(
+            "--host-netns-only: cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}"
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the network namespace cookie (SO_NETNS_COOKIE); 127.0.0.1:nodePort is not translated");
+            Ok(0)
+        }
+    }
 }
 
 /// Sizes of the maps created on first install (pinned maps keep theirs).
@@ -506,7 +563,7 @@ pub fn install(
     dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
-    bpf_log: bool,
+    programs: ProgramOptions,
     allow_foreign: bool,
 ) -> Result<Installation, LoadError> {
     if SOCK_OBJ.is_empty() {
@@ -530,7 +587,7 @@ pub fn install(
         .flatten()
         .flatten()
         .all(|e| !known_pin(&e.file_name().to_string_lossy()));
-    match load_and_attach(dir, cgroup, sizes, bpf_log) {
+    match load_and_attach(dir, cgroup, sizes, programs) {
         Ok((ebpf, link_pins, deferred)) => Ok(Installation {
             ebpf,
             link_pin: dir.join(LINK_PIN),
@@ -559,8 +616,13 @@ fn load_and_attach(
     dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
-    bpf_log: bool,
+    programs: ProgramOptions,
 ) -> Result<Attached, LoadError> {
+    let ProgramOptions {
+        bpf_log,
+        host_netns_only,
+    } = programs;
+    let host_netns = host_netns_cookie(host_netns_only)?;
     // A previous agent stopped before its deferred swap: its maps may not
     // be filled yet, so the programs before it stay attached here too.
     let unfinished = PROGRAMS
@@ -592,6 +654,8 @@ fn load_and_attach(
         .override_global(SOCK_MASK_GLOBAL, &(sock_slots - 1), true)
         .override_global(DEBUG_LOG_GLOBAL, &u32::from(bpf_log), true)
         .override_global(ABLATE_GLOBAL, &ablation(), true)
+        .override_global(HOST_NETNS_GLOBAL, &host_netns, true)
+        .override_global(HOST_NETNS_ONLY_GLOBAL, &u32::from(host_netns_only), true)
         .load(SOCK_OBJ)?;
     if bpf_log {
         match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -101,6 +101,8 @@ pub fn encode_meta(_fe: &Frontend, svc: &ServiceRef) -> ServiceMeta {
         } | match svc.frontend {
             FrontendKind::ClusterIP => 0,
             FrontendKind::NodePort => lb_common::SVC_FRONTEND_NODE_PORT,
+            FrontendKind::ExternalIP => lb_common::SVC_FRONTEND_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => lb_common::SVC_FRONTEND_LOAD_BALANCER,
         },
     }
 }
@@ -115,10 +117,11 @@ pub fn decode_meta(meta: &ServiceMeta) -> ServiceRef {
             SVC_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,
             _ => ServiceType::ClusterIP,
         },
-        frontend: if meta.svc_type & lb_common::SVC_FRONTEND_NODE_PORT != 0 {
-            FrontendKind::NodePort
-        } else {
-            FrontendKind::ClusterIP
+        frontend: match meta.svc_type & lb_common::SVC_FRONTEND_MASK {
+            lb_common::SVC_FRONTEND_NODE_PORT => FrontendKind::NodePort,
+            lb_common::SVC_FRONTEND_EXTERNAL_IP => FrontendKind::ExternalIP,
+            lb_common::SVC_FRONTEND_LOAD_BALANCER => FrontendKind::LoadBalancer,
+            _ => FrontendKind::ClusterIP,
         },
     }
 }
@@ -155,6 +158,23 @@ mod tests {
     }
 
     #[test]
+    fn loopback_frontends_are_recognised_in_map_form() {
+        for (ip, loopback) in [
+            ("127.0.0.1", true),
+            ("127.3.2.1", true),
+            ("::1", true),
+            ("10.0.0.1", false),
+            ("1.0.0.127", false),
+            ("128.0.0.1", false),
+            ("::2", false),
+            ("fd00::1", false),
+        ] {
+            let addr = ip_be(ip.parse().unwrap());
+            assert_eq!(lb_common::is_loopback(&addr), loopback, "{ip}");
+        }
+    }
+
+    #[test]
     fn meta_round_trips() {
         let fe = frontend(Ipv4Addr::new(10, 96, 0, 10), 53, Proto::Udp);
         let svc = ServiceRef {
@@ -171,6 +191,13 @@ mod tests {
             ..svc
         };
         assert_eq!(decode_meta(&encode_meta(&fe, &node)), node);
+        for frontend in [FrontendKind::ExternalIP, FrontendKind::LoadBalancer] {
+            let external = ServiceRef {
+                frontend,
+                ..node.clone()
+            };
+            assert_eq!(decode_meta(&encode_meta(&fe, &external)), external);
+        }
         // A record written before frontends had kinds.
         let mut old = encode_meta(&fe, &node);
         old.svc_type = SVC_TYPE_LOAD_BALANCER;

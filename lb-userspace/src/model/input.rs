@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, SessionAffinityConfig},
+        core::v1::{LoadBalancerIngress, Service, ServicePort, SessionAffinityConfig},
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -52,54 +52,93 @@ pub struct ServiceSpecInfo {
     pub cluster_ip: Option<SmolStr>,
     pub cluster_ips: Option<Vec<SmolStr>>,
     pub ports: Vec<ServicePortInfo>,
-    /// `None` when both policies are at their defaults (most Services):
-    /// every Service is kept, and three fields took a third of its spec.
-    pub policy: Option<Box<SpecPolicy>>,
+    /// `None` when all of it is at its default (most Services): every
+    /// Service is kept, and these fields took half of its spec.
+    pub extras: Option<Box<SpecExtras>>,
 }
 
-/// A Service's internal traffic policy and session affinity, as written
-/// (raw, so an unknown value can be reported).
+/// A Service's internal traffic policy, session affinity and external
+/// addresses, as written (raw, so an unknown value can be reported).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SpecPolicy {
+pub struct SpecExtras {
     pub internal_traffic_policy: Option<SmolStr>,
     pub session_affinity: Option<SmolStr>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, unchecked
     /// (translation reports a value out of range).
     pub session_affinity_timeout: Option<i32>,
+    /// `spec.externalIPs` as written (translation reports one that is no
+    /// address).
+    pub external_ips: Vec<SmolStr>,
+    /// `status.loadBalancer.ingress`, every entry, so a diagnostic's index
+    /// is the one written.
+    pub lb_ingress: Vec<LbIngressInfo>,
 }
 
-impl SpecPolicy {
-    /// `None` for the defaults (`Cluster`, no affinity): the API server
-    /// sets them on every Service, and they mean what unset means.
-    pub fn new(
-        internal_traffic_policy: Option<&str>,
-        session_affinity: Option<&str>,
-        session_affinity_timeout: Option<i32>,
-    ) -> Option<Box<Self>> {
-        let itp = internal_traffic_policy.filter(|p| *p != "Cluster");
-        let affinity = session_affinity.filter(|a| !matches!(*a, "" | "None"));
-        (itp.is_some() || affinity.is_some()).then(|| {
-            Box::new(Self {
-                internal_traffic_policy: itp.map(SmolStr::new),
-                session_affinity: affinity.map(SmolStr::new),
-                session_affinity_timeout: affinity.and(session_affinity_timeout),
-            })
-        })
+/// One `status.loadBalancer.ingress[]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbIngressInfo {
+    /// Empty for a hostname-only entry (nothing to serve).
+    pub ip: SmolStr,
+    /// `ipMode` as written: unset and `VIP` are served, `Proxy` is not
+    /// (KEP-1860: the load balancer, not the node, must see the traffic).
+    pub ip_mode: Option<SmolStr>,
+}
+
+impl From<&LoadBalancerIngress> for LbIngressInfo {
+    fn from(i: &LoadBalancerIngress) -> Self {
+        Self::new(i.ip.as_deref(), i.ip_mode.as_deref())
+    }
+}
+
+impl LbIngressInfo {
+    pub fn new(ip: Option<&str>, ip_mode: Option<&str>) -> Self {
+        Self {
+            ip: SmolStr::new(ip.unwrap_or_default()),
+            ip_mode: ip_mode.map(SmolStr::new),
+        }
+    }
+}
+
+impl SpecExtras {
+    /// `None` when all is at its default. The internal traffic policy
+    /// `Cluster` and the affinity `None` are dropped: the API server sets
+    /// them on every Service, and they mean what unset means.
+    pub fn boxed(self) -> Option<Box<Self>> {
+        let affinity = self
+            .session_affinity
+            .filter(|a| !matches!(a.as_str(), "" | "None"));
+        let normal = Self {
+            internal_traffic_policy: self.internal_traffic_policy.filter(|p| p != "Cluster"),
+            session_affinity_timeout: affinity.as_ref().and(self.session_affinity_timeout),
+            session_affinity: affinity,
+            ..self
+        };
+        (normal != Self::default()).then(|| Box::new(normal))
     }
 }
 
 impl ServiceSpecInfo {
     pub fn internal_traffic_policy(&self) -> Option<&str> {
-        self.policy.as_ref()?.internal_traffic_policy.as_deref()
+        self.extras.as_ref()?.internal_traffic_policy.as_deref()
     }
 
     /// `spec.sessionAffinity`; `None` when unset or `None`.
     pub fn session_affinity(&self) -> Option<&str> {
-        self.policy.as_ref()?.session_affinity.as_deref()
+        self.extras.as_ref()?.session_affinity.as_deref()
     }
 
     pub fn session_affinity_timeout(&self) -> Option<i32> {
-        self.policy.as_ref()?.session_affinity_timeout
+        self.extras.as_ref()?.session_affinity_timeout
+    }
+
+    /// `spec.externalIPs` as written.
+    pub fn external_ips(&self) -> &[SmolStr] {
+        self.extras.as_ref().map_or(&[], |e| &e.external_ips)
+    }
+
+    /// `status.loadBalancer.ingress`, every entry.
+    pub fn lb_ingress(&self) -> &[LbIngressInfo] {
+        self.extras.as_ref().map_or(&[], |e| &e.lb_ingress)
     }
 }
 
@@ -238,6 +277,11 @@ impl From<&Service> for ServiceInfo {
                 internal_traffic_policy: s.internal_traffic_policy.as_deref(),
                 session_affinity: s.session_affinity.as_deref(),
                 session_affinity_config: s.session_affinity_config.as_ref(),
+                external_ips: s.external_ips.as_deref(),
+                lb_ingress: svc
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref()?.ingress.as_deref()),
             })
         });
         Self::from_parts(&svc.metadata, spec)
@@ -254,6 +298,9 @@ pub struct SpecFields<'a> {
     pub internal_traffic_policy: Option<&'a str>,
     pub session_affinity: Option<&'a str>,
     pub session_affinity_config: Option<&'a SessionAffinityConfig>,
+    pub external_ips: Option<&'a [String]>,
+    /// `status.loadBalancer.ingress`.
+    pub lb_ingress: Option<&'a [LoadBalancerIngress]>,
 }
 
 impl ServiceSpecInfo {
@@ -271,13 +318,27 @@ impl ServiceSpecInfo {
                 .iter()
                 .map(ServicePortInfo::from)
                 .collect(),
-            policy: SpecPolicy::new(
-                f.internal_traffic_policy,
-                f.session_affinity,
+            extras: SpecExtras {
+                internal_traffic_policy: f.internal_traffic_policy.map(SmolStr::new),
+                session_affinity: f.session_affinity.map(SmolStr::new),
                 // `clientIP.timeoutSeconds`, as written.
-                f.session_affinity_config
+                session_affinity_timeout: f
+                    .session_affinity_config
                     .and_then(|c| c.client_ip.as_ref()?.timeout_seconds),
-            ),
+                external_ips: f
+                    .external_ips
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(SmolStr::new)
+                    .collect(),
+                lb_ingress: f
+                    .lb_ingress
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(LbIngressInfo::from)
+                    .collect(),
+            }
+            .boxed(),
         }
     }
 }

@@ -111,8 +111,12 @@ pub enum FrontendKind {
     /// A ClusterIP on a service port.
     #[default]
     ClusterIP,
-    /// One of this node's addresses (`--node-ip`) on the port's nodePort.
+    /// One of this node's addresses on the port's nodePort.
     NodePort,
+    /// One of `spec.externalIPs` on a service port.
+    ExternalIP,
+    /// A `status.loadBalancer.ingress[].ip` on a service port.
+    LoadBalancer,
 }
 
 impl FrontendKind {
@@ -120,7 +124,15 @@ impl FrontendKind {
         match self {
             FrontendKind::ClusterIP => "ClusterIP",
             FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIP => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
         }
+    }
+
+    /// An address for traffic from outside the cluster (kube-proxy's
+    /// "external destinations"), as opposed to a ClusterIP.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIP)
     }
 }
 
@@ -206,15 +218,33 @@ impl fmt::Display for Diagnostic {
 pub struct TranslateOptions {
     /// This node's name: `internalTrafficPolicy: Local` keeps only endpoints with this `nodeName`.
     pub node_name: Option<String>,
-    /// This node's addresses (`--node-ip`): a NodePort is served on each,
-    /// for the Services of that address's family.
+    /// This node's addresses (`--node-ip`, the Node object's or the
+    /// interfaces'): a NodePort is served on each, for the Services of
+    /// that address's family.
     pub node_ips: Vec<IpAddr>,
+    /// Also serve each nodePort on `127.0.0.1` and `::1`, for sockets of the
+    /// host's network namespace only (the program checks).
+    pub localhost_node_ports: bool,
+    /// Which `spec.externalIPs` are served (`--external-ips`).
+    pub external_ips: ExternalIps,
     /// This node's zone, for topology hints (`hints.forZones`).
     pub zone: Option<String>,
     /// `--service-proxy-name`: serve only services whose
     /// `service.kubernetes.io/service-proxy-name` label equals it. `None`:
     /// serve only services without that label (kube-proxy's default).
     pub service_proxy_name: Option<String>,
+}
+
+/// Which of a Service's `spec.externalIPs` become frontends. Any user who
+/// can create a Service can set them (CVE-2020-8554): served everywhere,
+/// they would let that user capture in-node connects to any address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExternalIps {
+    /// Only those that are one of this node's addresses.
+    #[default]
+    Node,
+    /// Every one, whatever address it is.
+    All,
 }
 
 /// Well-known labels, as kube-proxy and the endpoint controllers use them.

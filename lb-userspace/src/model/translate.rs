@@ -5,7 +5,7 @@
 //! [`translate`] is "apply everything to a fresh index, check out".
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -13,9 +13,9 @@ use lb_common::MAX_SLOTS;
 use smol_str::SmolStr;
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, Index, Proto, ServiceRef,
-    ServiceType, TranslateOptions,
-    input::{Address, EndpointInfo, Hints, ServiceInfo, SliceInfo},
+    DesiredService, DesiredState, Diagnostic, ExternalIps, Frontend, FrontendKind, Index, Proto,
+    ServiceRef, ServiceType, TranslateOptions,
+    input::{Address, EndpointInfo, Hints, ServiceInfo, ServiceSpecInfo, SliceInfo},
 };
 
 #[cfg(test)]
@@ -164,6 +164,12 @@ struct ParsedSlice<'a> {
     endpoints: Vec<ParsedEndpoint<'a>>,
 }
 
+/// Where a nodePort is also served with `localhost_node_ports`.
+const LOOPBACK: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+];
+
 /// One service's frontends. `slices` are its own, sorted by name (the
 /// deduplication order).
 pub(super) fn service_frontends(
@@ -222,6 +228,7 @@ pub(super) fn service_frontends(
         }
     };
     let affinity = session_affinity(svc, diags);
+    let externals = external_frontends(spec, &ips, opts, &sdiag, diags);
 
     let parsed = parse_slices(slices, diags);
     let mut out = Vec::with_capacity(ips.len() * ports.len());
@@ -239,27 +246,39 @@ pub(super) fn service_frontends(
             .iter()
             .any(IpAddr::is_ipv6)
             .then(|| choose_backends(&v6, local_only, opts));
-        // kube-proxy sends in-node clients' NodePort connections to the
-        // cluster-wide endpoints whatever the traffic policies say:
-        // `externalTrafficPolicy: Local` short-circuits pod and host
-        // traffic to the cluster chain, and `internalTrafficPolicy` is for
-        // ClusterIPs only.
-        let node_port = port
-            .node_port
-            .filter(|_| svc_type != ServiceType::ClusterIP);
-        let cluster_v4 = (node_port.is_some() && local_only && ips.iter().any(IpAddr::is_ipv4))
+        // In-node clients of a node port, an external IP or a load
+        // balancer IP reach the cluster-wide endpoints whatever the traffic
+        // policies say (see `external_frontends`).
+        let loopback: &[IpAddr] = if opts.localhost_node_ports {
+            &LOOPBACK
+        } else {
+            &[]
+        };
+        let node_port = port.node_port.filter(|_| {
+            svc_type != ServiceType::ClusterIP && !(opts.node_ips.is_empty() && loopback.is_empty())
+        });
+        let external = node_port.is_some() || !externals.is_empty();
+        let cluster_v4 = (external && local_only && ips.iter().any(IpAddr::is_ipv4))
             .then(|| choose_backends(&v4, false, opts));
-        let cluster_v6 = (node_port.is_some() && local_only && ips.iter().any(IpAddr::is_ipv6))
+        let cluster_v6 = (external && local_only && ips.iter().any(IpAddr::is_ipv6))
             .then(|| choose_backends(&v6, false, opts));
         let node_frontends = node_port.into_iter().flat_map(|np| {
             opts.node_ips
                 .iter()
+                .chain(loopback)
                 .filter(|node| ips.iter().any(|ip| ip.is_ipv4() == node.is_ipv4()))
-                .map(move |node| (*node, np, true))
+                .map(move |node| (*node, np, FrontendKind::NodePort))
         });
-        let cluster_frontends = ips.iter().map(|ip| (*ip, port.port, false));
-        for (ip, number, on_node) in cluster_frontends.chain(node_frontends) {
-            let (backends, family) = match (ip.is_ipv4(), on_node && local_only) {
+        let cluster_frontends = ips
+            .iter()
+            .map(|ip| (*ip, port.port, FrontendKind::ClusterIP));
+        let external_frontends = externals.iter().map(|(ip, kind)| (*ip, port.port, *kind));
+        let first = out.len();
+        for (ip, number, kind) in cluster_frontends
+            .chain(node_frontends)
+            .chain(external_frontends)
+        {
+            let (backends, family) = match (ip.is_ipv4(), kind.is_external() && local_only) {
                 (true, false) => (&v4_backends, &v4),
                 (false, false) => (&v6_backends, &v6),
                 (true, true) => (&cluster_v4, &v4),
@@ -269,6 +288,11 @@ pub(super) fn service_frontends(
                 addr: SocketAddr::new(ip, number),
                 proto: port.proto,
             };
+            // One address listed twice (an external IP that is also an
+            // ingress IP, or a node address on a port equal to the nodePort).
+            if out[first..].iter().any(|(f, _)| *f == fe) {
+                continue;
+            }
             let mut backends = backends.clone().unwrap_or_default();
             if backends.len() > usize::from(MAX_SLOTS) {
                 // The datapath numbers slots with 16 bits; sorted, so the
@@ -291,17 +315,86 @@ pub(super) fn service_frontends(
                         name: SmolStr::new(&svc.name),
                         port_name: SmolStr::new(port.name),
                         svc_type,
-                        frontend: if on_node {
-                            FrontendKind::NodePort
-                        } else {
-                            FrontendKind::ClusterIP
-                        },
+                        frontend: kind,
                     },
                     backends,
                     affinity,
                     spared,
                 },
             ));
+        }
+    }
+    out
+}
+
+/// The Service's external IPs and load balancer IPs this node serves, of
+/// its ClusterIPs' families (kube-proxy runs one proxier per family), each
+/// once, with its kind.
+///
+/// Which endpoints they get is kube-proxy's rule for traffic that starts
+/// on the node: every cluster-wide endpoint (ready, topology hints applied),
+/// whatever `externalTrafficPolicy` and `internalTrafficPolicy` say. Its
+/// `UsesClusterEndpoints` (pkg/proxy/serviceport.go) keeps the cluster
+/// endpoints of every externally accessible port "to implement short
+/// circuiting", and the service's external chain sends pod traffic
+/// (`localDetector`) and host traffic (`fib saddr type local`) to them
+/// before `externalTrafficPolicy: Local` can narrow anything
+/// (pkg/proxy/nftables/proxier.go; kubernetes#131765 made nftables mode
+/// short-circuit also when the node has no local endpoint, as iptables and
+/// IPVS modes did).
+fn external_frontends(
+    spec: &ServiceSpecInfo,
+    ips: &[IpAddr],
+    opts: &TranslateOptions,
+    sdiag: &dyn Fn(&str, String) -> Diagnostic,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<(IpAddr, FrontendKind)> {
+    let mut out: Vec<(IpAddr, FrontendKind)> = Vec::new();
+    let mut add = |ip: IpAddr, kind| {
+        // A v4-mapped address would alias an IPv4 frontend in the maps.
+        let ip = ip.to_canonical();
+        if ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4()) && !out.iter().any(|(a, _)| *a == ip) {
+            out.push((ip, kind));
+        }
+    };
+    for (i, raw) in spec.external_ips().iter().enumerate() {
+        match raw.parse::<IpAddr>() {
+            Ok(ip) => {
+                // CVE-2020-8554: any Service could claim any address.
+                let allowed = opts.external_ips == ExternalIps::All
+                    || opts.node_ips.contains(&ip.to_canonical());
+                if allowed {
+                    add(ip, FrontendKind::ExternalIP);
+                }
+            }
+            Err(_) => diags.push(sdiag(
+                &format!("spec.externalIPs[{i}]"),
+                format!("{raw:?} is not an IP address; not served"),
+            )),
+        }
+    }
+    for (i, ingress) in spec.lb_ingress().iter().enumerate() {
+        if ingress.ip.is_empty() {
+            continue;
+        }
+        match ingress.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            // The load balancer must see this traffic itself (KEP-1860).
+            Some("Proxy") => continue,
+            Some(other) => {
+                diags.push(sdiag(
+                    &format!("status.loadBalancer.ingress[{i}].ipMode"),
+                    format!("unknown mode {other:?} (VIP or Proxy); not served"),
+                ));
+                continue;
+            }
+        }
+        match ingress.ip.parse::<IpAddr>() {
+            Ok(ip) => add(ip, FrontendKind::LoadBalancer),
+            Err(_) => diags.push(sdiag(
+                &format!("status.loadBalancer.ingress[{i}].ip"),
+                format!("{:?} is not an IP address; not served", ingress.ip),
+            )),
         }
     }
     out

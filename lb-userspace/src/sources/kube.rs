@@ -13,6 +13,7 @@
 use std::{
     collections::HashSet,
     fmt,
+    net::IpAddr,
     path::PathBuf,
     pin::pin,
     sync::{
@@ -34,10 +35,11 @@ use tracing::{debug, info, warn};
 use crate::{
     metrics::{self, Metrics},
     model::{
-        Index, IndexNamespaced, Named, ServiceInfo, SliceInfo,
+        Index, IndexNamespaced, Named, ServiceInfo, SliceInfo, TranslateOptions,
         index::Key,
         labels::{HEADLESS, SERVICE_PROXY_NAME},
     },
+    sources::node,
     sync::Input,
 };
 
@@ -252,9 +254,18 @@ impl Signals {
     /// A zone learned after start; every service is translated again.
     pub fn set_zone(&self, zone: Option<String>) {
         info!(zone = zone.as_deref().unwrap_or(""), "node zone");
+        self.set_options(|opts| opts.zone = zone);
+    }
+
+    /// This node's addresses changed; every service is translated again.
+    pub fn set_node_ips(&self, node_ips: Vec<IpAddr>) {
+        self.set_options(|opts| opts.node_ips = node_ips);
+    }
+
+    fn set_options(&self, f: impl FnOnce(&mut TranslateOptions)) {
         self.input.update(Instant::now(), false, |index| {
             let mut opts = index.options().clone();
-            opts.zone = zone;
+            f(&mut opts);
             index.set_options(opts);
             true
         });
@@ -361,6 +372,39 @@ where
         p.handle(event);
     }
     debug!(kind = %K::KIND, "watch stream ended");
+}
+
+/// Keeps the node addresses of the translation equal to `node`'s
+/// `status.addresses` (`InternalIP` and `ExternalIP`; see
+/// [`node::from_node_status`]) for as long as it runs, through a watch on
+/// that one Node (`list` and `watch` on nodes). Never returns.
+pub async fn watch_node_addresses(client: Client, node: String, signals: Arc<Signals>) {
+    let api: Api<Node> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut nodes = pin!(watcher(api, cfg).default_backoff().applied_objects());
+    let mut current: Option<Vec<IpAddr>> = None;
+    while let Some(event) = nodes.next().await {
+        let n = match event {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(node, error = %e, "node watch failed; retrying");
+                continue;
+            }
+        };
+        let given = n.status.as_ref().and_then(|s| s.addresses.as_deref());
+        let (found, bad) = node::from_node_status(given.unwrap_or_default());
+        let ips: Vec<IpAddr> = found.iter().map(|(_, ip)| *ip).collect();
+        if current.as_ref() == Some(&ips) {
+            continue;
+        }
+        let shown: Vec<String> = found.iter().map(|(t, ip)| format!("{ip} ({t})")).collect();
+        info!(node, addresses = %shown.join(", "), "node addresses (status.addresses)");
+        if !bad.is_empty() {
+            warn!(node, ignored = ?bad, "Node status.addresses: entries that are not IP addresses ignored");
+        }
+        signals.set_node_ips(ips.clone());
+        current = Some(ips);
+    }
 }
 
 /// Looks the zone up once now; if the API is unreachable, keeps trying in the

@@ -3,3 +3,4 @@
 pub mod dir_watch;
 pub mod kube;
 pub mod manifest;
+pub mod node;

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::{translate, translate_service};
 use crate::model::{
-    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, Proto, SOURCE_ANNOTATION,
-    ServiceRef, ServiceType, TranslateOptions, frontend,
+    DesiredService, DesiredState, Diagnostic, ExternalIps, Frontend, FrontendKind, Proto,
+    SOURCE_ANNOTATION, ServiceRef, ServiceType, TranslateOptions, frontend,
 };
 
 // ---------- builders ----------
@@ -941,6 +941,12 @@ fn service_types() {
                 fe("10.0.0.4", 80, Proto::Tcp),
                 desired("default", "lb", "", ServiceType::LoadBalancer, &[])
             ),
+            // The ingress IP is served; the external IP is no node address.
+            (fe("5.6.7.8", 80, Proto::Tcp), {
+                let mut d = desired("default", "lb", "", ServiceType::LoadBalancer, &[]);
+                d.service.frontend = FrontendKind::LoadBalancer;
+                d
+            }),
         ])
     );
 }
@@ -2248,45 +2254,25 @@ fn node_ports_follow_the_type_and_the_flag() {
     );
 }
 
-#[test]
-fn in_node_clients_of_a_node_port_use_every_endpoint_whatever_the_traffic_policies() {
-    // kube-proxy: externalTrafficPolicy: Local sends pod and host traffic
-    // to the cluster-wide endpoints; internalTrafficPolicy: Local narrows
-    // only the ClusterIP.
-    let s = svc_with(
+/// `default/web` on 10.0.0.1:80 with `node_port`, `patch` merged in.
+fn web_with(node_port: i32, patch: Value) -> Service {
+    svc_with(
         "default",
         "web",
         "10.0.0.1",
-        json!([{"port": 80, "nodePort": 30080}]),
-        json!({"spec": {"type": "NodePort", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}}),
-    );
-    let sl = slice(
-        "default",
-        "web-a",
-        "web",
-        sport(8080),
-        json!([ep_node("10.1.0.2", "n1"), ep_node("10.1.0.3", "n2")]),
-    );
-    let (st, _) = translate(&[s], &[sl], &node_opts("n1", &["192.168.0.10"]));
-    assert_eq!(
-        st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
-        addrs(&["10.1.0.2:8080"])
-    );
-    assert_eq!(
-        st[&fe("192.168.0.10", 30080, Proto::Tcp)].backends,
-        addrs(&["10.1.0.2:8080", "10.1.0.3:8080"])
-    );
+        json!([{"port": 80, "nodePort": node_port}]),
+        patch,
+    )
+}
+
+/// `default/web`, a NodePort Service on 10.0.0.1:80 with `node_port`.
+fn node_port_web(node_port: i32) -> Service {
+    web_with(node_port, json!({"spec": {"type": "NodePort"}}))
 }
 
 #[test]
 fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
-    let s = svc_with(
-        "default",
-        "web",
-        "10.0.0.1",
-        json!([{"port": 80, "nodePort": 70000}]),
-        json!({"spec": {"type": "NodePort"}}),
-    );
+    let s = node_port_web(70000);
     let (st, diags) = translate(&[s], &[], &node_opts("n1", &["192.168.0.10"]));
     assert_eq!(
         st.keys().copied().collect::<Vec<_>>(),
@@ -2299,5 +2285,172 @@ fn a_node_port_out_of_range_is_reported_and_the_cluster_ip_still_served() {
             "spec.ports[0].nodePort",
             "node port 70000 is outside 1-65535; not served on node addresses"
         )]
+    );
+}
+
+// ---------- ExternalIPs and LoadBalancer ingress (in-node clients) ----------
+
+/// The frontends of `s` (with one endpoint) and their kinds, sorted.
+fn kinds(s: Service, o: &TranslateOptions) -> (Vec<(Frontend, FrontendKind)>, Vec<Diagnostic>) {
+    let sl = slice(
+        "default",
+        "web-a",
+        "web",
+        sport(8080),
+        json!([ep("10.1.0.2")]),
+    );
+    let (st, diags) = translate(&[s], &[sl], o);
+    let mut out: Vec<_> = st
+        .into_iter()
+        .map(|(f, d)| (f, d.service.frontend))
+        .collect();
+    out.sort_by_key(|(f, _)| *f);
+    (out, diags)
+}
+
+#[test]
+fn external_ips_are_served_on_this_nodes_addresses_unless_all_are_allowed() {
+    let s = || {
+        svc_with(
+            "default",
+            "web",
+            "10.0.0.1",
+            json!([{"port": 80}]),
+            json!({"spec": {"externalIPs": ["192.168.0.10", "203.0.113.5", "fd00::10", "bogus"]}}),
+        )
+    };
+    let cluster = (fe("10.0.0.1", 80, Proto::Tcp), FrontendKind::ClusterIP);
+    let on_node = (fe("192.168.0.10", 80, Proto::Tcp), FrontendKind::ExternalIP);
+    let foreign = (fe("203.0.113.5", 80, Proto::Tcp), FrontendKind::ExternalIP);
+    let bogus = d(
+        "Service default/web",
+        "spec.externalIPs[3]",
+        "\"bogus\" is not an IP address; not served",
+    );
+    // The default guards against CVE-2020-8554: a foreign address is not
+    // captured; the IPv6 one is of no family the Service has.
+    let o = node_opts("n1", &["192.168.0.10", "fd00::10"]);
+    assert_eq!(
+        kinds(s(), &o),
+        (vec![cluster, on_node], vec![bogus.clone()])
+    );
+    let all = TranslateOptions {
+        external_ips: ExternalIps::All,
+        ..o
+    };
+    assert_eq!(
+        kinds(s(), &all),
+        (vec![cluster, on_node, foreign], vec![bogus])
+    );
+}
+
+#[test]
+fn load_balancer_ingress_ips_are_served_unless_in_proxy_mode() {
+    let s = web_with(
+        30080,
+        json!({
+            "spec": {"type": "LoadBalancer", "externalIPs": ["198.51.100.2"]},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.1"},
+                {"ip": "198.51.100.2", "ipMode": "VIP"},
+                {"ip": "198.51.100.3", "ipMode": "Proxy"},
+                {"hostname": "lb.example"},
+                {"ip": "198.51.100.4", "ipMode": "Tunnel"},
+                {"ip": "fd00::1"},
+            ]}},
+        }),
+    );
+    let o = TranslateOptions {
+        external_ips: ExternalIps::All,
+        ..node_opts("n1", &[])
+    };
+    let (frontends, diags) = kinds(s, &o);
+    assert_eq!(
+        frontends,
+        vec![
+            (fe("10.0.0.1", 80, Proto::Tcp), FrontendKind::ClusterIP),
+            (
+                fe("198.51.100.1", 80, Proto::Tcp),
+                FrontendKind::LoadBalancer
+            ),
+            // Listed as an external IP too: one frontend, the first kind.
+            (fe("198.51.100.2", 80, Proto::Tcp), FrontendKind::ExternalIP),
+        ]
+    );
+    assert_eq!(
+        diags,
+        vec![d(
+            "Service default/web",
+            "status.loadBalancer.ingress[4].ipMode",
+            "unknown mode \"Tunnel\" (VIP or Proxy); not served"
+        )]
+    );
+}
+
+#[test]
+fn in_node_clients_of_external_addresses_use_every_endpoint_whatever_the_traffic_policies() {
+    // kube-proxy short-circuits pod and host traffic to external
+    // destinations to the cluster-wide endpoints; internalTrafficPolicy
+    // narrows only the ClusterIP.
+    for (etp, itp) in [
+        ("Local", "Local"),
+        ("Local", "Cluster"),
+        ("Cluster", "Local"),
+        ("Cluster", "Cluster"),
+    ] {
+        let s = web_with(
+            30080,
+            json!({
+                "spec": {"type": "LoadBalancer", "externalTrafficPolicy": etp,
+                         "internalTrafficPolicy": itp, "externalIPs": ["192.168.0.10"]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}},
+            }),
+        );
+        let sl = slice(
+            "default",
+            "web-a",
+            "web",
+            sport(8080),
+            json!([ep_node("10.1.0.2", "n1"), ep_node("10.1.0.3", "n2")]),
+        );
+        let (st, _) = translate(&[s], &[sl], &node_opts("n1", &["192.168.0.10"]));
+        let every = addrs(&["10.1.0.2:8080", "10.1.0.3:8080"]);
+        let cluster_ip = if itp == "Local" {
+            addrs(&["10.1.0.2:8080"])
+        } else {
+            every.clone()
+        };
+        assert_eq!(
+            st[&fe("10.0.0.1", 80, Proto::Tcp)].backends,
+            cluster_ip,
+            "{etp}/{itp}"
+        );
+        for external in [
+            fe("192.168.0.10", 30080, Proto::Tcp),
+            fe("192.168.0.10", 80, Proto::Tcp),
+            fe("198.51.100.1", 80, Proto::Tcp),
+        ] {
+            assert_eq!(st[&external].backends, every, "{external} {etp}/{itp}");
+        }
+    }
+}
+
+#[test]
+fn localhost_node_ports_are_served_on_the_loopback_address_of_the_services_family() {
+    let s = node_port_web(30080);
+    let o = TranslateOptions {
+        localhost_node_ports: true,
+        ..TranslateOptions::default()
+    };
+    assert_eq!(
+        kinds(s, &o),
+        (
+            vec![
+                (fe("10.0.0.1", 80, Proto::Tcp), FrontendKind::ClusterIP),
+                (fe("127.0.0.1", 30080, Proto::Tcp), FrontendKind::NodePort),
+            ],
+            vec![]
+        ),
+        "no ::1 for an IPv4 Service; no node address needed"
     );
 }

@@ -20,7 +20,10 @@ use serde::{
 
 use crate::model::{
     SOURCE_ANNOTATION, ServiceInfo, SliceInfo,
-    input::{Endpoints, Family, ServicePortInfo, ServiceSpecInfo, SlicePortInfo, SpecPolicy},
+    input::{
+        Endpoints, Family, LbIngressInfo, ServicePortInfo, ServiceSpecInfo, SlicePortInfo,
+        SpecExtras,
+    },
     labels::{HEADLESS, SERVICE_NAME, SERVICE_PROXY_NAME},
 };
 
@@ -187,6 +190,25 @@ impl<'de> Deserialize<'de> for First {
 struct WireService {
     metadata: Option<WireMeta>,
     spec: Option<WireServiceSpec>,
+    status: Option<WireServiceStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireServiceStatus {
+    load_balancer: Option<WireLbStatus>,
+}
+
+#[derive(Deserialize)]
+struct WireLbStatus {
+    ingress: Option<Vec<WireLbIngress>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireLbIngress {
+    ip: Option<String>,
+    ip_mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +224,8 @@ struct WireServiceSpec {
     internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     session_affinity_config: Option<WireAffinityConfig>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +252,10 @@ struct WireServicePort {
 impl From<WireService> for SlimService {
     fn from(w: WireService) -> Self {
         let metadata = ObjectMeta::from(w.metadata.unwrap_or_default());
+        let lb_ingress = w
+            .status
+            .and_then(|st| st.load_balancer?.ingress)
+            .unwrap_or_default();
         let spec = w.spec.map(|s| ServiceSpecInfo {
             type_: s.type_.map(SmolStr::from),
             cluster_ip: s.cluster_ip.map(SmolStr::from),
@@ -240,13 +268,21 @@ impl From<WireService> for SlimService {
                         .with_node_port(p.node_port.unwrap_or_default()),
                 )
             }),
-            policy: SpecPolicy::new(
-                s.internal_traffic_policy.as_deref(),
-                s.session_affinity.as_deref(),
-                s.session_affinity_config
+            extras: SpecExtras {
+                internal_traffic_policy: s.internal_traffic_policy.map(SmolStr::from),
+                session_affinity: s.session_affinity.map(SmolStr::from),
+                session_affinity_timeout: s
+                    .session_affinity_config
                     .and_then(|c| c.client_ip)
                     .and_then(|c| c.timeout_seconds),
-            ),
+                external_ips: kept(s.external_ips.unwrap_or_default(), |ip| {
+                    Some(SmolStr::from(ip))
+                }),
+                lb_ingress: kept(lb_ingress, |i| {
+                    Some(LbIngressInfo::new(i.ip.as_deref(), i.ip_mode.as_deref()))
+                }),
+            }
+            .boxed(),
         });
         let info = ServiceInfo::from_parts(&metadata, spec);
         Self { metadata, info }

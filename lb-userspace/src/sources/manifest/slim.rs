@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Container, Endpoints, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
-        ServiceSpec, SessionAffinityConfig,
+        Container, Endpoints, LoadBalancerIngress, LoadBalancerStatus, Pod, PodCondition, PodSpec,
+        PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
@@ -45,6 +45,9 @@ fn meta(m: ObjectMeta) -> ObjectMeta {
 pub(super) struct SlimService {
     pub metadata: SlimMeta,
     pub spec: Option<SlimServiceSpec>,
+    /// `status.loadBalancer.ingress` as written: no controller here fills
+    /// it in, so the manifest's word is the load balancer's.
+    pub lb_ingress: Option<Vec<LoadBalancerIngress>>,
 }
 
 /// A Service's metadata as the cache keeps it: 88 bytes where an
@@ -96,6 +99,7 @@ struct RareSpec {
     internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     session_affinity_config: Option<SessionAffinityConfig>,
+    external_ips: Option<Vec<String>>,
 }
 
 impl SlimServiceSpec {
@@ -126,6 +130,10 @@ impl SlimServiceSpec {
     fn session_affinity_config(&self) -> Option<&SessionAffinityConfig> {
         self.rare.as_ref()?.session_affinity_config.as_ref()
     }
+
+    fn external_ips(&self) -> Option<&[String]> {
+        self.rare.as_ref()?.external_ips.as_deref()
+    }
 }
 
 pub(super) fn service(s: Service) -> SlimService {
@@ -146,6 +154,7 @@ pub(super) fn service(s: Service) -> SlimService {
                 internal_traffic_policy: s.internal_traffic_policy,
                 session_affinity: s.session_affinity,
                 session_affinity_config: s.session_affinity_config,
+                external_ips: s.external_ips,
             };
             SlimServiceSpec {
                 type_: s.type_.map(SmolStr::from),
@@ -160,6 +169,10 @@ pub(super) fn service(s: Service) -> SlimService {
                 rare: (rare != RareSpec::default()).then(|| Box::new(rare)),
             }
         }),
+        lb_ingress: s
+            .status
+            .and_then(|st| st.load_balancer?.ingress)
+            .filter(|i| !i.is_empty()),
     }
 }
 
@@ -189,10 +202,16 @@ impl SlimService {
                     internal_traffic_policy: rare.internal_traffic_policy,
                     session_affinity: rare.session_affinity,
                     session_affinity_config: rare.session_affinity_config,
+                    external_ips: rare.external_ips,
                     ..ServiceSpec::default()
                 }
             }),
-            status: None,
+            status: self.lb_ingress.map(|ingress| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(ingress),
+                }),
+                ..ServiceStatus::default()
+            }),
         }
     }
 
@@ -216,6 +235,8 @@ impl SlimService {
                 internal_traffic_policy: s.internal_traffic_policy(),
                 session_affinity: s.session_affinity(),
                 session_affinity_config: s.session_affinity_config(),
+                external_ips: s.external_ips(),
+                lb_ingress: self.lb_ingress.as_deref(),
             })
         });
         let m = &self.metadata;
@@ -315,7 +336,9 @@ spec:
   ports:
   - {name: http, port: 80, protocol: TCP, targetPort: http, nodePort: 30080}
 status:
-  loadBalancer: {}
+  loadBalancer:
+    ingress: [{ip: 192.0.2.9, ipMode: Proxy}]
+  conditions: []
 "#;
         let full: Service = serde_yaml::from_str(yaml).unwrap();
         let kept = service(full.clone());
@@ -324,7 +347,9 @@ status:
             ServiceInfo::from(&full)
         );
         let back = kept.clone().into_service();
-        assert_eq!(back.status, None);
+        let ingress = back.status.as_ref().unwrap().load_balancer.as_ref();
+        assert_eq!(ingress, full.status.unwrap().load_balancer.as_ref());
+        assert_eq!(back.status.as_ref().unwrap().conditions, None);
         assert_eq!(back.metadata.annotations, None);
         assert_eq!(back.metadata.labels, full.metadata.labels);
         assert_eq!(
@@ -335,14 +360,7 @@ status:
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
         let info = kept.info(SmolStr::default(), None).spec.unwrap();
         assert_eq!(info.session_affinity_timeout(), Some(5));
-        assert_eq!(spec.external_ips, None);
-        assert_eq!(
-            spec,
-            ServiceSpec {
-                external_ips: None,
-                ..was
-            }
-        );
+        assert_eq!(spec, was);
         assert_eq!(service(back_again(&kept)), kept);
     }
 

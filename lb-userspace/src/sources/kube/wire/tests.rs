@@ -88,7 +88,8 @@ fn service() -> impl Strategy<Value = Value> {
     let spec = (
         maybe(prop_oneof![
             Just(json!("ClusterIP")),
-            Just(json!("NodePort"))
+            Just(json!("NodePort")),
+            Just(json!("LoadBalancer"))
         ]),
         maybe(prop_oneof![Just(json!("10.96.0.1")), Just(json!("None"))]),
         maybe(Just(json!(["10.96.0.1", "fd00::1"]))),
@@ -106,8 +107,9 @@ fn service() -> impl Strategy<Value = Value> {
             )
             .prop_map(|c| object(vec![("clientIP", c)])),
         ),
+        maybe(external_ips()),
     )
-        .prop_map(|(t, ip, ips, ports, itp, affinity, config)| {
+        .prop_map(|(t, ip, ips, ports, itp, affinity, config, external)| {
             object(vec![
                 ("type", t),
                 ("clusterIP", ip),
@@ -116,15 +118,43 @@ fn service() -> impl Strategy<Value = Value> {
                 ("internalTrafficPolicy", itp),
                 ("sessionAffinity", affinity),
                 ("sessionAffinityConfig", config),
+                ("externalIPs", external),
             ])
         });
-    (maybe(metadata()), maybe(spec)).prop_map(|(m, s)| {
-        object(vec![
-            ("metadata", m),
-            ("spec", s),
-            ("status", Some(json!({}))),
-        ])
-    })
+    let ingress = (
+        maybe(prop_oneof![
+            Just(json!("192.0.2.1")),
+            Just(json!("fd00::2"))
+        ]),
+        maybe(prop_oneof![Just(json!("VIP")), Just(json!("Proxy"))]),
+    )
+        .prop_map(|(ip, mode)| {
+            object(vec![
+                ("ip", ip),
+                ("ipMode", mode),
+                ("hostname", Some(json!("lb.example"))),
+                ("ports", Some(json!([{"port": 80, "protocol": "TCP"}]))),
+            ])
+        });
+    let status = maybe(
+        maybe(proptest::collection::vec(ingress, 0..3).prop_map(Value::from))
+            .prop_map(|i| object(vec![("ingress", i)])),
+    )
+    .prop_map(|lb| object(vec![("loadBalancer", lb), ("conditions", Some(json!([])))]));
+    (maybe(metadata()), maybe(spec), maybe(status))
+        .prop_map(|(m, s, st)| object(vec![("metadata", m), ("spec", s), ("status", st)]))
+}
+
+fn external_ips() -> impl Strategy<Value = Value> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(json!("192.0.2.7")),
+            Just(json!("fd00::7")),
+            Just(json!("not-an-ip"))
+        ],
+        0..3,
+    )
+    .prop_map(Value::from)
 }
 
 fn slice() -> impl Strategy<Value = Value> {
