@@ -342,26 +342,10 @@ pub fn text(s: &Status) -> String {
     out
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
+/// Unix seconds as RFC 3339 (UTC), to the second.
 fn unix_time(secs: f64) -> String {
-    let secs = secs as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    jiff::Timestamp::from_second(secs as i64)
+        .map_or_else(|_| format!("{secs} s"), |t| t.to_string())
 }
 
 #[cfg(test)]
@@ -370,9 +354,8 @@ mod tests {
 
     #[test]
     fn unix_time_is_a_utc_date() {
-        assert_eq!(unix_time(0.0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(unix_time(1_796_601_600.0), "2026-12-07 00:00:00 UTC");
-        assert_eq!(unix_time(951_825_599.0), "2000-02-29 11:59:59 UTC");
+        assert_eq!(unix_time(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(unix_time(951_825_599.2), "2000-02-29T11:59:59Z");
     }
 
     #[test]

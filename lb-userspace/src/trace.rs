@@ -142,14 +142,11 @@ impl Event {
     }
 
     /// One line: `HH:MM:SS.ffffff hook cookie=… cgroup=… netns=…
-    /// ns/name[:port] proto frontend -> backend` (or `refused`).
+    /// ns/name[:port] proto frontend -> backend` (or `refused`), in UTC.
     pub fn line(&self) -> String {
-        let secs = self.time.max(0.0);
-        let day = secs % 86_400.0;
-        let (h, m, s) = (
-            (day / 3600.0) as u64,
-            (day % 3600.0 / 60.0) as u64,
-            day % 60.0,
+        let time = jiff::Timestamp::from_nanosecond((self.time * 1e9) as i128).map_or_else(
+            |_| self.time.to_string(),
+            |t| t.strftime("%H:%M:%S%.6f").to_string(),
         );
         let service = self.service.as_ref().map_or_else(
             || format!("svc#{}", self.svc_id),
@@ -166,7 +163,7 @@ impl Event {
             None => self.outcome.to_owned(),
         };
         format!(
-            "{h:02}:{m:02}:{s:09.6} {} cookie={} cgroup={} netns={} {service} {} {} {to}",
+            "{time} {} cookie={} cgroup={} netns={} {service} {} {} {to}",
             self.hook, self.cookie, self.cgroup_id, self.netns_cookie, self.protocol, self.frontend
         )
     }
