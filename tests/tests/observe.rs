@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Bins, Lab, back_end_manifest, endpoints, find_service, pod_ip, run, sys};
+use lb_tests::{
+    Bins, Lab, back_end_at, endpoints, find_service, pod_ip, run, selector_service, sys,
+};
 
 const SYNC: Duration = Duration::from_secs(15);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -31,33 +33,16 @@ fn bins() -> Bins {
 /// The textbook back-end at a fixed ClusterIP, and `empty`, whose selector
 /// matches no pod.
 fn manifests() -> String {
-    let pods: Vec<(&str, Ipv4Addr, bool)> = PODS
-        .iter()
-        .map(|(name, octet)| (*name, pod_ip(*octet), true))
-        .collect();
-    let back_end = back_end_manifest(&pods).replacen(
-        "spec:\n",
-        &format!("spec:\n  clusterIP: {CLUSTER_IP}\n"),
-        1,
-    );
     format!(
-        "{back_end}\n---\napiVersion: v1
-kind: Service
-metadata:
-  name: empty
-spec:
-  clusterIP: {EMPTY_IP}
-  selector: {{app: nobody}}
-  ports: [{{port: 80, targetPort: 80}}]
-"
+        "{}\n---\n{}",
+        back_end_at(CLUSTER_IP, PODS),
+        selector_service("empty", EMPTY_IP, "nobody")
     )
 }
 
 /// A lab whose agent serves `back-end` (3 endpoints) and `empty`.
 fn lab() -> Lab {
-    let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
-    lab.write_manifest("services.yaml", &manifests()).unwrap();
-    lab.agent.start().unwrap();
+    let mut lab = Lab::running(&bins(), PODS, &manifests()).expect("lab");
     lab.agent
         .wait_for("back-end and empty", SYNC, |d| {
             endpoints(d, "default", "back-end", 80).len() == 3
@@ -170,15 +155,9 @@ fn trace_shows_each_translation_and_refusal_while_on_and_nothing_after() {
     );
 
     const K: u64 = 25;
-    let report = lab
-        .client(&format!("{CLUSTER_IP}:80"), &["--count", &K.to_string()])
-        .unwrap();
-    assert_eq!((report.ok(), report.failed()), (K, 0), "{report:?}");
+    let report = lab.connects_ok(&format!("{CLUSTER_IP}:80"), K);
     const R: u64 = 4;
-    let refused = lab
-        .client(&format!("{EMPTY_IP}:80"), &["--count", &R.to_string()])
-        .unwrap();
-    assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&R), "{refused:?}");
+    lab.connects_refused(&format!("{EMPTY_IP}:80"), R);
     let events = all.stop();
     assert_eq!(trace_lease(&bpffs), 0, "off once the tracer stopped");
 
@@ -224,24 +203,15 @@ fn trace_shows_each_translation_and_refusal_while_on_and_nothing_after() {
 
     // --service: only that Service's events.
     let empty = Tracer::start(&lab, "empty", &["--service", "default/empty"]);
-    let ok = lab
-        .client(&format!("{CLUSTER_IP}:80"), &["--count", "5"])
-        .unwrap();
-    assert_eq!(ok.ok(), 5, "{ok:?}");
-    let refused = lab
-        .client(&format!("{EMPTY_IP}:80"), &["--count", "3"])
-        .unwrap();
-    assert_eq!(refused.failed(), 3, "{refused:?}");
+    lab.connects_ok(&format!("{CLUSTER_IP}:80"), 5);
+    lab.connects_refused(&format!("{EMPTY_IP}:80"), 3);
     let only_empty = empty.stop();
     assert_eq!(only_empty.len(), 3, "{only_empty:#?}");
     assert_refused(&only_empty.iter().collect::<Vec<_>>());
     assert_eq!(trace_lease(&bpffs), 0);
 
     // Tracing off: connects are translated, and nothing is traced.
-    let quiet = lab
-        .client(&format!("{CLUSTER_IP}:80"), &["--count", "5"])
-        .unwrap();
-    assert_eq!(quiet.ok(), 5, "{quiet:?}");
+    lab.connects_ok(&format!("{CLUSTER_IP}:80"), 5);
     let after = Tracer::start(&lab, "after", &["--frontend", &format!("{CLUSTER_IP}:80")]);
     assert!(
         after.stop().is_empty(),
