@@ -504,6 +504,9 @@ pub mod trace {
     /// Bytes of the event ring buffer (a power of two, a multiple of the
     /// page size): about 3,000 events between two reads of a tracer.
     pub const RING_BYTES: u32 = 256 * 1024;
+    /// How often a tracer drains the ring: the programs wake it only once
+    /// half the ring is taken, so an event waits at most this long.
+    pub const DRAIN_MS: u64 = 100;
 
     /// [`super::TraceEvent::hook`] values.
     pub const HOOK_CONNECT4: u8 = 1;

@@ -540,12 +540,16 @@ fn trace_cmd(pins: &Pins, filter: trace::Filter, output: Output) -> anyhow::Resu
             Ok(())
         };
         let mut renew = tokio::time::interval(trace::RENEW);
+        // The programs wake a reader only when the ring is half full.
+        let mut drain =
+            tokio::time::interval(std::time::Duration::from_millis(lb_common::trace::DRAIN_MS));
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = renew.tick() => tracer.renew()?,
+                _ = drain.tick() => print(tracer.drain(ring.get_mut(), &filter))?,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
                     print(tracer.drain(guard.get_inner_mut(), &filter))?;

@@ -3,6 +3,7 @@
 //! While no one traces, a call pays the one read of the lease.
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
@@ -58,6 +59,16 @@ pub fn emit<const V6: bool>(
             _pad: [0; 5],
         }
     };
-    // A full ring (no reader keeping up) drops the event.
-    let _ = maps::TRACE_RING.output::<TraceEvent>(&event, 0);
+    // No wakeup per event (an irq_work and a reader's wakeup cost the
+    // call several hundred ns): the tracer drains every `trace::DRAIN_MS`
+    // and is woken only when half the ring is taken. A full ring (no
+    // reader keeping up) drops the event.
+    let flags = if maps::TRACE_RING.query(u64::from(BPF_RB_AVAIL_DATA))
+        >= u64::from(trace::RING_BYTES / 2)
+    {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    let _ = maps::TRACE_RING.output::<TraceEvent>(&event, u64::from(flags));
 }
