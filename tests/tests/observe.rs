@@ -1,7 +1,8 @@
 //! End-to-end: `lb-agent status` and `lb-agent trace` tell the truth about
 //! the real programs. `trace` shows exactly the K connects a client made
 //! through a ClusterIP, each with the backend the client reached, and
-//! refusals as refused; its switch (`LB_TRACE`) is 0 before and after.
+//! refusals as refused; its switch (`LB_TRACE`) is 0 before and after,
+//! and the lease of a tracer killed outright runs out.
 //! `status` shows the programs attached to the test's cgroup, the maps'
 //! fill as `list` reads it, the kernel's features and the running agent,
 //! then the pins alone once it stopped. Privileged: run by
@@ -120,6 +121,15 @@ impl Tracer {
     }
 }
 
+impl Tracer {
+    /// SIGKILL: no chance to clear the lease.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
 impl Drop for Tracer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -218,6 +228,21 @@ fn trace_shows_each_translation_and_refusal_while_on_and_nothing_after() {
         "connects made while off are not traced"
     );
     assert_eq!(trace_lease(&bpffs), 0);
+
+    // A tracer killed outright leaves its lease, which runs out on its
+    // own; the next tracer clears it on exit.
+    let killed = Tracer::start(&lab, "killed", &[]);
+    assert_eq!(status(&lab)["tracing"], true);
+    killed.kill();
+    assert_ne!(trace_lease(&bpffs), 0, "nobody cleared it");
+    let deadline = Instant::now() + SYNC;
+    while status(&lab)["tracing"] == true {
+        assert!(Instant::now() < deadline, "the lease never ran out");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let next = Tracer::start(&lab, "next", &[]);
+    assert!(next.stop().is_empty());
+    assert_eq!(trace_lease(&bpffs), 0, "cleared by the next tracer");
 }
 
 /// Refusals of `empty`: its frontend, no backend.
