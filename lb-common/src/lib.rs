@@ -100,6 +100,15 @@ pub mod maps {
     pub const SVC_STATS: &str = "LB_SVC_STATS";
     /// The IPv4-only reverse map of earlier versions; removed on install.
     pub const LEGACY_REVERSE4: &str = "LB_REVERSE4";
+    /// `lb-agent trace`'s switch: a one-entry array holding the tracers'
+    /// lease (see [`trace`](super::trace)); 0 while no one traces.
+    pub const TRACE: &str = "LB_TRACE";
+    /// The ring buffer of [`TraceEvent`](super::TraceEvent)s, written
+    /// only while [`TRACE`] holds a live lease.
+    pub const TRACE_RING: &str = "LB_TRACE_RING";
+    /// The running agent's [`AgentState`](super::AgentState), one entry,
+    /// for `lb-agent status`; written and read by userspace only.
+    pub const AGENT: &str = "LB_AGENT";
 }
 
 /// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
@@ -511,6 +520,83 @@ pub mod ablate {
     pub const ALL_AFFINITY: u32 = 64;
 }
 
+/// `lb-agent trace`: the switch and the events. Off (the switch 0) costs a
+/// translated or refused call one inlined array read; other destinations
+/// never reach it. A tracer holds the switch at a lease, a
+/// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) deadline it renews while it
+/// runs and clears when it stops: a tracer killed with SIGKILL stops the
+/// events within [`trace::LEASE_NS`] all the same (until a tracer clears
+/// the expired lease, a call pays one coarse clock read more). A live
+/// lease also keeps a second tracer out: the ring has one reader.
+pub mod trace {
+    /// How long a tracer's lease lasts past its last renewal.
+    pub const LEASE_NS: u64 = 2_000_000_000;
+    /// Bytes of the event ring buffer (a power of two, a multiple of the
+    /// page size): about 3,000 events between two reads of a tracer.
+    pub const RING_BYTES: u32 = 256 * 1024;
+    /// How often a tracer drains the ring: the programs wake it only once
+    /// half the ring is taken, so an event waits at most this long.
+    pub const DRAIN_MS: u64 = 100;
+
+    /// [`super::TraceEvent::hook`] values.
+    pub const HOOK_CONNECT4: u8 = 1;
+    pub const HOOK_CONNECT6: u8 = 2;
+    pub const HOOK_SENDMSG4: u8 = 3;
+    pub const HOOK_SENDMSG6: u8 = 4;
+
+    /// [`super::TraceEvent::outcome`] values.
+    pub const TRANSLATED: u8 = 0;
+    /// ECONNREFUSED: the frontend has no endpoint.
+    pub const REFUSED: u8 = 1;
+    /// ECONNREFUSED: the frontend's range was unreadable (a bug or a
+    /// map changed under the program).
+    pub const REFUSED_NO_SLOT: u8 = 2;
+}
+
+/// One translation or refusal, as `lb-agent trace` shows it. Written to
+/// `LB_TRACE_RING` by connect4/6 and sendmsg4/6 while tracing is on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// The calling task's cgroup v2 id (its directory's inode number).
+    pub cgroup_id: u64,
+    /// `bpf_get_netns_cookie` of the socket's network namespace.
+    pub netns: u64,
+    /// Frontend (IPv4-mapped for IPv4), network byte order.
+    pub frontend: Addr,
+    /// Backend (IPv4-mapped for IPv4), network byte order; zero if refused.
+    pub backend: Addr,
+    /// Frontend port, network byte order.
+    pub frontend_port: u16,
+    /// Backend port, network byte order; 0 if refused.
+    pub backend_port: u16,
+    pub svc_id: u32,
+    /// `trace::HOOK_*`.
+    pub hook: u8,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `trace::TRANSLATED` or a `trace::REFUSED*`.
+    pub outcome: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The value of `LB_AGENT`: who runs the installation and when it last
+/// synced, for `lb-agent status`. Times are Unix nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AgentState {
+    pub pid: u32,
+    pub _pad: u32,
+    pub started_ns: u64,
+    /// 0 before the first sync.
+    pub last_sync_ns: u64,
+    pub syncs: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -527,6 +613,8 @@ mod pod {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for AgentState {}
 }
 
 #[cfg(test)]
@@ -568,6 +656,12 @@ mod tests {
         );
         assert_eq!(size_of::<ServiceMeta>(), 144);
         assert_eq!(size_of::<SvcStats>(), 24);
+        assert_eq!(size_of::<TraceEvent>(), 80);
+        assert_eq!(offset_of!(TraceEvent, frontend), 32);
+        assert_eq!(offset_of!(TraceEvent, frontend_port), 64);
+        assert_eq!(offset_of!(TraceEvent, svc_id), 68);
+        assert_eq!(offset_of!(TraceEvent, hook), 72);
+        assert_eq!(size_of::<AgentState>(), 32);
     }
 
     #[test]

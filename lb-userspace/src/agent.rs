@@ -253,6 +253,7 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
         tokio::spawn(swap_links_when_synced(install.deferred, health.clone()));
     }
     let mut datapath = BpfDatapath::open(bpffs)?;
+    datapath.note_started(std::time::SystemTime::now())?;
     // Before the first sync: a filter the install just created is empty.
     datapath.rebuild_filter()?;
     let reconciler = Reconciler::adopt(datapath)?;

@@ -10,4 +10,6 @@ pub mod metrics;
 pub mod model;
 pub mod reconciler;
 pub mod sources;
+pub mod status;
 pub mod sync;
+pub mod trace;

@@ -15,6 +15,7 @@ use lb_userspace::{
         kube::ClientConfig,
         manifest::{self, ServiceCidr},
     },
+    status, trace,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -40,6 +41,29 @@ enum Command {
     List {
         #[command(flatten)]
         pins: Pins,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show what is attached and where, map fill, kernel features and the running agent (works
+    /// with or without a running agent).
+    Status {
+        #[command(flatten)]
+        pins: Pins,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stream live translations (and refusals) until Ctrl-C; the programs trace only while a
+    /// tracer runs.
+    Trace {
+        #[command(flatten)]
+        pins: Pins,
+        /// Only this Service's events (NAMESPACE/NAME).
+        #[arg(long, value_name = "NS/NAME", value_parser = parse_service_name)]
+        service: Option<(String, String)>,
+        /// Only events of this frontend (ClusterIP or node address and port).
+        #[arg(long, value_name = "IP:PORT")]
+        frontend: Option<SocketAddr>,
+        /// `json`: one JSON object per event and line.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -301,6 +325,28 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(*args),
         Command::List { pins, output } => list_cmd(&pins, output),
         Command::Uninstall { pins } => uninstall(&pins),
+        Command::Status { pins, output } => {
+            let status = status::status(&pins.bpffs);
+            match output {
+                Output::Table => print!("{}", status::text(&status)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
+            Ok(())
+        }
+        Command::Trace {
+            pins,
+            service,
+            frontend,
+            output,
+        } => trace_cmd(
+            &pins,
+            trace::Filter {
+                service,
+                // A v4-mapped address would never match an IPv4 frontend.
+                frontend: frontend.map(|f| SocketAddr::new(f.ip().to_canonical(), f.port())),
+            },
+            output,
+        ),
         Command::MountBpffs => {
             if bpf::mount_sys_bpffs()? {
                 println!("mounted bpffs at /sys/fs/bpf");
@@ -491,6 +537,74 @@ fn list_cmd(pins: &Pins, output: Output) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
     }
+    Ok(())
+}
+
+/// `--service NS/NAME`.
+fn parse_service_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
+    }
+}
+
+/// Holds the trace lease and prints events until Ctrl-C or SIGTERM; the
+/// lease is cleared on the way out (and by `Tracer`'s drop on an error).
+fn trace_cmd(pins: &Pins, filter: trace::Filter, output: Output) -> anyhow::Result<()> {
+    use tokio::io::unix::AsyncFd;
+    let dir = &pins.bpffs;
+    if !dir.exists() {
+        bail!("no lb-agent installation at {}", dir.display());
+    }
+    let mut tracer = trace::Tracer::open(dir)?;
+    let ring = tracer.take_ring().context("the ring buffer")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        // SAFETY: the ring buffer owns its map fd for as long as the
+        // AsyncFd owns the ring buffer, and always reports that same fd.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(std::io::Error::from)
+                .context("polling the ring buffer")?;
+        tracer.renew()?;
+        eprintln!("tracing translations of {} (Ctrl-C to stop)", dir.display());
+        let print = |events: Vec<trace::Event>| -> anyhow::Result<()> {
+            for event in events {
+                match output {
+                    Output::Table => println!("{}", event.line()),
+                    Output::Json => println!("{}", serde_json::to_string(&event)?),
+                }
+            }
+            Ok(())
+        };
+        let mut renew = tokio::time::interval(trace::RENEW);
+        // The programs wake a reader only when the ring is half full.
+        let mut drain =
+            tokio::time::interval(std::time::Duration::from_millis(lb_common::trace::DRAIN_MS));
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = renew.tick() => tracer.renew()?,
+                _ = drain.tick() => print(tracer.drain(ring.get_mut(), &filter))?,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("polling the ring buffer")?;
+                    print(tracer.drain(guard.get_inner_mut(), &filter))?;
+                    guard.clear_ready();
+                }
+            }
+        }
+        // What was written before the signal and not yet read.
+        print(tracer.drain(ring.get_mut(), &filter))
+    })?;
+    tracer.stop()?;
+    eprintln!("tracing stopped");
     Ok(())
 }
 

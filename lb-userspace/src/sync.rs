@@ -732,8 +732,12 @@ impl<D: Datapath> Driver<D> {
         self.syncs += 1;
         self.last_sync = Some(written);
         self.latency.add(&arrivals, written);
+        let now = std::time::SystemTime::now();
+        if let Err(e) = self.syncer.reconciler.datapath_mut().note_synced(now) {
+            debug!(error = %e, "recording the sync for status");
+        }
         if let Some(m) = &self.metrics {
-            m.observe_sync(written - started, std::time::SystemTime::now());
+            m.observe_sync(written - started, now);
             // Each measured event (EndpointSlices) is one sample, as in
             // kube-proxy; changes not measured one by one (Services,
             // manifest files) give one sample from the first of them.

@@ -695,6 +695,32 @@ spec:
     y
 }
 
+/// [`back_end_manifest`] of ready `pods` (name, last octet of
+/// [`pod_ip`]) at a fixed ClusterIP.
+pub fn back_end_at(cluster_ip: Ipv4Addr, pods: &[(&str, u8)]) -> String {
+    let pods: Vec<(&str, Ipv4Addr, bool)> = pods
+        .iter()
+        .map(|(name, octet)| (*name, pod_ip(*octet), true))
+        .collect();
+    back_end_manifest(&pods).replacen("spec:\n", &format!("spec:\n  clusterIP: {cluster_ip}\n"), 1)
+}
+
+/// A Service `name` at ClusterIP `ip`, port 80 to 80, selecting pods
+/// labelled `app: <app>`.
+pub fn selector_service(name: &str, ip: Ipv4Addr, app: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  clusterIP: {ip}
+  selector: {{app: {app}}}
+  ports: [{{port: 80, targetPort: 80}}]
+"
+    )
+}
+
 /// A hand-written EndpointSlice (a `---` document) of `service`, its
 /// `addressType` from the addresses' family, with every address a ready
 /// endpoint on two ports: `http` (TCP) and `echo` (UDP), both to `port`.
@@ -971,6 +997,15 @@ impl Lab {
         })
     }
 
+    /// [`Self::new`] with pods serving port 80, `yaml` written as
+    /// `services.yaml`, the agent started.
+    pub fn running(bins: &Bins, pods: &[(&str, u8)], yaml: &str) -> anyhow::Result<Self> {
+        let mut lab = Self::new(bins, pods, 80)?;
+        lab.write_manifest("services.yaml", yaml)?;
+        lab.agent.start()?;
+        Ok(lab)
+    }
+
     /// Writes `file` in the manifest directory atomically (rename), as a
     /// careful operator or a ConfigMap update would.
     pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
@@ -991,6 +1026,28 @@ impl Lab {
             .arg("--target")
             .arg(target)
             .args(args))?)
+    }
+
+    /// `k` connects to `target` from the client namespace in the cgroup,
+    /// every one answered; the report says by which backends.
+    pub fn connects_ok(&self, target: &str, k: u64) -> ClientReport {
+        let report = self
+            .client(target, &["--count", &k.to_string()])
+            .expect("client");
+        assert_eq!((report.ok(), report.failed()), (k, 0), "{report:?}");
+        report
+    }
+
+    /// `r` connects to `target`, every one refused with ECONNREFUSED.
+    pub fn connects_refused(&self, target: &str, r: u64) {
+        let report = self
+            .client(target, &["--count", &r.to_string()])
+            .expect("client");
+        assert_eq!(
+            report.errors.get("ECONNREFUSED").copied(),
+            Some(r),
+            "{report:?}"
+        );
     }
 
     /// The same, but from outside the attached cgroup: the program must not apply.

@@ -36,17 +36,7 @@ fn back_end() -> String {
 
 /// A Service `name` selecting only the intruder pod, claiming `ip`:80.
 fn intruder(name: &str, ip: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  clusterIP: {ip}
-  selector: {{app: intruder}}
-  ports: [{{port: 80, targetPort: 80}}]
-"
-    )
+    lb_tests::selector_service(name, ip, "intruder")
 }
 
 /// The intruder pod, in a file of its own.

@@ -8,7 +8,7 @@
 //! with `--test-threads=1`.
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_tests::{Bins, Lab, back_end_manifest, endpoints, find_service, metric, pod_ip, scrape};
+use lb_tests::{Bins, Lab, back_end_at, endpoints, find_service, metric, scrape, selector_service};
 
 const SYNC: Duration = Duration::from_secs(15);
 const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
@@ -25,15 +25,7 @@ fn bins() -> Bins {
 /// The textbook back-end with a fixed ClusterIP, and a Service `empty`
 /// whose selector matches no pod.
 fn manifests() -> String {
-    let pods: Vec<(&str, Ipv4Addr, bool)> = PODS
-        .iter()
-        .map(|(name, octet)| (*name, pod_ip(*octet), true))
-        .collect();
-    let back_end = back_end_manifest(&pods).replacen(
-        "spec:\n",
-        &format!("spec:\n  clusterIP: {CLUSTER_IP}\n"),
-        1,
-    );
+    let back_end = back_end_at(CLUSTER_IP, PODS);
     let echo = format!(
         "apiVersion: v1
 kind: Service
@@ -47,21 +39,7 @@ spec:
     );
     format!(
         "{back_end}\n---\n{}---\n{echo}",
-        service("empty", EMPTY_IP, "nobody")
-    )
-}
-
-fn service(name: &str, ip: Ipv4Addr, app: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  clusterIP: {ip}
-  selector: {{app: {app}}}
-  ports: [{{port: 80, targetPort: 80}}]
-"
+        selector_service("empty", EMPTY_IP, "nobody")
     )
 }
 
@@ -82,9 +60,7 @@ fn with<'a>(base: [(&'a str, &'a str); 4], extra: (&'a str, &'a str)) -> Vec<(&'
 
 #[test]
 fn metrics_count_translations_refusals_and_map_fill() {
-    let mut lab = Lab::new(&bins(), PODS, 80).expect("lab");
-    lab.write_manifest("services.yaml", &manifests()).unwrap();
-    lab.agent.start().unwrap();
+    let mut lab = Lab::running(&bins(), PODS, &manifests()).expect("lab");
     lab.agent
         .wait_for("back-end and empty", SYNC, |d| {
             endpoints(d, "default", "back-end", 80).len() == 3
@@ -102,20 +78,10 @@ fn metrics_count_translations_refusals_and_map_fill() {
 
     // K connects through the ClusterIP: exactly K translations.
     const K: u64 = 57;
-    let report = lab
-        .client(&format!("{CLUSTER_IP}:80"), &["--count", &K.to_string()])
-        .unwrap();
-    assert_eq!((report.ok(), report.failed()), (K, 0), "{report:?}");
+    lab.connects_ok(&format!("{CLUSTER_IP}:80"), K);
     // R connects to a Service without endpoints: R refusals.
     const R: u64 = 9;
-    let refused = lab
-        .client(&format!("{EMPTY_IP}:80"), &["--count", &R.to_string()])
-        .unwrap();
-    assert_eq!(
-        refused.errors.get("ECONNREFUSED").copied(),
-        Some(R),
-        "{refused:?}"
-    );
+    lab.connects_refused(&format!("{EMPTY_IP}:80"), R);
 
     // D datagrams from an unconnected UDP socket: D sendmsg translations;
     // one connected UDP socket: one connect (its sends pass no address, so
@@ -243,7 +209,7 @@ fn metrics_count_translations_refusals_and_map_fill() {
     let syncs = cp(&after, "lb_sync_duration_seconds_count", &[]);
     lab.write_manifest(
         "marker.yaml",
-        &service("marker", Ipv4Addr::new(10, 96, 100, 30), "nobody"),
+        &selector_service("marker", Ipv4Addr::new(10, 96, 100, 30), "nobody"),
     )
     .unwrap();
     lab.agent

@@ -21,6 +21,7 @@
 #![no_main]
 
 mod maps;
+mod trace;
 mod xlate;
 
 use aya_ebpf::{

@@ -6,10 +6,10 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg, a
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    AffinityKey, AffinityValue, AgentState, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
     FILTER_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue,
     SockReverse, SockSlot, SockState, SvcStats, filter_bit, stats,
@@ -97,6 +97,30 @@ static TERMINATED: HashMap<u32, u64> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, BP
 #[map(name = "LB_AFFINITY")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+/// `lb-agent trace`'s lease (`lb_common::trace`): 0, or the
+/// CLOCK_MONOTONIC deadline until which translations are traced.
+#[map(name = "LB_TRACE")]
+static TRACE: Array<u64> = Array::pinned(1, 0);
+
+/// Trace events (`lb_common::TraceEvent`), read by `lb-agent trace`.
+#[map(name = "LB_TRACE_RING")]
+pub static TRACE_RING: RingBuf = RingBuf::pinned(lb_common::trace::RING_BYTES, 0);
+
+/// The agent's pid and last sync for `lb-agent status`: written and read
+/// by the agent only; here so it is created and pinned with the maps.
+#[map(name = "LB_AGENT")]
+static AGENT: Array<AgentState> = Array::pinned(1, 0);
+
+/// The trace lease, read once (0: off).
+#[inline(always)]
+pub fn trace_lease() -> u64 {
+    match TRACE.get_ptr(0) {
+        // SAFETY: as for `service`.
+        Some(lease) => unsafe { core::ptr::read_volatile(lease) },
+        None => 0,
+    }
+}
 
 /// `LB_SOCK`'s size minus one, set by the agent at load (a read-only global).
 #[unsafe(no_mangle)]

@@ -23,7 +23,10 @@ use lb_common::{
     ablate, as_v4, is_loopback, stats, v4_mapped,
 };
 
-use crate::maps::{self, SvcCounter, ablated, bump, bump_service};
+use crate::{
+    maps::{self, SvcCounter, ablated, bump, bump_service},
+    trace,
+};
 
 /// What the calling hook should return.
 pub enum Verdict {
@@ -133,6 +136,7 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if master.count == 0 {
         bump(stats::NO_BACKEND);
         bump_service(master.svc_id, SvcCounter::Refused);
+        trace::emit::<V6>(ctx, hook, &key, master.svc_id, None, trace::REFUSED);
         return Verdict::Refuse;
     }
     let mut master = master;
@@ -154,10 +158,12 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     let Some(backend) = chosen else {
         bump(stats::SLOT_FALLBACK);
+        trace::emit::<V6>(ctx, hook, &key, master.svc_id, None, trace::REFUSED_NO_SLOT);
         return Verdict::Refuse;
     };
     if !write_addr::<V6>(sa, &backend.addr, backend.port) {
         bump(stats::NO_BACKEND);
+        trace::emit::<V6>(ctx, hook, &key, master.svc_id, None, trace::REFUSED_NO_SLOT);
         return Verdict::Refuse;
     }
     if !ablated(ablate::NO_REVERSE) {
@@ -176,6 +182,14 @@ pub fn forward<const V6: bool>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if maps::debug_enabled() {
         log_forward::<V6>(ctx, hook, &addr, port, &backend, master.svc_id);
     }
+    trace::emit::<V6>(
+        ctx,
+        hook,
+        &key,
+        master.svc_id,
+        Some(&backend),
+        trace::TRANSLATED,
+    );
     if !ablated(ablate::NO_STATS) {
         bump(match hook {
             Hook::Connect => stats::TRANSLATED,

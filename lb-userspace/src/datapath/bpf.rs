@@ -17,7 +17,9 @@ use nix::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap as _, MapData, MapError, MapType, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap as _, MapData, MapError, MapType, PerCpuArray, PerCpuValues,
+    },
     programs::{
         CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
@@ -25,7 +27,7 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    ABLATE_GLOBAL, AffinityKey, AffinityValue, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS,
+    ABLATE_GLOBAL, AffinityKey, AffinityValue, AgentState, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS,
     HOST_NETNS_GLOBAL, HOST_NETNS_ONLY_GLOBAL, ReverseKey, ReverseValue, SOCK_MASK_GLOBAL,
     ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SvcStats, filter_bit, maps,
     stats,
@@ -59,7 +61,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
 /// build expects. A pin of another layout (left by an older agent) is
 /// replaced on install rather than reused: the old programs keep their own
 /// reference to it until their links are swapped out.
-const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
+pub const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
     (
         maps::SERVICES,
         MapType::Hash,
@@ -125,6 +127,20 @@ const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         MapType::PerCpuArray,
         size_of::<u32>(),
         size_of::<SvcStats>(),
+    ),
+    (
+        maps::TRACE,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<u64>(),
+    ),
+    // A ring buffer has no keys or values: its size is in max_entries.
+    (maps::TRACE_RING, MapType::RingBuf, 0, 0),
+    (
+        maps::AGENT,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<AgentState>(),
     ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
@@ -470,8 +486,10 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, LoadError> {
 }
 
 /// The pid holding a `flock` on `dir`, from /proc/locks
-/// (`1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`).
-fn lock_holder(dir: &Path) -> Option<u32> {
+/// (`1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`): the
+/// running agent of an installation (the kernel drops the lock when the
+/// process dies, however it dies).
+pub fn lock_holder(dir: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::metadata(dir).ok()?;
     let dev = meta.dev();
@@ -718,12 +736,18 @@ fn ablation() -> u32 {
     bits
 }
 
+/// Nanoseconds since the Unix epoch (0 before it).
+pub fn unix_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Least entries of `LB_SOCK_SPILL` (allocated on use, so only its bucket
 /// array, 16 B an entry, is paid up front): a small slot array spills often.
 const MIN_SOCK_SPILL: u32 = 4_096;
 
 /// `max_entries` of a pinned map, if there is one.
-fn pinned_entries(dir: &Path, name: &str) -> Option<u32> {
+pub fn pinned_entries(dir: &Path, name: &str) -> Option<u32> {
     let data = MapData::from_pin(dir.join(name)).ok()?;
     data.info().ok().map(|i| i.max_entries())
 }
@@ -1047,6 +1071,8 @@ pub struct BpfDatapath {
     filter: Option<Filter>,
     /// Per-service counters and their slots; absent in older pins.
     svc_stats: Option<(PerCpuArray<MapData, SvcStats>, u32)>,
+    /// Who runs the installation, for `status`; absent in older pins.
+    agent: Option<Array<MapData, AgentState>>,
 }
 
 /// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
@@ -1139,7 +1165,38 @@ impl BpfDatapath {
                 .ok()
                 .map(|map| Filter { map, state: None }),
             svc_stats: open_svc_stats(dir)?,
+            agent: MapData::from_pin(dir.join(maps::AGENT))
+                .ok()
+                .and_then(|m| Array::try_from(aya::maps::Map::Array(m)).ok()),
         })
+    }
+
+    /// What `LB_AGENT` holds (`None`: an older installation without it).
+    pub fn agent_state(&self) -> Result<Option<AgentState>> {
+        let Some(map) = &self.agent else {
+            return Ok(None);
+        };
+        map.get(&0, 0)
+            .map(Some)
+            .map_err(|e| map_err("read", maps::AGENT, e))
+    }
+
+    /// Records this process as the installation's agent, started now.
+    pub fn note_started(&mut self, now: std::time::SystemTime) -> Result<()> {
+        self.write_agent(AgentState {
+            pid: std::process::id(),
+            started_ns: unix_ns(now),
+            ..AgentState::default()
+        })
+    }
+
+    fn write_agent(&mut self, state: AgentState) -> Result<()> {
+        match &mut self.agent {
+            Some(map) => map
+                .set(0, state, 0)
+                .map_err(|e| map_err("write", maps::AGENT, e)),
+            None => Ok(()),
+        }
     }
 
     /// Service `svc_id`'s counters summed over CPUs (`None`: no slot for it).
@@ -1602,6 +1659,16 @@ impl Datapath for BpfDatapath {
         self.stats
             .set(stats::MAP_FULL, values, 0)
             .map_err(|e| map_err("write", maps::STATS, e))
+    }
+
+    fn note_synced(&mut self, at: std::time::SystemTime) -> Result<()> {
+        let Some(mut state) = self.agent_state()? else {
+            return Ok(());
+        };
+        state.pid = std::process::id();
+        state.last_sync_ns = unix_ns(at);
+        state.syncs += 1;
+        self.write_agent(state)
     }
 
     fn retain_affinity(&mut self, keep: &HashSet<u32>) -> Result<usize> {

@@ -7,7 +7,7 @@ use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 pub mod bpf;
 pub mod memory;
 pub mod sockdiag;
-mod sys;
+pub(crate) mod sys;
 pub mod terminate;
 
 pub use memory::MemoryDatapath;
@@ -87,6 +87,10 @@ pub trait Datapath {
     }
     /// Records writes refused because a map was full, where `list` shows them.
     fn count_map_full(&mut self, n: u64) -> Result<()>;
+    /// Records a finished sync where `lb-agent status` finds it.
+    fn note_synced(&mut self, _at: std::time::SystemTime) -> Result<()> {
+        Ok(())
+    }
     /// Deletes every session affinity entry whose service id is not in
     /// `keep`; returns how many went.
     fn retain_affinity(&mut self, keep: &std::collections::HashSet<u32>) -> Result<usize>;
@@ -153,7 +157,7 @@ pub fn resume<T>(
 mod encode;
 
 pub use encode::{
-    backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, key_frontend,
+    backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, ip_from_be, key_frontend,
 };
 
 /// The error for a backend array without `n` free slots in a row.

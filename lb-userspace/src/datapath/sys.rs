@@ -210,3 +210,78 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     attr.u32(0, link.as_raw_fd() as u32);
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+/// `enum bpf_attach_type` values `status` probes.
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+/// `BPF_FUNC_get_netns_cookie`.
+pub const HELPER_GET_NETNS_COOKIE: i32 = 122;
+
+/// Whether the kernel loads a minimal `cgroup/sock_addr` program for
+/// `attach_type` (calling `helper` first, if given): an attach type or
+/// helper it does not know is refused with EINVAL. Other errors (EPERM:
+/// no CAP_BPF) are returned, since they say nothing about the kernel.
+pub fn probe_sock_addr(attach_type: u32, helper: Option<i32>) -> io::Result<bool> {
+    // struct bpf_insn as u64: code | regs << 8 | off << 16 | imm << 32.
+    let insn = |code: u8, imm: i32| u64::from(code) | (u64::from(imm as u32) << 32);
+    let mut insns = Vec::new();
+    if let Some(helper) = helper {
+        insns.push(insn(0x85, helper)); // call helper (r1 is the context)
+    }
+    insns.push(insn(0xb7, 1)); // r0 = 1
+    insns.push(insn(0x95, 0)); // exit
+    let license = c"GPL";
+    let mut attr = Attr::default();
+    // prog_type, insn_cnt, insns, license, …, expected_attach_type (word 17).
+    attr.u32(0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR)
+        .u32(1, insns.len() as u32)
+        .u64(2, insns.as_ptr() as u64)
+        .u64(4, license.as_ptr() as u64)
+        .u32(17, attach_type);
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: the kernel returned a new file descriptor we own.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a pinned cgroup link is: `bpf_link_info` with its cgroup part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// 0 once the link is detached (its cgroup was removed).
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// [`CgroupLinkInfo`] of the link pinned at `path` (aya 0.14's `LinkInfo`
+/// has no cgroup id).
+pub fn cgroup_link_info(path: &Path) -> io::Result<CgroupLinkInfo> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = Attr::default();
+    attr.u64(0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // type, id, prog_id, padding, then the union: cgroup_id, attach_type.
+    let mut info = [0u32; 8];
+    let mut attr = Attr::default();
+    attr.u32(0, link.as_raw_fd() as u32)
+        .u32(1, size_of_val(&info) as u32)
+        .u64(2, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(CgroupLinkInfo {
+        link_id: info[1],
+        program_id: info[2],
+        cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
+        attach_type: info[6],
+    })
+}

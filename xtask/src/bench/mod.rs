@@ -131,7 +131,13 @@ pub const ABLATIONS: &[(&str, u32)] = &[
         "session affinity on every service",
         lb_common::ablate::ALL_AFFINITY,
     ),
+    ("tracing on (lb-agent trace running)", TRACING),
 ];
+
+/// Not an `lb_common::ablate` bit (the programs are loaded as built): the
+/// variant runs its clients while `lb-agent trace` holds the trace lease,
+/// so the row is what a translated connect costs while someone traces.
+const TRACING: u32 = 1 << 31;
 
 /// Passes over [`ABLATIONS`] per N.
 const ABLATION_PASSES: u32 = 2;
@@ -702,7 +708,7 @@ fn ablation(
             let bpffs = lb_bpffs(&format!("ab{bits}-"), pass, n);
             let mut a = AgentProc::start_under(
                 &[],
-                &[(lb_userspace_ablate_env(), bits.to_string())],
+                &[(lb_userspace_ablate_env(), (bits & !TRACING).to_string())],
                 &lab.bins.agent,
                 Source::Manifests(&mdir),
                 &bpffs,
@@ -715,6 +721,11 @@ fn ablation(
             let timeout = Duration::from_secs(30 + u64::from(n) / 500);
             a.wait_sync(1, a.spawned, timeout)?;
             let progs = lab::pinned_programs(&bpffs);
+            let tracer = if bits & TRACING != 0 {
+                Some(start_tracer(&lab.bins.agent, &bpffs)?)
+            } else {
+                None
+            };
             for (case, target, mode) in [
                 ("random", "random", "connect"),
                 ("podIP", "podIP", "connect"),
@@ -739,10 +750,43 @@ fn ablation(
                     error: r.error,
                 });
             }
+            if let Some(mut t) = tracer {
+                // SIGTERM: the tracer clears the lease on its way out.
+                let _ = cmd("kill").arg(t.id().to_string()).status();
+                let _ = t.wait();
+            }
             a.stop();
         }
     }
     Ok(())
+}
+
+/// `lb-agent trace` on the installation in `bpffs`, its events printed to
+/// nowhere, once it says it traces (the lease is held).
+fn start_tracer(agent: &Path, bpffs: &Path) -> anyhow::Result<std::process::Child> {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(agent)
+        .arg("trace")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting lb-agent trace")?;
+    let mut line = String::new();
+    if let Some(err) = child.stderr.take() {
+        let mut err = std::io::BufReader::new(err);
+        err.read_line(&mut line)?;
+        // The rest (its goodbye) to nowhere, so its stderr stays open.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    }
+    if !line.contains("tracing translations") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("lb-agent trace did not start: {line}");
+    }
+    Ok(child)
 }
 
 /// The agent's ablation variable (`lb_userspace::datapath::bpf::ABLATE_ENV`;

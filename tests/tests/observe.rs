@@ -1,0 +1,372 @@
+//! End-to-end: `lb-agent status` and `lb-agent trace` tell the truth about
+//! the real programs. `trace` shows exactly the K connects a client made
+//! through a ClusterIP, each with the backend the client reached, and
+//! refusals as refused; its switch (`LB_TRACE`) is 0 before and after,
+//! and the lease of a tracer killed outright runs out.
+//! `status` shows the programs attached to the test's cgroup, the maps'
+//! fill as `list` reads it, the kernel's features and the running agent,
+//! then the pins alone once it stopped. Privileged: run by
+//! `cargo xtask test` with `--test-threads=1`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Read as _,
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Bins, Lab, back_end_at, endpoints, find_service, pod_ip, run, selector_service, sys,
+};
+
+const SYNC: Duration = Duration::from_secs(15);
+const PODS: &[(&str, u8)] = &[("back-end-1", 11), ("back-end-2", 12), ("back-end-3", 13)];
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 101, 10);
+const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 101, 20);
+
+fn bins() -> Bins {
+    lb_tests::test_bins!()
+}
+
+/// The textbook back-end at a fixed ClusterIP, and `empty`, whose selector
+/// matches no pod.
+fn manifests() -> String {
+    format!(
+        "{}\n---\n{}",
+        back_end_at(CLUSTER_IP, PODS),
+        selector_service("empty", EMPTY_IP, "nobody")
+    )
+}
+
+/// A lab whose agent serves `back-end` (3 endpoints) and `empty`.
+fn lab() -> Lab {
+    let mut lab = Lab::running(&bins(), PODS, &manifests()).expect("lab");
+    lab.agent
+        .wait_for("back-end and empty", SYNC, |d| {
+            endpoints(d, "default", "back-end", 80).len() == 3
+                && find_service(d, "default", "empty").is_some()
+        })
+        .unwrap();
+    lab
+}
+
+/// The trace switch as the programs read it.
+fn trace_lease(bpffs: &Path) -> u64 {
+    sys::PinnedMap::open(&bpffs.join("LB_TRACE"))
+        .expect("LB_TRACE pinned")
+        .get::<u32, u64>(&0)
+        .expect("LB_TRACE[0]")
+}
+
+/// A running `lb-agent trace`, its stdout and stderr in files.
+struct Tracer {
+    child: Option<Child>,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Tracer {
+    /// Starts it and waits until it says it traces (the switch is on).
+    fn start(lab: &Lab, tag: &str, args: &[&str]) -> Self {
+        let out = lab.work.path().join(format!("trace-{tag}.out"));
+        let err = lab.work.path().join(format!("trace-{tag}.err"));
+        let child = Command::new(&lab.bins.agent)
+            .arg("trace")
+            .arg("--bpffs")
+            .arg(&lab.agent.bpffs)
+            .args(["-o", "json"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("starting lb-agent trace");
+        let mut t = Self {
+            child: Some(child),
+            out,
+            err,
+        };
+        let deadline = Instant::now() + SYNC;
+        while !fs::read_to_string(&t.err)
+            .unwrap_or_default()
+            .contains("tracing translations")
+        {
+            let exited = t.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "lb-agent trace did not start: {}",
+                fs::read_to_string(&t.err).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// SIGTERM, as Ctrl-C or kill would; returns the events it printed.
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        let mut child = self.child.take().unwrap();
+        sys::terminate(&mut child, Duration::from_secs(10)).expect("trace exits on SIGTERM");
+        let mut text = String::new();
+        fs::File::open(&self.out)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
+}
+
+impl Tracer {
+    /// SIGKILL: no chance to clear the lease.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn trace_shows_each_translation_and_refusal_while_on_and_nothing_after() {
+    let lab = lab();
+    let bpffs = lab.agent.bpffs.clone();
+    assert_eq!(
+        trace_lease(&bpffs),
+        0,
+        "tracing is off until someone traces"
+    );
+
+    let all = Tracer::start(&lab, "all", &[]);
+    assert_ne!(trace_lease(&bpffs), 0, "on while the tracer runs");
+    // The ring has one reader: a second tracer is refused, and says why.
+    let second = Command::new(&lab.bins.agent)
+        .arg("trace")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another lb-agent trace"),
+        "{second:?}"
+    );
+
+    const K: u64 = 25;
+    let report = lab.connects_ok(&format!("{CLUSTER_IP}:80"), K);
+    const R: u64 = 4;
+    lab.connects_refused(&format!("{EMPTY_IP}:80"), R);
+    let events = all.stop();
+    assert_eq!(trace_lease(&bpffs), 0, "off once the tracer stopped");
+
+    let cgroup_id = fs::metadata(&lab.cgroup.path).unwrap().ino();
+    let translated: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["outcome"] == "translated")
+        .collect();
+    assert_eq!(translated.len() as u64, K, "{events:#?}");
+    // Each event is one connect of the client: its own socket, from the
+    // client's cgroup and namespace, to the frontend, and to the backend
+    // the client then reached.
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    let mut cookies = BTreeSet::new();
+    let mut netns = BTreeSet::new();
+    for e in &translated {
+        assert_eq!(e["hook"], "connect4", "{e}");
+        assert_eq!(e["protocol"], "TCP", "{e}");
+        assert_eq!(e["frontend"], format!("{CLUSTER_IP}:80"), "{e}");
+        assert_eq!(e["cgroupId"], cgroup_id, "{e}");
+        assert_eq!(e["service"]["namespace"], "default", "{e}");
+        assert_eq!(e["service"]["name"], "back-end", "{e}");
+        let backend = e["backend"].as_str().unwrap();
+        let pod = PODS
+            .iter()
+            .find(|(_, octet)| backend == format!("{}:80", pod_ip(*octet)))
+            .unwrap_or_else(|| panic!("backend {backend} is no pod"));
+        *per_pod.entry(pod.0.to_owned()).or_default() += 1;
+        cookies.insert(e["cookie"].as_u64().unwrap());
+        netns.insert(e["netnsCookie"].as_u64().unwrap());
+    }
+    assert_eq!(per_pod, report.backends, "the backends the client reached");
+    assert_eq!(cookies.len() as u64, K, "one socket per connect");
+    assert_eq!(netns.len(), 1, "one client namespace: {netns:?}");
+    assert!(!netns.contains(&0));
+    let refusals: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["outcome"] == "refused")
+        .collect();
+    assert_eq!(refusals.len() as u64, R, "{events:#?}");
+    assert_eq!(events.len() as u64, K + R, "nothing else: {events:#?}");
+    assert_refused(&refusals);
+
+    // --service: only that Service's events.
+    let empty = Tracer::start(&lab, "empty", &["--service", "default/empty"]);
+    lab.connects_ok(&format!("{CLUSTER_IP}:80"), 5);
+    lab.connects_refused(&format!("{EMPTY_IP}:80"), 3);
+    let only_empty = empty.stop();
+    assert_eq!(only_empty.len(), 3, "{only_empty:#?}");
+    assert_refused(&only_empty.iter().collect::<Vec<_>>());
+    assert_eq!(trace_lease(&bpffs), 0);
+
+    // Tracing off: connects are translated, and nothing is traced.
+    lab.connects_ok(&format!("{CLUSTER_IP}:80"), 5);
+    let after = Tracer::start(&lab, "after", &["--frontend", &format!("{CLUSTER_IP}:80")]);
+    assert!(
+        after.stop().is_empty(),
+        "connects made while off are not traced"
+    );
+    assert_eq!(trace_lease(&bpffs), 0);
+
+    // A tracer killed outright leaves its lease, which runs out on its
+    // own; the next tracer clears it on exit.
+    let killed = Tracer::start(&lab, "killed", &[]);
+    assert_eq!(status(&lab)["tracing"], true);
+    killed.kill();
+    assert_ne!(trace_lease(&bpffs), 0, "nobody cleared it");
+    let deadline = Instant::now() + SYNC;
+    while status(&lab)["tracing"] == true {
+        assert!(Instant::now() < deadline, "the lease never ran out");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let next = Tracer::start(&lab, "next", &[]);
+    assert!(next.stop().is_empty());
+    assert_eq!(trace_lease(&bpffs), 0, "cleared by the next tracer");
+}
+
+/// Refusals of `empty`: its frontend, no backend.
+fn assert_refused(events: &[&serde_json::Value]) {
+    for e in events {
+        assert_eq!(e["frontend"], format!("{EMPTY_IP}:80"), "{e}");
+        assert_eq!(e["backend"], serde_json::Value::Null, "{e}");
+        assert_eq!(e["outcome"], "refused", "{e}");
+        assert_eq!(e["service"]["name"], "empty", "{e}");
+    }
+}
+
+fn status(lab: &Lab) -> serde_json::Value {
+    let out = run(Command::new(&lab.bins.agent)
+        .arg("status")
+        .arg("--bpffs")
+        .arg(&lab.agent.bpffs)
+        .args(["-o", "json"]))
+    .unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn by_name<'a>(list: &'a serde_json::Value, key: &str, name: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m[key] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list:#}"))
+}
+
+#[test]
+fn status_shows_attachments_maps_features_and_the_agent() {
+    let mut lab = lab();
+    let doc = status(&lab);
+    assert_eq!(doc["installed"], true, "{doc:#}");
+    assert_eq!(doc["tracing"], false, "{doc:#}");
+    let agent = &doc["agent"];
+    assert_eq!(agent["running"], true, "{doc:#}");
+    assert_eq!(agent["pid"], lab.agent.pid().unwrap(), "{doc:#}");
+    assert!(agent["syncs"].as_u64().unwrap() >= 1, "{doc:#}");
+    let (started, synced) = (
+        agent["started"].as_f64().unwrap(),
+        agent["lastSync"].as_f64().unwrap(),
+    );
+    assert!(started > 1.7e9 && synced >= started, "{doc:#}");
+
+    // Every program attached to the test's cgroup, which is not the root.
+    let cgroup_id = fs::metadata(&lab.cgroup.path).unwrap().ino();
+    let programs = doc["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), 9, "{doc:#}");
+    for p in programs {
+        assert_eq!(p["attached"], true, "{p}");
+        assert_eq!(p["cgroupId"], cgroup_id, "{p}");
+        assert_eq!(p["cgroup"], lab.cgroup.path.to_str().unwrap(), "{p}");
+        assert_eq!(p["hostRoot"], false, "{p}");
+    }
+    let connect4 = by_name(&doc["programs"], "program", "lb_connect4");
+    assert_eq!(connect4["pin"], "link_connect4");
+
+    // The maps' fill is what `list` reads; every map is pinned.
+    let list = lab.agent.list_json().unwrap();
+    for m in list["maps"].as_array().unwrap() {
+        let s = by_name(&doc["maps"], "map", m["map"].as_str().unwrap());
+        assert_eq!(
+            (&s["entries"], &s["capacity"]),
+            (&m["entries"], &m["capacity"])
+        );
+    }
+    let services = by_name(&doc["maps"], "map", "LB_SERVICES");
+    assert_eq!(services["entries"], 2, "back-end and empty: {services}");
+    for m in doc["maps"].as_array().unwrap() {
+        assert_eq!(m["pinned"], true, "{m}");
+    }
+    assert_eq!(
+        by_name(&doc["maps"], "map", "LB_TRACE_RING")["type"],
+        "RingBuf"
+    );
+
+    // This machine's kernel (6.x) has them all.
+    let f = &doc["features"];
+    for feature in [
+        "getpeernameHooks",
+        "netnsCookies",
+        "ringBuffer",
+        "sockDestroy",
+    ] {
+        assert_eq!(f[feature], "yes", "{feature}: {f}");
+    }
+
+    // The text form says the same.
+    let text = run(Command::new(&lab.bins.agent)
+        .arg("status")
+        .arg("--bpffs")
+        .arg(&lab.agent.bpffs))
+    .unwrap();
+    assert!(
+        text.contains(&format!("agent: running, pid {}", lab.agent.pid().unwrap())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("attached to {}", lab.cgroup.path.display())),
+        "{text}"
+    );
+
+    // Stopped: the pins keep serving, the last agent's sync stays known.
+    lab.agent.stop().unwrap();
+    let doc = status(&lab);
+    assert_eq!(doc["agent"]["running"], false, "{doc:#}");
+    assert_eq!(doc["agent"]["pid"], serde_json::Value::Null, "{doc:#}");
+    assert!(doc["agent"]["lastSync"].as_f64() >= Some(synced), "{doc:#}");
+    assert_eq!(
+        by_name(&doc["programs"], "program", "lb_connect4")["attached"],
+        true
+    );
+
+    // Uninstalled: nothing pinned, nothing attached.
+    lab.agent.uninstall().unwrap();
+    let doc = status(&lab);
+    assert_eq!(doc["installed"], false, "{doc:#}");
+    for p in doc["programs"].as_array().unwrap() {
+        assert_eq!(
+            (&p["pinned"], &p["attached"]),
+            (&false.into(), &false.into()),
+            "{p}"
+        );
+    }
+}
