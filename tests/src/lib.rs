@@ -641,6 +641,35 @@ pub fn health_addr_in(log: &str) -> Option<std::net::SocketAddr> {
         })
 }
 
+/// A Service `web` of type `ty` at `cluster_ip` selecting [`web_pods`]:
+/// TCP (`http`) and UDP (`echo`) on port 8080 to the pods' port 80, each
+/// with `nodePort` when given (a nodePort is per protocol). `tail`
+/// follows the ports: more `spec` lines, a `status`.
+pub fn web_service(ty: &str, cluster_ip: &str, node_port: Option<u16>, tail: &str) -> String {
+    let np = node_port.map_or_else(String::new, |p| format!("\n      nodePort: {p}"));
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: {ty}
+  clusterIP: {cluster_ip}
+  selector:
+    app: web
+  ports:
+    - name: http
+      port: 8080
+      protocol: TCP
+      targetPort: 80{np}
+    - name: echo
+      port: 8080
+      protocol: UDP
+      targetPort: 80{np}
+{tail}"
+    )
+}
+
 /// Pods `web-<name>` of the lab's pods, labelled `app: web`, each
 /// declaring TCP port 80 (named `web`) and UDP port 80: what the lab's
 /// servers answer on.

@@ -24,32 +24,13 @@ fn bins() -> Bins {
 /// the lab's pods, with `spec` lines added under `spec:` and `status`
 /// as the Service's status.
 fn web(ty: &str, spec: &str, status: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  type: {ty}
-  clusterIP: 10.96.7.8
-  selector:
-    app: web
-  ports:
-    - name: http
-      port: 8080
-      protocol: TCP
-      targetPort: 80
-      nodePort: 30080
-    - name: echo
-      port: 8080
-      protocol: UDP
-      targetPort: 80
-      nodePort: 30080
-{spec}status:
-{status}
-{pods}",
-        pods = lb_tests::web_pods(PODS)
-    )
+    let service = lb_tests::web_service(
+        ty,
+        "10.96.7.8",
+        Some(30080),
+        &format!("{spec}status:\n{status}\n"),
+    );
+    service + &lb_tests::web_pods(PODS)
 }
 
 /// The addresses of `web` that `list -o json` shows under `key`

@@ -18,33 +18,9 @@ fn bins() -> Bins {
 /// `web`: TCP and UDP on one service port number, both with node port
 /// 30080 (a nodePort is per protocol), or a plain ClusterIP Service.
 fn web(node_port: bool) -> String {
-    let (ty, np) = if node_port {
-        ("NodePort", "\n      nodePort: 30080")
-    } else {
-        ("ClusterIP", "")
-    };
-    let pods = lb_tests::web_pods(PODS);
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  type: {ty}
-  clusterIP: 10.96.7.7
-  selector:
-    app: web
-  ports:
-    - name: http
-      port: 8080
-      protocol: TCP
-      targetPort: 80{np}
-    - name: echo
-      port: 8080
-      protocol: UDP
-      targetPort: 80{np}
-{pods}"
-    )
+    let ty = if node_port { "NodePort" } else { "ClusterIP" };
+    let service = lb_tests::web_service(ty, "10.96.7.7", node_port.then_some(30080), "");
+    service + &lb_tests::web_pods(PODS)
 }
 
 /// The node-address frontends `list -o json` shows for `web`.
