@@ -383,14 +383,16 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     // rebuild the agent each time). Live bytes per component are the
     // same under either allocator.
     let heap_target = target.join("heap-profile");
-    exec(
-        cmd("cargo")
-            .args(["build", "--release", "--package", "lb-userspace"])
-            .args(["--bin", "lb-agent", "--no-default-features", "--target-dir"])
-            .arg(&heap_target),
-    )?;
     let dir = target.join("release");
     let other = std::env::var_os("LB_BENCH_AGENT").map(PathBuf::from);
+    if other.is_none() {
+        exec(
+            cmd("cargo")
+                .args(["build", "--release", "--package", "lb-userspace"])
+                .args(["--bin", "lb-agent", "--no-default-features", "--target-dir"])
+                .arg(&heap_target),
+        )?;
+    }
     let bins = Bins {
         // Another build of the agent, to compare against (a "before").
         agent: other.clone().unwrap_or_else(|| dir.join("lb-agent")),
