@@ -112,6 +112,8 @@ impl ApplyReport {
 pub struct Reconciler<D> {
     dp: D,
     installed: BTreeMap<Frontend, Installed>,
+    /// `installed.len()` when it was last packed ([`pack`]).
+    packed_len: usize,
     /// Free and recently released ranges of the backend array.
     ranges: Ranges,
     /// Masters of no installed frontend (keys of a protocol this agent
@@ -202,8 +204,10 @@ impl<D: Datapath> Reconciler<D> {
             .copied()
             .unwrap_or(0);
         let max_svc_id_slot = dp.max_svc_id();
+        pack(&mut installed);
         Ok(Self {
             dp,
+            packed_len: installed.len(),
             installed,
             ranges: Ranges::adopted(capacity, &used),
             strays,
@@ -372,6 +376,12 @@ impl<D: Datapath> Reconciler<D> {
             if let Some(source) = s.error {
                 report.errors.push(reconcile_error(s.fe, s.want, source));
             }
+        }
+        // Packed each time it has grown by a quarter: amortised O(1) per
+        // record, and at most a fifth of the records sit in half-full nodes.
+        if self.installed.len() >= self.packed_len + self.packed_len / 4 + 1024 {
+            pack(&mut self.installed);
+            self.packed_len = self.installed.len();
         }
     }
 
@@ -690,6 +700,20 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
+}
+
+/// Rebuilds `map` with full nodes. Records arrive in key order (a full pass
+/// and an adoption walk frontends sorted), and a B-tree node that overflows
+/// at its end keeps only half of its entries: 27 MB of nodes at 100,000
+/// frontends where packed ones take 17. `append` of two non-empty maps
+/// rebuilds from the merged entries with full nodes, freeing the old
+/// nodes as it goes, so the peak stays that of the old tree.
+fn pack<K: Ord + Clone, V>(map: &mut BTreeMap<K, V>) {
+    let Some(second) = map.keys().nth(1).cloned() else {
+        return;
+    };
+    let mut rest = map.split_off(&second);
+    map.append(&mut rest);
 }
 
 /// One frontend's writes, prepared by `Reconciler::stage`.

@@ -408,3 +408,44 @@ fn adoption_keeps_affinity_and_sweeps_entries_of_unknown_ids() {
     assert_eq!(r.datapath().log.len(), start, "the master is up to date");
     assert_eq!(affinity_ids(r.datapath()), vec![id]);
 }
+
+#[test]
+fn packing_keeps_every_record_in_order() {
+    for n in [0usize, 1, 2, 3, 11, 12, 1000] {
+        let mut map: BTreeMap<u32, u32> = (0..n as u32).map(|k| (k * 3, k)).collect();
+        let before: Vec<(u32, u32)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        pack(&mut map);
+        let after: Vec<(u32, u32)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(after, before, "n = {n}");
+        assert_eq!(map.len(), n);
+    }
+}
+
+/// A full pass of many parts (each a separate apply, in key order) leaves
+/// the records and the maps exactly as one apply would.
+#[test]
+fn records_packed_between_parts_match_the_maps() {
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let all: Vec<(Frontend, String, Vec<SocketAddr>)> = (0..3000u32)
+        .map(|i| {
+            let fe = frontend(Ipv4Addr::from(0x0a60_0000 + i), 80, Proto::Tcp);
+            (fe, format!("s{i}"), vec![be((i % 250) as u8 + 1, 80)])
+        })
+        .collect();
+    for part in all.chunks(100) {
+        let entries: Vec<(Frontend, &str, Vec<SocketAddr>)> = part
+            .iter()
+            .map(|(f, n, b)| (*f, n.as_str(), b.clone()))
+            .collect();
+        let report = r.apply(&desired(&entries), Prune::No);
+        assert!(report.errors.is_empty());
+    }
+    assert_eq!(r.installed().len(), all.len());
+    for (fe, name, backends) in &all {
+        let inst = &r.installed()[fe];
+        assert_eq!(inst.service.name, name.as_str());
+        assert_eq!(inst.backends.to_vec(), *backends);
+    }
+    let again = Reconciler::adopt(r.dp.clone()).unwrap();
+    assert_eq!(again.installed(), r.installed());
+}
