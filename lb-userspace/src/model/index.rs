@@ -21,6 +21,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use smol_str::SmolStr;
 
+use self::table::{Keyed, Table};
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, ServiceRef, ServiceType,
     TranslateOptions,
@@ -47,7 +48,11 @@ fn ikey(namespace: &str, name: &str) -> IKey {
 }
 
 fn to_key((namespace, name): &IKey) -> Key {
-    (namespace.to_string(), name.to_string())
+    names_key((namespace, name))
+}
+
+fn names_key((namespace, name): (&str, &str)) -> Key {
+    (namespace.to_owned(), name.to_owned())
 }
 
 /// kubert's seam: one `apply` and one `delete` per kind.
@@ -211,6 +216,18 @@ impl Serves {
     }
 }
 
+impl Keyed for Box<ServiceEntry> {
+    fn names(&self) -> (&str, &str) {
+        (&self.info.namespace, &self.info.name)
+    }
+}
+
+impl Keyed for Arc<SliceInfo> {
+    fn names(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
 impl ServiceEntry {
     fn rank(&self) -> Rank {
         Rank {
@@ -232,10 +249,11 @@ impl ServiceEntry {
 pub struct Index {
     opts: TranslateOptions,
     /// Boxed, so the tables hold pointers: half-empty buckets and a resize
-    /// (old and new table at once) cost little.
-    services: HashMap<IKey, Box<ServiceEntry>>,
+    /// (old and new table at once) cost little. Filed under the names of
+    /// its info.
+    services: Table<Box<ServiceEntry>>,
     /// Shared (`Arc`): the manifest source's cache holds the same slices.
-    slices: HashMap<IKey, Arc<SliceInfo>>,
+    slices: Table<Arc<SliceInfo>>,
     /// (namespace, service) → names of the slices labelled for it, sorted
     /// (the order endpoints are deduplicated in).
     by_service: HashMap<IKey, SortedVec<SmolStr>>,
@@ -275,7 +293,8 @@ impl Index {
     pub fn set_options(&mut self, opts: TranslateOptions) {
         if opts != self.opts {
             self.opts = opts;
-            self.dirty.extend(self.services.keys().cloned());
+            self.dirty
+                .extend(self.services.iter().map(|e| ikey(e.names().0, e.names().1)));
         }
     }
 
@@ -301,41 +320,36 @@ impl Index {
     pub fn apply_service(&mut self, info: impl Into<Arc<ServiceInfo>>) -> bool {
         let info: Arc<ServiceInfo> = info.into();
         let key = ikey(&info.namespace, &info.name);
-        match self.services.entry(key) {
-            Entry::Occupied(mut e) => {
-                let old = &e.get().info;
-                if Arc::ptr_eq(old, &info) || **old == *info {
-                    return false;
-                }
-                e.get_mut().info = info;
-                self.dirty.insert(e.key().clone());
+        if let Some(e) = self.services.get_mut(&key.0, &key.1) {
+            if Arc::ptr_eq(&e.info, &info) || *e.info == *info {
+                return false;
             }
-            Entry::Vacant(e) => {
-                let seen = self.seeds.get(e.key()).copied().unwrap_or_else(|| {
-                    self.next_seen += 1;
-                    self.next_seen - 1
-                });
-                self.dirty.insert(e.key().clone());
-                let entry = ServiceEntry {
-                    claimed: Rank {
-                        untimed: info.created.is_none(),
-                        created: info.created.clone(),
-                        seen,
-                    },
-                    info,
-                    seen,
-                    frontends: Vec::new(),
-                    diags: Vec::new(),
-                };
-                e.insert(Box::new(entry));
-            }
+            e.info = info;
+            self.dirty.insert(key);
+            return true;
         }
+        let seen = self.seeds.get(&key).copied().unwrap_or_else(|| {
+            self.next_seen += 1;
+            self.next_seen - 1
+        });
+        self.dirty.insert(key);
+        self.services.insert(Box::new(ServiceEntry {
+            claimed: Rank {
+                untimed: info.created.is_none(),
+                created: info.created.clone(),
+                seen,
+            },
+            info,
+            seen,
+            frontends: Vec::new(),
+            diags: Vec::new(),
+        }));
         true
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
         let key = ikey(namespace, name);
-        let Some(old) = self.services.remove(&key) else {
+        let Some(old) = self.services.remove(namespace, name) else {
             return false;
         };
         self.dirty.remove(&key);
@@ -353,13 +367,13 @@ impl Index {
         let key = ikey(&info.namespace, &info.name);
         if self
             .slices
-            .get(&key)
+            .get(&key.0, &key.1)
             .is_some_and(|old| Arc::ptr_eq(old, &info) || **old == *info)
         {
             return false;
         }
         let owner = info.service.clone();
-        let old = self.slices.insert(key.clone(), info);
+        let old = self.slices.insert(info);
         let old_owner = old.and_then(|o| o.service.clone());
         if old_owner != owner {
             if let Some(o) = &old_owner {
@@ -385,7 +399,7 @@ impl Index {
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
         let key = ikey(namespace, name);
-        let Some(old) = self.slices.remove(&key) else {
+        let Some(old) = self.slices.remove(namespace, name) else {
             return false;
         };
         self.unlabeled_changed |= self.unlabeled.remove(&key);
@@ -456,7 +470,12 @@ impl Index {
     /// owner.
     pub fn served(&self, fe: &Frontend) -> Option<DesiredService> {
         let (_, owner) = self.claims.get(fe)?.first()?;
-        Some(self.services.get(owner)?.wants(fe)?.desired(owner))
+        Some(
+            self.services
+                .get(&owner.0, &owner.1)?
+                .wants(fe)?
+                .desired(owner),
+        )
     }
 
     /// Whether anything serves `fe` (as of the last check-out).
@@ -488,7 +507,10 @@ impl Index {
             .unlabeled
             .iter()
             .map(|key| {
-                let source = self.slices.get(key).map_or("", |s| s.source.as_str());
+                let source = self
+                    .slices
+                    .get(&key.0, &key.1)
+                    .map_or("", |s| s.source.as_str());
                 diag(
                     "EndpointSlice",
                     &key.0,
@@ -510,7 +532,9 @@ impl Index {
             if per_service.contains_key(&k) {
                 continue;
             }
-            let entry = &self.services[key];
+            let Some(entry) = self.services.get(&key.0, &key.1) else {
+                continue;
+            };
             let mut group = entry.diags.clone();
             for (fe, _) in &entry.frontends {
                 let Some((_, owner)) = self.claims.get(fe).and_then(SortedVec::first) else {
@@ -536,11 +560,11 @@ impl Index {
     }
 
     pub fn service_keys(&self) -> Vec<Key> {
-        self.services.keys().map(to_key).collect()
+        self.services.iter().map(|e| names_key(e.names())).collect()
     }
 
     pub fn slice_keys(&self) -> Vec<Key> {
-        self.slices.keys().map(to_key).collect()
+        self.slices.iter().map(|e| names_key(e.names())).collect()
     }
 
     /// How many services and slices it holds.
@@ -553,7 +577,7 @@ impl Index {
     }
 
     fn mark(&mut self, service: IKey) {
-        if self.services.contains_key(&service) {
+        if self.services.contains(&service.0, &service.1) {
             self.dirty.insert(service);
         }
     }
@@ -585,7 +609,7 @@ impl Index {
     }
 
     fn retranslate(&mut self, key: IKey) {
-        let Some(entry) = self.services.get(&key) else {
+        let Some(entry) = self.services.get(&key.0, &key.1) else {
             return;
         };
         let own: Vec<&SliceInfo> = self
@@ -593,7 +617,7 @@ impl Index {
             .get(&key)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())))
+            .filter_map(|name| self.slices.get(&key.0, name))
             .map(AsRef::as_ref)
             .collect();
         let mut diags = Vec::new();
@@ -611,7 +635,7 @@ impl Index {
         } else {
             self.with_diags.insert(key.clone());
         }
-        let Some(entry) = self.services.get_mut(&key) else {
+        let Some(entry) = self.services.get_mut(&key.0, &key.1) else {
             return;
         };
         entry.diags = diags;
@@ -622,7 +646,9 @@ impl Index {
         let old = std::mem::replace(&mut entry.frontends, frontends);
         let old_rank = std::mem::replace(&mut entry.claimed, rank.clone());
         let rank_moved = old_rank != rank;
-        let entry = &self.services[&key];
+        let Some(entry) = self.services.get(&key.0, &key.1) else {
+            return;
+        };
         let mut touched = Vec::new();
         for (fe, want) in &old {
             if rank_moved || entry.wants(fe) != Some(want) {
@@ -741,5 +767,6 @@ impl<'a, T> IntoIterator for &'a SortedVec<T> {
     }
 }
 
+mod table;
 #[cfg(test)]
 mod tests;
