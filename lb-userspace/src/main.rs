@@ -194,6 +194,11 @@ struct RunArgs {
     /// another datapath, as service meshes and VM runtimes need.
     #[arg(long)]
     host_netns_only: bool,
+    /// Fail with EADDRINUSE a bind() by a host-namespace socket to a NodePort (same protocol)
+    /// on a wildcard address or on a node address it is served on, so a host process cannot
+    /// silently shadow a Service (cgroup post_bind programs); pods are not affected.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    bind_protection: bool,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -403,6 +408,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         external_ips,
         localhost_node_ports,
         host_netns_only,
+        bind_protection,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -435,6 +441,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         programs: ProgramOptions {
             bpf_log,
             host_netns_only,
+            bind_protection,
         },
         allow_foreign_pins,
         translate,

@@ -25,21 +25,7 @@ fn web(node_port: bool) -> String {
 
 /// The node-address frontends `list -o json` shows for `web`.
 fn node_frontends(doc: &serde_json::Value) -> Vec<String> {
-    let mut out: Vec<String> = find_service(doc, "default", "web")
-        .and_then(|s| s["ports"].as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some(format!(
-                "{}:{}/{}",
-                p["nodeIp"].as_str()?,
-                p["port"],
-                p["protocol"].as_str()?
-            ))
-        })
-        .collect();
-    out.sort();
-    out
+    lb_tests::node_frontends(doc, "default", "web")
 }
 
 fn lab_with_web(node_port: bool) -> Lab {
