@@ -3,7 +3,7 @@
 //! Pods, mirroring of Endpoints, ClusterIP allocation), for IPv4, IPv6 and
 //! dual-stack Services.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt, fs,
     hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,7 +22,10 @@ use k8s_openapi::{
 
 use smol_str::SmolStr;
 
-use self::by_name::{ByName, Named};
+use self::{
+    by_name::{ByName, Named},
+    claims::Holders,
+};
 use crate::{
     model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
@@ -32,6 +35,7 @@ mod alloc;
 mod by_name;
 #[cfg(test)]
 mod cache_tests;
+mod claims;
 mod controllers;
 mod parse;
 pub mod read;
@@ -281,19 +285,9 @@ pub struct ClusterIpAllocator {
     pub assigned: BTreeMap<(String, String), FamilyIps>,
     /// Which service held each ClusterIP after the last allocation (seeded
     /// from the maps): of two manifests naming one address, the holder
-    /// keeps it, as the API server refuses the second Service. Services
-    /// are known by [`holder_id`], a 64-bit hash of (namespace, name): a
-    /// name per address took 9 MiB at 100,000 Services, and it is only
-    /// compared with the few Services that name an address twice.
-    holders: HashMap<IpAddr, u64>,
-}
-
-/// A Service's identity in [`ClusterIpAllocator::holders`]: the same for
-/// the same (namespace, name) in every run and build (fixed seed). Two
-/// Services are mistaken for each other only if their hashes collide
-/// while they name the same address (a chance of 2^-64).
-fn holder_id(namespace: &str, name: &str) -> u64 {
-    foldhash::quality::FixedState::with_seed(0).hash_one((namespace, name))
+    /// keeps it, as the API server refuses the second Service (see
+    /// [`claims`]).
+    holders: Holders<IpAddr>,
 }
 
 impl ClusterIpAllocator {
@@ -306,12 +300,10 @@ impl ClusterIpAllocator {
         previous: impl IntoIterator<Item = ((String, String), IpAddr)>,
     ) -> Self {
         let mut assigned: BTreeMap<(String, String), FamilyIps> = BTreeMap::new();
-        let mut holders = HashMap::new();
+        let mut holders = Holders::default();
         for (key, ip) in previous {
             let ip = ip.to_canonical();
-            holders
-                .entry(ip)
-                .or_insert_with(|| holder_id(&key.0, &key.1));
+            holders.seed(ip, &key.0, &key.1);
             let family = IpFamily::of(ip);
             let usable = cidr.range(family).is_some_and(|r| r.is_usable(ip));
             let slot = assigned.entry(key).or_default();
