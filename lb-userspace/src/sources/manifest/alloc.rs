@@ -199,6 +199,9 @@ pub(super) struct Filled {
     /// `spec.clusterIPs` (`["None"]` for a headless Service), as written
     /// where given; `spec.clusterIP` is the first.
     pub cluster_ips: Vec<String>,
+    /// `spec.ports[i].nodePort` where the nodePort allocator changed it:
+    /// (i, the port it handed out, or 0 where it refused the one written).
+    pub node_ports: Vec<(usize, i32)>,
 }
 
 /// What the API server decided for one service.
@@ -543,6 +546,7 @@ impl ClusterIpAllocator {
                 policy: plan.policy.as_str(),
                 families: plan.families.clone(),
                 cluster_ips: Vec::new(),
+                node_ports: Vec::new(),
             };
             if plan.headless {
                 fill.cluster_ips = vec!["None".to_owned()];
