@@ -109,6 +109,11 @@ pub mod maps {
     /// The running agent's [`AgentState`](super::AgentState), one entry,
     /// for `lb-agent status`; written and read by userspace only.
     pub const AGENT: &str = "LB_AGENT";
+    /// Bind protection's NodePorts: an array of [`NODE_PORT_WORDS`]
+    /// 64-bit words, bit [`node_port_bit`] set for every (protocol,
+    /// nodePort) some entry of `LB_SERVICES` flagged
+    /// [`SVC_FLAG_NODE_PORT`](super::SVC_FLAG_NODE_PORT) serves.
+    pub const NODE_PORTS: &str = "LB_NODE_PORTS";
 }
 
 /// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
@@ -221,6 +226,26 @@ impl ServiceKey {
     }
 }
 
+/// [`ServiceValue::flags`]: the frontend is a node address (or loopback) on
+/// a Service's nodePort. Only bind protection reads it (a host-namespace
+/// `bind()` to that address and port is refused); connects ignore flags.
+pub const SVC_FLAG_NODE_PORT: u16 = 1;
+
+/// 64-bit words of `LB_NODE_PORTS`: one bit per TCP port and one per UDP
+/// port (16 KiB, fixed).
+pub const NODE_PORT_WORDS: u32 = 2 * 65_536 / 64;
+
+/// The `LB_NODE_PORTS` bit of a (protocol, port); the port in host byte
+/// order, as `bpf_sock.src_port` holds it. `None` for other protocols.
+#[inline(always)]
+pub const fn node_port_bit(proto: u8, port: u16) -> Option<u32> {
+    match proto {
+        PROTO_TCP => Some(port as u32),
+        PROTO_UDP => Some(65_536 + port as u32),
+        _ => None,
+    }
+}
+
 /// Value of the service map: where the frontend's backends are in the
 /// backend array. The agent never rewrites a range a master points at: a
 /// change writes a new range, then replaces this value (one atomic hash
@@ -233,6 +258,8 @@ pub struct ServiceValue {
     pub base: u32,
     /// Backends in the range, at most [`MAX_SLOTS`]; 0 means "refuse connects".
     pub count: u16,
+    /// `SVC_FLAG_*` bits: what kind of frontend this is, for programs
+    /// other than connect's.
     pub flags: u16,
     /// Service (frontend) id, stable across agent restarts.
     pub svc_id: u32,
@@ -256,6 +283,11 @@ impl ServiceValue {
     /// The same, with a session affinity timeout in seconds (0: none).
     pub const fn with_affinity(self, affinity: u32) -> Self {
         Self { affinity, ..self }
+    }
+
+    /// The same, with `SVC_FLAG_*` bits.
+    pub const fn with_flags(self, flags: u16) -> Self {
+        Self { flags, ..self }
     }
 }
 
@@ -678,5 +710,15 @@ mod tests {
         );
         assert_eq!(as_v4(&words), Some(ip4));
         assert_eq!(as_v4(&[0, 0, 0, ip4]), None);
+    }
+
+    #[test]
+    fn node_port_bits_cover_both_protocols_in_the_array() {
+        assert_eq!(node_port_bit(PROTO_TCP, 0), Some(0));
+        assert_eq!(node_port_bit(PROTO_TCP, 30080), Some(30080));
+        assert_eq!(node_port_bit(PROTO_UDP, 30080), Some(65_536 + 30080));
+        assert_eq!(node_port_bit(1, 30080), None);
+        let last = node_port_bit(PROTO_UDP, u16::MAX).unwrap();
+        assert_eq!(last >> 6, NODE_PORT_WORDS - 1);
     }
 }

@@ -22,12 +22,12 @@ use crate::{
         terminate::{self, Spared, Terminator},
     },
     health::{self, Health},
-    model::{Index, TranslateOptions},
+    model::{FrontendKind, Index, TranslateOptions},
     reconciler::Reconciler,
     sources::{
         dir_watch::DirWatcher,
         kube::{self as kube_source, ClientConfig, ClientError, Signals},
-        manifest::{self, ClusterIpAllocator, DirCache, ServiceCidr},
+        manifest::{self, Allocator, DirCache, NodePortRange, ServiceCidr},
         node,
     },
     sync::{self, Coalesce, Driver, Input, Syncer},
@@ -79,6 +79,8 @@ pub struct ManifestAgentConfig {
     /// Manifest files larger than this are skipped with a diagnostic.
     pub max_manifest_size: u64,
     pub service_cidr: ServiceCidr,
+    /// `--node-port-range`: where missing nodePorts are allocated from.
+    pub node_port_range: NodePortRange,
 }
 
 /// Everything `lb-agent run` against the Kubernetes API needs.
@@ -108,18 +110,35 @@ pub async fn run_manifests(
         attached
     })?;
     // Addresses a previous agent allocated stay with their services, per
-    // family (the allocator keeps those inside its ranges).
-    let previous = reconciler
-        .installed()
-        .iter()
-        .filter(|(_, i)| !i.service.name.is_empty())
+    // family (the allocator keeps those inside its ranges), and nodePorts
+    // with their service ports (read from the node-address frontends).
+    let named = || {
+        reconciler
+            .installed()
+            .iter()
+            .filter(|(_, i)| !i.service.name.is_empty())
+    };
+    let previous = named().map(|(fe, i)| {
+        (
+            (i.service.namespace.to_string(), i.service.name.to_string()),
+            fe.addr.ip(),
+        )
+    });
+    let previous_node_ports = named()
+        .filter(|(_, i)| i.service.frontend == FrontendKind::NodePort)
         .map(|(fe, i)| {
+            let s = &i.service;
             (
-                (i.service.namespace.to_string(), i.service.name.to_string()),
-                fe.addr.ip(),
+                (
+                    s.namespace.to_string(),
+                    s.name.to_string(),
+                    s.port_name.to_string(),
+                ),
+                fe.addr.port(),
             )
         });
-    let mut alloc = ClusterIpAllocator::new(cfg.service_cidr, previous);
+    let mut alloc = Allocator::new(cfg.service_cidr, previous)
+        .with_node_ports(cfg.node_port_range, previous_node_ports);
     let mut opts = cfg.common.translate.clone();
     if opts.node_ips.is_empty() {
         opts.node_ips = interface_addresses();
@@ -173,7 +192,7 @@ pub async fn run_manifests(
 }
 
 /// Reads what changed in the directory into the index.
-fn read(files: &mut DirCache, alloc: &mut ClusterIpAllocator, input: &Input) {
+fn read(files: &mut DirCache, alloc: &mut Allocator, input: &Input) {
     let started = Instant::now();
     let delta = files.load(alloc);
     info!(

@@ -13,7 +13,7 @@ use lb_userspace::{
     model::{ExternalIps, TranslateOptions},
     sources::{
         kube::ClientConfig,
-        manifest::{self, ServiceCidr},
+        manifest::{self, NodePortRange, ServiceCidr},
     },
     status, trace,
 };
@@ -125,6 +125,11 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR[,CIDR]", default_value = manifest::DEFAULT_SERVICE_CIDR,
           value_parser = parse_service_cidr)]
     service_cidr: Box<ServiceCidr>,
+    /// Where nodePorts are allocated for manifest Services of type NodePort (and LoadBalancer,
+    /// unless allocateLoadBalancerNodePorts: false) whose ports name none, and the only nodePorts
+    /// a manifest may name (as kube-apiserver's --service-node-port-range).
+    #[arg(long, value_name = "FIRST-LAST", default_value = manifest::DEFAULT_NODE_PORT_RANGE)]
+    node_port_range: NodePortRange,
     /// Entries of the service map `LB_SERVICES`: one per frontend (each ClusterIP family and port
     /// of a Service); allocated on use (only used when the map is created).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
@@ -194,6 +199,11 @@ struct RunArgs {
     /// another datapath, as service meshes and VM runtimes need.
     #[arg(long)]
     host_netns_only: bool,
+    /// Fail with EADDRINUSE a bind() by a host-namespace socket to a NodePort (same protocol)
+    /// on a wildcard address or on a node address it is served on, so a host process cannot
+    /// silently shadow a Service (cgroup post_bind programs); pods are not affected.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    bind_protection: bool,
     /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -388,6 +398,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         stall_timeout,
         resync_period,
         service_cidr,
+        node_port_range,
         max_services,
         max_backends,
         max_frontends,
@@ -403,6 +414,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         external_ips,
         localhost_node_ports,
         host_netns_only,
+        bind_protection,
         service_proxy_name,
     } = args;
     let node_name = node_name.or_else(hostname);
@@ -435,6 +447,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         programs: ProgramOptions {
             bpf_log,
             host_netns_only,
+            bind_protection,
         },
         allow_foreign_pins,
         translate,
@@ -450,6 +463,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 manifests,
                 max_manifest_size,
                 service_cidr: *service_cidr,
+                node_port_range,
             };
             runtime.block_on(agent::run_manifests(cfg, shutdown_signal()))?;
         }

@@ -57,6 +57,8 @@ pub const FAMILIES: &[&str] = &[
 /// The watched resources, as `resource` label values.
 pub const SERVICES: &str = "services";
 pub const ENDPOINT_SLICES: &str = "endpointslices";
+/// The watch on this node's Node object (its addresses).
+pub const NODES: &str = "nodes";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {

@@ -56,6 +56,8 @@ pub struct Installed {
     /// The master's count (at most `MAX_SLOTS`): its range is
     /// `base..base + count`.
     pub count: u16,
+    /// The master's `SVC_FLAG_*` bits (see [`flags_of`]).
+    pub flags: u16,
     /// What the slots hold, in slot order (sorted by address).
     pub backends: Addrs,
     /// The master's session affinity timeout in seconds (0: none).
@@ -75,7 +77,18 @@ impl Installed {
     }
 
     fn master(&self) -> ServiceValue {
-        ServiceValue::new(self.base, self.count, self.svc_id).with_affinity(self.affinity)
+        ServiceValue::new(self.base, self.count, self.svc_id)
+            .with_affinity(self.affinity)
+            .with_flags(self.flags)
+    }
+}
+
+/// The master's flags for a frontend of `service`: a node-address frontend
+/// is marked for bind protection.
+pub fn flags_of(service: &ServiceRef) -> u16 {
+    match service.frontend {
+        crate::model::FrontendKind::NodePort => lb_common::SVC_FLAG_NODE_PORT,
+        _ => 0,
     }
 }
 
@@ -184,6 +197,7 @@ impl<D: Datapath> Reconciler<D> {
                     service,
                     base,
                     count: backends.len() as u16,
+                    flags: value.flags,
                     backends: Addrs::from(backends),
                     affinity: value.affinity,
                     complete: true,
@@ -319,6 +333,7 @@ impl<D: Datapath> Reconciler<D> {
         inst.complete
             && inst.service == want.service
             && inst.affinity == want.affinity
+            && inst.flags == flags_of(&want.service)
             && if want.backends.is_sorted_by(|a, b| a < b) {
                 inst.backends == want.backends
             } else {
@@ -429,6 +444,7 @@ impl<D: Datapath> Reconciler<D> {
             service: want.service.clone(),
             base: 0,
             count: 0,
+            flags: 0,
             backends: Addrs::default(),
             affinity: want.affinity,
             complete: false,
@@ -550,15 +566,21 @@ impl<D: Datapath> Reconciler<D> {
         let written = self.write_batch(
             staged,
             |s| {
+                let flags = flags_of(&s.want.service);
                 let master = match &s.range {
                     Some(r) => ServiceValue::new(r.base, r.count, s.inst.svc_id),
-                    // Same backends, another affinity: the same range.
-                    None if s.inst.complete && s.inst.affinity != s.want.affinity => {
+                    // Same backends, another affinity or kind: the same range.
+                    None if s.inst.complete
+                        && (s.inst.affinity != s.want.affinity || s.inst.flags != flags) =>
+                    {
                         s.inst.master()
                     }
                     None => return None,
                 };
-                Some((frontend_key(&s.fe), master.with_affinity(s.want.affinity)))
+                Some((
+                    frontend_key(&s.fe),
+                    master.with_affinity(s.want.affinity).with_flags(flags),
+                ))
             },
             |dp, batch| dp.put_services(batch),
         );
@@ -569,6 +591,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.affinity_dirty = true;
             }
             s.inst.affinity = s.want.affinity;
+            s.inst.flags = flags_of(&s.want.service);
             let Some(r) = s.range.take() else {
                 continue;
             };

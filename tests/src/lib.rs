@@ -457,6 +457,16 @@ impl Agent {
         Ok(serde_json::from_str(&self.list(&["-o", "json"])?)?)
     }
 
+    /// `lb-agent status -o json` of this agent's pins.
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out = run(Command::new(&self.bin)
+            .arg("status")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["-o", "json"]))?;
+        serde_json::from_str(&out).with_context(|| format!("status output {out:?}"))
+    }
+
     /// Polls `list -o json` until `pred` holds; returns the matching document.
     pub fn wait_for(
         &mut self,
@@ -611,6 +621,26 @@ pub fn find_service<'a>(
         .as_array()?
         .iter()
         .find(|s| s["namespace"] == namespace && s["name"] == name)
+}
+
+/// The node-address frontends of a service in `list -o json`
+/// (`IP:PORT/PROTO`, the port being the nodePort), sorted.
+pub fn node_frontends(doc: &serde_json::Value, namespace: &str, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = find_service(doc, namespace, name)
+        .and_then(|s| s["ports"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(format!(
+                "{}:{}/{}",
+                p["nodeIp"].as_str()?,
+                p["port"],
+                p["protocol"].as_str()?
+            ))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Endpoints of one service port in `list -o json`, sorted.

@@ -103,6 +103,7 @@ pub fn errno_name(errno: i32) -> String {
         libc::ECONNREFUSED => "ECONNREFUSED",
         libc::EHOSTUNREACH => "EHOSTUNREACH",
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EADDRINUSE => "EADDRINUSE",
         libc::EAGAIN => "EAGAIN",
         libc::EINPROGRESS => "EINPROGRESS",
         libc::ECONNABORTED => "ECONNABORTED",

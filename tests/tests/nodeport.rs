@@ -25,21 +25,7 @@ fn web(node_port: bool) -> String {
 
 /// The node-address frontends `list -o json` shows for `web`.
 fn node_frontends(doc: &serde_json::Value) -> Vec<String> {
-    let mut out: Vec<String> = find_service(doc, "default", "web")
-        .and_then(|s| s["ports"].as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some(format!(
-                "{}:{}/{}",
-                p["nodeIp"].as_str()?,
-                p["port"],
-                p["protocol"].as_str()?
-            ))
-        })
-        .collect();
-    out.sort();
-    out
+    lb_tests::node_frontends(doc, "default", "web")
 }
 
 fn lab_with_web(node_port: bool) -> Lab {
@@ -175,4 +161,114 @@ fn without_node_ip_the_interfaces_addresses_serve_node_ports() {
         assert_eq!(r.failed(), 0, "{ip} {r:?}");
         assert_eq!(r.backends.len(), 3, "{ip} {r:?}");
     }
+}
+
+/// The one nodePort of `web`'s node-address frontends (TCP and UDP on port
+/// 8080 share one), if it has any.
+fn web_node_port(doc: &serde_json::Value) -> Option<u16> {
+    let ports: std::collections::BTreeSet<u16> = find_service(doc, "default", "web")?["ports"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["nodeIp"].is_string())
+        .filter_map(|p| u16::try_from(p["port"].as_u64()?).ok())
+        .collect();
+    (ports.len() == 1).then(|| *ports.iter().next().expect("one"))
+}
+
+/// Waits until the running agent's `lb_diagnostics{severity="warning"}`
+/// is `n` (the figures follow the sync that read the files).
+fn wait_warnings(lab: &mut Lab, n: f64) {
+    let health = lab.agent.wait_health_addr(SYNC).unwrap();
+    lab.agent
+        .wait_for(&format!("{n} warnings"), SYNC, |_| {
+            lb_tests::scrape(health).is_ok_and(|s| {
+                lb_tests::metric(&s, "lb_diagnostics", &[("severity", "warning")]) == Some(n)
+            })
+        })
+        .unwrap();
+}
+
+/// A NodePort Service whose ports name no nodePort gets one from the
+/// range (the same for its TCP and UDP port of one number), served on
+/// every node address and shown by `list` as kubectl shows it. A newcomer
+/// naming that port is refused (a warning; its ClusterIP is served, no
+/// node address is) while `web` keeps serving; after a restart `web` still
+/// has its port and the newcomer is still refused: the agent knows who
+/// held it from the maps (a fresh allocator would give the port to the
+/// Service that names it).
+#[test]
+fn a_missing_node_port_is_allocated_and_kept_across_a_restart() {
+    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
+    lab.agent.extra_args = vec!["--node-ip".into(), NODE_IPS.join(",")];
+    let web = lb_tests::web_service("NodePort", "10.96.7.7", None, "") + &lb_tests::web_pods(PODS);
+    lab.write_manifest("web.yaml", &web).unwrap();
+    lab.agent.start().unwrap();
+    let doc = lab
+        .agent
+        .wait_for("web's node ports", SYNC, |d| node_frontends(d).len() == 6)
+        .unwrap();
+    let port = web_node_port(&doc).expect("one nodePort for TCP and UDP");
+    assert!((30000..=32767).contains(&port), "{port}");
+    let table = lab.agent.list(&[]).unwrap();
+    assert!(
+        table.contains(&format!("8080:{port}/TCP,8080:{port}/UDP")),
+        "{table}"
+    );
+    for node in NODE_IPS {
+        let tcp = lab
+            .client(&format!("{node}:{port}"), &["--count", "30"])
+            .unwrap();
+        assert_eq!((tcp.ok(), tcp.backends.len()), (30, 3), "{node} {tcp:?}");
+        let udp = lab
+            .client(&format!("{node}:{port}"), &["--count", "30", "--udp"])
+            .unwrap();
+        assert_eq!(udp.ok(), 30, "{node} {udp:?}");
+    }
+    wait_warnings(&mut lab, 0.0);
+
+    let newcomer = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: newcomer
+spec:
+  type: NodePort
+  clusterIP: 10.96.7.8
+  selector:
+    app: web
+  ports:
+    - port: 9090
+      targetPort: 80
+      nodePort: {port}
+"
+    );
+    lab.write_manifest("newcomer.yaml", &newcomer).unwrap();
+    let check = |lab: &mut Lab| {
+        let doc = lab
+            .agent
+            .wait_for("newcomer served on its ClusterIP", SYNC, |d| {
+                endpoints(d, "default", "newcomer", 9090).len() == 3
+            })
+            .unwrap();
+        assert_eq!(
+            lb_tests::node_frontends(&doc, "default", "newcomer"),
+            Vec::<String>::new()
+        );
+        assert_eq!(web_node_port(&doc), Some(port), "web keeps its port");
+        let r = lab
+            .client(&format!("{}:{port}", NODE_IPS[0]), &["--count", "30"])
+            .unwrap();
+        assert_eq!((r.ok(), r.backends.len()), (30, 3), "{r:?}");
+        let r = lab.client("10.96.7.8:9090", &["--count", "5"]).unwrap();
+        assert_eq!(r.ok(), 5, "{r:?}");
+    };
+    check(&mut lab);
+    // Refused with one warning.
+    wait_warnings(&mut lab, 1.0);
+
+    lab.agent.stop().unwrap();
+    lab.agent.start().unwrap();
+    lab.agent.wait_ready(SYNC).unwrap();
+    check(&mut lab);
+    wait_warnings(&mut lab, 1.0);
 }

@@ -256,13 +256,7 @@ fn assert_refused(events: &[&serde_json::Value]) {
 }
 
 fn status(lab: &Lab) -> serde_json::Value {
-    let out = run(Command::new(&lab.bins.agent)
-        .arg("status")
-        .arg("--bpffs")
-        .arg(&lab.agent.bpffs)
-        .args(["-o", "json"]))
-    .unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    lab.agent.status_json().unwrap()
 }
 
 fn by_name<'a>(list: &'a serde_json::Value, key: &str, name: &str) -> &'a serde_json::Value {
@@ -292,7 +286,7 @@ fn status_shows_attachments_maps_features_and_the_agent() {
     // Every program attached to the test's cgroup, which is not the root.
     let cgroup_id = fs::metadata(&lab.cgroup.path).unwrap().ino();
     let programs = doc["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), 9, "{doc:#}");
+    assert_eq!(programs.len(), 11, "{doc:#}");
     for p in programs {
         assert_eq!(p["attached"], true, "{p}");
         assert_eq!(p["cgroupId"], cgroup_id, "{p}");

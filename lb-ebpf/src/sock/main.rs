@@ -9,6 +9,10 @@
 //!   frontend (resolvers drop replies from an address they did not ask);
 //! - `cgroup/getpeername`: `getpeername()` returns the frontend.
 //!
+//! - `cgroup/post_bind`: a host-namespace `bind()` that would shadow a
+//!   nodePort fails with EADDRINUSE (bind protection; attached unless
+//!   `--bind-protection=false`).
+//!
 //! - `cgroup/sock_release` (one for both families): a closing socket's
 //!   record goes, so `LB_SOCK` holds live sockets only.
 //!
@@ -20,6 +24,7 @@
 #![feature(core_intrinsics)]
 #![no_main]
 
+mod bind;
 mod maps;
 mod trace;
 mod xlate;
@@ -32,6 +37,7 @@ use aya_ebpf::{
 use xlate::{Hook, Verdict};
 
 const ECONNREFUSED: i32 = 111;
+const EADDRINUSE: i32 = 98;
 /// Verdicts. recvmsg, getpeername and sock_release must always allow.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -91,6 +97,30 @@ pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<true>(&ctx);
     ALLOW
+}
+
+/// Fails a bind that shadows a nodePort with EADDRINUSE (the errno a
+/// taken port gives) rather than the EPERM a bare reject would.
+#[inline(always)]
+fn bind_verdict(shadows: bool) -> i32 {
+    if shadows {
+        // SAFETY: plain helper call; cgroup sock programs may set the
+        // retval (5.18+), which becomes bind()'s errno.
+        unsafe { bpf_set_retval(-EADDRINUSE) };
+        REJECT
+    } else {
+        ALLOW
+    }
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn lb_post_bind4(ctx: SockContext) -> i32 {
+    bind_verdict(bind::shadows_node_port::<false>(&ctx))
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn lb_post_bind6(ctx: SockContext) -> i32 {
+    bind_verdict(bind::shadows_node_port::<true>(&ctx))
 }
 
 #[cgroup_sock(sock_release)]

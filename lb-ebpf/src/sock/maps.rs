@@ -11,8 +11,9 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, AgentState, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
-    FILTER_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey, ServiceMeta, ServiceValue,
-    SockReverse, SockSlot, SockState, SvcStats, filter_bit, stats,
+    FILTER_WORDS, NODE_PORT_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey,
+    ServiceMeta, ServiceValue, SockReverse, SockSlot, SockState, SvcStats, filter_bit,
+    node_port_bit, stats,
 };
 
 /// One entry per frontend: its backends' range in `BACKENDS`. NO_PREALLOC:
@@ -111,6 +112,29 @@ pub static TRACE_RING: RingBuf = RingBuf::pinned(lb_common::trace::RING_BYTES, 0
 /// by the agent only; here so it is created and pinned with the maps.
 #[map(name = "LB_AGENT")]
 static AGENT: Array<AgentState> = Array::pinned(1, 0);
+
+/// Bind protection: bit `node_port_bit(proto, port)` set while some
+/// frontend flagged `SVC_FLAG_NODE_PORT` serves that nodePort (the agent
+/// keeps it from the service entries it writes, as the filter). An array
+/// of 16 KiB: one inlined read answers "is this a NodePort", whatever the
+/// number of Services or node addresses, so a bind to any other port costs
+/// that one read and no hashing.
+#[map(name = "LB_NODE_PORTS")]
+static NODE_PORTS: Array<u64> = Array::pinned(NODE_PORT_WORDS, 0);
+
+/// Whether some frontend serves `port` (host byte order) as a nodePort of
+/// `proto`.
+#[inline(always)]
+pub fn is_node_port(proto: u8, port: u16) -> bool {
+    let Some(bit) = node_port_bit(proto, port) else {
+        return false;
+    };
+    match NODE_PORTS.get_ptr(bit >> 6) {
+        // SAFETY: as for `service`.
+        Some(word) => (unsafe { *word } >> (bit & 63)) & 1 != 0,
+        None => false,
+    }
+}
 
 /// The trace lease, read once (0: off).
 #[inline(always)]

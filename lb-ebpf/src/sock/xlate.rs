@@ -55,7 +55,7 @@ fn handled_proto(sa: &bpf_sock_addr) -> Option<u8> {
 }
 
 #[inline(always)]
-fn handled(type_: u32, protocol: u32) -> Option<u8> {
+pub fn handled(type_: u32, protocol: u32) -> Option<u8> {
     match (type_, protocol) {
         (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => Some(PROTO_TCP),
         (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) => Some(PROTO_UDP),

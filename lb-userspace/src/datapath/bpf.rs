@@ -1,6 +1,7 @@
 //! The real datapath: pinned BPF maps, and the pinned cgroup links that keep
-//! the socket-LB programs (connect, sendmsg, recvmsg and getpeername, each
-//! for IPv4 and IPv6) attached while no agent runs.
+//! the socket-LB programs (connect, sendmsg, recvmsg, getpeername and
+//! post_bind, each for IPv4 and IPv6, and sock_release) attached while no
+//! agent runs.
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     fs,
@@ -33,7 +34,11 @@ use lb_common::{
     stats,
 };
 
-use super::{Datapath, DatapathError, Failures, Result, Snapshot, backends_full, resume, sys};
+use super::{
+    Datapath, DatapathError, Failures, Result, Snapshot, backends_full,
+    node_ports::{self, NodePortBits},
+    resume, sys,
+};
 
 /// The object with every socket-LB program, built by `build.rs`.
 static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sock"));
@@ -53,9 +58,17 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lb_sendmsg6", "link_sendmsg6"),
     ("lb_connect6", "link_connect6"),
     ("lb_connect4", LINK_PIN),
+    // Bind protection (left out with `--bind-protection=false`).
+    ("lb_post_bind4", "link_post_bind4"),
+    ("lb_post_bind6", "link_post_bind6"),
     // Last: a socket translated by the new programs is released by them.
     ("lb_sock_release", "link_sock_release"),
 ];
+
+/// The bind-protection programs of [`PROGRAMS`]: attached only with
+/// [`ProgramOptions::bind_protection`]; without it, a link a previous
+/// agent left is detached.
+pub const BIND_PROGRAMS: &[&str] = &["lb_post_bind4", "lb_post_bind6"];
 
 /// Every map the object declares, with the type, key and value sizes this
 /// build expects. A pin of another layout (left by an older agent) is
@@ -142,6 +155,12 @@ pub const MAP_LAYOUTS: &[(&str, MapType, usize, usize)] = &[
         size_of::<u32>(),
         size_of::<AgentState>(),
     ),
+    (
+        maps::NODE_PORTS,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<u64>(),
+    ),
 ];
 /// Pins of maps earlier versions created and this one no longer uses:
 /// removed once the new programs are attached (the old programs hold their
@@ -201,6 +220,9 @@ pub struct ProgramOptions {
     /// `--host-netns-only`: translate sockets of the host's network
     /// namespace only.
     pub host_netns_only: bool,
+    /// `--bind-protection`: attach the post_bind programs, which fail a
+    /// host-namespace `bind()` that would shadow a nodePort.
+    pub bind_protection: bool,
 }
 
 /// The cookie of the network namespace the agent runs in (the host's, for
@@ -243,7 +265,7 @@ fn host_netns_cookie(required: bool) -> Result<u64, LoadError> {
             "--host-netns-only: cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}"
         ))),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the network namespace cookie (SO_NETNS_COOKIE); 127.0.0.1:nodePort is not translated");
+            tracing::warn!(error = %e, "cannot read the network namespace cookie (SO_NETNS_COOKIE); 127.0.0.1:nodePort is not translated and bind protection is off");
             Ok(0)
         }
     }
@@ -639,6 +661,7 @@ fn load_and_attach(
     let ProgramOptions {
         bpf_log,
         host_netns_only,
+        bind_protection,
     } = programs;
     let host_netns = host_netns_cookie(host_netns_only)?;
     // A previous agent stopped before its deferred swap: its maps may not
@@ -689,7 +712,12 @@ fn load_and_attach(
     // are attached are the pins swapped. On an error the staging pins go,
     // and with them the new links: the old ones were never touched.
     let mut staged = Vec::new();
+    let mut left_out = Vec::new();
     for (program, pin) in PROGRAMS {
+        if !bind_protection && BIND_PROGRAMS.contains(program) {
+            left_out.push(*pin);
+            continue;
+        }
         match attach_staged(&mut ebpf, program, dir, pin, &cgroup_file) {
             Ok(paths) => staged.push(paths),
             Err(e) => {
@@ -702,6 +730,17 @@ fn load_and_attach(
     }
     for legacy in LEGACY_MAPS {
         let _ = fs::remove_file(dir.join(legacy));
+    }
+    // Turned off: a previous agent's bind links go at once (they translate
+    // nothing, so there is nothing to hand over).
+    for pin in left_out {
+        for path in [dir.join(pin), dir.join(format!("{pin}{STAGING_SUFFIX}"))] {
+            if path.exists() {
+                let _ = sys::detach_pinned_link(&path);
+                let _ = fs::remove_file(&path);
+                tracing::info!(link = pin, "bind protection off: detached");
+            }
+        }
     }
     let link_pins = staged.iter().map(|(_, pin)| pin.clone()).collect();
     if replaced && staged.iter().any(|(_, pin)| pin.exists()) {
@@ -1073,6 +1112,15 @@ pub struct BpfDatapath {
     svc_stats: Option<(PerCpuArray<MapData, SvcStats>, u32)>,
     /// Who runs the installation, for `status`; absent in older pins.
     agent: Option<Array<MapData, AgentState>>,
+    /// Bind protection's bitmap; absent in older pins.
+    node_ports: Option<NodePorts>,
+}
+
+/// `LB_NODE_PORTS` and what the agent knows of it: counted from the
+/// services map on first use.
+struct NodePorts {
+    map: MapData,
+    bits: Option<NodePortBits>,
 }
 
 /// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
@@ -1168,6 +1216,9 @@ impl BpfDatapath {
             agent: MapData::from_pin(dir.join(maps::AGENT))
                 .ok()
                 .and_then(|m| Array::try_from(aya::maps::Map::Array(m)).ok()),
+            node_ports: MapData::from_pin(dir.join(maps::NODE_PORTS))
+                .ok()
+                .map(|map| NodePorts { map, bits: None }),
         })
     }
 
@@ -1308,6 +1359,71 @@ impl BpfDatapath {
             f.write_word(state, index)?;
         }
         Ok(())
+    }
+
+    /// Bind protection's bits, counted from the services map (and the
+    /// map written whole) the first time they are needed: the bits of
+    /// entries no longer there (an agent stopped between a delete and the
+    /// clear) go, and a map created empty is filled.
+    fn node_ports_ready(&mut self) -> Result<()> {
+        if self.node_ports.as_ref().is_none_or(|n| n.bits.is_some()) {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for item in self.services.iter() {
+            entries.push(item.map_err(|e| map_err("iterate", maps::SERVICES, e))?);
+        }
+        let bits = NodePortBits::from_services(entries.iter().map(|(k, v)| (k, v)));
+        if let Some(n) = &mut self.node_ports {
+            sys::array_update_batch(n.map.fd().as_fd(), 0, bits.words()).map_err(|(done, e)| {
+                DatapathError::Other(format!(
+                    "writing {}: {e} after {done} words",
+                    maps::NODE_PORTS
+                ))
+            })?;
+            n.bits = Some(bits);
+        }
+        Ok(())
+    }
+
+    /// Updates bind protection's bits for `entries` about to be written
+    /// (`before`: set the bits of flagged ones, so a node port is
+    /// protected before it is served) or just written (clear the bits of
+    /// entries that lost the flag), and writes the words that changed.
+    fn node_ports_update<'k>(
+        &mut self,
+        entries: impl Iterator<Item = (&'k ServiceKey, Option<&'k ServiceValue>)>,
+        before: bool,
+    ) -> Result<()> {
+        self.node_ports_ready()?;
+        let Some(n) = &mut self.node_ports else {
+            return Ok(());
+        };
+        let Some(bits) = n.bits.as_mut() else {
+            return Ok(());
+        };
+        let mut changed = Vec::new();
+        for (key, value) in entries {
+            match (value.is_some_and(node_ports::flagged), before) {
+                (true, true) => bits.add(key, &mut changed),
+                (false, false) => bits.remove(key, &mut changed),
+                _ => {}
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        let words: Vec<u64> = changed.iter().map(|&i| bits.word(i)).collect();
+        sys::update_batch(n.map.fd().as_fd(), &changed, &words).map_err(|(done, e)| {
+            // Ahead of the map: counted again and written whole on next use.
+            n.bits = None;
+            DatapathError::Other(format!(
+                "writing {}: {e} after {done} words",
+                maps::NODE_PORTS
+            ))
+        })
     }
 
     /// Entries in the LRU reverse map of unconnected UDP sockets (a key
@@ -1549,14 +1665,21 @@ impl Datapath for BpfDatapath {
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
         self.filter_add(key)?;
+        self.node_ports_update(std::iter::once((key, Some(value))), true)?;
         let r = self
             .services
             .insert(key, value, 0)
             .map_err(|e| map_err("insert", maps::SERVICES, e));
-        if r.is_err() && self.services.get(key, 0).is_err() {
+        match self.services.get(key, 0) {
             // Not in the map after all: its bit would only cost a lookup,
             // but the count must match the map.
-            self.filter_remove(key)?;
+            Err(_) if r.is_err() => {
+                self.filter_remove(key)?;
+                self.node_ports_update(std::iter::once((key, None)), false)?;
+            }
+            // Whatever it holds now (the old value if the write failed).
+            Ok(now) => self.node_ports_update(std::iter::once((key, Some(&now))), false)?,
+            Err(_) => {}
         }
         r
     }
@@ -1564,7 +1687,10 @@ impl Datapath for BpfDatapath {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
             Err(e) if !not_found(&e) => Err(map_err("delete", maps::SERVICES, e)),
-            _ => self.filter_remove(key),
+            _ => {
+                self.filter_remove(key)?;
+                self.node_ports_update(std::iter::once((key, None)), false)
+            }
         }
     }
 
@@ -1596,7 +1722,10 @@ impl Datapath for BpfDatapath {
     /// The filter's bits of every new key first (one batch of words), then
     /// the entries; a key that then is not in the map gives its bit back.
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Failures {
-        if let Err(e) = self.filter_add_all(entries.iter().map(|(k, _)| k)) {
+        let added = self
+            .filter_add_all(entries.iter().map(|(k, _)| k))
+            .and_then(|()| self.node_ports_update(entries.iter().map(|(k, v)| (k, Some(v))), true));
+        if let Err(e) = added {
             let e = e.to_string();
             return (0..entries.len())
                 .map(|i| (i, DatapathError::Other(e.clone())))
@@ -1604,13 +1733,31 @@ impl Datapath for BpfDatapath {
         }
         let fd = self.services.map().fd().as_fd();
         let mut failed = resume(entries, |rest| hash_update_batch(fd, maps::SERVICES, rest));
+        let mut now: Vec<(ServiceKey, Option<ServiceValue>)> = Vec::new();
         for (i, e) in &mut failed {
             let key = &entries[*i].0;
-            if self.services.get(key, 0).is_err()
+            let value = self.services.get(key, 0).ok();
+            if value.is_none()
                 && let Err(filter) = self.filter_remove(key)
             {
                 *e = filter;
             }
+            now.push((*key, value));
+        }
+        // Entries that lost the flag, and failed ones as they are now.
+        let failed_at: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+        let written = entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed_at.contains(i))
+            .map(|(_, (k, v))| (k, Some(v)));
+        let cleared = self.node_ports_update(
+            written.chain(now.iter().map(|(k, v)| (k, v.as_ref()))),
+            false,
+        );
+        if let Err(e) = cleared {
+            // The entries are written; the bits are recounted on next use.
+            tracing::warn!(error = %e, "updating the bind-protection bits");
         }
         failed
     }
@@ -1725,6 +1872,9 @@ mod tests {
             "link_sock_release",
             "link_sock_release_new",
             "link_connect4",
+            "link_post_bind4",
+            "link_post_bind6_new",
+            "LB_NODE_PORTS",
         ] {
             assert!(known_pin(name), "{name}");
         }

@@ -6,6 +6,7 @@ use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 pub mod bpf;
 pub mod memory;
+mod node_ports;
 pub mod sockdiag;
 pub(crate) mod sys;
 pub mod terminate;

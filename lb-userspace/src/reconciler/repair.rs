@@ -147,8 +147,9 @@ impl<D: Datapath> Reconciler<D> {
         if drifted > 0 {
             let base = self.write_range(&want)?;
             let count = inst.count;
-            let master =
-                lb_common::ServiceValue::new(base, count, inst.svc_id).with_affinity(inst.affinity);
+            let master = lb_common::ServiceValue::new(base, count, inst.svc_id)
+                .with_affinity(inst.affinity)
+                .with_flags(inst.flags);
             if let Err(e) = self.dp.put_service(&key, &master) {
                 self.ranges.free(base, u32::from(count));
                 return Err(e);

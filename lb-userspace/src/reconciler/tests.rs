@@ -5,7 +5,7 @@ use lb_common::ServiceValue;
 use super::*;
 use crate::{
     datapath::{MemoryDatapath, Snapshot, memory::Op},
-    model::{Proto, ServiceType, frontend},
+    model::{FrontendKind, Proto, ServiceType, frontend},
 };
 
 pub(super) fn svc(name: &str) -> ServiceRef {
@@ -448,4 +448,54 @@ fn records_packed_between_parts_match_the_maps() {
     }
     let again = Reconciler::adopt(r.dp.clone()).unwrap();
     assert_eq!(again.installed(), r.installed());
+}
+
+/// A node-address frontend's master is flagged for bind protection, and
+/// only its; a frontend that becomes one (or stops being one) gets its
+/// master rewritten on the same range, and so does an adopted master that
+/// lacks the flag (written by an agent before bind protection).
+#[test]
+fn node_port_masters_are_flagged_for_bind_protection() {
+    use lb_common::SVC_FLAG_NODE_PORT;
+    let node = frontend(Ipv4Addr::new(10, 250, 0, 1), 30080, Proto::Tcp);
+    let with_kind = |mut d: DesiredState, fe: &Frontend, kind: FrontendKind| {
+        d.get_mut(fe).unwrap().service.frontend = kind;
+        d
+    };
+    let both = || {
+        desired(&[
+            (fe(1), "web", vec![be(1, 80)]),
+            (node, "web", vec![be(1, 80)]),
+        ])
+    };
+    let mut r = Reconciler::adopt(MemoryDatapath::default()).unwrap();
+    let d = with_kind(both(), &node, FrontendKind::NodePort);
+    assert!(r.apply(&d, Prune::Yes).errors.is_empty());
+    let flags = |r: &Reconciler<MemoryDatapath>, f: &Frontend| {
+        master(&r.datapath().state, f).unwrap().flags
+    };
+    assert_eq!(flags(&r, &node), SVC_FLAG_NODE_PORT);
+    assert_eq!(flags(&r, &fe(1)), 0);
+
+    // The same address as an external IP: rewritten, same range.
+    let before = master(&r.datapath().state, &node).unwrap();
+    let start = r.datapath().log.len();
+    let d = with_kind(both(), &node, FrontendKind::ExternalIP);
+    assert!(r.apply(&d, Prune::Yes).errors.is_empty());
+    assert_eq!(kinds(&r.datapath().log[start..]), ["meta", "master"]);
+    let after = master(&r.datapath().state, &node).unwrap();
+    assert_eq!((after.base, after.flags), (before.base, 0));
+
+    // Adopted without the flag (an older agent's master): put back.
+    let d = with_kind(both(), &node, FrontendKind::NodePort);
+    assert!(r.apply(&d, Prune::Yes).errors.is_empty());
+    let mut dp = r.datapath().clone();
+    let key = crate::datapath::frontend_key(&node);
+    let unflagged = dp.state.services[&key].with_flags(0);
+    dp.state.services.insert(key, unflagged);
+    dp.log.clear();
+    let mut r = Reconciler::adopt(dp).unwrap();
+    assert!(r.apply(&d, Prune::Yes).errors.is_empty());
+    assert_eq!(kinds(&r.datapath().log), ["master"]);
+    assert_eq!(flags(&r, &node), SVC_FLAG_NODE_PORT);
 }

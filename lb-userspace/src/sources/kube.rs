@@ -381,29 +381,80 @@ where
 pub async fn watch_node_addresses(client: Client, node: String, signals: Arc<Signals>) {
     let api: Api<Node> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-    let mut nodes = pin!(watcher(api, cfg).default_backoff().applied_objects());
-    let mut current: Option<Vec<IpAddr>> = None;
-    while let Some(event) = nodes.next().await {
-        let n = match event {
-            Ok(n) => n,
+    let mut events = pin!(watcher(api, cfg).default_backoff());
+    let mut watch = NodeWatch::new(node, signals);
+    while let Some(event) = events.next().await {
+        watch.handle(event);
+    }
+}
+
+/// The Node watch's side: this node's Node object → the translation's
+/// node addresses, its restarts and relists counted as the other watches'
+/// (`resource="nodes"`).
+pub struct NodeWatch {
+    node: String,
+    signals: Arc<Signals>,
+    /// The addresses last handed to the index.
+    current: Option<Vec<IpAddr>>,
+    /// The initial list is complete: the next one is a relist.
+    listed: bool,
+}
+
+impl NodeWatch {
+    pub fn new(node: String, signals: Arc<Signals>) -> Self {
+        if let Some(m) = &signals.metrics {
+            m.watching(metrics::NODES);
+        }
+        Self {
+            node,
+            signals,
+            current: None,
+            listed: false,
+        }
+    }
+
+    /// Applies one watch event.
+    pub fn handle(&mut self, event: watcher::Result<watcher::Event<Node>>) {
+        use watcher::Event;
+        let node = &self.node;
+        match event {
+            Ok(Event::Apply(n) | Event::InitApply(n)) => self.addresses(&n),
+            // A deleted Node keeps its last addresses: they are still this
+            // host's until a new object says otherwise.
+            Ok(Event::Delete(_)) => debug!(node, "node object deleted; its addresses are kept"),
+            Ok(Event::Init) => {}
+            Ok(Event::InitDone) => {
+                if std::mem::replace(&mut self.listed, true) {
+                    info!(node, "node relisted");
+                    if let Some(m) = &self.signals.metrics {
+                        m.relisted(metrics::NODES);
+                    }
+                }
+            }
             Err(e) => {
                 warn!(node, error = %e, "node watch failed; retrying");
-                continue;
+                if let Some(m) = &self.signals.metrics {
+                    m.watch_restarted(metrics::NODES);
+                }
             }
-        };
+        }
+    }
+
+    fn addresses(&mut self, n: &Node) {
+        let node = &self.node;
         let given = n.status.as_ref().and_then(|s| s.addresses.as_deref());
         let (found, bad) = node::from_node_status(given.unwrap_or_default());
         let ips: Vec<IpAddr> = found.iter().map(|(_, ip)| *ip).collect();
-        if current.as_ref() == Some(&ips) {
-            continue;
+        if self.current.as_ref() == Some(&ips) {
+            return;
         }
         let shown: Vec<String> = found.iter().map(|(t, ip)| format!("{ip} ({t})")).collect();
         info!(node, addresses = %shown.join(", "), "node addresses (status.addresses)");
         if !bad.is_empty() {
             warn!(node, ignored = ?bad, "Node status.addresses: entries that are not IP addresses ignored");
         }
-        signals.set_node_ips(ips.clone());
-        current = Some(ips);
+        self.signals.set_node_ips(ips.clone());
+        self.current = Some(ips);
     }
 }
 

@@ -3,7 +3,7 @@
 //! Pods, mirroring of Endpoints, ClusterIP allocation), for IPv4, IPv6 and
 //! dual-stack Services.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt, fs,
     hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,7 +22,10 @@ use k8s_openapi::{
 
 use smol_str::SmolStr;
 
-use self::by_name::{ByName, Named};
+use self::{
+    by_name::{ByName, Named},
+    claims::Holders,
+};
 use crate::{
     model::{Diagnostic, IndexNamespaced, SOURCE_ANNOTATION, ServiceInfo, SliceInfo},
     sync::Input,
@@ -32,7 +35,11 @@ mod alloc;
 mod by_name;
 #[cfg(test)]
 mod cache_tests;
+mod claims;
 mod controllers;
+#[cfg(test)]
+mod node_port_tests;
+mod node_ports;
 mod parse;
 pub mod read;
 mod slim;
@@ -281,19 +288,9 @@ pub struct ClusterIpAllocator {
     pub assigned: BTreeMap<(String, String), FamilyIps>,
     /// Which service held each ClusterIP after the last allocation (seeded
     /// from the maps): of two manifests naming one address, the holder
-    /// keeps it, as the API server refuses the second Service. Services
-    /// are known by [`holder_id`], a 64-bit hash of (namespace, name): a
-    /// name per address took 9 MiB at 100,000 Services, and it is only
-    /// compared with the few Services that name an address twice.
-    holders: HashMap<IpAddr, u64>,
-}
-
-/// A Service's identity in [`ClusterIpAllocator::holders`]: the same for
-/// the same (namespace, name) in every run and build (fixed seed). Two
-/// Services are mistaken for each other only if their hashes collide
-/// while they name the same address (a chance of 2^-64).
-fn holder_id(namespace: &str, name: &str) -> u64 {
-    foldhash::quality::FixedState::with_seed(0).hash_one((namespace, name))
+    /// keeps it, as the API server refuses the second Service (see
+    /// [`claims`]).
+    holders: Holders<IpAddr>,
 }
 
 impl ClusterIpAllocator {
@@ -306,12 +303,10 @@ impl ClusterIpAllocator {
         previous: impl IntoIterator<Item = ((String, String), IpAddr)>,
     ) -> Self {
         let mut assigned: BTreeMap<(String, String), FamilyIps> = BTreeMap::new();
-        let mut holders = HashMap::new();
+        let mut holders = Holders::default();
         for (key, ip) in previous {
             let ip = ip.to_canonical();
-            holders
-                .entry(ip)
-                .or_insert_with(|| holder_id(&key.0, &key.1));
+            holders.seed(ip, &key.0, &key.1);
             let family = IpFamily::of(ip);
             let usable = cidr.range(family).is_some_and(|r| r.is_usable(ip));
             let slot = assigned.entry(key).or_default();
@@ -328,10 +323,50 @@ impl ClusterIpAllocator {
     }
 }
 
+pub use node_ports::{
+    DEFAULT_NODE_PORT_RANGE, NodePortAllocator, NodePortRange, NodePortRangeError, PortKey,
+};
+
+/// What the API server allocates for Services, done here: ClusterIPs and
+/// nodePorts, each stable across edits and (seeded from the maps) across
+/// restarts, by one first-come rule ([`claims`]).
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    pub cluster_ips: ClusterIpAllocator,
+    pub node_ports: NodePortAllocator,
+}
+
+impl Allocator {
+    /// ClusterIPs from `cidr`, seeded as [`ClusterIpAllocator::new`];
+    /// nodePorts from the default range, unseeded.
+    pub fn new(
+        cidr: ServiceCidr,
+        previous: impl IntoIterator<Item = ((String, String), IpAddr)>,
+    ) -> Self {
+        Self {
+            cluster_ips: ClusterIpAllocator::new(cidr, previous),
+            node_ports: NodePortAllocator::default(),
+        }
+    }
+
+    /// The same, with nodePorts from `range`, seeded as
+    /// [`NodePortAllocator::new`].
+    pub fn with_node_ports(
+        self,
+        range: NodePortRange,
+        previous: impl IntoIterator<Item = (PortKey, u16)>,
+    ) -> Self {
+        Self {
+            node_ports: NodePortAllocator::new(range, previous),
+            ..self
+        }
+    }
+}
+
 /// Reads every `*.yaml`/`*.yml` in `dir` (not recursive) that is a regular
 /// file of at most `max_file_size` bytes. Never fails: an unreadable
 /// directory, file or object is a diagnostic.
-pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) -> Manifests {
+pub fn load_dir(dir: &Path, alloc: &mut Allocator, max_file_size: u64) -> Manifests {
     let mut diagnostics = Vec::new();
     let objects = parse::read_dir(dir, max_file_size, &mut diagnostics);
     build(objects, alloc, diagnostics).into()
@@ -340,7 +375,7 @@ pub fn load_dir(dir: &Path, alloc: &mut ClusterIpAllocator, max_file_size: u64) 
 /// What the API server and the controllers would make of the objects.
 fn build(
     objects: parse::Objects,
-    alloc: &mut ClusterIpAllocator,
+    alloc: &mut Allocator,
     mut diagnostics: Vec<Diagnostic>,
 ) -> Built {
     let parse::Objects {
@@ -351,7 +386,10 @@ fn build(
         ..
     } = objects;
 
-    let outcome = alloc.allocate(&services, &mut diagnostics);
+    let mut outcome = alloc.cluster_ips.allocate(&services, &mut diagnostics);
+    alloc
+        .node_ports
+        .allocate(&services, &mut outcome, &mut diagnostics);
     let services: Vec<Allocated> = services
         .into_iter()
         .zip(outcome)
@@ -404,6 +442,11 @@ impl From<Built> for Manifests {
                         );
                         spec.cluster_ip = filled.cluster_ips.first().cloned();
                         spec.cluster_ips = Some(filled.cluster_ips);
+                        for (i, node_port) in filled.node_ports {
+                            if let Some(p) = spec.ports.as_mut().and_then(|p| p.get_mut(i)) {
+                                p.node_port = (node_port != 0).then_some(node_port);
+                            }
+                        }
                     }
                     set_source(&mut svc.metadata, &a.svc.source);
                     svc
@@ -550,7 +593,7 @@ impl DirCache {
 
     /// Reads what changed since the last load. An unreadable directory
     /// keeps the last good state.
-    pub fn load(&mut self, alloc: &mut ClusterIpAllocator) -> Delta {
+    pub fn load(&mut self, alloc: &mut Allocator) -> Delta {
         let mut diags = Vec::new();
         // Files whose EndpointSlices alone changed; `None`: something else did.
         let mut slice_edits: Option<Vec<String>> = Some(Vec::new());
@@ -626,7 +669,7 @@ impl DirCache {
 
     /// The whole directory through the allocator and the controllers,
     /// compared with what the index was given.
-    fn build(&mut self, alloc: &mut ClusterIpAllocator) -> Delta {
+    fn build(&mut self, alloc: &mut Allocator) -> Delta {
         self.builds += 1;
         let mut order: Vec<(&String, &CachedFile)> = self.files.iter().collect();
         order.sort_by_key(|(name, f)| (f.seen, f.first_mtime, *name));

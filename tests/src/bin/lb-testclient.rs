@@ -19,7 +19,12 @@
 //! - `--probe KIND`: one socket that the programs must leave alone (`ping`:
 //!   an ICMP echo socket; `raw-icmp`, `raw-udp`, `raw-tcp`: SOCK_RAW with
 //!   that protocol) does sendto(), then connect(), to the target; prints
-//!   each call's result (`ok` or the errno name) under `probe`.
+//!   each call's result (`ok` or the errno name) under `probe`;
+//! - `--try-bind ADDR`: a TCP and then a UDP socket of ADDR's family bind()
+//!   to ADDR (with IP_FREEBIND / IPV6_FREEBIND, so an address no interface
+//!   holds can be bound) and close at once, sending and listening on
+//!   nothing; each result (`ok` or the errno name) under `probe`, as
+//!   `bind-tcp` and `bind-udp`.
 //!
 //! The target may be IPv4 or IPv6; the socket has the target's family, so
 //! `--target [::ffff:10.96.0.10]:80` uses an AF_INET6 socket with a
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     let mut exec: Vec<String> = Vec::new();
     let mut bind: Option<SocketAddr> = None;
     let mut probe_kind: Option<String> = None;
+    let mut try_bind: Option<SocketAddr> = None;
     let mut storage: Option<String> = None;
     let mut hold = false;
     let mut reconnect: Option<SocketAddr> = None;
@@ -113,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 reconnect = Some(args.next().context("--reconnect ADDR")?.parse()?);
             }
             "--probe" => probe_kind = Some(args.next().context("--probe KIND")?),
+            "--try-bind" => try_bind = Some(args.next().context("--try-bind ADDR")?.parse()?),
             "--exec" => {
                 exec = args.by_ref().collect();
                 anyhow::ensure!(!exec.is_empty(), "--exec CMD [ARGS...]");
@@ -136,6 +143,14 @@ fn main() -> anyhow::Result<()> {
     }
     if session {
         return run_session(bind.unwrap_or_else(|| "0.0.0.0:0".parse().expect("an address")));
+    }
+    if let Some(addr) = try_bind {
+        let report = Report {
+            probe: try_binds(addr),
+            ..Report::default()
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
     }
     let target = target.context("--target ADDR is required")?;
     let bind = bind.unwrap_or_else(|| unspecified(target));
@@ -452,6 +467,64 @@ fn reply(r: std::io::Result<serde_json::Value>) -> serde_json::Value {
             "error": e.raw_os_error().map_or_else(|| e.kind().to_string(), sys::errno_name)
         })
     })
+}
+
+/// `--try-bind`: `bind-tcp` and `bind-udp`, each `ok` or the errno name.
+fn try_binds(addr: SocketAddr) -> BTreeMap<String, String> {
+    [
+        ("bind-tcp", libc::SOCK_STREAM),
+        ("bind-udp", libc::SOCK_DGRAM),
+    ]
+    .into_iter()
+    .map(|(name, ty)| {
+        let result = try_bind(addr, ty).map_or_else(
+            |e| {
+                e.raw_os_error()
+                    .map_or_else(|| e.to_string(), sys::errno_name)
+            },
+            |()| "ok".to_owned(),
+        );
+        (name.to_owned(), result)
+    })
+    .collect()
+}
+
+/// One socket of type `ty` binds `addr`, then closes.
+fn try_bind(addr: SocketAddr, ty: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let (domain, level, freebind) = if addr.is_ipv6() {
+        (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+    } else {
+        (libc::AF_INET, libc::IPPROTO_IP, libc::IP_FREEBIND)
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a socket we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option of the stated length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            freebind,
+            std::ptr::from_ref(&on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: a valid sockaddr of the stated length.
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `--probe`: a socket no program may touch (not a TCP stream or UDP

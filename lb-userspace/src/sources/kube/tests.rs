@@ -768,3 +768,56 @@ async fn metrics_count_relists_restarts_and_programming() {
     assert!(has("lb_relists_total{resource=\"services\"} 1"));
     assert!(has("lb_relists_total{resource=\"endpointslices\"} 0"));
 }
+
+/// The Node watch is counted as the others: a failure is a restart, a
+/// second complete list a relist (`resource="nodes"`), and its addresses
+/// reach the index; an update that keeps them changes nothing.
+#[test]
+fn the_node_watch_counts_restarts_and_relists() {
+    use k8s_openapi::api::core::v1::Node;
+    let metrics = Arc::new(Metrics::new());
+    let input = Input::new(Index::new(TranslateOptions::default()));
+    let signals = Signals::new(input.clone()).with_metrics(metrics.clone());
+    let node = |ips: &[&str]| -> Node {
+        let addresses: Vec<_> = ips
+            .iter()
+            .map(|ip| json!({"type": "InternalIP", "address": ip}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": "node-a", "resourceVersion": "1"},
+            "status": {"addresses": addresses},
+        }))
+        .unwrap()
+    };
+    let has = |line: &str| metrics.render().lines().any(|l| l == line);
+    let node_ips = || input.with_index(|i| i.options().node_ips.clone());
+    let mut watch = NodeWatch::new("node-a".into(), signals.clone());
+    assert!(has("lb_watch_restarts_total{resource=\"nodes\"} 0"));
+    assert!(has("lb_relists_total{resource=\"nodes\"} 0"));
+    for event in [
+        Event::Init,
+        Event::InitApply(node(&["10.250.0.1"])),
+        Event::InitDone,
+    ] {
+        watch.handle(Ok(event));
+    }
+    assert!(
+        has("lb_relists_total{resource=\"nodes\"} 0"),
+        "the initial list"
+    );
+    assert_eq!(node_ips(), ["10.250.0.1".parse::<IpAddr>().unwrap()]);
+
+    watch.handle(Err(watcher::Error::NoResourceVersion));
+    assert!(has("lb_watch_restarts_total{resource=\"nodes\"} 1"));
+    assert!(has("lb_watch_restarts_total{resource=\"services\"} 0"));
+    for event in [
+        Event::Init,
+        Event::InitApply(node(&["10.250.0.2"])),
+        Event::InitDone,
+    ] {
+        watch.handle(Ok(event));
+    }
+    assert!(has("lb_relists_total{resource=\"nodes\"} 1"));
+    assert!(has("lb_relists_total{resource=\"services\"} 0"));
+    assert_eq!(node_ips(), ["10.250.0.2".parse::<IpAddr>().unwrap()]);
+}

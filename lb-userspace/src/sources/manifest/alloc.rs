@@ -6,7 +6,7 @@
 //! first becomes `clusterIP`), and a given address outside `--service-cidr`
 //! is used as written (manifests copied from a cluster with another range).
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -14,7 +14,8 @@ use super::slim::{SlimService, SlimServiceSpec};
 
 use super::{
     CidrRange, ClusterIpAllocator, FamilyIps, IpFamily, ServiceCidr, ServiceCidrError, Sourced,
-    diag, fnv1a, holder_id, name_of, namespace_of,
+    claims::{Round, holder_id},
+    diag, fnv1a, name_of, namespace_of,
 };
 use crate::model::Diagnostic;
 
@@ -198,6 +199,9 @@ pub(super) struct Filled {
     /// `spec.clusterIPs` (`["None"]` for a headless Service), as written
     /// where given; `spec.clusterIP` is the first.
     pub cluster_ips: Vec<String>,
+    /// `spec.ports[i].nodePort` where the nodePort allocator changed it:
+    /// (i, the port it handed out, or 0 where it refused the one written).
+    pub node_ports: Vec<(usize, i32)>,
 }
 
 /// What the API server decided for one service.
@@ -448,7 +452,6 @@ impl ClusterIpAllocator {
     ) -> Vec<Option<Option<Filled>>> {
         let mut keep = vec![true; services.len()];
         let mut filled: Vec<Option<Filled>> = vec![None; services.len()];
-        let mut taken: HashSet<IpAddr> = HashSet::new();
         // Addresses this allocator handed to services that are still here
         // and still ask for one: as the API server's allocator, a running
         // service keeps its address and a newcomer naming it is refused.
@@ -462,7 +465,7 @@ impl ClusterIpAllocator {
             })
             .map(|s| (namespace_of(&s.obj.metadata), name_of(&s.obj.metadata)))
             .collect();
-        let held: HashMap<IpAddr, (String, String)> = self
+        let held = self
             .assigned
             .iter()
             .filter(|(key, _)| asking.contains(&(key.0.as_str(), key.1.as_str())))
@@ -470,14 +473,12 @@ impl ClusterIpAllocator {
                 [ips.get(IpFamily::V4), ips.get(IpFamily::V6)]
                     .into_iter()
                     .flatten()
-                    .map(|ip| (ip, key.clone()))
-            })
-            .collect();
-        // Addresses named by more than one Service: the one that held it at
-        // the last allocation keeps it, else the first in file order (the
-        // order first seen); the others are refused whole, as the API
-        // server refuses to create a Service whose address is taken.
-        let mut named_by: HashMap<IpAddr, (usize, (&str, &str))> = HashMap::new();
+                    .map(|ip| (ip, (key.0.as_str(), key.1.as_str())))
+            });
+        let mut round = self.holders.round(held);
+        // Addresses named by more than one Service: refused whole but for
+        // the one that keeps it (`claims`), as the API server refuses to
+        // create a Service whose address is taken.
         for (i, svc) in services.iter().enumerate() {
             let key = (namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
             let Some(spec) = svc.obj.spec.as_ref() else {
@@ -487,15 +488,7 @@ impl ClusterIpAllocator {
                 continue;
             };
             for (ip, _) in &plan.given {
-                let holds = self.holders.get(ip) == Some(&holder_id(key.0, key.1));
-                named_by
-                    .entry(*ip)
-                    .and_modify(|first| {
-                        if holds {
-                            *first = (i, key);
-                        }
-                    })
-                    .or_insert((i, key));
+                round.name(i, key, *ip);
             }
         }
         // Sorted, so new services are placed in an order independent of files.
@@ -527,19 +520,11 @@ impl ClusterIpAllocator {
             };
             // A given address another service holds: allocated to it by
             // this allocator, or named by it first.
-            let conflict = plan.given.iter().enumerate().find_map(|(pos, (ip, _))| {
-                let holder = held
-                    .get(ip)
-                    .map(|(ns, name)| (ns.as_str(), name.as_str()))
-                    .filter(|h| *h != key)
-                    .or_else(|| {
-                        named_by
-                            .get(ip)
-                            .filter(|(first, _)| *first != i)
-                            .map(|(_, h)| *h)
-                    })?;
-                Some((pos, ip, holder))
-            });
+            let conflict = plan
+                .given
+                .iter()
+                .enumerate()
+                .find_map(|(pos, (ip, _))| Some((pos, ip, round.holder(i, key, *ip)?)));
             if let Some((pos, ip, holder)) = conflict {
                 keep[i] = false;
                 diags.push(diag(
@@ -561,6 +546,7 @@ impl ClusterIpAllocator {
                 policy: plan.policy.as_str(),
                 families: plan.families.clone(),
                 cluster_ips: Vec::new(),
+                node_ports: Vec::new(),
             };
             if plan.headless {
                 fill.cluster_ips = vec!["None".to_owned()];
@@ -568,7 +554,9 @@ impl ClusterIpAllocator {
                 continue;
             }
             fill.cluster_ips = plan.given.iter().map(|(_, raw)| raw.clone()).collect();
-            taken.extend(plan.given.iter().map(|(ip, _)| *ip));
+            for (ip, _) in &plan.given {
+                round.take(*ip);
+            }
             filled[i] = Some(fill);
             let slots: Vec<(usize, IpFamily, Option<IpAddr>)> = plan
                 .families
@@ -592,7 +580,7 @@ impl ClusterIpAllocator {
             for (_, family, found) in &mut need.slots {
                 if let Some(prev) = previous.get(*family)
                     && self.cidr.range(*family).is_some_and(|r| r.is_usable(prev))
-                    && taken.insert(prev)
+                    && round.take(prev)
                 {
                     *found = Some(prev);
                 }
@@ -613,7 +601,7 @@ impl ClusterIpAllocator {
                     failed = Some((*pos, *family));
                     break;
                 };
-                *found = fresh(range, ns, name, &mut taken, &full);
+                *found = fresh(range, ns, name, &mut round, &full);
                 if found.is_none() {
                     full.insert(*family);
                     failed = Some((*pos, *family));
@@ -625,7 +613,7 @@ impl ClusterIpAllocator {
                 // All or nothing: release what this service got.
                 for (_, f, found) in &need.slots {
                     if let Some(ip) = found
-                        && taken.remove(ip)
+                        && round.release(*ip)
                     {
                         full.remove(f);
                     }
@@ -658,19 +646,21 @@ impl ClusterIpAllocator {
             }
             assigned.insert(key, ips);
         }
+        drop(round);
         // Who holds what now: every kept service's addresses.
-        self.holders.clear();
-        for ((svc, kept), fill) in services.iter().zip(&keep).zip(&filled) {
-            let Some(fill) = fill.as_ref().filter(|_| *kept) else {
-                continue;
-            };
-            let id = holder_id(namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
-            for ip in &fill.cluster_ips {
-                if let Ok(ip) = ip.parse::<IpAddr>() {
-                    self.holders.insert(ip, id);
-                }
-            }
-        }
+        self.holders.record(
+            services
+                .iter()
+                .zip(&keep)
+                .zip(&filled)
+                .filter_map(|((svc, kept), fill)| Some((svc, fill.as_ref().filter(|_| *kept)?)))
+                .flat_map(|(svc, fill)| {
+                    let id = holder_id(namespace_of(&svc.obj.metadata), name_of(&svc.obj.metadata));
+                    fill.cluster_ips
+                        .iter()
+                        .filter_map(move |ip| Some((ip.parse::<IpAddr>().ok()?, id)))
+                }),
+        );
         self.assigned = assigned;
         keep.into_iter()
             .zip(filled)
@@ -685,13 +675,13 @@ fn fresh(
     range: CidrRange,
     ns: &str,
     name: &str,
-    taken: &mut HashSet<IpAddr>,
+    round: &mut Round<'_, IpAddr>,
     full: &HashSet<IpFamily>,
 ) -> Option<IpAddr> {
     if ns == "default"
         && name == "kubernetes"
         && let Some(ip) = range.nth(range.first_host())
-        && taken.insert(ip)
+        && round.take(ip)
     {
         return Some(ip);
     }
@@ -700,8 +690,5 @@ fn fresh(
     }
     let (first, count) = range.usable();
     let start = u128::from(fnv1a(format!("{ns}/{name}").as_bytes())) % count;
-    // Ends at the first free address: within `taken.len() + 1` steps unless full.
-    (0..count)
-        .filter_map(|k| range.nth(first + (start + k) % count))
-        .find(|ip| taken.insert(*ip))
+    round.probe(start, count, |k| range.nth(first + k))
 }

@@ -7,13 +7,11 @@ use std::{
 use proptest::prelude::*;
 use tempfile::TempDir;
 
-use super::{
-    Change, ClusterIpAllocator, Delta, DirCache, Manifests, load_dir, read::DEFAULT_MAX_FILE_SIZE,
-};
+use super::{Allocator, Change, Delta, DirCache, Manifests, load_dir, read::DEFAULT_MAX_FILE_SIZE};
 use crate::model::{ServiceInfo, SliceInfo};
 
-fn alloc() -> ClusterIpAllocator {
-    ClusterIpAllocator::new("10.96.0.0/12".parse().unwrap(), [])
+fn alloc() -> Allocator {
+    Allocator::new("10.96.0.0/12".parse().unwrap(), [])
 }
 
 fn service(name: &str, ip: Option<&str>) -> String {

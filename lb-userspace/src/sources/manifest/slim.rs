@@ -100,6 +100,8 @@ struct RareSpec {
     session_affinity: Option<String>,
     session_affinity_config: Option<SessionAffinityConfig>,
     external_ips: Option<Vec<String>>,
+    /// `false`: a LoadBalancer Service gets no nodePorts allocated.
+    allocate_load_balancer_node_ports: Option<bool>,
 }
 
 impl SlimServiceSpec {
@@ -134,6 +136,10 @@ impl SlimServiceSpec {
     fn external_ips(&self) -> Option<&[String]> {
         self.rare.as_ref()?.external_ips.as_deref()
     }
+
+    pub fn allocate_load_balancer_node_ports(&self) -> Option<bool> {
+        self.rare.as_ref()?.allocate_load_balancer_node_ports
+    }
 }
 
 pub(super) fn service(s: Service) -> SlimService {
@@ -155,6 +161,7 @@ pub(super) fn service(s: Service) -> SlimService {
                 session_affinity: s.session_affinity,
                 session_affinity_config: s.session_affinity_config,
                 external_ips: s.external_ips,
+                allocate_load_balancer_node_ports: s.allocate_load_balancer_node_ports,
             };
             SlimServiceSpec {
                 type_: s.type_.map(SmolStr::from),
@@ -203,6 +210,7 @@ impl SlimService {
                     session_affinity: rare.session_affinity,
                     session_affinity_config: rare.session_affinity_config,
                     external_ips: rare.external_ips,
+                    allocate_load_balancer_node_ports: rare.allocate_load_balancer_node_ports,
                     ..ServiceSpec::default()
                 }
             }),
@@ -227,7 +235,7 @@ impl SlimService {
                 ),
                 None => (s.cluster_ip.as_deref(), s.cluster_ips()),
             };
-            ServiceSpecInfo::from_fields(SpecFields {
+            let mut info = ServiceSpecInfo::from_fields(SpecFields {
                 type_: s.type_.as_deref(),
                 cluster_ip,
                 cluster_ips,
@@ -237,7 +245,14 @@ impl SlimService {
                 session_affinity_config: s.session_affinity_config(),
                 external_ips: s.external_ips(),
                 lb_ingress: self.lb_ingress.as_deref(),
-            })
+            });
+            // The nodePorts the allocator handed out (or refused).
+            for &(i, node_port) in filled.map_or(&[][..], |f| &f.node_ports) {
+                if let Some(p) = info.ports.get_mut(i) {
+                    p.node_port = node_port;
+                }
+            }
+            info
         });
         let m = &self.metadata;
         ServiceInfo::from_meta(

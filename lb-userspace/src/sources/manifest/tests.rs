@@ -10,7 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tempfile::TempDir;
 
 use super::{
-    ClusterIpAllocator, FamilyIps, IpFamily, Manifests, ServiceCidr, ServiceCidrError, load_dir,
+    Allocator, FamilyIps, IpFamily, Manifests, ServiceCidr, ServiceCidrError, load_dir,
     parse::split_documents, read::DEFAULT_MAX_FILE_SIZE,
 };
 use crate::model::{
@@ -58,17 +58,17 @@ fn write_files(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
-fn load_with(files: &[(&str, &str)], alloc: &mut ClusterIpAllocator) -> Manifests {
+pub(super) fn load_with(files: &[(&str, &str)], alloc: &mut Allocator) -> Manifests {
     let dir = TempDir::new().unwrap();
     write_files(dir.path(), files);
     load_dir(dir.path(), alloc, DEFAULT_MAX_FILE_SIZE)
 }
 
 fn load(files: &[(&str, &str)]) -> Manifests {
-    load_with(files, &mut ClusterIpAllocator::new(cidr(), []))
+    load_with(files, &mut Allocator::new(cidr(), []))
 }
 
-fn service<'a>(m: &'a Manifests, name: &str) -> &'a Service {
+pub(super) fn service<'a>(m: &'a Manifests, name: &str) -> &'a Service {
     m.services
         .iter()
         .find(|s| s.metadata.name.as_deref() == Some(name))
@@ -194,7 +194,7 @@ status:
     )
 }
 
-fn docs(parts: &[&str]) -> String {
+pub(super) fn docs(parts: &[&str]) -> String {
     parts.join("---\n")
 }
 
@@ -726,13 +726,13 @@ fn duplicates_keep_the_first_definition() {
 
 #[test]
 fn cluster_ips_are_stable() {
-    let mut alloc = ClusterIpAllocator::new(cidr(), []);
+    let mut alloc = Allocator::new(cidr(), []);
     let a = svc_yaml("m", "a", "");
     let m1 = load_with(&[("a.yaml", &a)], &mut alloc);
     let ip_a = cluster_ip(&m1, "m");
     let key = ("default".to_owned(), "m".to_owned());
     assert_eq!(
-        alloc.assigned,
+        alloc.cluster_ips.assigned,
         BTreeMap::from([(key.clone(), v4_only(&ip_a))])
     );
 
@@ -741,7 +741,7 @@ fn cluster_ips_are_stable() {
     let m2 = load_with(&[("a.yaml", &a), ("b.yaml", &others)], &mut alloc);
     assert_eq!(cluster_ip(&m2, "m"), ip_a);
     let ip_z = cluster_ip(&m2, "z");
-    assert_eq!(alloc.assigned.len(), 3);
+    assert_eq!(alloc.cluster_ips.assigned.len(), 3);
 
     // Editing it (ports, selector, file) does not move it either.
     let edited = svc_yaml("m", "changed", "").replace("port: 80", "port: 81");
@@ -750,7 +750,7 @@ fn cluster_ips_are_stable() {
     assert_eq!(cluster_ip(&m3, "z"), ip_z);
 
     // A restarted agent seeded from the maps keeps every address.
-    let mut restarted = ClusterIpAllocator::new(cidr(), as_previous(&alloc.assigned));
+    let mut restarted = Allocator::new(cidr(), as_previous(&alloc.cluster_ips.assigned));
     let m4 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut restarted);
     assert_eq!(cluster_ip(&m4, "m"), ip_a);
     assert_eq!(cluster_ip(&m4, "z"), ip_z);
@@ -762,14 +762,17 @@ fn cluster_ips_are_stable() {
 
     // Removed services release their addresses.
     let _ = load_with(&[("c.yaml", &edited)], &mut alloc);
-    assert_eq!(alloc.assigned, BTreeMap::from([(key, v4_only(&ip_a))]));
+    assert_eq!(
+        alloc.cluster_ips.assigned,
+        BTreeMap::from([(key, v4_only(&ip_a))])
+    );
 }
 
 /// As the API server's allocator: a running service keeps the address it
 /// was given; a newcomer naming it is refused, and says why.
 #[test]
 fn explicit_cluster_ip_of_an_allocated_one_is_refused() {
-    let mut alloc = ClusterIpAllocator::new(cidr(), []);
+    let mut alloc = Allocator::new(cidr(), []);
     let a = svc_yaml("a", "a", "");
     let ip_a = cluster_ip(&load_with(&[("a.yaml", &a)], &mut alloc), "a");
     let b = svc_yaml("b", "b", &format!("  clusterIP: {ip_a}\n"));
@@ -790,7 +793,7 @@ fn explicit_cluster_ip_of_an_allocated_one_is_refused() {
         format!("{ip_a} is already allocated to Service default/a; the service is ignored")
     );
     assert_eq!(
-        alloc.assigned,
+        alloc.cluster_ips.assigned,
         BTreeMap::from([(("default".to_owned(), "a".to_owned()), v4_only(&ip_a))])
     );
     // Once a is gone, b may have it.
@@ -799,7 +802,7 @@ fn explicit_cluster_ip_of_an_allocated_one_is_refused() {
     assert_eq!(cluster_ip(&m, "b"), ip_a);
 
     // A seeded address outside the CIDR (or reserved) is not reused.
-    let mut seeded = ClusterIpAllocator::new(
+    let mut seeded = Allocator::new(
         cidr(),
         [(
             ("default".to_owned(), "a".to_owned()),
@@ -827,7 +830,7 @@ fn two_services_naming_one_cluster_ip_the_holder_keeps_it() {
             .filter_map(|s| s.metadata.name.clone())
             .collect()
     };
-    let mut alloc = ClusterIpAllocator::new(cidr(), []);
+    let mut alloc = Allocator::new(cidr(), []);
     let m = load_with(&[("a.yaml", &a), ("b.yaml", &b)], &mut alloc);
     assert_eq!(names(&m), ["a"]);
     let d = m
@@ -845,7 +848,7 @@ fn two_services_naming_one_cluster_ip_the_holder_keeps_it() {
     let m = load_with(&[("0-b.yaml", &b), ("1-a.yaml", &a)], &mut alloc);
     assert_eq!(names(&m), ["a"]);
     // A restarted agent seeded with the maps (where b held it) keeps b.
-    let mut restarted = ClusterIpAllocator::new(
+    let mut restarted = Allocator::new(
         cidr(),
         [(("default".to_owned(), "b".to_owned()), ip.parse().unwrap())],
     );
@@ -890,7 +893,7 @@ fn special_cluster_ips() {
 fn full_cidr_is_a_diagnostic() {
     // A /30 has exactly one allocatable address.
     let small: ServiceCidr = "10.0.0.0/30".parse().unwrap();
-    let mut alloc = ClusterIpAllocator::new(small, []);
+    let mut alloc = Allocator::new(small, []);
     let text = docs(&[
         &svc_yaml("a", "a", ""),
         &svc_yaml("b", "b", ""),
@@ -992,7 +995,7 @@ fn unreadable_directory_is_a_diagnostic() {
     let missing = dir.path().join("missing");
     let m = load_dir(
         &missing,
-        &mut ClusterIpAllocator::new(cidr(), []),
+        &mut Allocator::new(cidr(), []),
         DEFAULT_MAX_FILE_SIZE,
     );
     assert_eq!(m.services.len(), 0);
@@ -1009,7 +1012,7 @@ fn unreadable_directory_is_a_diagnostic() {
     write_files(dir.path(), &[("x.yaml", &svc_yaml("x", "x", ""))]);
     let m = load_dir(
         dir.path(),
-        &mut ClusterIpAllocator::new(cidr(), []),
+        &mut Allocator::new(cidr(), []),
         DEFAULT_MAX_FILE_SIZE,
     );
     assert_eq!(m.services.len(), 1);
@@ -1077,10 +1080,7 @@ fn thousand_services_ten_thousand_pods() {
 // ---- IPv6 and dual-stack ----
 
 fn load_cidr(files: &[(&str, &str)], cidr: &str) -> Manifests {
-    load_with(
-        files,
-        &mut ClusterIpAllocator::new(cidr.parse().unwrap(), []),
-    )
+    load_with(files, &mut Allocator::new(cidr.parse().unwrap(), []))
 }
 
 fn spec_of(m: &Manifests, name: &str) -> k8s_openapi::api::core::v1::ServiceSpec {
@@ -1147,7 +1147,7 @@ fn single_stack_defaults_to_the_primary_family() {
     // unchanged: IPv4, one IPv4 slice.
     let m = load_with(
         &[("back-end.yaml", BACK_END)],
-        &mut ClusterIpAllocator::new(dual(), []),
+        &mut Allocator::new(dual(), []),
     );
     assert_eq!(m.diagnostics, vec![]);
     let (ips, fams, policy) = families(&m, "back-end");
@@ -1187,10 +1187,7 @@ fn dual_stack_policies_allocate_both_families() {
         &svc_yaml("v6-implied", "x", "  ipFamilies: [IPv6]\n"),
         &svc_yaml("single", "x", ""),
     ]);
-    let m = load_with(
-        &[("s.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(m.diagnostics, vec![]);
     let v4 = "10.96.0.0/12";
     let v6 = "fd00:10:96::/108";
@@ -1281,10 +1278,7 @@ fn given_cluster_ips_decide_the_families() {
         // Outside the range, as copied from another cluster: used as written.
         &svc_yaml("outside-v6", "x", "  clusterIP: \"2001:db8::1\"\n"),
     ]);
-    let m = load_with(
-        &[("s.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(m.diagnostics, vec![]);
     assert_eq!(
         families(&m, "given-v6"),
@@ -1315,7 +1309,7 @@ fn given_cluster_ips_decide_the_families() {
 
 #[test]
 fn ipv6_cluster_ips_are_stable() {
-    let mut alloc = ClusterIpAllocator::new(dual(), []);
+    let mut alloc = Allocator::new(dual(), []);
     let a = svc_yaml("a", "a", "  ipFamilyPolicy: PreferDualStack\n");
     let m1 = load_with(&[("a.yaml", &a)], &mut alloc);
     let ips_a = families(&m1, "a").0;
@@ -1324,7 +1318,10 @@ fn ipv6_cluster_ips_are_stable() {
         v4: Some(ips_a[0].parse().unwrap()),
         v6: Some(ips_a[1].parse().unwrap()),
     };
-    assert_eq!(alloc.assigned, BTreeMap::from([(key.clone(), expected)]));
+    assert_eq!(
+        alloc.cluster_ips.assigned,
+        BTreeMap::from([(key.clone(), expected)])
+    );
 
     // Other services around it, and an edit, do not move it.
     let others = docs(&[
@@ -1341,15 +1338,15 @@ fn ipv6_cluster_ips_are_stable() {
 
     // A restarted agent seeded from the maps (IPv4 as stored, v4-mapped)
     // keeps every address.
-    let previous: Vec<((String, String), IpAddr)> = as_previous(&alloc.assigned)
+    let previous: Vec<((String, String), IpAddr)> = as_previous(&alloc.cluster_ips.assigned)
         .into_iter()
         .map(|(k, ip)| match ip {
             IpAddr::V4(v4) => (k, IpAddr::V6(v4.to_ipv6_mapped())),
             v6 => (k, v6),
         })
         .collect();
-    let mut restarted = ClusterIpAllocator::new(dual(), previous);
-    assert_eq!(restarted.assigned, alloc.assigned);
+    let mut restarted = Allocator::new(dual(), previous);
+    assert_eq!(restarted.cluster_ips.assigned, alloc.cluster_ips.assigned);
     let m4 = load_with(&[("b.yaml", &others), ("c.yaml", &edited)], &mut restarted);
     assert_eq!(families(&m4, "a").0, ips_a);
     assert_eq!(families(&m4, "z").0, ips_z);
@@ -1369,20 +1366,20 @@ fn ipv6_cluster_ips_are_stable() {
     // Turning single-stack releases the IPv6 address.
     let single = svc_yaml("a", "a", "");
     let _ = load_with(&[("a.yaml", &single)], &mut restarted);
-    assert_eq!(restarted.assigned[&key].v6, None);
-    assert_eq!(restarted.assigned[&key].v4, expected.v4);
+    assert_eq!(restarted.cluster_ips.assigned[&key].v6, None);
+    assert_eq!(restarted.cluster_ips.assigned[&key].v4, expected.v4);
 
     // Seeds outside the ranges, or of a family the cluster lacks, are ignored.
-    let seeded = ClusterIpAllocator::new(
+    let seeded = Allocator::new(
         cidr(),
         [
             (key.clone(), "fd00:10:96::5".parse::<IpAddr>().unwrap()),
             (key.clone(), "192.168.0.1".parse().unwrap()),
         ],
     );
-    assert!(seeded.assigned.is_empty());
+    assert!(seeded.cluster_ips.assigned.is_empty());
     // Per family the first usable seed wins.
-    let seeded = ClusterIpAllocator::new(
+    let seeded = Allocator::new(
         dual(),
         [
             (key.clone(), "10.96.0.7".parse::<IpAddr>().unwrap()),
@@ -1390,16 +1387,13 @@ fn ipv6_cluster_ips_are_stable() {
             (key.clone(), "fd00:10:96::1".parse().unwrap()),
         ],
     );
-    assert_eq!(seeded.assigned[&key], v4_only("10.96.0.7"));
+    assert_eq!(seeded.cluster_ips.assigned[&key], v4_only("10.96.0.7"));
 }
 
 #[test]
 fn kubernetes_service_gets_the_first_host_of_each_family() {
     let text = svc_yaml("kubernetes", "x", "  ipFamilyPolicy: RequireDualStack\n");
-    let m = load_with(
-        &[("k.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("k.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(
         families(&m, "kubernetes").0,
         strings(&["10.96.0.1", "fd00:10:96::1"])
@@ -1409,7 +1403,7 @@ fn kubernetes_service_gets_the_first_host_of_each_family() {
 #[test]
 fn full_ipv6_range_is_a_diagnostic_and_releases_the_other_family() {
     // A /126 has two allocatable IPv6 addresses (::2 and ::3).
-    let mut alloc = ClusterIpAllocator::new("10.0.0.0/29,fd00::/126".parse().unwrap(), []);
+    let mut alloc = Allocator::new("10.0.0.0/29,fd00::/126".parse().unwrap(), []);
     let dual_svc = |name: &str| svc_yaml(name, "x", "  ipFamilyPolicy: RequireDualStack\n");
     let text = docs(&[&dual_svc("a"), &dual_svc("b"), &dual_svc("c")]);
     let m = load_with(&[("s.yaml", &text)], &mut alloc);
@@ -1429,8 +1423,13 @@ fn full_ipv6_range_is_a_diagnostic_and_releases_the_other_family() {
         .collect();
     v6.sort();
     assert_eq!(v6, strings(&["fd00::2", "fd00::3"]));
-    let kept: Vec<&(String, String)> = alloc.assigned.keys().collect();
-    assert_eq!(kept.len(), 2, "c keeps nothing: {:?}", alloc.assigned);
+    let kept: Vec<&(String, String)> = alloc.cluster_ips.assigned.keys().collect();
+    assert_eq!(
+        kept.len(),
+        2,
+        "c keeps nothing: {:?}",
+        alloc.cluster_ips.assigned
+    );
 
     // c's IPv4 address went back: a /29 has five, so four single-stack
     // services fit next to a and b... and a fifth does not.
@@ -1497,10 +1496,7 @@ fn invalid_family_settings_are_diagnostics() {
     parts.push(svc_yaml("good", "x", "  ipFamilyPolicy: PreferDualStack\n"));
     parts.push(pod_ips_yaml("x-1", "x", None, &["10.0.0.1", "fd00::1"]));
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let m = load_with(
-        &[("s.yaml", &docs(&refs))],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &docs(&refs))], &mut Allocator::new(dual(), []));
     let ignored = "; the service is ignored";
     let expect = |i: usize, field: &str, message: &str| {
         d(
@@ -1678,10 +1674,7 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         "apiVersion: v1\nkind: Service\nmetadata: {name: extname}\nspec: {type: ExternalName, externalName: example.com, ipFamilyPolicy: RequireDualStack}\n",
         &pod_ips_yaml("x-1", "x", Some("10.0.0.1"), &["10.0.0.1", "fd00::1"]),
     ]);
-    let m = load_with(
-        &[("s.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(m.diagnostics, vec![]);
     assert_eq!(
         families(&m, "headless"),
@@ -1731,10 +1724,7 @@ fn dual_stack_pods_give_one_slice_per_family() {
         &pod_ips_yaml("x-3", "x", Some("10.0.0.3"), &[]),
         &pod_ips_yaml("x-4", "x", Some("fd00::4"), &[]),
     ]);
-    let m = load_with(
-        &[("s.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(m.diagnostics, vec![]);
     let dual4 = slice_of(&m, "dual", "IPv4");
     let dual6 = slice_of(&m, "dual", "IPv6");
@@ -1783,10 +1773,7 @@ fn pod_address_conflicts_are_diagnostics() {
         &pod_ips_yaml("s-3", "s", Some("::ffff:10.0.0.4"), &[]),
         &pod_ips_yaml("s-4", "s", None, &["fd00::5", "fd00::zz"]),
     ]);
-    let m = load_with(
-        &[("s.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("s.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(
         m.diagnostics,
         vec![
@@ -1852,10 +1839,7 @@ kind: Endpoints
 metadata: {name: v4only}
 subsets: [{addresses: [{ip: \"fd00::30\"}], ports: [{port: 80}]}]
 ";
-    let m = load_with(
-        &[("ext.yaml", text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("ext.yaml", text)], &mut Allocator::new(dual(), []));
     assert_eq!(
         m.diagnostics,
         vec![d(
@@ -1934,10 +1918,7 @@ fn dual_stack_manifest_translates_to_one_frontend_per_family() {
         &pod_ips_yaml("web-2", "web", Some("10.0.0.2"), &["10.0.0.2", "fd00::2"]),
         &pod_ips_yaml("web-3", "web", Some("10.0.0.3"), &[]),
     ]);
-    let m = load_with(
-        &[("web.yaml", &text)],
-        &mut ClusterIpAllocator::new(dual(), []),
-    );
+    let m = load_with(&[("web.yaml", &text)], &mut Allocator::new(dual(), []));
     assert_eq!(m.diagnostics, vec![]);
     let ips = families(&m, "web").0;
     let v4: Ipv4Addr = ips[0].parse().unwrap();
@@ -1989,7 +1970,7 @@ fn session_affinity_from_a_manifest_is_served() {
     let dir = TempDir::new().unwrap();
     write_files(dir.path(), &files);
     let mut cache = super::DirCache::new(dir.path(), DEFAULT_MAX_FILE_SIZE);
-    cache.load(&mut ClusterIpAllocator::new(cidr(), []));
+    cache.load(&mut Allocator::new(cidr(), []));
     let (services, slices) = cache.current();
     let mut index = Index::default();
     services.into_iter().for_each(|s| {

@@ -34,6 +34,7 @@ pub fn service(svc: &Service) -> Result<(), Invalid> {
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen_names = BTreeSet::new();
     let mut seen_ports = BTreeSet::new();
+    let mut seen_node_ports = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let at = |f: &str| format!("spec.ports[{i}]{f}");
         let port_name = p.name.as_deref().unwrap_or_default();
@@ -71,6 +72,13 @@ pub fn service(svc: &Service) -> Result<(), Invalid> {
         }
         if let Some(n) = p.node_port.filter(|n| *n != 0) {
             port_number(n).map_err(|m| invalid(at(".nodePort"), m))?;
+            // One nodePort may serve a TCP and a UDP port, not two of one protocol.
+            if !seen_node_ports.insert((n, proto)) {
+                return Err(invalid(
+                    at(".nodePort"),
+                    format!("duplicate nodePort {n}/{proto}"),
+                ));
+            }
         }
     }
     Ok(())
