@@ -1181,22 +1181,20 @@ impl BpfDatapath {
             .map_err(|e| map_err("read", maps::AGENT, e))
     }
 
-    /// Records this process as the installation's agent, started now.
+    /// Records this process as the installation's agent, started now (a
+    /// fresh record: the previous agent's sync and address go).
     pub fn note_started(&mut self, now: std::time::SystemTime) -> Result<()> {
-        self.write_agent(AgentState {
+        let Some(map) = &mut self.agent else {
+            return Ok(());
+        };
+        let _one = lock_agent_record();
+        let state = AgentState {
             pid: std::process::id(),
             started_ns: unix_ns(now),
             ..AgentState::default()
-        })
-    }
-
-    fn write_agent(&mut self, state: AgentState) -> Result<()> {
-        match &mut self.agent {
-            Some(map) => map
-                .set(0, state, 0)
-                .map_err(|e| map_err("write", maps::AGENT, e)),
-            None => Ok(()),
-        }
+        };
+        map.set(0, state, 0)
+            .map_err(|e| map_err("write", maps::AGENT, e))
     }
 
     /// Service `svc_id`'s counters summed over CPUs (`None`: no slot for it).
@@ -1335,6 +1333,41 @@ impl BpfDatapath {
             })
             .collect()
     }
+}
+
+/// Serialises this process's read-modify-writes of `LB_AGENT`: the sync
+/// loop counts syncs in it while the health server records its address.
+static AGENT_RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_agent_record() -> std::sync::MutexGuard<'static, ()> {
+    AGENT_RECORD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn update_record(
+    map: &mut Array<MapData, AgentState>,
+    f: impl FnOnce(&mut AgentState),
+) -> Result<()> {
+    let _one = lock_agent_record();
+    let mut state = map
+        .get(&0, 0)
+        .map_err(|e| map_err("read", maps::AGENT, e))?;
+    f(&mut state);
+    map.set(0, state, 0)
+        .map_err(|e| map_err("write", maps::AGENT, e))
+}
+
+/// Changes the running agent's record in the installation at `dir`
+/// (`LB_AGENT`; nothing if its pins predate it). For this process's own
+/// record only: after [`BpfDatapath::note_started`].
+pub fn update_agent_record(dir: &Path, f: impl FnOnce(&mut AgentState)) -> Result<()> {
+    let Ok(data) = MapData::from_pin(dir.join(maps::AGENT)) else {
+        return Ok(());
+    };
+    let mut map = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|e| map_err("open", maps::AGENT, e))?;
+    update_record(&mut map, f)
 }
 
 /// What `LB_SOCK` and its spill hash hold: the translated sockets open now.
@@ -1662,13 +1695,14 @@ impl Datapath for BpfDatapath {
     }
 
     fn note_synced(&mut self, at: std::time::SystemTime) -> Result<()> {
-        let Some(mut state) = self.agent_state()? else {
+        let Some(map) = &mut self.agent else {
             return Ok(());
         };
-        state.pid = std::process::id();
-        state.last_sync_ns = unix_ns(at);
-        state.syncs += 1;
-        self.write_agent(state)
+        update_record(map, |state| {
+            state.pid = std::process::id();
+            state.last_sync_ns = unix_ns(at);
+            state.syncs += 1;
+        })
     }
 
     fn retain_affinity(&mut self, keep: &HashSet<u32>) -> Result<usize> {
