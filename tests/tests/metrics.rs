@@ -203,6 +203,10 @@ fn metrics_count_translations_refusals_and_map_fill() {
         0.0
     );
     assert!(cp(&after, "lb_sync_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(cp(&after, "lb_initial_sync_complete", &[]), 1.0);
+    // Three frontends' entries and names, six backends, at the least.
+    let writes = cp(&after, "lb_map_writes_total", &[]);
+    assert!(writes >= 6.0, "{writes}");
     assert!(cp(&after, "lb_last_sync_timestamp_seconds", &[]) > 0.0);
     let programmed = cp(&after, "lb_network_programming_duration_seconds_count", &[]);
     assert!(programmed >= 1.0);
@@ -236,6 +240,18 @@ fn metrics_count_translations_refusals_and_map_fill() {
         ) > programmed
     );
     assert!(cp(&edited, "lb_sync_duration_seconds_count", &[]) > syncs);
+    assert!(cp(&edited, "lb_map_writes_total", &[]) > writes);
+    // The control plane alone is the same figures, without the maps'.
+    let alone = lb_tests::scrape_control_plane(health).unwrap();
+    assert_eq!(
+        metric(&alone, "lb_frontends", &[("state", "programmed")]),
+        Some(4.0)
+    );
+    assert_eq!(metric(&alone, "lb_datapath_up", &[]), None);
+    assert_eq!(
+        metric(&alone, "lb_map_entries", &[("map", "LB_SERVICES")]),
+        None
+    );
     assert_eq!(
         cp(&edited, "lb_map_entries", &[("map", "LB_SERVICES")]),
         4.0
