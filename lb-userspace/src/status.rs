@@ -38,6 +38,8 @@ pub struct Status {
     pub features: Features,
     /// A tracer holds a live lease (`lb-agent trace` is running).
     pub tracing: bool,
+    /// The running tracer (the holder of the tracers' lock).
+    pub tracer_pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -176,6 +178,7 @@ pub fn status(dir: &Path) -> Status {
         tracing: trace::lease(dir)
             .and_then(trace::lease_live)
             .unwrap_or(false),
+        tracer_pid: trace::tracer_pid(dir),
     }
 }
 
@@ -356,7 +359,11 @@ pub fn text(s: &Status) -> String {
     ] {
         let _ = writeln!(out, "  {name:<18} {probe}");
     }
-    let _ = writeln!(out, "tracing: {}", if s.tracing { "on" } else { "off" });
+    let _ = match (s.tracing, s.tracer_pid) {
+        (true, Some(pid)) => writeln!(out, "tracing: on, pid {pid}"),
+        (true, None) => writeln!(out, "tracing: on"),
+        (false, _) => writeln!(out, "tracing: off"),
+    };
     out
 }
 

@@ -12,7 +12,7 @@ use std::{
     fs,
     io::Read as _,
     net::Ipv4Addr,
-    os::unix::fs::MetadataExt as _,
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -122,6 +122,49 @@ impl Tracer {
 }
 
 impl Tracer {
+    /// Starts `lb-agent trace -o json` behind a gate: a shell blocked
+    /// reading the FIFO `gate` until [`open_gate`] writes a line to it per
+    /// tracer, so tracers gated together exec at the same instant. Does
+    /// not wait for it to trace.
+    fn spawn_gated(lab: &Lab, tag: &str, gate: &Path) -> Self {
+        let out = lab.work.path().join(format!("trace-{tag}.out"));
+        let err = lab.work.path().join(format!("trace-{tag}.err"));
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"read _ < "$0"; exec "$@""#)
+            .arg(gate)
+            .arg(&lab.bins.agent)
+            .arg("trace")
+            .arg("--bpffs")
+            .arg(&lab.agent.bpffs)
+            .args(["-o", "json"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("starting a gated lb-agent trace");
+        Self {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// `None` while it runs, else whether it exited successfully.
+    fn exited(&mut self) -> Option<bool> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        Some(status.success())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// SIGKILL: no chance to clear the lease.
     fn kill(mut self) {
         let mut child = self.child.take().unwrap();
@@ -369,4 +412,130 @@ fn status_shows_attachments_maps_features_and_the_agent() {
             "{p}"
         );
     }
+}
+
+/// Releases every tracer waiting on `gate` at once: one line each, in a
+/// single write (the FIFO is held open by `writer`, so nothing written is
+/// lost whoever reads first).
+fn open_gate(writer: &mut fs::File, tracers: usize) {
+    use std::io::Write as _;
+    writer.write_all(&b"\n".repeat(tracers)).unwrap();
+}
+
+/// Two `lb-agent trace` processes released at the same instant, again and
+/// again: each time exactly one traces (it holds the tracers' lock, the
+/// status names it, and it sees the connects) and the other exits at once,
+/// saying another tracer reads the ring.
+#[test]
+fn of_two_tracers_started_at_once_exactly_one_traces() {
+    const ROUNDS: usize = 10;
+    let mut lab = lab();
+    let bpffs = lab.agent.bpffs.clone();
+    let gate = lab.work.path().join("gate");
+    run(Command::new("mkfifo").arg(&gate)).unwrap();
+    // Read and write: opening it never blocks, and keeps the FIFO's
+    // buffer alive between the two readers.
+    let mut writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&gate)
+        .unwrap();
+    for round in 0..ROUNDS {
+        let mut pair = [
+            Tracer::spawn_gated(&lab, &format!("{round}a"), &gate),
+            Tracer::spawn_gated(&lab, &format!("{round}b"), &gate),
+        ];
+        // Both shells reach their read of the gate meanwhile (a late one
+        // still finds its line: this only makes a tie likelier).
+        std::thread::sleep(Duration::from_millis(200));
+        open_gate(&mut writer, pair.len());
+        // The loser exits by itself; the winner announces it traces.
+        let deadline = Instant::now() + SYNC;
+        let (winner, loser) = loop {
+            let states = [pair[0].exited(), pair[1].exited()];
+            let tracing = |t: &Tracer| t.stderr().contains("tracing translations");
+            match states {
+                [None, Some(_)] if tracing(&pair[0]) => break (0, 1),
+                [Some(_), None] if tracing(&pair[1]) => break (1, 0),
+                [Some(_), Some(_)] => panic!(
+                    "round {round}: both exited: {:?} / {:?}",
+                    pair[0].stderr(),
+                    pair[1].stderr()
+                ),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no single tracer: {states:?} {:?} / {:?}",
+                pair[0].stderr(),
+                pair[1].stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(pair[loser].exited(), Some(false), "round {round}");
+        let refusal = pair[loser].stderr();
+        assert!(
+            refusal.contains(&format!(
+                "another lb-agent trace (pid {}) is reading",
+                pair[winner].pid()
+            )),
+            "round {round}: {refusal}"
+        );
+        let doc = status(&lab);
+        assert_eq!(doc["tracing"], true, "round {round}: {doc:#}");
+        assert_eq!(
+            doc["tracerPid"],
+            pair[winner].pid(),
+            "round {round}: {doc:#}"
+        );
+        // The one left sees every connect.
+        lab.connects_ok(&format!("{CLUSTER_IP}:80"), 3);
+        let [a, b] = pair;
+        let (won, lost) = if winner == 0 { (a, b) } else { (b, a) };
+        drop(lost);
+        let events = won.stop();
+        assert_eq!(events.len(), 3, "round {round}: {events:#?}");
+        assert_eq!(trace_lease(&bpffs), 0, "round {round}: off again");
+    }
+
+    // The lock decides, not the lease: while another process holds it, a
+    // tracer is refused although nothing traces.
+    // Its own process group, so that flock(1) and its sleep go together.
+    let mut holder = Command::new("flock")
+        .arg(bpffs.join("trace_lock"))
+        .args(["sleep", "60"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SYNC;
+    while status(&lab)["tracerPid"] != holder.id() {
+        assert!(Instant::now() < deadline, "flock(1) never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(trace_lease(&bpffs), 0);
+    let refused = Command::new(&lab.bins.agent)
+        .arg("trace")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(&format!(
+            "another lb-agent trace (pid {}) is reading",
+            holder.id()
+        )),
+        "{refused:?}"
+    );
+    assert_eq!(trace_lease(&bpffs), 0, "the refused tracer wrote nothing");
+    // SAFETY: kill(2) of the process group this test started.
+    unsafe { libc::kill(-i32::try_from(holder.id()).unwrap(), libc::SIGKILL) };
+    holder.wait().unwrap();
+    assert!(Tracer::start(&lab, "after-flock", &[]).stop().is_empty());
+
+    // `uninstall` takes the tracers' lock directory with the pins.
+    assert!(bpffs.join("trace_lock").is_dir());
+    lab.agent.stop().unwrap();
+    let out = lab.agent.uninstall().unwrap();
+    assert!(!bpffs.exists(), "{out}");
 }

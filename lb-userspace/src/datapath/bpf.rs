@@ -41,6 +41,11 @@ static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// Pin of the connect4 cgroup link, inside the bpffs directory.
 pub const LINK_PIN: &str = "link_connect4";
 
+/// A directory in the bpffs directory that `lb-agent trace` holds an
+/// exclusive `flock` on while it runs (one tracer at a time; the agent's
+/// own lock is on the pin directory itself).
+pub const TRACE_LOCK: &str = "trace_lock";
+
 /// Every program of the object and the pin of its cgroup link. Attached in
 /// this order: the reverse hooks first, so replies of a socket are already
 /// translated back when the forward hooks start translating it.
@@ -419,7 +424,8 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 /// Whether `name` is a pin `run` creates: a map, a link, or a link's
 /// staging pin during an upgrade.
 fn known_pin(name: &str) -> bool {
-    MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
+    name == TRACE_LOCK
+        || MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
         || LEGACY_MAPS.contains(&name)
         || LEGACY_LINKS
             .iter()
@@ -600,11 +606,10 @@ pub fn install(
         }
     };
     // Under the lock, so no other agent is half-way through its own start.
-    let fresh = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .all(|e| !known_pin(&e.file_name().to_string_lossy()));
+    let fresh = fs::read_dir(dir).into_iter().flatten().flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name == TRACE_LOCK || !known_pin(&name)
+    });
     match load_and_attach(dir, cgroup, sizes, programs) {
         Ok((ebpf, link_pins, deferred)) => Ok(Installation {
             ebpf,
@@ -998,6 +1003,12 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
     }
     for name in maps {
         remove(dir.join(name))?;
+    }
+    // The tracers' lock directory (a tracer still running keeps its lock
+    // on the unlinked directory, harmlessly).
+    match fs::remove_dir(dir.join(TRACE_LOCK)) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
     Ok(removed)
 }
@@ -1759,6 +1770,7 @@ mod tests {
             "link_sock_release",
             "link_sock_release_new",
             "link_connect4",
+            TRACE_LOCK,
         ] {
             assert!(known_pin(name), "{name}");
         }
