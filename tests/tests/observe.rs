@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::Read as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -19,7 +19,8 @@ use std::{
 };
 
 use lb_tests::{
-    Bins, Lab, back_end_at, endpoints, find_service, pod_ip, run, selector_service, sys,
+    Bins, Lab, back_end_at, endpoints, find_service, http_echo_slice, pod_ip, pod_ip6, run,
+    selector_service, sys,
 };
 
 const SYNC: Duration = Duration::from_secs(15);
@@ -538,4 +539,110 @@ fn of_two_tracers_started_at_once_exactly_one_traces() {
     lab.agent.stop().unwrap();
     let out = lab.agent.uninstall().unwrap();
     assert!(!bpffs.exists(), "{out}");
+}
+
+/// An IPv6 ClusterIP: connect6 and sendmsg6 events name the IPv6
+/// frontend and the pod's IPv6 address each connect or datagram went to.
+#[test]
+fn trace_shows_ipv6_translations_frontend_to_backend() {
+    const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0x101, 0x10);
+    const ECHO: u16 = 5300;
+    let service = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: web6
+spec:
+  clusterIP: \"{WEB6}\"
+  clusterIPs: [\"{WEB6}\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+    - name: http
+      port: 80
+      protocol: TCP
+      targetPort: 80
+    - name: echo
+      port: {ECHO}
+      protocol: UDP
+      targetPort: 80
+"
+    );
+    let addrs: Vec<IpAddr> = PODS.iter().map(|(_, o)| pod_ip6(*o).into()).collect();
+    let slice = http_echo_slice("web6-1", "web6", &addrs, 80);
+    let mut lab = Lab::running(&bins(), PODS, &format!("{service}{slice}")).expect("lab");
+    lab.agent
+        .wait_for("web6", SYNC, |d| {
+            endpoints(d, "default", "web6", 80).len() == 3
+                && endpoints(d, "default", "web6", ECHO).len() == 3
+        })
+        .unwrap();
+    let pod_of = |backend: &str| -> String {
+        PODS.iter()
+            .find(|(_, octet)| backend == format!("[{}]:80", pod_ip6(*octet)))
+            .unwrap_or_else(|| panic!("backend {backend} is no pod's IPv6 address"))
+            .0
+            .to_owned()
+    };
+
+    let tracer = Tracer::start(&lab, "ipv6", &[]);
+    const K: u64 = 12;
+    let tcp = format!("[{WEB6}]:80");
+    let report = lab.connects_ok(&tcp, K);
+    // Unconnected UDP: three sockets, four datagrams each.
+    let udp = format!("[{WEB6}]:{ECHO}");
+    let datagrams = lab
+        .client_json(
+            &udp,
+            &["--udp-unconnected", "--sockets", "3", "--count", "4"],
+        )
+        .unwrap();
+    let events = tracer.stop();
+
+    let cgroup_id = fs::metadata(&lab.cgroup.path).unwrap().ino();
+    let of_hook = |hook: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["hook"] == hook).collect()
+    };
+    let connects = of_hook("connect6");
+    assert_eq!(connects.len() as u64, K, "{events:#?}");
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &connects {
+        assert_eq!(e["protocol"], "TCP", "{e}");
+        assert_eq!(e["outcome"], "translated", "{e}");
+        assert_eq!(e["frontend"], tcp.as_str(), "{e}");
+        assert_eq!(e["cgroupId"], cgroup_id, "{e}");
+        assert_eq!(e["service"]["name"], "web6", "{e}");
+        assert_eq!(e["service"]["port"], "http", "{e}");
+        *per_pod
+            .entry(pod_of(e["backend"].as_str().unwrap()))
+            .or_default() += 1;
+    }
+    assert_eq!(per_pod, report.backends, "the backends the client reached");
+
+    let sends = of_hook("sendmsg6");
+    assert_eq!(sends.len(), 12, "{events:#?}");
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_socket: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for e in &sends {
+        assert_eq!(e["protocol"], "UDP", "{e}");
+        assert_eq!(e["frontend"], udp.as_str(), "{e}");
+        assert_eq!(e["service"]["port"], "echo", "{e}");
+        let pod = pod_of(e["backend"].as_str().unwrap());
+        *per_pod.entry(pod.clone()).or_default() += 1;
+        per_socket
+            .entry(e["cookie"].as_u64().unwrap())
+            .or_default()
+            .insert(pod);
+    }
+    assert_eq!(
+        per_pod.into_iter().collect::<Vec<_>>(),
+        lb_tests::counts(&datagrams["backends"]),
+        "the backends that answered: {datagrams}"
+    );
+    assert_eq!(per_socket.len(), 3, "three sockets: {per_socket:?}");
+    assert!(
+        per_socket.values().all(|pods| pods.len() == 1),
+        "each socket sticks to one backend: {per_socket:?}"
+    );
+    assert_eq!(events.len(), 24, "nothing else: {events:#?}");
 }
