@@ -1454,13 +1454,19 @@ fn open_optional<K: aya::Pod, V: aya::Pod>(
     Ok(Some((map, max_entries)))
 }
 
+/// Elements of a hash map: batched lookups (a handful of syscalls even for
+/// a full `LB_REVERSE`, which a scrape reads), or a key-by-key walk where
+/// the kernel has no batch lookup for the map.
 fn occupancy<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     max_entries: u32,
 ) -> ReverseOccupancy {
-    // A key deleted during the walk ends it early; the count is a snapshot
-    // either way.
-    let entries = map.keys().take_while(Result::is_ok).count() as u64;
+    let fd = map.map().fd().as_fd();
+    let entries = sys::hash_count(fd, size_of::<K>(), size_of::<V>()).unwrap_or_else(|_| {
+        // A key deleted during the walk ends it early; the count is a
+        // snapshot either way.
+        map.keys().take_while(Result::is_ok).count() as u64
+    });
     ReverseOccupancy {
         entries,
         max_entries,
