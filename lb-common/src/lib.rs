@@ -616,17 +616,29 @@ pub struct TraceEvent {
     pub _pad: [u8; 5],
 }
 
-/// The value of `LB_AGENT`: who runs the installation and when it last
-/// synced, for `lb-agent status`. Times are Unix nanoseconds.
+/// The value of `LB_AGENT`: who runs the installation, when it last
+/// synced and where it serves `/metrics`, for `lb-agent status` and for
+/// scripts and tests that need no log line to find it. Times are Unix
+/// nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AgentState {
+    /// In the agent's own pid namespace.
     pub pid: u32,
     pub _pad: u32,
     pub started_ns: u64,
     /// 0 before the first sync.
     pub last_sync_ns: u64,
     pub syncs: u64,
+    /// When the first sync with every source complete (the initial list,
+    /// or the first read of the manifest directory) finished; 0 before.
+    pub initial_sync_ns: u64,
+    /// The address `/metrics` and the probes are bound to (IPv4-mapped for
+    /// IPv4), network byte order.
+    pub health_addr: Addr,
+    /// Its port, network byte order; 0: not serving (yet, or `none`).
+    pub health_port: u16,
+    pub _pad2: [u8; 6],
 }
 
 #[cfg(feature = "user")]
@@ -693,7 +705,10 @@ mod tests {
         assert_eq!(offset_of!(TraceEvent, frontend_port), 64);
         assert_eq!(offset_of!(TraceEvent, svc_id), 68);
         assert_eq!(offset_of!(TraceEvent, hook), 72);
-        assert_eq!(size_of::<AgentState>(), 32);
+        assert_eq!(size_of::<AgentState>(), 64);
+        assert_eq!(offset_of!(AgentState, initial_sync_ns), 32);
+        assert_eq!(offset_of!(AgentState, health_addr), 40);
+        assert_eq!(offset_of!(AgentState, health_port), 56);
     }
 
     #[test]

@@ -273,6 +273,7 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
     }
     let mut datapath = BpfDatapath::open(bpffs)?;
     datapath.note_started(std::time::SystemTime::now())?;
+    health.record_in(bpffs);
     // Before the first sync: a filter the install just created is empty.
     datapath.rebuild_filter()?;
     let reconciler = Reconciler::adopt(datapath)?;

@@ -3,14 +3,20 @@
 //! every frontend is programmed) for kubelet probes, and `/metrics` for
 //! Prometheus, over HTTP/1.1 (hyper). One request per connection, headers
 //! bounded in size and time, request bodies never read.
+//!
+//! The bound address and the initial sync's time also go into the
+//! installation's pinned `LB_AGENT` record (`lb-agent status` shows them),
+//! so a script or a test finds `/metrics` without reading the log, also
+//! when `--health-addr` asks for an ephemeral port.
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http_body_util::Full;
@@ -25,7 +31,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::{self, Metrics};
+use crate::{
+    datapath::{bpf, ip_be},
+    metrics::{self, Collect, Metrics},
+};
 
 /// Default `--health-addr`. kube-proxy serves its healthz on 10256; we run
 /// alongside it (README), so we take a port no Kubernetes component uses
@@ -64,6 +73,16 @@ pub struct Health {
     /// wake-up: changes while nobody waits coalesce into one).
     maps_changed: tokio::sync::Notify,
     metrics: Arc<Metrics>,
+    record: Mutex<Record>,
+}
+
+/// What goes into this agent's `LB_AGENT` record once it exists.
+#[derive(Debug, Default)]
+struct Record {
+    /// The pin directory, once this process's record is written.
+    dir: Option<PathBuf>,
+    bound: Option<SocketAddr>,
+    initial_sync: Option<SystemTime>,
 }
 
 impl Health {
@@ -77,7 +96,23 @@ impl Health {
             failing: Mutex::new(Vec::new()),
             maps_changed: tokio::sync::Notify::new(),
             metrics: Arc::new(Metrics::new()),
+            record: Mutex::new(Record::default()),
         })
+    }
+
+    /// This process's record in `dir`'s `LB_AGENT` is written (it started):
+    /// what is known already goes in, the rest when it happens.
+    pub fn record_in(&self, dir: &Path) {
+        let mut r = lock(&self.record);
+        r.dir = Some(dir.to_owned());
+        publish(&r);
+    }
+
+    /// The health server is listening on `addr`.
+    fn bound(&self, addr: SocketAddr) {
+        let mut r = lock(&self.record);
+        r.bound = Some(addr);
+        publish(&r);
     }
 
     /// What `/metrics` serves; the sync loop and the sources update it.
@@ -95,8 +130,13 @@ impl Health {
         self.maps_changed.notified().await;
     }
 
+    /// The first sync with complete sources is written.
     pub fn set_ready(&self) {
         if !self.ready.swap(true, Ordering::SeqCst) {
+            self.metrics.initial_sync_complete();
+            let mut r = lock(&self.record);
+            r.initial_sync = Some(SystemTime::now());
+            publish(&r);
             info!("ready");
         }
     }
@@ -172,6 +212,25 @@ impl Health {
     }
 }
 
+/// Writes what `r` knows into the agent record, once it exists.
+fn publish(r: &Record) {
+    let Some(dir) = &r.dir else {
+        return;
+    };
+    let written = bpf::update_agent_record(dir, |state| {
+        if let Some(addr) = r.bound {
+            state.health_addr = ip_be(addr.ip());
+            state.health_port = addr.port().to_be();
+        }
+        if let Some(t) = r.initial_sync {
+            state.initial_sync_ns = bpf::unix_ns(t);
+        }
+    });
+    if let Err(e) = written {
+        warn!(error = %e, "recording the health address and sync for status");
+    }
+}
+
 /// A poisoned lock only means a panic elsewhere; the data is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -199,7 +258,10 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) {
 /// Serves on an already bound listener (tests bind port 0).
 pub async fn serve_on(listener: TcpListener, health: Arc<Health>) {
     match listener.local_addr() {
-        Ok(addr) => info!(%addr, "health endpoints listening"),
+        Ok(addr) => {
+            info!(%addr, "health endpoints listening");
+            health.bound(addr);
+        }
         Err(e) => error!(error = %e, "health listener has no address"),
     }
     loop {
@@ -236,8 +298,12 @@ pub async fn serve_on(listener: TcpListener, health: Arc<Health>) {
 async fn answer(req: Request<Incoming>, health: Arc<Health>) -> Response<Full<Bytes>> {
     let head = matches!(*req.method(), Method::GET | Method::HEAD);
     if head && req.uri().path() == "/metrics" {
+        let collect = match Collect::from_query(req.uri().query()) {
+            Ok(c) => c,
+            Err(e) => return reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
+        };
         let h = health.clone();
-        return match tokio::task::spawn_blocking(move || h.metrics().render()).await {
+        return match tokio::task::spawn_blocking(move || h.metrics().render(collect)).await {
             Ok(body) => reply(StatusCode::OK, metrics::CONTENT_TYPE, body),
             Err(e) => {
                 warn!(error = %e, "rendering /metrics");
@@ -400,6 +466,20 @@ mod tests {
         assert!(
             scraped.contains("\nlb_frontends{state=\"programmed\"} 3\n"),
             "{scraped}"
+        );
+        assert!(scraped.contains("\nlb_datapath_up 0\n"), "{scraped}");
+        // The control plane alone: the maps are not read.
+        let cp = get("/metrics?collect[]=control-plane").await;
+        assert!(cp.starts_with("HTTP/1.1 200"), "{cp}");
+        assert!(
+            cp.contains("\nlb_frontends{state=\"programmed\"} 3\n"),
+            "{cp}"
+        );
+        assert!(!cp.contains("lb_datapath_up"), "{cp}");
+        assert!(
+            get("/metrics?collect[]=cpu")
+                .await
+                .starts_with("HTTP/1.1 400")
         );
         // A head larger than the bound is refused, not buffered.
         let mut s = TcpStream::connect(addr).await.unwrap();

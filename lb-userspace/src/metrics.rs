@@ -34,6 +34,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// histograms without `_bucket`/`_sum`/`_count`), for the dashboard check.
 pub const FAMILIES: &[&str] = &[
     "lb_sync_duration_seconds",
+    "lb_map_writes",
+    "lb_map_deletes",
+    "lb_initial_sync_complete",
     "lb_network_programming_duration_seconds",
     "lb_frontends",
     "lb_watch_restarts",
@@ -109,6 +112,9 @@ pub struct Metrics {
     watch_restarts: Family<ResourceLabel, Counter>,
     relists: Family<ResourceLabel, Counter>,
     last_sync: Gauge<f64, AtomicU64>,
+    map_writes: Counter,
+    map_deletes: Counter,
+    initial_sync: Gauge,
     diagnostics: Family<SeverityLabel, Gauge>,
     map_full: Family<MapLabel, Counter>,
     /// The pin directory, once the maps exist: until then no datapath figures.
@@ -118,10 +124,67 @@ pub struct Metrics {
     reading: Mutex<()>,
 }
 
-/// Buckets from 1 ms to about 65 s (doubling): a sync of one change takes
-/// microseconds to milliseconds, a cold start of 100,000 services seconds.
-fn duration_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17)
+/// Bucket bounds from 10 µs to 80 s, ten a decade (1, 1.25, 1.5, 2, 2.5,
+/// 3, 4, 5, 6, 8): a sync of one change and an event's way to the map take
+/// tens to hundreds of microseconds, a cold start of 100,000 services
+/// seconds. A quantile interpolated inside a bucket is off by at most the
+/// bucket's width, a third of its lower bound.
+pub fn duration_buckets() -> impl Iterator<Item = f64> {
+    const MANTISSAS: [u32; 10] = [100, 125, 150, 200, 250, 300, 400, 500, 600, 800];
+    // m × 10^(e - 2), each the double nearest its decimal (one correctly
+    // rounded division), so the exposition shows 0.0000125, not noise.
+    (-5..=1).flat_map(|e: i32| {
+        MANTISSAS.iter().map(move |&m| {
+            let shift = e - 2;
+            if shift < 0 {
+                f64::from(m) / 10f64.powi(-shift)
+            } else {
+                f64::from(m) * 10f64.powi(shift)
+            }
+        })
+    })
+}
+
+/// Which part of the figures a scrape asks for: `/metrics?collect[]=NAME`
+/// (repeatable, as node_exporter's `collect[]`), NAME `control-plane` (the
+/// agent's own counters: no map is read) or `datapath` (read from the maps
+/// at scrape time, the costly part with many services); both without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Collect {
+    pub control_plane: bool,
+    pub datapath: bool,
+}
+
+impl Collect {
+    pub const ALL: Self = Self {
+        control_plane: true,
+        datapath: true,
+    };
+
+    /// From a request's query string; `Err` names what is not understood.
+    pub fn from_query(query: Option<&str>) -> Result<Self, String> {
+        let mut picked = Self {
+            control_plane: false,
+            datapath: false,
+        };
+        let mut any = false;
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            if key != "collect[]" {
+                continue;
+            }
+            any = true;
+            match &*value {
+                "control-plane" => picked.control_plane = true,
+                "datapath" => picked.datapath = true,
+                other => {
+                    return Err(format!(
+                        "unknown collector {other:?} (collect[]=control-plane or collect[]=datapath)"
+                    ));
+                }
+            }
+        }
+        Ok(if any { picked } else { Self::ALL })
+    }
 }
 
 impl Default for Metrics {
@@ -139,6 +202,9 @@ impl Metrics {
         let watch_restarts = Family::<ResourceLabel, Counter>::default();
         let relists = Family::<ResourceLabel, Counter>::default();
         let last_sync = Gauge::<f64, AtomicU64>::default();
+        let map_writes = Counter::default();
+        let map_deletes = Counter::default();
+        let initial_sync = Gauge::default();
         let diagnostics = Family::<SeverityLabel, Gauge>::default();
         let map_full = Family::<MapLabel, Counter>::default();
         // Every label value a panel or an alert may name, at 0 from the start.
@@ -182,6 +248,21 @@ impl Metrics {
             last_sync.clone(),
         );
         registry.register(
+            "lb_map_writes",
+            "Map entries (frontends, backend ranges, names) written by syncs since the agent started",
+            map_writes.clone(),
+        );
+        registry.register(
+            "lb_map_deletes",
+            "Map entries deleted by syncs since the agent started",
+            map_deletes.clone(),
+        );
+        registry.register(
+            "lb_initial_sync_complete",
+            "1 once every source delivered everything once (the initial list, the manifest directory's first read) and a sync wrote it to the maps",
+            initial_sync.clone(),
+        );
+        registry.register(
             "lb_diagnostics",
             "Problems with the input currently reported (invalid objects, conflicts, unresolved ports)",
             diagnostics.clone(),
@@ -199,6 +280,9 @@ impl Metrics {
             watch_restarts,
             relists,
             last_sync,
+            map_writes,
+            map_deletes,
+            initial_sync,
             diagnostics,
             map_full,
             bpffs: OnceLock::new(),
@@ -211,13 +295,21 @@ impl Metrics {
         let _ = self.bpffs.set(dir.to_owned());
     }
 
-    /// A sync finished after `elapsed`, at `now`.
-    pub fn observe_sync(&self, elapsed: Duration, now: SystemTime) {
+    /// A sync finished after `elapsed`, at `now`, having written and
+    /// deleted that many map entries.
+    pub fn observe_sync(&self, elapsed: Duration, now: SystemTime, writes: usize, deletes: usize) {
         self.sync_duration.observe(elapsed.as_secs_f64());
+        self.map_writes.inc_by(writes as u64);
+        self.map_deletes.inc_by(deletes as u64);
         let unix = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         self.last_sync.set(unix.as_secs_f64());
+    }
+
+    /// The first sync with complete sources is written.
+    pub fn initial_sync_complete(&self) {
+        self.initial_sync.set(1);
     }
 
     /// A change reached the maps `latency` after it reached the agent.
@@ -270,30 +362,34 @@ impl Metrics {
             .inc();
     }
 
-    /// The whole exposition. Reads the pinned maps (blocking: call it off
-    /// the async runtime); if they cannot be read, `lb_datapath_up` is 0 and
-    /// the control-plane figures are still there.
-    pub fn render(&self) -> String {
+    /// The exposition of what `collect` asks for. The datapath part reads
+    /// the pinned maps (blocking: call it off the async runtime); if they
+    /// cannot be read, `lb_datapath_up` is 0 and the rest is still there.
+    pub fn render(&self, collect: Collect) -> String {
         let mut out = String::new();
-        let mut datapath = Registry::default();
-        let up = Gauge::<i64>::default();
-        if let Some(dir) = self.bpffs.get() {
-            let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-            match read_datapath(dir, &mut datapath) {
-                Ok(()) => {
-                    up.set(1);
-                }
-                Err(e) => debug!(error = %e, "reading the maps for /metrics"),
-            }
-        }
-        datapath.register(
-            "lb_datapath_up",
-            "1 if the pinned maps could be read for this scrape",
-            up,
-        );
         // Writing to a String cannot fail.
-        let _ = text::encode_registry(&mut out, &self.registry);
-        let _ = text::encode_registry(&mut out, &datapath);
+        if collect.control_plane {
+            let _ = text::encode_registry(&mut out, &self.registry);
+        }
+        if collect.datapath {
+            let mut datapath = Registry::default();
+            let up = Gauge::<i64>::default();
+            if let Some(dir) = self.bpffs.get() {
+                let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+                match read_datapath(dir, &mut datapath) {
+                    Ok(()) => {
+                        up.set(1);
+                    }
+                    Err(e) => debug!(error = %e, "reading the maps for /metrics"),
+                }
+            }
+            datapath.register(
+                "lb_datapath_up",
+                "1 if the pinned maps could be read for this scrape",
+                up,
+            );
+            let _ = text::encode_registry(&mut out, &datapath);
+        }
         let _ = text::encode_eof(&mut out);
         out
     }
@@ -415,6 +511,8 @@ mod tests {
         m.observe_sync(
             Duration::from_millis(3),
             SystemTime::UNIX_EPOCH + Duration::from_secs(7),
+            12,
+            2,
         );
         m.observe_programming(Duration::from_millis(20));
         m.observe_programming(Duration::from_millis(40));
@@ -424,9 +522,12 @@ mod tests {
         m.watching(SERVICES);
         m.watch_restarted(SERVICES);
         m.relisted(SERVICES);
-        let text = m.render();
+        let text = m.render(Collect::ALL);
         for line in [
             "lb_sync_duration_seconds_count 1",
+            "lb_map_writes_total 12",
+            "lb_map_deletes_total 2",
+            "lb_initial_sync_complete 0",
             "lb_network_programming_duration_seconds_count 2",
             "lb_frontends{state=\"programmed\"} 5",
             "lb_frontends{state=\"failed\"} 1",
@@ -446,5 +547,53 @@ mod tests {
             let name = family.split_whitespace().next().unwrap();
             assert!(FAMILIES.contains(&name), "{name} is not in FAMILIES");
         }
+    }
+
+    #[test]
+    fn durations_resolve_microseconds_and_print_as_decimals() {
+        let b: Vec<f64> = duration_buckets().collect();
+        assert_eq!(b.len(), 70);
+        assert_eq!((b[0], b[1], b[69]), (1e-5, 1.25e-5, 80.0));
+        assert!(b.windows(2).all(|w| w[1] > w[0] && w[1] / w[0] <= 1.34));
+        let m = Metrics::new();
+        m.observe_programming(Duration::from_micros(360));
+        let text = m.render(Collect::ALL);
+        // 360 µs falls in (0.3 ms, 0.4 ms]: counted from that bound up.
+        for (le, n) in [("0.0003", 0), ("0.0004", 1), ("80.0", 1), ("+Inf", 1)] {
+            let line = format!("lb_network_programming_duration_seconds_bucket{{le=\"{le}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(text.contains("le=\"0.0000125\""), "{text}");
+    }
+
+    #[test]
+    fn a_scrape_can_leave_the_maps_unread() {
+        assert_eq!(Collect::from_query(None), Ok(Collect::ALL));
+        assert_eq!(Collect::from_query(Some("x=1")), Ok(Collect::ALL));
+        let cp = Collect {
+            control_plane: true,
+            datapath: false,
+        };
+        assert_eq!(Collect::from_query(Some("collect[]=control-plane")), Ok(cp));
+        assert_eq!(
+            Collect::from_query(Some("collect%5B%5D=control-plane")),
+            Ok(cp)
+        );
+        assert_eq!(
+            Collect::from_query(Some("collect[]=datapath&collect[]=control-plane")),
+            Ok(Collect::ALL)
+        );
+        assert!(Collect::from_query(Some("collect[]=cpu")).is_err());
+        let m = Metrics::new();
+        let text = m.render(cp);
+        assert!(text.contains("lb_sync_duration_seconds_count 0"), "{text}");
+        assert!(!text.contains("lb_datapath_up"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let text = m.render(Collect {
+            control_plane: false,
+            datapath: true,
+        });
+        assert!(!text.contains("lb_sync_duration"), "{text}");
+        assert!(text.contains("lb_datapath_up 0"), "{text}");
     }
 }

@@ -4,7 +4,8 @@
 //! directory's `flock` (the kernel drops it when the process dies, so a
 //! crashed agent never shows as running); its start and last sync are in
 //! the pinned `LB_AGENT`, which it rewrites after every sync: no port or
-//! address to agree on, and readable while `--health-addr none`.
+//! address to agree on, and readable while `--health-addr none`. The
+//! record also says where it serves `/metrics` (the bound address).
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
@@ -18,6 +19,7 @@ use crate::{
     datapath::{
         Datapath as _,
         bpf::{self, BpfDatapath, MAP_LAYOUTS, PROGRAMS},
+        ip_from_be,
         sockdiag::SockDiag,
         sys,
     },
@@ -36,6 +38,8 @@ pub struct Status {
     pub features: Features,
     /// A tracer holds a live lease (`lb-agent trace` is running).
     pub tracing: bool,
+    /// The running tracer (the holder of the tracers' lock).
+    pub tracer_pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -48,6 +52,12 @@ pub struct AgentStatus {
     pub started: Option<f64>,
     pub last_sync: Option<f64>,
     pub syncs: Option<u64>,
+    /// Unix seconds when the first sync with every source complete was
+    /// written (`None`: not yet).
+    pub initial_sync: Option<f64>,
+    /// Where it serves `/metrics` and the probes (the bound address, so
+    /// the port `--health-addr HOST:0` was given); `None`: not serving.
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Serialize)]
@@ -168,6 +178,7 @@ pub fn status(dir: &Path) -> Status {
         tracing: trace::lease(dir)
             .and_then(trace::lease_live)
             .unwrap_or(false),
+        tracer_pid: trace::tracer_pid(dir),
     }
 }
 
@@ -183,6 +194,12 @@ fn agent_status(dir: &Path) -> AgentStatus {
         started: state.and_then(|s| secs(s.started_ns)),
         last_sync: state.and_then(|s| secs(s.last_sync_ns)),
         syncs: state.map(|s| s.syncs),
+        initial_sync: state.and_then(|s| secs(s.initial_sync_ns)),
+        health_addr: state.and_then(|s| {
+            (s.health_port != 0).then(|| {
+                std::net::SocketAddr::new(ip_from_be(&s.health_addr), u16::from_be(s.health_port))
+            })
+        }),
     }
 }
 
@@ -284,11 +301,15 @@ pub fn text(s: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "  started {}, last sync {} ({} syncs)",
+        "  started {}, initial sync {}, last sync {} ({} syncs)",
         when(a.started),
+        when(a.initial_sync),
         when(a.last_sync),
         a.syncs.unwrap_or(0)
     );
+    if let (Some(addr), true) = (a.health_addr, a.running) {
+        let _ = writeln!(out, "  /metrics and probes on {addr}");
+    }
     let _ = writeln!(out, "programs:");
     for p in &s.programs {
         let state = match (&p.cgroup, p.cgroup_id, p.pinned) {
@@ -338,7 +359,11 @@ pub fn text(s: &Status) -> String {
     ] {
         let _ = writeln!(out, "  {name:<18} {probe}");
     }
-    let _ = writeln!(out, "tracing: {}", if s.tracing { "on" } else { "off" });
+    let _ = match (s.tracing, s.tracer_pid) {
+        (true, Some(pid)) => writeln!(out, "tracing: on, pid {pid}"),
+        (true, None) => writeln!(out, "tracing: on"),
+        (false, _) => writeln!(out, "tracing: off"),
+    };
     out
 }
 

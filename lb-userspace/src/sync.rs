@@ -737,7 +737,7 @@ impl<D: Datapath> Driver<D> {
             debug!(error = %e, "recording the sync for status");
         }
         if let Some(m) = &self.metrics {
-            m.observe_sync(written - started, now);
+            m.observe_sync(written - started, now, stats.writes, stats.deletes);
             // Each measured event (EndpointSlices) is one sample, as in
             // kube-proxy; changes not measured one by one (Services,
             // manifest files) give one sample from the first of them.
@@ -846,9 +846,6 @@ impl<D: Datapath> Driver<D> {
                 .map(ToString::to_string)
                 .collect(),
         );
-        if step.first_complete {
-            health.set_ready();
-        }
         if step.stats.writes + step.stats.deletes + step.stats.spared > 0 {
             health.note_maps_changed();
         }
@@ -868,6 +865,11 @@ impl<D: Datapath> Driver<D> {
                 .filter(|d| d.severity == Severity::Warning)
                 .count();
             m.set_diagnostics(warnings, self.syncer.reported.len() - warnings);
+        }
+        // After the figures above: whoever sees the initial sync complete
+        // (`/metrics`, `LB_AGENT`) reads that sync's frontends with it.
+        if step.first_complete {
+            health.set_ready();
         }
         health.iteration_finished();
         step

@@ -6,10 +6,16 @@
 //! outright, so no crashed tracer leaves the programs paying for events.
 //!
 //! One tracer at a time: a ring buffer has one consumer position, so two
-//! readers would each see part of the events. A live lease someone else
-//! holds refuses a second tracer (one killed outright frees it within
-//! `trace::LEASE_NS`).
+//! readers would each see part of the events. The tracer holds an
+//! exclusive `flock` on a directory in the pin directory
+//! ([`bpf::TRACE_LOCK`]) for its whole life, taken before it touches the
+//! lease: of two tracers started at the same instant exactly one gets it
+//! (a read-then-write of the lease could let both in), and the kernel
+//! drops it when a tracer dies, however it dies. The lease a tracer killed
+//! outright leaves runs out on its own, or the next tracer takes it over.
 use std::{
+    fs,
+    io::ErrorKind,
     net::SocketAddr,
     path::Path,
     time::{Duration, SystemTime},
@@ -17,10 +23,14 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use lb_common::{PROTO_TCP, ServiceMeta, TraceEvent, maps, trace};
-use nix::time::{ClockId, clock_gettime};
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    time::{ClockId, clock_gettime},
+};
 use serde::Serialize;
 
-use crate::datapath::{DatapathError, decode_meta, ip_from_be};
+use crate::datapath::{DatapathError, bpf, decode_meta, ip_from_be};
 
 /// How often a running tracer renews its lease (well inside
 /// `trace::LEASE_NS`).
@@ -44,9 +54,12 @@ pub enum TraceError {
     #[error("reading the monotonic clock: {0}")]
     Clock(nix::Error),
     #[error(
-        "another lb-agent trace is reading {dir} (one tracer at a time: the events would be split between them)"
+        "another lb-agent trace{} is reading {dir} (one tracer at a time: the events would be split between them)",
+        pid.map_or_else(String::new, |p| format!(" (pid {p})"))
     )]
-    Busy { dir: String },
+    Busy { dir: String, pid: Option<u32> },
+    #[error("{path}: {message}")]
+    Lock { path: String, message: String },
 }
 
 pub type Result<T, E = TraceError> = std::result::Result<T, E>;
@@ -175,8 +188,11 @@ fn monotonic_ns() -> Result<u64> {
     Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// An open tracer: the lease it holds, the ring it reads, the names.
+/// An open tracer: its claim on the installation, the lease it holds,
+/// the ring it reads, the names.
 pub struct Tracer {
+    /// Held from [`Tracer::open`] until the tracer is dropped.
+    _claim: Flock<fs::File>,
     lease: Array<MapData, u64>,
     /// The last lease this tracer wrote (0: none).
     written: u64,
@@ -184,7 +200,6 @@ pub struct Tracer {
     meta: HashMap<MapData, u32, ServiceMeta>,
     /// Unix time minus monotonic time, in nanoseconds.
     clock_offset_ns: i128,
-    dir: String,
 }
 
 fn open_pin(dir: &Path, map: &'static str) -> Result<MapData> {
@@ -207,9 +222,44 @@ pub fn lease_live(lease: u64) -> Result<bool> {
     Ok(lease != 0 && monotonic_ns()? <= lease)
 }
 
+/// The tracer's claim on the installation in `dir`: the exclusive lock on
+/// its [`bpf::TRACE_LOCK`] directory (made on first use), or `Busy`.
+fn claim(dir: &Path) -> Result<Flock<fs::File>> {
+    let path = dir.join(bpf::TRACE_LOCK);
+    let fail = |message: String| TraceError::Lock {
+        path: path.display().to_string(),
+        message,
+    };
+    match fs::create_dir(&path) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+            return Err(fail(format!("creating the tracers' lock: {e}")));
+        }
+        _ => {}
+    }
+    let file =
+        fs::File::open(&path).map_err(|e| fail(format!("opening the tracers' lock: {e}")))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(TraceError::Busy {
+            dir: dir.display().to_string(),
+            pid: bpf::lock_holder(&path),
+        }),
+        Err((_, e)) => Err(fail(format!("locking the tracers' lock: {e}"))),
+    }
+}
+
+/// The pid of the running tracer of the installation in `dir`, if any.
+pub fn tracer_pid(dir: &Path) -> Option<u32> {
+    bpf::lock_holder(&dir.join(bpf::TRACE_LOCK))
+}
+
 impl Tracer {
-    /// Opens the pins of the installation in `dir`; tracing is still off.
+    /// Claims the installation in `dir` for this tracer (`Busy` if another
+    /// one has it) and opens its pins; tracing is still off.
     pub fn open(dir: &Path) -> Result<Self> {
+        // The pins first: an installation without them gets no lock dir.
+        open_pin(dir, maps::TRACE)?;
+        let claim = claim(dir)?;
         let lease = Array::try_from(aya::maps::Map::Array(open_pin(dir, maps::TRACE)?))
             .map_err(map_err("open", maps::TRACE))?;
         let ring = RingBuf::try_from(aya::maps::Map::RingBuf(open_pin(dir, maps::TRACE_RING)?))
@@ -219,12 +269,12 @@ impl Tracer {
         let unix = crate::datapath::bpf::unix_ns(SystemTime::now());
         let clock_offset_ns = i128::from(unix) - i128::from(monotonic_ns()?);
         Ok(Self {
+            _claim: claim,
             lease,
             written: 0,
             ring: Some(ring),
             meta,
             clock_offset_ns,
-            dir: dir.display().to_string(),
         })
     }
 
@@ -234,18 +284,9 @@ impl Tracer {
     }
 
     /// Turns tracing on, or keeps it on: the lease runs until
-    /// `trace::LEASE_NS` from now. Refused while another tracer holds a
-    /// live lease.
+    /// `trace::LEASE_NS` from now. The claim makes this tracer the only
+    /// writer: a lease found live is one a killed tracer left, taken over.
     pub fn renew(&mut self) -> Result<()> {
-        let current = self
-            .lease
-            .get(&0, 0)
-            .map_err(map_err("read", maps::TRACE))?;
-        if current != self.written && lease_live(current)? {
-            return Err(TraceError::Busy {
-                dir: self.dir.clone(),
-            });
-        }
         let until = monotonic_ns()? + trace::LEASE_NS;
         self.lease
             .set(0, until, 0)
@@ -254,19 +295,12 @@ impl Tracer {
         Ok(())
     }
 
-    /// Turns tracing off, unless another tracer took the lease over
-    /// (this one's had expired). An expired lease a killed tracer left is
-    /// cleared too.
+    /// Turns tracing off (this tracer still holds the claim, so the
+    /// lease is its own).
     pub fn stop(&mut self) -> Result<()> {
-        let current = self
-            .lease
-            .get(&0, 0)
-            .map_err(map_err("read", maps::TRACE))?;
-        if current == self.written || !lease_live(current)? {
-            self.lease
-                .set(0, 0, 0)
-                .map_err(map_err("write", maps::TRACE))?;
-        }
+        self.lease
+            .set(0, 0, 0)
+            .map_err(map_err("write", maps::TRACE))?;
         self.written = 0;
         Ok(())
     }

@@ -4,7 +4,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -362,26 +361,11 @@ impl Container {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log shows `marker`; fails if the container exits first.
-    pub fn wait_log(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log_text();
-            if log.contains(marker) {
-                return Ok(log);
-            }
-            let exited = match self.child.as_mut() {
-                Some(c) => c.try_wait()?.is_some(),
-                None => true,
-            };
-            if exited || Instant::now() > deadline {
-                bail!(
-                    "container {} never logged {marker:?}; its log:\n{log}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Whether `podman run` still runs (the container has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `podman stop` (SIGTERM, as kubelet stops a pod) and waits for the

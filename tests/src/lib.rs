@@ -362,6 +362,9 @@ pub struct Agent {
     child: Option<Child>,
     /// Length of the log when the current process started.
     log_offset: usize,
+    /// Unix time just before the current process was spawned: its
+    /// `LB_AGENT` record starts later, an older one earlier.
+    spawned: std::time::SystemTime,
 }
 
 /// bpffs mount point the fixtures pin under (mounted by the agent if absent).
@@ -379,6 +382,7 @@ impl Agent {
             extra_args: Vec::new(),
             child: None,
             log_offset: 0,
+            spawned: std::time::SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -407,6 +411,7 @@ impl Agent {
         {
             cmd.args(["--health-addr", "127.0.0.1:0"]);
         }
+        self.spawned = std::time::SystemTime::now();
         let child = cmd
             .arg("--bpffs")
             .arg(&self.bpffs)
@@ -457,16 +462,6 @@ impl Agent {
         Ok(serde_json::from_str(&self.list(&["-o", "json"])?)?)
     }
 
-    /// `lb-agent status -o json` of this agent's pins.
-    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
-        let out = run(Command::new(&self.bin)
-            .arg("status")
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .args(["-o", "json"]))?;
-        serde_json::from_str(&out).with_context(|| format!("status output {out:?}"))
-    }
-
     /// Polls `list -o json` until `pred` holds; returns the matching document.
     pub fn wait_for(
         &mut self,
@@ -497,31 +492,20 @@ impl Agent {
         }
     }
 
-    /// Waits until the running process has attached and done its first
-    /// sync. The pinned maps cannot tell: they outlive the process.
+    /// Waits until the running process has attached and written its
+    /// initial sync (every source complete) to the maps, as its
+    /// `/metrics` says (`lb_initial_sync_complete`). The pinned maps
+    /// cannot tell: they outlive the process.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if !self.is_running() {
-                bail!("the agent is not running; its log:\n{}", self.log_text());
-            }
-            let log = self.log_text();
-            let marker = if self.kubeconfig.is_some() {
-                "initial sync complete"
-            } else {
-                "synced manifests"
-            };
-            if log
-                .get(self.log_offset..)
-                .is_some_and(|l| l.contains(marker))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("agent not ready after {timeout:?}; its log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (bin, bpffs, since) = (self.bin.clone(), self.bpffs.clone(), self.spawned);
+        wait_initial_sync(&bin, &bpffs, since, timeout, || self.is_running())
+            .map(|_| ())
+            .with_context(|| format!("the agent's log:\n{}", self.current_log()))
+    }
+
+    /// `lb-agent status -o json` of this agent's pins.
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        status_json(&self.bin, &self.bpffs)
     }
 
     pub fn log_text(&self) -> String {
@@ -538,19 +522,13 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Where the current process serves `/healthz` and `/readyz`, from its log.
+    /// Where the current process serves `/metrics` and the probes: the
+    /// bound address it records in its pins (`lb-agent status`), once
+    /// the record is this process's.
     pub fn wait_health_addr(&mut self, timeout: Duration) -> anyhow::Result<std::net::SocketAddr> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.current_log();
-            if let Some(addr) = health_addr_in(&log) {
-                return Ok(addr);
-            }
-            if !self.is_running() || Instant::now() > deadline {
-                bail!("no health endpoint in the agent's log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (bin, bpffs, since) = (self.bin.clone(), self.bpffs.clone(), self.spawned);
+        wait_health_addr(&bin, &bpffs, since, timeout, || self.is_running())
+            .with_context(|| format!("the agent's log:\n{}", self.current_log()))
     }
 
     pub fn uninstall(&self) -> anyhow::Result<String> {
@@ -657,18 +635,92 @@ pub fn endpoints(doc: &serde_json::Value, namespace: &str, name: &str, port: u16
     eps
 }
 
-/// Where an agent's log says it serves `/healthz` and `/readyz`.
-pub fn health_addr_in(log: &str) -> Option<std::net::SocketAddr> {
-    log.lines()
-        .filter(|l| l.contains("health endpoints listening"))
-        .find_map(|l| {
-            l.split("addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+/// The health address the agent of the pins in `bpffs` records, once its
+/// record is newer than `since` (its spawn): polls `lb-agent status`
+/// (with the binary `bin`) while `alive`.
+pub fn wait_health_addr(
+    bin: &Path,
+    bpffs: &Path,
+    since: std::time::SystemTime,
+    timeout: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !alive() {
+            bail!("the agent is not running");
+        }
+        let last = match status_json(bin, bpffs) {
+            Ok(doc) => match recorded_health_addr(&doc, since) {
+                Some(addr) => return Ok(addr),
+                None => doc["agent"].to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("no health address recorded after {timeout:?} (status: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`wait_health_addr`], then until that agent's `/metrics` says its
+/// initial sync is written (`lb_initial_sync_complete 1`); returns the
+/// address.
+pub fn wait_initial_sync(
+    bin: &Path,
+    bpffs: &Path,
+    since: std::time::SystemTime,
+    timeout: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let deadline = Instant::now() + timeout;
+    let addr = wait_health_addr(bin, bpffs, since, timeout, &mut alive)?;
+    loop {
+        if !alive() {
+            bail!("the agent is not running");
+        }
+        let last = match scrape_control_plane(addr) {
+            Ok(s) => {
+                let done = metric(&s, "lb_initial_sync_complete", &[]);
+                if done == Some(1.0) {
+                    return Ok(addr);
+                }
+                format!("{done:?}")
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("no initial sync after {timeout:?} (lb_initial_sync_complete {last})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `lb-agent status -o json` (with the binary `bin`) of the pins in `bpffs`.
+pub fn status_json(bin: &Path, bpffs: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = run(Command::new(bin)
+        .arg("status")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .args(["-o", "json"]))?;
+    serde_json::from_str(&out).with_context(|| format!("status -o json: {out}"))
+}
+
+/// The health address in a `status -o json` document, if its agent record
+/// was started after `since` (an older record is another process's).
+pub fn recorded_health_addr(
+    status: &serde_json::Value,
+    since: std::time::SystemTime,
+) -> Option<std::net::SocketAddr> {
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let agent = &status["agent"];
+    (agent["started"].as_f64()? >= since)
+        .then(|| agent["healthAddr"].as_str()?.parse().ok())
+        .flatten()
 }
 
 /// A Service `web` of type `ty` at `cluster_ip` selecting [`web_pods`]:
@@ -1359,9 +1411,114 @@ pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option
     found.next().is_none().then_some(first.value)
 }
 
+/// One histogram of a scrape: cumulative bucket counts by upper bound
+/// (`+Inf` last), sum and count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Histogram {
+    /// The unlabelled histogram `name` (without `_bucket`) of a scrape.
+    pub fn from_samples(samples: &[Sample], name: &str) -> Option<Self> {
+        let bucket = format!("{name}_bucket");
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| s.name == bucket)
+            .filter_map(|s| {
+                let le = s.labels.get("le")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((bound, s.value))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Some(Self {
+            buckets,
+            sum: metric(samples, &format!("{name}_sum"), &[])?,
+            count: metric(samples, &format!("{name}_count"), &[])?,
+        })
+    }
+
+    /// What was observed after `earlier` (a scrape of the same process).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, n)| {
+                    let before = earlier
+                        .buckets
+                        .iter()
+                        .find(|b| b.0 == le)
+                        .map_or(0.0, |b| b.1);
+                    (le, n - before)
+                })
+                .collect(),
+            sum: self.sum - earlier.sum,
+            count: self.count - earlier.count,
+        }
+    }
+
+    /// The `q` quantile as Prometheus' `histogram_quantile` estimates it:
+    /// linear inside the bucket it falls in (from 0 for the first); the
+    /// largest finite bound if it falls in `+Inf`. `None` if empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let rank = q * self.count;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for &(le, n) in &self.buckets {
+            if n >= rank {
+                if le.is_infinite() {
+                    return Some(lower);
+                }
+                let inside = n - below;
+                return Some(if inside > 0.0 {
+                    lower + (le - lower) * (rank - below) / inside
+                } else {
+                    le
+                });
+            }
+            (lower, below) = (le, n);
+        }
+        Some(lower)
+    }
+
+    /// The upper bound of the highest bucket holding an observation: the
+    /// largest one is at most this.
+    pub fn max_bound(&self) -> Option<f64> {
+        let mut below = 0.0;
+        let mut max = None;
+        for &(le, n) in &self.buckets {
+            if n > below {
+                max = Some(le);
+            }
+            below = n;
+        }
+        max
+    }
+}
+
 /// Scrapes `/metrics` on `addr` and parses it.
 pub fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Sample>> {
-    let (status, body) = http_get(addr, "/metrics")?;
+    scrape_path(addr, "/metrics")
+}
+
+/// The agent's own figures only (`/metrics?collect[]=control-plane`): no
+/// map is read, so it is cheap with any number of services.
+pub fn scrape_control_plane(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Sample>> {
+    scrape_path(addr, "/metrics?collect[]=control-plane")
+}
+
+fn scrape_path(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Vec<Sample>> {
+    let (status, body) = http_get(addr, path)?;
     if status != 200 {
         bail!("/metrics answered {status}: {body}");
     }
@@ -1374,6 +1531,30 @@ pub fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Sample>> {
 #[cfg(test)]
 mod metrics_parser_tests {
     use super::*;
+
+    #[test]
+    fn histogram_quantiles_interpolate_inside_a_bucket() {
+        let text = "h_bucket{le=\"0.001\"} 0\nh_bucket{le=\"0.002\"} 4\nh_bucket{le=\"0.004\"} 5\nh_bucket{le=\"+Inf\"} 6\nh_sum 0.1\nh_count 6\n";
+        let h = Histogram::from_samples(&parse_metrics(text).unwrap(), "h").unwrap();
+        // Rank 3 of 6: three quarters into (1 ms, 2 ms].
+        assert_eq!(h.quantile(0.5), Some(0.00175));
+        // Rank 5: the top of (2 ms, 4 ms].
+        assert_eq!(h.quantile(5.0 / 6.0), Some(0.004));
+        // In +Inf: the largest finite bound.
+        assert_eq!(h.quantile(0.99), Some(0.004));
+        assert_eq!(h.max_bound(), Some(f64::INFINITY));
+        let empty = h.since(&h);
+        assert_eq!((empty.count, empty.quantile(0.5)), (0.0, None));
+        let earlier = Histogram::from_samples(
+            &parse_metrics("h_bucket{le=\"0.001\"} 0\nh_bucket{le=\"0.002\"} 4\nh_bucket{le=\"0.004\"} 4\nh_bucket{le=\"+Inf\"} 4\nh_sum 0.05\nh_count 4\n").unwrap(),
+            "h",
+        )
+        .unwrap();
+        let d = h.since(&earlier);
+        assert_eq!(d.count, 2.0);
+        assert_eq!(d.max_bound(), Some(f64::INFINITY));
+        assert_eq!(d.quantile(0.5), Some(0.004));
+    }
 
     #[test]
     fn parses_labels_and_values() {

@@ -72,11 +72,12 @@ fn image_agent_balances_from_a_container_and_its_pins_outlive_it() {
         "--mount=type=bind,source={},target={MANIFESTS},readonly",
         lab.manifests.display()
     );
+    let spawned = std::time::SystemTime::now();
     let mut agent = Container::start(
         &format!("{}-agent", lab.name),
         &image,
         &spec,
-        // Plain log lines, parsed below.
+        // Plain log lines, for a failure's message.
         &[&manifests, "--env=NO_COLOR=1"],
         &[
             "run",
@@ -89,10 +90,12 @@ fn image_agent_balances_from_a_container_and_its_pins_outlive_it() {
         &lab.work.path().join("container.log"),
     )
     .expect("podman run");
-    agent
-        .wait_log("synced manifests", SYNC)
-        .expect("agent synced");
-    let addr = lb_tests::health_addr_in(&agent.log_text()).expect("health address in the log");
+    // Its bound address from its record in the pins (the host's status
+    // reads them), then its initial sync from /metrics.
+    let addr = lb_tests::wait_initial_sync(&lab.bins.agent, &bpffs, spawned, SYNC, || {
+        agent.is_running()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; the container's log:\n{}", agent.log_text()));
     assert_eq!(http_status(addr, "/readyz").expect("readyz"), 200);
 
     // `list` from the image too, with the same capabilities.

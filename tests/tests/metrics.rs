@@ -164,6 +164,19 @@ fn metrics_count_translations_refusals_and_map_fill() {
         assert!(metric(&after, name, &[]).is_some(), "no {name}");
     }
 
+    // LB_REVERSE (an LRU hash) is counted in batches, not key by key: with
+    // 10,000 more records than the datagrams left (made-up socket cookies
+    // no socket has), the gauge is what bpftool dumps, record for record.
+    let reverse = lab.agent.bpffs.join("LB_REVERSE");
+    fill_reverse(&lab, &reverse, 10_000);
+    let dumped = bpftool_entries(&reverse);
+    assert!(dumped >= 10_000, "{dumped}");
+    let after = scrape(health).unwrap();
+    assert_eq!(
+        metric(&after, "lb_map_entries", &[("map", "LB_REVERSE")]),
+        Some(dumped as f64)
+    );
+
     // The map gauges are what `list -o json` computes.
     let doc = lab.agent.list_json().unwrap();
     let maps = doc["maps"].as_array().expect("maps in list -o json");
@@ -203,6 +216,10 @@ fn metrics_count_translations_refusals_and_map_fill() {
         0.0
     );
     assert!(cp(&after, "lb_sync_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(cp(&after, "lb_initial_sync_complete", &[]), 1.0);
+    // Three frontends' entries and names, six backends, at the least.
+    let writes = cp(&after, "lb_map_writes_total", &[]);
+    assert!(writes >= 6.0, "{writes}");
     assert!(cp(&after, "lb_last_sync_timestamp_seconds", &[]) > 0.0);
     let programmed = cp(&after, "lb_network_programming_duration_seconds_count", &[]);
     assert!(programmed >= 1.0);
@@ -236,6 +253,18 @@ fn metrics_count_translations_refusals_and_map_fill() {
         ) > programmed
     );
     assert!(cp(&edited, "lb_sync_duration_seconds_count", &[]) > syncs);
+    assert!(cp(&edited, "lb_map_writes_total", &[]) > writes);
+    // The control plane alone is the same figures, without the maps'.
+    let alone = lb_tests::scrape_control_plane(health).unwrap();
+    assert_eq!(
+        metric(&alone, "lb_frontends", &[("state", "programmed")]),
+        Some(4.0)
+    );
+    assert_eq!(metric(&alone, "lb_datapath_up", &[]), None);
+    assert_eq!(
+        metric(&alone, "lb_map_entries", &[("map", "LB_SERVICES")]),
+        None
+    );
     assert_eq!(
         cp(&edited, "lb_map_entries", &[("map", "LB_SERVICES")]),
         4.0
@@ -244,4 +273,59 @@ fn metrics_count_translations_refusals_and_map_fill() {
     assert_eq!(lb_tests::http_status(health, "/healthz").unwrap(), 200);
     assert_eq!(lb_tests::http_status(health, "/readyz").unwrap(), 200);
     assert_eq!(lb_tests::http_status(health, "/livez").unwrap(), 200);
+}
+
+/// Writes `n` records with made-up socket cookies (2^62 and up: no socket
+/// has them, so no reply is ever translated by them) into the reverse map
+/// pinned at `pin`, through one `bpftool batch`.
+fn fill_reverse(lab: &Lab, pin: &std::path::Path, n: u32) {
+    let hex = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut script = String::new();
+    for i in 0..n {
+        // ReverseKey: cookie, backend address (v4-mapped), port, padding.
+        let mut key = ((1u64 << 62) + u64::from(i)).to_ne_bytes().to_vec();
+        key.extend([0u8; 10]);
+        key.extend([0xff, 0xff, 10, 244, 1, 11]);
+        key.extend(80u16.to_be_bytes());
+        key.extend([0u8; 6]);
+        // ReverseValue: frontend address, port, padding, service id.
+        let mut value = vec![0u8; 10];
+        value.extend([0xff, 0xff]);
+        value.extend(CLUSTER_IP.octets());
+        value.extend(80u16.to_be_bytes());
+        value.extend([0u8; 2]);
+        value.extend(u32::MAX.to_ne_bytes());
+        script.push_str(&format!(
+            "map update pinned {} key hex {} value hex {}\n",
+            pin.display(),
+            hex(&key),
+            hex(&value)
+        ));
+    }
+    let file = lab.work.path().join("reverse.batch");
+    std::fs::write(&file, script).unwrap();
+    lb_tests::run(
+        std::process::Command::new("bpftool")
+            .args(["batch", "file"])
+            .arg(&file),
+    )
+    .unwrap();
+}
+
+/// Entries of the map pinned at `pin`, as `bpftool map dump` lists them.
+fn bpftool_entries(pin: &std::path::Path) -> usize {
+    let out = lb_tests::run(
+        std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pin),
+    )
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    doc.as_array().expect("a JSON array").len()
 }

@@ -11,15 +11,16 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::Read as _,
-    net::Ipv4Addr,
-    os::unix::fs::MetadataExt as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    Bins, Lab, back_end_at, endpoints, find_service, pod_ip, run, selector_service, sys,
+    Bins, Lab, back_end_at, endpoints, find_service, http_echo_slice, pod_ip, pod_ip6, run,
+    selector_service, sys,
 };
 
 const SYNC: Duration = Duration::from_secs(15);
@@ -122,6 +123,49 @@ impl Tracer {
 }
 
 impl Tracer {
+    /// Starts `lb-agent trace -o json` behind a gate: a shell blocked
+    /// reading the FIFO `gate` until [`open_gate`] writes a line to it per
+    /// tracer, so tracers gated together exec at the same instant. Does
+    /// not wait for it to trace.
+    fn spawn_gated(lab: &Lab, tag: &str, gate: &Path) -> Self {
+        let out = lab.work.path().join(format!("trace-{tag}.out"));
+        let err = lab.work.path().join(format!("trace-{tag}.err"));
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"read _ < "$0"; exec "$@""#)
+            .arg(gate)
+            .arg(&lab.bins.agent)
+            .arg("trace")
+            .arg("--bpffs")
+            .arg(&lab.agent.bpffs)
+            .args(["-o", "json"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("starting a gated lb-agent trace");
+        Self {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// `None` while it runs, else whether it exited successfully.
+    fn exited(&mut self) -> Option<bool> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        Some(status.success())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// SIGKILL: no chance to clear the lease.
     fn kill(mut self) {
         let mut child = self.child.take().unwrap();
@@ -363,4 +407,236 @@ fn status_shows_attachments_maps_features_and_the_agent() {
             "{p}"
         );
     }
+}
+
+/// Releases every tracer waiting on `gate` at once: one line each, in a
+/// single write (the FIFO is held open by `writer`, so nothing written is
+/// lost whoever reads first).
+fn open_gate(writer: &mut fs::File, tracers: usize) {
+    use std::io::Write as _;
+    writer.write_all(&b"\n".repeat(tracers)).unwrap();
+}
+
+/// Two `lb-agent trace` processes released at the same instant, again and
+/// again: each time exactly one traces (it holds the tracers' lock, the
+/// status names it, and it sees the connects) and the other exits at once,
+/// saying another tracer reads the ring.
+#[test]
+fn of_two_tracers_started_at_once_exactly_one_traces() {
+    const ROUNDS: usize = 10;
+    let mut lab = lab();
+    let bpffs = lab.agent.bpffs.clone();
+    let gate = lab.work.path().join("gate");
+    run(Command::new("mkfifo").arg(&gate)).unwrap();
+    // Read and write: opening it never blocks, and keeps the FIFO's
+    // buffer alive between the two readers.
+    let mut writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&gate)
+        .unwrap();
+    for round in 0..ROUNDS {
+        let mut pair = [
+            Tracer::spawn_gated(&lab, &format!("{round}a"), &gate),
+            Tracer::spawn_gated(&lab, &format!("{round}b"), &gate),
+        ];
+        // Both shells reach their read of the gate meanwhile (a late one
+        // still finds its line: this only makes a tie likelier).
+        std::thread::sleep(Duration::from_millis(200));
+        open_gate(&mut writer, pair.len());
+        // The loser exits by itself; the winner announces it traces.
+        let deadline = Instant::now() + SYNC;
+        let (winner, loser) = loop {
+            let states = [pair[0].exited(), pair[1].exited()];
+            let tracing = |t: &Tracer| t.stderr().contains("tracing translations");
+            match states {
+                [None, Some(_)] if tracing(&pair[0]) => break (0, 1),
+                [Some(_), None] if tracing(&pair[1]) => break (1, 0),
+                [Some(_), Some(_)] => panic!(
+                    "round {round}: both exited: {:?} / {:?}",
+                    pair[0].stderr(),
+                    pair[1].stderr()
+                ),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no single tracer: {states:?} {:?} / {:?}",
+                pair[0].stderr(),
+                pair[1].stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(pair[loser].exited(), Some(false), "round {round}");
+        let refusal = pair[loser].stderr();
+        assert!(
+            refusal.contains(&format!(
+                "another lb-agent trace (pid {}) is reading",
+                pair[winner].pid()
+            )),
+            "round {round}: {refusal}"
+        );
+        let doc = status(&lab);
+        assert_eq!(doc["tracing"], true, "round {round}: {doc:#}");
+        assert_eq!(
+            doc["tracerPid"],
+            pair[winner].pid(),
+            "round {round}: {doc:#}"
+        );
+        // The one left sees every connect.
+        lab.connects_ok(&format!("{CLUSTER_IP}:80"), 3);
+        let [a, b] = pair;
+        let (won, lost) = if winner == 0 { (a, b) } else { (b, a) };
+        drop(lost);
+        let events = won.stop();
+        assert_eq!(events.len(), 3, "round {round}: {events:#?}");
+        assert_eq!(trace_lease(&bpffs), 0, "round {round}: off again");
+    }
+
+    // The lock decides, not the lease: while another process holds it, a
+    // tracer is refused although nothing traces.
+    // Its own process group, so that flock(1) and its sleep go together.
+    let mut holder = Command::new("flock")
+        .arg(bpffs.join("trace_lock"))
+        .args(["sleep", "60"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SYNC;
+    while status(&lab)["tracerPid"] != holder.id() {
+        assert!(Instant::now() < deadline, "flock(1) never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(trace_lease(&bpffs), 0);
+    let refused = Command::new(&lab.bins.agent)
+        .arg("trace")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(&format!(
+            "another lb-agent trace (pid {}) is reading",
+            holder.id()
+        )),
+        "{refused:?}"
+    );
+    assert_eq!(trace_lease(&bpffs), 0, "the refused tracer wrote nothing");
+    // SAFETY: kill(2) of the process group this test started.
+    unsafe { libc::kill(-i32::try_from(holder.id()).unwrap(), libc::SIGKILL) };
+    holder.wait().unwrap();
+    assert!(Tracer::start(&lab, "after-flock", &[]).stop().is_empty());
+
+    // `uninstall` takes the tracers' lock directory with the pins.
+    assert!(bpffs.join("trace_lock").is_dir());
+    lab.agent.stop().unwrap();
+    let out = lab.agent.uninstall().unwrap();
+    assert!(!bpffs.exists(), "{out}");
+}
+
+/// An IPv6 ClusterIP: connect6 and sendmsg6 events name the IPv6
+/// frontend and the pod's IPv6 address each connect or datagram went to.
+#[test]
+fn trace_shows_ipv6_translations_frontend_to_backend() {
+    const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0x101, 0x10);
+    const ECHO: u16 = 5300;
+    let service = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: web6
+spec:
+  clusterIP: \"{WEB6}\"
+  clusterIPs: [\"{WEB6}\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+    - name: http
+      port: 80
+      protocol: TCP
+      targetPort: 80
+    - name: echo
+      port: {ECHO}
+      protocol: UDP
+      targetPort: 80
+"
+    );
+    let addrs: Vec<IpAddr> = PODS.iter().map(|(_, o)| pod_ip6(*o).into()).collect();
+    let slice = http_echo_slice("web6-1", "web6", &addrs, 80);
+    let mut lab = Lab::running(&bins(), PODS, &format!("{service}{slice}")).expect("lab");
+    lab.agent
+        .wait_for("web6", SYNC, |d| {
+            endpoints(d, "default", "web6", 80).len() == 3
+                && endpoints(d, "default", "web6", ECHO).len() == 3
+        })
+        .unwrap();
+    let pod_of = |backend: &str| -> String {
+        PODS.iter()
+            .find(|(_, octet)| backend == format!("[{}]:80", pod_ip6(*octet)))
+            .unwrap_or_else(|| panic!("backend {backend} is no pod's IPv6 address"))
+            .0
+            .to_owned()
+    };
+
+    let tracer = Tracer::start(&lab, "ipv6", &[]);
+    const K: u64 = 12;
+    let tcp = format!("[{WEB6}]:80");
+    let report = lab.connects_ok(&tcp, K);
+    // Unconnected UDP: three sockets, four datagrams each.
+    let udp = format!("[{WEB6}]:{ECHO}");
+    let datagrams = lab
+        .client_json(
+            &udp,
+            &["--udp-unconnected", "--sockets", "3", "--count", "4"],
+        )
+        .unwrap();
+    let events = tracer.stop();
+
+    let cgroup_id = fs::metadata(&lab.cgroup.path).unwrap().ino();
+    let of_hook = |hook: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["hook"] == hook).collect()
+    };
+    let connects = of_hook("connect6");
+    assert_eq!(connects.len() as u64, K, "{events:#?}");
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &connects {
+        assert_eq!(e["protocol"], "TCP", "{e}");
+        assert_eq!(e["outcome"], "translated", "{e}");
+        assert_eq!(e["frontend"], tcp.as_str(), "{e}");
+        assert_eq!(e["cgroupId"], cgroup_id, "{e}");
+        assert_eq!(e["service"]["name"], "web6", "{e}");
+        assert_eq!(e["service"]["port"], "http", "{e}");
+        *per_pod
+            .entry(pod_of(e["backend"].as_str().unwrap()))
+            .or_default() += 1;
+    }
+    assert_eq!(per_pod, report.backends, "the backends the client reached");
+
+    let sends = of_hook("sendmsg6");
+    assert_eq!(sends.len(), 12, "{events:#?}");
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_socket: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for e in &sends {
+        assert_eq!(e["protocol"], "UDP", "{e}");
+        assert_eq!(e["frontend"], udp.as_str(), "{e}");
+        assert_eq!(e["service"]["port"], "echo", "{e}");
+        let pod = pod_of(e["backend"].as_str().unwrap());
+        *per_pod.entry(pod.clone()).or_default() += 1;
+        per_socket
+            .entry(e["cookie"].as_u64().unwrap())
+            .or_default()
+            .insert(pod);
+    }
+    assert_eq!(
+        per_pod.into_iter().collect::<Vec<_>>(),
+        lb_tests::counts(&datagrams["backends"]),
+        "the backends that answered: {datagrams}"
+    );
+    assert_eq!(per_socket.len(), 3, "three sockets: {per_socket:?}");
+    assert!(
+        per_socket.values().all(|pods| pods.len() == 1),
+        "each socket sticks to one backend: {per_socket:?}"
+    );
+    assert_eq!(events.len(), 24, "nothing else: {events:#?}");
 }

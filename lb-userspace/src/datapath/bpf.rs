@@ -46,6 +46,11 @@ static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// Pin of the connect4 cgroup link, inside the bpffs directory.
 pub const LINK_PIN: &str = "link_connect4";
 
+/// A directory in the bpffs directory that `lb-agent trace` holds an
+/// exclusive `flock` on while it runs (one tracer at a time; the agent's
+/// own lock is on the pin directory itself).
+pub const TRACE_LOCK: &str = "trace_lock";
+
 /// Every program of the object and the pin of its cgroup link. Attached in
 /// this order: the reverse hooks first, so replies of a socket are already
 /// translated back when the forward hooks start translating it.
@@ -441,7 +446,8 @@ const SYS_BPF: &str = "/sys/fs/bpf";
 /// Whether `name` is a pin `run` creates: a map, a link, or a link's
 /// staging pin during an upgrade.
 fn known_pin(name: &str) -> bool {
-    MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
+    name == TRACE_LOCK
+        || MAP_LAYOUTS.iter().any(|(map, ..)| *map == name)
         || LEGACY_MAPS.contains(&name)
         || LEGACY_LINKS
             .iter()
@@ -622,11 +628,10 @@ pub fn install(
         }
     };
     // Under the lock, so no other agent is half-way through its own start.
-    let fresh = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .all(|e| !known_pin(&e.file_name().to_string_lossy()));
+    let fresh = fs::read_dir(dir).into_iter().flatten().flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name == TRACE_LOCK || !known_pin(&name)
+    });
     match load_and_attach(dir, cgroup, sizes, programs) {
         Ok((ebpf, link_pins, deferred)) => Ok(Installation {
             ebpf,
@@ -1038,6 +1043,12 @@ fn remove_known_pins(dir: &Path) -> std::io::Result<usize> {
     for name in maps {
         remove(dir.join(name))?;
     }
+    // The tracers' lock directory (a tracer still running keeps its lock
+    // on the unlinked directory, harmlessly).
+    match fs::remove_dir(dir.join(TRACE_LOCK)) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     Ok(removed)
 }
 
@@ -1232,22 +1243,20 @@ impl BpfDatapath {
             .map_err(|e| map_err("read", maps::AGENT, e))
     }
 
-    /// Records this process as the installation's agent, started now.
+    /// Records this process as the installation's agent, started now (a
+    /// fresh record: the previous agent's sync and address go).
     pub fn note_started(&mut self, now: std::time::SystemTime) -> Result<()> {
-        self.write_agent(AgentState {
+        let Some(map) = &mut self.agent else {
+            return Ok(());
+        };
+        let _one = lock_agent_record();
+        let state = AgentState {
             pid: std::process::id(),
             started_ns: unix_ns(now),
             ..AgentState::default()
-        })
-    }
-
-    fn write_agent(&mut self, state: AgentState) -> Result<()> {
-        match &mut self.agent {
-            Some(map) => map
-                .set(0, state, 0)
-                .map_err(|e| map_err("write", maps::AGENT, e)),
-            None => Ok(()),
-        }
+        };
+        map.set(0, state, 0)
+            .map_err(|e| map_err("write", maps::AGENT, e))
     }
 
     /// Service `svc_id`'s counters summed over CPUs (`None`: no slot for it).
@@ -1453,6 +1462,41 @@ impl BpfDatapath {
     }
 }
 
+/// Serialises this process's read-modify-writes of `LB_AGENT`: the sync
+/// loop counts syncs in it while the health server records its address.
+static AGENT_RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_agent_record() -> std::sync::MutexGuard<'static, ()> {
+    AGENT_RECORD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn update_record(
+    map: &mut Array<MapData, AgentState>,
+    f: impl FnOnce(&mut AgentState),
+) -> Result<()> {
+    let _one = lock_agent_record();
+    let mut state = map
+        .get(&0, 0)
+        .map_err(|e| map_err("read", maps::AGENT, e))?;
+    f(&mut state);
+    map.set(0, state, 0)
+        .map_err(|e| map_err("write", maps::AGENT, e))
+}
+
+/// Changes the running agent's record in the installation at `dir`
+/// (`LB_AGENT`; nothing if its pins predate it). For this process's own
+/// record only: after [`BpfDatapath::note_started`].
+pub fn update_agent_record(dir: &Path, f: impl FnOnce(&mut AgentState)) -> Result<()> {
+    let Ok(data) = MapData::from_pin(dir.join(maps::AGENT)) else {
+        return Ok(());
+    };
+    let mut map = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|e| map_err("open", maps::AGENT, e))?;
+    update_record(&mut map, f)
+}
+
 /// What `LB_SOCK` and its spill hash hold: the translated sockets open now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketOccupancy {
@@ -1526,13 +1570,19 @@ fn open_optional<K: aya::Pod, V: aya::Pod>(
     Ok(Some((map, max_entries)))
 }
 
+/// Elements of a hash map: batched lookups (a handful of syscalls even for
+/// a full `LB_REVERSE`, which a scrape reads), or a key-by-key walk where
+/// the kernel has no batch lookup for the map.
 fn occupancy<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     max_entries: u32,
 ) -> ReverseOccupancy {
-    // A key deleted during the walk ends it early; the count is a snapshot
-    // either way.
-    let entries = map.keys().take_while(Result::is_ok).count() as u64;
+    let fd = map.map().fd().as_fd();
+    let entries = sys::hash_count(fd, size_of::<K>(), size_of::<V>()).unwrap_or_else(|_| {
+        // A key deleted during the walk ends it early; the count is a
+        // snapshot either way.
+        map.keys().take_while(Result::is_ok).count() as u64
+    });
     ReverseOccupancy {
         entries,
         max_entries,
@@ -1809,13 +1859,14 @@ impl Datapath for BpfDatapath {
     }
 
     fn note_synced(&mut self, at: std::time::SystemTime) -> Result<()> {
-        let Some(mut state) = self.agent_state()? else {
+        let Some(map) = &mut self.agent else {
             return Ok(());
         };
-        state.pid = std::process::id();
-        state.last_sync_ns = unix_ns(at);
-        state.syncs += 1;
-        self.write_agent(state)
+        update_record(map, |state| {
+            state.pid = std::process::id();
+            state.last_sync_ns = unix_ns(at);
+            state.syncs += 1;
+        })
     }
 
     fn retain_affinity(&mut self, keep: &HashSet<u32>) -> Result<usize> {
@@ -1875,6 +1926,7 @@ mod tests {
             "link_post_bind4",
             "link_post_bind6_new",
             "LB_NODE_PORTS",
+            TRACE_LOCK,
         ] {
             assert!(known_pin(name), "{name}");
         }

@@ -158,7 +158,8 @@ pub fn resume<T>(
 mod encode;
 
 pub use encode::{
-    backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, ip_from_be, key_frontend,
+    backend_addr, decode_meta, encode_backend, encode_meta, frontend_key, ip_be, ip_from_be,
+    key_frontend,
 };
 
 /// The error for a backend array without `n` free slots in a row.

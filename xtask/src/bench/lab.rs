@@ -441,26 +441,45 @@ pub struct AgentProc {
     pub cgroup: PathBuf,
     pub log: PathBuf,
     pub spawned: Instant,
+    /// Unix nanoseconds just before the spawn: the agent's record in its
+    /// pins (`LB_AGENT`) starts later, a previous agent's earlier.
+    spawned_unix_ns: u64,
     child: Option<Child>,
 }
 
-/// One sync line of the agent's log ("synced manifests", or in API mode
-/// "initial sync complete" and the per-sync debug line "synced").
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SyncLine {
-    pub frontends: u64,
-    pub writes: u64,
-    pub errors: u64,
-    pub elapsed_ms: u64,
-    pub elapsed_us: u64,
+/// The agent's own figures, from `/metrics?collect[]=control-plane` (no
+/// map is read for them, so a scrape costs the agent next to nothing at
+/// any N). Counters and histogram sums since the agent started.
+#[derive(Clone, Debug)]
+pub struct Figures {
+    /// Syncs (`lb_sync_duration_seconds_count`) and their time in all
+    /// (`_sum`, seconds).
+    pub syncs: f64,
+    pub sync_s: f64,
+    /// `lb_network_programming_duration_seconds`: a sample per
+    /// EndpointSlice event (API source), or per sync from the first change
+    /// it picked up (manifest source).
+    pub programming: lb_tests::Histogram,
+    /// `lb_map_writes_total`.
+    pub writes: f64,
+    /// `lb_frontends{state="programmed"}` and `{state="failed"}`.
+    pub programmed: f64,
+    pub failed: f64,
 }
 
-/// The manifest source's line per sync.
-pub const MANIFEST_SYNC: &str = "synced manifests";
-/// The API source's line once both watches listed and the maps match.
-pub const API_INITIAL_SYNC: &str = "initial sync complete";
-/// The API source's debug line per sync (with `elapsed_us`).
-pub const API_SYNC: &str = "sync: synced ";
+/// (events, p50 µs, p99 µs, max µs) of programming-latency samples: the
+/// quantiles interpolated inside `lb_network_programming_duration_seconds`'
+/// buckets (ten a decade, so within a third of a bucket's lower bound), the
+/// max the upper bound of the highest bucket holding one.
+pub fn latency_summary(h: &lb_tests::Histogram) -> Option<(u64, u64, u64, u64)> {
+    let us = |s: f64| (s * 1e6).round() as u64;
+    Some((
+        h.count as u64,
+        us(h.quantile(0.5)?),
+        us(h.quantile(0.99)?),
+        us(h.max_bound()?),
+    ))
+}
 
 impl AgentProc {
     #[allow(clippy::too_many_arguments)]
@@ -535,6 +554,9 @@ impl AgentProc {
             }
         }
         let spawned = Instant::now();
+        let spawned_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         let child = c
             .arg("--bpffs")
             .arg(bpffs)
@@ -543,7 +565,9 @@ impl AgentProc {
             .args(["--max-services", &max_services.to_string()])
             .args(["--max-backends", &max_backends.to_string()])
             .args(["--max-frontends", &max_frontends.to_string()])
-            .args(["--health-addr", "none"])
+            // An ephemeral port on loopback: the agent records the one it
+            // got in its pins, where `figures` finds it.
+            .args(["--health-addr", "127.0.0.1:0"])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -557,6 +581,7 @@ impl AgentProc {
             cgroup: cgroup.to_owned(),
             log: log.to_owned(),
             spawned,
+            spawned_unix_ns,
             child: Some(child),
         })
     }
@@ -569,61 +594,101 @@ impl AgentProc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for the `nth` (1-based) log line containing `pattern`; returns
-    /// it and the wall time since `since`.
-    pub fn wait_line(
+    /// This agent's record in its pins (`LB_AGENT`), once it wrote it.
+    pub fn record(&self) -> Option<lb_common::AgentState> {
+        let map = sys::PinnedMap::open(&self.bpffs.join(lb_common::maps::AGENT)).ok()?;
+        let state: lb_common::AgentState = map.get(&0u32)?;
+        (state.started_ns >= self.spawned_unix_ns).then_some(state)
+    }
+
+    /// Waits until the agent has written its initial sync (every source
+    /// complete: the manifest directory's first read, or both lists) to
+    /// the maps, polling its record every 2 ms (one bpf(2) lookup: nothing
+    /// the agent serves); returns the wall time since `since`.
+    pub fn wait_initial_sync(
         &mut self,
-        pattern: &str,
-        nth: usize,
         since: Instant,
         timeout: Duration,
-    ) -> anyhow::Result<(SyncLine, Duration)> {
+    ) -> anyhow::Result<Duration> {
         let deadline = Instant::now() + timeout;
         loop {
-            let log = self.log_text();
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains(pattern)).collect();
-            if lines.len() >= nth {
-                return Ok((parse_sync(lines[nth - 1]), since.elapsed()));
+            if self.record().is_some_and(|r| r.initial_sync_ns != 0) {
+                return Ok(since.elapsed());
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                bail!("lb-agent exited ({status}); its log:\n{}", tail(&log));
+                bail!(
+                    "lb-agent exited ({status}); its log:\n{}",
+                    tail(&self.log_text())
+                );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lb-agent did not log {pattern:?} within {timeout:?}; its log:\n{}",
-                    tail(&log)
+                    "lb-agent did not finish its initial sync within {timeout:?}; its log:\n{}",
+                    tail(&self.log_text())
                 );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    pub fn wait_sync(
-        &mut self,
-        nth: usize,
-        since: Instant,
+    /// The agent's control-plane figures now.
+    pub fn figures(&self) -> anyhow::Result<Figures> {
+        let state = self
+            .record()
+            .context("the agent has no record in its pins")?;
+        let port = u16::from_be(state.health_port);
+        if port == 0 {
+            bail!("the agent records no health address");
+        }
+        let samples = lb_tests::scrape_control_plane((Ipv4Addr::LOCALHOST, port).into())?;
+        let one = |name: &str, labels: &[(&str, &str)]| {
+            lb_tests::metric(&samples, name, labels)
+                .with_context(|| format!("no {name} {labels:?}"))
+        };
+        Ok(Figures {
+            syncs: one("lb_sync_duration_seconds_count", &[])?,
+            sync_s: one("lb_sync_duration_seconds_sum", &[])?,
+            programming: lb_tests::Histogram::from_samples(
+                &samples,
+                "lb_network_programming_duration_seconds",
+            )
+            .context("no lb_network_programming_duration_seconds")?,
+            writes: one("lb_map_writes_total", &[])?,
+            programmed: one("lb_frontends", &[("state", "programmed")])?,
+            failed: one("lb_frontends", &[("state", "failed")])?,
+        })
+    }
+
+    /// Figures newer than `before`: at least one more sync and, with
+    /// `events`, that many more programming samples. A sync's figures
+    /// follow its map writes, so the bench may see the map change first.
+    pub fn figures_after(
+        &self,
+        before: &Figures,
+        events: f64,
         timeout: Duration,
-    ) -> anyhow::Result<(SyncLine, Duration)> {
-        self.wait_line(MANIFEST_SYNC, nth, since, timeout)
-    }
-
-    /// Every line containing `pattern` so far, parsed.
-    pub fn sync_lines(&self, pattern: &str) -> Vec<SyncLine> {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(pattern))
-            .map(parse_sync)
-            .collect()
-    }
-
-    /// Log lines containing `pattern` so far.
-    pub fn count_lines(&self, pattern: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(pattern))
-            .count()
+    ) -> anyhow::Result<Figures> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.figures()?;
+            if now.syncs > before.syncs
+                && now.programming.count >= before.programming.count + events
+            {
+                return Ok(now);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no sync counted within {timeout:?} (syncs {} -> {}, programming samples {} -> {})",
+                    before.syncs,
+                    now.syncs,
+                    before.programming.count,
+                    now.programming.count
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Peak resident set size (VmHWM) in KiB.
@@ -715,47 +780,10 @@ impl Drop for AgentProc {
     }
 }
 
-fn parse_sync(line: &str) -> SyncLine {
-    let field = |name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-            .unwrap_or(0)
-    };
-    SyncLine {
-        frontends: field("frontends"),
-        writes: field("writes"),
-        errors: field("errors"),
-        elapsed_ms: field("elapsed_ms"),
-        elapsed_us: field("elapsed_us"),
-    }
-}
-
 /// The last lines of a log, for error messages.
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// The agent's last "endpointslice event to map write latency" line:
-/// (events, p50 µs, p99 µs, max µs), measured inside the agent from the
-/// watch event's arrival to the map write.
-pub fn agent_latency_line(log: &str) -> Option<(u64, u64, u64, u64)> {
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("endpointslice event to map write latency"))?;
-    let field = |k: &str| -> Option<u64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))?
-            .parse()
-            .ok()
-    };
-    Some((
-        field("events")?,
-        field("p50_us")?,
-        field("p99_us")?,
-        field("max_us")?,
-    ))
 }
 
 /// `fake-apiserver` (tests/fake-apiserver) on a loopback port, holding the

@@ -149,9 +149,10 @@ pub struct LoadRecord {
     pub n: u32,
     pub datapath: Dp,
     /// Loader wall time (process start to exit), or for the agent: spawn to
-    /// its "synced manifests" log line.
+    /// its initial sync (the time it records in its pinned `LB_AGENT`).
     pub wall_s: f64,
-    /// Agent: its own elapsed_ms of that first sync (read + parse the
+    /// Agent: its own programming time of that first sync (its
+    /// `lb_network_programming_duration_seconds` sample: read + parse the
     /// manifests, translate, reconcile, every map write).
     pub sync_ms: Option<u64>,
     pub map_writes: Option<u64>,
@@ -178,10 +179,13 @@ pub struct ChangeRecord {
     /// The change (atomic rename of the edited file, or the `apply` written
     /// to the fake API server) → master entry's count changed.
     pub e2e_ms: f64,
-    /// The agent's elapsed_ms for that sync (manifests: re-read and parse
-    /// of the whole directory, translate, reconcile, map writes).
+    /// Manifests: the agent's programming time of that change (its
+    /// `lb_network_programming_duration_seconds` sample: re-read and parse
+    /// of the edited file, translate, reconcile, map writes); API: `sync_us`
+    /// in ms.
     pub sync_ms: u64,
-    /// API source: the agent's elapsed_us for that sync.
+    /// API source: the agent's sync time for that change
+    /// (`lb_sync_duration_seconds_sum`'s growth).
     #[serde(default)]
     pub sync_us: Option<u64>,
     pub map_writes: u64,
@@ -199,10 +203,12 @@ pub struct ApiLoadRecord {
     pub n: u32,
     /// fake-apiserver start until it served every object (not the agent's).
     pub server_load_s: f64,
-    /// Agent spawn → its "initial sync complete" line (connect, list both
-    /// kinds page by page over HTTP, decode, translate, every map write).
+    /// Agent spawn → its initial sync (connect, list both kinds page by
+    /// page over HTTP, decode, translate, every map write), as recorded in
+    /// its pinned `LB_AGENT`.
     pub wall_s: f64,
-    /// That first complete sync's own elapsed_ms (translate + map writes).
+    /// Its syncs' own time until then (`lb_sync_duration_seconds_sum`:
+    /// translate + map writes, over the syncs made while the lists arrived).
     pub sync_ms: u64,
     pub map_writes: u64,
     pub frontends: u64,
@@ -214,7 +220,10 @@ pub struct ApiLoadRecord {
     #[serde(default)]
     pub agent_rss_anon_kib: Option<u64>,
     /// The agent's own event → map-write latency over this slot's changes:
-    /// (events, p50 µs, p99 µs, max µs).
+    /// (events, p50 µs, p99 µs, max µs), from the growth of its
+    /// `lb_network_programming_duration_seconds` histogram (quantiles
+    /// interpolated inside buckets ten a decade; max: the upper bound of
+    /// the highest bucket reached).
     pub agent_latency: Option<(u64, u64, u64, u64)>,
     pub error: Option<String>,
 }
@@ -721,7 +730,7 @@ fn ablation(
                 max_frontends(n),
             )?;
             let timeout = Duration::from_secs(30 + u64::from(n) / 500);
-            a.wait_sync(1, a.spawned, timeout)?;
+            a.wait_initial_sync(a.spawned, timeout)?;
             let progs = lab::pinned_programs(&bpffs);
             let tracer = if bits & TRACING != 0 {
                 Some(start_tracer(&lab.bins.agent, &bpffs)?)
@@ -871,30 +880,34 @@ fn api_slot(
         server_load_s: api.load_time.as_secs_f64(),
         ..ApiLoadRecord::default()
     };
+    // The programming-latency histogram after the initial sync: the
+    // slot's changes are what it gains from here.
+    let mut initial: Option<lab::Figures> = None;
     let r = (|| -> anyhow::Result<()> {
-        let (sync, wall) = a.wait_line(lab::API_INITIAL_SYNC, 1, spawned, timeout)?;
+        let wall = a.wait_initial_sync(spawned, timeout)?;
         rec.wall_s = wall.as_secs_f64();
-        // The programming may be spread over the syncs made while the
-        // lists arrived (grow-only until both are complete): count them all.
-        let syncs = a.sync_lines(lab::API_SYNC);
-        rec.sync_ms = syncs.iter().map(|s| s.elapsed_us).sum::<u64>() / 1000;
-        rec.map_writes = syncs.iter().map(|s| s.writes).sum();
-        rec.frontends = sync.frontends;
         rec.agent_vm_hwm_kib = a.vm_hwm_kib();
         rec.agent_rss_file_kib = a.status_kib("RssFile:");
         rec.agent_rss_anon_kib = a.status_kib("RssAnon:");
+        let f = a.figures()?;
+        // The programming may be spread over the syncs made while the
+        // lists arrived (grow-only until both are complete): count them all.
+        rec.sync_ms = (f.sync_s * 1000.0) as u64;
+        rec.map_writes = f.writes as u64;
+        rec.frontends = f.programmed as u64;
         println!(
             "bench:   API cold start {:.3} s (server held {n} services; syncs until complete {} ms, {} writes)",
             rec.wall_s, rec.sync_ms, rec.map_writes
         );
-        if sync.frontends != config::frontends(n) || sync.errors != 0 {
+        if f.programmed as u64 != config::frontends(n) || f.failed != 0.0 {
             bail!(
-                "agent synced {} frontends with {} errors, expected {} and 0",
-                sync.frontends,
-                sync.errors,
+                "agent programmed {} frontends with {} failing, expected {} and 0",
+                f.programmed,
+                f.failed,
                 config::frontends(n)
             );
         }
+        initial = Some(f);
         // At 100,000 one sync takes about half a second.
         let changes = if n >= 100_000 {
             plan.api_changes.min(20)
@@ -920,9 +933,11 @@ fn api_slot(
         rec.agent_rss_file_kib.unwrap_or(0) as f64 / 1024.0,
         rec.agent_rss_anon_kib.unwrap_or(0) as f64 / 1024.0
     );
+    // The agent's own event → map-write latency over the slot's changes.
+    if let (Some(before), Ok(after)) = (&initial, a.figures()) {
+        rec.agent_latency = lab::latency_summary(&after.programming.since(&before.programming));
+    }
     a.stop();
-    // SIGTERM made the agent log its latency figures once more.
-    rec.agent_latency = lab::agent_latency_line(&a.log_text());
     rec.error = r.as_ref().err().map(|e| format!("{e:#}"));
     results.api_loads.push(rec);
     drop(api);
@@ -996,7 +1011,7 @@ fn heap_profile(
     )?;
     // Allocation tracking slows the agent down a few times over.
     let timeout = Duration::from_secs(180 + u64::from(n) / 100);
-    a.wait_line(lab::API_INITIAL_SYNC, 1, a.spawned, timeout)?;
+    a.wait_initial_sync(a.spawned, timeout)?;
     a.terminate_and_wait(Duration::from_secs(120))?;
     a.stop();
     let recording = fs::read_dir(work)?
@@ -1048,25 +1063,30 @@ fn datapath_slot(
             )?;
             let spawned = a.spawned;
             let timeout = Duration::from_secs(30 + u64::from(n) / 500);
-            let (sync, wall) = a.wait_sync(1, spawned, timeout)?;
+            let wall = a.wait_initial_sync(spawned, timeout)?;
+            // Before the scrape, which allocates (a little) in the agent.
+            let vm_hwm = a.vm_hwm_kib();
+            let f = a.figures()?;
             let mut rec = LoadRecord {
                 round,
                 n,
                 datapath: dp,
                 wall_s: wall.as_secs_f64(),
-                sync_ms: Some(sync.elapsed_ms),
-                map_writes: Some(sync.writes),
-                agent_vm_hwm_kib: a.vm_hwm_kib(),
+                // Its one programming sample: from the directory's first
+                // read to the end of the map writes.
+                sync_ms: Some((f.programming.sum * 1000.0) as u64),
+                map_writes: Some(f.writes as u64),
+                agent_vm_hwm_kib: vm_hwm,
                 map_bytes: BTreeMap::new(),
                 map_max_entries: BTreeMap::new(),
                 error: None,
                 kernel_bytes: None,
             };
-            if sync.frontends != config::frontends(n) || sync.errors != 0 {
+            if f.programmed as u64 != config::frontends(n) || f.failed != 0.0 {
                 rec.error = Some(format!(
-                    "agent synced {} frontends with {} errors, expected {} and 0",
-                    sync.frontends,
-                    sync.errors,
+                    "agent programmed {} frontends with {} failing, expected {} and 0",
+                    f.programmed,
+                    f.failed,
                     config::frontends(n)
                 ));
             }
@@ -1492,12 +1512,7 @@ fn endpoint_changes(
         check()?;
         let not_ready = if j % 2 == 0 { 1 } else { 0 };
         let want = config::PODS - not_ready;
-        let pattern = if api.is_some() {
-            lab::API_SYNC
-        } else {
-            lab::MANIFEST_SYNC
-        };
-        let syncs = agent.count_lines(pattern);
+        let before = agent.figures()?;
         let t0 = if let Some(api) = api.as_deref_mut() {
             // Idle gaps, so every change is a sync of its own.
             std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
@@ -1527,19 +1542,24 @@ fn endpoint_changes(
         if let Some(api) = api.as_deref_mut() {
             api.answer()?;
         }
-        let (sync, _) = agent.wait_line(pattern, syncs + 1, t0, timeout)?;
+        // The sync that wrote it, and (API) the event's programming sample.
+        let events = if api.is_some() { 1.0 } else { 0.0 };
+        let after = agent.figures_after(&before, events, timeout)?;
+        let sync_us = ((after.sync_s - before.sync_s) * 1e6) as u64;
+        // Manifests: its one sample, from the edit's read to the writes.
+        let programming_ms = ((after.programming.sum - before.programming.sum) * 1000.0) as u64;
         results.changes.push(ChangeRecord {
             round,
             n,
             source: if api.is_some() { "api" } else { "manifests" }.into(),
             e2e_ms: e2e.as_secs_f64() * 1000.0,
             sync_ms: if api.is_some() {
-                sync.elapsed_us / 1000
+                sync_us / 1000
             } else {
-                sync.elapsed_ms
+                programming_ms
             },
-            sync_us: api.is_some().then_some(sync.elapsed_us),
-            map_writes: sync.writes,
+            sync_us: api.is_some().then_some(sync_us),
+            map_writes: (after.writes - before.writes) as u64,
         });
     }
     Ok(())

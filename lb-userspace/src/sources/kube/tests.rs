@@ -726,7 +726,7 @@ async fn metrics_count_relists_restarts_and_programming() {
     d.set_metrics(metrics.clone());
     let health = crate::health::Health::new(Duration::from_secs(60));
     let has = |line: &str| {
-        let text = metrics.render();
+        let text = metrics.render(crate::metrics::Collect::ALL);
         text.lines().any(|l| l == line)
     };
     assert!(has("lb_relists_total{resource=\"services\"} 0"));
@@ -737,12 +737,26 @@ async fn metrics_count_relists_restarts_and_programming() {
         vec![svc("a", "10.96.0.1")],
     );
     list(&mut slices, &signals, Kind::EndpointSlices, vec![]);
+    let initial = |h: &crate::health::Health| {
+        h.metrics()
+            .render(crate::metrics::Collect::ALL)
+            .lines()
+            .any(|l| l == "lb_initial_sync_complete 1")
+    };
+    assert!(!initial(&health));
     let wake = tokio::time::timeout(Duration::from_secs(5), d.wait())
         .await
         .expect("a wake-up");
     d.iterate(wake, &health);
+    assert!(initial(&health), "both lists are in the maps");
     assert!(has("lb_relists_total{resource=\"services\"} 0"));
     assert!(has("lb_frontends{state=\"programmed\"} 1"));
+    // One frontend: its service entry and its name.
+    assert!(
+        has("lb_map_writes_total 2"),
+        "{}",
+        metrics.render(crate::metrics::Collect::ALL)
+    );
     assert!(has("lb_sync_duration_seconds_count 1"));
     // The initial list is one change, programmed by one sync: one sample.
     assert!(has("lb_network_programming_duration_seconds_count 1"));
@@ -789,7 +803,12 @@ fn the_node_watch_counts_restarts_and_relists() {
         }))
         .unwrap()
     };
-    let has = |line: &str| metrics.render().lines().any(|l| l == line);
+    let has = |line: &str| {
+        metrics
+            .render(crate::metrics::Collect::ALL)
+            .lines()
+            .any(|l| l == line)
+    };
     let node_ips = || input.with_index(|i| i.options().node_ips.clone());
     let mut watch = NodeWatch::new("node-a".into(), signals.clone());
     assert!(has("lb_watch_restarts_total{resource=\"nodes\"} 0"));
