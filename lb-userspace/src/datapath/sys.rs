@@ -114,40 +114,22 @@ pub fn array_lookup_each<V: Copy + Default>(
     let chunk = CHUNK.min(len.max(1));
     let mut keys = vec![0u32; chunk as usize];
     let mut values = vec![V::default(); chunk as usize];
-    let (mut in_batch, mut out_batch) = (0u32, 0u32);
-    let mut first = true;
+    let values_ptr: *mut V = values.as_mut_ptr();
     let mut seen = 0usize;
-    loop {
-        let mut attr = Attr::default();
-        attr.u64(
-            0,
-            if first {
-                0
-            } else {
-                &mut in_batch as *mut u32 as u64
-            },
-        )
-        .u64(2, &mut out_batch as *mut u32 as u64)
-        .u64(4, keys.as_mut_ptr() as u64)
-        .u64(6, values.as_mut_ptr() as u64)
-        .u32(8, chunk)
-        .u32(9, map.as_raw_fd() as u32);
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = (attr.0[8] as usize).min(values.len());
-        each(&values[..got]);
-        seen += got;
-        match result {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-        if seen >= len as usize {
-            break;
-        }
-        in_batch = out_batch;
-        first = false;
-    }
-    Ok(())
+    lookup_batch(
+        map,
+        keys.as_mut_ptr().cast(),
+        values_ptr.cast(),
+        chunk,
+        |got| {
+            let got = got.min(chunk as usize);
+            // SAFETY: `values` holds `chunk` initialised values, the call just
+            // wrote the first `got`, and no call runs while this slice lives.
+            each(unsafe { std::slice::from_raw_parts(values_ptr, got) });
+            seen += got;
+            seen < len as usize
+        },
+    )
 }
 
 /// The elements of a hash map (plain or LRU, not per-CPU) whose keys and
@@ -159,10 +141,34 @@ pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io
     const CHUNK: usize = 8192;
     let mut keys = vec![0u8; CHUNK * key_size.max(1)];
     let mut values = vec![0u8; CHUNK * value_size.max(1)];
-    // A hash map's batch position is a bucket index (u32).
+    let mut total = 0u64;
+    lookup_batch(
+        map,
+        keys.as_mut_ptr(),
+        values.as_mut_ptr(),
+        CHUNK as u32,
+        |got| {
+            total += got as u64;
+            true
+        },
+    )?;
+    Ok(total)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from the start of `map` into `keys` and `values`
+/// (room for `chunk` elements each), one syscall a chunk; `each` gets how
+/// many elements a call copied and says whether to go on. Ends when the
+/// kernel has no element left (ENOENT, after handing over the last ones).
+/// The batch position is a u32 for arrays (an index) and hashes (a bucket).
+fn lookup_batch(
+    map: BorrowedFd<'_>,
+    keys: *mut u8,
+    values: *mut u8,
+    chunk: u32,
+    mut each: impl FnMut(usize) -> bool,
+) -> io::Result<()> {
     let (mut in_batch, mut out_batch) = (0u32, 0u32);
     let mut first = true;
-    let mut total = 0u64;
     loop {
         let mut attr = Attr::default();
         attr.u64(
@@ -174,17 +180,20 @@ pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io
             },
         )
         .u64(2, &mut out_batch as *mut u32 as u64)
-        .u64(4, keys.as_mut_ptr() as u64)
-        .u64(6, values.as_mut_ptr() as u64)
-        .u32(8, CHUNK as u32)
+        .u64(4, keys as u64)
+        .u64(6, values as u64)
+        .u32(8, chunk)
         .u32(9, map.as_raw_fd() as u32);
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        // On ENOENT (no bucket left) count still says what this call copied.
-        total += u64::from(attr.0[8]);
+        // On ENOENT (nothing left) count still says what this call copied.
+        let more = each(attr.0[8] as usize);
         match result {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if !more {
+            return Ok(());
         }
         in_batch = out_batch;
         first = false;
