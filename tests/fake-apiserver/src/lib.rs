@@ -101,6 +101,8 @@ pub(crate) struct Shared {
     pub conns: watch::Sender<u64>,
     pub open_watches: watch::Sender<usize>,
     pub bookmarks_sent: AtomicU64,
+    /// CLOCK_MONOTONIC ns when a watch event (not a bookmark) was last handed to its connection.
+    pub event_sent_ns: AtomicU64,
     requests: Mutex<Vec<RequestRecord>>,
 }
 
@@ -168,6 +170,7 @@ impl FakeApiServer {
             conns: watch::Sender::new(0),
             open_watches: watch::Sender::new(0),
             bookmarks_sent: AtomicU64::new(0),
+            event_sent_ns: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
         });
         let acceptor = tokio::spawn(accept_loop(shared.clone(), listener));
@@ -363,6 +366,13 @@ impl FakeApiServer {
     }
 
     /// Bookmarks sent over all watches so far.
+    /// CLOCK_MONOTONIC ns (the clock other processes read too) when a watch event was last
+    /// handed to its connection, 0 before the first: where a change leaves this server, so a
+    /// client's latency can be told from the server's own.
+    pub fn event_sent_ns(&self) -> u64 {
+        self.shared.event_sent_ns.load(Ordering::Relaxed)
+    }
+
     pub fn bookmarks_sent(&self) -> u64 {
         self.shared.bookmarks_sent.load(Ordering::Relaxed)
     }

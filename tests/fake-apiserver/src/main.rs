@@ -4,7 +4,8 @@
 //! Serves the fake API for manual cross-checks with kubectl or other clients. Control commands
 //! arrive one per line on stdin, so a driving script needs no extra HTTP surface:
 //! `apply <json>`, `delete <resource> <namespace|-> <name>`, `compact`, `sever`, `down`, `up`,
-//! `rv`, `watches`. Each answers one line on stdout: `ok <value>` or `err <message>`.
+//! `rv`, `watches`, `sent` (CLOCK_MONOTONIC ns when a watch event last left for its
+//! connection, 0 before the first). Each answers one line on stdout: `ok <value>` or `err <message>`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -89,6 +90,7 @@ async fn command(server: &FakeApiServer, line: &str) -> Result<String, String> {
         }
         ("rv", []) => Ok(server.resource_version().to_string()),
         ("watches", []) => Ok(server.open_watches().to_string()),
+        ("sent", []) => Ok(server.event_sent_ns().to_string()),
         _ => Err(format!("unknown command {line:?}")),
     }
 }

@@ -413,6 +413,7 @@ async fn run_watch(
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
     loop {
+        let mut event = false;
         let line = tokio::select! {
             biased;
             _ = severed.changed() => {
@@ -432,7 +433,10 @@ async fn run_watch(
                 Ok(ev) => {
                     spec.last_rv = ev.rv;
                     match spec.filter.translate(&ev) {
-                        Some((kind, obj)) => event_line(kind, &obj),
+                        Some((kind, obj)) => {
+                            event = true;
+                            event_line(kind, &obj)
+                        }
                         None => continue,
                     }
                 }
@@ -447,6 +451,14 @@ async fn run_watch(
         };
         if tx.send(Ok(Frame::data(line))).await.is_err() {
             return;
+        }
+        if event {
+            // The connection writes it next, on this same thread.
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map_or(0, |t| {
+                    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+                });
+            sh.event_sent_ns.store(now, Ordering::Relaxed);
         }
     }
 }

@@ -11,11 +11,15 @@
 //! - `udp`: one long-lived unconnected socket, `sendto()` 32 bytes and
 //!   `recvfrom()` the echo (every datagram takes the sendmsg/recvmsg hooks);
 //! - `udp-conn`: per transaction a new socket, `connect()`, send, receive,
-//!   close (a resolver's pattern: the connect hook once per socket).
+//!   close (a resolver's pattern: the connect hook once per socket);
+//! - `miss`: per iteration a new UDP socket, `connect()` to a destination
+//!   that is no service, close: the connect hook's miss path, and no
+//!   datagram is ever sent (a UDP connect only picks a route).
 //!
 //! Targets: `--base IP --targets N --port P --pick random|first|last`
 //! connects to `base + i` for i in 0..N (a uniformly random i per
-//! connection, or the first / last). It joins `--cgroup` before `--netns`
+//! connection, or the first / last); `--port-span K` spreads the port over
+//! P..P+K the same way. It joins `--cgroup` before `--netns`
 //! (the cgroup path is only visible from the host mount namespace).
 use std::{collections::BTreeMap, io::Write as _, net::Ipv4Addr, path::Path};
 
@@ -52,6 +56,7 @@ enum Mode {
     Bulk,
     Udp,
     UdpConn,
+    Miss,
 }
 
 impl Mode {
@@ -62,6 +67,7 @@ impl Mode {
             Mode::Bulk => "bulk",
             Mode::Udp => "udp",
             Mode::UdpConn => "udp-conn",
+            Mode::Miss => "miss",
         }
     }
 }
@@ -82,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     let mut base: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
     let mut targets: u32 = 1;
     let mut port: u16 = 8080;
+    let mut port_span: u32 = 1;
     let mut warmup: u64 = 2000;
     let mut iters: u64 = 20_000;
     let mut max_failures: u64 = 20;
@@ -102,6 +109,7 @@ fn main() -> anyhow::Result<()> {
                     Mode::Bulk,
                     Mode::Udp,
                     Mode::UdpConn,
+                    Mode::Miss,
                 ]
                 .into_iter()
                 .find(|x| x.name() == m)
@@ -118,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             "--base" => base = val()?.parse()?,
             "--targets" => targets = val()?.parse()?,
             "--port" => port = val()?.parse()?,
+            "--port-span" => port_span = val()?.parse()?,
             "--warmup" => warmup = val()?.parse()?,
             "--iters" => iters = val()?.parse()?,
             "--max-failures" => max_failures = val()?.parse()?,
@@ -129,6 +138,9 @@ fn main() -> anyhow::Result<()> {
     }
     if targets == 0 {
         bail!("--targets must be at least 1");
+    }
+    if port_span == 0 || u32::from(port) + port_span > 65_536 {
+        bail!("--port-span must be at least 1 and keep the ports below 65536");
     }
     if let Some(cg) = cgroup {
         lb_tests::sys::join_cgroup(Path::new(&cg))?;
@@ -148,19 +160,27 @@ fn main() -> anyhow::Result<()> {
     }
     let base = u32::from(base);
     let mut rng = (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15 ^ now_ns();
-    let mut next_target = || -> u32 {
-        let i = match pick {
+    let mut next = |of: u32| -> u32 {
+        match pick {
             Pick::First => 0,
-            Pick::Last => targets - 1,
+            Pick::Last => of - 1,
             Pick::Random => {
                 // xorshift64*
                 rng ^= rng >> 12;
                 rng ^= rng << 25;
                 rng ^= rng >> 27;
-                ((rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) % u64::from(targets)) as u32
+                ((rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) % u64::from(of)) as u32
             }
+        }
+    };
+    let mut next_target = || -> (u32, u16) {
+        let ip = base + next(targets);
+        let port = if port_span > 1 {
+            port + next(port_span) as u16
+        } else {
+            port
         };
-        base + i
+        (ip, port)
     };
     let mut samples: Vec<u64> = Vec::with_capacity(iters.min(1 << 24) as usize);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -187,10 +207,10 @@ fn main() -> anyhow::Result<()> {
         {
             break;
         }
-        let ip = next_target();
+        let (ip, port) = next_target();
         let t0 = now_ns();
         let r = match mode {
-            Mode::Connect | Mode::Crr | Mode::UdpConn => once(ip, port, mode),
+            Mode::Connect | Mode::Crr | Mode::UdpConn | Mode::Miss => once(ip, port, mode),
             Mode::Bulk => bulk(ip, port, &bulk_buf, bytes),
             Mode::Udp => udp_once(udp_fd, ip, port),
         };
@@ -282,7 +302,7 @@ fn once(ip: u32, port: u16, mode: Mode) -> Result<(), i32> {
     // SAFETY: plain socket calls on an fd owned by this function, closed on
     // every path.
     unsafe {
-        let ty = if mode == Mode::UdpConn {
+        let ty = if matches!(mode, Mode::UdpConn | Mode::Miss) {
             libc::SOCK_DGRAM
         } else {
             libc::SOCK_STREAM

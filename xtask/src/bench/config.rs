@@ -25,6 +25,68 @@ pub const BULK_POD_PORT: u16 = 8081;
 pub const UDP_SVC_PORT: u16 = 53;
 pub const UDP_POD_PORT: u16 = 8053;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// The node addresses of the miss-path slot (`--node-ip`): four IPv4
+/// addresses from here. They exist nowhere; a frontend only needs them in
+/// the maps.
+pub const NODE_IP_BASE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub const NODE_IPS: u32 = 4;
+/// NodePort Services of the miss-path slot (services 1..=this, at most
+/// N - 1), each with `nodePort: FIRST_NODE_PORT + i - 1` on its TCP port.
+pub const NODE_PORT_SERVICES: u32 = 2000;
+pub const FIRST_NODE_PORT: u16 = 30000;
+
+/// `--node-ip` of the miss-path slot.
+pub fn node_ips() -> String {
+    (0..NODE_IPS)
+        .map(|k| Ipv4Addr::from(u32::from(NODE_IP_BASE) + k).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// NodePort Services among N.
+pub fn node_port_services(n: u32) -> u32 {
+    NODE_PORT_SERVICES.min(n.saturating_sub(1))
+}
+
+/// One set of destinations that are no service, for the miss path
+/// (`lb-benchclient --mode miss`: a UDP connect, so nothing is sent).
+#[derive(Clone, Copy, Debug)]
+pub struct MissSweep {
+    pub name: &'static str,
+    pub base: Ipv4Addr,
+    pub addrs: u32,
+    pub port: u16,
+    pub ports: u32,
+}
+
+/// Addresses that belong to nothing (10.200.0.0/16, one port).
+pub const MISS_FOREIGN: MissSweep = MissSweep {
+    name: "foreign",
+    base: Ipv4Addr::new(10, 200, 0, 0),
+    addrs: 1 << 16,
+    port: 8080,
+    ports: 1,
+};
+/// The node addresses over the whole nodePort range, UDP: the same
+/// addresses and ports as the (TCP) NodePort frontends, other protocol.
+pub const MISS_NODE: MissSweep = MissSweep {
+    name: "node",
+    base: NODE_IP_BASE,
+    addrs: NODE_IPS,
+    port: 30000,
+    ports: 2768,
+};
+
+impl MissSweep {
+    /// Every destination of the sweep (address, port), host byte order.
+    pub fn destinations(&self) -> impl Iterator<Item = (Ipv4Addr, u16)> + '_ {
+        (0..self.addrs).flat_map(move |a| {
+            let ip = Ipv4Addr::from(u32::from(self.base) + a);
+            (0..self.ports).map(move |p| (ip, self.port + p as u16))
+        })
+    }
+}
 pub const NAMESPACE: &str = "bench";
 /// Services per manifest file (service 0 has a file of its own, the one the
 /// endpoint-change measurement edits).
@@ -86,6 +148,12 @@ pub fn frontends(n: u32) -> u64 {
 /// A selectorless Service with an explicit ClusterIP and its EndpointSlice.
 /// `not_ready`: endpoints (from the last) marked `ready: false`.
 pub fn service_yaml(i: u32, not_ready: u32) -> String {
+    service_yaml_with(i, not_ready, None)
+}
+
+/// [`service_yaml`], of `type: NodePort` with this `nodePort` on its first
+/// port when `node_port` is given.
+fn service_yaml_with(i: u32, not_ready: u32, node_port: Option<u16>) -> String {
     let mut y = format!(
         "apiVersion: v1
 kind: Service
@@ -94,16 +162,22 @@ metadata:
   namespace: {NAMESPACE}
 spec:
   clusterIP: {vip}
-  ports:
 ",
         vip = vip(i)
     );
-    for p in ports(i) {
+    if node_port.is_some() {
+        y.push_str("  type: NodePort\n");
+    }
+    y.push_str("  ports:\n");
+    for (k, p) in ports(i).iter().enumerate() {
         let _ = write!(
             y,
             "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n",
             p.name, p.port, p.proto, p.target
         );
+        if let (0, Some(np)) = (k, node_port) {
+            let _ = writeln!(y, "    nodePort: {np}");
+        }
     }
     let _ = write!(
         y,
@@ -140,6 +214,12 @@ ports:
 
 /// Writes the manifest directory for `n` services; returns its size in bytes.
 pub fn write_manifests(dir: &Path, n: u32) -> anyhow::Result<u64> {
+    write_manifests_with(dir, n, 0)
+}
+
+/// [`write_manifests`] with services 1..=`node_ports` of type NodePort
+/// (see [`NODE_PORT_SERVICES`]).
+pub fn write_manifests_with(dir: &Path, n: u32, node_ports: u32) -> anyhow::Result<u64> {
     fs::create_dir_all(dir)?;
     let mut total = 0u64;
     let first = service_yaml(0, 0);
@@ -152,7 +232,8 @@ pub fn write_manifests(dir: &Path, n: u32) -> anyhow::Result<u64> {
             dir.join(format!("svc-{i:06}-{end:06}.yaml")),
         )?);
         for j in i..end {
-            let y = service_yaml(j, 0);
+            let np = (j <= node_ports).then(|| FIRST_NODE_PORT + (j - 1) as u16);
+            let y = service_yaml_with(j, 0, np);
             total += y.len() as u64 + 4;
             f.write_all(b"---\n")?;
             f.write_all(y.as_bytes())?;

@@ -496,6 +496,7 @@ impl AgentProc {
         Self::start_under(
             &[],
             &[],
+            &[],
             bin,
             source,
             bpffs,
@@ -509,11 +510,12 @@ impl AgentProc {
 
     /// [`AgentProc::start`] with the agent's command line after `wrapper`
     /// (a profiler), then [`AgentProc::agent_pid`] is the agent's own pid,
-    /// and with `env` added to its environment.
+    /// with `env` added to its environment and `args` to its `run`.
     #[allow(clippy::too_many_arguments)]
     pub fn start_under(
         wrapper: &[&str],
         env: &[(&str, String)],
+        args: &[String],
         bin: &Path,
         source: Source<'_>,
         bpffs: &Path,
@@ -568,6 +570,7 @@ impl AgentProc {
             // An ephemeral port on loopback: the agent records the one it
             // got in its pins, where `figures` finds it.
             .args(["--health-addr", "127.0.0.1:0"])
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -839,6 +842,17 @@ impl ApiServerProc {
         Ok(())
     }
 
+    /// When the server last handed a watch event to a connection
+    /// (CLOCK_MONOTONIC ns, as [`monotonic_ns`]).
+    pub fn event_sent_ns(&mut self) -> anyhow::Result<u64> {
+        use std::io::Write as _;
+        self.stdin.write_all(b"sent\n")?;
+        self.stdin.flush()?;
+        let v = self.answer()?;
+        v.parse()
+            .with_context(|| format!("fake-apiserver's sent stamp {v:?}"))
+    }
+
     /// The answer to the last command: `ok <rv>` or an error.
     pub fn answer(&mut self) -> anyhow::Result<String> {
         let mut line = String::new();
@@ -855,6 +869,17 @@ impl Drop for ApiServerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock the fake API server stamps events with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer for the call's duration.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `bpftool prog profile` of one program for `secs` seconds; its output, or

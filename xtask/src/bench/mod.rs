@@ -117,6 +117,29 @@ pub struct AblationRecord {
     pub error: Option<String>,
 }
 
+/// One miss-path measurement ([`miss_slot`]): connect4 to destinations that
+/// are no service, with or without node addresses and NodePorts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MissRecord {
+    pub round: u32,
+    /// Each agent runs twice a round, in ABBA order.
+    pub pass: u32,
+    pub n: u32,
+    /// Whether the agent had node addresses and NodePort Services.
+    pub node_addresses: bool,
+    /// Node-address frontends (node addresses and localhost × nodePorts).
+    pub node_frontends: u64,
+    /// Which destinations ([`config::MissSweep::name`]).
+    pub sweep: String,
+    /// Destinations of the sweep, and how many of them have their filter
+    /// bit set (false positives: each pays an `LB_SERVICES` lookup).
+    pub destinations: u64,
+    pub filter_set: u64,
+    pub ns_per_call: Option<f64>,
+    pub calls: Option<u64>,
+    pub error: Option<String>,
+}
+
 /// The ablation's variants: (name, `lb_common::ablate` bits). The first
 /// is the program as it serves.
 pub const ABLATIONS: &[(&str, u32)] = &[
@@ -189,6 +212,12 @@ pub struct ChangeRecord {
     #[serde(default)]
     pub sync_us: Option<u64>,
     pub map_writes: u64,
+    /// API source: from the fake server handing the watch event to the
+    /// agent's connection (its `sent` stamp) to the map entry's change: the
+    /// change as the agent's watch delivers it, without the fake server's
+    /// own wake-up on the command and its broadcast.
+    #[serde(default)]
+    pub event_to_map_ms: Option<f64>,
 }
 
 fn manifests() -> String {
@@ -302,6 +331,8 @@ pub struct Results {
     pub heap_profiles: Vec<HeapProfileRecord>,
     #[serde(default)]
     pub ablations: Vec<AblationRecord>,
+    #[serde(default)]
+    pub misses: Vec<MissRecord>,
     /// (N, kind) → size of the generated configuration.
     pub rulesets: Vec<(u32, String, config::RulesetSize)>,
     pub skipped: Vec<String>,
@@ -310,9 +341,6 @@ pub struct Results {
 
 /// Largest N whose nftables ruleset is loaded in every round.
 const NFT_EVERY_ROUND: u32 = 1000;
-
-/// Largest N whose API cold start runs in every round.
-const API_EVERY_ROUND: u32 = 10_000;
 
 struct Plan {
     ns: Vec<u32>,
@@ -330,6 +358,8 @@ struct Plan {
     udp_iters: u64,
     /// Endpoint changes through the API watch per slot.
     api_changes: u32,
+    /// Connects per miss-path run (a UDP connect and close take about 3 µs).
+    miss_iters: u64,
     /// Partial ruleset updates per ruleset slot (alternately remove, add).
     incr_changes: u32,
     /// N at which connect4 is profiled (round 1).
@@ -424,6 +454,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             bulk_bytes: 512 << 20,
             udp_iters: 3000,
             api_changes: 20,
+            miss_iters: 50_000,
             incr_changes: 2,
             profile_n: None,
             control_plane: opts.control_plane,
@@ -446,6 +477,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             bulk_bytes: 1 << 30,
             udp_iters: 5000,
             api_changes: 30,
+            miss_iters: 50_000,
             incr_changes: 4,
             profile_n: None,
             control_plane: opts.control_plane,
@@ -582,13 +614,6 @@ fn bench(
             ));
         }
     }
-    for &n in &plan.ns {
-        if n > API_EVERY_ROUND && plan.rounds > 1 {
-            results.skipped.push(format!(
-                "socket-LB from the fake API server at N={n}: cold start and endpoint changes measured in round 1 only, to keep the run's length reasonable"
-            ));
-        }
-    }
     for remove in [true, false] {
         config::write_nft_change(&nft_change_file(work.path(), remove), remove)?;
     }
@@ -668,8 +693,26 @@ fn bench(
                     results.notes.push(format!("ablation, N={n}: {e:#}"));
                 }
             }
+            if n <= plan.lb_max && n >= 1000 && !plan.control_plane {
+                check()?;
+                println!(
+                    "bench: [{:>4.0} s] round {round}/{} N={n} socket-lb miss path with node addresses",
+                    t_run.elapsed().as_secs_f64(),
+                    plan.rounds,
+                );
+                lab.fresh_node()?;
+                if let Err(e) = miss_slot(&lab, plan, results, work.path(), round, n, &check) {
+                    if interrupted.load(Ordering::SeqCst) {
+                        return Err(e);
+                    }
+                    println!("bench: the miss-path slot at N={n} failed: {e:#}");
+                    results
+                        .notes
+                        .push(format!("round {round}, N={n}, miss path: {e:#}"));
+                }
+            }
             check()?;
-            if n <= plan.lb_max && (n <= API_EVERY_ROUND || round == 1) {
+            if n <= plan.lb_max {
                 println!(
                     "bench: [{:>4.0} s] round {round}/{} N={n} socket-lb from the fake API server",
                     t_run.elapsed().as_secs_f64(),
@@ -720,6 +763,7 @@ fn ablation(
             let mut a = AgentProc::start_under(
                 &[],
                 &[(lb_userspace_ablate_env(), (bits & !TRACING).to_string())],
+                &[],
                 &lab.bins.agent,
                 Source::Manifests(&mdir),
                 &bpffs,
@@ -770,6 +814,181 @@ fn ablation(
         }
     }
     Ok(())
+}
+
+/// The miss path with node addresses (issue 13: a destination that is no
+/// service costs the same whatever the number of node addresses). The same
+/// N services served twice each, in ABBA order (BAAB in even rounds), so
+/// the machine's drift falls on both alike: as they are, and with [`config::node_port_services`] of them NodePorts served on
+/// [`config::NODE_IPS`] node addresses (`--node-ip`) and on localhost.
+/// For each, connect4's ns/call over each [`config::MissSweep`], and the
+/// share of the sweep whose filter bit is set: the node frontends add bits,
+/// and each destination on one pays the `LB_SERVICES` lookup the filter
+/// exists to avoid. Every destination is checked to be no frontend.
+#[allow(clippy::too_many_arguments)]
+fn miss_slot(
+    lab: &Lab,
+    plan: &Plan,
+    results: &mut Results,
+    work: &Path,
+    round: u32,
+    n: u32,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let k = config::node_port_services(n);
+    let npdir = work.join(format!("manifests-{n}-nodeports"));
+    if !npdir.exists() {
+        config::write_manifests_with(&npdir, n, k)?;
+    }
+    // Each NodePort on every node address and on 127.0.0.1.
+    let room = k * (config::NODE_IPS + 1);
+    let mut order = [false, true, true, false];
+    if round.is_multiple_of(2) {
+        order = [true, false, false, true];
+    }
+    for (pass, node_addresses) in (1..).zip(order) {
+        check()?;
+        let (dir, args, tag) = if node_addresses {
+            (
+                npdir.clone(),
+                vec!["--node-ip".to_owned(), config::node_ips()],
+                "node",
+            )
+        } else {
+            (work.join(format!("manifests-{n}")), Vec::new(), "plain")
+        };
+        println!("bench:   miss path, N={n}, {tag}, pass {pass}");
+        let bpffs = lb_bpffs(&format!("miss-{tag}{pass}-"), round, n);
+        let mut a = AgentProc::start_under(
+            &[],
+            &[],
+            &args,
+            &lab.bins.agent,
+            Source::Manifests(&dir),
+            &bpffs,
+            &lab.cgroup,
+            &work.join(format!("agent-miss-{tag}{pass}-r{round}-n{n}.log")),
+            max_services(n) + room,
+            // Each frontend has a backend range of its own.
+            max_backends(n) + room * config::PODS,
+            max_frontends(n) + room,
+        )?;
+        let r = (|| -> anyhow::Result<()> {
+            a.wait_initial_sync(a.spawned, Duration::from_secs(30 + u64::from(n) / 500))?;
+            let f = a.figures()?;
+            let node_frontends = (f.programmed as u64).saturating_sub(config::frontends(n));
+            let least = if node_addresses {
+                u64::from(k * config::NODE_IPS)
+            } else {
+                0
+            };
+            if f.failed != 0.0 || node_frontends < least {
+                bail!(
+                    "agent programmed {} frontends with {} failing, expected at least {} and 0",
+                    f.programmed,
+                    f.failed,
+                    config::frontends(n) + least
+                );
+            }
+            let progs = lab::pinned_programs(&bpffs);
+            let mut shares = Vec::new();
+            for sweep in [config::MISS_FOREIGN, config::MISS_NODE] {
+                let (destinations, filter_set) = filter_share(&bpffs, &sweep)?;
+                println!(
+                    "bench:     {}: {filter_set} of {destinations} destinations on a set filter bit",
+                    sweep.name
+                );
+                shares.push((destinations, filter_set));
+            }
+            // Short runs, many of them, the sweeps interleaved: one run's
+            // ns/call jumps between two levels (about 70 and 100 ns here,
+            // whatever the agent), and the median of many runs does not.
+            for _ in 0..MISS_RUNS {
+                for (sweep, &(destinations, filter_set)) in
+                    [config::MISS_FOREIGN, config::MISS_NODE]
+                        .iter()
+                        .zip(&shares)
+                {
+                    check()?;
+                    let r = client_run(
+                        lab,
+                        plan,
+                        round,
+                        n,
+                        Dp::SocketLb,
+                        sweep.name,
+                        "miss",
+                        &progs,
+                        None,
+                    );
+                    results.misses.push(MissRecord {
+                        round,
+                        pass,
+                        n,
+                        node_addresses,
+                        node_frontends,
+                        sweep: sweep.name.to_owned(),
+                        destinations,
+                        filter_set,
+                        ns_per_call: r.bpf_ns_per_call,
+                        calls: r.bpf_calls,
+                        error: r.error,
+                    });
+                }
+            }
+            Ok(())
+        })();
+        a.stop();
+        r?;
+    }
+    Ok(())
+}
+
+/// Client runs of each miss sweep per agent pass.
+pub const MISS_RUNS: u32 = 5;
+
+/// (destinations, those whose filter bit is set) for `sweep` (UDP) against
+/// the installation in `bpffs`; an error if any of them is a frontend.
+fn filter_share(bpffs: &Path, sweep: &config::MissSweep) -> anyhow::Result<(u64, u64)> {
+    use lb_common::{PROTO_TCP, PROTO_UDP, ServiceKey, filter_bit, maps, v4_mapped};
+    let filter = lb_tests::sys::PinnedMap::open(&bpffs.join(maps::FILTER))?;
+    let services = lb_tests::sys::PinnedMap::open(&bpffs.join(maps::SERVICES))?;
+    let key = |ip: std::net::Ipv4Addr, port: u16, proto| {
+        ServiceKey::new(
+            v4_mapped(u32::from_ne_bytes(ip.octets())),
+            port.to_be(),
+            proto,
+        )
+    };
+    // The filter is read as the program reads it: service 0's frontend's
+    // bit must be set.
+    let svc0 = filter_bit(&key(config::VIP_BASE, config::SVC_PORT, PROTO_TCP));
+    if filter.get::<u32, u64>(&(svc0 >> 6)).unwrap_or(0) >> (svc0 & 63) & 1 == 0 {
+        bail!("LB_FILTER in {} lacks service 0's bit", bpffs.display());
+    }
+    let mut words = std::collections::HashMap::new();
+    let (mut total, mut set) = (0u64, 0u64);
+    for (ip, port) in sweep.destinations() {
+        let key = key(ip, port, PROTO_UDP);
+        let bit = filter_bit(&key);
+        let word = *words
+            .entry(bit >> 6)
+            .or_insert_with(|| filter.get::<u32, u64>(&(bit >> 6)).unwrap_or(0));
+        total += 1;
+        if word >> (bit & 63) & 1 != 0 {
+            set += 1;
+            if services
+                .lookup::<ServiceKey, { size_of::<lb_common::ServiceValue>() }>(&key)
+                .is_some()
+            {
+                bail!(
+                    "{ip}:{port}/UDP, a destination of the {} sweep, is a frontend",
+                    sweep.name
+                );
+            }
+        }
+    }
+    Ok((total, set))
 }
 
 /// `lb-agent trace` on the installation in `bpffs`, its events printed to
@@ -908,12 +1127,7 @@ fn api_slot(
             );
         }
         initial = Some(f);
-        // At 100,000 one sync takes about half a second.
-        let changes = if n >= 100_000 {
-            plan.api_changes.min(20)
-        } else {
-            plan.api_changes
-        };
+        let changes = plan.api_changes;
         endpoint_changes(
             &mut a,
             Some(&mut api),
@@ -998,6 +1212,7 @@ fn heap_profile(
     let out_arg = out.to_string_lossy().into_owned();
     let mut a = AgentProc::start_under(
         &["heaptrack", "-o", &out_arg],
+        &[],
         &[],
         &lab.bins.heap_agent,
         source,
@@ -1286,7 +1501,12 @@ fn client_run(
         "udp" | "udp-conn" => (config::UDP_SVC_PORT, config::UDP_POD_PORT),
         _ => (config::SVC_PORT, config::POD_PORT),
     };
-    let (base, targets, port, pick) = if variant == "podIP" {
+    let sweep = [config::MISS_FOREIGN, config::MISS_NODE]
+        .into_iter()
+        .find(|s| mode == "miss" && s.name == variant);
+    let (base, targets, port, pick) = if let Some(s) = sweep {
+        (s.base, s.addrs, s.port, "random")
+    } else if variant == "podIP" {
         (config::POD_BASE, config::PODS, pod_port, "random")
     } else {
         (config::VIP_BASE, n, port, variant)
@@ -1298,10 +1518,14 @@ fn client_run(
             vec!["--bytes".to_owned(), plan.bulk_bytes.to_string()],
         ),
         "udp" | "udp-conn" => (plan.warmup.min(1000), plan.udp_iters, Vec::new()),
+        "miss" => (plan.warmup, plan.miss_iters, Vec::new()),
         _ => (plan.warmup, plan.iters, Vec::new()),
     };
     if let Some(e) = extra {
         args.extend_from_slice(e);
+    }
+    if let Some(s) = sweep {
+        args.extend(["--port-span".to_owned(), s.ports.to_string()]);
     }
     let before: Vec<(u64, u64)> = progs.iter().map(|&p| lab::prog_stats(p)).collect();
     let release_before: Vec<(u64, u64)> = release.iter().map(|&p| lab::prog_stats(p)).collect();
@@ -1513,11 +1737,13 @@ fn endpoint_changes(
         let not_ready = if j % 2 == 0 { 1 } else { 0 };
         let want = config::PODS - not_ready;
         let before = agent.figures()?;
+        let mut t0_mono = 0;
         let t0 = if let Some(api) = api.as_deref_mut() {
             // Idle gaps, so every change is a sync of its own.
             std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
             let slice = config::slice_json(0, not_ready);
             let t0 = Instant::now();
+            t0_mono = lab::monotonic_ns();
             api.send_apply(&slice)?;
             t0
         } else {
@@ -1529,18 +1755,26 @@ fn endpoint_changes(
             fs::rename(&tmp, mdir.join("svc-0.yaml"))?;
             t0
         };
-        let e2e = loop {
+        let (e2e, seen_mono) = loop {
             let v: Option<lb_common::ServiceValue> = map.get(&key);
             if v.is_some_and(|v| u32::from(v.count) == want) {
-                break t0.elapsed();
+                break (t0.elapsed(), lab::monotonic_ns());
             }
             if t0.elapsed() > timeout {
                 bail!("the endpoint change did not reach LB_SERVICES within {timeout:?}");
             }
             std::thread::sleep(Duration::from_micros(20));
         };
+        let mut event_to_map_ms = None;
         if let Some(api) = api.as_deref_mut() {
             api.answer()?;
+            // Its watch event left the server after the command was written
+            // and before the map changed; a stamp outside that is another
+            // event's (none is expected) and is not used.
+            let sent = api.event_sent_ns()?;
+            if (t0_mono..=seen_mono).contains(&sent) {
+                event_to_map_ms = Some((seen_mono - sent) as f64 / 1e6);
+            }
         }
         // The sync that wrote it, and (API) the event's programming sample.
         let events = if api.is_some() { 1.0 } else { 0.0 };
@@ -1560,6 +1794,7 @@ fn endpoint_changes(
             },
             sync_us: api.is_some().then_some(sync_us),
             map_writes: (after.writes - before.writes) as u64,
+            event_to_map_ms,
         });
     }
     Ok(())
