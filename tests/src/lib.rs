@@ -1108,6 +1108,23 @@ impl Lab {
         })
     }
 
+    /// [`Lab::new`] whose agent runs with `--node-ip` (the addresses, comma-joined) before
+    /// `args`: the node addresses exist only in the agent's maps, as the tests give them.
+    pub fn with_node_ips(
+        bins: &Bins,
+        pods: &[(&str, u8)],
+        port: u16,
+        node_ips: &[&str],
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut lab = Self::new(bins, pods, port)?;
+        lab.agent.extra_args = ["--node-ip".to_owned(), node_ips.join(",")]
+            .into_iter()
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect();
+        Ok(lab)
+    }
+
     /// [`Self::new`] with pods serving port 80, `yaml` written as
     /// `services.yaml`, the agent started.
     pub fn running(bins: &Bins, pods: &[(&str, u8)], yaml: &str) -> anyhow::Result<Self> {

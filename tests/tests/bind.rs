@@ -62,12 +62,7 @@ spec:
 }
 
 fn lab(args: &[&str]) -> Lab {
-    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    lab.agent.extra_args = ["--node-ip", NODE_IP]
-        .iter()
-        .chain(args)
-        .map(|a| (*a).to_owned())
-        .collect();
+    let mut lab = Lab::with_node_ips(&bins(), PODS, 80, &[NODE_IP], args).unwrap();
     lab.write_manifest("services.yaml", &manifest(true))
         .unwrap();
     lab.agent.start().unwrap();

@@ -49,12 +49,7 @@ fn addresses(doc: &serde_json::Value, key: &str) -> Vec<String> {
 /// A lab whose agent runs with `--node-ip NODE_IP` and `args`, serving
 /// `manifest`, once `ready` holds for `list -o json`.
 fn lab(args: &[&str], manifest: &str, ready: impl Fn(&serde_json::Value) -> bool) -> Lab {
-    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    lab.agent.extra_args = ["--node-ip", NODE_IP]
-        .iter()
-        .chain(args)
-        .map(|a| (*a).to_owned())
-        .collect();
+    let mut lab = Lab::with_node_ips(&bins(), PODS, 80, &[NODE_IP], args).unwrap();
     lab.write_manifest("web.yaml", manifest).unwrap();
     lab.agent.start().unwrap();
     lab.agent.wait_for("web programmed", SYNC, ready).unwrap();

@@ -22,6 +22,8 @@ use lb_userspace::{
 use serde_json::{Value, json};
 
 const SYNC: Duration = Duration::from_secs(15);
+/// The longest retry delay of a failing watch (kube-runtime's default backoff).
+const WATCH_BACKOFF_CAP: Duration = Duration::from_secs(30);
 const PODS: &[(&str, u8)] = &[("pod-1", 11), ("pod-2", 12), ("pod-3", 13), ("pod-4", 14)];
 const VIP: &str = "10.96.100.10";
 
@@ -470,7 +472,11 @@ fn an_agent_restarted_while_the_api_is_down_keeps_connectivity_and_is_not_ready(
         .unwrap();
     l.rt.block_on(l.api.restart()).unwrap();
     l.wait_endpoints(&[11, 12, 13]);
-    let deadline = Instant::now() + SYNC;
+    // Each watch retries on its own backoff (kube-runtime's default, as
+    // client-go's: 0.8 s doubling to 30 s, jittered), so the services watch
+    // may come back up to 30 s after the slices watch did, when the outage
+    // ran long on a loaded machine.
+    let deadline = Instant::now() + WATCH_BACKOFF_CAP + SYNC;
     while http_status(health, "/readyz").unwrap() != 200 {
         assert!(
             Instant::now() < deadline,

@@ -29,8 +29,7 @@ fn node_frontends(doc: &serde_json::Value) -> Vec<String> {
 }
 
 fn lab_with_web(node_port: bool) -> Lab {
-    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    lab.agent.extra_args = vec!["--node-ip".into(), NODE_IPS.join(",")];
+    let mut lab = Lab::with_node_ips(&bins(), PODS, 80, &NODE_IPS, &[]).unwrap();
     lab.write_manifest("web.yaml", &web(node_port)).unwrap();
     lab.agent.start().unwrap();
     lab.agent
@@ -198,8 +197,7 @@ fn wait_warnings(lab: &mut Lab, n: f64) {
 /// Service that names it).
 #[test]
 fn a_missing_node_port_is_allocated_and_kept_across_a_restart() {
-    let mut lab = Lab::new(&bins(), PODS, 80).unwrap();
-    lab.agent.extra_args = vec!["--node-ip".into(), NODE_IPS.join(",")];
+    let mut lab = Lab::with_node_ips(&bins(), PODS, 80, &NODE_IPS, &[]).unwrap();
     let web = lb_tests::web_service("NodePort", "10.96.7.7", None, "") + &lb_tests::web_pods(PODS);
     lab.write_manifest("web.yaml", &web).unwrap();
     lab.agent.start().unwrap();
