@@ -581,18 +581,21 @@ fn pins_of_an_older_layout_are_replaced_not_misread() {
     assert_eq!(report.backends.len(), 3, "{report:?}");
 }
 
-/// An upgrade from an agent before the frontend filter and socket storage:
-/// its pins have no `LB_FILTER` (the new one starts empty: programs
-/// reading it would pass every service by) and have the connected-socket
-/// hash `LB_REVERSE_SOCK`. The new links wait for the first complete sync
-/// (which fills the filter), so no connect fails or goes untranslated
-/// during the upgrade, and the hash is unpinned.
+/// An upgrade from an agent with the one-bit frontend filter and the
+/// connected-socket hash: its pins have `LB_FILTER` but no `LB_FILTER2`
+/// (the new one starts empty: programs reading it would pass every service
+/// by) and have `LB_REVERSE_SOCK`. The new links wait for the first
+/// complete sync (which fills the new filter), so no connect fails or goes
+/// untranslated during the upgrade, and both legacy maps are unpinned (the
+/// previous programs keep their own references until their links go).
 #[test]
-fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
+fn an_upgrade_that_changes_the_frontend_filter_translates_throughout() {
     let (mut lab, ip, during) = stopped_with_client_running();
-    let filter = lab.agent.bpffs.join("LB_FILTER");
+    let filter = lab.agent.bpffs.join("LB_FILTER2");
+    let legacy_filter = lab.agent.bpffs.join("LB_FILTER");
     let legacy_sock = lab.agent.bpffs.join("LB_REVERSE_SOCK");
-    std::fs::remove_file(&filter).unwrap();
+    // The running programs' filter, under the name earlier versions gave it.
+    std::fs::rename(&filter, &legacy_filter).unwrap();
     run(Command::new("bpftool")
         .args(["map", "create"])
         .arg(&legacy_sock)
@@ -609,6 +612,7 @@ fn an_upgrade_that_adds_the_frontend_filter_translates_throughout() {
     assert_eq!(report.backends.len(), 3, "{report:?}");
     assert_old_programs_kept_until_synced(&lab);
     assert!(filter.exists(), "a new filter is pinned");
+    assert!(!legacy_filter.exists(), "the one-bit filter is gone");
     assert!(!legacy_sock.exists(), "the connected-socket hash is gone");
     // The new programs alone now: every connect to the ClusterIP is
     // translated, so the filter holds its bit.

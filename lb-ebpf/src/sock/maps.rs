@@ -12,7 +12,7 @@ use lb_common::{
     AffinityKey, AffinityValue, AgentState, Backend, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_REVERSE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
     FILTER_WORDS, NODE_PORT_WORDS, ReverseKey, ReverseValue, SLOT_CLAIMING, ServiceKey,
-    ServiceMeta, ServiceValue, SockReverse, SockSlot, SockState, SvcStats, filter_bit,
+    ServiceMeta, ServiceValue, SockReverse, SockSlot, SockState, SvcStats, filter_probe,
     node_port_bit, stats,
 };
 
@@ -29,12 +29,12 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "LB_BACKENDS")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-/// The frontend filter: bit `filter_bit(key)` is set for every key of
-/// `SERVICES` (the agent sets it before inserting the key and clears it
-/// only after the last key on it is deleted), so a clear bit proves the
-/// destination is no frontend. An array: the verifier inlines its lookup,
-/// and a word read costs no hashing.
-#[map(name = "LB_FILTER")]
+/// The frontend filter: the bits of `filter_probe(key)` are set for every
+/// key of `SERVICES` (the agent sets them before inserting the key, in one
+/// word write, and clears each only after the last key on it is deleted),
+/// so a clear one proves the destination is no frontend. An array: the
+/// verifier inlines its lookup, and a word read costs no hashing.
+#[map(name = "LB_FILTER2")]
 static FILTER: Array<u64> = Array::pinned(FILTER_WORDS, 0);
 
 /// Read only by the agent (names for `lb-agent list` and ID re-adoption); it
@@ -278,10 +278,10 @@ pub fn ablated(bit: u32) -> bool {
 /// Whether `key` may be a frontend (`false`: it is not).
 #[inline(always)]
 pub fn maybe_service(key: &ServiceKey) -> bool {
-    let bit = filter_bit(key);
-    match FILTER.get_ptr(bit >> 6) {
+    let (index, mask) = filter_probe(key);
+    match FILTER.get_ptr(index) {
         // SAFETY: as for `service`.
-        Some(word) => (unsafe { *word } >> (bit & 63)) & 1 != 0,
+        Some(word) => (unsafe { *word } & mask) == mask,
         None => true,
     }
 }

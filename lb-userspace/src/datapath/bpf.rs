@@ -30,7 +30,7 @@ use aya::{
 use lb_common::{
     ABLATE_GLOBAL, AffinityKey, AffinityValue, AgentState, Backend, DEBUG_LOG_GLOBAL, FILTER_WORDS,
     HOST_NETNS_GLOBAL, HOST_NETNS_ONLY_GLOBAL, ReverseKey, ReverseValue, SOCK_MASK_GLOBAL,
-    ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SvcStats, filter_bit, maps,
+    ServiceKey, ServiceMeta, ServiceValue, SockReverse, SockSlot, SvcStats, filter_probe, maps,
     stats,
 };
 
@@ -174,6 +174,7 @@ const LEGACY_MAPS: &[&str] = &[
     maps::LEGACY_REVERSE4,
     maps::LEGACY_CONFIG,
     maps::LEGACY_SOCK_REVERSE,
+    maps::LEGACY_FILTER,
 ];
 /// Link pins of programs earlier versions attached and this one does not
 /// have: detached when the new links are swapped in (until then the old
@@ -1134,9 +1135,9 @@ struct NodePorts {
     bits: Option<NodePortBits>,
 }
 
-/// The agent's side of `LB_FILTER`: which keys it wrote to `LB_SERVICES`
-/// and how many sit on each bit, so a bit is cleared only when its last
-/// key is gone. Built from the services map on first use.
+/// The agent's side of the frontend filter: which keys it wrote to
+/// `LB_SERVICES` and how many sit on each bit, so a bit is cleared only
+/// when its last key is gone. Built from the services map on first use.
 struct Filter {
     map: MapData,
     state: Option<FilterState>,
@@ -1156,9 +1157,11 @@ impl Filter {
         let mut counts: StdHashMap<u32, u32> = StdHashMap::new();
         let mut words = vec![0u64; FILTER_WORDS as usize];
         for key in &keys {
-            let bit = filter_bit(key);
-            *counts.entry(bit).or_default() += 1;
-            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+            let (index, mask) = filter_probe(key);
+            for bit in filter_bits(index, mask) {
+                *counts.entry(bit).or_default() += 1;
+            }
+            words[index as usize] |= mask;
         }
         sys::array_update_batch(self.map.fd().as_fd(), 0, &words).map_err(|(done, e)| {
             DatapathError::Other(format!("writing {}: {e} after {done} words", maps::FILTER))
@@ -1179,6 +1182,14 @@ impl Filter {
             DatapathError::Other(format!("writing {} word {index}: {e}", maps::FILTER))
         })
     }
+}
+
+/// The filter's bit numbers (word × 64 + bit) of a probe's mask: what the
+/// agent counts keys on.
+fn filter_bits(index: u32, mask: u64) -> impl Iterator<Item = u32> {
+    (0..64u32)
+        .filter(move |b| mask >> b & 1 != 0)
+        .map(move |b| index * 64 + b)
 }
 
 /// A hash map and its `max_entries`.
@@ -1323,12 +1334,14 @@ impl BpfDatapath {
             if !state.keys.insert(*key) {
                 continue;
             }
-            let bit = filter_bit(key);
-            let count = state.counts.entry(bit).or_default();
-            *count += 1;
-            if *count == 1 {
-                state.words[(bit >> 6) as usize] |= 1 << (bit & 63);
-                changed.push(bit >> 6);
+            let (index, mask) = filter_probe(key);
+            for bit in filter_bits(index, mask) {
+                *state.counts.entry(bit).or_default() += 1;
+            }
+            if state.words[index as usize] & mask != mask {
+                // All of a key's bits sit in one word: one write sets them.
+                state.words[index as usize] |= mask;
+                changed.push(index);
             }
         }
         changed.sort_unstable();
@@ -1342,8 +1355,8 @@ impl BpfDatapath {
         })
     }
 
-    /// Clears `key`'s bit once no other key sits on it (after the key is
-    /// gone).
+    /// Clears each of `key`'s bits once no other key sits on it (after the
+    /// key is gone).
     fn filter_remove(&mut self, key: &ServiceKey) -> Result<()> {
         self.filter_ready()?;
         let Some(f) = &mut self.filter else {
@@ -1355,17 +1368,22 @@ impl BpfDatapath {
         if !state.keys.remove(key) {
             return Ok(());
         }
-        let bit = filter_bit(key);
-        let Some(count) = state.counts.get_mut(&bit) else {
-            return Ok(());
-        };
-        *count -= 1;
-        if *count == 0 {
-            state.counts.remove(&bit);
-            let index = (bit >> 6) as usize;
-            state.words[index] &= !(1 << (bit & 63));
+        let (index, mask) = filter_probe(key);
+        let mut cleared = 0u64;
+        for bit in filter_bits(index, mask) {
+            let Some(count) = state.counts.get_mut(&bit) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                state.counts.remove(&bit);
+                cleared |= 1 << (bit & 63);
+            }
+        }
+        if cleared != 0 {
+            state.words[index as usize] &= !cleared;
             let state = f.state.as_ref().expect("just set");
-            f.write_word(state, index)?;
+            f.write_word(state, index as usize)?;
         }
         Ok(())
     }
@@ -1918,6 +1936,8 @@ mod tests {
             "LB_REVERSE4",
             "LB_SVC_META",
             "LB_REVERSE_SOCK",
+            "LB_FILTER",
+            "LB_FILTER2",
             "LB_SOCK",
             "LB_SOCK_SPILL",
             "link_sock_release",

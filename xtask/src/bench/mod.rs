@@ -950,7 +950,7 @@ pub const MISS_RUNS: u32 = 5;
 /// (destinations, those whose filter bit is set) for `sweep` (UDP) against
 /// the installation in `bpffs`; an error if any of them is a frontend.
 fn filter_share(bpffs: &Path, sweep: &config::MissSweep) -> anyhow::Result<(u64, u64)> {
-    use lb_common::{PROTO_TCP, PROTO_UDP, ServiceKey, filter_bit, maps, v4_mapped};
+    use lb_common::{PROTO_TCP, PROTO_UDP, ServiceKey, filter_probe, maps, v4_mapped};
     let filter = lb_tests::sys::PinnedMap::open(&bpffs.join(maps::FILTER))?;
     let services = lb_tests::sys::PinnedMap::open(&bpffs.join(maps::SERVICES))?;
     let key = |ip: std::net::Ipv4Addr, port: u16, proto| {
@@ -961,21 +961,25 @@ fn filter_share(bpffs: &Path, sweep: &config::MissSweep) -> anyhow::Result<(u64,
         )
     };
     // The filter is read as the program reads it: service 0's frontend's
-    // bit must be set.
-    let svc0 = filter_bit(&key(config::VIP_BASE, config::SVC_PORT, PROTO_TCP));
-    if filter.get::<u32, u64>(&(svc0 >> 6)).unwrap_or(0) >> (svc0 & 63) & 1 == 0 {
-        bail!("LB_FILTER in {} lacks service 0's bit", bpffs.display());
+    // bits must be set.
+    let (svc0, mask) = filter_probe(&key(config::VIP_BASE, config::SVC_PORT, PROTO_TCP));
+    if filter.get::<u32, u64>(&svc0).unwrap_or(0) & mask != mask {
+        bail!(
+            "{} in {} lacks service 0's bits",
+            maps::FILTER,
+            bpffs.display()
+        );
     }
     let mut words = std::collections::HashMap::new();
     let (mut total, mut set) = (0u64, 0u64);
     for (ip, port) in sweep.destinations() {
         let key = key(ip, port, PROTO_UDP);
-        let bit = filter_bit(&key);
+        let (index, mask) = filter_probe(&key);
         let word = *words
-            .entry(bit >> 6)
-            .or_insert_with(|| filter.get::<u32, u64>(&(bit >> 6)).unwrap_or(0));
+            .entry(index)
+            .or_insert_with(|| filter.get::<u32, u64>(&index).unwrap_or(0));
         total += 1;
-        if word >> (bit & 63) & 1 != 0 {
+        if word & mask == mask {
             set += 1;
             if services
                 .lookup::<ServiceKey, { size_of::<lb_common::ServiceValue>() }>(&key)
