@@ -311,6 +311,10 @@ pub struct Meta {
     pub busy_samples: u64,
     pub busy_with_compilers: u64,
     pub mean_cpu_busy_pct: f64,
+    /// Share of CPU time the host took from the VM's vCPUs during the run
+    /// (/proc/stat steal): the noise no sampler inside the VM can see.
+    #[serde(default)]
+    pub steal_pct: Option<f64>,
     pub loadavg_start: String,
     pub loadavg_end: String,
 }
