@@ -3,7 +3,7 @@
 //! post_bind, each for IPv4 and IPv6, and sock_release) attached while no
 //! agent runs.
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::HashSet,
     fs,
     io::ErrorKind,
     os::fd::AsFd as _,
@@ -1145,7 +1145,12 @@ struct Filter {
 
 struct FilterState {
     keys: HashSet<ServiceKey>,
-    counts: StdHashMap<u32, u32>,
+    /// Keys on each bit, one byte a bit (1 MiB, less than a hash of the
+    /// used bits at 100,000 frontends). A count that reaches 255 stays
+    /// there and its bit stays set for good: a false positive, never a
+    /// frontend passed by (three bits a key over 2^20 put well under one
+    /// key on a bit at 100,000 frontends).
+    counts: Vec<u8>,
     words: Vec<u64>,
 }
 
@@ -1154,12 +1159,13 @@ impl Filter {
     /// bits of keys no longer present (an agent stopped between a delete
     /// and the clear) go, and a filter created empty is filled.
     fn rebuild(&mut self, keys: HashSet<ServiceKey>) -> Result<()> {
-        let mut counts: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut counts = vec![0u8; FILTER_WORDS as usize * 64];
         let mut words = vec![0u64; FILTER_WORDS as usize];
         for key in &keys {
             let (index, mask) = filter_probe(key);
             for bit in filter_bits(index, mask) {
-                *counts.entry(bit).or_default() += 1;
+                let c = &mut counts[bit as usize];
+                *c = c.saturating_add(1);
             }
             words[index as usize] |= mask;
         }
@@ -1187,9 +1193,12 @@ impl Filter {
 /// The filter's bit numbers (word × 64 + bit) of a probe's mask: what the
 /// agent counts keys on.
 fn filter_bits(index: u32, mask: u64) -> impl Iterator<Item = u32> {
-    (0..64u32)
-        .filter(move |b| mask >> b & 1 != 0)
-        .map(move |b| index * 64 + b)
+    let mut rest = mask;
+    std::iter::from_fn(move || {
+        let bit = rest.trailing_zeros();
+        rest &= rest.wrapping_sub(1);
+        (bit < 64).then_some(index * 64 + bit)
+    })
 }
 
 /// A hash map and its `max_entries`.
@@ -1336,7 +1345,8 @@ impl BpfDatapath {
             }
             let (index, mask) = filter_probe(key);
             for bit in filter_bits(index, mask) {
-                *state.counts.entry(bit).or_default() += 1;
+                let c = &mut state.counts[bit as usize];
+                *c = c.saturating_add(1);
             }
             if state.words[index as usize] & mask != mask {
                 // All of a key's bits sit in one word: one write sets them.
@@ -1371,12 +1381,13 @@ impl BpfDatapath {
         let (index, mask) = filter_probe(key);
         let mut cleared = 0u64;
         for bit in filter_bits(index, mask) {
-            let Some(count) = state.counts.get_mut(&bit) else {
+            let count = &mut state.counts[bit as usize];
+            // 0: counted before this key was (cannot happen); 255: sticky.
+            if matches!(*count, 0 | u8::MAX) {
                 continue;
-            };
+            }
             *count -= 1;
             if *count == 0 {
-                state.counts.remove(&bit);
                 cleared |= 1 << (bit & 63);
             }
         }
@@ -1925,6 +1936,15 @@ mod tests {
         assert_eq!(size_flag(maps::SERVICE_META), "max-frontends");
         assert_eq!(size_flag(maps::REVERSE), "max-reverse");
         assert_eq!(size_flag(maps::SOCK), "max-sockets");
+    }
+
+    /// A probe's mask names the bits the agent counts keys on: each set
+    /// bit once, numbered within its word.
+    #[test]
+    fn filter_bits_are_the_mask_bits_of_the_word() {
+        let bits: Vec<u32> = filter_bits(2, 1 | 1 << 5 | 1 << 63).collect();
+        assert_eq!(bits, [128, 133, 191]);
+        assert_eq!(filter_bits(7, 0).count(), 0);
     }
 
     /// Pins of earlier versions, and every link pin (the release hook's
