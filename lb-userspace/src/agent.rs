@@ -19,6 +19,7 @@ use crate::{
         DatapathError,
         bpf::{self, BpfDatapath, DirLock, LoadError, MapSizes, ProgramOptions},
         sockdiag::SockDiag,
+        sys,
         terminate::{self, Spared, Terminator},
     },
     health::{self, Health},
@@ -285,9 +286,12 @@ fn attach(cfg: &CommonConfig, health: &Arc<Health>) -> Result<Attached, AgentErr
 }
 
 /// Destroys the sockets whose backend left their frontend after every sync
-/// that changed the maps, off the sync loop (a pass reads the socket
-/// records and enters namespaces). Off, with one warning, on a kernel
-/// without `SOCK_DESTROY`.
+/// that changed the maps, off the sync loop (a pass reads every socket
+/// record and enters namespaces) on a thread of its own at the lowest
+/// priority: a pass reads the whole record array, some ms of CPU, and it
+/// must not take a CPU from the sync loop or the node's workloads. Passes
+/// asked for during one are one more pass. Off, with one warning, on a
+/// kernel without `SOCK_DESTROY`.
 fn start_terminator(
     mode: terminate::Mode,
     bpffs: &Path,
@@ -308,39 +312,46 @@ fn start_terminator(
             return;
         }
     };
-    let health = health.clone();
+    let (wake, passes) = std::sync::mpsc::sync_channel::<()>(1);
     let bpffs = bpffs.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("lb-terminate".into())
+        .spawn(move || {
+            if let Err(e) = sys::lower_thread_priority() {
+                warn!(error = %e, "socket termination: lowering its thread's priority");
+            }
+            let mut terminator = None;
+            while passes.recv().is_ok() {
+                // Opened on first use: the maps exist once the programs are loaded.
+                let t = match &mut terminator {
+                    Some(t) => t,
+                    None => match Terminator::open(&bpffs, destroyer.clone(), spared.clone()) {
+                        Ok(t) => terminator.insert(t),
+                        Err(e) => {
+                            warn!(error = %e, "socket termination: opening the maps");
+                            continue;
+                        }
+                    },
+                };
+                match t.pass() {
+                    Ok(0) => {}
+                    Ok(n) => info!(sockets = n, "destroyed sockets whose backend is gone"),
+                    Err(e) => warn!(error = %e, "socket termination pass"),
+                }
+            }
+        });
+    if let Err(e) = thread {
+        warn!(error = %e, "socket termination off: starting its thread");
+        return;
+    }
+    let health = health.clone();
     tokio::spawn(async move {
-        let mut terminator = None;
         loop {
             health.maps_changed().await;
-            // Opened on first use: the maps exist once the programs are loaded.
-            let t = match terminator.take() {
-                Some(t) => t,
-                None => match Terminator::open(&bpffs, destroyer.clone(), spared.clone()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        warn!(error = %e, "socket termination: opening the maps");
-                        continue;
-                    }
-                },
-            };
-            let Ok((t, result)) = tokio::task::spawn_blocking(move || {
-                let mut t = t;
-                let r = t.pass();
-                (t, r)
-            })
-            .await
-            else {
-                warn!("socket termination pass panicked");
-                continue;
-            };
-            match result {
-                Ok(0) => {}
-                Ok(n) => info!(sockets = n, "destroyed sockets whose backend is gone"),
-                Err(e) => warn!(error = %e, "socket termination pass"),
+            // Full: a pass is asked for already, and it reads what this one would.
+            if let Err(std::sync::mpsc::TrySendError::Disconnected(())) = wake.try_send(()) {
+                return;
             }
-            terminator = Some(t);
         }
     });
 }

@@ -850,14 +850,10 @@ impl<D: Datapath> Driver<D> {
             health.note_maps_changed();
         }
         if let Some(m) = &self.metrics {
-            let programmed = self
-                .syncer
-                .reconciler
-                .installed()
-                .values()
-                .filter(|i| i.complete)
-                .count();
-            m.set_frontends(programmed, self.syncer.failed.len());
+            m.set_frontends(
+                self.syncer.reconciler.programmed(),
+                self.syncer.failed.len(),
+            );
             let warnings = self
                 .syncer
                 .reported

@@ -454,6 +454,10 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed() {
         .unwrap();
     assert_eq!(echo_terminated(&doc), on_gone, "{doc}");
     assert_destroyed_only_on(&mut s, "u", &backends, gone);
+    // The passes run on a thread of their own, at nice 19, so that
+    // reading every record never takes a CPU from the sync loop.
+    let pid = lab.agent.pid().expect("the agent runs");
+    assert_eq!(thread_nice(pid, "lb-terminate"), Some(19));
     let echo = format!("{ECHO_IP}:{ECHO_PORT}");
     s.command(&format!("udp fresh {echo}")).unwrap();
     let fresh = s.command("send fresh").unwrap();
@@ -467,6 +471,21 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed() {
     let unconnected = s.send(&echo).unwrap();
     assert_eq!(unconnected["from"], echo.as_str(), "{unconnected}");
     assert_ne!(unconnected["name"], gone, "{unconnected}");
+}
+
+/// The nice value of `pid`'s thread named `name` (field 19 of its stat).
+fn thread_nice(pid: u32, name: &str) -> Option<i64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // After the ")" that closes the command: state is field 3.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split(' ').nth(19 - 3)?.parse().ok()
+    })
 }
 
 /// `--terminate-sockets none`: the sockets on a removed backend stay and

@@ -1,6 +1,6 @@
 //! The few bpf(2) commands aya 0.14 has no API for: batch update and batch
 //! lookup of an array, a batched count of a hash, and an RCU grace period
-//! (an update of a map-in-map).
+//! (an update of a map-in-map); and the background thread's priority.
 use std::{
     ffi::CString,
     io,
@@ -335,4 +335,17 @@ pub fn cgroup_link_info(path: &Path) -> io::Result<CgroupLinkInfo> {
         cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
         attach_type: info[6],
     })
+}
+
+/// Gives the calling thread (not the process: Linux keeps a nice value per
+/// thread) the lowest priority, nice 19, for background work that may
+/// wait while anything else wants the CPU.
+pub fn lower_thread_priority() -> io::Result<()> {
+    // SAFETY: setpriority(2) reads no memory; `who` 0 is the caller.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

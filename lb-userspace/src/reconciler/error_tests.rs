@@ -35,6 +35,12 @@ pub(super) fn assert_consistent(r: &Reconciler<MemoryDatapath>) {
             );
         }
     }
+    let complete = r.installed().values().filter(|i| i.complete).count();
+    assert_eq!(
+        r.programmed(),
+        complete,
+        "the kept count of complete frontends"
+    );
     assert_readable(state);
     assert_eq!(r.datapath().live_slot_writes, 0, "a live slot was written");
 }
