@@ -583,9 +583,14 @@ impl DirCache {
         };
         let generation = self.next_seen;
         self.next_seen += 1;
-        for (name, path) in files {
-            let cached = self.files.remove(&name);
-            let (file, _, parsed) = refresh(self.max_file_size, &name, &path, cached, generation);
+        let jobs: Vec<Job> = files
+            .into_iter()
+            .map(|(name, path)| {
+                let cached = self.files.remove(&name);
+                (name, path, cached)
+            })
+            .collect();
+        for (name, file, _, parsed) in refresh_all(jobs, generation, self.max_file_size) {
             self.parses += u64::from(parsed);
             self.files.insert(name, file);
         }
@@ -600,7 +605,7 @@ impl DirCache {
         if let Some(files) = parse::list_files(&self.dir, &mut diags) {
             let generation = self.next_seen;
             self.next_seen += 1;
-            let jobs: Vec<(String, PathBuf, Option<CachedFile>)> = files
+            let jobs: Vec<Job> = files
                 .into_iter()
                 .map(|(name, path)| {
                     let cached = self.files.remove(&name);
@@ -800,17 +805,65 @@ fn refresh(
 /// the agent's one malloc arena (see `main.rs`) two parsing threads spend
 /// their time waiting for each other's lock: a cold start of 10,000
 /// services read its directory in 1.44 s on two threads, 0.65 s on one.
+/// A file to look at: its name, path and what the cache holds for it.
+type Job = (String, PathBuf, Option<CachedFile>);
+
+/// [`refresh`] of every job, on as many threads as there are CPUs (the
+/// calling one included), each taking the next file when done with one;
+/// results in the jobs' order. Parsing YAML is the cold start's longest
+/// step: 10,000 Services and their slices take ~0.6 s on one core.
 fn refresh_all(
-    jobs: Vec<(String, PathBuf, Option<CachedFile>)>,
+    jobs: Vec<Job>,
     generation: u64,
     max_file_size: u64,
 ) -> Vec<(String, CachedFile, Refreshed, bool)> {
-    jobs.into_iter()
-        .map(|(name, path, cached)| {
-            let (file, how, parsed) = refresh(max_file_size, &name, &path, cached, generation);
-            (name, file, how, parsed)
-        })
-        .collect()
+    let run = |(name, path, cached): Job| {
+        let (file, how, parsed) = refresh(max_file_size, &name, &path, cached, generation);
+        (name, file, how, parsed)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(jobs.len());
+    if threads <= 1 {
+        return jobs.into_iter().map(run).collect();
+    }
+    let todo: Vec<std::sync::Mutex<Option<Job>>> = jobs
+        .into_iter()
+        .map(|j| std::sync::Mutex::new(Some(j)))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(slot) = todo.get(i) else {
+                return done;
+            };
+            let job = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(job) = job {
+                done.push((i, run(job)));
+            }
+        }
+    };
+    let mut out: Vec<Option<(String, CachedFile, Refreshed, bool)>> =
+        todo.iter().map(|_| None).collect();
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut finished = vec![work()];
+        for h in helpers {
+            match h.join() {
+                Ok(done) => finished.push(done),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        for (i, r) in finished.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+    });
+    out.into_iter().flatten().collect()
 }
 
 /// The changes that turn `old` into `new`, in key order.
