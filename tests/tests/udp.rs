@@ -458,7 +458,11 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed() {
     // reading every record never takes a CPU from the sync loop.
     let pid = lab.agent.pid().expect("the agent runs");
     assert_eq!(thread_nice(pid, "lb-terminate"), Some(19));
-    assert_eq!(thread_nice(pid, "lb-agent"), Some(0), "the rest keeps its priority");
+    assert_eq!(
+        thread_nice(pid, "lb-agent"),
+        Some(0),
+        "the rest keeps its priority"
+    );
     let echo = format!("{ECHO_IP}:{ECHO_PORT}");
     s.command(&format!("udp fresh {echo}")).unwrap();
     let fresh = s.command("send fresh").unwrap();

@@ -581,6 +581,17 @@ impl DirCache {
         let Some(files) = parse::list_files(&self.dir, &mut Vec::new()) else {
             return;
         };
+        for (name, file, _) in self.refresh_files(files) {
+            self.files.insert(name, file);
+        }
+    }
+
+    /// Each of `files` against its cached entry (taken out of the cache),
+    /// re-read and re-parsed only if it changed; the parses are counted.
+    fn refresh_files(
+        &mut self,
+        files: Vec<(String, PathBuf)>,
+    ) -> Vec<(String, CachedFile, Refreshed)> {
         let generation = self.next_seen;
         self.next_seen += 1;
         let jobs: Vec<Job> = files
@@ -590,10 +601,13 @@ impl DirCache {
                 (name, path, cached)
             })
             .collect();
-        for (name, file, _, parsed) in refresh_all(jobs, generation, self.max_file_size) {
-            self.parses += u64::from(parsed);
-            self.files.insert(name, file);
-        }
+        refresh_all(jobs, generation, self.max_file_size)
+            .into_iter()
+            .map(|(name, file, how, parsed)| {
+                self.parses += u64::from(parsed);
+                (name, file, how)
+            })
+            .collect()
     }
 
     /// Reads what changed since the last load. An unreadable directory
@@ -603,18 +617,8 @@ impl DirCache {
         // Files whose EndpointSlices alone changed; `None`: something else did.
         let mut slice_edits: Option<Vec<String>> = Some(Vec::new());
         if let Some(files) = parse::list_files(&self.dir, &mut diags) {
-            let generation = self.next_seen;
-            self.next_seen += 1;
-            let jobs: Vec<Job> = files
-                .into_iter()
-                .map(|(name, path)| {
-                    let cached = self.files.remove(&name);
-                    (name, path, cached)
-                })
-                .collect();
             let mut current = BTreeMap::new();
-            for (name, file, how, parsed) in refresh_all(jobs, generation, self.max_file_size) {
-                self.parses += u64::from(parsed);
+            for (name, file, how) in self.refresh_files(files) {
                 match how {
                     Refreshed::Same => {}
                     Refreshed::SlicesOnly => {
