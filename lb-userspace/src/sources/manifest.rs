@@ -804,18 +804,19 @@ fn refresh(
     (file, how, true)
 }
 
-/// Refreshes every file, in the order given, parsing the changed ones one
-/// after another. Not on all cores: parsing is mostly allocation, and with
-/// the agent's one malloc arena (see `main.rs`) two parsing threads spend
-/// their time waiting for each other's lock: a cold start of 10,000
-/// services read its directory in 1.44 s on two threads, 0.65 s on one.
 /// A file to look at: its name, path and what the cache holds for it.
 type Job = (String, PathBuf, Option<CachedFile>);
 
 /// [`refresh`] of every job, on as many threads as there are CPUs (the
 /// calling one included), each taking the next file when done with one;
 /// results in the jobs' order. Parsing YAML is the cold start's longest
-/// step: 10,000 Services and their slices take ~0.6 s on one core.
+/// step: 10,000 Services and their slices take ~0.6 s on one core. The
+/// agent has one malloc arena (see `main.rs`), but jemalloc's per-thread
+/// caches serve most of the parse's allocations: a cold start of 10,000
+/// services took 0.57-0.91 s with two threads against 0.71-1.14 s with
+/// one, alternating, faster in 7 of 8 pairs. (A version on rayon measured
+/// 1.44 s on two threads against 0.65 s on one, in f2a7129, and was
+/// dropped; this one was measured against one thread again.)
 fn refresh_all(
     jobs: Vec<Job>,
     generation: u64,
