@@ -1163,10 +1163,7 @@ impl Filter {
         let mut words = vec![0u64; FILTER_WORDS as usize];
         for key in &keys {
             let (index, mask) = filter_probe(key);
-            for bit in filter_bits(index, mask) {
-                let c = &mut counts[bit as usize];
-                *c = c.saturating_add(1);
-            }
+            count_key(&mut counts, index, mask);
             words[index as usize] |= mask;
         }
         sys::array_update_batch(self.map.fd().as_fd(), 0, &words).map_err(|(done, e)| {
@@ -1187,6 +1184,14 @@ impl Filter {
         sys::array_update_batch(self.map.fd().as_fd(), index as u32, &[value]).map_err(|(_, e)| {
             DatapathError::Other(format!("writing {} word {index}: {e}", maps::FILTER))
         })
+    }
+}
+
+/// One more key on each of a probe's bits (a count at 255 stays there).
+fn count_key(counts: &mut [u8], index: u32, mask: u64) {
+    for bit in filter_bits(index, mask) {
+        let c = &mut counts[bit as usize];
+        *c = c.saturating_add(1);
     }
 }
 
@@ -1344,10 +1349,7 @@ impl BpfDatapath {
                 continue;
             }
             let (index, mask) = filter_probe(key);
-            for bit in filter_bits(index, mask) {
-                let c = &mut state.counts[bit as usize];
-                *c = c.saturating_add(1);
-            }
+            count_key(&mut state.counts, index, mask);
             if state.words[index as usize] & mask != mask {
                 // All of a key's bits sit in one word: one write sets them.
                 state.words[index as usize] |= mask;

@@ -832,29 +832,24 @@ fn refresh_all(
     if threads <= 1 {
         return jobs.into_iter().map(run).collect();
     }
-    let todo: Vec<std::sync::Mutex<Option<Job>>> = jobs
-        .into_iter()
-        .map(|j| std::sync::Mutex::new(Some(j)))
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let count = jobs.len();
+    // Each thread takes the next job with its place in the results.
+    let queue = std::sync::Mutex::new(jobs.into_iter().enumerate());
     let work = || {
         let mut done = Vec::new();
         loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(slot) = todo.get(i) else {
-                return done;
-            };
-            let job = slot
+            let next = queue
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(job) = job {
-                done.push((i, run(job)));
-            }
+                .next();
+            let Some((i, job)) = next else {
+                return done;
+            };
+            done.push((i, run(job)));
         }
     };
     let mut out: Vec<Option<(String, CachedFile, Refreshed, bool)>> =
-        todo.iter().map(|_| None).collect();
+        (0..count).map(|_| None).collect();
     std::thread::scope(|s| {
         let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
         let mut finished = vec![work()];
